@@ -1,0 +1,279 @@
+//! Reading the config: the YAML file, then `PROTOMESH_*` environment variables on
+//! top, then typed parsing and validation. Every error names where the bad value
+//! came from (the file or the variable), the field, and what would be valid.
+
+use std::fmt;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::Config;
+
+/// Environment variables read for something other than a config field.
+const RESERVED_ENV: &[&str] = &["PROTOMESH_CONFIG", "PROTOMESH_LOG", "PROTOMESH_LOG_FORMAT"];
+const ENV_PREFIX: &str = "PROTOMESH_";
+
+#[derive(Debug)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Loads the config from `file` (if any) and the given environment.
+///
+/// An environment variable `PROTOMESH_A__B` sets field `a.b` (`__` separates
+/// levels; names are lowercased). Its value is taken as a string, or parsed as
+/// YAML when it starts with `[` or `{`, which sets whole lists such as
+/// `PROTOMESH_OUTBOUND__UPSTREAMS`.
+pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    let file_name = file.map_or_else(|| "<no config file>".to_string(), |p| p.display().to_string());
+    let mut tree = match file {
+        Some(path) => read_yaml(path)?,
+        None => Value::Object(Map::new()),
+    };
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut env: Vec<_> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str()))
+        .collect();
+    env.sort();
+    for (name, raw) in env {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError(format!(
+                "environment variable {name}: empty field name; separate levels with `__`, e.g. PROTOMESH_INBOUND__APP"
+            )));
+        }
+        let value = if raw.trim_start().starts_with(['[', '{']) {
+            serde_saphyr::from_str::<Value>(&raw)
+                .map_err(|e| ConfigError(format!("environment variable {name}: invalid YAML value: {e}")))?
+        } else {
+            Value::String(raw)
+        };
+        set_path(&mut tree, &path, value).map_err(|parent| {
+            ConfigError(format!(
+                "environment variable {name}: field `{parent}` is not a mapping, so it has no field `{}`",
+                path.join(".")
+            ))
+        })?;
+        overrides.push((path.join("."), name));
+    }
+
+    let source_of = |field: &str| -> String {
+        overrides
+            .iter()
+            .rev()
+            .find(|(path, _)| {
+                field == path || field.starts_with(&format!("{path}.")) || field.starts_with(&format!("{path}["))
+            })
+            .map_or_else(|| file_name.clone(), |(_, var)| format!("environment variable {var}"))
+    };
+
+    let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let field = e.path().to_string();
+        let mut problem = e.into_inner().to_string();
+        if problem == "invalid socket address syntax" {
+            problem.push_str("; write IP:port, e.g. 127.0.0.1:8080 or 0.0.0.0:4143");
+        }
+        if field == "." {
+            ConfigError(format!("{file_name}: {problem}"))
+        } else {
+            ConfigError(format!("{}: field `{field}`: {problem}", source_of(&field)))
+        }
+    })?;
+    config
+        .validate()
+        .map_err(|(field, problem)| ConfigError(format!("{}: field `{field}`: {problem}", source_of(&field))))?;
+    Ok(config)
+}
+
+fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?;
+    let value: Value =
+        serde_saphyr::from_str(&text).map_err(|e| ConfigError(format!("{}: invalid YAML: {e}", path.display())))?;
+    match value {
+        Value::Null => Ok(Value::Object(Map::new())),
+        Value::Object(_) => Ok(value),
+        _ => Err(ConfigError(format!(
+            "{}: the top level must be a mapping of fields (identity:, contracts:, outbound:, inbound:)",
+            path.display()
+        ))),
+    }
+}
+
+/// Sets `path` in the tree, creating mappings on the way. Fails with the dotted
+/// path of a value on the way that is not a mapping.
+fn set_path(tree: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+    let mut node = tree;
+    for (depth, key) in path.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Object(Map::new());
+        }
+        let Value::Object(map) = node else {
+            return Err(path[..depth].join("."));
+        };
+        if depth + 1 == path.len() {
+            map.insert(key.clone(), value);
+            return Ok(());
+        }
+        node = map.entry(key.clone()).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const VALID: &str = "
+identity:
+  cert: a.pem
+  key: a-key.pem
+  trust_bundle: ca.pem
+contracts:
+  protos: [examples/echo.proto]
+  include: [proto]
+outbound:
+  upstreams:
+    - services: [echo.v1.Echo]
+      endpoints: ['127.0.0.1:4143', 'echo.default.svc.cluster.local:4143']
+      identity: spiffe://td/ns/default/sa/echo
+inbound:
+  app: 127.0.0.1:8080
+";
+
+    fn file_with(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn loads_a_valid_file_with_defaults() {
+        let file = file_with(VALID);
+        let config = load(Some(file.path()), env(&[])).unwrap();
+        assert_eq!(config.outbound.listen.to_string(), "127.0.0.1:4140");
+        assert_eq!(config.outbound.upstreams[0].endpoints.len(), 2);
+        let inbound = config.inbound.unwrap();
+        assert_eq!(inbound.listen.to_string(), "0.0.0.0:4143");
+        assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = file_with(VALID);
+        let config = load(
+            Some(file.path()),
+            env(&[
+                ("PROTOMESH_INBOUND__APP", "127.0.0.1:9090"),
+                ("PROTOMESH_SERVICE_NAME", "checkout"),
+                ("PROTOMESH_OUTBOUND__CONNECT_TIMEOUT", "250ms"),
+                ("PROTOMESH_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.inbound.unwrap().app.to_string(), "127.0.0.1:9090");
+        assert_eq!(config.service_name.as_deref(), Some("checkout"));
+        assert_eq!(config.outbound.connect_timeout.as_millis(), 250);
+    }
+
+    #[test]
+    fn environment_alone_is_a_whole_config() {
+        let config = load(
+            None,
+            env(&[
+                ("PROTOMESH_IDENTITY__CERT", "/certs/tls.crt"),
+                ("PROTOMESH_IDENTITY__KEY", "/certs/tls.key"),
+                ("PROTOMESH_IDENTITY__TRUST_BUNDLE", "/certs/ca.crt"),
+                ("PROTOMESH_CONTRACTS__PROTOS", "[shop.proto]"),
+                (
+                    "PROTOMESH_OUTBOUND__UPSTREAMS",
+                    "[{services: [shop.v1.Pricing], endpoints: ['pricing:4143'], identity: 'spiffe://td/pricing'}]",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.outbound.upstreams[0].services, ["shop.v1.Pricing"]);
+        assert!(config.inbound.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_fix() {
+        let file = file_with(&VALID.replace("app: 127.0.0.1:8080", "app: localhost"));
+        let err = load(Some(file.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with(&file.path().display().to_string()), "{err}");
+        assert!(err.contains("field `inbound.app`"), "{err}");
+        assert!(err.contains("socket address"), "{err}");
+
+        let file = file_with(&VALID.replace("identity: spiffe://td/ns/default/sa/echo", "identity: echo"));
+        let err = load(Some(file.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("field `outbound.upstreams[0].identity`"), "{err}");
+        assert!(err.contains("spiffe://<trust-domain>/<path>"), "{err}");
+
+        let file = file_with(&VALID.replace("  app:", "  ap:"));
+        let err = load(Some(file.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("unknown field `ap`") && err.contains("`app`"), "{err}");
+    }
+
+    #[test]
+    fn errors_from_the_environment_name_the_variable() {
+        let file = file_with(VALID);
+        let err = load(
+            Some(file.path()),
+            env(&[("PROTOMESH_OUTBOUND__CONNECT_TIMEOUT", "soon")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("environment variable PROTOMESH_OUTBOUND__CONNECT_TIMEOUT"),
+            "{err}"
+        );
+        assert!(err.contains("250ms"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_problems_are_reported_by_field() {
+        let twice = VALID.replace("[echo.v1.Echo]", "[echo.v1.Echo, echo.v1.Echo]");
+        let err = load(Some(file_with(&twice).path()), env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("outbound.upstreams[0].services[1]") && err.contains("already routed"),
+            "{err}"
+        );
+
+        let no_port = VALID.replace("'127.0.0.1:4143'", "'127.0.0.1'");
+        let err = load(Some(file_with(&no_port).path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("outbound.upstreams[0].endpoints[0]") && err.contains("port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unreadable_or_non_mapping_files_are_named() {
+        let err = load(Some(Path::new("/nonexistent/protomesh.yaml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/protomesh.yaml: cannot read"), "{err}");
+        let err = load(Some(file_with("- a\n- b\n").path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("top level must be a mapping"), "{err}");
+    }
+}

@@ -1,0 +1,232 @@
+//! The sidecar's configuration: parsed once at start from a YAML file and
+//! `PROTOMESH_*` environment variables, validated, then read-only.
+
+pub mod duration;
+mod load;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::SpiffeId;
+use crate::policy::authz::{CallerPattern, MethodPattern};
+
+pub use load::{ConfigError, load};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The workload's name in logs and traces.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub contracts: ContractsConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// Absent: this sidecar accepts no inbound traffic.
+    #[serde(default)]
+    pub inbound: Option<InboundConfig>,
+    /// On SIGTERM: how long in-flight calls may finish after GOAWAY.
+    #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM certificate chain, leaf first; the leaf carries the SPIFFE ID.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that sign peers' certificates.
+    pub trust_bundle: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractsConfig {
+    /// `.proto` files, found through `include` like protoc's `-I`.
+    #[serde(default)]
+    pub protos: Vec<PathBuf>,
+    #[serde(default)]
+    pub include: Vec<PathBuf>,
+    /// Binary `FileDescriptorSet`s (`protoc --include_imports -o`).
+    #[serde(default)]
+    pub descriptor_sets: Vec<PathBuf>,
+    #[serde(default)]
+    pub mode: ContractMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContractMode {
+    /// Calls to methods outside the contracts get UNIMPLEMENTED from the sidecar.
+    #[default]
+    Strict,
+    /// Calls to unknown methods are forwarded by service name.
+    Permissive,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    #[serde(default = "defaults::outbound_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration::deserialize")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            listen: defaults::outbound_listen(),
+            connect_timeout: defaults::connect_timeout(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Fully qualified gRPC service names routed to this upstream.
+    pub services: Vec<String>,
+    /// `ip:port` or `dns-name:port` of the peers' inbound sidecars; names are
+    /// re-resolved every `resolve_interval` (a headless Service gives one A record per pod).
+    pub endpoints: Vec<String>,
+    /// The SPIFFE ID every endpoint must present.
+    pub identity: SpiffeId,
+    #[serde(default = "defaults::resolve_interval", deserialize_with = "duration::deserialize")]
+    pub resolve_interval: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    #[serde(default = "defaults::inbound_listen")]
+    pub listen: SocketAddr,
+    /// The local application's plaintext HTTP/2 address.
+    pub app: SocketAddr,
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// What applies to a method no rule (and no `allowed_callers` option) names.
+    #[serde(default)]
+    pub default: DefaultAuthorization,
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultAuthorization {
+    /// Any caller with a certificate from the trust bundle.
+    #[default]
+    AllAuthenticated,
+    Deny,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    pub name: String,
+    /// `pkg.Service/Method`, `pkg.Service/*` or `*`.
+    pub methods: Vec<MethodPattern>,
+    /// SPIFFE IDs: exact, a prefix ending in `/*`, or `*` for any authenticated caller.
+    pub callers: Vec<CallerPattern>,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn outbound_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 4140))
+    }
+    pub fn inbound_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 4143))
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn resolve_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot: cross-field rules. Each error is (field path, problem).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut routed = std::collections::HashMap::new();
+        for (i, upstream) in self.outbound.upstreams.iter().enumerate() {
+            let at = |field: &str| format!("outbound.upstreams[{i}].{field}");
+            if upstream.services.is_empty() {
+                return Err((
+                    at("services"),
+                    "list at least one gRPC service, e.g. shop.v1.Inventory".into(),
+                ));
+            }
+            if upstream.endpoints.is_empty() {
+                return Err((at("endpoints"), "list at least one host:port".into()));
+            }
+            for (j, service) in upstream.services.iter().enumerate() {
+                if service.is_empty() || service.contains('/') {
+                    return Err((
+                        format!("outbound.upstreams[{i}].services[{j}]"),
+                        format!("`{service}` is not a fully qualified service name such as shop.v1.Inventory"),
+                    ));
+                }
+                if let Some(first) = routed.insert(service.as_str(), i) {
+                    return Err((
+                        format!("outbound.upstreams[{i}].services[{j}]"),
+                        format!(
+                            "`{service}` is already routed by outbound.upstreams[{first}]; a service has one upstream"
+                        ),
+                    ));
+                }
+            }
+            for (j, endpoint) in upstream.endpoints.iter().enumerate() {
+                if let Err(problem) = crate::proxy::discovery::parse_endpoint(endpoint) {
+                    return Err((format!("outbound.upstreams[{i}].endpoints[{j}]"), problem));
+                }
+            }
+        }
+        if let Some(inbound) = &self.inbound {
+            if inbound.app == inbound.listen {
+                return Err(("inbound.app".into(), "must differ from inbound.listen".into()));
+            }
+            for (i, rule) in inbound.authorization.rules.iter().enumerate() {
+                let at = |field: &str| format!("inbound.authorization.rules[{i}].{field}");
+                if rule.methods.is_empty() {
+                    return Err((
+                        at("methods"),
+                        "list at least one pattern, e.g. \"shop.v1.Inventory/*\"".into(),
+                    ));
+                }
+                if rule.callers.is_empty() {
+                    return Err((at("callers"), "list at least one SPIFFE ID pattern, or \"*\"".into()));
+                }
+            }
+        }
+        if self.contracts.protos.is_empty() && self.contracts.descriptor_sets.is_empty() {
+            return Err((
+                "contracts".into(),
+                "name the service contracts: contracts.protos (with contracts.include) or contracts.descriptor_sets"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,314 @@
+//! Compiling `.proto` files with protox (no protoc) or decoding descriptor sets,
+//! then walking every service and method once to build the method table.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MethodDescriptor, Value};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
+
+use super::{CallShape, Contracts, Idempotency, MethodInfo, MethodPolicy, OPTIONS_PROTO, OPTIONS_PROTO_NAME};
+use crate::config::ContractsConfig;
+use crate::pb::protomesh::v1 as pb;
+
+#[derive(Debug)]
+pub struct ContractError(String);
+
+impl fmt::Display for ContractError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ContractError {}
+
+/// Resolves `protomesh/v1/options.proto` from the copy built into the binary.
+struct BuiltInOptions;
+
+impl FileResolver for BuiltInOptions {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        if name == OPTIONS_PROTO_NAME {
+            File::from_source(name, OPTIONS_PROTO)
+        } else {
+            Err(protox::Error::file_not_found(name))
+        }
+    }
+}
+
+pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
+    let pool = descriptor_pool(config)?;
+    build_table(&pool)
+}
+
+fn descriptor_pool(config: &ContractsConfig) -> Result<DescriptorPool, ContractError> {
+    let mut resolver = ChainFileResolver::new();
+    let includes: Vec<PathBuf> = if config.include.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        config.include.clone()
+    };
+    for include in &includes {
+        resolver.add(IncludeFileResolver::new(include.clone()));
+    }
+    resolver.add(BuiltInOptions);
+    resolver.add(GoogleFileResolver::new());
+
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
+    compiler.include_imports(true);
+    compiler
+        .open_file(OPTIONS_PROTO_NAME)
+        .map_err(|e| ContractError(format!("built-in {OPTIONS_PROTO_NAME}: {e}")))?;
+    for proto in &config.protos {
+        compiler
+            .open_file(proto)
+            .map_err(|e| compile_error(proto, &includes, e))?;
+    }
+    let mut pool = compiler.descriptor_pool();
+    for set in &config.descriptor_sets {
+        let bytes = std::fs::read(set)
+            .map_err(|e| ContractError(format!("{}: cannot read the descriptor set: {e}", set.display())))?;
+        pool.decode_file_descriptor_set(bytes.as_slice()).map_err(|e| {
+            ContractError(format!(
+                "{}: not a valid FileDescriptorSet ({e}); build it with `protoc --include_imports -o FILE`",
+                set.display()
+            ))
+        })?;
+    }
+    Ok(pool)
+}
+
+fn compile_error(proto: &Path, includes: &[PathBuf], error: protox::Error) -> ContractError {
+    let includes = includes
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if error.is_file_not_found() {
+        ContractError(format!(
+            "{}: {error} (looked in contracts.include: {includes}); list the directory that holds it, or its imports, in contracts.include",
+            proto.display()
+        ))
+    } else {
+        let file = error.file().map_or_else(|| proto.display().to_string(), str::to_string);
+        ContractError(format!("{file}: {error:?}").replace('\n', " "))
+    }
+}
+
+fn build_table(pool: &DescriptorPool) -> Result<Contracts, ContractError> {
+    let method_ext = extension(pool, "protomesh.v1.method")?;
+    let service_ext = extension(pool, "protomesh.v1.service")?;
+    let mut methods = HashMap::new();
+    for service in pool.services() {
+        let service_policy = policy_option(&service.options(), &service_ext).map_err(|e| {
+            ContractError(format!(
+                "{}: {}: {e}",
+                service.parent_file().name(),
+                service.full_name()
+            ))
+        })?;
+        for method in service.methods() {
+            let info = method_info(&method, &method_ext, service_policy.as_ref())?;
+            methods.insert(info.path.clone().into_boxed_str(), Arc::new(info));
+        }
+    }
+    Ok(Contracts { methods })
+}
+
+fn extension(pool: &DescriptorPool, name: &str) -> Result<ExtensionDescriptor, ContractError> {
+    pool.get_extension_by_name(name)
+        .ok_or_else(|| ContractError(format!("built-in {OPTIONS_PROTO_NAME} lacks the extension {name}")))
+}
+
+fn method_info(
+    method: &MethodDescriptor,
+    method_ext: &ExtensionDescriptor,
+    service_policy: Option<&pb::Policy>,
+) -> Result<MethodInfo, ContractError> {
+    let service = method.parent_service();
+    let path = format!("/{}/{}", service.full_name(), method.name());
+    let file = service.parent_file().name().to_string();
+    let at = |problem: String| ContractError(format!("{file}: {}/{}: {problem}", service.full_name(), method.name()));
+    let options = method.options();
+    let method_policy = policy_option(&options, method_ext).map_err(at)?;
+    let policy = MethodPolicy::from_options(method_policy.as_ref(), service_policy).map_err(at)?;
+    let idempotency = match options.get_field_by_name("idempotency_level").as_deref() {
+        Some(Value::EnumNumber(1)) => Idempotency::NoSideEffects,
+        Some(Value::EnumNumber(2)) => Idempotency::Idempotent,
+        _ => Idempotency::Unknown,
+    };
+    let shape = match (method.is_client_streaming(), method.is_server_streaming()) {
+        (false, false) => CallShape::Unary,
+        (false, true) => CallShape::ServerStreaming,
+        (true, false) => CallShape::ClientStreaming,
+        (true, true) => CallShape::BidiStreaming,
+    };
+    Ok(MethodInfo {
+        service: service.full_name().to_string(),
+        method: method.name().to_string(),
+        path,
+        shape,
+        idempotency,
+        policy,
+        file,
+    })
+}
+
+fn policy_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Result<Option<pb::Policy>, String> {
+    if !options.has_extension(ext) {
+        return Ok(None);
+    }
+    match options.get_extension(ext).as_ref() {
+        Value::Message(message) => message
+            .transcode_to::<pb::Policy>()
+            .map(Some)
+            .map_err(|e| format!("option ({}) cannot be read: {e}", ext.full_name())),
+        other => Err(format!(
+            "option ({}) holds {other:?}, not a Policy message",
+            ext.full_name()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ContractMode;
+    use crate::contract::Source;
+    use std::time::Duration;
+
+    fn config(protos: &[&str], include: &[&Path]) -> ContractsConfig {
+        ContractsConfig {
+            protos: protos.iter().map(PathBuf::from).collect(),
+            include: include.iter().map(|p| p.to_path_buf()).collect(),
+            descriptor_sets: vec![],
+            mode: ContractMode::Strict,
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn loads_the_example_contracts_with_shapes_and_options() {
+        let contracts = load(&config(
+            &["examples/shop.proto", "examples/echo.proto"],
+            &[Path::new("proto")],
+        ))
+        .unwrap();
+        let get = contracts.method("/shop.v1.Inventory/GetStock").unwrap();
+        assert_eq!(get.shape, CallShape::Unary);
+        assert_eq!(get.idempotency, Idempotency::NoSideEffects);
+        assert_eq!(get.policy.timeout.as_ref().unwrap().value, Duration::from_millis(250));
+        assert_eq!(get.policy.retry.as_ref().unwrap().value.max_attempts, 3);
+        assert_eq!(
+            get.policy.allowed_callers.as_ref().unwrap().source,
+            Source::ServiceOption
+        );
+        assert_eq!(
+            contracts.method("/shop.v1.Inventory/WatchStock").unwrap().shape,
+            CallShape::ServerStreaming
+        );
+        assert_eq!(
+            contracts.method("/shop.v1.Inventory/Reserve").unwrap().shape,
+            CallShape::ClientStreaming
+        );
+        assert_eq!(
+            contracts.method("/shop.v1.Pricing/Quote").unwrap().shape,
+            CallShape::BidiStreaming
+        );
+        assert_eq!(
+            contracts
+                .method("/echo.v1.Echo/Unary")
+                .unwrap()
+                .policy
+                .timeout
+                .as_ref()
+                .unwrap()
+                .source,
+            Source::ServiceOption
+        );
+        assert!(contracts.method("/shop.v1.Inventory/Nope").is_none());
+        assert!(contracts.has_service("shop.v1.Checkout"));
+    }
+
+    #[test]
+    fn well_known_imports_and_the_built_in_options_resolve_without_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "clock.proto",
+            r#"syntax = "proto3";
+            package clock.v1;
+            import "google/protobuf/timestamp.proto";
+            import "protomesh/v1/options.proto";
+            service Clock {
+              rpc Now(google.protobuf.Timestamp) returns (google.protobuf.Timestamp) {
+                option idempotency_level = IDEMPOTENT;
+                option (protomesh.v1.method) = { concurrency: { max_in_flight: 4 } };
+              }
+            }"#,
+        );
+        let contracts = load(&config(&["clock.proto"], &[dir.path()])).unwrap();
+        let now = contracts.method("/clock.v1.Clock/Now").unwrap();
+        assert_eq!(now.idempotency, Idempotency::Idempotent);
+        assert_eq!(now.policy.concurrency.as_ref().unwrap().value.max_in_flight, 4);
+    }
+
+    #[test]
+    fn descriptor_sets_keep_their_custom_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut compiler = protox::Compiler::new(["proto"]).unwrap();
+        compiler.include_imports(true);
+        compiler.open_file("examples/shop.proto").unwrap();
+        let set = dir.path().join("shop.binpb");
+        std::fs::write(&set, compiler.encode_file_descriptor_set()).unwrap();
+        let mut from_set = config(&[], &[]);
+        from_set.descriptor_sets = vec![set];
+        let contracts = load(&from_set).unwrap();
+        let get = contracts.method("/shop.v1.Inventory/GetStock").unwrap();
+        assert_eq!(get.policy.timeout.as_ref().unwrap().value, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(&config(&["missing.proto"], &[dir.path()]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("missing.proto:") && err.contains("contracts.include"),
+            "{err}"
+        );
+
+        write(
+            dir.path(),
+            "broken.proto",
+            "syntax = \"proto3\"; service S { rpc M(Nope) returns (Nope); }",
+        );
+        let err = load(&config(&["broken.proto"], &[dir.path()])).unwrap_err().to_string();
+        assert!(err.starts_with("broken.proto:") && err.contains("Nope"), "{err}");
+
+        write(
+            dir.path(),
+            "badopt.proto",
+            r#"syntax = "proto3"; package p; import "protomesh/v1/options.proto";
+            message E {}
+            service S { rpc M(E) returns (E) { option (protomesh.v1.method) = { timeout: "soon" }; } }"#,
+        );
+        let err = load(&config(&["badopt.proto"], &[dir.path()])).unwrap_err().to_string();
+        assert!(
+            err.starts_with("badopt.proto: p.S/M: (protomesh.v1.method).timeout:"),
+            "{err}"
+        );
+
+        let bad_set = dir.path().join("bad.binpb");
+        std::fs::write(&bad_set, b"not a descriptor set").unwrap();
+        let mut from_set = config(&[], &[]);
+        from_set.descriptor_sets = vec![bad_set];
+        let err = load(&from_set).unwrap_err().to_string();
+        assert!(err.contains("bad.binpb: not a valid FileDescriptorSet"), "{err}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The small part of gRPC-over-HTTP/2 the sidecar speaks itself: the path
+//! `/pkg.Service/Method`, status codes, and the trailers-only responses it
+//! answers with when a policy acts.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::Empty;
+
+/// The canonical gRPC status codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+const NAMES: [(&str, Code); 17] = [
+    ("OK", Code::Ok),
+    ("CANCELLED", Code::Cancelled),
+    ("UNKNOWN", Code::Unknown),
+    ("INVALID_ARGUMENT", Code::InvalidArgument),
+    ("DEADLINE_EXCEEDED", Code::DeadlineExceeded),
+    ("NOT_FOUND", Code::NotFound),
+    ("ALREADY_EXISTS", Code::AlreadyExists),
+    ("PERMISSION_DENIED", Code::PermissionDenied),
+    ("RESOURCE_EXHAUSTED", Code::ResourceExhausted),
+    ("FAILED_PRECONDITION", Code::FailedPrecondition),
+    ("ABORTED", Code::Aborted),
+    ("OUT_OF_RANGE", Code::OutOfRange),
+    ("UNIMPLEMENTED", Code::Unimplemented),
+    ("INTERNAL", Code::Internal),
+    ("UNAVAILABLE", Code::Unavailable),
+    ("DATA_LOSS", Code::DataLoss),
+    ("UNAUTHENTICATED", Code::Unauthenticated),
+];
+
+impl Code {
+    /// Parses a canonical name such as `UNAVAILABLE`.
+    pub fn from_name(name: &str) -> Option<Code> {
+        NAMES.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+    }
+
+    pub fn name(self) -> &'static str {
+        NAMES[self as usize].0
+    }
+
+    /// All canonical names, for error messages that list what is valid.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        NAMES.iter().map(|(n, _)| *n)
+    }
+
+    fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(
+            [
+                "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+            ][self as usize],
+        )
+    }
+}
+
+/// A gRPC call's service and method, split out of a `:path` of the form
+/// `/pkg.Service/Method`.
+pub fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (service, method) = rest.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+}
+
+/// A trailers-only response: HTTP 200 and a single HEADERS frame carrying
+/// `grpc-status` and `grpc-message`, which every gRPC client reads as the
+/// call's final status.
+pub fn status_response(code: Code, message: &str) -> Response<Empty<Bytes>> {
+    let mut headers = HeaderMap::with_capacity(3);
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", code.header_value());
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = StatusCode::OK;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// `grpc-message` is percent-encoded: bytes outside printable ASCII, and `%`.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The gRPC status a client derives from an HTTP/2 `RST_STREAM` error code
+/// (the table in the gRPC HTTP/2 protocol document).
+pub fn code_for_reset(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_well_formed_paths_only() {
+        assert_eq!(
+            split_path("/shop.v1.Inventory/GetStock"),
+            Some(("shop.v1.Inventory", "GetStock"))
+        );
+        for bad in ["", "/", "//M", "/Svc/", "Svc/M", "/Svc", "/Svc/M/extra"] {
+            assert_eq!(split_path(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn code_names_round_trip() {
+        for name in Code::names() {
+            assert_eq!(Code::from_name(name).unwrap().name(), name);
+        }
+        assert_eq!(Code::from_name("unavailable"), None);
+        assert_eq!(Code::Unauthenticated as u8, 16);
+    }
+
+    #[test]
+    fn status_response_is_trailers_only_and_encodes_the_message() {
+        let response = status_response(Code::PermissionDenied, "rule \"x\" denies 100%\n");
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["grpc-status"], "7");
+        assert_eq!(headers["grpc-message"], "rule \"x\" denies 100%25%0A");
+    }
+}

@@ -1,0 +1,93 @@
+//! SPIFFE IDs: `spiffe://<trust-domain>/<path>`, the workload identity carried in
+//! the URI SAN of every mesh certificate.
+
+use std::fmt;
+use std::sync::Arc;
+
+#[derive(Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct SpiffeId(Arc<str>);
+
+impl SpiffeId {
+    pub fn parse(text: &str) -> Result<SpiffeId, String> {
+        let invalid =
+            |why: &str| format!("`{text}` is not a SPIFFE ID ({why}); expected spiffe://<trust-domain>/<path>");
+        let rest = text
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| invalid("it must start with spiffe://"))?;
+        let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if domain.is_empty()
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(invalid(
+                "the trust domain must be non-empty lowercase letters, digits, '-', '.', '_'",
+            ));
+        }
+        if rest.contains('/') && path.split('/').any(|segment| segment.is_empty()) {
+            return Err(invalid("the path has an empty segment"));
+        }
+        if path.contains(['?', '#']) {
+            return Err(invalid("no query or fragment is allowed"));
+        }
+        Ok(SpiffeId(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        SpiffeId::parse(&text)
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_workload_ids() {
+        for id in [
+            "spiffe://cluster.local/ns/shop/sa/checkout",
+            "spiffe://example.org",
+            "spiffe://td-1/a",
+        ] {
+            assert_eq!(SpiffeId::parse(id).unwrap().as_str(), id);
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_ids_saying_why() {
+        assert!(SpiffeId::parse("https://x/y").unwrap_err().contains("spiffe://"));
+        assert!(SpiffeId::parse("spiffe:///a").unwrap_err().contains("trust domain"));
+        assert!(
+            SpiffeId::parse("spiffe://Cluster/a")
+                .unwrap_err()
+                .contains("trust domain")
+        );
+        assert!(
+            SpiffeId::parse("spiffe://td/a//b")
+                .unwrap_err()
+                .contains("empty segment")
+        );
+        assert!(SpiffeId::parse("spiffe://td/a/").unwrap_err().contains("empty segment"));
+        assert!(SpiffeId::parse("spiffe://td/a?b").unwrap_err().contains("query"));
+    }
+}

@@ -1,0 +1,141 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use protomesh::config::{self, Config};
+use protomesh::contract::Contracts;
+use protomesh::identity::{Identity, SpiffeId, certs};
+use protomesh::proxy::Sidecar;
+
+/// A gRPC service-mesh sidecar whose policy lives in the .proto contracts.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        /// YAML config; every field can also be set by a PROTOMESH_* variable.
+        #[arg(long, env = "PROTOMESH_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config, identity and contracts, and print every method's policy.
+    Check {
+        #[arg(long, env = "PROTOMESH_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Write a development CA and workload certificates with SPIFFE IDs.
+    Certs {
+        /// Directory for ca.pem, ca-key.pem, NAME.pem and NAME-key.pem (an existing CA there is reused).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// NAME (gets spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/NAME) or NAME=SPIFFE_ID.
+        #[arg(required = true)]
+        workloads: Vec<String>,
+    },
+    /// Run a whole demo mesh on loopback and show what crosses it.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Demo));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Check { config } => check(config),
+            Command::Certs {
+                out,
+                trust_domain,
+                namespace,
+                workloads,
+            } => write_certs(&out, &trust_domain, &namespace, &workloads),
+            Command::Demo => protomesh::demo::run().await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROTOMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("PROTOMESH_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Result<(Config, Contracts), String> {
+    let config = config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let contracts = Contracts::load(&config.contracts).map_err(|e| format!("contracts: {e}"))?;
+    Ok((config, contracts))
+}
+
+async fn run(path: Option<PathBuf>) -> Result<(), String> {
+    let (config, contracts) = load(path)?;
+    let sidecar = Sidecar::start(&config, Arc::new(contracts), config.drain_timeout).await?;
+    shutdown_signal().await;
+    tracing::info!(drain = ?config.drain_timeout, "shutting down");
+    sidecar.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn check(path: Option<PathBuf>) -> Result<(), String> {
+    let (config, contracts) = load(path)?;
+    let identity = Identity::load(&config.identity)?;
+    print!("{}", protomesh::check::report(&config, &identity, &contracts));
+    Ok(())
+}
+
+fn write_certs(out: &std::path::Path, trust_domain: &str, namespace: &str, workloads: &[String]) -> Result<(), String> {
+    let named = workloads
+        .iter()
+        .map(|w| match w.split_once('=') {
+            Some((name, id)) => Ok((name.to_string(), SpiffeId::parse(id)?)),
+            None => Ok((
+                w.clone(),
+                SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{w}"))?,
+            )),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let files = certs::write_dev_certs(out, &format!("protomesh development CA ({trust_domain})"), &named)?;
+    println!("CA: {}", out.join("ca.pem").display());
+    for ((_, id), files) in named.iter().zip(files) {
+        println!("{id}: {} {}", files.cert.display(), files.key.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! Where an upstream's endpoints come from: `ip:port` entries as written, and
+//! `name:port` entries from DNS, re-resolved periodically (a headless
+//! Kubernetes Service answers with one A record per ready pod).
+
+use std::net::SocketAddr;
+use std::sync::Weak;
+use std::time::Duration;
+
+use super::upstream::Upstream;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointSpec {
+    Static(SocketAddr),
+    Dns { host: String, port: u16 },
+}
+
+pub fn parse_endpoint(text: &str) -> Result<EndpointSpec, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(EndpointSpec::Static(addr));
+    }
+    let invalid = || format!("`{text}` is not host:port, e.g. 10.0.0.7:4143 or inventory.shop.svc.cluster.local:4143");
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    let valid_host = !host.is_empty()
+        && host
+            .split('.')
+            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid_host || port == 0 {
+        return Err(invalid());
+    }
+    Ok(EndpointSpec::Dns {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// Resolves every spec once. Names that fail to resolve are reported and skipped.
+pub async fn resolve(specs: &[EndpointSpec]) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for spec in specs {
+        match spec {
+            EndpointSpec::Static(addr) => addrs.push(*addr),
+            EndpointSpec::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(found) => addrs.extend(found),
+                Err(error) => tracing::warn!(%host, %error, "endpoint name did not resolve"),
+            },
+        }
+    }
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// Keeps an upstream's endpoints current while the upstream lives.
+pub fn spawn_refresh(upstream: Weak<Upstream>, specs: Vec<EndpointSpec>, every: Duration) {
+    if specs.iter().all(|s| matches!(s, EndpointSpec::Static(_))) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let addrs = resolve(&specs).await;
+            let Some(upstream) = upstream.upgrade() else { return };
+            upstream.set_endpoints(&addrs);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_and_names() {
+        assert_eq!(
+            parse_endpoint("127.0.0.1:4143"),
+            Ok(EndpointSpec::Static("127.0.0.1:4143".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:4143"),
+            Ok(EndpointSpec::Static("[::1]:4143".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_endpoint("inventory.shop.svc.cluster.local:4143"),
+            Ok(EndpointSpec::Dns {
+                host: "inventory.shop.svc.cluster.local".into(),
+                port: 4143
+            })
+        );
+        for bad in [
+            "inventory",
+            "inventory:",
+            "inventory:http",
+            ":4143",
+            "a..b:1",
+            "a b:1",
+            "x:0",
+            "x:70000",
+        ] {
+            assert!(parse_endpoint(bad).unwrap_err().contains("host:port"), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn resolves_localhost_and_keeps_static_addresses() {
+        let specs = [
+            parse_endpoint("localhost:4143").unwrap(),
+            parse_endpoint("10.0.0.1:1").unwrap(),
+        ];
+        let addrs = resolve(&specs).await;
+        assert!(addrs.contains(&"10.0.0.1:1".parse().unwrap()));
+        assert!(
+            addrs.iter().any(|a| a.ip().is_loopback() && a.port() == 4143),
+            "{addrs:?}"
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! What can go wrong on a call, typed, and the one place that turns it into
+//! the gRPC status the caller sees.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
+use tower::Service;
+
+use crate::grpc::{self, Code};
+use crate::identity::{IdentityMismatch, SpiffeId};
+use crate::policy::authz::Denial;
+
+/// What the listeners send back: the peer's streamed body, or nothing after a
+/// trailers-only status from the sidecar itself.
+pub type ResponseBody = Either<Incoming, Empty<Bytes>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        })
+    }
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout,
+    Io(std::io::Error),
+    IdentityMismatch(IdentityMismatch),
+    Tls(std::io::Error),
+    NoH2Alpn,
+    Http2(hyper::Error),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Timeout => f.write_str("connect timed out"),
+            ConnectError::Io(e) => write!(f, "{e}"),
+            ConnectError::IdentityMismatch(e) => write!(f, "{e}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            ConnectError::NoH2Alpn => f.write_str("TLS peer did not negotiate ALPN h2"),
+            ConnectError::Http2(e) => write!(f, "HTTP/2 handshake failed: {e}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ProxyError {
+    /// `:path` is not `/pkg.Service/Method`.
+    NotGrpc {
+        path: String,
+    },
+    /// Strict contracts: the method is in no loaded contract.
+    UnknownMethod {
+        path: String,
+    },
+    NoRoute {
+        service: String,
+    },
+    NoEndpoints {
+        upstream: Arc<str>,
+    },
+    Connect {
+        target: Target,
+        error: Arc<ConnectError>,
+    },
+    /// The peer failed the stream or connection before it answered.
+    Upstream {
+        target: Target,
+        error: hyper::Error,
+    },
+    /// The caller's certificate is valid but carries no SPIFFE ID.
+    NoCallerIdentity,
+    Denied {
+        caller: SpiffeId,
+        path: String,
+        denial: Denial,
+    },
+}
+
+/// Who the sidecar was talking to when a call failed.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Upstream { name: Arc<str>, addr: SocketAddr },
+    App(SocketAddr),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Upstream { name, addr } => write!(f, "upstream {name} endpoint {addr}"),
+            Target::App(addr) => write!(f, "local app at {addr}"),
+        }
+    }
+}
+
+impl ProxyError {
+    pub fn code(&self) -> Code {
+        match self {
+            ProxyError::NotGrpc { .. } | ProxyError::UnknownMethod { .. } | ProxyError::NoRoute { .. } => {
+                Code::Unimplemented
+            }
+            ProxyError::NoEndpoints { .. } | ProxyError::Connect { .. } => Code::Unavailable,
+            ProxyError::Upstream { error, .. } => match reset_reason(error) {
+                Some(reason) => grpc::code_for_reset(reason),
+                None => Code::Unavailable,
+            },
+            ProxyError::NoCallerIdentity => Code::Unauthenticated,
+            ProxyError::Denied { .. } => Code::PermissionDenied,
+        }
+    }
+
+    /// The status answered to the caller, its message prefixed with the
+    /// sidecar direction so that the caller can tell which sidecar acted.
+    pub fn into_response(self, direction: Direction) -> Response<ResponseBody> {
+        let message = format!("protomesh {direction}: {self}");
+        grpc::status_response(self.code(), &message).map(Either::Right)
+    }
+}
+
+/// The edge of every stack: the sidecar's own failures become gRPC statuses.
+#[derive(Clone)]
+pub struct AnswerErrors<S> {
+    direction: Direction,
+    inner: S,
+}
+
+impl<S> AnswerErrors<S> {
+    pub fn new(direction: Direction, inner: S) -> Self {
+        AnswerErrors { direction, inner }
+    }
+}
+
+impl<S> Service<Request<Incoming>> for AnswerErrors<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Answer<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Layers below are always ready or answer a call with an error: none fails here.
+        self.inner.poll_ready(cx).map(|_| Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        Answer {
+            inner: self.inner.call(request),
+            direction: self.direction,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct Answer<F> {
+        #[pin]
+        inner: F,
+        direction: Direction,
+    }
+}
+
+impl<F> Future for Answer<F>
+where
+    F: Future<Output = Result<Response<ResponseBody>, ProxyError>>,
+{
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let direction = *this.direction;
+        this.inner
+            .poll(cx)
+            .map(|result| Ok(result.unwrap_or_else(|error| error.into_response(direction))))
+    }
+}
+
+fn reset_reason(error: &hyper::Error) -> Option<h2::Reason> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason();
+        }
+        source = e.source();
+    }
+    None
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::NotGrpc { path } => write!(f, "`{path}` is not a gRPC path /package.Service/Method"),
+            ProxyError::UnknownMethod { path } => {
+                write!(
+                    f,
+                    "method {path} is not in the loaded contracts (contracts.mode is strict)"
+                )
+            }
+            ProxyError::NoRoute { service } => {
+                write!(
+                    f,
+                    "no route for service {service}; add it to outbound.upstreams[].services"
+                )
+            }
+            ProxyError::NoEndpoints { upstream } => write!(f, "upstream {upstream} has no resolved endpoints"),
+            ProxyError::Connect { target, error } => write!(f, "{target} unreachable: {error}"),
+            ProxyError::Upstream { target, error } => match reset_reason(error) {
+                Some(reason) => write!(f, "{target} reset the stream ({reason:?})"),
+                None => write!(f, "{target} failed: {error}"),
+            },
+            ProxyError::NoCallerIdentity => {
+                f.write_str("the client certificate carries no SPIFFE ID (URI SAN spiffe://...)")
+            }
+            ProxyError::Denied { caller, path, denial } => {
+                write!(f, "caller {caller} may not call {path}: {denial}")
+            }
+        }
+    }
+}

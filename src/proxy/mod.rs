@@ -1,0 +1,143 @@
+//! The data plane: both listeners and the stacks of layers behind them,
+//! composed here so that the path of a call reads top to bottom.
+//!
+//! outbound: plaintext h2 listener → errors as gRPC status → route by `:path`
+//!           → upstream (round-robin endpoint) → pooled mTLS h2 connection
+//! inbound:  mTLS h2 listener (client cert required) → errors as gRPC status
+//!           → caller identity + authorization → local app h2 connection
+
+pub mod discovery;
+mod endpoint;
+pub mod error;
+pub mod inbound;
+pub mod outbound;
+mod server;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::contract::Contracts;
+use crate::identity::Identity;
+use endpoint::{Endpoint, Transport};
+use error::{AnswerErrors, Direction, Target};
+use inbound::{AuthorizeInbound, ForwardToApp, InboundRoutes};
+use outbound::{ForwardToUpstream, OutboundRoutes, RouteOutbound};
+use server::PeerInfo;
+use upstream::Upstream;
+
+/// A running sidecar. Dropping it leaves the listeners running; call
+/// [`Sidecar::shutdown`] to drain and stop.
+pub struct Sidecar {
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: Option<SocketAddr>,
+    pub identity: crate::identity::SpiffeId,
+    shutdown: watch::Sender<bool>,
+    listeners: JoinSet<()>,
+}
+
+impl Sidecar {
+    /// Loads identity and contracts and binds every listener before serving
+    /// anything: a sidecar either starts whole or not at all.
+    pub async fn start(config: &Config, contracts: Arc<Contracts>, drain: Duration) -> Result<Sidecar, String> {
+        let identity = Identity::load(&config.identity)?;
+        let mut upstreams = Vec::with_capacity(config.outbound.upstreams.len());
+        for (i, upstream) in config.outbound.upstreams.iter().enumerate() {
+            let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout)
+                .await
+                .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
+            upstreams.push((upstream.services.clone(), started));
+        }
+        let outbound_routes = Arc::new(OutboundRoutes::new(
+            contracts.clone(),
+            config.contracts.mode,
+            &upstreams,
+        ));
+        let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;
+        let inbound = match &config.inbound {
+            None => None,
+            Some(inbound) => {
+                let routes = Arc::new(InboundRoutes::new(
+                    &contracts,
+                    config.contracts.mode,
+                    &inbound.authorization,
+                ));
+                let app = Arc::new(Endpoint::new(
+                    inbound.app,
+                    Target::App(inbound.app),
+                    Arc::new(Transport::Plaintext),
+                    config.outbound.connect_timeout,
+                ));
+                let tls = identity.server_config()?;
+                Some((bind("inbound.listen", inbound.listen).await?, routes, app, tls))
+            }
+        };
+
+        let (shutdown, stop) = watch::channel(false);
+        let mut listeners = JoinSet::new();
+        let outbound_addr = local_addr(&outbound_listener)?;
+        listeners.spawn(server::serve(
+            outbound_listener,
+            Direction::Outbound,
+            None,
+            move |_: PeerInfo| {
+                AnswerErrors::new(
+                    Direction::Outbound,
+                    RouteOutbound::new(outbound_routes.clone(), ForwardToUpstream),
+                )
+            },
+            stop.clone(),
+            drain,
+        ));
+        let inbound_addr = match inbound {
+            None => None,
+            Some((listener, routes, app, tls)) => {
+                let addr = local_addr(&listener)?;
+                listeners.spawn(server::serve(
+                    listener,
+                    Direction::Inbound,
+                    Some(tls),
+                    move |peer: PeerInfo| {
+                        AnswerErrors::new(
+                            Direction::Inbound,
+                            AuthorizeInbound::new(routes.clone(), &peer, ForwardToApp::new(app.clone())),
+                        )
+                    },
+                    stop,
+                    drain,
+                ));
+                Some(addr)
+            }
+        };
+        tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, "sidecar started");
+        Ok(Sidecar {
+            outbound_addr,
+            inbound_addr,
+            identity: identity.id.clone(),
+            shutdown,
+            listeners,
+        })
+    }
+
+    /// Stops accepting, sends GOAWAY, and waits for in-flight calls up to the drain period.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.listeners.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{field}: cannot listen on {addr}: {e}"))
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
+    listener.local_addr().map_err(|e| e.to_string())
+}

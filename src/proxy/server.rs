@@ -1,0 +1,160 @@
+//! Listeners: accept TCP, complete TLS when the direction needs it, and serve
+//! HTTP/2 on each connection with a service built for that connection. On
+//! shutdown a listener stops accepting, sends GOAWAY on every connection and
+//! gives in-flight calls a drain period.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tower::Service;
+
+use super::error::{Direction, ResponseBody};
+use crate::identity::{SpiffeId, spiffe_id_of};
+
+/// Streams one HTTP/2 connection may carry at once. gRPC clients queue
+/// beyond it, and it also bounds the pooled upstream connection peers open to us.
+const MAX_CONCURRENT_STREAMS: u32 = 10_000;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the listener learned about the connection before the first request.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub addr: std::net::SocketAddr,
+    /// The SPIFFE ID of a verified client certificate (mTLS listeners only).
+    pub identity: Option<SpiffeId>,
+}
+
+/// Serves `listener` until `shutdown` turns true, then drains for up to `drain`.
+pub async fn serve<F, S>(
+    listener: TcpListener,
+    direction: Direction,
+    tls: Option<Arc<ServerConfig>>,
+    new_service: F,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) where
+    F: Fn(PeerInfo) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let new_service = Arc::new(new_service);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%direction, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let new_service = new_service.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let result = match acceptor {
+                None => {
+                    let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity: None }));
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(tcp), service))
+                        .await
+                }
+                Some(acceptor) => {
+                    let Some(tls) = accept_tls(&acceptor, tcp, addr).await else {
+                        return;
+                    };
+                    let identity = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(spiffe_id_of);
+                    let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity }));
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(tls), service))
+                        .await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%direction, %addr, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(%direction, ?drain, "drain period over; closing the remaining connections");
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    addr: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    if sent_plaintext_http2(&tcp).await {
+        tracing::warn!(%addr, "refused plaintext HTTP/2 on the mTLS listener");
+        refuse_plaintext(tcp).await;
+        return None;
+    }
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(error)) => {
+            tracing::warn!(%addr, %error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%addr, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// A TLS connection opens with a handshake record (0x16); the HTTP/2 preface opens with `PRI`.
+async fn sent_plaintext_http2(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 3];
+    matches!(
+        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await,
+        Ok(Ok(3))
+    ) && &first == b"PRI"
+}
+
+/// Answers a plaintext HTTP/2 client in its own protocol, so that it reports a
+/// readable reason: an empty SETTINGS frame, then GOAWAY(INADEQUATE_SECURITY).
+async fn refuse_plaintext(mut tcp: TcpStream) {
+    const DEBUG: &[u8] = b"protomesh inbound accepts only mTLS connections";
+    let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let length = (8 + DEBUG.len()) as u32;
+    frames.extend_from_slice(&length.to_be_bytes()[1..]);
+    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&0u32.to_be_bytes());
+    frames.extend_from_slice(&u32::from(h2::Reason::INADEQUATE_SECURITY).to_be_bytes());
+    frames.extend_from_slice(DEBUG);
+    let _ = tcp.write_all(&frames).await;
+    let _ = tcp.shutdown().await;
+}

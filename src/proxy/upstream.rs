@@ -1,0 +1,94 @@
+//! An upstream: the peers serving a set of gRPC services, all expected to
+//! present one SPIFFE ID, with one pooled connection per endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::discovery::{self, EndpointSpec};
+use super::endpoint::{Endpoint, Transport};
+use super::error::{ProxyError, Target};
+use crate::config::UpstreamConfig;
+use crate::identity::{Identity, SpiffeId};
+
+pub struct Upstream {
+    /// A label for messages: the endpoints as configured.
+    pub name: Arc<str>,
+    pub identity: SpiffeId,
+    transport: Arc<Transport>,
+    connect_timeout: Duration,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    /// Resolves the endpoints once and keeps DNS names re-resolving in the background.
+    pub async fn start(
+        config: &UpstreamConfig,
+        identity: &Identity,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Upstream>, String> {
+        let specs: Vec<EndpointSpec> = config
+            .endpoints
+            .iter()
+            .map(|e| discovery::parse_endpoint(e))
+            .collect::<Result<_, _>>()?;
+        let upstream = Arc::new(Upstream {
+            name: config.endpoints.join(",").into(),
+            identity: config.identity.clone(),
+            transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
+            connect_timeout,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+        });
+        upstream.set_endpoints(&discovery::resolve(&specs).await);
+        discovery::spawn_refresh(Arc::downgrade(&upstream), specs, config.resolve_interval);
+        Ok(upstream)
+    }
+
+    /// Replaces the endpoint set, keeping the connections of addresses that stay.
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        let current = self.endpoints.load();
+        if current.len() == addrs.len() && current.iter().zip(addrs).all(|(e, a)| e.addr == *a) {
+            return;
+        }
+        let endpoints = addrs
+            .iter()
+            .map(|&addr| {
+                current.iter().find(|e| e.addr == addr).cloned().unwrap_or_else(|| {
+                    let target = Target::Upstream {
+                        name: self.name.clone(),
+                        addr,
+                    };
+                    Arc::new(Endpoint::new(
+                        addr,
+                        target,
+                        self.transport.clone(),
+                        self.connect_timeout,
+                    ))
+                })
+            })
+            .collect();
+        tracing::info!(upstream = %self.name, endpoints = ?addrs, "endpoints updated");
+        self.endpoints.store(Arc::new(endpoints));
+    }
+
+    /// Round-robin over the current endpoints.
+    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let endpoint = {
+            let endpoints = self.endpoints.load();
+            if endpoints.is_empty() {
+                return Err(ProxyError::NoEndpoints {
+                    upstream: self.name.clone(),
+                });
+            }
+            endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone()
+        };
+        endpoint.send(request).await
+    }
+}
