@@ -22,6 +22,8 @@ use crate::pb::echo::v1::{EchoReply, EchoRequest};
 pub struct EchoStats {
     pub calls: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Stream replies handed to the transport.
+    pub sent: AtomicU64,
     pub cancelled_signal: Notify,
     /// The `grpc-timeout` of the latest call, as received.
     pub last_timeout: std::sync::Mutex<Option<String>>,
@@ -37,6 +39,8 @@ impl EchoService {
         EchoServer::new(self)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip)
     }
 
     fn observe<T>(&self, request: &Request<T>) -> MetadataMap {
@@ -131,6 +135,7 @@ impl Echo for EchoService {
                     stats.cancelled_signal.notify_waiters();
                     return;
                 }
+                stats.sent.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(status) = trailing_status {
                 let _ = tx.send(Err(status)).await;
