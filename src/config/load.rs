@@ -12,6 +12,17 @@ use super::Config;
 /// Environment variables read for something other than a config field.
 const RESERVED_ENV: &[&str] = &["PROTOMESH_CONFIG", "PROTOMESH_LOG", "PROTOMESH_LOG_FORMAT"];
 const ENV_PREFIX: &str = "PROTOMESH_";
+/// The top-level fields of [`Config`]. A `PROTOMESH_*` variable naming none of
+/// them is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`
+/// and the like for every Service, including any named `protomesh-...`.
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "service_name",
+    "identity",
+    "contracts",
+    "outbound",
+    "inbound",
+    "drain_timeout",
+];
 
 #[derive(Debug)]
 pub struct ConfigError(String);
@@ -47,6 +58,10 @@ pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
             .split("__")
             .map(str::to_ascii_lowercase)
             .collect();
+        if !TOP_LEVEL_FIELDS.contains(&path[0].as_str()) {
+            tracing::warn!(variable = %name, "ignoring an environment variable that names no config field");
+            continue;
+        }
         if path.iter().any(String::is_empty) {
             return Err(ConfigError(format!(
                 "environment variable {name}: empty field name; separate levels with `__`, e.g. PROTOMESH_INBOUND__APP"
@@ -228,6 +243,28 @@ inbound:
         let file = file_with(&VALID.replace("  app:", "  ap:"));
         let err = load(Some(file.path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("unknown field `ap`") && err.contains("`app`"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_service_variables_are_not_config() {
+        let file = file_with(VALID);
+        let config = load(
+            Some(file.path()),
+            env(&[
+                ("PROTOMESH_SERVICE_HOST", "10.0.0.1"),
+                ("PROTOMESH_PORT", "tcp://10.0.0.1:4143"),
+                ("PROTOMESH_INBOUND_PORT_4143_TCP_ADDR", "10.0.0.2"),
+            ]),
+        );
+        assert!(config.is_ok(), "{config:?}");
+        let err = load(Some(file.path()), env(&[("PROTOMESH_INBOUND__LISEN", "0.0.0.0:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("environment variable PROTOMESH_INBOUND__LISEN"),
+            "{err}"
+        );
+        assert!(err.contains("unknown field `lisen`"), "{err}");
     }
 
     #[test]

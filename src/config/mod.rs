@@ -15,6 +15,7 @@ use crate::policy::authz::{CallerPattern, MethodPattern};
 
 pub use load::{ConfigError, load};
 
+/// Top-level fields are listed again in `load::TOP_LEVEL_FIELDS`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {

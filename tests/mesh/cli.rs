@@ -1,0 +1,142 @@
+//! The `protomesh` binary as users run it: the demo, `check`, `run` refusing
+//! bad configs whole, and the grpcio suite against sidecar processes.
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_protomesh");
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn protomesh(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(REPO)
+        .output()
+        .expect("protomesh runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_demo_runs_a_whole_mesh_and_stops_by_itself() {
+    let output = protomesh(&["demo"]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+    assert!(stdout.contains("shop.v1.Checkout/PlaceOrder for ada: OK"), "{stdout}");
+    for shape in [
+        "(unary)",
+        "(server-streaming)",
+        "(client-streaming)",
+        "(bidi-streaming)",
+    ] {
+        assert!(stdout.contains(shape), "{shape} missing:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("served for spiffe://demo.protomesh.local/ns/shop/sa/checkout"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("shop.v1.Inventory/GetStock: PermissionDenied: protomesh inbound"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("shop.v1.Checkout/CancelOrder: Unimplemented: protomesh outbound"),
+        "{stdout}"
+    );
+}
+
+fn write_config(dir: &tempfile::TempDir, yaml: &str) -> String {
+    let certs = dir.path().join("certs");
+    let status = Command::new(BIN)
+        .args(["certs", "--out", certs.to_str().unwrap(), "web"])
+        .output()
+        .expect("protomesh certs runs")
+        .status;
+    assert!(status.success());
+    let path = dir.path().join("protomesh.yaml");
+    let c = certs.display();
+    let full = format!(
+        "identity: {{cert: {c}/web.pem, key: {c}/web-key.pem, trust_bundle: {c}/ca.pem}}\n\
+         contracts: {{protos: [examples/echo.proto], include: [{REPO}/proto]}}\n{yaml}"
+    );
+    std::fs::write(&path, full).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn check_prints_the_method_table_with_policy_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, "inbound: {app: '127.0.0.1:8080'}\n");
+    let output = protomesh(&["check", "--config", &config]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        stdout.contains("identity  spiffe://cluster.local/ns/default/sa/web"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("echo.v1.Echo  [examples/echo.proto]  no outbound route"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("BidiStream               bidi-streaming"), "{stdout}");
+    assert!(
+        stdout.contains("Unary                    unary  no-side-effects"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("from (protomesh.v1.service)"), "{stdout}");
+}
+
+#[test]
+fn a_bad_config_names_the_file_and_field_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, "inbound: {app: '127.0.0.1:8080', listen: 'everywhere'}\n");
+    for command in ["check", "run"] {
+        let output = protomesh(&[command, "--config", &config]);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{command}");
+        assert!(
+            stderr.contains(&format!("{config}: field `inbound.listen`")),
+            "{command}: {stderr}"
+        );
+        assert!(stderr.contains("IP:port"), "{stderr}");
+    }
+}
+
+#[test]
+fn run_never_half_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let config = write_config(
+        &dir,
+        &format!("outbound: {{listen: '127.0.0.1:0'}}\ninbound: {{app: '127.0.0.1:8080', listen: '{taken_addr}'}}\n"),
+    );
+    let output = protomesh(&["run", "--config", &config]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("inbound.listen: cannot listen on {taken_addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
+    let probe = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools, pytest"])
+        .output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "the grpcio suite needs Python packages: pip install -r tests/python/requirements.txt"
+    );
+    let output = Command::new("python3")
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/python"])
+        .current_dir(REPO)
+        .env("TEST_PROTOMESH_BIN", BIN)
+        .output()
+        .expect("pytest runs");
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+    assert!(stdout.contains(" passed"), "{stdout}");
+}

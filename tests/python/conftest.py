@@ -1,0 +1,124 @@
+"""A protomesh sidecar pair as real processes, between a grpcio client and a
+grpcio server: an implementation of gRPC independent of the Rust side."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRUST_DOMAIN = "py.protomesh.local"
+
+
+def spiffe(workload):
+    return f"spiffe://{TRUST_DOMAIN}/ns/py/sa/{workload}"
+
+
+def protomesh_bin():
+    path = os.environ.get("TEST_PROTOMESH_BIN")
+    if not path:
+        pytest.exit("set TEST_PROTOMESH_BIN to the protomesh binary (cargo test sets it)", returncode=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory):
+    """echo_pb2 and echo_pb2_grpc, generated from the repo's contract."""
+    from grpc_tools import protoc
+    import grpc_tools
+
+    out = tmp_path_factory.mktemp("stubs")
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    for proto in ["protomesh/v1/options.proto", "examples/echo.proto"]:
+        code = protoc.main(["protoc", f"-I{REPO / 'proto'}", f"-I{well_known}", f"--python_out={out}",
+                            f"--grpc_python_out={out}", proto])
+        assert code == 0, f"protoc failed on {proto}"
+    sys.path.insert(0, str(out))
+    from examples import echo_pb2, echo_pb2_grpc  # noqa: E402
+    return echo_pb2, echo_pb2_grpc
+
+
+class Backend:
+    """What the grpcio echo server saw."""
+
+    def __init__(self):
+        self.calls = 0
+        self.cancelled = threading.Event()
+        self.deadline_seen = None
+        self.callers = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_sidecar(name, config_path, log_path):
+    log = open(log_path, "w+")
+    process = subprocess.Popen([protomesh_bin(), "run", "--config", str(config_path)], stderr=log,
+                               stdout=subprocess.DEVNULL, env={**os.environ, "PROTOMESH_LOG": "info"})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} sidecar exited: {Path(log_path).read_text()}")
+        if "sidecar started" in Path(log_path).read_text():
+            return process, log
+        time.sleep(0.02)
+    process.kill()
+    raise RuntimeError(f"{name} sidecar did not start: {Path(log_path).read_text()}")
+
+
+@pytest.fixture(scope="session")
+def mesh(stubs, tmp_path_factory):
+    echo_pb2, echo_pb2_grpc = stubs
+    from echo_backend import EchoBackend
+
+    work = tmp_path_factory.mktemp("mesh")
+    backend = Backend()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=[("grpc.max_receive_message_length", -1),
+                                  ("grpc.max_send_message_length", -1)])
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoBackend(echo_pb2, backend), server)
+    app_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    subprocess.run([protomesh_bin(), "certs", "--out", str(work / "certs"), "--trust-domain", TRUST_DOMAIN,
+                    "--namespace", "py", "client", "server"], check=True, stdout=subprocess.DEVNULL)
+    outbound, inbound = free_port(), free_port()
+    common = (f"contracts: {{protos: [examples/echo.proto], include: ['{REPO / 'proto'}']}}\n"
+              "drain_timeout: 2s\n")
+
+    def identity(name):
+        certs = work / "certs"
+        return f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
+
+    (work / "server.yaml").write_text(
+        identity("server") + common +
+        f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
+    (work / "client.yaml").write_text(
+        identity("client") + common +
+        f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
+        f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'], identity: '{spiffe('server')}'}}\n")
+    sidecars = [start_sidecar(name, work / f"{name}.yaml", work / f"{name}.log") for name in ("server", "client")]
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=[
+        ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+    yield {"stub": echo_pb2_grpc.EchoStub(channel), "pb": echo_pb2, "backend": backend, "channel": channel,
+           "sidecars": sidecars}
+    channel.close()
+    for process, log in sidecars:
+        process.send_signal(signal.SIGTERM)
+    for process, log in sidecars:
+        assert process.wait(timeout=10) == 0, "a sidecar did not shut down cleanly on SIGTERM"
+        log.close()
+    server.stop(grace=None)
