@@ -31,7 +31,8 @@ pub struct MeshOptions {
     pub expected_server: SpiffeId,
     /// Replaces the echo backend, e.g. with a raw HTTP/2 server.
     pub app: Option<SocketAddr>,
-    /// Replaces the server sidecar's address in the client's route.
+    /// Replaces the server sidecar's address in the client's route;
+    /// `{server}` stands for the server sidecar's inbound port.
     pub upstream_endpoint: Option<String>,
 }
 
@@ -77,9 +78,11 @@ impl Mesh {
             options.authorization
         );
         let server_sidecar = sidecar(&dir, "server", "[]", Some(&inbound)).await;
-        let endpoint = options
-            .upstream_endpoint
-            .unwrap_or_else(|| server_sidecar.inbound_addr.unwrap().to_string());
+        let server_inbound = server_sidecar.inbound_addr.unwrap();
+        let endpoint = options.upstream_endpoint.map_or_else(
+            || server_inbound.to_string(),
+            |endpoint| endpoint.replace("{server}", &server_inbound.port().to_string()),
+        );
         let upstreams = format!(
             "[{{services: [echo.v1.Echo], endpoints: ['{endpoint}'], identity: '{}'}}]",
             options.expected_server

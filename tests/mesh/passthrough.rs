@@ -11,7 +11,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::{Code, Request};
 
-use crate::harness::{Mesh, id, within};
+use crate::harness::{Mesh, MeshOptions, id, within};
 
 fn echo(message: &str) -> EchoRequest {
     EchoRequest {
@@ -293,4 +293,23 @@ async fn a_slow_reader_slows_the_writer() {
         received += 1;
     }
     assert_eq!(received, REPLIES);
+}
+
+#[tokio::test]
+async fn an_upstream_named_by_dns_is_resolved() {
+    let resolved: Vec<_> = tokio::net::lookup_host(("localhost", 1)).await.unwrap().collect();
+    assert!(
+        resolved.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()),
+        "this test needs localhost to resolve to 127.0.0.1 only, got {resolved:?}"
+    );
+    let mesh = Mesh::start_with(MeshOptions {
+        upstream_endpoint: Some("localhost:{server}".into()),
+        ..Default::default()
+    })
+    .await;
+    let reply = within("unary via a DNS name", mesh.client().unary(echo("dns")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.caller, id("client").as_str());
 }
