@@ -2,7 +2,6 @@
 //! top, then typed parsing and validation. Every error names where the bad value
 //! came from (the file or the variable), the field, and what would be valid.
 
-use std::fmt;
 use std::path::Path;
 
 use serde_json::{Map, Value};
@@ -24,16 +23,9 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "drain_timeout",
 ];
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct ConfigError(String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Loads the config from `file` (if any) and the given environment.
 ///

@@ -2,7 +2,6 @@
 //! then walking every service and method once to build the method table.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,16 +12,9 @@ use super::{CallShape, Contracts, Idempotency, MethodInfo, MethodPolicy, OPTIONS
 use crate::config::ContractsConfig;
 use crate::pb::protomesh::v1 as pb;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct ContractError(String);
-
-impl fmt::Display for ContractError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ContractError {}
 
 /// Resolves `protomesh/v1/options.proto` from the copy built into the binary.
 struct BuiltInOptions;

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, Either as EitherFuture, Ready, ready};
+use futures_util::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::Service;
 
+use super::admit::Admission;
 use super::endpoint::Endpoint;
 use super::error::{ProxyError, ResponseBody};
 use super::server::PeerInfo;
@@ -105,22 +106,23 @@ impl InboundRoutes {
 /// Per connection: the caller's identity, checked on each call against the
 /// method's authorization.
 #[derive(Clone)]
-pub struct AuthorizeInbound<S> {
+pub struct AuthorizeInbound {
     routes: Arc<InboundRoutes>,
     caller: Option<(crate::identity::SpiffeId, HeaderValue)>,
-    inner: S,
 }
 
-impl<S> AuthorizeInbound<S> {
-    pub fn new(routes: Arc<InboundRoutes>, peer: &PeerInfo, inner: S) -> Self {
+impl AuthorizeInbound {
+    pub fn new(routes: Arc<InboundRoutes>, peer: &PeerInfo) -> Self {
         let caller = peer
             .identity
             .clone()
             .and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| (id, header)));
-        AuthorizeInbound { routes, caller, inner }
+        AuthorizeInbound { routes, caller }
     }
+}
 
-    fn authorize(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
+impl Admission for AuthorizeInbound {
+    fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
         let (caller, header) = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
         let path = request.uri().path();
         let route = self.routes.route(path)?;
@@ -132,26 +134,6 @@ impl<S> AuthorizeInbound<S> {
         request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
         request.extensions_mut().insert(route);
         Ok(())
-    }
-}
-
-impl<S> Service<Request<Incoming>> for AuthorizeInbound<S>
-where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
-{
-    type Response = Response<ResponseBody>;
-    type Error = ProxyError;
-    type Future = EitherFuture<Ready<Result<Self::Response, ProxyError>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        match self.authorize(&mut request) {
-            Ok(()) => EitherFuture::Right(self.inner.call(request)),
-            Err(error) => EitherFuture::Left(ready(Err(error))),
-        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! inbound:  mTLS h2 listener (client cert required) → errors as gRPC status
 //!           → caller identity + authorization → local app h2 connection
 
+mod admit;
 pub mod discovery;
 mod endpoint;
 pub mod error;
@@ -25,10 +26,11 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::contract::Contracts;
 use crate::identity::Identity;
+use admit::Admit;
 use endpoint::{Endpoint, Transport};
 use error::{AnswerErrors, Direction, Target};
 use inbound::{AuthorizeInbound, ForwardToApp, InboundRoutes};
-use outbound::{ForwardToUpstream, OutboundRoutes, RouteOutbound};
+use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
 use upstream::Upstream;
 
@@ -89,7 +91,7 @@ impl Sidecar {
             move |_: PeerInfo| {
                 AnswerErrors::new(
                     Direction::Outbound,
-                    RouteOutbound::new(outbound_routes.clone(), ForwardToUpstream),
+                    Admit::new(outbound_routes.clone(), ForwardToUpstream),
                 )
             },
             stop.clone(),
@@ -106,7 +108,10 @@ impl Sidecar {
                     move |peer: PeerInfo| {
                         AnswerErrors::new(
                             Direction::Inbound,
-                            AuthorizeInbound::new(routes.clone(), &peer, ForwardToApp::new(app.clone())),
+                            Admit::new(
+                                AuthorizeInbound::new(routes.clone(), &peer),
+                                ForwardToApp::new(app.clone()),
+                            ),
                         )
                     },
                     stop,

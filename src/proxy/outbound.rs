@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, Either as EitherFuture, Ready, ready};
+use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::Service;
 
+use super::admit::Admission;
 use super::error::{ProxyError, ResponseBody};
 use super::upstream::Upstream;
 use crate::config::ContractMode;
@@ -88,39 +89,12 @@ impl OutboundRoutes {
     }
 }
 
-/// Finds the call's route and hands it to the next layer in the request's extensions.
-#[derive(Clone)]
-pub struct RouteOutbound<S> {
-    routes: Arc<OutboundRoutes>,
-    inner: S,
-}
-
-impl<S> RouteOutbound<S> {
-    pub fn new(routes: Arc<OutboundRoutes>, inner: S) -> Self {
-        RouteOutbound { routes, inner }
-    }
-}
-
-impl<S> Service<Request<Incoming>> for RouteOutbound<S>
-where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
-{
-    type Response = Response<ResponseBody>;
-    type Error = ProxyError;
-    type Future = EitherFuture<Ready<Result<Self::Response, ProxyError>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        match self.routes.route(request.uri().path()) {
-            Ok(route) => {
-                request.extensions_mut().insert(route.clone());
-                EitherFuture::Right(self.inner.call(request))
-            }
-            Err(error) => EitherFuture::Left(ready(Err(error))),
-        }
+/// Finds the call's route and hands it to the layers below in the request's extensions.
+impl Admission for Arc<OutboundRoutes> {
+    fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
+        let route = self.route(request.uri().path())?.clone();
+        request.extensions_mut().insert(route);
+        Ok(())
     }
 }
 
@@ -140,7 +114,7 @@ impl Service<Request<Incoming>> for ForwardToUpstream {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let route = request.extensions().get::<Arc<OutboundRoute>>().cloned();
         Box::pin(async move {
-            let route = route.expect("RouteOutbound runs before ForwardToUpstream");
+            let route = route.expect("outbound routing runs before ForwardToUpstream");
             let response = route.upstream.send(request).await?;
             Ok(response.map(Either::Left))
         })
