@@ -2,6 +2,8 @@
 //! `/pkg.Service/Method`, status codes, and the trailers-only responses it
 //! answers with when a policy acts.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Empty;
@@ -81,6 +83,45 @@ pub fn split_path(path: &str) -> Option<(&str, &str)> {
     (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
 }
 
+/// Parses `grpc-timeout`: 1 to 8 ASCII digits and a unit (`H M S m u n`).
+pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(amount * 3600),
+        b"M" => Duration::from_secs(amount * 60),
+        b"S" => Duration::from_secs(amount),
+        b"m" => Duration::from_millis(amount),
+        b"u" => Duration::from_micros(amount),
+        b"n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Encodes a timeout in the finest unit that fits 8 digits, rounding up as
+/// gRPC implementations do, so that a hop never shortens a budget by rounding.
+pub fn encode_timeout(timeout: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = timeout.as_nanos();
+    let units: [(u128, char); 6] = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
+    let (amount, unit) = units
+        .iter()
+        .map(|&(per, unit)| (nanos.div_ceil(per), unit))
+        .find(|&(amount, _)| amount <= MAX)
+        .unwrap_or((MAX, 'H'));
+    HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a unit letter are a valid header")
+}
+
 /// A trailers-only response: HTTP 200 and a single HEADERS frame carrying
 /// `grpc-status` and `grpc-message`, which every gRPC client reads as the
 /// call's final status.
@@ -134,6 +175,44 @@ mod tests {
         );
         for bad in ["", "/", "//M", "/Svc/", "Svc/M", "/Svc", "/Svc/M/extra"] {
             assert_eq!(split_path(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_grpc_timeout_in_every_unit() {
+        assert_eq!(parse_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_timeout(b"3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_timeout(b"10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout(b"99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse_timeout(b"0n"), Some(Duration::ZERO));
+        for bad in [
+            &b""[..],
+            b"m",
+            b"10",
+            b"123456789m",
+            b"-1S",
+            b"1.5S",
+            b"10s",
+            b"1 S",
+            b"\xff\xfeS",
+        ] {
+            assert_eq!(parse_timeout(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn encodes_grpc_timeout_precisely_and_never_shorter() {
+        assert_eq!(encode_timeout(Duration::from_nanos(999)), "999n");
+        assert_eq!(encode_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(encode_timeout(Duration::from_secs(30)), "30000000u");
+        assert_eq!(encode_timeout(Duration::from_secs(3600)), "3600000m");
+        assert_eq!(encode_timeout(Duration::from_secs(1_000_000)), "1000000S");
+        assert_eq!(encode_timeout(Duration::from_secs(u64::MAX / 4)), "99999999H");
+        for millis in [1, 7, 999, 12_345, 86_400_000] {
+            let timeout = Duration::from_millis(millis) + Duration::from_nanos(1);
+            let round_trip = parse_timeout(encode_timeout(timeout).as_bytes()).unwrap();
+            assert!(round_trip >= timeout, "{timeout:?} became {round_trip:?}");
         }
     }
 
