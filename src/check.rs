@@ -4,8 +4,9 @@
 use std::fmt::Write;
 
 use crate::config::{Config, ContractMode, DefaultAuthorization};
-use crate::contract::{Contracts, Idempotency, Sourced};
+use crate::contract::{Contracts, Idempotency};
 use crate::identity::Identity;
+use crate::policy::method::{MethodPolicy, Sourced};
 
 pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> String {
     let mut out = String::new();
@@ -65,7 +66,7 @@ pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> St
                 Idempotency::Idempotent => "  idempotent",
             };
             let _ = writeln!(out, "  {:<24} {}{idempotency}", method.method, method.shape);
-            let policy = &method.policy;
+            let policy = MethodPolicy::resolve(&method.service, &method.method, Some(method), &config.policy);
             field(&mut out, "timeout", policy.timeout.as_ref(), |d| format!("{d:?}"));
             field(&mut out, "idle_timeout", policy.idle_timeout.as_ref(), |d| {
                 format!("{d:?}")
@@ -75,15 +76,25 @@ pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> St
             });
             field(&mut out, "retry", policy.retry.as_ref(), |r| {
                 let codes: Vec<_> = r.retryable_codes.iter().map(|c| c.name()).collect();
-                format!("{} attempts on {}", r.max_attempts, codes.join(", "))
+                format!(
+                    "{} attempts on {}, backoff {:?}..{:?} x{}",
+                    r.max_attempts,
+                    codes.join(", "),
+                    r.initial_backoff,
+                    r.max_backoff,
+                    r.backoff_multiplier
+                )
             });
             field(&mut out, "concurrency", policy.concurrency.as_ref(), |c| {
-                format!("{} in flight, queue {}", c.max_in_flight, c.max_queue)
+                format!(
+                    "{} in flight, queue {} for {:?}",
+                    c.max_in_flight, c.max_queue, c.queue_timeout
+                )
             });
             field(
                 &mut out,
                 "allowed_callers",
-                policy.allowed_callers.as_ref(),
+                method.contract.allowed_callers.as_ref(),
                 |callers| callers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             );
         }

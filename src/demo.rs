@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::config::{
     AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig, OutboundConfig,
-    UpstreamConfig,
+    PolicyConfig, UpstreamConfig,
 };
 use crate::contract::Contracts;
 use crate::identity::SpiffeId;
@@ -85,6 +85,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
                 app,
                 authorization: AuthorizationConfig::default(),
             }),
+            policy: PolicyConfig::default(),
             drain_timeout: Duration::from_secs(1),
         };
         let contracts = contracts.clone();

@@ -75,6 +75,18 @@ impl Code {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Code {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Code, D::Error> {
+        let name = String::deserialize(d)?;
+        Code::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{name}` is not a gRPC status code; use one of {}",
+                Code::names().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+}
+
 /// A gRPC call's service and method, split out of a `:path` of the form
 /// `/pkg.Service/Method`.
 pub fn split_path(path: &str) -> Option<(&str, &str)> {

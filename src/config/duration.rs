@@ -34,6 +34,11 @@ pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D
     parse(&text).map_err(serde::de::Error::custom)
 }
 
+/// `deserialize_with` for `Option<Duration>` fields (with `#[serde(default)]`).
+pub fn deserialize_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,17 +11,6 @@ use super::Config;
 /// Environment variables read for something other than a config field.
 const RESERVED_ENV: &[&str] = &["PROTOMESH_CONFIG", "PROTOMESH_LOG", "PROTOMESH_LOG_FORMAT"];
 const ENV_PREFIX: &str = "PROTOMESH_";
-/// The top-level fields of [`Config`]. A `PROTOMESH_*` variable naming none of
-/// them is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`
-/// and the like for every Service, including any named `protomesh-...`.
-const TOP_LEVEL_FIELDS: &[&str] = &[
-    "service_name",
-    "identity",
-    "contracts",
-    "outbound",
-    "inbound",
-    "drain_timeout",
-];
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -32,7 +21,7 @@ pub struct ConfigError(String);
 /// An environment variable `PROTOMESH_A__B` sets field `a.b` (`__` separates
 /// levels; names are lowercased). Its value is taken as a string, or parsed as
 /// YAML when it starts with `[` or `{`, which sets whole lists such as
-/// `PROTOMESH_OUTBOUND__UPSTREAMS`.
+/// `PROTOMESH_OUTBOUND__UPSTREAMS`. A value of digits only is a number.
 pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
     let file_name = file.map_or_else(|| "<no config file>".to_string(), |p| p.display().to_string());
     let mut tree = match file {
@@ -50,7 +39,9 @@ pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
             .split("__")
             .map(str::to_ascii_lowercase)
             .collect();
-        if !TOP_LEVEL_FIELDS.contains(&path[0].as_str()) {
+        // A variable naming no section is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`,
+        // `<SERVICE>_PORT` and the like for every Service, including any named `protomesh-...`.
+        if !serde_aux::serde_introspection::serde_introspect::<Config>().contains(&path[0].as_str()) {
             tracing::warn!(variable = %name, "ignoring an environment variable that names no config field");
             continue;
         }
@@ -62,6 +53,8 @@ pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
         let value = if raw.trim_start().starts_with(['[', '{']) {
             serde_saphyr::from_str::<Value>(&raw)
                 .map_err(|e| ConfigError(format!("environment variable {name}: invalid YAML value: {e}")))?
+        } else if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+            raw.parse::<u64>().map_or(Value::String(raw), Value::from)
         } else {
             Value::String(raw)
         };
@@ -190,6 +183,7 @@ inbound:
                 ("PROTOMESH_SERVICE_NAME", "checkout"),
                 ("PROTOMESH_OUTBOUND__CONNECT_TIMEOUT", "250ms"),
                 ("PROTOMESH_LOG", "debug"),
+                ("PROTOMESH_POLICY__MAX_REPLAY_BYTES", "1024"),
                 ("HOME", "/root"),
             ]),
         )
@@ -197,6 +191,50 @@ inbound:
         assert_eq!(config.inbound.unwrap().app.to_string(), "127.0.0.1:9090");
         assert_eq!(config.service_name.as_deref(), Some("checkout"));
         assert_eq!(config.outbound.connect_timeout.as_millis(), 250);
+        assert_eq!(config.policy.max_replay_bytes, 1024);
+    }
+
+    #[test]
+    fn policy_overrides_are_checked_by_key_and_field() {
+        let with = |policy: &str| file_with(&format!("{VALID}policy:\n{policy}"));
+        let config = load(
+            Some(with("  defaults: {timeout: 5s}\n  methods:\n    echo.v1.Echo/Unary: {retry: {max_attempts: 3, retryable_codes: [UNAVAILABLE]}}\n").path()),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.policy.methods["echo.v1.Echo/Unary"]
+                .retry
+                .as_ref()
+                .unwrap()
+                .max_attempts,
+            3
+        );
+
+        let err = load(Some(with("  methods:\n    Unary: {timeout: 1s}\n").path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("field `policy.methods[\"Unary\"]`") && err.contains("pkg.Service/*"),
+            "{err}"
+        );
+        let err = load(
+            Some(with("  methods:\n    echo.v1.Echo/*: {retry: {max_attempts: 3}}\n").path()),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("field `policy.methods[\"echo.v1.Echo/*\"]`: retry.retryable_codes"),
+            "{err}"
+        );
+        let err = load(
+            Some(with("  defaults: {retry: {max_attempts: 2, retryable_codes: [UNAVAIL]}}\n").path()),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`UNAVAIL` is not a gRPC status code"), "{err}");
     }
 
     #[test]

@@ -8,14 +8,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use crate::identity::SpiffeId;
 use crate::policy::authz::{CallerPattern, MethodPattern};
+use crate::policy::method::{ConcurrencyPolicy, PolicyFields};
 
 pub use load::{ConfigError, load};
 
-/// Top-level fields are listed again in `load::TOP_LEVEL_FIELDS`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -30,6 +32,9 @@ pub struct Config {
     /// Absent: this sidecar accepts no inbound traffic.
     #[serde(default)]
     pub inbound: Option<InboundConfig>,
+    /// Deadlines, retries, bulkheads: defaults, per-method overrides and limits.
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// On SIGTERM: how long in-flight calls may finish after GOAWAY.
     #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
     pub drain_timeout: Duration,
@@ -146,6 +151,65 @@ pub struct AuthorizationRule {
     pub callers: Vec<CallerPattern>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Policy for every method that neither its contract nor an override sets.
+    /// A default `retry` applies only to idempotent or side-effect-free methods.
+    #[serde(default)]
+    pub defaults: PolicyFields,
+    /// Overrides, keyed `pkg.Service/Method` or `pkg.Service/*`; they win over the contract.
+    #[serde(default)]
+    pub methods: BTreeMap<String, PolicyFields>,
+    /// A call with less deadline budget left fails at once with DEADLINE_EXCEEDED.
+    #[serde(default = "defaults::min_budget", deserialize_with = "duration::deserialize")]
+    pub min_budget: Duration,
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// Requests up to this size are kept so that a retry can send them again.
+    #[serde(default = "defaults::max_replay_bytes")]
+    pub max_replay_bytes: usize,
+    /// Outbound: a bulkhead around each upstream, across all its methods.
+    #[serde(default)]
+    pub upstream_concurrency: Option<ConcurrencyPolicy>,
+    /// Inbound: a bulkhead for each caller identity, across all methods.
+    #[serde(default)]
+    pub caller_concurrency: Option<ConcurrencyPolicy>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            defaults: PolicyFields::default(),
+            methods: BTreeMap::new(),
+            min_budget: defaults::min_budget(),
+            retry_budget: RetryBudgetConfig::default(),
+            max_replay_bytes: defaults::max_replay_bytes(),
+            upstream_concurrency: None,
+            caller_concurrency: None,
+        }
+    }
+}
+
+/// Retries may add at most `ratio` of the calls, plus `min_per_second`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    #[serde(default = "defaults::retry_ratio")]
+    pub ratio: f64,
+    #[serde(default = "defaults::min_retries_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            ratio: defaults::retry_ratio(),
+            min_per_second: defaults::min_retries_per_second(),
+        }
+    }
+}
+
 mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
@@ -158,6 +222,18 @@ mod defaults {
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn min_budget() -> Duration {
+        Duration::from_millis(1)
+    }
+    pub fn max_replay_bytes() -> usize {
+        64 * 1024
+    }
+    pub fn retry_ratio() -> f64 {
+        0.2
+    }
+    pub fn min_retries_per_second() -> u32 {
+        10
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(10)
@@ -221,11 +297,46 @@ impl Config {
                 }
             }
         }
+        self.policy.validate()?;
         if self.contracts.protos.is_empty() && self.contracts.descriptor_sets.is_empty() {
             return Err((
                 "contracts".into(),
                 "name the service contracts: contracts.protos (with contracts.include) or contracts.descriptor_sets"
                     .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PolicyConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        self.defaults.validate().map_err(|e| ("policy.defaults".into(), e))?;
+        for (key, fields) in &self.methods {
+            let at = format!("policy.methods[\"{key}\"]");
+            match MethodPattern::try_from(key.clone()) {
+                Ok(MethodPattern::Service(_) | MethodPattern::Method { .. }) => {}
+                _ => {
+                    return Err((
+                        at,
+                        "key it `pkg.Service/Method` or `pkg.Service/*`; `policy.defaults` covers all".into(),
+                    ));
+                }
+            }
+            fields.validate().map_err(|e| (at, e))?;
+        }
+        for (name, concurrency) in [
+            ("upstream_concurrency", &self.upstream_concurrency),
+            ("caller_concurrency", &self.caller_concurrency),
+        ] {
+            if let Some(concurrency) = concurrency {
+                concurrency.validate().map_err(|e| (format!("policy.{name}"), e))?;
+            }
+        }
+        if !(0.0..=10.0).contains(&self.retry_budget.ratio) {
+            return Err((
+                "policy.retry_budget.ratio".into(),
+                "must be between 0 and 10, e.g. 0.2 for 20%".into(),
             ));
         }
         Ok(())

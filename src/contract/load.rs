@@ -8,7 +8,7 @@ use std::sync::Arc;
 use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MethodDescriptor, Value};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 
-use super::{CallShape, Contracts, Idempotency, MethodInfo, MethodPolicy, OPTIONS_PROTO, OPTIONS_PROTO_NAME};
+use super::{CallShape, ContractPolicy, Contracts, Idempotency, MethodInfo, OPTIONS_PROTO, OPTIONS_PROTO_NAME};
 use crate::config::ContractsConfig;
 use crate::pb::protomesh::v1 as pb;
 
@@ -124,7 +124,7 @@ fn method_info(
     let at = |problem: String| ContractError(format!("{file}: {}/{}: {problem}", service.full_name(), method.name()));
     let options = method.options();
     let method_policy = policy_option(&options, method_ext).map_err(at)?;
-    let policy = MethodPolicy::from_options(method_policy.as_ref(), service_policy).map_err(at)?;
+    let contract = ContractPolicy::from_options(method_policy.as_ref(), service_policy).map_err(at)?;
     let idempotency = match options.get_field_by_name("idempotency_level").as_deref() {
         Some(Value::EnumNumber(1)) => Idempotency::NoSideEffects,
         Some(Value::EnumNumber(2)) => Idempotency::Idempotent,
@@ -142,7 +142,7 @@ fn method_info(
         path,
         shape,
         idempotency,
-        policy,
+        contract,
         file,
     })
 }
@@ -167,7 +167,7 @@ fn policy_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Result<
 mod tests {
     use super::*;
     use crate::config::ContractMode;
-    use crate::contract::Source;
+    use crate::policy::method::Source;
     use std::time::Duration;
 
     fn config(protos: &[&str], include: &[&Path]) -> ContractsConfig {
@@ -193,10 +193,11 @@ mod tests {
         let get = contracts.method("/shop.v1.Inventory/GetStock").unwrap();
         assert_eq!(get.shape, CallShape::Unary);
         assert_eq!(get.idempotency, Idempotency::NoSideEffects);
-        assert_eq!(get.policy.timeout.as_ref().unwrap().value, Duration::from_millis(250));
-        assert_eq!(get.policy.retry.as_ref().unwrap().value.max_attempts, 3);
+        let method = get.contract.method.as_ref().unwrap();
+        assert_eq!(method.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(method.retry.as_ref().unwrap().max_attempts, 3);
         assert_eq!(
-            get.policy.allowed_callers.as_ref().unwrap().source,
+            get.contract.allowed_callers.as_ref().unwrap().source,
             Source::ServiceOption
         );
         assert_eq!(
@@ -211,16 +212,11 @@ mod tests {
             contracts.method("/shop.v1.Pricing/Quote").unwrap().shape,
             CallShape::BidiStreaming
         );
+        let unary = contracts.method("/echo.v1.Echo/Unary").unwrap();
+        assert!(unary.contract.method.is_none());
         assert_eq!(
-            contracts
-                .method("/echo.v1.Echo/Unary")
-                .unwrap()
-                .policy
-                .timeout
-                .as_ref()
-                .unwrap()
-                .source,
-            Source::ServiceOption
+            unary.contract.service.as_ref().unwrap().timeout,
+            Some(Duration::from_secs(30))
         );
         assert!(contracts.method("/shop.v1.Inventory/Nope").is_none());
         assert!(contracts.has_service("shop.v1.Checkout"));
@@ -246,7 +242,17 @@ mod tests {
         let contracts = load(&config(&["clock.proto"], &[dir.path()])).unwrap();
         let now = contracts.method("/clock.v1.Clock/Now").unwrap();
         assert_eq!(now.idempotency, Idempotency::Idempotent);
-        assert_eq!(now.policy.concurrency.as_ref().unwrap().value.max_in_flight, 4);
+        assert_eq!(
+            now.contract
+                .method
+                .as_ref()
+                .unwrap()
+                .concurrency
+                .as_ref()
+                .unwrap()
+                .max_in_flight,
+            4
+        );
     }
 
     #[test]
@@ -261,7 +267,10 @@ mod tests {
         from_set.descriptor_sets = vec![set];
         let contracts = load(&from_set).unwrap();
         let get = contracts.method("/shop.v1.Inventory/GetStock").unwrap();
-        assert_eq!(get.policy.timeout.as_ref().unwrap().value, Duration::from_millis(250));
+        assert_eq!(
+            get.contract.method.as_ref().unwrap().timeout,
+            Some(Duration::from_millis(250))
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use load::ContractError;
-pub use options::{ConcurrencyPolicy, MethodPolicy, RetryPolicy, Source, Sourced};
+pub use options::ContractPolicy;
 
 /// The source of `proto/protomesh/v1/options.proto`, built in so that every
 /// contract can import it without shipping a copy.
@@ -52,7 +52,8 @@ pub struct MethodInfo {
     pub path: String,
     pub shape: CallShape,
     pub idempotency: Idempotency,
-    pub policy: MethodPolicy,
+    /// The policy its contract states; see `policy::method` for the effective one.
+    pub contract: ContractPolicy,
     /// The contract file that declares the method.
     pub file: String,
 }

@@ -1,109 +1,52 @@
 //! Policy read from the contract: the `(protomesh.v1.method)` and
-//! `(protomesh.v1.service)` options, each field validated and tagged with the
-//! option that set it.
+//! `(protomesh.v1.service)` options, validated into the same fields the
+//! config file uses.
 
-use std::fmt;
 use std::time::Duration;
 
 use crate::config::duration;
 use crate::grpc::Code;
 use crate::pb::protomesh::v1 as pb;
 use crate::policy::authz::CallerPattern;
+use crate::policy::method::{ConcurrencyPolicy, PolicyFields, RetryPolicy, Source, Sourced};
 
-/// Where a policy field's value came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    MethodOption,
-    ServiceOption,
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Source::MethodOption => "(protomesh.v1.method)",
-            Source::ServiceOption => "(protomesh.v1.service)",
-        })
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sourced<T> {
-    pub value: T,
-    pub source: Source,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub retryable_codes: Vec<Code>,
-    pub initial_backoff: Option<Duration>,
-    pub max_backoff: Option<Duration>,
-    pub backoff_multiplier: Option<f64>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ConcurrencyPolicy {
-    pub max_in_flight: u32,
-    pub max_queue: u32,
-    pub queue_timeout: Option<Duration>,
-}
-
-/// A method's policy as its contract states it; a field is `None` where
-/// neither the method nor its service sets it.
+/// What a method's contract says of its policy.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct MethodPolicy {
-    pub timeout: Option<Sourced<Duration>>,
-    pub idle_timeout: Option<Sourced<Duration>>,
-    pub stream_timeout: Option<Sourced<Duration>>,
-    pub retry: Option<Sourced<RetryPolicy>>,
-    pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
+pub struct ContractPolicy {
+    pub method: Option<PolicyFields>,
+    pub service: Option<PolicyFields>,
+    /// From the method's option, or else its service's.
     pub allowed_callers: Option<Sourced<Vec<CallerPattern>>>,
 }
 
-impl MethodPolicy {
-    /// Merges the method's option over its service's, field by field.
+impl ContractPolicy {
     /// Errors name the option and field, e.g. `(protomesh.v1.method).timeout: ...`.
-    pub fn from_options(method: Option<&pb::Policy>, service: Option<&pb::Policy>) -> Result<MethodPolicy, String> {
-        let layers = [(method, Source::MethodOption), (service, Source::ServiceOption)];
-        let layers = layers.iter().filter_map(|(p, s)| p.map(|p| (p, *s)));
-        let mut policy = MethodPolicy::default();
-        for (option, source) in layers {
-            let field = |name: &str, problem: String| format!("{source}.{name}: {problem}");
-            let sourced = |value| Some(Sourced { value, source });
-            if policy.timeout.is_none() && !option.timeout.is_empty() {
-                policy.timeout = sourced(duration::parse(&option.timeout).map_err(|e| field("timeout", e))?);
-            }
-            if policy.idle_timeout.is_none() && !option.idle_timeout.is_empty() {
-                policy.idle_timeout =
-                    sourced(duration::parse(&option.idle_timeout).map_err(|e| field("idle_timeout", e))?);
-            }
-            if policy.stream_timeout.is_none() && !option.stream_timeout.is_empty() {
-                policy.stream_timeout =
-                    sourced(duration::parse(&option.stream_timeout).map_err(|e| field("stream_timeout", e))?);
-            }
-            if let (None, Some(retry)) = (&policy.retry, &option.retry) {
-                policy.retry = Some(Sourced {
-                    value: retry_policy(retry).map_err(|e| field("retry", e))?,
-                    source,
-                });
-            }
-            if let (None, Some(concurrency)) = (&policy.concurrency, &option.concurrency) {
-                policy.concurrency = Some(Sourced {
-                    value: concurrency_policy(concurrency).map_err(|e| field("concurrency", e))?,
-                    source,
-                });
-            }
-            if policy.allowed_callers.is_none() && !option.allowed_callers.is_empty() {
-                let callers = option
-                    .allowed_callers
-                    .iter()
-                    .map(|c| CallerPattern::try_from(c.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| field("allowed_callers", e))?;
-                policy.allowed_callers = Some(Sourced { value: callers, source });
-            }
-        }
-        Ok(policy)
+    pub fn from_options(method: Option<&pb::Policy>, service: Option<&pb::Policy>) -> Result<ContractPolicy, String> {
+        let fields = |option: Option<&pb::Policy>, source: Source| {
+            option
+                .map(|o| policy_fields(o).map_err(|e| format!("{source}.{e}")))
+                .transpose()
+        };
+        let callers = |option: Option<&pb::Policy>, source: Source| -> Result<_, String> {
+            let Some(option) = option.filter(|o| !o.allowed_callers.is_empty()) else {
+                return Ok(None);
+            };
+            let value = option
+                .allowed_callers
+                .iter()
+                .map(|c| CallerPattern::try_from(c.clone()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{source}.allowed_callers: {e}"))?;
+            Ok(Some(Sourced { value, source }))
+        };
+        Ok(ContractPolicy {
+            method: fields(method, Source::MethodOption)?,
+            service: fields(service, Source::ServiceOption)?,
+            allowed_callers: match callers(method, Source::MethodOption)? {
+                Some(callers) => Some(callers),
+                None => callers(service, Source::ServiceOption)?,
+            },
+        })
     }
 }
 
@@ -114,48 +57,54 @@ fn optional_duration(text: &str, name: &str) -> Result<Option<Duration>, String>
     duration::parse(text).map(Some).map_err(|e| format!("{name}: {e}"))
 }
 
+fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
+    let fields = PolicyFields {
+        timeout: optional_duration(&option.timeout, "timeout")?,
+        idle_timeout: optional_duration(&option.idle_timeout, "idle_timeout")?,
+        stream_timeout: optional_duration(&option.stream_timeout, "stream_timeout")?,
+        retry: option.retry.as_ref().map(retry_policy).transpose()?,
+        concurrency: option.concurrency.as_ref().map(concurrency_policy).transpose()?,
+    };
+    fields.validate()?;
+    Ok(fields)
+}
+
 fn retry_policy(retry: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
-    if retry.max_attempts < 2 {
-        return Err(format!(
-            "max_attempts: {} allows no retry; it counts the first attempt too, so set 2 or more",
-            retry.max_attempts
-        ));
-    }
-    if retry.retryable_codes.is_empty() {
-        return Err("retryable_codes: list at least one status code, e.g. \"UNAVAILABLE\"".into());
-    }
     let retryable_codes = retry
         .retryable_codes
         .iter()
         .map(|name| {
             Code::from_name(name).ok_or_else(|| {
                 format!(
-                    "retryable_codes: `{name}` is not a gRPC status code; use one of {}",
+                    "retry.retryable_codes: `{name}` is not a gRPC status code; use one of {}",
                     Code::names().collect::<Vec<_>>().join(", ")
                 )
             })
         })
         .collect::<Result<_, _>>()?;
-    if retry.backoff_multiplier < 0.0 || retry.backoff_multiplier.is_nan() {
-        return Err("backoff_multiplier: must be a positive number".into());
-    }
+    let defaults = RetryPolicy::new(retry.max_attempts, retryable_codes);
+    let backoff = |text: &str, name: &str, default| -> Result<Duration, String> {
+        Ok(optional_duration(text, &format!("retry.{name}"))?.unwrap_or(default))
+    };
     Ok(RetryPolicy {
-        max_attempts: retry.max_attempts,
-        retryable_codes,
-        initial_backoff: optional_duration(&retry.initial_backoff, "initial_backoff")?,
-        max_backoff: optional_duration(&retry.max_backoff, "max_backoff")?,
-        backoff_multiplier: (retry.backoff_multiplier > 0.0).then_some(retry.backoff_multiplier),
+        initial_backoff: backoff(&retry.initial_backoff, "initial_backoff", defaults.initial_backoff)?,
+        max_backoff: backoff(&retry.max_backoff, "max_backoff", defaults.max_backoff)?,
+        backoff_multiplier: if retry.backoff_multiplier == 0.0 {
+            defaults.backoff_multiplier
+        } else {
+            retry.backoff_multiplier
+        },
+        ..defaults
     })
 }
 
 fn concurrency_policy(concurrency: &pb::ConcurrencyPolicy) -> Result<ConcurrencyPolicy, String> {
-    if concurrency.max_in_flight == 0 {
-        return Err("max_in_flight: must be at least 1".into());
-    }
+    let defaults = ConcurrencyPolicy::new(concurrency.max_in_flight);
     Ok(ConcurrencyPolicy {
-        max_in_flight: concurrency.max_in_flight,
         max_queue: concurrency.max_queue,
-        queue_timeout: optional_duration(&concurrency.queue_timeout, "queue_timeout")?,
+        queue_timeout: optional_duration(&concurrency.queue_timeout, "concurrency.queue_timeout")?
+            .unwrap_or(defaults.queue_timeout),
+        ..defaults
     })
 }
 
@@ -164,10 +113,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn method_options_win_field_by_field_over_service_options() {
+    fn reads_both_options_and_takes_the_methods_allowed_callers_first() {
         let service = pb::Policy {
             timeout: "2s".into(),
-            idle_timeout: "30s".into(),
             allowed_callers: vec!["spiffe://td/*".into()],
             ..Default::default()
         };
@@ -175,17 +123,32 @@ mod tests {
             timeout: "250ms".into(),
             ..Default::default()
         };
-        let policy = MethodPolicy::from_options(Some(&method), Some(&service)).unwrap();
+        let policy = ContractPolicy::from_options(Some(&method), Some(&service)).unwrap();
+        assert_eq!(policy.method.unwrap().timeout, Some(Duration::from_millis(250)));
+        assert_eq!(policy.service.unwrap().timeout, Some(Duration::from_secs(2)));
+        assert_eq!(policy.allowed_callers.unwrap().source, Source::ServiceOption);
+    }
+
+    #[test]
+    fn unset_backoff_takes_the_defaults() {
+        let method = pb::Policy {
+            retry: Some(pb::RetryPolicy {
+                max_attempts: 3,
+                retryable_codes: vec!["UNAVAILABLE".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let retry = ContractPolicy::from_options(Some(&method), None)
+            .unwrap()
+            .method
+            .unwrap()
+            .retry
+            .unwrap();
         assert_eq!(
-            policy.timeout,
-            Some(Sourced {
-                value: Duration::from_millis(250),
-                source: Source::MethodOption
-            })
+            (retry.initial_backoff, retry.backoff_multiplier),
+            (Duration::from_millis(25), 2.0)
         );
-        assert_eq!(policy.idle_timeout.unwrap().source, Source::ServiceOption);
-        assert_eq!(policy.allowed_callers.unwrap().value.len(), 1);
-        assert!(policy.retry.is_none());
     }
 
     #[test]
@@ -198,9 +161,9 @@ mod tests {
             }),
             ..Default::default()
         };
-        let err = MethodPolicy::from_options(Some(&method), None).unwrap_err();
+        let err = ContractPolicy::from_options(Some(&method), None).unwrap_err();
         assert!(
-            err.starts_with("(protomesh.v1.method).retry: retryable_codes: `UNAVAIL`"),
+            err.starts_with("(protomesh.v1.method).retry.retryable_codes: `UNAVAIL`"),
             "{err}"
         );
         assert!(err.contains("UNAVAILABLE"), "{err}");
@@ -209,21 +172,17 @@ mod tests {
             timeout: "1 sec".into(),
             ..Default::default()
         };
-        let err = MethodPolicy::from_options(None, Some(&service)).unwrap_err();
+        let err = ContractPolicy::from_options(None, Some(&service)).unwrap_err();
         assert!(err.starts_with("(protomesh.v1.service).timeout:"), "{err}");
 
-        let one_attempt = pb::Policy {
+        let no_codes = pb::Policy {
             retry: Some(pb::RetryPolicy {
-                max_attempts: 1,
-                retryable_codes: vec!["UNAVAILABLE".into()],
+                max_attempts: 3,
                 ..Default::default()
             }),
             ..Default::default()
         };
-        assert!(
-            MethodPolicy::from_options(Some(&one_attempt), None)
-                .unwrap_err()
-                .contains("2 or more")
-        );
+        let err = ContractPolicy::from_options(Some(&no_codes), None).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes"), "{err}");
     }
 }

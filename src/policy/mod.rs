@@ -2,3 +2,4 @@
 //! path does no parsing and no allocation to reach a decision.
 
 pub mod authz;
+pub mod method;

@@ -18,9 +18,10 @@ use super::endpoint::Endpoint;
 use super::error::{ProxyError, ResponseBody};
 use super::server::PeerInfo;
 use crate::config::{AuthorizationConfig, ContractMode};
-use crate::contract::{Contracts, MethodInfo, Source};
+use crate::contract::{Contracts, MethodInfo};
 use crate::grpc::split_path;
 use crate::policy::authz::{MethodAuthz, MethodPattern, Rule};
+use crate::policy::method::Source;
 
 pub const CALLER_ID_HEADER: HeaderName = HeaderName::from_static("protomesh-caller-id");
 
@@ -52,10 +53,11 @@ impl InboundRoutes {
         let by_path = contracts
             .methods()
             .map(|method| {
-                let contract_rule = method.policy.allowed_callers.as_ref().map(|callers| {
-                    let owner = match callers.source {
-                        Source::ServiceOption => &method.service,
-                        Source::MethodOption => &method.path,
+                let contract_rule = method.contract.allowed_callers.as_ref().map(|callers| {
+                    let owner = if callers.source == Source::ServiceOption {
+                        &method.service
+                    } else {
+                        &method.path
                     };
                     Arc::new(Rule {
                         name: format!("allowed_callers in {} of {owner}", callers.source),
