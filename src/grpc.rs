@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
-use http_body_util::Empty;
+use http::{HeaderMap, HeaderValue};
 
 /// The canonical gRPC status codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,20 +132,18 @@ pub fn encode_timeout(timeout: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a unit letter are a valid header")
 }
 
-/// A trailers-only response: HTTP 200 and a single HEADERS frame carrying
-/// `grpc-status` and `grpc-message`, which every gRPC client reads as the
-/// call's final status.
-pub fn status_response(code: Code, message: &str) -> Response<Empty<Bytes>> {
+/// The headers of a gRPC status: `grpc-status` and a percent-encoded
+/// `grpc-message`. Sent alone with HTTP 200 they are a trailers-only
+/// response, which every gRPC client reads as the call's final status; at the
+/// end of a stream they are its trailers.
+pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(3);
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert("grpc-status", code.header_value());
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
         headers.insert("grpc-message", value);
     }
-    let mut response = Response::new(Empty::new());
-    *response.status_mut() = StatusCode::OK;
-    *response.headers_mut() = headers;
-    response
+    headers
 }
 
 /// `grpc-message` is percent-encoded: bytes outside printable ASCII, and `%`.
@@ -238,10 +234,8 @@ mod tests {
     }
 
     #[test]
-    fn status_response_is_trailers_only_and_encodes_the_message() {
-        let response = status_response(Code::PermissionDenied, "rule \"x\" denies 100%\n");
-        assert_eq!(response.status(), StatusCode::OK);
-        let headers = response.headers();
+    fn status_headers_encode_the_message() {
+        let headers = status_headers(Code::PermissionDenied, "rule \"x\" denies 100%\n");
         assert_eq!(headers["content-type"], "application/grpc");
         assert_eq!(headers["grpc-status"], "7");
         assert_eq!(headers["grpc-message"], "rule \"x\" denies 100%25%0A");

@@ -151,7 +151,7 @@ pub struct AuthorizationRule {
     pub callers: Vec<CallerPattern>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Policy for every method that neither its contract nor an override sets.
@@ -192,7 +192,7 @@ impl Default for PolicyConfig {
 }
 
 /// Retries may add at most `ratio` of the calls, plus `min_per_second`.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudgetConfig {
     #[serde(default = "defaults::retry_ratio")]

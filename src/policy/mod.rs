@@ -1,5 +1,83 @@
-//! Per-call policies. Each decides from precomputed per-method data, so the hot
-//! path does no parsing and no allocation to reach a decision.
+//! Per-call policies, each a tower layer in its own file. Each decides from
+//! data resolved once per method and direction ([`CallPolicy`]), which the
+//! admission layer hands down in the request's [`CallContext`].
 
 pub mod authz;
+pub mod bulkhead;
+pub mod deadline;
 pub mod method;
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::config::PolicyConfig;
+use crate::contract::{CallShape, MethodInfo};
+use bulkhead::Bulkhead;
+use method::MethodPolicy;
+
+/// A method's policy in one direction, with the state that enforces it.
+#[derive(Debug)]
+pub struct CallPolicy {
+    /// `/pkg.Service/Method`.
+    pub path: Arc<str>,
+    /// `None` for a method outside the contracts (permissive mode).
+    pub shape: Option<CallShape>,
+    pub policy: MethodPolicy,
+    pub bulkhead: Option<Arc<Bulkhead>>,
+}
+
+impl CallPolicy {
+    pub fn new(service: &str, method: &str, info: Option<&MethodInfo>, config: &PolicyConfig) -> CallPolicy {
+        let path: Arc<str> = format!("/{service}/{method}").into();
+        let policy = MethodPolicy::resolve(service, method, info, config);
+        let bulkhead = policy
+            .concurrency
+            .as_ref()
+            .map(|c| Arc::new(Bulkhead::new(format!("method {path} ({})", c.source), &c.value)));
+        CallPolicy {
+            path,
+            shape: info.map(|i| i.shape),
+            policy,
+            bulkhead,
+        }
+    }
+
+    /// For a call to a method outside the contracts (permissive mode): its
+    /// service's override and the defaults apply, but no method bulkhead, as
+    /// one cannot be kept for every path a peer might send.
+    pub fn outside_contracts(service: &str, method: &str, config: &PolicyConfig) -> CallPolicy {
+        CallPolicy {
+            bulkhead: None,
+            ..CallPolicy::new(service, method, None, config)
+        }
+    }
+}
+
+/// What the layers know of one call: set by admission, read and extended below it.
+#[derive(Clone, Debug)]
+pub struct CallContext {
+    pub policy: Arc<CallPolicy>,
+    /// A bulkhead beyond the method's: the upstream's (outbound) or the caller's (inbound).
+    pub shared_bulkhead: Option<Arc<Bulkhead>>,
+    /// When the call must be over, if it has a deadline.
+    pub deadline: Option<Instant>,
+}
+
+impl CallContext {
+    pub fn new(policy: Arc<CallPolicy>, shared_bulkhead: Option<Arc<Bulkhead>>) -> CallContext {
+        CallContext {
+            policy,
+            shared_bulkhead,
+            deadline: None,
+        }
+    }
+
+    /// The context admission put on the request; every stack begins with admission.
+    pub fn of<B>(request: &http::Request<B>) -> &CallContext {
+        request
+            .extensions()
+            .get::<CallContext>()
+            .expect("admission sets the call context first")
+    }
+}

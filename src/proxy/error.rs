@@ -1,28 +1,25 @@
 //! What can go wrong on a call, typed, and the one place that turns it into
 //! the gRPC status the caller sees.
 
-use std::fmt;
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use std::convert::Infallible;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
+use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
 use tower::Service;
 
+pub use super::body::ResponseBody;
 use crate::grpc::{self, Code};
 use crate::identity::{IdentityMismatch, SpiffeId};
 use crate::policy::authz::Denial;
-
-/// What the listeners send back: the peer's streamed body, or nothing after a
-/// trailers-only status from the sidecar itself.
-pub type ResponseBody = Either<Incoming, Empty<Bytes>>;
+use crate::policy::deadline::DeadlineOrigin;
+use crate::policy::method::Source;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -94,6 +91,28 @@ pub enum ProxyError {
         path: String,
         denial: Denial,
     },
+    MalformedTimeout {
+        value: String,
+    },
+    BudgetTooSmall {
+        budget: Duration,
+        floor: Duration,
+        origin: DeadlineOrigin,
+    },
+    DeadlineExceeded {
+        budget: Duration,
+        origin: DeadlineOrigin,
+    },
+    IdleTimeout {
+        after: Duration,
+        source: Source,
+    },
+    /// A bulkhead refused the call; `pushback` is the advice to the client.
+    Overloaded {
+        bulkhead: String,
+        why: String,
+        pushback: Duration,
+    },
 }
 
 /// Who the sidecar was talking to when a call failed.
@@ -125,14 +144,27 @@ impl ProxyError {
             },
             ProxyError::NoCallerIdentity => Code::Unauthenticated,
             ProxyError::Denied { .. } => Code::PermissionDenied,
+            ProxyError::MalformedTimeout { .. } => Code::Internal,
+            ProxyError::BudgetTooSmall { .. }
+            | ProxyError::DeadlineExceeded { .. }
+            | ProxyError::IdleTimeout { .. } => Code::DeadlineExceeded,
+            ProxyError::Overloaded { .. } => Code::ResourceExhausted,
         }
     }
 
-    /// The status answered to the caller, its message prefixed with the
-    /// sidecar direction so that the caller can tell which sidecar acted.
+    /// The trailers-only status answered to the caller, its message prefixed
+    /// with the sidecar direction so that the caller can tell which sidecar acted.
     pub fn into_response(self, direction: Direction) -> Response<ResponseBody> {
         let message = format!("protomesh {direction}: {self}");
-        grpc::status_response(self.code(), &message).map(Either::Right)
+        let mut response = Response::new(ResponseBody::empty());
+        *response.headers_mut() = grpc::status_headers(self.code(), &message);
+        if let ProxyError::Overloaded { pushback, .. } = &self {
+            let millis = u64::try_from(pushback.as_millis()).unwrap_or(u64::MAX);
+            response
+                .headers_mut()
+                .insert("grpc-retry-pushback-ms", HeaderValue::from(millis));
+        }
+        response
     }
 }
 
@@ -229,9 +261,22 @@ impl fmt::Display for ProxyError {
             ProxyError::NoCallerIdentity => {
                 f.write_str("the client certificate carries no SPIFFE ID (URI SAN spiffe://...)")
             }
-            ProxyError::Denied { caller, path, denial } => {
-                write!(f, "caller {caller} may not call {path}: {denial}")
+            ProxyError::Denied { caller, path, denial } => write!(f, "caller {caller} may not call {path}: {denial}"),
+            ProxyError::MalformedTimeout { value } => write!(
+                f,
+                "malformed grpc-timeout header `{value}`: expected 1 to 8 digits and a unit (H, M, S, m, u, n)"
+            ),
+            ProxyError::BudgetTooSmall { budget, floor, origin } => {
+                write!(
+                    f,
+                    "deadline budget {budget:?} ({origin}) is below policy.min_budget {floor:?}"
+                )
             }
+            ProxyError::DeadlineExceeded { budget, origin } => write!(f, "deadline of {budget:?} ({origin}) exceeded"),
+            ProxyError::IdleTimeout { after, source } => {
+                write!(f, "no response message for {after:?} (idle_timeout from {source})")
+            }
+            ProxyError::Overloaded { bulkhead, why, .. } => write!(f, "bulkhead {bulkhead} is full: {why}"),
         }
     }
 }

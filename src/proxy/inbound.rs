@@ -4,12 +4,11 @@
 //! `protomesh-caller-id` header, which the sidecar always overwrites.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::Service;
 
@@ -17,16 +16,19 @@ use super::admit::Admission;
 use super::endpoint::Endpoint;
 use super::error::{ProxyError, ResponseBody};
 use super::server::PeerInfo;
-use crate::config::{AuthorizationConfig, ContractMode};
-use crate::contract::{Contracts, MethodInfo};
+use crate::config::{AuthorizationConfig, ContractMode, PolicyConfig};
+use crate::contract::Contracts;
 use crate::grpc::split_path;
+use crate::identity::SpiffeId;
 use crate::policy::authz::{MethodAuthz, MethodPattern, Rule};
+use crate::policy::bulkhead::Bulkhead;
 use crate::policy::method::Source;
+use crate::policy::{CallContext, CallPolicy};
 
 pub const CALLER_ID_HEADER: HeaderName = HeaderName::from_static("protomesh-caller-id");
 
 pub struct InboundRoute {
-    pub method: Option<Arc<MethodInfo>>,
+    pub policy: Arc<CallPolicy>,
     pub authz: MethodAuthz,
 }
 
@@ -35,10 +37,18 @@ pub struct InboundRoutes {
     rules: Vec<Arc<Rule>>,
     authorization: crate::config::DefaultAuthorization,
     mode: ContractMode,
+    policy: Arc<PolicyConfig>,
+    /// One bulkhead per caller identity, when `policy.caller_concurrency` is set.
+    caller_bulkheads: Mutex<HashMap<SpiffeId, Arc<Bulkhead>>>,
 }
 
 impl InboundRoutes {
-    pub fn new(contracts: &Contracts, mode: ContractMode, authorization: &AuthorizationConfig) -> Self {
+    pub fn new(
+        contracts: &Contracts,
+        mode: ContractMode,
+        authorization: &AuthorizationConfig,
+        policy: Arc<PolicyConfig>,
+    ) -> Self {
         let rules: Vec<Arc<Rule>> = authorization
             .rules
             .iter()
@@ -72,12 +82,10 @@ impl InboundRoutes {
                     &method.method,
                     contract_rule,
                 );
+                let policy = Arc::new(CallPolicy::new(&method.service, &method.method, Some(method), &policy));
                 (
                     method.path.clone().into_boxed_str(),
-                    Arc::new(InboundRoute {
-                        method: Some(method.clone()),
-                        authz,
-                    }),
+                    Arc::new(InboundRoute { policy, authz }),
                 )
             })
             .collect();
@@ -86,7 +94,22 @@ impl InboundRoutes {
             rules,
             authorization: authorization.default,
             mode,
+            policy,
+            caller_bulkheads: Mutex::default(),
         }
+    }
+
+    /// The bulkhead shared by all of one caller's calls, made on its first connection.
+    fn caller_bulkhead(&self, caller: &SpiffeId) -> Option<Arc<Bulkhead>> {
+        let limits = self.policy.caller_concurrency.as_ref()?;
+        let mut bulkheads = self.caller_bulkheads.lock().expect("caller bulkheads lock");
+        let bulkhead = bulkheads.entry(caller.clone()).or_insert_with(|| {
+            Arc::new(Bulkhead::new(
+                format!("caller {caller} (config policy.caller_concurrency)"),
+                limits,
+            ))
+        });
+        Some(bulkhead.clone())
     }
 
     /// A precomputed route, or in permissive mode one resolved for this call.
@@ -98,7 +121,7 @@ impl InboundRoutes {
         match self.mode {
             ContractMode::Strict => Err(ProxyError::UnknownMethod { path: path.to_string() }),
             ContractMode::Permissive => Ok(Arc::new(InboundRoute {
-                method: None,
+                policy: Arc::new(CallPolicy::outside_contracts(service, method, &self.policy)),
                 authz: MethodAuthz::resolve(&self.rules, self.authorization, service, method, None),
             })),
         }
@@ -110,7 +133,8 @@ impl InboundRoutes {
 #[derive(Clone)]
 pub struct AuthorizeInbound {
     routes: Arc<InboundRoutes>,
-    caller: Option<(crate::identity::SpiffeId, HeaderValue)>,
+    caller: Option<(SpiffeId, HeaderValue)>,
+    caller_bulkhead: Option<Arc<Bulkhead>>,
 }
 
 impl AuthorizeInbound {
@@ -119,7 +143,12 @@ impl AuthorizeInbound {
             .identity
             .clone()
             .and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| (id, header)));
-        AuthorizeInbound { routes, caller }
+        let caller_bulkhead = caller.as_ref().and_then(|(id, _)| routes.caller_bulkhead(id));
+        AuthorizeInbound {
+            routes,
+            caller,
+            caller_bulkhead,
+        }
     }
 }
 
@@ -134,7 +163,9 @@ impl Admission for AuthorizeInbound {
             denial,
         })?;
         request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
-        request.extensions_mut().insert(route);
+        request
+            .extensions_mut()
+            .insert(CallContext::new(route.policy.clone(), self.caller_bulkhead.clone()));
         Ok(())
     }
 }
@@ -160,8 +191,9 @@ impl Service<Request<Incoming>> for ForwardToApp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
-        Box::pin(async move { Ok(app.send(request).await?.map(Either::Left)) })
+        super::forward_remaining_budget(&mut request);
+        Box::pin(async move { Ok(app.send(request).await?.map(ResponseBody::streamed)) })
     }
 }

@@ -2,11 +2,14 @@
 //! composed here so that the path of a call reads top to bottom.
 //!
 //! outbound: plaintext h2 listener → errors as gRPC status → route by `:path`
+//!           → deadline → bulkheads (method, upstream)
 //!           → upstream (round-robin endpoint) → pooled mTLS h2 connection
 //! inbound:  mTLS h2 listener (client cert required) → errors as gRPC status
-//!           → caller identity + authorization → local app h2 connection
+//!           → caller identity + authorization → deadline
+//!           → bulkheads (method, caller) → local app h2 connection
 
 mod admit;
+pub mod body;
 pub mod discovery;
 mod endpoint;
 pub mod error;
@@ -19,20 +22,73 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tower::{Service, ServiceBuilder};
 
 use crate::config::Config;
 use crate::contract::Contracts;
 use crate::identity::Identity;
+use crate::policy::CallContext;
+use crate::policy::bulkhead::Bulkheads;
+use crate::policy::deadline::Deadlines;
 use admit::Admit;
 use endpoint::{Endpoint, Transport};
-use error::{AnswerErrors, Direction, Target};
+use error::{AnswerErrors, Direction, ResponseBody, Target};
 use inbound::{AuthorizeInbound, ForwardToApp, InboundRoutes};
 use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
 use upstream::Upstream;
+
+/// A call from the local app, top to bottom.
+fn outbound_stack(routes: Arc<OutboundRoutes>, min_budget: Duration) -> impl Stack {
+    ServiceBuilder::new()
+        .layer_fn(|inner| AnswerErrors::new(Direction::Outbound, inner))
+        .layer_fn(|inner| Admit::new(routes.clone(), inner))
+        .layer_fn(|inner| Deadlines::new(min_budget, Direction::Outbound, inner))
+        .layer_fn(Bulkheads::new)
+        .service(ForwardToUpstream)
+}
+
+/// A call from a peer sidecar on one connection, top to bottom.
+fn inbound_stack(authorize: AuthorizeInbound, app: Arc<Endpoint>, min_budget: Duration) -> impl Stack {
+    ServiceBuilder::new()
+        .layer_fn(|inner| AnswerErrors::new(Direction::Inbound, inner))
+        .layer_fn(|inner| Admit::new(authorize.clone(), inner))
+        .layer_fn(|inner| Deadlines::new(min_budget, Direction::Inbound, inner))
+        .layer_fn(Bulkheads::new)
+        .service(ForwardToApp::new(app))
+}
+
+/// What a listener serves: a whole stack, answering every call.
+trait Stack:
+    Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+}
+
+impl<S> Stack for S where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Writes the call's remaining deadline budget as `grpc-timeout`, just before
+/// the call leaves this sidecar.
+fn forward_remaining_budget(request: &mut Request<Incoming>) {
+    if let Some(deadline) = CallContext::of(request).deadline {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        request
+            .headers_mut()
+            .insert("grpc-timeout", crate::grpc::encode_timeout(remaining));
+    }
+}
 
 /// A running sidecar. Dropping it leaves the listeners running; call
 /// [`Sidecar::shutdown`] to drain and stop.
@@ -51,14 +107,17 @@ impl Sidecar {
         let identity = Identity::load(&config.identity)?;
         let mut upstreams = Vec::with_capacity(config.outbound.upstreams.len());
         for (i, upstream) in config.outbound.upstreams.iter().enumerate() {
-            let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout)
+            let limits = config.policy.upstream_concurrency.as_ref();
+            let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout, limits)
                 .await
                 .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
             upstreams.push((upstream.services.clone(), started));
         }
+        let policy = Arc::new(config.policy.clone());
         let outbound_routes = Arc::new(OutboundRoutes::new(
             contracts.clone(),
             config.contracts.mode,
+            policy.clone(),
             &upstreams,
         ));
         let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;
@@ -69,6 +128,7 @@ impl Sidecar {
                     &contracts,
                     config.contracts.mode,
                     &inbound.authorization,
+                    policy.clone(),
                 ));
                 let app = Arc::new(Endpoint::new(
                     inbound.app,
@@ -81,6 +141,7 @@ impl Sidecar {
             }
         };
 
+        let min_budget = config.policy.min_budget;
         let (shutdown, stop) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let outbound_addr = local_addr(&outbound_listener)?;
@@ -88,12 +149,7 @@ impl Sidecar {
             outbound_listener,
             Direction::Outbound,
             None,
-            move |_: PeerInfo| {
-                AnswerErrors::new(
-                    Direction::Outbound,
-                    Admit::new(outbound_routes.clone(), ForwardToUpstream),
-                )
-            },
+            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), min_budget),
             stop.clone(),
             drain,
         ));
@@ -106,13 +162,7 @@ impl Sidecar {
                     Direction::Inbound,
                     Some(tls),
                     move |peer: PeerInfo| {
-                        AnswerErrors::new(
-                            Direction::Inbound,
-                            Admit::new(
-                                AuthorizeInbound::new(routes.clone(), &peer),
-                                ForwardToApp::new(app.clone()),
-                            ),
-                        )
+                        inbound_stack(AuthorizeInbound::new(routes.clone(), &peer), app.clone(), min_budget)
                     },
                     stop,
                     drain,

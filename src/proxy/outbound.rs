@@ -1,6 +1,6 @@
 //! Outbound: the local app's plaintext calls, routed by gRPC service to an
-//! upstream and sent over mTLS. The route table is built once at start, so a
-//! call costs one hash lookup on its `:path`.
+//! upstream and sent over mTLS. The route table, with each method's policy,
+//! is built once at start, so a call costs one hash lookup on its `:path`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,59 +8,52 @@ use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::Service;
 
 use super::admit::Admission;
 use super::error::{ProxyError, ResponseBody};
 use super::upstream::Upstream;
-use crate::config::ContractMode;
-use crate::contract::{Contracts, MethodInfo};
+use crate::config::{ContractMode, PolicyConfig};
+use crate::contract::Contracts;
 use crate::grpc::split_path;
+use crate::policy::{CallContext, CallPolicy};
 
-/// Where a call goes, and what the contract says of its method (`None` for
-/// methods outside the contracts in permissive mode).
+/// Where a call goes, and the policy of its method.
 pub struct OutboundRoute {
-    pub method: Option<Arc<MethodInfo>>,
+    pub policy: Arc<CallPolicy>,
     pub upstream: Arc<Upstream>,
 }
 
 pub struct OutboundRoutes {
     by_path: HashMap<Box<str>, Arc<OutboundRoute>>,
-    /// Permissive mode's fallback for methods outside the contracts.
-    by_service: HashMap<Box<str>, Arc<OutboundRoute>>,
+    /// Permissive mode's way for methods outside the contracts.
+    by_service: HashMap<Box<str>, Arc<Upstream>>,
     contracts: Arc<Contracts>,
     mode: ContractMode,
+    policy: Arc<PolicyConfig>,
 }
 
 impl OutboundRoutes {
-    pub fn new(contracts: Arc<Contracts>, mode: ContractMode, upstreams: &[(Vec<String>, Arc<Upstream>)]) -> Self {
-        let upstream_of: HashMap<&str, &Arc<Upstream>> = upstreams
+    pub fn new(
+        contracts: Arc<Contracts>,
+        mode: ContractMode,
+        policy: Arc<PolicyConfig>,
+        upstreams: &[(Vec<String>, Arc<Upstream>)],
+    ) -> Self {
+        let by_service: HashMap<Box<str>, Arc<Upstream>> = upstreams
             .iter()
-            .flat_map(|(services, upstream)| services.iter().map(move |s| (s.as_str(), upstream)))
+            .flat_map(|(services, upstream)| services.iter().map(move |s| (Box::from(s.as_str()), upstream.clone())))
             .collect();
         let by_path = contracts
             .methods()
             .filter_map(|method| {
-                let upstream = upstream_of.get(method.service.as_str())?;
-                let route = OutboundRoute {
-                    method: Some(method.clone()),
-                    upstream: (*upstream).clone(),
-                };
-                Some((method.path.clone().into_boxed_str(), Arc::new(route)))
-            })
-            .collect();
-        let by_service = upstream_of
-            .iter()
-            .map(|(service, upstream)| {
-                (
-                    Box::from(*service),
-                    Arc::new(OutboundRoute {
-                        method: None,
-                        upstream: (*upstream).clone(),
-                    }),
-                )
+                let upstream = by_service.get(method.service.as_str())?.clone();
+                let policy = Arc::new(CallPolicy::new(&method.service, &method.method, Some(method), &policy));
+                Some((
+                    method.path.clone().into_boxed_str(),
+                    Arc::new(OutboundRoute { policy, upstream }),
+                ))
             })
             .collect();
         OutboundRoutes {
@@ -68,20 +61,24 @@ impl OutboundRoutes {
             by_service,
             contracts,
             mode,
+            policy,
         }
     }
 
-    pub fn route(&self, path: &str) -> Result<&Arc<OutboundRoute>, ProxyError> {
+    pub fn route(&self, path: &str) -> Result<Arc<OutboundRoute>, ProxyError> {
         if let Some(route) = self.by_path.get(path) {
-            return Ok(route);
+            return Ok(route.clone());
         }
-        let (service, _) = split_path(path).ok_or_else(|| ProxyError::NotGrpc { path: path.to_string() })?;
+        let (service, method) = split_path(path).ok_or_else(|| ProxyError::NotGrpc { path: path.to_string() })?;
         let known = self.contracts.method(path).is_some();
         if !known && self.mode == ContractMode::Strict {
             return Err(ProxyError::UnknownMethod { path: path.to_string() });
         }
         match self.by_service.get(service) {
-            Some(route) if !known => Ok(route),
+            Some(upstream) if !known => Ok(Arc::new(OutboundRoute {
+                policy: Arc::new(CallPolicy::outside_contracts(service, method, &self.policy)),
+                upstream: upstream.clone(),
+            })),
             _ => Err(ProxyError::NoRoute {
                 service: service.to_string(),
             }),
@@ -89,10 +86,12 @@ impl OutboundRoutes {
     }
 }
 
-/// Finds the call's route and hands it to the layers below in the request's extensions.
+/// Finds the call's route and hands it, with its policy, to the layers below.
 impl Admission for Arc<OutboundRoutes> {
     fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
-        let route = self.route(request.uri().path())?.clone();
+        let route = self.route(request.uri().path())?;
+        let context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone());
+        request.extensions_mut().insert(context);
         request.extensions_mut().insert(route);
         Ok(())
     }
@@ -111,12 +110,13 @@ impl Service<Request<Incoming>> for ForwardToUpstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let route = request.extensions().get::<Arc<OutboundRoute>>().cloned();
-        Box::pin(async move {
-            let route = route.expect("outbound routing runs before ForwardToUpstream");
-            let response = route.upstream.send(request).await?;
-            Ok(response.map(Either::Left))
-        })
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let route = request
+            .extensions()
+            .get::<Arc<OutboundRoute>>()
+            .cloned()
+            .expect("admission routes the call first");
+        super::forward_remaining_budget(&mut request);
+        Box::pin(async move { Ok(route.upstream.send(request).await?.map(ResponseBody::streamed)) })
     }
 }

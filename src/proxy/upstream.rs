@@ -15,11 +15,15 @@ use super::endpoint::{Endpoint, Transport};
 use super::error::{ProxyError, Target};
 use crate::config::UpstreamConfig;
 use crate::identity::{Identity, SpiffeId};
+use crate::policy::bulkhead::Bulkhead;
+use crate::policy::method::ConcurrencyPolicy;
 
 pub struct Upstream {
     /// A label for messages: the endpoints as configured.
     pub name: Arc<str>,
     pub identity: SpiffeId,
+    /// Across all the upstream's methods, when `policy.upstream_concurrency` is set.
+    pub bulkhead: Option<Arc<Bulkhead>>,
     transport: Arc<Transport>,
     connect_timeout: Duration,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
@@ -32,15 +36,24 @@ impl Upstream {
         config: &UpstreamConfig,
         identity: &Identity,
         connect_timeout: Duration,
+        limits: Option<&ConcurrencyPolicy>,
     ) -> Result<Arc<Upstream>, String> {
         let specs: Vec<EndpointSpec> = config
             .endpoints
             .iter()
             .map(|e| discovery::parse_endpoint(e))
             .collect::<Result<_, _>>()?;
+        let name: Arc<str> = config.endpoints.join(",").into();
+        let bulkhead = limits.map(|limits| {
+            Arc::new(Bulkhead::new(
+                format!("upstream {name} (config policy.upstream_concurrency)"),
+                limits,
+            ))
+        });
         let upstream = Arc::new(Upstream {
-            name: config.endpoints.join(",").into(),
+            name,
             identity: config.identity.clone(),
+            bulkhead,
             transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
             connect_timeout,
             endpoints: ArcSwap::from_pointee(Vec::new()),

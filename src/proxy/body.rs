@@ -1,0 +1,144 @@
+//! The response body every listener sends back: the peer's body streamed
+//! frame by frame, or nothing after the sidecar's own trailers-only status.
+//! Policy layers attach to it what must last as long as the call: a deadline
+//! or idle timer that ends the stream with a gRPC status, and bulkhead places.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+
+use super::error::{Direction, ProxyError};
+use crate::grpc;
+
+pub struct ResponseBody {
+    /// `None` once the call ended, or when the sidecar answered itself.
+    inner: Option<Incoming>,
+    deadline: Option<Timer>,
+    idle: Option<(Timer, Duration)>,
+    /// Bulkhead places, released when the call ends.
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// A timer, and the error that ends the call when it fires.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    error: ProxyError,
+    direction: Direction,
+}
+
+impl ResponseBody {
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            inner: None,
+            deadline: None,
+            idle: None,
+            permits: Vec::new(),
+        }
+    }
+
+    pub fn streamed(body: Incoming) -> ResponseBody {
+        ResponseBody {
+            inner: Some(body),
+            ..ResponseBody::empty()
+        }
+    }
+
+    /// At `at`, the stream ends with `error`'s status in its trailers and the
+    /// peer's stream is reset.
+    pub fn end_at(&mut self, at: Instant, error: ProxyError, direction: Direction) {
+        self.deadline = Some(Timer {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            error,
+            direction,
+        });
+    }
+
+    /// Ends the stream with `error` when no data arrives for `after`.
+    pub fn end_when_idle(&mut self, after: Duration, error: ProxyError, direction: Direction) {
+        let sleep = Box::pin(tokio::time::sleep(after));
+        self.idle = Some((
+            Timer {
+                sleep,
+                error,
+                direction,
+            },
+            after,
+        ));
+    }
+
+    pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        self.permits.push(permit);
+    }
+
+    /// Ends the call: the peer's stream is dropped (and so reset if still
+    /// open) and the bulkhead places are released.
+    fn end(&mut self) {
+        self.inner = None;
+        self.deadline = None;
+        self.idle = None;
+        self.permits.clear();
+    }
+}
+
+impl Timer {
+    fn trailers(&self) -> Frame<Bytes> {
+        let message = format!("protomesh {}: {}", self.direction, self.error);
+        Frame::trailers(grpc::status_headers(self.error.code(), &message))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_data()
+                    && let Some((timer, after)) = this.idle.as_mut()
+                {
+                    timer.sleep.as_mut().reset(Instant::now() + *after);
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(end) => {
+                this.end();
+                return Poll::Ready(end);
+            }
+            Poll::Pending => {}
+        }
+        // Nothing from the peer yet: has a timer run out?
+        let expired = [this.deadline.as_mut(), this.idle.as_mut().map(|(timer, _)| timer)]
+            .into_iter()
+            .flatten()
+            .find_map(|timer| timer.sleep.as_mut().poll(cx).is_ready().then(|| timer.trailers()));
+        match expired {
+            Some(trailers) => {
+                this.end();
+                Poll::Ready(Some(Ok(trailers)))
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
