@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
@@ -99,9 +98,10 @@ impl<S> Bulkheads<S> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for Bulkheads<S>
+impl<S, B> Service<Request<B>> for Bulkheads<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
+    B: Send + 'static,
+    S: Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<ResponseBody>;
@@ -112,7 +112,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let context = CallContext::of(&request);
         let bulkheads = [context.policy.bulkhead.clone(), context.shared_bulkhead.clone()];
         if bulkheads.iter().all(Option::is_none) {

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -38,8 +37,8 @@ impl fmt::Display for DeadlineOrigin {
 }
 
 /// The call's budget: the shorter of the caller's and the policy's, if any.
-pub fn budget(
-    request: &Request<Incoming>,
+pub fn budget<B>(
+    request: &Request<B>,
     policy: &MethodPolicy,
 ) -> Result<Option<(Duration, DeadlineOrigin)>, ProxyError> {
     let caller = match request.headers().get("grpc-timeout") {
@@ -87,9 +86,9 @@ impl<S> Deadlines<S> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for Deadlines<S>
+impl<S, B> Service<Request<B>> for Deadlines<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
+    S: Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = Response<ResponseBody>;
@@ -100,7 +99,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let direction = self.direction;
         let policy = CallContext::of(&request).policy.clone();
         let idle = policy.policy.idle_timeout.clone();
@@ -156,5 +155,113 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PolicyConfig;
+    use crate::policy::CallPolicy;
+    use crate::policy::method::PolicyFields;
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    /// A call to `s.S/M` whose policy has `timeout`, with `grpc-timeout` if given.
+    fn call(timeout: Option<u64>, grpc_timeout: Option<&str>) -> Request<()> {
+        let mut config = PolicyConfig::default();
+        let fields = PolicyFields {
+            timeout: timeout.map(Duration::from_millis),
+            ..Default::default()
+        };
+        config.methods.insert("s.S/M".into(), fields);
+        let info = crate::contract::MethodInfo {
+            service: "s.S".into(),
+            method: "M".into(),
+            path: "/s.S/M".into(),
+            shape: crate::contract::CallShape::Unary,
+            idempotency: crate::contract::Idempotency::Unknown,
+            contract: Default::default(),
+            file: "s.proto".into(),
+        };
+        let policy = Arc::new(CallPolicy::new("s.S", "M", Some(&info), &config));
+        let mut request = Request::new(());
+        if let Some(value) = grpc_timeout {
+            request.headers_mut().insert("grpc-timeout", value.parse().unwrap());
+        }
+        request.extensions_mut().insert(CallContext::new(policy, None));
+        request
+    }
+
+    /// A backend that answers after `delay` and reports the deadline it was given.
+    fn backend(
+        delay: Duration,
+    ) -> impl Service<Request<()>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send + 'static> + Clone
+    {
+        tower::service_fn(move |request: Request<()>| async move {
+            let deadline = CallContext::of(&request).deadline;
+            tokio::time::sleep(delay).await;
+            let mut response = Response::new(ResponseBody::empty());
+            response.extensions_mut().insert(deadline);
+            Ok(response)
+        })
+    }
+
+    #[test]
+    fn the_shorter_budget_wins_and_says_where_it_came_from() {
+        let policy = |request: &Request<()>| CallContext::of(request).policy.policy.clone();
+        let request = call(Some(300), Some("10S"));
+        let (budget_, origin) = budget(&request, &policy(&request)).unwrap().unwrap();
+        assert_eq!(budget_, Duration::from_millis(300));
+        assert!(matches!(origin, DeadlineOrigin::Policy { field: "timeout", .. }));
+        let request = call(Some(300), Some("100m"));
+        assert_eq!(
+            budget(&request, &policy(&request)).unwrap(),
+            Some((Duration::from_millis(100), DeadlineOrigin::Caller))
+        );
+        let request = call(None, None);
+        assert_eq!(budget(&request, &policy(&request)).unwrap(), None);
+        let request = call(None, Some("1.5S"));
+        assert!(matches!(
+            budget(&request, &policy(&request)),
+            Err(ProxyError::MalformedTimeout { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_past_its_deadline_is_cut_at_the_deadline() {
+        let layer = Deadlines::new(
+            Duration::from_millis(1),
+            Direction::Outbound,
+            backend(Duration::from_secs(5)),
+        );
+        let started = Instant::now();
+        let error = layer.oneshot(call(Some(250), Some("10S"))).await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(error.code(), grpc::Code::DeadlineExceeded);
+        assert_eq!(
+            error.to_string(),
+            "deadline of 250ms (timeout from config policy.methods[\"s.S/M\"]) exceeded"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_within_its_deadline_passes_the_deadline_down() {
+        let layer = Deadlines::new(
+            Duration::from_millis(1),
+            Direction::Outbound,
+            backend(Duration::from_millis(10)),
+        );
+        let started = Instant::now();
+        let response = layer.oneshot(call(None, Some("2S"))).await.unwrap();
+        let deadline = response.extensions().get::<Option<Instant>>().copied().flatten();
+        assert_eq!(deadline, Some(started + Duration::from_secs(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_below_the_floor_fails_without_calling() {
+        let layer = Deadlines::new(Duration::from_millis(50), Direction::Inbound, backend(Duration::ZERO));
+        let error = layer.oneshot(call(None, Some("20m"))).await.unwrap_err();
+        assert!(matches!(error, ProxyError::BudgetTooSmall { .. }), "{error}");
     }
 }

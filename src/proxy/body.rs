@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 use super::error::{Direction, ProxyError};
 use crate::grpc;
 
+#[derive(Debug)]
 pub struct ResponseBody {
     /// `None` once the call ended, or when the sidecar answered itself.
     inner: Option<Incoming>,
@@ -27,6 +28,7 @@ pub struct ResponseBody {
 }
 
 /// A timer, and the error that ends the call when it fires.
+#[derive(Debug)]
 struct Timer {
     sleep: Pin<Box<Sleep>>,
     error: ProxyError,

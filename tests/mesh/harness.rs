@@ -29,6 +29,9 @@ pub struct MeshOptions {
     pub authorization: &'static str,
     /// The identity the client sidecar demands of the server (default: the server's).
     pub expected_server: SpiffeId,
+    /// YAML for each sidecar's `policy` section.
+    pub client_policy: &'static str,
+    pub server_policy: &'static str,
     /// Replaces the echo backend, e.g. with a raw HTTP/2 server.
     pub app: Option<SocketAddr>,
     /// Replaces the server sidecar's address in the client's route;
@@ -41,6 +44,8 @@ impl Default for MeshOptions {
         MeshOptions {
             authorization: "{}",
             expected_server: id("server"),
+            client_policy: "{}",
+            server_policy: "{}",
             app: None,
             upstream_endpoint: None,
         }
@@ -77,7 +82,7 @@ impl Mesh {
             "{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}",
             options.authorization
         );
-        let server_sidecar = sidecar(&dir, "server", "[]", Some(&inbound)).await;
+        let server_sidecar = sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy).await;
         let server_inbound = server_sidecar.inbound_addr.unwrap();
         let endpoint = options.upstream_endpoint.map_or_else(
             || server_inbound.to_string(),
@@ -87,7 +92,7 @@ impl Mesh {
             "[{{services: [echo.v1.Echo], endpoints: ['{endpoint}'], identity: '{}'}}]",
             options.expected_server
         );
-        let client_sidecar = sidecar(&dir, "client", &upstreams, None).await;
+        let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy).await;
         Mesh {
             dir,
             backend,
@@ -120,12 +125,13 @@ impl Mesh {
 }
 
 /// Starts one sidecar from a YAML config, through the same loader `protomesh run` uses.
-async fn sidecar(dir: &TempDir, workload: &str, upstreams: &str, inbound: Option<&str>) -> Sidecar {
+async fn sidecar(dir: &TempDir, workload: &str, upstreams: &str, inbound: Option<&str>, policy: &str) -> Sidecar {
     let certs = dir.path().display();
     let mut yaml = format!(
         "identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
          contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}/proto']}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
+         policy: {policy}\n\
          drain_timeout: 1s\n",
         env!("CARGO_MANIFEST_DIR")
     );

@@ -1,7 +1,9 @@
 //! End-to-end tests of the sidecar pair on loopback: one test binary, many
 //! independent meshes running in parallel.
 
+mod bulkheads;
 mod cli;
+mod deadlines;
 mod harness;
 mod passthrough;
 mod refusals;
