@@ -55,6 +55,10 @@ impl Code {
         NAMES.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
     }
 
+    pub fn from_number(number: u8) -> Option<Code> {
+        NAMES.get(usize::from(number)).map(|(_, code)| *code)
+    }
+
     pub fn name(self) -> &'static str {
         NAMES[self as usize].0
     }
@@ -230,6 +234,8 @@ mod tests {
             assert_eq!(Code::from_name(name).unwrap().name(), name);
         }
         assert_eq!(Code::from_name("unavailable"), None);
+        assert_eq!(Code::from_number(14), Some(Code::Unavailable));
+        assert_eq!(Code::from_number(17), None);
         assert_eq!(Code::Unauthenticated as u8, 16);
     }
 

@@ -6,8 +6,10 @@ pub mod authz;
 pub mod bulkhead;
 pub mod deadline;
 pub mod method;
+pub mod retry;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio::time::Instant;
 
@@ -25,6 +27,15 @@ pub struct CallPolicy {
     pub shape: Option<CallShape>,
     pub policy: MethodPolicy,
     pub bulkhead: Option<Arc<Bulkhead>>,
+    pub counters: CallCounters,
+}
+
+/// What the policies did to this method's calls, for the metrics.
+#[derive(Debug, Default)]
+pub struct CallCounters {
+    pub retries: AtomicU64,
+    pub retry_budget_exhausted: AtomicU64,
+    pub deadline_exceeded: AtomicU64,
 }
 
 impl CallPolicy {
@@ -35,12 +46,7 @@ impl CallPolicy {
             .concurrency
             .as_ref()
             .map(|c| Arc::new(Bulkhead::new(format!("method {path} ({})", c.source), &c.value)));
-        CallPolicy {
-            path,
-            shape: info.map(|i| i.shape),
-            policy,
-            bulkhead,
-        }
+        CallPolicy { path, shape: info.map(|i| i.shape), policy, bulkhead, counters: CallCounters::default() }
     }
 
     /// For a call to a method outside the contracts (permissive mode): its

@@ -144,3 +144,46 @@ impl Body for ResponseBody {
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
+
+/// The request body every connection sends: the caller's stream as it comes,
+/// or a request kept whole so that a retry can send it again.
+#[derive(Debug)]
+pub enum RequestBody {
+    Streamed(Incoming),
+    /// A whole request, kept; `None` once sent.
+    Replayed(Option<Bytes>),
+    /// A request too large to keep: what was read while trying, then the rest.
+    Resumed { read: Option<Bytes>, rest: Incoming },
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Replayed(kept) => Poll::Ready(kept.take().map(|bytes| Ok(Frame::data(bytes)))),
+            RequestBody::Resumed { read, rest } => match read.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(body) => body.is_end_stream(),
+            RequestBody::Replayed(kept) => kept.is_none(),
+            RequestBody::Resumed { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(body) => body.size_hint(),
+            RequestBody::Replayed(kept) => SizeHint::with_exact(kept.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Resumed { .. } => SizeHint::default(),
+        }
+    }
+}

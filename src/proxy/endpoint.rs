@@ -10,6 +10,8 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use http::{Request, Response};
 use hyper::body::Incoming;
+
+use super::body::RequestBody;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
@@ -27,12 +29,12 @@ pub enum Transport {
     Mtls(Arc<ClientConfig>),
 }
 
-type Connecting = Shared<BoxFuture<'static, Result<SendRequest<Incoming>, Arc<ConnectError>>>>;
+type Connecting = Shared<BoxFuture<'static, Result<SendRequest<RequestBody>, Arc<ConnectError>>>>;
 
 enum State {
     Idle,
     Connecting(Connecting),
-    Ready(SendRequest<Incoming>),
+    Ready(SendRequest<RequestBody>),
 }
 
 pub struct Endpoint {
@@ -54,16 +56,26 @@ impl Endpoint {
         }
     }
 
-    /// Sends one call. A request that a closing connection never sent goes out
-    /// once more on a fresh connection: the peer cannot have seen it.
-    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender().await?;
+    /// Sends one call on this endpoint's connection.
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+        let connection = self.connection().await?;
+        self.send_on(connection, request).await
+    }
+
+    /// Sends one call on a connection of this endpoint. A request that a
+    /// closing connection never sent goes out once more on a fresh connection:
+    /// the peer cannot have seen it.
+    pub async fn send_on(
+        &self,
+        mut sender: SendRequest<RequestBody>,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         match sender.try_send_request(request).await {
             Ok(response) => Ok(response),
             Err(mut error) => match error.take_message() {
                 Some(unsent) => {
                     self.forget(&sender);
-                    let mut sender = self.sender().await?;
+                    let mut sender = self.connection().await?;
                     sender.send_request(unsent).await.map_err(|error| self.failed(error))
                 }
                 None => Err(self.failed(error.into_error())),
@@ -78,7 +90,9 @@ impl Endpoint {
         }
     }
 
-    async fn sender(&self) -> Result<SendRequest<Incoming>, ProxyError> {
+    /// The endpoint's connection, opened if there is none; concurrent callers
+    /// share one attempt.
+    pub async fn connection(&self) -> Result<SendRequest<RequestBody>, ProxyError> {
         let connecting = {
             let mut state = self.state.lock().expect("endpoint state lock");
             match &*state {
@@ -109,7 +123,7 @@ impl Endpoint {
     }
 
     /// Drops a connection seen to be closing, unless a newer one replaced it.
-    fn forget(&self, closing: &SendRequest<Incoming>) {
+    fn forget(&self, closing: &SendRequest<RequestBody>) {
         let mut state = self.state.lock().expect("endpoint state lock");
         if let State::Ready(current) = &*state
             && (current.is_closed() || closing.is_closed())
@@ -123,7 +137,7 @@ async fn connect(
     addr: SocketAddr,
     transport: Arc<Transport>,
     timeout: Duration,
-) -> Result<SendRequest<Incoming>, ConnectError> {
+) -> Result<SendRequest<RequestBody>, ConnectError> {
     let connecting = async {
         let tcp = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
         tcp.set_nodelay(true).map_err(ConnectError::Io)?;

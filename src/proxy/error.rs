@@ -152,6 +152,12 @@ impl ProxyError {
         }
     }
 
+    /// The peer refused the stream without processing it (REFUSED_STREAM,
+    /// as for streams beyond a GOAWAY): sending it again is safe.
+    pub fn refused_unprocessed(&self) -> bool {
+        matches!(self, ProxyError::Upstream { error, .. } if reset_reason(error) == Some(h2::Reason::REFUSED_STREAM))
+    }
+
     /// The trailers-only status answered to the caller, its message prefixed
     /// with the sidecar direction so that the caller can tell which sidecar acted.
     pub fn into_response(self, direction: Direction) -> Response<ResponseBody> {

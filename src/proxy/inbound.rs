@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tower::Service;
 
 use super::admit::Admission;
+use super::body::RequestBody;
 use super::endpoint::Endpoint;
 use super::error::{ProxyError, ResponseBody};
 use super::server::PeerInfo;
@@ -194,6 +195,7 @@ impl Service<Request<Incoming>> for ForwardToApp {
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
         super::forward_remaining_budget(&mut request);
+        let request = request.map(RequestBody::Streamed);
         Box::pin(async move { Ok(app.send(request).await?.map(ResponseBody::streamed)) })
     }
 }

@@ -36,7 +36,9 @@ use crate::contract::Contracts;
 use crate::identity::Identity;
 use crate::policy::CallContext;
 use crate::policy::bulkhead::Bulkheads;
+use crate::config::PolicyConfig;
 use crate::policy::deadline::Deadlines;
+use crate::policy::retry::Retries;
 use admit::Admit;
 use endpoint::{Endpoint, Transport};
 use error::{AnswerErrors, Direction, ResponseBody, Target};
@@ -46,11 +48,12 @@ use server::PeerInfo;
 use upstream::Upstream;
 
 /// A call from the local app, top to bottom.
-fn outbound_stack(routes: Arc<OutboundRoutes>, min_budget: Duration) -> impl Stack {
+fn outbound_stack(routes: Arc<OutboundRoutes>, policy: &PolicyConfig) -> impl Stack + use<> {
     ServiceBuilder::new()
         .layer_fn(|inner| AnswerErrors::new(Direction::Outbound, inner))
         .layer_fn(|inner| Admit::new(routes.clone(), inner))
-        .layer_fn(|inner| Deadlines::new(min_budget, Direction::Outbound, inner))
+        .layer_fn(|inner| Deadlines::new(policy.min_budget, Direction::Outbound, inner))
+        .layer_fn(|inner| Retries::new(policy.max_replay_bytes, inner))
         .layer_fn(Bulkheads::new)
         .service(ForwardToUpstream)
 }
@@ -81,7 +84,7 @@ impl<S> Stack for S where
 
 /// Writes the call's remaining deadline budget as `grpc-timeout`, just before
 /// the call leaves this sidecar.
-fn forward_remaining_budget(request: &mut Request<Incoming>) {
+fn forward_remaining_budget<B>(request: &mut Request<B>) {
     if let Some(deadline) = CallContext::of(request).deadline {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         request
@@ -107,8 +110,7 @@ impl Sidecar {
         let identity = Identity::load(&config.identity)?;
         let mut upstreams = Vec::with_capacity(config.outbound.upstreams.len());
         for (i, upstream) in config.outbound.upstreams.iter().enumerate() {
-            let limits = config.policy.upstream_concurrency.as_ref();
-            let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout, limits)
+            let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout, &config.policy)
                 .await
                 .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
             upstreams.push((upstream.services.clone(), started));
@@ -149,7 +151,7 @@ impl Sidecar {
             outbound_listener,
             Direction::Outbound,
             None,
-            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), min_budget),
+            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), &policy),
             stop.clone(),
             drain,
         ));

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use tower::Service;
 
 use super::admit::Admission;
+use super::body::RequestBody;
 use super::error::{ProxyError, ResponseBody};
 use super::upstream::Upstream;
 use crate::config::{ContractMode, PolicyConfig};
@@ -92,6 +93,7 @@ impl Admission for Arc<OutboundRoutes> {
         let route = self.route(request.uri().path())?;
         let context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone());
         request.extensions_mut().insert(context);
+        request.extensions_mut().insert(route.upstream.retry_budget.clone());
         request.extensions_mut().insert(route);
         Ok(())
     }
@@ -101,7 +103,7 @@ impl Admission for Arc<OutboundRoutes> {
 #[derive(Clone, Copy, Default)]
 pub struct ForwardToUpstream;
 
-impl Service<Request<Incoming>> for ForwardToUpstream {
+impl Service<Request<RequestBody>> for ForwardToUpstream {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = BoxFuture<'static, Result<Self::Response, ProxyError>>;
@@ -110,7 +112,7 @@ impl Service<Request<Incoming>> for ForwardToUpstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let route = request
             .extensions()
             .get::<Arc<OutboundRoute>>()

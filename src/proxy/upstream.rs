@@ -11,12 +11,14 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::discovery::{self, EndpointSpec};
+use super::body::RequestBody;
 use super::endpoint::{Endpoint, Transport};
 use super::error::{ProxyError, Target};
 use crate::config::UpstreamConfig;
 use crate::identity::{Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
-use crate::policy::method::ConcurrencyPolicy;
+use crate::config::PolicyConfig;
+use crate::policy::retry::{self, RetryBudget};
 
 pub struct Upstream {
     /// A label for messages: the endpoints as configured.
@@ -24,6 +26,8 @@ pub struct Upstream {
     pub identity: SpiffeId,
     /// Across all the upstream's methods, when `policy.upstream_concurrency` is set.
     pub bulkhead: Option<Arc<Bulkhead>>,
+    /// What retries to this upstream may add to its calls.
+    pub retry_budget: RetryBudget,
     transport: Arc<Transport>,
     connect_timeout: Duration,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
@@ -36,7 +40,7 @@ impl Upstream {
         config: &UpstreamConfig,
         identity: &Identity,
         connect_timeout: Duration,
-        limits: Option<&ConcurrencyPolicy>,
+        policy: &PolicyConfig,
     ) -> Result<Arc<Upstream>, String> {
         let specs: Vec<EndpointSpec> = config
             .endpoints
@@ -44,16 +48,16 @@ impl Upstream {
             .map(|e| discovery::parse_endpoint(e))
             .collect::<Result<_, _>>()?;
         let name: Arc<str> = config.endpoints.join(",").into();
-        let bulkhead = limits.map(|limits| {
-            Arc::new(Bulkhead::new(
-                format!("upstream {name} (config policy.upstream_concurrency)"),
-                limits,
-            ))
+        let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {
+            Arc::new(Bulkhead::new(format!("upstream {name} (config policy.upstream_concurrency)"), limits))
         });
+        let budget = &policy.retry_budget;
+        let retry_budget = RetryBudget(Arc::new(retry::budget(budget.ratio, budget.min_per_second)));
         let upstream = Arc::new(Upstream {
             name,
             identity: config.identity.clone(),
             bulkhead,
+            retry_budget,
             transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
             connect_timeout,
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -91,17 +95,22 @@ impl Upstream {
         self.endpoints.store(Arc::new(endpoints));
     }
 
-    /// Round-robin over the current endpoints.
-    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let endpoint = {
-            let endpoints = self.endpoints.load();
-            if endpoints.is_empty() {
-                return Err(ProxyError::NoEndpoints {
-                    upstream: self.name.clone(),
-                });
+    /// Round-robin over the current endpoints. An endpoint that cannot be
+    /// connected to is passed over for the next, up to three: the request has
+    /// not left the sidecar, so any call may go elsewhere.
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+        let endpoints = self.endpoints.load_full();
+        if endpoints.is_empty() {
+            return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
+        }
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut refused = None;
+        for endpoint in endpoints.iter().cycle().skip(first % endpoints.len()).take(endpoints.len().min(3)) {
+            match endpoint.connection().await {
+                Ok(connection) => return endpoint.send_on(connection, request).await,
+                Err(error) => refused = Some(error),
             }
-            endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone()
-        };
-        endpoint.send(request).await
+        }
+        Err(refused.expect("at least one endpoint was tried"))
     }
 }

@@ -27,6 +27,20 @@ pub struct EchoStats {
     pub cancelled_signal: Notify,
     /// The `grpc-timeout` of the latest call, as received.
     pub last_timeout: std::sync::Mutex<Option<String>>,
+    /// The `grpc-previous-rpc-attempts` of the latest call, as received.
+    pub last_previous_attempts: std::sync::Mutex<Option<String>>,
+    /// Calls seen so far per `message`, for `fail_first`.
+    seen: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl EchoStats {
+    /// Whether this call is one of the first `fail_first` with its message.
+    fn fails(&self, request: &EchoRequest) -> bool {
+        let mut seen = self.seen.lock().expect("stats lock");
+        let count = seen.entry(request.message.clone()).or_default();
+        *count += 1;
+        request.fail_first == 0 || *count <= request.fail_first
+    }
 }
 
 #[derive(Clone, Default)]
@@ -73,11 +87,15 @@ fn echoed_metadata(request: &MetadataMap) -> MetadataMap {
 
 fn requested_status(request: &EchoRequest, metadata: &MetadataMap) -> Option<Status> {
     (request.status_code != 0).then(|| {
+        let mut metadata = metadata.clone();
+        if request.pushback_ms != 0 {
+            metadata.insert("grpc-retry-pushback-ms", request.pushback_ms.to_string().parse().expect("digits"));
+        }
         Status::with_details_and_metadata(
             Code::from_i32(request.status_code),
             request.status_message.clone(),
             format!("details of {}", request.status_message).into_bytes().into(),
-            metadata.clone(),
+            metadata,
         )
     })
 }
@@ -107,7 +125,7 @@ impl Echo for EchoService {
         let caller = caller_of(&request);
         let request = request.into_inner();
         tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
-        if let Some(status) = requested_status(&request, &metadata) {
+        if let Some(status) = requested_status(&request, &metadata).filter(|_| self.stats.fails(&request)) {
             return Err(status);
         }
         Ok(with_metadata(reply(&request, &caller, 0), metadata))
@@ -121,7 +139,7 @@ impl Echo for EchoService {
         let request = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         let stats = self.stats.clone();
-        let trailing_status = requested_status(&request, &metadata);
+        let trailing_status = requested_status(&request, &metadata).filter(|_| self.stats.fails(&request));
         tokio::spawn(async move {
             let payload = bytes::Bytes::from(vec![7u8; request.reply_payload_bytes as usize]);
             for sequence in 0..request.reply_count {

@@ -1,0 +1,209 @@
+//! Retries with gRFC A6 semantics. A call is retried only if its method is
+//! eligible (a retry policy applies to it), only on the policy's codes read
+//! from a trailers-only response or from a failure before any response, only
+//! up to `max_attempts`, and only while the upstream's retry budget allows.
+//! Backoff is exponential with full jitter; `grpc-retry-pushback-ms` from the
+//! server replaces it (a negative value stops retrying). No retry starts past
+//! the deadline, and none once response headers have gone to the caller.
+//!
+//! Whatever the method, a call the peer refused without processing
+//! (REFUSED_STREAM, as after GOAWAY) is sent once more.
+//!
+//! Calls with one request message (unary, server-streaming) are kept whole,
+//! up to `policy.max_replay_bytes`, so that they can be sent again; larger
+//! ones and request streams go out as they come and are not retried.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Service, ServiceExt};
+
+use super::CallContext;
+use super::method::RetryPolicy;
+use crate::contract::CallShape;
+use crate::grpc::Code;
+use crate::proxy::body::{RequestBody, ResponseBody};
+use crate::proxy::error::ProxyError;
+
+/// Retries may add `ratio` of the calls plus `min_per_second`, over a 10 s window.
+pub fn budget(ratio: f64, min_per_second: u32) -> TpsBudget {
+    TpsBudget::new(Duration::from_secs(10), min_per_second, ratio as f32)
+}
+
+/// Where a call's retries draw from: the budget of the upstream it goes to.
+#[derive(Clone)]
+pub struct RetryBudget(pub Arc<TpsBudget>);
+
+#[derive(Clone)]
+pub struct Retries<S> {
+    inner: S,
+    max_replay_bytes: usize,
+}
+
+impl<S> Retries<S> {
+    pub fn new(max_replay_bytes: usize, inner: S) -> Self {
+        Retries { inner, max_replay_bytes }
+    }
+}
+
+/// What one attempt's outcome says about another.
+enum Verdict {
+    Final,
+    /// Retry if the policy and budget allow, after the backoff or the server's pushback.
+    Retryable { pushback: Option<Duration> },
+    /// The peer did not process the call: send it again, whatever the method.
+    Refused,
+}
+
+fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
+    match result {
+        Ok(response) => {
+            let Some(code) = trailers_only_status(response) else { return Verdict::Final };
+            if !retryable.contains(&code) {
+                return Verdict::Final;
+            }
+            match response.headers().get("grpc-retry-pushback-ms").map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok())) {
+                None => Verdict::Retryable { pushback: None },
+                Some(Some(ms)) if ms >= 0 => Verdict::Retryable { pushback: Some(Duration::from_millis(ms as u64)) },
+                // Negative or unreadable: the server asks for no retry.
+                Some(_) => Verdict::Final,
+            }
+        }
+        Err(error) if error.refused_unprocessed() => Verdict::Refused,
+        Err(error @ (ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoEndpoints { .. }))
+            if retryable.contains(&error.code()) =>
+        {
+            Verdict::Retryable { pushback: None }
+        }
+        Err(_) => Verdict::Final,
+    }
+}
+
+/// The status of a trailers-only response (`grpc-status` among the headers).
+fn trailers_only_status(response: &Response<ResponseBody>) -> Option<Code> {
+    let value = response.headers().get("grpc-status")?.to_str().ok()?.parse::<u8>().ok()?;
+    Code::from_number(value)
+}
+
+/// Reads a request whole, up to `limit` bytes. Past the limit, gives back
+/// what it read and the rest of the stream.
+async fn keep(body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
+    let mut body = body;
+    let mut kept = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(kept.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if kept.len() + data.len() > limit {
+                        kept.extend_from_slice(&data);
+                        return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body });
+                    }
+                    kept.extend_from_slice(&data);
+                }
+            }
+            // The caller's stream failed; what follows fails the same way.
+            Some(Err(_)) => return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body }),
+        }
+    }
+}
+
+fn attempt(parts: &http::request::Parts, body: Bytes, previous: u32) -> Request<RequestBody> {
+    let mut request = Request::new(RequestBody::Replayed(Some(body)));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    *request.extensions_mut() = parts.extensions.clone();
+    if previous > 0 {
+        request.headers_mut().insert("grpc-previous-rpc-attempts", HeaderValue::from(previous));
+    }
+    request
+}
+
+/// Full jitter: a random delay up to the current backoff.
+fn jittered(backoff: Duration) -> Duration {
+    backoff.mul_f64(fastrand::f64())
+}
+
+impl<S> Service<Request<Incoming>> for Retries<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let context = CallContext::of(&request).clone();
+        let one_request_message = matches!(context.policy.shape, Some(CallShape::Unary | CallShape::ServerStreaming));
+        if !one_request_message {
+            return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
+        }
+        let budget = request.extensions().get::<RetryBudget>().cloned();
+        if let Some(budget) = &budget {
+            budget.0.deposit();
+        }
+        let limit = self.max_replay_bytes;
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let kept = match keep(body, limit).await {
+                Ok(kept) => kept,
+                Err(unkept) => return inner.ready().await?.call(Request::from_parts(parts, unkept)).await,
+            };
+            let policy = context.policy.policy.retry.as_ref().map(|r| &r.value);
+            let no_codes = [];
+            let retryable = policy.map_or(&no_codes[..], |p| &p.retryable_codes);
+            let mut backoff = policy.map_or(Duration::ZERO, |p| p.initial_backoff);
+            let (mut attempts, mut refusals_resent) = (0u32, false);
+            loop {
+                let previous = attempts + u32::from(refusals_resent);
+                let result = inner.ready().await?.call(attempt(&parts, kept.clone(), previous)).await;
+                let delay = match verdict(&result, retryable) {
+                    Verdict::Final => return result,
+                    Verdict::Refused if !refusals_resent => {
+                        refusals_resent = true;
+                        continue;
+                    }
+                    Verdict::Refused => return result,
+                    Verdict::Retryable { pushback } => {
+                        attempts += 1;
+                        let Some(policy) = policy.filter(|p| attempts < p.max_attempts) else { return result };
+                        let delay = pushback.unwrap_or_else(|| jittered(backoff));
+                        backoff = next_backoff(backoff, policy);
+                        delay
+                    }
+                };
+                if context.deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
+                    return result;
+                }
+                if !budget.as_ref().is_some_and(|b| b.0.withdraw()) {
+                    context.policy.counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    return result;
+                }
+                context.policy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(delay).await;
+            }
+        })
+    }
+}
+
+fn next_backoff(backoff: Duration, policy: &RetryPolicy) -> Duration {
+    backoff.mul_f64(policy.backoff_multiplier).min(policy.max_backoff)
+}
