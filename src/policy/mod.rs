@@ -46,7 +46,13 @@ impl CallPolicy {
             .concurrency
             .as_ref()
             .map(|c| Arc::new(Bulkhead::new(format!("method {path} ({})", c.source), &c.value)));
-        CallPolicy { path, shape: info.map(|i| i.shape), policy, bulkhead, counters: CallCounters::default() }
+        CallPolicy {
+            path,
+            shape: info.map(|i| i.shape),
+            policy,
+            bulkhead,
+            counters: CallCounters::default(),
+        }
     }
 
     /// For a call to a method outside the contracts (permissive mode): its

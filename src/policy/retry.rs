@@ -51,7 +51,10 @@ pub struct Retries<S> {
 
 impl<S> Retries<S> {
     pub fn new(max_replay_bytes: usize, inner: S) -> Self {
-        Retries { inner, max_replay_bytes }
+        Retries {
+            inner,
+            max_replay_bytes,
+        }
     }
 }
 
@@ -59,7 +62,9 @@ impl<S> Retries<S> {
 enum Verdict {
     Final,
     /// Retry if the policy and budget allow, after the backoff or the server's pushback.
-    Retryable { pushback: Option<Duration> },
+    Retryable {
+        pushback: Option<Duration>,
+    },
     /// The peer did not process the call: send it again, whatever the method.
     Refused,
 }
@@ -67,13 +72,21 @@ enum Verdict {
 fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
     match result {
         Ok(response) => {
-            let Some(code) = trailers_only_status(response) else { return Verdict::Final };
+            let Some(code) = trailers_only_status(response) else {
+                return Verdict::Final;
+            };
             if !retryable.contains(&code) {
                 return Verdict::Final;
             }
-            match response.headers().get("grpc-retry-pushback-ms").map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok())) {
+            match response
+                .headers()
+                .get("grpc-retry-pushback-ms")
+                .map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok()))
+            {
                 None => Verdict::Retryable { pushback: None },
-                Some(Some(ms)) if ms >= 0 => Verdict::Retryable { pushback: Some(Duration::from_millis(ms as u64)) },
+                Some(Some(ms)) if ms >= 0 => Verdict::Retryable {
+                    pushback: Some(Duration::from_millis(ms as u64)),
+                },
                 // Negative or unreadable: the server asks for no retry.
                 Some(_) => Verdict::Final,
             }
@@ -90,7 +103,13 @@ fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Cod
 
 /// The status of a trailers-only response (`grpc-status` among the headers).
 fn trailers_only_status(response: &Response<ResponseBody>) -> Option<Code> {
-    let value = response.headers().get("grpc-status")?.to_str().ok()?.parse::<u8>().ok()?;
+    let value = response
+        .headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<u8>()
+        .ok()?;
     Code::from_number(value)
 }
 
@@ -106,13 +125,21 @@ async fn keep(body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
                 if let Ok(data) = frame.into_data() {
                     if kept.len() + data.len() > limit {
                         kept.extend_from_slice(&data);
-                        return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body });
+                        return Err(RequestBody::Resumed {
+                            read: Some(kept.freeze()),
+                            rest: body,
+                        });
                     }
                     kept.extend_from_slice(&data);
                 }
             }
             // The caller's stream failed; what follows fails the same way.
-            Some(Err(_)) => return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body }),
+            Some(Err(_)) => {
+                return Err(RequestBody::Resumed {
+                    read: Some(kept.freeze()),
+                    rest: body,
+                });
+            }
         }
     }
 }
@@ -125,7 +152,9 @@ fn attempt(parts: &http::request::Parts, body: Bytes, previous: u32) -> Request<
     *request.headers_mut() = parts.headers.clone();
     *request.extensions_mut() = parts.extensions.clone();
     if previous > 0 {
-        request.headers_mut().insert("grpc-previous-rpc-attempts", HeaderValue::from(previous));
+        request
+            .headers_mut()
+            .insert("grpc-previous-rpc-attempts", HeaderValue::from(previous));
     }
     request
 }
@@ -150,7 +179,10 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let context = CallContext::of(&request).clone();
-        let one_request_message = matches!(context.policy.shape, Some(CallShape::Unary | CallShape::ServerStreaming));
+        let one_request_message = matches!(
+            context.policy.shape,
+            Some(CallShape::Unary | CallShape::ServerStreaming)
+        );
         if !one_request_message {
             return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
         }
@@ -184,17 +216,26 @@ where
                     Verdict::Refused => return result,
                     Verdict::Retryable { pushback } => {
                         attempts += 1;
-                        let Some(policy) = policy.filter(|p| attempts < p.max_attempts) else { return result };
+                        let Some(policy) = policy.filter(|p| attempts < p.max_attempts) else {
+                            return result;
+                        };
                         let delay = pushback.unwrap_or_else(|| jittered(backoff));
                         backoff = next_backoff(backoff, policy);
                         delay
                     }
                 };
-                if context.deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
+                if context
+                    .deadline
+                    .is_some_and(|deadline| Instant::now() + delay >= deadline)
+                {
                     return result;
                 }
                 if !budget.as_ref().is_some_and(|b| b.0.withdraw()) {
-                    context.policy.counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    context
+                        .policy
+                        .counters
+                        .retry_budget_exhausted
+                        .fetch_add(1, Ordering::Relaxed);
                     return result;
                 }
                 context.policy.counters.retries.fetch_add(1, Ordering::Relaxed);

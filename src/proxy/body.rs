@@ -153,7 +153,10 @@ pub enum RequestBody {
     /// A whole request, kept; `None` once sent.
     Replayed(Option<Bytes>),
     /// A request too large to keep: what was read while trying, then the rest.
-    Resumed { read: Option<Bytes>, rest: Incoming },
+    Resumed {
+        read: Option<Bytes>,
+        rest: Incoming,
+    },
 }
 
 impl Body for RequestBody {

@@ -32,11 +32,11 @@ use tokio::task::JoinSet;
 use tower::{Service, ServiceBuilder};
 
 use crate::config::Config;
+use crate::config::PolicyConfig;
 use crate::contract::Contracts;
 use crate::identity::Identity;
 use crate::policy::CallContext;
 use crate::policy::bulkhead::Bulkheads;
-use crate::config::PolicyConfig;
 use crate::policy::deadline::Deadlines;
 use crate::policy::retry::Retries;
 use admit::Admit;

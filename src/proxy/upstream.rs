@@ -10,14 +10,14 @@ use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::discovery::{self, EndpointSpec};
 use super::body::RequestBody;
+use super::discovery::{self, EndpointSpec};
 use super::endpoint::{Endpoint, Transport};
 use super::error::{ProxyError, Target};
+use crate::config::PolicyConfig;
 use crate::config::UpstreamConfig;
 use crate::identity::{Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
-use crate::config::PolicyConfig;
 use crate::policy::retry::{self, RetryBudget};
 
 pub struct Upstream {
@@ -49,7 +49,10 @@ impl Upstream {
             .collect::<Result<_, _>>()?;
         let name: Arc<str> = config.endpoints.join(",").into();
         let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {
-            Arc::new(Bulkhead::new(format!("upstream {name} (config policy.upstream_concurrency)"), limits))
+            Arc::new(Bulkhead::new(
+                format!("upstream {name} (config policy.upstream_concurrency)"),
+                limits,
+            ))
         });
         let budget = &policy.retry_budget;
         let retry_budget = RetryBudget(Arc::new(retry::budget(budget.ratio, budget.min_per_second)));
@@ -101,11 +104,18 @@ impl Upstream {
     pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
         let endpoints = self.endpoints.load_full();
         if endpoints.is_empty() {
-            return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
+            return Err(ProxyError::NoEndpoints {
+                upstream: self.name.clone(),
+            });
         }
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let mut refused = None;
-        for endpoint in endpoints.iter().cycle().skip(first % endpoints.len()).take(endpoints.len().min(3)) {
+        for endpoint in endpoints
+            .iter()
+            .cycle()
+            .skip(first % endpoints.len())
+            .take(endpoints.len().min(3))
+        {
             match endpoint.connection().await {
                 Ok(connection) => return endpoint.send_on(connection, request).await,
                 Err(error) => refused = Some(error),

@@ -59,11 +59,15 @@ impl EchoService {
 
     fn observe<T>(&self, request: &Request<T>) -> MetadataMap {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        *self.stats.last_timeout.lock().expect("stats lock") = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        *self.stats.last_timeout.lock().expect("stats lock") = header("grpc-timeout");
+        *self.stats.last_previous_attempts.lock().expect("stats lock") = header("grpc-previous-rpc-attempts");
         echoed_metadata(request.metadata())
     }
 }
@@ -89,7 +93,10 @@ fn requested_status(request: &EchoRequest, metadata: &MetadataMap) -> Option<Sta
     (request.status_code != 0).then(|| {
         let mut metadata = metadata.clone();
         if request.pushback_ms != 0 {
-            metadata.insert("grpc-retry-pushback-ms", request.pushback_ms.to_string().parse().expect("digits"));
+            metadata.insert(
+                "grpc-retry-pushback-ms",
+                request.pushback_ms.to_string().parse().expect("digits"),
+            );
         }
         Status::with_details_and_metadata(
             Code::from_i32(request.status_code),
@@ -140,6 +147,12 @@ impl Echo for EchoService {
         let (tx, rx) = mpsc::channel(1);
         let stats = self.stats.clone();
         let trailing_status = requested_status(&request, &metadata).filter(|_| self.stats.fails(&request));
+        if request.reply_count == 0
+            && let Some(status) = trailing_status
+        {
+            // Failing before any reply: a trailers-only response.
+            return Err(status);
+        }
         tokio::spawn(async move {
             let payload = bytes::Bytes::from(vec![7u8; request.reply_payload_bytes as usize]);
             for sequence in 0..request.reply_count {

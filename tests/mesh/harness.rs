@@ -34,8 +34,8 @@ pub struct MeshOptions {
     pub server_policy: &'static str,
     /// Replaces the echo backend, e.g. with a raw HTTP/2 server.
     pub app: Option<SocketAddr>,
-    /// Replaces the server sidecar's address in the client's route;
-    /// `{server}` stands for the server sidecar's inbound port.
+    /// Replaces the server sidecar's address in the client's route: a
+    /// comma-separated list where `{server}` stands for its inbound port.
     pub upstream_endpoint: Option<String>,
 }
 
@@ -84,12 +84,16 @@ impl Mesh {
         );
         let server_sidecar = sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy).await;
         let server_inbound = server_sidecar.inbound_addr.unwrap();
-        let endpoint = options.upstream_endpoint.map_or_else(
-            || server_inbound.to_string(),
-            |endpoint| endpoint.replace("{server}", &server_inbound.port().to_string()),
-        );
+        let endpoint = options
+            .upstream_endpoint
+            .unwrap_or_else(|| server_inbound.to_string())
+            .replace("{server}", &server_inbound.port().to_string())
+            .split(',')
+            .map(|e| format!("'{e}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let upstreams = format!(
-            "[{{services: [echo.v1.Echo], endpoints: ['{endpoint}'], identity: '{}'}}]",
+            "[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]",
             options.expected_server
         );
         let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy).await;

@@ -8,3 +8,4 @@ mod harness;
 mod passthrough;
 mod refusals;
 mod resets;
+mod retries;
