@@ -1,7 +1,6 @@
 //! What can go wrong on a call, typed, and the one place that turns it into
 //! the gRPC status the caller sees.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -174,7 +173,19 @@ impl ProxyError {
     }
 }
 
-/// The edge of every stack: the sidecar's own failures become gRPC statuses.
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProxyError::Upstream { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// The edge of every stack: the sidecar's own failures become gRPC statuses,
+/// except a refusal the peer made without processing the call, which goes on
+/// as the same reset (REFUSED_STREAM) so that a hop that kept the request can
+/// send it again.
 #[derive(Clone)]
 pub struct AnswerErrors<S> {
     direction: Direction,
@@ -192,10 +203,10 @@ where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
 {
     type Response = Response<ResponseBody>;
-    type Error = Infallible;
+    type Error = ProxyError;
     type Future = Answer<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         // Layers below are always ready or answer a call with an error: none fails here.
         self.inner.poll_ready(cx).map(|_| Ok(()))
     }
@@ -220,14 +231,15 @@ impl<F> Future for Answer<F>
 where
     F: Future<Output = Result<Response<ResponseBody>, ProxyError>>,
 {
-    type Output = Result<Response<ResponseBody>, Infallible>;
+    type Output = Result<Response<ResponseBody>, ProxyError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let direction = *this.direction;
-        this.inner
-            .poll(cx)
-            .map(|result| Ok(result.unwrap_or_else(|error| error.into_response(direction))))
+        this.inner.poll(cx).map(|result| match result {
+            Err(error) if error.refused_unprocessed() => Err(error),
+            result => Ok(result.unwrap_or_else(|error| error.into_response(direction))),
+        })
     }
 }
 

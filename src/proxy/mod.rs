@@ -22,8 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::convert::Infallible;
-
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
@@ -41,7 +39,7 @@ use crate::policy::deadline::Deadlines;
 use crate::policy::retry::Retries;
 use admit::Admit;
 use endpoint::{Endpoint, Transport};
-use error::{AnswerErrors, Direction, ResponseBody, Target};
+use error::{AnswerErrors, Direction, ProxyError, ResponseBody, Target};
 use inbound::{AuthorizeInbound, ForwardToApp, InboundRoutes};
 use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
@@ -68,14 +66,15 @@ fn inbound_stack(authorize: AuthorizeInbound, app: Arc<Endpoint>, min_budget: Du
         .service(ForwardToApp::new(app))
 }
 
-/// What a listener serves: a whole stack, answering every call.
+/// What a listener serves: a whole stack, answering every call (or resetting
+/// it, for a refusal to pass on).
 trait Stack:
-    Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible, Future: Send> + Clone + Send + 'static
+    Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send> + Clone + Send + 'static
 {
 }
 
 impl<S> Stack for S where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible, Future: Send>
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send>
         + Clone
         + Send
         + 'static

@@ -3,7 +3,6 @@
 //! shutdown a listener stops accepting, sends GOAWAY on every connection and
 //! gives in-flight calls a drain period.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::Service;
 
-use super::error::{Direction, ResponseBody};
+use super::error::{Direction, ProxyError, ResponseBody};
 use crate::identity::{SpiffeId, spiffe_id_of};
 
 /// Streams one HTTP/2 connection may carry at once. gRPC clients queue
@@ -44,7 +43,7 @@ pub async fn serve<F, S>(
     drain: Duration,
 ) where
     F: Fn(PeerInfo) -> S + Send + Sync + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use prost::Message;
@@ -13,7 +14,8 @@ use crate::harness::{Mesh, MeshOptions, within};
 
 /// A raw HTTP/2 app that resets each stream as the `x-reset` header says:
 /// `before-<reason>` resets without answering, `after-<reason>` sends
-/// response headers and one message first, then resets when `go` is notified.
+/// response headers and one message first, then resets when `go` is notified,
+/// and `first-refused` refuses the app's first stream and answers the others.
 async fn resetting_app(go: Arc<tokio::sync::Notify>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -38,6 +40,14 @@ async fn answer_then_reset(
     go: Arc<tokio::sync::Notify>,
 ) {
     let plan = request.headers()["x-reset"].to_str().unwrap().to_string();
+    if plan == "first-refused" {
+        if STREAMS_SEEN.fetch_add(1, Ordering::SeqCst) == 0 {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        } else {
+            answer_ok(respond);
+        }
+        return;
+    }
     let (when, reason) = plan.split_once('-').unwrap();
     let reason = match reason {
         "cancel" => h2::Reason::CANCEL,
@@ -64,6 +74,21 @@ async fn answer_then_reset(
     body.send_data(Bytes::from(frame), false).unwrap();
     go.notified().await;
     body.send_reset(reason);
+}
+
+/// Streams seen under the `first-refused` plan (one test uses it).
+static STREAMS_SEEN: AtomicU32 = AtomicU32::new(0);
+
+fn answer_ok(mut respond: h2::server::SendResponse<Bytes>) {
+    let head = http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut body = respond.send_response(head, false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false).unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    body.send_trailers(trailers).unwrap();
 }
 
 fn planned(plan: &'static str) -> Request<EchoRequest> {
@@ -107,4 +132,21 @@ async fn a_reset_after_a_message_reaches_the_client_mid_stream() {
     go.notify_one();
     let status = within("reset", stream.message()).await.unwrap_err();
     assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_stream_the_peer_refused_unprocessed_is_sent_again_whatever_the_method() {
+    let app = resetting_app(Arc::default()).await;
+    let mesh = Mesh::start_with(MeshOptions {
+        app: Some(app),
+        ..MeshOptions::default()
+    })
+    .await;
+    // ServerStream is not idempotent, and no retry policy applies to it.
+    let mut stream = within("open", mesh.client().server_stream(planned("first-refused")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(within("reply", stream.message()).await.unwrap().is_some());
+    assert_eq!(STREAMS_SEEN.load(Ordering::SeqCst), 2);
 }
