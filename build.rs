@@ -1,11 +1,7 @@
 //! Generates Rust types for the policy options and the example services, with the
 //! pure-Rust protox compiler so that no `protoc` is needed anywhere.
 
-const PROTOS: &[&str] = &[
-    "proto/protomesh/v1/options.proto",
-    "proto/examples/echo.proto",
-    "proto/examples/shop.proto",
-];
+const PROTOS: &[&str] = &["proto/protomesh/v1/options.proto", "proto/examples/echo.proto", "proto/examples/shop.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -49,15 +49,9 @@ pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> St
         services.len()
     );
     for (service, methods) in services {
-        let routed = config
-            .outbound
-            .upstreams
-            .iter()
-            .find(|u| u.services.iter().any(|s| s == service));
-        let route = routed.map_or_else(
-            || "no outbound route".to_string(),
-            |u| format!("-> {}", u.endpoints.join(", ")),
-        );
+        let routed = config.outbound.upstreams.iter().find(|u| u.services.iter().any(|s| s == service));
+        let route =
+            routed.map_or_else(|| "no outbound route".to_string(), |u| format!("-> {}", u.endpoints.join(", ")));
         let _ = writeln!(out, "\n{service}  [{}]  {route}", methods[0].file);
         for method in methods {
             let idempotency = match method.idempotency {
@@ -68,12 +62,8 @@ pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> St
             let _ = writeln!(out, "  {:<24} {}{idempotency}", method.method, method.shape);
             let policy = MethodPolicy::resolve(&method.service, &method.method, Some(method), &config.policy);
             field(&mut out, "timeout", policy.timeout.as_ref(), |d| format!("{d:?}"));
-            field(&mut out, "idle_timeout", policy.idle_timeout.as_ref(), |d| {
-                format!("{d:?}")
-            });
-            field(&mut out, "stream_timeout", policy.stream_timeout.as_ref(), |d| {
-                format!("{d:?}")
-            });
+            field(&mut out, "idle_timeout", policy.idle_timeout.as_ref(), |d| format!("{d:?}"));
+            field(&mut out, "stream_timeout", policy.stream_timeout.as_ref(), |d| format!("{d:?}"));
             field(&mut out, "retry", policy.retry.as_ref(), |r| {
                 let codes: Vec<_> = r.retryable_codes.iter().map(|c| c.name()).collect();
                 format!(
@@ -86,17 +76,11 @@ pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> St
                 )
             });
             field(&mut out, "concurrency", policy.concurrency.as_ref(), |c| {
-                format!(
-                    "{} in flight, queue {} for {:?}",
-                    c.max_in_flight, c.max_queue, c.queue_timeout
-                )
+                format!("{} in flight, queue {} for {:?}", c.max_in_flight, c.max_queue, c.queue_timeout)
             });
-            field(
-                &mut out,
-                "allowed_callers",
-                method.contract.allowed_callers.as_ref(),
-                |callers| callers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-            );
+            field(&mut out, "allowed_callers", method.contract.allowed_callers.as_ref(), |callers| {
+                callers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            });
         }
     }
     out

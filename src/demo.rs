@@ -75,11 +75,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
                 trust_bundle: certs.join("ca.pem"),
             },
             contracts: contracts_config.clone(),
-            outbound: OutboundConfig {
-                listen: loopback(),
-                upstreams,
-                ..OutboundConfig::default()
-            },
+            outbound: OutboundConfig { listen: loopback(), upstreams, ..OutboundConfig::default() },
             inbound: app.map(|app| InboundConfig {
                 listen: loopback(),
                 app,
@@ -101,16 +97,9 @@ async fn run_in(dir: &Path) -> Result<(), String> {
         resolve_interval: Duration::from_secs(5),
     };
 
-    let inventory_app = serve(
-        Server::builder().add_service(InventoryServer::new(InventoryService)),
-        bind().await?,
-    )
-    .await;
-    let pricing_app = serve(
-        Server::builder().add_service(PricingServer::new(PricingService)),
-        bind().await?,
-    )
-    .await;
+    let inventory_app =
+        serve(Server::builder().add_service(InventoryServer::new(InventoryService)), bind().await?).await;
+    let pricing_app = serve(Server::builder().add_service(PricingServer::new(PricingService)), bind().await?).await;
     let inventory = start("inventory", Some(inventory_app), vec![]).await?;
     let pricing = start("pricing", Some(pricing_app), vec![]).await?;
     let checkout_listener = bind().await?;
@@ -118,10 +107,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
     let checkout = start(
         "checkout",
         Some(checkout_app),
-        vec![
-            route("shop.v1.Inventory", &inventory),
-            route("shop.v1.Pricing", &pricing),
-        ],
+        vec![route("shop.v1.Inventory", &inventory), route("shop.v1.Pricing", &pricing)],
     )
     .await?;
     let via_checkout_sidecar = channel(checkout.sidecar.outbound_addr);
@@ -129,20 +115,10 @@ async fn run_in(dir: &Path) -> Result<(), String> {
         inventory: InventoryClient::new(via_checkout_sidecar.clone()),
         pricing: PricingClient::new(via_checkout_sidecar),
     };
-    serve(
-        Server::builder().add_service(CheckoutServer::new(service)),
-        checkout_listener,
-    )
-    .await;
-    let frontend = start(
-        "frontend",
-        None,
-        vec![
-            route("shop.v1.Checkout", &checkout),
-            route("shop.v1.Inventory", &inventory),
-        ],
-    )
-    .await?;
+    serve(Server::builder().add_service(CheckoutServer::new(service)), checkout_listener).await;
+    let frontend =
+        start("frontend", None, vec![route("shop.v1.Checkout", &checkout), route("shop.v1.Inventory", &inventory)])
+            .await?;
 
     let workloads = [frontend, checkout, inventory, pricing];
     print_mesh(&workloads);
@@ -166,21 +142,13 @@ async fn bind() -> Result<TcpListener, String> {
 }
 
 fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("socket addresses are valid URIs")
-        .connect_lazy()
+    Channel::from_shared(format!("http://{addr}")).expect("socket addresses are valid URIs").connect_lazy()
 }
 
 fn print_mesh(workloads: &[Workload]) {
-    println!(
-        "protomesh demo: {} workloads on loopback, each behind its own sidecar;",
-        workloads.len()
-    );
+    println!("protomesh demo: {} workloads on loopback, each behind its own sidecar;", workloads.len());
     println!("sidecars talk mTLS (TLS 1.3, h2) and check SPIFFE identities in trust domain {TRUST_DOMAIN}\n");
-    println!(
-        "  {:<10} {:<50} {:<22} {:<22} app",
-        "workload", "identity", "sidecar outbound", "sidecar inbound"
-    );
+    println!("  {:<10} {:<50} {:<22} {:<22} app", "workload", "identity", "sidecar outbound", "sidecar inbound");
     for w in workloads {
         let inbound = w.sidecar.inbound_addr.map_or("-".to_string(), |a| a.to_string());
         let app = w.app.map_or("(demo client)".to_string(), |a| a.to_string());
@@ -199,15 +167,8 @@ async fn make_calls(via_frontend_sidecar: Channel) -> Result<(), String> {
     let orders = [("ada", vec!["apple", "pear"]), ("grace", vec!["fig", "kiwi", "plum"])];
     for (customer, skus) in orders {
         let started = Instant::now();
-        let request = OrderRequest {
-            customer: customer.into(),
-            skus: skus.iter().map(|s| s.to_string()).collect(),
-        };
-        let reply = checkout
-            .place_order(request)
-            .await
-            .map_err(|s| format!("PlaceOrder failed: {s}"))?
-            .into_inner();
+        let request = OrderRequest { customer: customer.into(), skus: skus.iter().map(|s| s.to_string()).collect() };
+        let reply = checkout.place_order(request).await.map_err(|s| format!("PlaceOrder failed: {s}"))?.into_inner();
         println!(
             "frontend -> shop.v1.Checkout/PlaceOrder for {customer}: OK, {} cents, {:.1} ms",
             reply.total_cents,
@@ -221,10 +182,7 @@ async fn make_calls(via_frontend_sidecar: Channel) -> Result<(), String> {
 
     println!("\nrefused by policy, answered by the sidecars themselves:");
     let denied = InventoryClient::new(via_frontend_sidecar.clone())
-        .get_stock(StockRequest {
-            sku: "apple".into(),
-            updates: 0,
-        })
+        .get_stock(StockRequest { sku: "apple".into(), updates: 0 })
         .await;
     print_refusal("shop.v1.Inventory/GetStock", denied.map(|_| ()));
     let mut raw = tonic::client::Grpc::new(via_frontend_sidecar);

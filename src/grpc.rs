@@ -70,9 +70,7 @@ impl Code {
 
     fn header_value(self) -> HeaderValue {
         HeaderValue::from_static(
-            [
-                "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-            ][self as usize],
+            ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"][self as usize],
         )
     }
 }
@@ -87,6 +85,12 @@ impl<'de> serde::Deserialize<'de> for Code {
             ))
         })
     }
+}
+
+/// The status among response headers: present in a trailers-only response
+/// (and in trailers).
+pub fn status_in(headers: &HeaderMap) -> Option<Code> {
+    Code::from_number(headers.get("grpc-status")?.to_str().ok()?.parse().ok()?)
 }
 
 /// A gRPC call's service and method, split out of a `:path` of the form
@@ -181,10 +185,7 @@ mod tests {
 
     #[test]
     fn splits_well_formed_paths_only() {
-        assert_eq!(
-            split_path("/shop.v1.Inventory/GetStock"),
-            Some(("shop.v1.Inventory", "GetStock"))
-        );
+        assert_eq!(split_path("/shop.v1.Inventory/GetStock"), Some(("shop.v1.Inventory", "GetStock")));
         for bad in ["", "/", "//M", "/Svc/", "Svc/M", "/Svc", "/Svc/M/extra"] {
             assert_eq!(split_path(bad), None, "{bad:?}");
         }
@@ -198,17 +199,7 @@ mod tests {
         assert_eq!(parse_timeout(b"250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_timeout(b"99999999u"), Some(Duration::from_micros(99_999_999)));
         assert_eq!(parse_timeout(b"0n"), Some(Duration::ZERO));
-        for bad in [
-            &b""[..],
-            b"m",
-            b"10",
-            b"123456789m",
-            b"-1S",
-            b"1.5S",
-            b"10s",
-            b"1 S",
-            b"\xff\xfeS",
-        ] {
+        for bad in [&b""[..], b"m", b"10", b"123456789m", b"-1S", b"1.5S", b"10s", b"1 S", b"\xff\xfeS"] {
             assert_eq!(parse_timeout(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }

@@ -50,20 +50,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Demo));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config),
-            Command::Certs {
-                out,
-                trust_domain,
-                namespace,
-                workloads,
-            } => write_certs(&out, &trust_domain, &namespace, &workloads),
+            Command::Certs { out, trust_domain, namespace, workloads } => {
+                write_certs(&out, &trust_domain, &namespace, &workloads)
+            }
             Command::Demo => protomesh::demo::run().await,
         }
     });
@@ -80,9 +74,7 @@ fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PROTOMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("PROTOMESH_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -126,10 +118,7 @@ fn write_certs(out: &std::path::Path, trust_domain: &str, namespace: &str, workl
         .iter()
         .map(|w| match w.split_once('=') {
             Some((name, id)) => Ok((name.to_string(), SpiffeId::parse(id)?)),
-            None => Ok((
-                w.clone(),
-                SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{w}"))?,
-            )),
+            None => Ok((w.clone(), SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{w}"))?)),
         })
         .collect::<Result<Vec<_>, String>>()?;
     let files = certs::write_dev_certs(out, &format!("protomesh development CA ({trust_domain})"), &named)?;

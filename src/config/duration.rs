@@ -9,9 +9,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("`{text}` has no unit: write e.g. \"250ms\", \"2s\" or \"1m\""))?;
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration: write e.g. \"250ms\", \"2s\" or \"1m\""))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration: write e.g. \"250ms\", \"2s\" or \"1m\""))?;
     let seconds_per_unit = match unit {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
@@ -20,9 +19,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "m" => 60.0,
         "h" => 3600.0,
         _ => {
-            return Err(format!(
-                "`{text}` has an unknown unit `{unit}`: use ns, us, ms, s, m or h"
-            ));
+            return Err(format!("`{text}` has an unknown unit `{unit}`: use ns, us, ms, s, m or h"));
         }
     };
     Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|_| format!("`{text}` is out of range"))

@@ -29,16 +29,11 @@ pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
         None => Value::Object(Map::new()),
     };
     let mut overrides: Vec<(String, String)> = Vec::new();
-    let mut env: Vec<_> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str()))
-        .collect();
+    let mut env: Vec<_> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str())).collect();
     env.sort();
     for (name, raw) in env {
-        let path: Vec<String> = name[ENV_PREFIX.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         // A variable naming no section is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`,
         // `<SERVICE>_PORT` and the like for every Service, including any named `protomesh-...`.
         if !serde_aux::serde_introspection::serde_introspect::<Config>().contains(&path[0].as_str()) {
@@ -202,38 +197,18 @@ inbound:
             env(&[]),
         )
         .unwrap();
-        assert_eq!(
-            config.policy.methods["echo.v1.Echo/Unary"]
-                .retry
-                .as_ref()
-                .unwrap()
-                .max_attempts,
-            3
-        );
+        assert_eq!(config.policy.methods["echo.v1.Echo/Unary"].retry.as_ref().unwrap().max_attempts, 3);
 
-        let err = load(Some(with("  methods:\n    Unary: {timeout: 1s}\n").path()), env(&[]))
+        let err = load(Some(with("  methods:\n    Unary: {timeout: 1s}\n").path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("field `policy.methods[\"Unary\"]`") && err.contains("pkg.Service/*"), "{err}");
+        let err = load(Some(with("  methods:\n    echo.v1.Echo/*: {retry: {max_attempts: 3}}\n").path()), env(&[]))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("field `policy.methods[\"Unary\"]`") && err.contains("pkg.Service/*"),
-            "{err}"
-        );
-        let err = load(
-            Some(with("  methods:\n    echo.v1.Echo/*: {retry: {max_attempts: 3}}\n").path()),
-            env(&[]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("field `policy.methods[\"echo.v1.Echo/*\"]`: retry.retryable_codes"),
-            "{err}"
-        );
-        let err = load(
-            Some(with("  defaults: {retry: {max_attempts: 2, retryable_codes: [UNAVAIL]}}\n").path()),
-            env(&[]),
-        )
-        .unwrap_err()
-        .to_string();
+        assert!(err.contains("field `policy.methods[\"echo.v1.Echo/*\"]`: retry.retryable_codes"), "{err}");
+        let err =
+            load(Some(with("  defaults: {retry: {max_attempts: 2, retryable_codes: [UNAVAIL]}}\n").path()), env(&[]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("`UNAVAIL` is not a gRPC status code"), "{err}");
     }
 
@@ -287,29 +262,17 @@ inbound:
             ]),
         );
         assert!(config.is_ok(), "{config:?}");
-        let err = load(Some(file.path()), env(&[("PROTOMESH_INBOUND__LISEN", "0.0.0.0:1")]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("environment variable PROTOMESH_INBOUND__LISEN"),
-            "{err}"
-        );
+        let err = load(Some(file.path()), env(&[("PROTOMESH_INBOUND__LISEN", "0.0.0.0:1")])).unwrap_err().to_string();
+        assert!(err.starts_with("environment variable PROTOMESH_INBOUND__LISEN"), "{err}");
         assert!(err.contains("unknown field `lisen`"), "{err}");
     }
 
     #[test]
     fn errors_from_the_environment_name_the_variable() {
         let file = file_with(VALID);
-        let err = load(
-            Some(file.path()),
-            env(&[("PROTOMESH_OUTBOUND__CONNECT_TIMEOUT", "soon")]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with("environment variable PROTOMESH_OUTBOUND__CONNECT_TIMEOUT"),
-            "{err}"
-        );
+        let err =
+            load(Some(file.path()), env(&[("PROTOMESH_OUTBOUND__CONNECT_TIMEOUT", "soon")])).unwrap_err().to_string();
+        assert!(err.starts_with("environment variable PROTOMESH_OUTBOUND__CONNECT_TIMEOUT"), "{err}");
         assert!(err.contains("250ms"), "{err}");
     }
 
@@ -317,30 +280,18 @@ inbound:
     fn cross_field_problems_are_reported_by_field() {
         let twice = VALID.replace("[echo.v1.Echo]", "[echo.v1.Echo, echo.v1.Echo]");
         let err = load(Some(file_with(&twice).path()), env(&[])).unwrap_err().to_string();
-        assert!(
-            err.contains("outbound.upstreams[0].services[1]") && err.contains("already routed"),
-            "{err}"
-        );
+        assert!(err.contains("outbound.upstreams[0].services[1]") && err.contains("already routed"), "{err}");
 
         let no_port = VALID.replace("'127.0.0.1:4143'", "'127.0.0.1'");
-        let err = load(Some(file_with(&no_port).path()), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("outbound.upstreams[0].endpoints[0]") && err.contains("port"),
-            "{err}"
-        );
+        let err = load(Some(file_with(&no_port).path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("outbound.upstreams[0].endpoints[0]") && err.contains("port"), "{err}");
     }
 
     #[test]
     fn unreadable_or_non_mapping_files_are_named() {
-        let err = load(Some(Path::new("/nonexistent/protomesh.yaml")), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = load(Some(Path::new("/nonexistent/protomesh.yaml")), env(&[])).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/protomesh.yaml: cannot read"), "{err}");
-        let err = load(Some(file_with("- a\n- b\n").path()), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = load(Some(file_with("- a\n- b\n").path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("top level must be a mapping"), "{err}");
     }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::identity::SpiffeId;
 use crate::policy::authz::{CallerPattern, MethodPattern};
 use crate::policy::method::{ConcurrencyPolicy, PolicyFields};
+use crate::policy::outlier::OutlierConfig;
 
 pub use load::{ConfigError, load};
 
@@ -175,6 +176,9 @@ pub struct PolicyConfig {
     /// Inbound: a bulkhead for each caller identity, across all methods.
     #[serde(default)]
     pub caller_concurrency: Option<ConcurrencyPolicy>,
+    /// Outbound: the circuit breaker of each upstream endpoint.
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
 }
 
 impl Default for PolicyConfig {
@@ -187,6 +191,7 @@ impl Default for PolicyConfig {
             max_replay_bytes: defaults::max_replay_bytes(),
             upstream_concurrency: None,
             caller_concurrency: None,
+            outlier_detection: OutlierConfig::default(),
         }
     }
 }
@@ -203,10 +208,7 @@ pub struct RetryBudgetConfig {
 
 impl Default for RetryBudgetConfig {
     fn default() -> Self {
-        RetryBudgetConfig {
-            ratio: defaults::retry_ratio(),
-            min_per_second: defaults::min_retries_per_second(),
-        }
+        RetryBudgetConfig { ratio: defaults::retry_ratio(), min_per_second: defaults::min_retries_per_second() }
     }
 }
 
@@ -250,10 +252,7 @@ impl Config {
         for (i, upstream) in self.outbound.upstreams.iter().enumerate() {
             let at = |field: &str| format!("outbound.upstreams[{i}].{field}");
             if upstream.services.is_empty() {
-                return Err((
-                    at("services"),
-                    "list at least one gRPC service, e.g. shop.v1.Inventory".into(),
-                ));
+                return Err((at("services"), "list at least one gRPC service, e.g. shop.v1.Inventory".into()));
             }
             if upstream.endpoints.is_empty() {
                 return Err((at("endpoints"), "list at least one host:port".into()));
@@ -287,10 +286,7 @@ impl Config {
             for (i, rule) in inbound.authorization.rules.iter().enumerate() {
                 let at = |field: &str| format!("inbound.authorization.rules[{i}].{field}");
                 if rule.methods.is_empty() {
-                    return Err((
-                        at("methods"),
-                        "list at least one pattern, e.g. \"shop.v1.Inventory/*\"".into(),
-                    ));
+                    return Err((at("methods"), "list at least one pattern, e.g. \"shop.v1.Inventory/*\"".into()));
                 }
                 if rule.callers.is_empty() {
                     return Err((at("callers"), "list at least one SPIFFE ID pattern, or \"*\"".into()));
@@ -325,19 +321,16 @@ impl PolicyConfig {
             }
             fields.validate().map_err(|e| (at, e))?;
         }
-        for (name, concurrency) in [
-            ("upstream_concurrency", &self.upstream_concurrency),
-            ("caller_concurrency", &self.caller_concurrency),
-        ] {
+        for (name, concurrency) in
+            [("upstream_concurrency", &self.upstream_concurrency), ("caller_concurrency", &self.caller_concurrency)]
+        {
             if let Some(concurrency) = concurrency {
                 concurrency.validate().map_err(|e| (format!("policy.{name}"), e))?;
             }
         }
+        self.outlier_detection.validate().map_err(|e| ("policy.outlier_detection".into(), e))?;
         if !(0.0..=10.0).contains(&self.retry_budget.ratio) {
-            return Err((
-                "policy.retry_budget.ratio".into(),
-                "must be between 0 and 10, e.g. 0.2 for 20%".into(),
-            ));
+            return Err(("policy.retry_budget.ratio".into(), "must be between 0 and 10, e.g. 0.2 for 20%".into()));
         }
         Ok(())
     }

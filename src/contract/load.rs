@@ -36,11 +36,8 @@ pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
 
 fn descriptor_pool(config: &ContractsConfig) -> Result<DescriptorPool, ContractError> {
     let mut resolver = ChainFileResolver::new();
-    let includes: Vec<PathBuf> = if config.include.is_empty() {
-        vec![PathBuf::from(".")]
-    } else {
-        config.include.clone()
-    };
+    let includes: Vec<PathBuf> =
+        if config.include.is_empty() { vec![PathBuf::from(".")] } else { config.include.clone() };
     for include in &includes {
         resolver.add(IncludeFileResolver::new(include.clone()));
     }
@@ -49,13 +46,9 @@ fn descriptor_pool(config: &ContractsConfig) -> Result<DescriptorPool, ContractE
 
     let mut compiler = protox::Compiler::with_file_resolver(resolver);
     compiler.include_imports(true);
-    compiler
-        .open_file(OPTIONS_PROTO_NAME)
-        .map_err(|e| ContractError(format!("built-in {OPTIONS_PROTO_NAME}: {e}")))?;
+    compiler.open_file(OPTIONS_PROTO_NAME).map_err(|e| ContractError(format!("built-in {OPTIONS_PROTO_NAME}: {e}")))?;
     for proto in &config.protos {
-        compiler
-            .open_file(proto)
-            .map_err(|e| compile_error(proto, &includes, e))?;
+        compiler.open_file(proto).map_err(|e| compile_error(proto, &includes, e))?;
     }
     let mut pool = compiler.descriptor_pool();
     for set in &config.descriptor_sets {
@@ -72,11 +65,7 @@ fn descriptor_pool(config: &ContractsConfig) -> Result<DescriptorPool, ContractE
 }
 
 fn compile_error(proto: &Path, includes: &[PathBuf], error: protox::Error) -> ContractError {
-    let includes = includes
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let includes = includes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
     if error.is_file_not_found() {
         ContractError(format!(
             "{}: {error} (looked in contracts.include: {includes}); list the directory that holds it, or its imports, in contracts.include",
@@ -93,13 +82,8 @@ fn build_table(pool: &DescriptorPool) -> Result<Contracts, ContractError> {
     let service_ext = extension(pool, "protomesh.v1.service")?;
     let mut methods = HashMap::new();
     for service in pool.services() {
-        let service_policy = policy_option(&service.options(), &service_ext).map_err(|e| {
-            ContractError(format!(
-                "{}: {}: {e}",
-                service.parent_file().name(),
-                service.full_name()
-            ))
-        })?;
+        let service_policy = policy_option(&service.options(), &service_ext)
+            .map_err(|e| ContractError(format!("{}: {}: {e}", service.parent_file().name(), service.full_name())))?;
         for method in service.methods() {
             let info = method_info(&method, &method_ext, service_policy.as_ref())?;
             methods.insert(info.path.clone().into_boxed_str(), Arc::new(info));
@@ -156,10 +140,7 @@ fn policy_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Result<
             .transcode_to::<pb::Policy>()
             .map(Some)
             .map_err(|e| format!("option ({}) cannot be read: {e}", ext.full_name())),
-        other => Err(format!(
-            "option ({}) holds {other:?}, not a Policy message",
-            ext.full_name()
-        )),
+        other => Err(format!("option ({}) holds {other:?}, not a Policy message", ext.full_name())),
     }
 }
 
@@ -185,39 +166,20 @@ mod tests {
 
     #[test]
     fn loads_the_example_contracts_with_shapes_and_options() {
-        let contracts = load(&config(
-            &["examples/shop.proto", "examples/echo.proto"],
-            &[Path::new("proto")],
-        ))
-        .unwrap();
+        let contracts = load(&config(&["examples/shop.proto", "examples/echo.proto"], &[Path::new("proto")])).unwrap();
         let get = contracts.method("/shop.v1.Inventory/GetStock").unwrap();
         assert_eq!(get.shape, CallShape::Unary);
         assert_eq!(get.idempotency, Idempotency::NoSideEffects);
         let method = get.contract.method.as_ref().unwrap();
         assert_eq!(method.timeout, Some(Duration::from_millis(250)));
         assert_eq!(method.retry.as_ref().unwrap().max_attempts, 3);
-        assert_eq!(
-            get.contract.allowed_callers.as_ref().unwrap().source,
-            Source::ServiceOption
-        );
-        assert_eq!(
-            contracts.method("/shop.v1.Inventory/WatchStock").unwrap().shape,
-            CallShape::ServerStreaming
-        );
-        assert_eq!(
-            contracts.method("/shop.v1.Inventory/Reserve").unwrap().shape,
-            CallShape::ClientStreaming
-        );
-        assert_eq!(
-            contracts.method("/shop.v1.Pricing/Quote").unwrap().shape,
-            CallShape::BidiStreaming
-        );
+        assert_eq!(get.contract.allowed_callers.as_ref().unwrap().source, Source::ServiceOption);
+        assert_eq!(contracts.method("/shop.v1.Inventory/WatchStock").unwrap().shape, CallShape::ServerStreaming);
+        assert_eq!(contracts.method("/shop.v1.Inventory/Reserve").unwrap().shape, CallShape::ClientStreaming);
+        assert_eq!(contracts.method("/shop.v1.Pricing/Quote").unwrap().shape, CallShape::BidiStreaming);
         let unary = contracts.method("/echo.v1.Echo/Unary").unwrap();
         assert!(unary.contract.method.is_none());
-        assert_eq!(
-            unary.contract.service.as_ref().unwrap().timeout,
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(unary.contract.service.as_ref().unwrap().timeout, Some(Duration::from_secs(30)));
         assert!(contracts.method("/shop.v1.Inventory/Nope").is_none());
         assert!(contracts.has_service("shop.v1.Checkout"));
     }
@@ -242,17 +204,7 @@ mod tests {
         let contracts = load(&config(&["clock.proto"], &[dir.path()])).unwrap();
         let now = contracts.method("/clock.v1.Clock/Now").unwrap();
         assert_eq!(now.idempotency, Idempotency::Idempotent);
-        assert_eq!(
-            now.contract
-                .method
-                .as_ref()
-                .unwrap()
-                .concurrency
-                .as_ref()
-                .unwrap()
-                .max_in_flight,
-            4
-        );
+        assert_eq!(now.contract.method.as_ref().unwrap().concurrency.as_ref().unwrap().max_in_flight, 4);
     }
 
     #[test]
@@ -267,28 +219,16 @@ mod tests {
         from_set.descriptor_sets = vec![set];
         let contracts = load(&from_set).unwrap();
         let get = contracts.method("/shop.v1.Inventory/GetStock").unwrap();
-        assert_eq!(
-            get.contract.method.as_ref().unwrap().timeout,
-            Some(Duration::from_millis(250))
-        );
+        assert_eq!(get.contract.method.as_ref().unwrap().timeout, Some(Duration::from_millis(250)));
     }
 
     #[test]
     fn errors_name_the_file_and_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load(&config(&["missing.proto"], &[dir.path()]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("missing.proto:") && err.contains("contracts.include"),
-            "{err}"
-        );
+        let err = load(&config(&["missing.proto"], &[dir.path()])).unwrap_err().to_string();
+        assert!(err.starts_with("missing.proto:") && err.contains("contracts.include"), "{err}");
 
-        write(
-            dir.path(),
-            "broken.proto",
-            "syntax = \"proto3\"; service S { rpc M(Nope) returns (Nope); }",
-        );
+        write(dir.path(), "broken.proto", "syntax = \"proto3\"; service S { rpc M(Nope) returns (Nope); }");
         let err = load(&config(&["broken.proto"], &[dir.path()])).unwrap_err().to_string();
         assert!(err.starts_with("broken.proto:") && err.contains("Nope"), "{err}");
 
@@ -300,10 +240,7 @@ mod tests {
             service S { rpc M(E) returns (E) { option (protomesh.v1.method) = { timeout: "soon" }; } }"#,
         );
         let err = load(&config(&["badopt.proto"], &[dir.path()])).unwrap_err().to_string();
-        assert!(
-            err.starts_with("badopt.proto: p.S/M: (protomesh.v1.method).timeout:"),
-            "{err}"
-        );
+        assert!(err.starts_with("badopt.proto: p.S/M: (protomesh.v1.method).timeout:"), "{err}");
 
         let bad_set = dir.path().join("bad.binpb");
         std::fs::write(&bad_set, b"not a descriptor set").unwrap();

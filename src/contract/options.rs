@@ -23,9 +23,7 @@ impl ContractPolicy {
     /// Errors name the option and field, e.g. `(protomesh.v1.method).timeout: ...`.
     pub fn from_options(method: Option<&pb::Policy>, service: Option<&pb::Policy>) -> Result<ContractPolicy, String> {
         let fields = |option: Option<&pb::Policy>, source: Source| {
-            option
-                .map(|o| policy_fields(o).map_err(|e| format!("{source}.{e}")))
-                .transpose()
+            option.map(|o| policy_fields(o).map_err(|e| format!("{source}.{e}"))).transpose()
         };
         let callers = |option: Option<&pb::Policy>, source: Source| -> Result<_, String> {
             let Some(option) = option.filter(|o| !o.allowed_callers.is_empty()) else {
@@ -114,15 +112,9 @@ mod tests {
 
     #[test]
     fn reads_both_options_and_takes_the_methods_allowed_callers_first() {
-        let service = pb::Policy {
-            timeout: "2s".into(),
-            allowed_callers: vec!["spiffe://td/*".into()],
-            ..Default::default()
-        };
-        let method = pb::Policy {
-            timeout: "250ms".into(),
-            ..Default::default()
-        };
+        let service =
+            pb::Policy { timeout: "2s".into(), allowed_callers: vec!["spiffe://td/*".into()], ..Default::default() };
+        let method = pb::Policy { timeout: "250ms".into(), ..Default::default() };
         let policy = ContractPolicy::from_options(Some(&method), Some(&service)).unwrap();
         assert_eq!(policy.method.unwrap().timeout, Some(Duration::from_millis(250)));
         assert_eq!(policy.service.unwrap().timeout, Some(Duration::from_secs(2)));
@@ -139,16 +131,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let retry = ContractPolicy::from_options(Some(&method), None)
-            .unwrap()
-            .method
-            .unwrap()
-            .retry
-            .unwrap();
-        assert_eq!(
-            (retry.initial_backoff, retry.backoff_multiplier),
-            (Duration::from_millis(25), 2.0)
-        );
+        let retry = ContractPolicy::from_options(Some(&method), None).unwrap().method.unwrap().retry.unwrap();
+        assert_eq!((retry.initial_backoff, retry.backoff_multiplier), (Duration::from_millis(25), 2.0));
     }
 
     #[test]
@@ -162,26 +146,15 @@ mod tests {
             ..Default::default()
         };
         let err = ContractPolicy::from_options(Some(&method), None).unwrap_err();
-        assert!(
-            err.starts_with("(protomesh.v1.method).retry.retryable_codes: `UNAVAIL`"),
-            "{err}"
-        );
+        assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes: `UNAVAIL`"), "{err}");
         assert!(err.contains("UNAVAILABLE"), "{err}");
 
-        let service = pb::Policy {
-            timeout: "1 sec".into(),
-            ..Default::default()
-        };
+        let service = pb::Policy { timeout: "1 sec".into(), ..Default::default() };
         let err = ContractPolicy::from_options(None, Some(&service)).unwrap_err();
         assert!(err.starts_with("(protomesh.v1.service).timeout:"), "{err}");
 
-        let no_codes = pb::Policy {
-            retry: Some(pb::RetryPolicy {
-                max_attempts: 3,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let no_codes =
+            pb::Policy { retry: Some(pb::RetryPolicy { max_attempts: 3, ..Default::default() }), ..Default::default() };
         let err = ContractPolicy::from_options(Some(&no_codes), None).unwrap_err();
         assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes"), "{err}");
     }

@@ -35,22 +35,14 @@ impl DevCa {
         let ca = CertifiedIssuer::self_signed(params.clone(), key)?;
         let cert_pem = ca.pem();
         let key = KeyPair::from_pem(&key_pem)?;
-        Ok(DevCa {
-            issuer: Issuer::new(params, key),
-            cert_pem,
-            key_pem,
-        })
+        Ok(DevCa { issuer: Issuer::new(params, key), cert_pem, key_pem })
     }
 
     /// Loads a CA written earlier by [`DevCa::write`].
     pub fn read(cert_pem: String, key_pem: String) -> Result<DevCa, rcgen::Error> {
         let key = KeyPair::from_pem(&key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
-        Ok(DevCa {
-            issuer,
-            cert_pem,
-            key_pem,
-        })
+        Ok(DevCa { issuer, cert_pem, key_pem })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -68,10 +60,7 @@ impl DevCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -104,10 +93,8 @@ pub fn write_dev_certs(
         .iter()
         .map(|(name, id)| {
             let issued = ca.issue(id).map_err(|e| format!("{id}: {e}"))?;
-            let files = WorkloadFiles {
-                cert: dir.join(format!("{name}.pem")),
-                key: dir.join(format!("{name}-key.pem")),
-            };
+            let files =
+                WorkloadFiles { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}-key.pem")) };
             write(&files.cert, &issued.cert_pem)?;
             write_private(&files.key, &issued.key_pem)?;
             Ok(files)
@@ -146,12 +133,9 @@ mod tests {
         let issued = ca.issue(&id).unwrap();
         let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
         assert_eq!(spiffe_id_of(&der), Some(id.clone()));
-        let identity = Identity::from_pem(
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-            ca.cert_pem().as_bytes(),
-        )
-        .unwrap();
+        let identity =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), ca.cert_pem().as_bytes())
+                .unwrap();
         assert_eq!(identity.id, id);
     }
 

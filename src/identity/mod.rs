@@ -61,31 +61,20 @@ impl Identity {
             "the certificate has no SPIFFE ID (a URI SAN spiffe://...); issue it with `protomesh certs` or cert-manager's uris".to_string(),
         ))?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| ("key", format!("not a PEM private key: {e}")))?;
-        let signing_key = provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| ("key", format!("unusable private key: {e}")))?;
+        let signing_key =
+            provider.key_provider.load_private_key(key).map_err(|e| ("key", format!("unusable private key: {e}")))?;
         let certified = CertifiedKey::new(chain, signing_key);
-        certified
-            .keys_match()
-            .map_err(|e| ("key", format!("does not match the certificate: {e}")))?;
+        certified.keys_match().map_err(|e| ("key", format!("does not match the certificate: {e}")))?;
 
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(bundle) {
             let ca = ca.map_err(|e| ("trust_bundle", format!("not PEM certificates: {e}")))?;
-            roots
-                .add(ca)
-                .map_err(|e| ("trust_bundle", format!("unusable CA certificate: {e}")))?;
+            roots.add(ca).map_err(|e| ("trust_bundle", format!("unusable CA certificate: {e}")))?;
         }
         if roots.is_empty() {
             return Err(("trust_bundle", "holds no CA certificate".to_string()));
         }
-        Ok(Identity {
-            id,
-            cert: Arc::new(tls::CurrentCert::new(certified)),
-            roots: Arc::new(roots),
-            provider,
-        })
+        Ok(Identity { id, cert: Arc::new(tls::CurrentCert::new(certified)), roots: Arc::new(roots), provider })
     }
 }
 

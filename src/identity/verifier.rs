@@ -42,11 +42,7 @@ impl std::error::Error for IdentityMismatch {}
 
 impl SpiffeServerVerifier {
     pub fn new(roots: Arc<RootCertStore>, expected: SpiffeId, provider: &CryptoProvider) -> Self {
-        SpiffeServerVerifier {
-            roots,
-            expected,
-            algorithms: provider.signature_verification_algorithms,
-        }
+        SpiffeServerVerifier { roots, expected, algorithms: provider.signature_verification_algorithms }
     }
 }
 
@@ -63,13 +59,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
         let presented = spiffe_id_of(end_entity);
         if presented.as_ref() != Some(&self.expected) {
-            let mismatch = IdentityMismatch {
-                expected: self.expected.clone(),
-                presented,
-            };
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
-                Arc::new(mismatch),
-            ))));
+            let mismatch = IdentityMismatch { expected: self.expected.clone(), presented };
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(mismatch)))));
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -44,10 +44,7 @@ impl TryFrom<String> for MethodPattern {
         Ok(match method {
             "*" => MethodPattern::Service(service.to_string()),
             _ if method.contains('*') => return Err(invalid()),
-            _ => MethodPattern::Method {
-                service: service.to_string(),
-                method: method.to_string(),
-            },
+            _ => MethodPattern::Method { service: service.to_string(), method: method.to_string() },
         })
     }
 }
@@ -138,16 +135,10 @@ impl MethodAuthz {
                 DefaultAuthorization::Deny => Err(Denial::DefaultDeny),
             };
         }
-        if self
-            .governing
-            .iter()
-            .any(|rule| rule.callers.iter().any(|c| c.matches(caller)))
-        {
+        if self.governing.iter().any(|rule| rule.callers.iter().any(|c| c.matches(caller))) {
             Ok(())
         } else {
-            Err(Denial::NoRuleAllows(
-                self.governing.iter().map(|r| r.name.clone()).collect(),
-            ))
+            Err(Denial::NoRuleAllows(self.governing.iter().map(|r| r.name.clone()).collect()))
         }
     }
 }
@@ -195,19 +186,12 @@ mod tests {
     #[test]
     fn parses_patterns_and_rejects_bad_ones() {
         assert_eq!(MethodPattern::try_from("*".to_string()), Ok(MethodPattern::Any));
-        assert_eq!(
-            MethodPattern::try_from("a.B/*".to_string()),
-            Ok(MethodPattern::Service("a.B".into()))
-        );
+        assert_eq!(MethodPattern::try_from("a.B/*".to_string()), Ok(MethodPattern::Service("a.B".into())));
         for bad in ["a.B", "a.B/M*", "*/M", "/M", "a.B/"] {
             assert!(MethodPattern::try_from(bad.to_string()).is_err(), "{bad}");
         }
         assert!(CallerPattern::try_from("spiffe://td/ns/*".to_string()).is_ok());
-        assert!(
-            CallerPattern::try_from("checkout".to_string())
-                .unwrap_err()
-                .contains("SPIFFE")
-        );
+        assert!(CallerPattern::try_from("checkout".to_string()).unwrap_err().contains("SPIFFE"));
     }
 
     #[test]
@@ -233,13 +217,7 @@ mod tests {
         assert_eq!(reset.check(&id("spiffe://td/ns/ops/sa/admin")), Ok(()));
         let other = MethodAuthz::resolve(&rules, DefaultAuthorization::Deny, "shop.Pricing", "Quote", None);
         assert_eq!(other.check(&id("spiffe://td/checkout")), Err(Denial::DefaultDeny));
-        let open = MethodAuthz::resolve(
-            &rules,
-            DefaultAuthorization::AllAuthenticated,
-            "shop.Pricing",
-            "Quote",
-            None,
-        );
+        let open = MethodAuthz::resolve(&rules, DefaultAuthorization::AllAuthenticated, "shop.Pricing", "Quote", None);
         assert_eq!(open.check(&id("spiffe://td/anyone")), Ok(()));
     }
 

@@ -65,10 +65,7 @@ impl Bulkhead {
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse(format!(
-                "{} calls in flight and {} waiting",
-                self.max_in_flight, self.max_queue
-            )));
+            return Err(self.refuse(format!("{} calls in flight and {} waiting", self.max_in_flight, self.max_queue)));
         }
         let _waiting = Waiting(&self.queued);
         match tokio::time::timeout(self.queue_timeout, self.places.clone().acquire_owned()).await {
@@ -79,11 +76,7 @@ impl Bulkhead {
 
     fn refuse(&self, why: String) -> ProxyError {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        ProxyError::Overloaded {
-            bulkhead: self.name.clone(),
-            why,
-            pushback: self.queue_timeout,
-        }
+        ProxyError::Overloaded { bulkhead: self.name.clone(), why, pushback: self.queue_timeout }
     }
 }
 
@@ -140,11 +133,8 @@ mod tests {
     use super::*;
 
     fn bulkhead(max_in_flight: u32, max_queue: u32, queue_timeout_ms: u64) -> Bulkhead {
-        let policy = ConcurrencyPolicy {
-            max_in_flight,
-            max_queue,
-            queue_timeout: Duration::from_millis(queue_timeout_ms),
-        };
+        let policy =
+            ConcurrencyPolicy { max_in_flight, max_queue, queue_timeout: Duration::from_millis(queue_timeout_ms) };
         Bulkhead::new("method /t.T/M".into(), &policy)
     }
 

@@ -43,25 +43,13 @@ pub fn budget<B>(
 ) -> Result<Option<(Duration, DeadlineOrigin)>, ProxyError> {
     let caller = match request.headers().get("grpc-timeout") {
         None => None,
-        Some(value) => Some(
-            grpc::parse_timeout(value.as_bytes()).ok_or_else(|| ProxyError::MalformedTimeout {
-                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            })?,
-        ),
+        Some(value) => Some(grpc::parse_timeout(value.as_bytes()).ok_or_else(|| ProxyError::MalformedTimeout {
+            value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        })?),
     };
-    let own = [("timeout", &policy.timeout), ("stream_timeout", &policy.stream_timeout)]
-        .into_iter()
-        .find_map(|(field, value)| {
-            value.as_ref().map(|v| {
-                (
-                    v.value,
-                    DeadlineOrigin::Policy {
-                        field,
-                        source: v.source.clone(),
-                    },
-                )
-            })
-        });
+    let own = [("timeout", &policy.timeout), ("stream_timeout", &policy.stream_timeout)].into_iter().find_map(
+        |(field, value)| value.as_ref().map(|v| (v.value, DeadlineOrigin::Policy { field, source: v.source.clone() })),
+    );
     Ok(match (caller, own) {
         (Some(caller), Some((own, origin))) if own < caller => Some((own, origin)),
         (Some(caller), _) => Some((caller, DeadlineOrigin::Caller)),
@@ -78,11 +66,7 @@ pub struct Deadlines<S> {
 
 impl<S> Deadlines<S> {
     pub fn new(min_budget: Duration, direction: Direction, inner: S) -> Self {
-        Deadlines {
-            inner,
-            min_budget,
-            direction,
-        }
+        Deadlines { inner, min_budget, direction }
     }
 }
 
@@ -109,20 +93,13 @@ where
         };
         let deadline = match budget {
             Some((budget, origin)) if budget < self.min_budget => {
-                let error = ProxyError::BudgetTooSmall {
-                    budget,
-                    floor: self.min_budget,
-                    origin,
-                };
+                let error = ProxyError::BudgetTooSmall { budget, floor: self.min_budget, origin };
                 return Box::pin(std::future::ready(Err(error)));
             }
             Some((budget, origin)) => {
                 let at = Instant::now() + budget;
-                request
-                    .extensions_mut()
-                    .get_mut::<CallContext>()
-                    .expect("admission sets the call context")
-                    .deadline = Some(at);
+                request.extensions_mut().get_mut::<CallContext>().expect("admission sets the call context").deadline =
+                    Some(at);
                 Some((at, budget, origin))
             }
             None => None,
@@ -133,24 +110,16 @@ where
                 Some((at, budget, origin)) => match tokio::time::timeout_at(*at, call).await {
                     Ok(response) => response?,
                     Err(_) => {
-                        return Err(ProxyError::DeadlineExceeded {
-                            budget: *budget,
-                            origin: origin.clone(),
-                        });
+                        return Err(ProxyError::DeadlineExceeded { budget: *budget, origin: origin.clone() });
                     }
                 },
                 None => call.await?,
             };
             if let Some((at, budget, origin)) = deadline {
-                response
-                    .body_mut()
-                    .end_at(at, ProxyError::DeadlineExceeded { budget, origin }, direction);
+                response.body_mut().end_at(at, ProxyError::DeadlineExceeded { budget, origin }, direction);
             }
             if let Some(idle) = idle {
-                let error = ProxyError::IdleTimeout {
-                    after: idle.value,
-                    source: idle.source,
-                };
+                let error = ProxyError::IdleTimeout { after: idle.value, source: idle.source };
                 response.body_mut().end_when_idle(idle.value, error, direction);
             }
             Ok(response)
@@ -170,10 +139,7 @@ mod tests {
     /// A call to `s.S/M` whose policy has `timeout`, with `grpc-timeout` if given.
     fn call(timeout: Option<u64>, grpc_timeout: Option<&str>) -> Request<()> {
         let mut config = PolicyConfig::default();
-        let fields = PolicyFields {
-            timeout: timeout.map(Duration::from_millis),
-            ..Default::default()
-        };
+        let fields = PolicyFields { timeout: timeout.map(Duration::from_millis), ..Default::default() };
         config.methods.insert("s.S/M".into(), fields);
         let info = crate::contract::MethodInfo {
             service: "s.S".into(),
@@ -222,36 +188,22 @@ mod tests {
         let request = call(None, None);
         assert_eq!(budget(&request, &policy(&request)).unwrap(), None);
         let request = call(None, Some("1.5S"));
-        assert!(matches!(
-            budget(&request, &policy(&request)),
-            Err(ProxyError::MalformedTimeout { .. })
-        ));
+        assert!(matches!(budget(&request, &policy(&request)), Err(ProxyError::MalformedTimeout { .. })));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_past_its_deadline_is_cut_at_the_deadline() {
-        let layer = Deadlines::new(
-            Duration::from_millis(1),
-            Direction::Outbound,
-            backend(Duration::from_secs(5)),
-        );
+        let layer = Deadlines::new(Duration::from_millis(1), Direction::Outbound, backend(Duration::from_secs(5)));
         let started = Instant::now();
         let error = layer.oneshot(call(Some(250), Some("10S"))).await.unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_millis(250));
         assert_eq!(error.code(), grpc::Code::DeadlineExceeded);
-        assert_eq!(
-            error.to_string(),
-            "deadline of 250ms (timeout from config policy.methods[\"s.S/M\"]) exceeded"
-        );
+        assert_eq!(error.to_string(), "deadline of 250ms (timeout from config policy.methods[\"s.S/M\"]) exceeded");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_within_its_deadline_passes_the_deadline_down() {
-        let layer = Deadlines::new(
-            Duration::from_millis(1),
-            Direction::Outbound,
-            backend(Duration::from_millis(10)),
-        );
+        let layer = Deadlines::new(Duration::from_millis(1), Direction::Outbound, backend(Duration::from_millis(10)));
         let started = Instant::now();
         let response = layer.oneshot(call(None, Some("2S"))).await.unwrap();
         let deadline = response.extensions().get::<Option<Instant>>().copied().flatten();

@@ -77,10 +77,7 @@ impl RetryPolicy {
             return Err("retryable_codes: list at least one status code, e.g. \"UNAVAILABLE\"".into());
         }
         if self.backoff_multiplier.is_nan() || self.backoff_multiplier < 1.0 {
-            return Err(format!(
-                "backoff_multiplier: {} must be 1 or more",
-                self.backoff_multiplier
-            ));
+            return Err(format!("backoff_multiplier: {} must be 1 or more", self.backoff_multiplier));
         }
         if self.max_backoff < self.initial_backoff {
             return Err("max_backoff: must not be shorter than initial_backoff".into());
@@ -107,11 +104,7 @@ pub struct ConcurrencyPolicy {
 impl ConcurrencyPolicy {
     /// No queue by default: a full bulkhead refuses at once.
     pub fn new(max_in_flight: u32) -> ConcurrencyPolicy {
-        ConcurrencyPolicy {
-            max_in_flight,
-            max_queue: 0,
-            queue_timeout: defaults::queue_timeout(),
-        }
+        ConcurrencyPolicy { max_in_flight, max_queue: 0, queue_timeout: defaults::queue_timeout() }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -169,10 +162,7 @@ fn first<T: Clone>(
     field: impl Fn(&PolicyFields) -> Option<&T>,
 ) -> Option<Sourced<T>> {
     layers.iter().find_map(|(fields, source)| {
-        field(fields).map(|value| Sourced {
-            value: value.clone(),
-            source: source.clone(),
-        })
+        field(fields).map(|value| Sourced { value: value.clone(), source: source.clone() })
     })
 }
 
@@ -248,11 +238,7 @@ mod tests {
             path: "/s.S/M".into(),
             shape: CallShape::Unary,
             idempotency,
-            contract: ContractPolicy {
-                method,
-                service,
-                allowed_callers: None,
-            },
+            contract: ContractPolicy { method, service, allowed_callers: None },
             file: "s.proto".into(),
         }
     }
@@ -268,130 +254,63 @@ mod tests {
     }
 
     fn timeout(ms: u64) -> PolicyFields {
-        PolicyFields {
-            timeout: Some(Duration::from_millis(ms)),
-            ..Default::default()
-        }
+        PolicyFields { timeout: Some(Duration::from_millis(ms)), ..Default::default() }
     }
 
     #[test]
     fn precedence_is_override_then_method_then_service_then_defaults() {
-        let mut config = PolicyConfig {
-            defaults: timeout(5000),
-            ..Default::default()
-        };
+        let mut config = PolicyConfig { defaults: timeout(5000), ..Default::default() };
         let method = info(Idempotency::Unknown, Some(timeout(300)), Some(timeout(2000)));
-        let resolve = |config: &PolicyConfig| {
-            MethodPolicy::resolve("s.S", "M", Some(&method), config)
-                .timeout
-                .unwrap()
-        };
+        let resolve = |config: &PolicyConfig| MethodPolicy::resolve("s.S", "M", Some(&method), config).timeout.unwrap();
         assert_eq!(resolve(&config).source, Source::MethodOption);
         config.methods.insert("s.S/*".into(), timeout(100));
         assert_eq!(resolve(&config).source, Source::ConfigOverride("s.S/*".into()));
         config.methods.insert("s.S/M".into(), timeout(50));
         let chosen = resolve(&config);
-        assert_eq!(
-            (chosen.value, chosen.source),
-            (Duration::from_millis(50), Source::ConfigOverride("s.S/M".into()))
-        );
+        assert_eq!((chosen.value, chosen.source), (Duration::from_millis(50), Source::ConfigOverride("s.S/M".into())));
 
         let bare = info(Idempotency::Unknown, None, Some(timeout(2000)));
-        let chosen = MethodPolicy::resolve("s.S", "M", Some(&bare), &PolicyConfig::default())
-            .timeout
-            .unwrap();
+        let chosen = MethodPolicy::resolve("s.S", "M", Some(&bare), &PolicyConfig::default()).timeout.unwrap();
         assert_eq!(chosen.source, Source::ServiceOption);
-        let defaults = PolicyConfig {
-            defaults: timeout(5000),
-            ..Default::default()
-        };
+        let defaults = PolicyConfig { defaults: timeout(5000), ..Default::default() };
         let plain = info(Idempotency::Unknown, None, None);
-        let chosen = MethodPolicy::resolve("s.S", "M", Some(&plain), &defaults)
-            .timeout
-            .unwrap();
+        let chosen = MethodPolicy::resolve("s.S", "M", Some(&plain), &defaults).timeout.unwrap();
         assert_eq!(chosen.source, Source::ConfigDefault);
         let mut stream = info(Idempotency::Unknown, None, None);
         stream.shape = CallShape::ServerStreaming;
-        assert!(
-            MethodPolicy::resolve("s.S", "M", Some(&stream), &defaults)
-                .timeout
-                .is_none()
-        );
+        assert!(MethodPolicy::resolve("s.S", "M", Some(&stream), &defaults).timeout.is_none());
         assert!(MethodPolicy::resolve("x.X", "Y", None, &defaults).timeout.is_none());
     }
 
     #[test]
     fn default_retries_apply_only_to_idempotent_methods() {
         let config = PolicyConfig {
-            defaults: PolicyFields {
-                retry: Some(retry(3)),
-                ..Default::default()
-            },
+            defaults: PolicyFields { retry: Some(retry(3)), ..Default::default() },
             ..Default::default()
         };
         let plain = info(Idempotency::Unknown, None, None);
         assert!(MethodPolicy::resolve("s.S", "M", Some(&plain), &config).retry.is_none());
         let safe = info(Idempotency::NoSideEffects, None, None);
+        assert_eq!(MethodPolicy::resolve("s.S", "M", Some(&safe), &config).retry.unwrap().value.max_attempts, 3);
+        let explicit =
+            info(Idempotency::Unknown, Some(PolicyFields { retry: Some(retry(2)), ..Default::default() }), None);
         assert_eq!(
-            MethodPolicy::resolve("s.S", "M", Some(&safe), &config)
-                .retry
-                .unwrap()
-                .value
-                .max_attempts,
-            3
-        );
-        let explicit = info(
-            Idempotency::Unknown,
-            Some(PolicyFields {
-                retry: Some(retry(2)),
-                ..Default::default()
-            }),
-            None,
-        );
-        assert_eq!(
-            MethodPolicy::resolve("s.S", "M", Some(&explicit), &config)
-                .retry
-                .unwrap()
-                .source,
+            MethodPolicy::resolve("s.S", "M", Some(&explicit), &config).retry.unwrap().source,
             Source::MethodOption
         );
-        let opted_out = info(
-            Idempotency::Idempotent,
-            Some(PolicyFields {
-                retry: Some(retry(1)),
-                ..Default::default()
-            }),
-            None,
-        );
-        assert!(
-            MethodPolicy::resolve("s.S", "M", Some(&opted_out), &config)
-                .retry
-                .is_none()
-        );
+        let opted_out =
+            info(Idempotency::Idempotent, Some(PolicyFields { retry: Some(retry(1)), ..Default::default() }), None);
+        assert!(MethodPolicy::resolve("s.S", "M", Some(&opted_out), &config).retry.is_none());
     }
 
     #[test]
     fn validation_names_the_field() {
         assert!(retry(0).validate().unwrap_err().starts_with("max_attempts"));
-        let no_codes = RetryPolicy {
-            retryable_codes: vec![],
-            ..retry(3)
-        };
+        let no_codes = RetryPolicy { retryable_codes: vec![], ..retry(3) };
         assert!(no_codes.validate().unwrap_err().starts_with("retryable_codes"));
-        assert!(
-            RetryPolicy {
-                retryable_codes: vec![],
-                ..retry(1)
-            }
-            .validate()
-            .is_ok()
-        );
+        assert!(RetryPolicy { retryable_codes: vec![], ..retry(1) }.validate().is_ok());
         let fields = PolicyFields {
-            concurrency: Some(ConcurrencyPolicy {
-                max_in_flight: 0,
-                max_queue: 0,
-                queue_timeout: Duration::ZERO,
-            }),
+            concurrency: Some(ConcurrencyPolicy { max_in_flight: 0, max_queue: 0, queue_timeout: Duration::ZERO }),
             ..Default::default()
         };
         assert!(fields.validate().unwrap_err().starts_with("concurrency.max_in_flight"));

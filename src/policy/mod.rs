@@ -6,6 +6,7 @@ pub mod authz;
 pub mod bulkhead;
 pub mod deadline;
 pub mod method;
+pub mod outlier;
 pub mod retry;
 
 use std::sync::Arc;
@@ -46,23 +47,14 @@ impl CallPolicy {
             .concurrency
             .as_ref()
             .map(|c| Arc::new(Bulkhead::new(format!("method {path} ({})", c.source), &c.value)));
-        CallPolicy {
-            path,
-            shape: info.map(|i| i.shape),
-            policy,
-            bulkhead,
-            counters: CallCounters::default(),
-        }
+        CallPolicy { path, shape: info.map(|i| i.shape), policy, bulkhead, counters: CallCounters::default() }
     }
 
     /// For a call to a method outside the contracts (permissive mode): its
     /// service's override and the defaults apply, but no method bulkhead, as
     /// one cannot be kept for every path a peer might send.
     pub fn outside_contracts(service: &str, method: &str, config: &PolicyConfig) -> CallPolicy {
-        CallPolicy {
-            bulkhead: None,
-            ..CallPolicy::new(service, method, None, config)
-        }
+        CallPolicy { bulkhead: None, ..CallPolicy::new(service, method, None, config) }
     }
 }
 
@@ -78,18 +70,11 @@ pub struct CallContext {
 
 impl CallContext {
     pub fn new(policy: Arc<CallPolicy>, shared_bulkhead: Option<Arc<Bulkhead>>) -> CallContext {
-        CallContext {
-            policy,
-            shared_bulkhead,
-            deadline: None,
-        }
+        CallContext { policy, shared_bulkhead, deadline: None }
     }
 
     /// The context admission put on the request; every stack begins with admission.
     pub fn of<B>(request: &http::Request<B>) -> &CallContext {
-        request
-            .extensions()
-            .get::<CallContext>()
-            .expect("admission sets the call context first")
+        request.extensions().get::<CallContext>().expect("admission sets the call context first")
     }
 }

@@ -30,7 +30,7 @@ use tower::{Service, ServiceExt};
 use super::CallContext;
 use super::method::RetryPolicy;
 use crate::contract::CallShape;
-use crate::grpc::Code;
+use crate::grpc::{self, Code};
 use crate::proxy::body::{RequestBody, ResponseBody};
 use crate::proxy::error::ProxyError;
 
@@ -51,10 +51,7 @@ pub struct Retries<S> {
 
 impl<S> Retries<S> {
     pub fn new(max_replay_bytes: usize, inner: S) -> Self {
-        Retries {
-            inner,
-            max_replay_bytes,
-        }
+        Retries { inner, max_replay_bytes }
     }
 }
 
@@ -72,7 +69,7 @@ enum Verdict {
 fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
     match result {
         Ok(response) => {
-            let Some(code) = trailers_only_status(response) else {
+            let Some(code) = grpc::status_in(response.headers()) else {
                 return Verdict::Final;
             };
             if !retryable.contains(&code) {
@@ -84,9 +81,7 @@ fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Cod
                 .map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok()))
             {
                 None => Verdict::Retryable { pushback: None },
-                Some(Some(ms)) if ms >= 0 => Verdict::Retryable {
-                    pushback: Some(Duration::from_millis(ms as u64)),
-                },
+                Some(Some(ms)) if ms >= 0 => Verdict::Retryable { pushback: Some(Duration::from_millis(ms as u64)) },
                 // Negative or unreadable: the server asks for no retry.
                 Some(_) => Verdict::Final,
             }
@@ -101,18 +96,6 @@ fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Cod
     }
 }
 
-/// The status of a trailers-only response (`grpc-status` among the headers).
-fn trailers_only_status(response: &Response<ResponseBody>) -> Option<Code> {
-    let value = response
-        .headers()
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .parse::<u8>()
-        .ok()?;
-    Code::from_number(value)
-}
-
 /// Reads a request whole, up to `limit` bytes. Past the limit, gives back
 /// what it read and the rest of the stream.
 async fn keep(body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
@@ -125,20 +108,14 @@ async fn keep(body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
                 if let Ok(data) = frame.into_data() {
                     if kept.len() + data.len() > limit {
                         kept.extend_from_slice(&data);
-                        return Err(RequestBody::Resumed {
-                            read: Some(kept.freeze()),
-                            rest: body,
-                        });
+                        return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body });
                     }
                     kept.extend_from_slice(&data);
                 }
             }
             // The caller's stream failed; what follows fails the same way.
             Some(Err(_)) => {
-                return Err(RequestBody::Resumed {
-                    read: Some(kept.freeze()),
-                    rest: body,
-                });
+                return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body });
             }
         }
     }
@@ -152,9 +129,7 @@ fn attempt(parts: &http::request::Parts, body: Bytes, previous: u32) -> Request<
     *request.headers_mut() = parts.headers.clone();
     *request.extensions_mut() = parts.extensions.clone();
     if previous > 0 {
-        request
-            .headers_mut()
-            .insert("grpc-previous-rpc-attempts", HeaderValue::from(previous));
+        request.headers_mut().insert("grpc-previous-rpc-attempts", HeaderValue::from(previous));
     }
     request
 }
@@ -179,10 +154,7 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let context = CallContext::of(&request).clone();
-        let one_request_message = matches!(
-            context.policy.shape,
-            Some(CallShape::Unary | CallShape::ServerStreaming)
-        );
+        let one_request_message = matches!(context.policy.shape, Some(CallShape::Unary | CallShape::ServerStreaming));
         if !one_request_message {
             return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
         }
@@ -224,18 +196,11 @@ where
                         delay
                     }
                 };
-                if context
-                    .deadline
-                    .is_some_and(|deadline| Instant::now() + delay >= deadline)
-                {
+                if context.deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
                     return result;
                 }
                 if !budget.as_ref().is_some_and(|b| b.0.withdraw()) {
-                    context
-                        .policy
-                        .counters
-                        .retry_budget_exhausted
-                        .fetch_add(1, Ordering::Relaxed);
+                    context.policy.counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
                     return result;
                 }
                 context.policy.counters.retries.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,9 @@
-//! The response body every listener sends back: the peer's body streamed
-//! frame by frame, or nothing after the sidecar's own trailers-only status.
-//! Policy layers attach to it what must last as long as the call: a deadline
-//! or idle timer that ends the stream with a gRPC status, and bulkhead places.
+//! The bodies every connection carries. Responses: the peer's body streamed
+//! frame by frame, or nothing after the sidecar's own trailers-only status;
+//! policy layers attach to it what must last as long as the call (a deadline
+//! or idle timer that ends the stream with a gRPC status, bulkhead places, and
+//! the report of the call's outcome to outlier detection). Requests: the
+//! caller's stream, or a request kept whole so that a retry can send it again.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +16,10 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
+use super::balance::Report;
 use super::error::{Direction, ProxyError};
-use crate::grpc;
+use crate::grpc::{self, Code};
+use crate::policy::outlier::Outcome;
 
 #[derive(Debug)]
 pub struct ResponseBody {
@@ -25,6 +29,8 @@ pub struct ResponseBody {
     idle: Option<(Timer, Duration)>,
     /// Bulkhead places, released when the call ends.
     permits: Vec<OwnedSemaphorePermit>,
+    /// Reports the call's final status to the endpoint's outlier detection.
+    report: Option<Report>,
 }
 
 /// A timer, and the error that ends the call when it fires.
@@ -35,64 +41,57 @@ struct Timer {
     direction: Direction,
 }
 
+impl Timer {
+    fn trailers(&self) -> Frame<Bytes> {
+        let message = format!("protomesh {}: {}", self.direction, self.error);
+        Frame::trailers(grpc::status_headers(self.error.code(), &message))
+    }
+}
+
 impl ResponseBody {
     pub fn empty() -> ResponseBody {
-        ResponseBody {
-            inner: None,
-            deadline: None,
-            idle: None,
-            permits: Vec::new(),
-        }
+        ResponseBody { inner: None, deadline: None, idle: None, permits: Vec::new(), report: None }
     }
 
     pub fn streamed(body: Incoming) -> ResponseBody {
-        ResponseBody {
-            inner: Some(body),
-            ..ResponseBody::empty()
-        }
+        ResponseBody { inner: Some(body), ..ResponseBody::empty() }
     }
 
     /// At `at`, the stream ends with `error`'s status in its trailers and the
     /// peer's stream is reset.
     pub fn end_at(&mut self, at: Instant, error: ProxyError, direction: Direction) {
-        self.deadline = Some(Timer {
-            sleep: Box::pin(tokio::time::sleep_until(at)),
-            error,
-            direction,
-        });
+        self.deadline = Some(Timer { sleep: Box::pin(tokio::time::sleep_until(at)), error, direction });
     }
 
     /// Ends the stream with `error` when no data arrives for `after`.
     pub fn end_when_idle(&mut self, after: Duration, error: ProxyError, direction: Direction) {
         let sleep = Box::pin(tokio::time::sleep(after));
-        self.idle = Some((
-            Timer {
-                sleep,
-                error,
-                direction,
-            },
-            after,
-        ));
+        self.idle = Some((Timer { sleep, error, direction }, after));
     }
 
     pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
         self.permits.push(permit);
     }
 
-    /// Ends the call: the peer's stream is dropped (and so reset if still
-    /// open) and the bulkhead places are released.
-    fn end(&mut self) {
+    /// Reports the status in the trailers, or a failure if the stream fails.
+    pub fn report_to(&mut self, report: Report) {
+        self.report = Some(report);
+    }
+
+    /// Ends the call with `status` (`None`: the peer's stream failed). The
+    /// peer's stream is dropped, and so reset if still open, and the bulkhead
+    /// places are released.
+    fn end(&mut self, status: Option<Code>) {
+        if let Some(report) = self.report.take() {
+            match status {
+                Some(code) => report.finish_with_status(code),
+                None => report.finish(Outcome::Failure),
+            }
+        }
         self.inner = None;
         self.deadline = None;
         self.idle = None;
         self.permits.clear();
-    }
-}
-
-impl Timer {
-    fn trailers(&self) -> Frame<Bytes> {
-        let message = format!("protomesh {}: {}", self.direction, self.error);
-        Frame::trailers(grpc::status_headers(self.error.code(), &message))
     }
 }
 
@@ -102,9 +101,7 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data()
@@ -112,10 +109,15 @@ impl Body for ResponseBody {
                 {
                     timer.sleep.as_mut().reset(Instant::now() + *after);
                 }
+                if let Some(trailers) = frame.trailers_ref() {
+                    // Trailers without grpc-status break the protocol: the peer failed.
+                    this.end(Some(grpc::status_in(trailers).unwrap_or(Code::Internal)));
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
+            // The end without trailers, or a failed stream: the peer failed.
             Poll::Ready(end) => {
-                this.end();
+                this.end(None);
                 return Poll::Ready(end);
             }
             Poll::Pending => {}
@@ -124,10 +126,10 @@ impl Body for ResponseBody {
         let expired = [this.deadline.as_mut(), this.idle.as_mut().map(|(timer, _)| timer)]
             .into_iter()
             .flatten()
-            .find_map(|timer| timer.sleep.as_mut().poll(cx).is_ready().then(|| timer.trailers()));
+            .find_map(|timer| timer.sleep.as_mut().poll(cx).is_ready().then(|| (timer.trailers(), timer.error.code())));
         match expired {
-            Some(trailers) => {
-                this.end();
+            Some((trailers, code)) => {
+                this.end(Some(code));
                 Poll::Ready(Some(Ok(trailers)))
             }
             None => Poll::Pending,
@@ -139,9 +141,7 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

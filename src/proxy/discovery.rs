@@ -28,10 +28,7 @@ pub fn parse_endpoint(text: &str) -> Result<EndpointSpec, String> {
     if !valid_host || port == 0 {
         return Err(invalid());
     }
-    Ok(EndpointSpec::Dns {
-        host: host.to_string(),
-        port,
-    })
+    Ok(EndpointSpec::Dns { host: host.to_string(), port })
 }
 
 /// Resolves every spec once. Names that fail to resolve are reported and skipped.
@@ -75,46 +72,22 @@ mod tests {
 
     #[test]
     fn parses_addresses_and_names() {
-        assert_eq!(
-            parse_endpoint("127.0.0.1:4143"),
-            Ok(EndpointSpec::Static("127.0.0.1:4143".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_endpoint("[::1]:4143"),
-            Ok(EndpointSpec::Static("[::1]:4143".parse().unwrap()))
-        );
+        assert_eq!(parse_endpoint("127.0.0.1:4143"), Ok(EndpointSpec::Static("127.0.0.1:4143".parse().unwrap())));
+        assert_eq!(parse_endpoint("[::1]:4143"), Ok(EndpointSpec::Static("[::1]:4143".parse().unwrap())));
         assert_eq!(
             parse_endpoint("inventory.shop.svc.cluster.local:4143"),
-            Ok(EndpointSpec::Dns {
-                host: "inventory.shop.svc.cluster.local".into(),
-                port: 4143
-            })
+            Ok(EndpointSpec::Dns { host: "inventory.shop.svc.cluster.local".into(), port: 4143 })
         );
-        for bad in [
-            "inventory",
-            "inventory:",
-            "inventory:http",
-            ":4143",
-            "a..b:1",
-            "a b:1",
-            "x:0",
-            "x:70000",
-        ] {
+        for bad in ["inventory", "inventory:", "inventory:http", ":4143", "a..b:1", "a b:1", "x:0", "x:70000"] {
             assert!(parse_endpoint(bad).unwrap_err().contains("host:port"), "{bad}");
         }
     }
 
     #[tokio::test]
     async fn resolves_localhost_and_keeps_static_addresses() {
-        let specs = [
-            parse_endpoint("localhost:4143").unwrap(),
-            parse_endpoint("10.0.0.1:1").unwrap(),
-        ];
+        let specs = [parse_endpoint("localhost:4143").unwrap(), parse_endpoint("10.0.0.1:1").unwrap()];
         let addrs = resolve(&specs).await;
         assert!(addrs.contains(&"10.0.0.1:1".parse().unwrap()));
-        assert!(
-            addrs.iter().any(|a| a.ip().is_loopback() && a.port() == 4143),
-            "{addrs:?}"
-        );
+        assert!(addrs.iter().any(|a| a.ip().is_loopback() && a.port() == 4143), "{addrs:?}");
     }
 }

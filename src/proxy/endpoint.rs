@@ -11,7 +11,9 @@ use futures_util::future::{BoxFuture, Shared};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use super::balance::Load;
 use super::body::RequestBody;
+use crate::policy::outlier::Health;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
@@ -39,6 +41,10 @@ enum State {
 
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// Outlier detection's view of it.
+    pub health: Health,
+    /// What the balancer weighs it by.
+    pub load: Load,
     target: Target,
     transport: Arc<Transport>,
     connect_timeout: Duration,
@@ -49,6 +55,8 @@ impl Endpoint {
     pub fn new(addr: SocketAddr, target: Target, transport: Arc<Transport>, connect_timeout: Duration) -> Endpoint {
         Endpoint {
             addr,
+            health: Health::default(),
+            load: Load::default(),
             target,
             transport,
             connect_timeout,
@@ -84,10 +92,7 @@ impl Endpoint {
     }
 
     fn failed(&self, error: hyper::Error) -> ProxyError {
-        ProxyError::Upstream {
-            target: self.target.clone(),
-            error,
-        }
+        ProxyError::Upstream { target: self.target.clone(), error }
     }
 
     /// The endpoint's connection, opened if there is none; concurrent callers
@@ -116,10 +121,7 @@ impl Endpoint {
                 Err(_) => State::Idle,
             };
         }
-        result.map_err(|error| ProxyError::Connect {
-            target: self.target.clone(),
-            error,
-        })
+        result.map_err(|error| ProxyError::Connect { target: self.target.clone(), error })
     }
 
     /// Drops a connection seen to be closing, unless a newer one replaced it.
@@ -155,9 +157,7 @@ async fn connect(
             }
         }
     };
-    let io = tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| ConnectError::Timeout)??;
+    let io = tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout)??;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(10))
@@ -180,15 +180,12 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 /// Picks the identity mismatch out of a failed handshake, so the caller is told
 /// which identity was expected and which one was presented.
 fn tls_error(error: std::io::Error) -> ConnectError {
-    let mismatch = error
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-        .and_then(|e| match e {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
-                other.0.downcast_ref::<IdentityMismatch>().cloned()
-            }
-            _ => None,
-        });
+    let mismatch = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).and_then(|e| match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            other.0.downcast_ref::<IdentityMismatch>().cloned()
+        }
+        _ => None,
+    });
     match mismatch {
         Some(mismatch) => ConnectError::IdentityMismatch(mismatch),
         None => ConnectError::Tls(error),

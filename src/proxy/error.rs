@@ -74,6 +74,11 @@ pub enum ProxyError {
     NoEndpoints {
         upstream: Arc<str>,
     },
+    /// Outlier detection has every endpoint out.
+    AllEjected {
+        upstream: Arc<str>,
+        endpoints: usize,
+    },
     Connect {
         target: Target,
         error: Arc<ConnectError>,
@@ -136,7 +141,9 @@ impl ProxyError {
             ProxyError::NotGrpc { .. } | ProxyError::UnknownMethod { .. } | ProxyError::NoRoute { .. } => {
                 Code::Unimplemented
             }
-            ProxyError::NoEndpoints { .. } | ProxyError::Connect { .. } => Code::Unavailable,
+            ProxyError::NoEndpoints { .. } | ProxyError::AllEjected { .. } | ProxyError::Connect { .. } => {
+                Code::Unavailable
+            }
             ProxyError::Upstream { error, .. } => match reset_reason(error) {
                 Some(reason) => grpc::code_for_reset(reason),
                 None => Code::Unavailable,
@@ -165,9 +172,7 @@ impl ProxyError {
         *response.headers_mut() = grpc::status_headers(self.code(), &message);
         if let ProxyError::Overloaded { pushback, .. } = &self {
             let millis = u64::try_from(pushback.as_millis()).unwrap_or(u64::MAX);
-            response
-                .headers_mut()
-                .insert("grpc-retry-pushback-ms", HeaderValue::from(millis));
+            response.headers_mut().insert("grpc-retry-pushback-ms", HeaderValue::from(millis));
         }
         response
     }
@@ -212,10 +217,7 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        Answer {
-            inner: self.inner.call(request),
-            direction: self.direction,
-        }
+        Answer { inner: self.inner.call(request), direction: self.direction }
     }
 }
 
@@ -259,18 +261,16 @@ impl fmt::Display for ProxyError {
         match self {
             ProxyError::NotGrpc { path } => write!(f, "`{path}` is not a gRPC path /package.Service/Method"),
             ProxyError::UnknownMethod { path } => {
-                write!(
-                    f,
-                    "method {path} is not in the loaded contracts (contracts.mode is strict)"
-                )
+                write!(f, "method {path} is not in the loaded contracts (contracts.mode is strict)")
             }
             ProxyError::NoRoute { service } => {
-                write!(
-                    f,
-                    "no route for service {service}; add it to outbound.upstreams[].services"
-                )
+                write!(f, "no route for service {service}; add it to outbound.upstreams[].services")
             }
             ProxyError::NoEndpoints { upstream } => write!(f, "upstream {upstream} has no resolved endpoints"),
+            ProxyError::AllEjected { upstream, endpoints } => write!(
+                f,
+                "circuit open: outlier detection (policy.outlier_detection) has ejected all {endpoints} endpoint(s) of upstream {upstream}"
+            ),
             ProxyError::Connect { target, error } => write!(f, "{target} unreachable: {error}"),
             ProxyError::Upstream { target, error } => match reset_reason(error) {
                 Some(reason) => write!(f, "{target} reset the stream ({reason:?})"),
@@ -285,10 +285,7 @@ impl fmt::Display for ProxyError {
                 "malformed grpc-timeout header `{value}`: expected 1 to 8 digits and a unit (H, M, S, m, u, n)"
             ),
             ProxyError::BudgetTooSmall { budget, floor, origin } => {
-                write!(
-                    f,
-                    "deadline budget {budget:?} ({origin}) is below policy.min_budget {floor:?}"
-                )
+                write!(f, "deadline budget {budget:?} ({origin}) is below policy.min_budget {floor:?}")
             }
             ProxyError::DeadlineExceeded { budget, origin } => write!(f, "deadline of {budget:?} ({origin}) exceeded"),
             ProxyError::IdleTimeout { after, source } => {

@@ -53,41 +53,23 @@ impl InboundRoutes {
         let rules: Vec<Arc<Rule>> = authorization
             .rules
             .iter()
-            .map(|r| {
-                Arc::new(Rule {
-                    name: r.name.clone(),
-                    methods: r.methods.clone(),
-                    callers: r.callers.clone(),
-                })
-            })
+            .map(|r| Arc::new(Rule { name: r.name.clone(), methods: r.methods.clone(), callers: r.callers.clone() }))
             .collect();
         let by_path = contracts
             .methods()
             .map(|method| {
                 let contract_rule = method.contract.allowed_callers.as_ref().map(|callers| {
-                    let owner = if callers.source == Source::ServiceOption {
-                        &method.service
-                    } else {
-                        &method.path
-                    };
+                    let owner = if callers.source == Source::ServiceOption { &method.service } else { &method.path };
                     Arc::new(Rule {
                         name: format!("allowed_callers in {} of {owner}", callers.source),
                         methods: vec![MethodPattern::Any],
                         callers: callers.value.clone(),
                     })
                 });
-                let authz = MethodAuthz::resolve(
-                    &rules,
-                    authorization.default,
-                    &method.service,
-                    &method.method,
-                    contract_rule,
-                );
+                let authz =
+                    MethodAuthz::resolve(&rules, authorization.default, &method.service, &method.method, contract_rule);
                 let policy = Arc::new(CallPolicy::new(&method.service, &method.method, Some(method), &policy));
-                (
-                    method.path.clone().into_boxed_str(),
-                    Arc::new(InboundRoute { policy, authz }),
-                )
+                (method.path.clone().into_boxed_str(), Arc::new(InboundRoute { policy, authz }))
             })
             .collect();
         InboundRoutes {
@@ -105,10 +87,7 @@ impl InboundRoutes {
         let limits = self.policy.caller_concurrency.as_ref()?;
         let mut bulkheads = self.caller_bulkheads.lock().expect("caller bulkheads lock");
         let bulkhead = bulkheads.entry(caller.clone()).or_insert_with(|| {
-            Arc::new(Bulkhead::new(
-                format!("caller {caller} (config policy.caller_concurrency)"),
-                limits,
-            ))
+            Arc::new(Bulkhead::new(format!("caller {caller} (config policy.caller_concurrency)"), limits))
         });
         Some(bulkhead.clone())
     }
@@ -140,16 +119,10 @@ pub struct AuthorizeInbound {
 
 impl AuthorizeInbound {
     pub fn new(routes: Arc<InboundRoutes>, peer: &PeerInfo) -> Self {
-        let caller = peer
-            .identity
-            .clone()
-            .and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| (id, header)));
+        let caller =
+            peer.identity.clone().and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| (id, header)));
         let caller_bulkhead = caller.as_ref().and_then(|(id, _)| routes.caller_bulkhead(id));
-        AuthorizeInbound {
-            routes,
-            caller,
-            caller_bulkhead,
-        }
+        AuthorizeInbound { routes, caller, caller_bulkhead }
     }
 }
 
@@ -164,9 +137,7 @@ impl Admission for AuthorizeInbound {
             denial,
         })?;
         request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
-        request
-            .extensions_mut()
-            .insert(CallContext::new(route.policy.clone(), self.caller_bulkhead.clone()));
+        request.extensions_mut().insert(CallContext::new(route.policy.clone(), self.caller_bulkhead.clone()));
         Ok(())
     }
 }

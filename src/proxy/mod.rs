@@ -9,6 +9,7 @@
 //!           → bulkheads (method, caller) → local app h2 connection
 
 mod admit;
+mod balance;
 pub mod body;
 pub mod discovery;
 mod endpoint;
@@ -86,9 +87,7 @@ impl<S> Stack for S where
 fn forward_remaining_budget<B>(request: &mut Request<B>) {
     if let Some(deadline) = CallContext::of(request).deadline {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        request
-            .headers_mut()
-            .insert("grpc-timeout", crate::grpc::encode_timeout(remaining));
+        request.headers_mut().insert("grpc-timeout", crate::grpc::encode_timeout(remaining));
     }
 }
 
@@ -115,12 +114,8 @@ impl Sidecar {
             upstreams.push((upstream.services.clone(), started));
         }
         let policy = Arc::new(config.policy.clone());
-        let outbound_routes = Arc::new(OutboundRoutes::new(
-            contracts.clone(),
-            config.contracts.mode,
-            policy.clone(),
-            &upstreams,
-        ));
+        let outbound_routes =
+            Arc::new(OutboundRoutes::new(contracts.clone(), config.contracts.mode, policy.clone(), &upstreams));
         let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;
         let inbound = match &config.inbound {
             None => None,
@@ -172,13 +167,7 @@ impl Sidecar {
             }
         };
         tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, "sidecar started");
-        Ok(Sidecar {
-            outbound_addr,
-            inbound_addr,
-            identity: identity.id.clone(),
-            shutdown,
-            listeners,
-        })
+        Ok(Sidecar { outbound_addr, inbound_addr, identity: identity.id.clone(), shutdown, listeners })
     }
 
     /// Stops accepting, sends GOAWAY, and waits for in-flight calls up to the drain period.
@@ -189,9 +178,7 @@ impl Sidecar {
 }
 
 async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("{field}: cannot listen on {addr}: {e}"))
+    TcpListener::bind(addr).await.map_err(|e| format!("{field}: cannot listen on {addr}: {e}"))
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {

@@ -51,19 +51,10 @@ impl OutboundRoutes {
             .filter_map(|method| {
                 let upstream = by_service.get(method.service.as_str())?.clone();
                 let policy = Arc::new(CallPolicy::new(&method.service, &method.method, Some(method), &policy));
-                Some((
-                    method.path.clone().into_boxed_str(),
-                    Arc::new(OutboundRoute { policy, upstream }),
-                ))
+                Some((method.path.clone().into_boxed_str(), Arc::new(OutboundRoute { policy, upstream })))
             })
             .collect();
-        OutboundRoutes {
-            by_path,
-            by_service,
-            contracts,
-            mode,
-            policy,
-        }
+        OutboundRoutes { by_path, by_service, contracts, mode, policy }
     }
 
     pub fn route(&self, path: &str) -> Result<Arc<OutboundRoute>, ProxyError> {
@@ -80,9 +71,7 @@ impl OutboundRoutes {
                 policy: Arc::new(CallPolicy::outside_contracts(service, method, &self.policy)),
                 upstream: upstream.clone(),
             })),
-            _ => Err(ProxyError::NoRoute {
-                service: service.to_string(),
-            }),
+            _ => Err(ProxyError::NoRoute { service: service.to_string() }),
         }
     }
 }
@@ -113,12 +102,8 @@ impl Service<Request<RequestBody>> for ForwardToUpstream {
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let route = request
-            .extensions()
-            .get::<Arc<OutboundRoute>>()
-            .cloned()
-            .expect("admission routes the call first");
+        let route = request.extensions().get::<Arc<OutboundRoute>>().cloned().expect("admission routes the call first");
         super::forward_remaining_budget(&mut request);
-        Box::pin(async move { Ok(route.upstream.send(request).await?.map(ResponseBody::streamed)) })
+        Box::pin(async move { route.upstream.send(request).await })
     }
 }

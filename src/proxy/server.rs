@@ -76,24 +76,15 @@ pub async fn serve<F, S>(
             let result = match acceptor {
                 None => {
                     let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity: None }));
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(tcp), service))
-                        .await
+                    watcher.watch(builder.serve_connection(TokioIo::new(tcp), service)).await
                 }
                 Some(acceptor) => {
                     let Some(tls) = accept_tls(&acceptor, tcp, addr).await else {
                         return;
                     };
-                    let identity = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(spiffe_id_of);
+                    let identity = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id_of);
                     let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity }));
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(tls), service))
-                        .await
+                    watcher.watch(builder.serve_connection(TokioIo::new(tls), service)).await
                 }
             };
             if let Err(error) = result {
@@ -137,10 +128,7 @@ async fn accept_tls(
 /// A TLS connection opens with a handshake record (0x16); the HTTP/2 preface opens with `PRI`.
 async fn sent_plaintext_http2(tcp: &TcpStream) -> bool {
     let mut first = [0u8; 3];
-    matches!(
-        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await,
-        Ok(Ok(3))
-    ) && &first == b"PRI"
+    matches!(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await, Ok(Ok(3))) && &first == b"PRI"
 }
 
 /// Answers a plaintext HTTP/2 client in its own protocol, so that it reports a

@@ -1,24 +1,29 @@
 //! An upstream: the peers serving a set of gRPC services, all expected to
-//! present one SPIFFE ID, with one pooled connection per endpoint.
+//! present one SPIFFE ID, with one pooled connection per endpoint, a balancer
+//! over them, outlier detection for each, and a retry budget for all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use hyper::body::Incoming;
+use tokio::time::Instant;
 
-use super::body::RequestBody;
+use super::balance::{self, Report};
+use super::body::{RequestBody, ResponseBody};
 use super::discovery::{self, EndpointSpec};
 use super::endpoint::{Endpoint, Transport};
 use super::error::{ProxyError, Target};
-use crate::config::PolicyConfig;
-use crate::config::UpstreamConfig;
+use crate::config::{PolicyConfig, UpstreamConfig};
+use crate::grpc;
 use crate::identity::{Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
+use crate::policy::outlier::{Outcome, Outliers};
 use crate::policy::retry::{self, RetryBudget};
+
+/// Endpoints a call may try when connecting fails, before it gives up.
+const CONNECT_TRIES: usize = 3;
 
 pub struct Upstream {
     /// A label for messages: the endpoints as configured.
@@ -28,10 +33,10 @@ pub struct Upstream {
     pub bulkhead: Option<Arc<Bulkhead>>,
     /// What retries to this upstream may add to its calls.
     pub retry_budget: RetryBudget,
+    pub outliers: Arc<Outliers>,
     transport: Arc<Transport>,
     connect_timeout: Duration,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
-    next: AtomicUsize,
 }
 
 impl Upstream {
@@ -42,36 +47,30 @@ impl Upstream {
         connect_timeout: Duration,
         policy: &PolicyConfig,
     ) -> Result<Arc<Upstream>, String> {
-        let specs: Vec<EndpointSpec> = config
-            .endpoints
-            .iter()
-            .map(|e| discovery::parse_endpoint(e))
-            .collect::<Result<_, _>>()?;
+        let specs: Vec<EndpointSpec> =
+            config.endpoints.iter().map(|e| discovery::parse_endpoint(e)).collect::<Result<_, _>>()?;
         let name: Arc<str> = config.endpoints.join(",").into();
         let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {
-            Arc::new(Bulkhead::new(
-                format!("upstream {name} (config policy.upstream_concurrency)"),
-                limits,
-            ))
+            Arc::new(Bulkhead::new(format!("upstream {name} (config policy.upstream_concurrency)"), limits))
         });
         let budget = &policy.retry_budget;
-        let retry_budget = RetryBudget(Arc::new(retry::budget(budget.ratio, budget.min_per_second)));
         let upstream = Arc::new(Upstream {
             name,
             identity: config.identity.clone(),
             bulkhead,
-            retry_budget,
+            retry_budget: RetryBudget(Arc::new(retry::budget(budget.ratio, budget.min_per_second))),
+            outliers: Arc::new(Outliers::new(policy.outlier_detection.clone())),
             transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
             connect_timeout,
             endpoints: ArcSwap::from_pointee(Vec::new()),
-            next: AtomicUsize::new(0),
         });
         upstream.set_endpoints(&discovery::resolve(&specs).await);
         discovery::spawn_refresh(Arc::downgrade(&upstream), specs, config.resolve_interval);
         Ok(upstream)
     }
 
-    /// Replaces the endpoint set, keeping the connections of addresses that stay.
+    /// Replaces the endpoint set, keeping the connections (and health) of
+    /// addresses that stay.
     pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
         let current = self.endpoints.load();
         if current.len() == addrs.len() && current.iter().zip(addrs).all(|(e, a)| e.addr == *a) {
@@ -81,46 +80,58 @@ impl Upstream {
             .iter()
             .map(|&addr| {
                 current.iter().find(|e| e.addr == addr).cloned().unwrap_or_else(|| {
-                    let target = Target::Upstream {
-                        name: self.name.clone(),
-                        addr,
-                    };
-                    Arc::new(Endpoint::new(
-                        addr,
-                        target,
-                        self.transport.clone(),
-                        self.connect_timeout,
-                    ))
+                    let target = Target::Upstream { name: self.name.clone(), addr };
+                    Arc::new(Endpoint::new(addr, target, self.transport.clone(), self.connect_timeout))
                 })
             })
             .collect();
         tracing::info!(upstream = %self.name, endpoints = ?addrs, "endpoints updated");
+        self.outliers.set_endpoint_count(addrs.len());
         self.endpoints.store(Arc::new(endpoints));
     }
 
-    /// Round-robin over the current endpoints. An endpoint that cannot be
-    /// connected to is passed over for the next, up to three: the request has
-    /// not left the sidecar, so any call may go elsewhere.
-    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+    /// Sends a call to the endpoint the balancer chooses. One that cannot be
+    /// connected to is passed over for another: the request has not left the
+    /// sidecar, so any call may go elsewhere.
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<ResponseBody>, ProxyError> {
         let endpoints = self.endpoints.load_full();
         if endpoints.is_empty() {
-            return Err(ProxyError::NoEndpoints {
-                upstream: self.name.clone(),
-            });
+            return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
-        let first = self.next.fetch_add(1, Ordering::Relaxed);
         let mut refused = None;
-        for endpoint in endpoints
-            .iter()
-            .cycle()
-            .skip(first % endpoints.len())
-            .take(endpoints.len().min(3))
-        {
-            match endpoint.connection().await {
-                Ok(connection) => return endpoint.send_on(connection, request).await,
-                Err(error) => refused = Some(error),
-            }
+        let mut tried = Vec::new();
+        for _ in 0..endpoints.len().min(CONNECT_TRIES) {
+            let Some((endpoint, admission)) = balance::choose(&endpoints, &tried, Instant::now()) else { break };
+            tried.push(endpoint.addr);
+            let report = Report::start(endpoint.clone(), self.outliers.clone(), admission);
+            let connection = match endpoint.connection().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    report.finish(Outcome::Failure);
+                    refused = Some(error);
+                    continue;
+                }
+            };
+            return match endpoint.send_on(connection, request).await {
+                // A refusal says nothing of the endpoint's health.
+                Err(error) if error.refused_unprocessed() => Err(error),
+                Err(error) => {
+                    report.finish(Outcome::Failure);
+                    Err(error)
+                }
+                Ok(response) => {
+                    report.responded();
+                    let trailers_only = grpc::status_in(response.headers());
+                    let mut response = response.map(ResponseBody::streamed);
+                    match trailers_only {
+                        Some(code) => report.finish_with_status(code),
+                        None => response.body_mut().report_to(report),
+                    }
+                    Ok(response)
+                }
+            };
         }
-        Err(refused.expect("at least one endpoint was tried"))
+        Err(refused
+            .unwrap_or_else(|| ProxyError::AllEjected { upstream: self.name.clone(), endpoints: endpoints.len() }))
     }
 }

@@ -59,13 +59,7 @@ impl EchoService {
 
     fn observe<T>(&self, request: &Request<T>) -> MetadataMap {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let header = |name| {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
+        let header = |name| request.metadata().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         *self.stats.last_timeout.lock().expect("stats lock") = header("grpc-timeout");
         *self.stats.last_previous_attempts.lock().expect("stats lock") = header("grpc-previous-rpc-attempts");
         echoed_metadata(request.metadata())
@@ -93,10 +87,7 @@ fn requested_status(request: &EchoRequest, metadata: &MetadataMap) -> Option<Sta
     (request.status_code != 0).then(|| {
         let mut metadata = metadata.clone();
         if request.pushback_ms != 0 {
-            metadata.insert(
-                "grpc-retry-pushback-ms",
-                request.pushback_ms.to_string().parse().expect("digits"),
-            );
+            metadata.insert("grpc-retry-pushback-ms", request.pushback_ms.to_string().parse().expect("digits"));
         }
         Status::with_details_and_metadata(
             Code::from_i32(request.status_code),
@@ -157,10 +148,7 @@ impl Echo for EchoService {
             let payload = bytes::Bytes::from(vec![7u8; request.reply_payload_bytes as usize]);
             for sequence in 0..request.reply_count {
                 tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
-                let message = EchoReply {
-                    payload: payload.clone(),
-                    ..reply(&request, &caller, sequence)
-                };
+                let message = EchoReply { payload: payload.clone(), ..reply(&request, &caller, sequence) };
                 if tx.send(Ok(message)).await.is_err() {
                     stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     stats.cancelled_signal.notify_waiters();

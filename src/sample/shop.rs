@@ -24,11 +24,7 @@ impl Inventory for InventoryService {
     async fn get_stock(&self, request: Request<StockRequest>) -> Result<Response<Stock>, Status> {
         let served_for = caller_of(&request);
         let sku = request.into_inner().sku;
-        Ok(Response::new(Stock {
-            available: stock_of(&sku),
-            sku,
-            served_for,
-        }))
+        Ok(Response::new(Stock { available: stock_of(&sku), sku, served_for }))
     }
 
     type WatchStockStream = Pin<Box<dyn Stream<Item = Result<Stock, Status>> + Send>>;
@@ -38,11 +34,7 @@ impl Inventory for InventoryService {
         let StockRequest { sku, updates } = request.into_inner();
         let start = stock_of(&sku);
         let updates = (0..updates).map(move |i| {
-            Ok(Stock {
-                sku: sku.clone(),
-                available: start.saturating_sub(i),
-                served_for: served_for.clone(),
-            })
+            Ok(Stock { sku: sku.clone(), available: start.saturating_sub(i), served_for: served_for.clone() })
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(updates))))
     }
@@ -54,11 +46,7 @@ impl Inventory for InventoryService {
         while let Some(item) = items.next().await {
             count += item?.quantity;
         }
-        Ok(Response::new(Reservation {
-            reservation_id: format!("r-{count}"),
-            items: count,
-            served_for,
-        }))
+        Ok(Response::new(Reservation { reservation_id: format!("r-{count}"), items: count, served_for }))
     }
 }
 
@@ -77,11 +65,7 @@ impl Pricing for PricingService {
         let quotes = request.into_inner().map(move |quote| {
             let QuoteRequest { sku, quantity } = quote?;
             let cents = u64::from(stock_of(&sku)) * 97 * u64::from(quantity);
-            Ok(QuoteReply {
-                sku,
-                cents,
-                served_for: served_for.clone(),
-            })
+            Ok(QuoteReply { sku, cents, served_for: served_for.clone() })
         });
         Ok(Response::new(Box::pin(quotes)))
     }
@@ -102,13 +86,7 @@ impl Checkout for CheckoutService {
         let (mut inventory, mut pricing) = (self.inventory.clone(), self.pricing.clone());
 
         for sku in &order.skus {
-            let stock = inventory
-                .get_stock(StockRequest {
-                    sku: sku.clone(),
-                    updates: 0,
-                })
-                .await?
-                .into_inner();
+            let stock = inventory.get_stock(StockRequest { sku: sku.clone(), updates: 0 }).await?.into_inner();
             trail.push(format!(
                 "shop.v1.Inventory/GetStock (unary) {sku}: {} available, served for {}",
                 stock.available, stock.served_for
@@ -116,13 +94,7 @@ impl Checkout for CheckoutService {
         }
 
         let first = order.skus.first().cloned().unwrap_or_default();
-        let mut watch = inventory
-            .watch_stock(StockRequest {
-                sku: first.clone(),
-                updates: 3,
-            })
-            .await?
-            .into_inner();
+        let mut watch = inventory.watch_stock(StockRequest { sku: first.clone(), updates: 3 }).await?.into_inner();
         let mut updates = Vec::new();
         let mut served_for = String::new();
         while let Some(stock) = watch.message().await? {
@@ -134,28 +106,16 @@ impl Checkout for CheckoutService {
             updates.join(", ")
         ));
 
-        let items: Vec<ReserveItem> = order
-            .skus
-            .iter()
-            .map(|sku| ReserveItem {
-                sku: sku.clone(),
-                quantity: 1,
-            })
-            .collect();
+        let items: Vec<ReserveItem> =
+            order.skus.iter().map(|sku| ReserveItem { sku: sku.clone(), quantity: 1 }).collect();
         let reservation = inventory.reserve(tokio_stream::iter(items)).await?.into_inner();
         trail.push(format!(
             "shop.v1.Inventory/Reserve (client-streaming) {} items as {}, served for {}",
             reservation.items, reservation.reservation_id, reservation.served_for
         ));
 
-        let quotes: Vec<QuoteRequest> = order
-            .skus
-            .iter()
-            .map(|sku| QuoteRequest {
-                sku: sku.clone(),
-                quantity: 1,
-            })
-            .collect();
+        let quotes: Vec<QuoteRequest> =
+            order.skus.iter().map(|sku| QuoteRequest { sku: sku.clone(), quantity: 1 }).collect();
         let mut replies = pricing.quote(tokio_stream::iter(quotes)).await?.into_inner();
         let (mut total_cents, mut served_for, mut count) = (0, String::new(), 0);
         while let Some(quote) = replies.message().await? {
@@ -166,10 +126,6 @@ impl Checkout for CheckoutService {
         trail.push(format!(
             "shop.v1.Pricing/Quote (bidi-streaming) {count} quotes, {total_cents} cents, served for {served_for}"
         ));
-        Ok(Response::new(OrderReply {
-            order_id: format!("order-{}", order.customer),
-            total_cents,
-            trail,
-        }))
+        Ok(Response::new(OrderReply { order_id: format!("order-{}", order.customer), total_cents, trail }))
     }
 }

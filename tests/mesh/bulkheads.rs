@@ -12,17 +12,8 @@ use crate::harness::{Mesh, MeshOptions, within};
 async fn hold_streams(mesh: &Mesh, count: usize) -> Vec<tonic::Streaming<protomesh::pb::echo::v1::EchoReply>> {
     let mut held = Vec::new();
     for _ in 0..count {
-        let request = EchoRequest {
-            reply_count: 1,
-            delay_ms: 30_000,
-            ..Default::default()
-        };
-        held.push(
-            within("hold", mesh.client().server_stream(request))
-                .await
-                .unwrap()
-                .into_inner(),
-        );
+        let request = EchoRequest { reply_count: 1, delay_ms: 30_000, ..Default::default() };
+        held.push(within("hold", mesh.client().server_stream(request)).await.unwrap().into_inner());
     }
     held
 }
@@ -36,14 +27,9 @@ async fn a_full_method_bulkhead_refuses_at_once_with_pushback() {
     .await;
     let _held = hold_streams(&mesh, 2).await;
     let calls_before = mesh.calls();
-    let status = within("refused", mesh.client().server_stream(EchoRequest::default()))
-        .await
-        .unwrap_err();
+    let status = within("refused", mesh.client().server_stream(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(
-        status.message().contains("bulkhead method /echo.v1.Echo/ServerStream"),
-        "{status:?}"
-    );
+    assert!(status.message().contains("bulkhead method /echo.v1.Echo/ServerStream"), "{status:?}");
     assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "250");
     assert_eq!(mesh.calls(), calls_before);
 }
@@ -56,22 +42,12 @@ async fn a_saturated_method_leaves_the_others_unaffected() {
     })
     .await;
     let _held = hold_streams(&mesh, 3).await;
-    let refused = within("refused", mesh.client().server_stream(EchoRequest::default()))
-        .await
-        .unwrap_err();
+    let refused = within("refused", mesh.client().server_stream(EchoRequest::default())).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
-    assert!(
-        refused.message().starts_with("protomesh inbound: bulkhead method"),
-        "{refused:?}"
-    );
+    assert!(refused.message().starts_with("protomesh inbound: bulkhead method"), "{refused:?}");
     // Meanwhile every unary call goes through.
     for _ in 0..20 {
-        within(
-            "unary beside a saturated method",
-            mesh.client().unary(EchoRequest::default()),
-        )
-        .await
-        .unwrap();
+        within("unary beside a saturated method", mesh.client().unary(EchoRequest::default())).await.unwrap();
     }
 }
 
@@ -83,9 +59,7 @@ async fn a_place_is_held_until_the_stream_ends() {
     })
     .await;
     let held = hold_streams(&mesh, 1).await;
-    let status = within("refused", mesh.client().server_stream(EchoRequest::default()))
-        .await
-        .unwrap_err();
+    let status = within("refused", mesh.client().server_stream(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     drop(held);
     within("admitted once the stream ended", async {

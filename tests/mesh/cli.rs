@@ -7,11 +7,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_protomesh");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 fn protomesh(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(REPO)
-        .output()
-        .expect("protomesh runs")
+    Command::new(BIN).args(args).current_dir(REPO).output().expect("protomesh runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -24,26 +20,12 @@ fn the_demo_runs_a_whole_mesh_and_stops_by_itself() {
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
     assert!(stdout.contains("shop.v1.Checkout/PlaceOrder for ada: OK"), "{stdout}");
-    for shape in [
-        "(unary)",
-        "(server-streaming)",
-        "(client-streaming)",
-        "(bidi-streaming)",
-    ] {
+    for shape in ["(unary)", "(server-streaming)", "(client-streaming)", "(bidi-streaming)"] {
         assert!(stdout.contains(shape), "{shape} missing:\n{stdout}");
     }
-    assert!(
-        stdout.contains("served for spiffe://demo.protomesh.local/ns/shop/sa/checkout"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("shop.v1.Inventory/GetStock: PermissionDenied: protomesh inbound"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("shop.v1.Checkout/CancelOrder: Unimplemented: protomesh outbound"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("served for spiffe://demo.protomesh.local/ns/shop/sa/checkout"), "{stdout}");
+    assert!(stdout.contains("shop.v1.Inventory/GetStock: PermissionDenied: protomesh inbound"), "{stdout}");
+    assert!(stdout.contains("shop.v1.Checkout/CancelOrder: Unimplemented: protomesh outbound"), "{stdout}");
 }
 
 fn write_config(dir: &tempfile::TempDir, yaml: &str) -> String {
@@ -71,19 +53,10 @@ fn check_prints_the_method_table_with_policy_sources() {
     let output = protomesh(&["check", "--config", &config]);
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(
-        stdout.contains("identity  spiffe://cluster.local/ns/default/sa/web"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("echo.v1.Echo  [examples/echo.proto]  no outbound route"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("identity  spiffe://cluster.local/ns/default/sa/web"), "{stdout}");
+    assert!(stdout.contains("echo.v1.Echo  [examples/echo.proto]  no outbound route"), "{stdout}");
     assert!(stdout.contains("BidiStream               bidi-streaming"), "{stdout}");
-    assert!(
-        stdout.contains("Unary                    unary  no-side-effects"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("Unary                    unary  no-side-effects"), "{stdout}");
     assert!(stdout.contains("from (protomesh.v1.service)"), "{stdout}");
 }
 
@@ -95,10 +68,7 @@ fn a_bad_config_names_the_file_and_field_and_exits_non_zero() {
         let output = protomesh(&[command, "--config", &config]);
         let stderr = text(&output.stderr);
         assert!(!output.status.success(), "{command}");
-        assert!(
-            stderr.contains(&format!("{config}: field `inbound.listen`")),
-            "{command}: {stderr}"
-        );
+        assert!(stderr.contains(&format!("{config}: field `inbound.listen`")), "{command}: {stderr}");
         assert!(stderr.contains("IP:port"), "{stderr}");
     }
 }
@@ -115,17 +85,12 @@ fn run_never_half_starts() {
     let output = protomesh(&["run", "--config", &config]);
     let stderr = text(&output.stderr);
     assert!(!output.status.success());
-    assert!(
-        stderr.contains(&format!("inbound.listen: cannot listen on {taken_addr}")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("inbound.listen: cannot listen on {taken_addr}")), "{stderr}");
 }
 
 #[test]
 fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
-    let probe = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools, pytest"])
-        .output();
+    let probe = Command::new("python3").args(["-c", "import grpc, grpc_tools, pytest"]).output();
     assert!(
         probe.is_ok_and(|o| o.status.success()),
         "the grpcio suite needs Python packages: pip install -r tests/python/requirements.txt"

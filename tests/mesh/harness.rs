@@ -78,10 +78,7 @@ impl Mesh {
                 protomesh::sample::serve(Server::builder().add_service(echo.into_server()), listener).await
             }
         };
-        let inbound = format!(
-            "{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}",
-            options.authorization
-        );
+        let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
         let server_sidecar = sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy).await;
         let server_inbound = server_sidecar.inbound_addr.unwrap();
         let endpoint = options
@@ -92,30 +89,19 @@ impl Mesh {
             .map(|e| format!("'{e}'"))
             .collect::<Vec<_>>()
             .join(", ");
-        let upstreams = format!(
-            "[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]",
-            options.expected_server
-        );
+        let upstreams =
+            format!("[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]", options.expected_server);
         let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy).await;
-        Mesh {
-            dir,
-            backend,
-            client_sidecar,
-            server_sidecar,
-        }
+        Mesh { dir, backend, client_sidecar, server_sidecar }
     }
 
     /// A channel to the client workload's outbound sidecar, as its app would open it.
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.client_sidecar.outbound_addr))
-            .unwrap()
-            .connect_lazy()
+        Channel::from_shared(format!("http://{}", self.client_sidecar.outbound_addr)).unwrap().connect_lazy()
     }
 
     pub fn client(&self) -> EchoClient<Channel> {
-        EchoClient::new(self.channel())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+        EchoClient::new(self.channel()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
     }
 
     pub fn ca(&self) -> DevCa {
@@ -151,7 +137,5 @@ async fn sidecar(dir: &TempDir, workload: &str, upstreams: &str, inbound: Option
 
 /// Bounds every wait in a test: a hang fails instead of stalling the suite.
 pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
+    tokio::time::timeout(Duration::from_secs(20), future).await.unwrap_or_else(|_| panic!("timed out: {what}"))
 }

@@ -14,19 +14,13 @@ use tonic::{Code, Request};
 use crate::harness::{Mesh, MeshOptions, id, within};
 
 fn echo(message: &str) -> EchoRequest {
-    EchoRequest {
-        message: message.into(),
-        ..Default::default()
-    }
+    EchoRequest { message: message.into(), ..Default::default() }
 }
 
 #[tokio::test]
 async fn unary_call_arrives_with_the_callers_verified_identity() {
     let mesh = Mesh::start().await;
-    let reply = within("unary", mesh.client().unary(echo("hello")))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = within("unary", mesh.client().unary(echo("hello"))).await.unwrap().into_inner();
     assert_eq!(reply.message, "hello");
     assert_eq!(reply.caller, id("client").as_str());
     assert_eq!(mesh.calls(), 1);
@@ -36,51 +30,30 @@ async fn unary_call_arrives_with_the_callers_verified_identity() {
 async fn the_app_cannot_spoof_its_caller_identity() {
     let mesh = Mesh::start().await;
     let mut request = Request::new(echo("spoof"));
-    request.metadata_mut().insert(
-        "protomesh-caller-id",
-        MetadataValue::from_static("spiffe://evil/ns/x/sa/admin"),
-    );
-    let reply = within("unary", mesh.client().unary(request))
-        .await
-        .unwrap()
-        .into_inner();
+    request.metadata_mut().insert("protomesh-caller-id", MetadataValue::from_static("spiffe://evil/ns/x/sa/admin"));
+    let reply = within("unary", mesh.client().unary(request)).await.unwrap().into_inner();
     assert_eq!(reply.caller, id("client").as_str());
 }
 
 #[tokio::test]
 async fn server_streaming_delivers_every_reply_in_order() {
     let mesh = Mesh::start().await;
-    let request = EchoRequest {
-        reply_count: 50,
-        reply_payload_bytes: 100,
-        ..echo("s")
-    };
+    let request = EchoRequest { reply_count: 50, reply_payload_bytes: 100, ..echo("s") };
     let replies: Vec<EchoReply> = within("server stream", async {
         let stream = mesh.client().server_stream(request).await.unwrap().into_inner();
         stream.collect::<Result<Vec<_>, _>>().await
     })
     .await
     .unwrap();
-    assert_eq!(
-        replies.iter().map(|r| r.sequence).collect::<Vec<_>>(),
-        (0..50).collect::<Vec<_>>()
-    );
+    assert_eq!(replies.iter().map(|r| r.sequence).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>());
     assert!(replies.iter().all(|r| r.payload.len() == 100));
 }
 
 #[tokio::test]
 async fn client_streaming_delivers_every_request() {
     let mesh = Mesh::start().await;
-    let requests = (0..40).map(|i| EchoRequest {
-        payload: vec![1; i].into(),
-        ..echo("c")
-    });
-    let reply = within(
-        "client stream",
-        mesh.client().client_stream(tokio_stream::iter(requests)),
-    )
-    .await
-    .unwrap();
+    let requests = (0..40).map(|i| EchoRequest { payload: vec![1; i].into(), ..echo("c") });
+    let reply = within("client stream", mesh.client().client_stream(tokio_stream::iter(requests))).await.unwrap();
     let reply = reply.into_inner();
     assert_eq!(reply.sequence, 40);
     assert_eq!(reply.received_bytes, (0..40).sum::<usize>() as u64);
@@ -90,14 +63,10 @@ async fn client_streaming_delivers_every_request() {
 async fn bidi_streaming_interleaves_requests_and_replies() {
     let mesh = Mesh::start().await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = within(
-        "bidi open",
-        mesh.client()
-            .bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let mut replies = within("bidi open", mesh.client().bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
     // Each reply is awaited before the next request is sent: nothing is batched on the way.
     for i in 0..20u32 {
         tx.send(echo(&format!("m{i}"))).await.unwrap();
@@ -115,22 +84,12 @@ async fn metadata_crosses_both_ways_with_binary_and_repeated_keys() {
     let metadata = request.metadata_mut();
     metadata.append("x-echo-tag", MetadataValue::from_static("one"));
     metadata.append("x-echo-tag", MetadataValue::from_static("two"));
-    metadata.append_bin(
-        "x-echo-blob-bin",
-        BinaryMetadataValue::from_bytes(&[0, 159, 146, 150, 255]),
-    );
+    metadata.append_bin("x-echo-blob-bin", BinaryMetadataValue::from_bytes(&[0, 159, 146, 150, 255]));
     let response = within("unary", mesh.client().unary(request)).await.unwrap();
     let headers = response.metadata();
-    let tags: Vec<_> = headers
-        .get_all("x-echo-tag")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .collect();
+    let tags: Vec<_> = headers.get_all("x-echo-tag").iter().map(|v| v.to_str().unwrap().to_string()).collect();
     assert_eq!(tags, ["one", "two"]);
-    assert_eq!(
-        headers.get_bin("x-echo-blob-bin").unwrap().to_bytes().unwrap().as_ref(),
-        &[0, 159, 146, 150, 255]
-    );
+    assert_eq!(headers.get_bin("x-echo-blob-bin").unwrap().to_bytes().unwrap().as_ref(), &[0, 159, 146, 150, 255]);
 }
 
 #[tokio::test]
@@ -143,16 +102,11 @@ async fn every_status_code_message_details_and_trailer_metadata_pass_through() {
             status_message: format!("failure {code} ünïcode %"),
             ..echo("status")
         });
-        request
-            .metadata_mut()
-            .insert("x-echo-code", code.to_string().parse().unwrap());
+        request.metadata_mut().insert("x-echo-code", code.to_string().parse().unwrap());
         let status = within("unary", client.unary(request)).await.unwrap_err();
         assert_eq!(status.code(), Code::from_i32(code), "code {code}");
         assert_eq!(status.message(), format!("failure {code} ünïcode %"));
-        assert_eq!(
-            status.details(),
-            format!("details of failure {code} ünïcode %").as_bytes()
-        );
+        assert_eq!(status.details(), format!("details of failure {code} ünïcode %").as_bytes());
         assert_eq!(status.metadata().get("x-echo-code").unwrap(), code.to_string().as_str());
     }
 }
@@ -160,16 +114,9 @@ async fn every_status_code_message_details_and_trailer_metadata_pass_through() {
 #[tokio::test]
 async fn a_status_after_messages_arrives_in_the_trailers() {
     let mesh = Mesh::start().await;
-    let request = EchoRequest {
-        reply_count: 3,
-        status_code: Code::Aborted as i32,
-        status_message: "late".into(),
-        ..echo("t")
-    };
-    let mut stream = within("open", mesh.client().server_stream(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let request =
+        EchoRequest { reply_count: 3, status_code: Code::Aborted as i32, status_message: "late".into(), ..echo("t") };
+    let mut stream = within("open", mesh.client().server_stream(request)).await.unwrap().into_inner();
     for _ in 0..3 {
         assert!(within("reply", stream.message()).await.unwrap().is_some());
     }
@@ -181,21 +128,11 @@ async fn a_status_after_messages_arrives_in_the_trailers() {
 async fn messages_of_several_mebibytes_cross_both_ways() {
     let mesh = Mesh::start().await;
     let payload: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-    let request = EchoRequest {
-        payload: payload.clone().into(),
-        ..echo("big")
-    };
-    let reply = within("big unary", mesh.client().unary(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let request = EchoRequest { payload: payload.clone().into(), ..echo("big") };
+    let reply = within("big unary", mesh.client().unary(request)).await.unwrap().into_inner();
     assert_eq!(reply.payload.as_ref(), payload.as_slice());
 
-    let request = EchoRequest {
-        reply_count: 3,
-        reply_payload_bytes: 4 * 1024 * 1024 + 1,
-        ..echo("big")
-    };
+    let request = EchoRequest { reply_count: 3, reply_payload_bytes: 4 * 1024 * 1024 + 1, ..echo("big") };
     let replies = within("big stream", async {
         let stream = mesh.client().server_stream(request).await.unwrap().into_inner();
         stream.collect::<Result<Vec<_>, _>>().await
@@ -209,14 +146,9 @@ async fn messages_of_several_mebibytes_cross_both_ways() {
 #[tokio::test]
 async fn compressed_messages_pass_through() {
     let mesh = Mesh::start().await;
-    let mut client = mesh
-        .client()
-        .send_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Gzip);
-    let request = EchoRequest {
-        payload: vec![b'z'; 256 * 1024].into(),
-        ..echo("gzip")
-    };
+    let mut client =
+        mesh.client().send_compressed(CompressionEncoding::Gzip).accept_compressed(CompressionEncoding::Gzip);
+    let request = EchoRequest { payload: vec![b'z'; 256 * 1024].into(), ..echo("gzip") };
     let response = within("gzip unary", client.unary(request)).await.unwrap();
     assert_eq!(response.metadata().get("grpc-encoding").unwrap(), "gzip");
     assert_eq!(response.into_inner().payload.len(), 256 * 1024);
@@ -238,18 +170,11 @@ async fn grpc_timeout_reaches_the_server() {
 #[tokio::test]
 async fn a_client_cancel_resets_the_stream_at_the_server() {
     let mesh = Mesh::start().await;
-    let request = EchoRequest {
-        reply_count: 10_000,
-        delay_ms: 5,
-        ..echo("cancel me")
-    };
+    let request = EchoRequest { reply_count: 10_000, delay_ms: 5, ..echo("cancel me") };
     let cancelled = mesh.backend.cancelled_signal.notified();
     tokio::pin!(cancelled);
     cancelled.as_mut().enable();
-    let mut stream = within("open", mesh.client().server_stream(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = within("open", mesh.client().server_stream(request)).await.unwrap().into_inner();
     within("first reply", stream.message()).await.unwrap().unwrap();
     drop(stream);
     within("the server sees the cancel", cancelled).await;
@@ -260,15 +185,8 @@ async fn a_client_cancel_resets_the_stream_at_the_server() {
 async fn a_slow_reader_slows_the_writer() {
     let mesh = Mesh::start().await;
     const REPLIES: u64 = 64;
-    let request = EchoRequest {
-        reply_count: REPLIES as u32,
-        reply_payload_bytes: 1024 * 1024,
-        ..echo("flow")
-    };
-    let mut stream = within("open", mesh.client().server_stream(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let request = EchoRequest { reply_count: REPLIES as u32, reply_payload_bytes: 1024 * 1024, ..echo("flow") };
+    let mut stream = within("open", mesh.client().server_stream(request)).await.unwrap().into_inner();
     within("first reply", stream.message()).await.unwrap().unwrap();
     // The client reads nothing more; the backend must stall once the windows
     // and socket buffers on the way are full, far short of the whole stream.
@@ -284,10 +202,7 @@ async fn a_slow_reader_slows_the_writer() {
         }
     })
     .await;
-    assert!(
-        stalled_at < REPLIES / 2,
-        "backend sent {stalled_at} of {REPLIES} MiB to a reader that stopped"
-    );
+    assert!(stalled_at < REPLIES / 2, "backend sent {stalled_at} of {REPLIES} MiB to a reader that stopped");
     let mut received = 1;
     while within("rest", stream.message()).await.unwrap().is_some() {
         received += 1;
@@ -302,14 +217,9 @@ async fn an_upstream_named_by_dns_is_resolved() {
         resolved.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()),
         "this test needs localhost to resolve to 127.0.0.1 only, got {resolved:?}"
     );
-    let mesh = Mesh::start_with(MeshOptions {
-        upstream_endpoint: Some("localhost:{server}".into()),
-        ..Default::default()
-    })
-    .await;
-    let reply = within("unary via a DNS name", mesh.client().unary(echo("dns")))
-        .await
-        .unwrap()
-        .into_inner();
+    let mesh =
+        Mesh::start_with(MeshOptions { upstream_endpoint: Some("localhost:{server}".into()), ..Default::default() })
+            .await;
+    let reply = within("unary via a DNS name", mesh.client().unary(echo("dns"))).await.unwrap().into_inner();
     assert_eq!(reply.caller, id("client").as_str());
 }

@@ -22,11 +22,8 @@ async fn raw_unary(channel: Channel, path: &'static str) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<EchoRequest, EchoRequest>::default();
-    let call = grpc.unary(
-        tonic::Request::new(EchoRequest::default()),
-        http::uri::PathAndQuery::from_static(path),
-        codec,
-    );
+    let call =
+        grpc.unary(tonic::Request::new(EchoRequest::default()), http::uri::PathAndQuery::from_static(path), codec);
     within(path, call).await.unwrap_err()
 }
 
@@ -37,10 +34,7 @@ async fn methods_outside_the_contract_get_unimplemented_from_the_sidecar() {
         let status = raw_unary(mesh.channel(), path).await;
         assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
         assert!(status.message().starts_with("protomesh outbound:"), "{status:?}");
-        assert!(
-            status.message().contains(path) && status.message().contains("contract"),
-            "{status:?}"
-        );
+        assert!(status.message().contains(path) && status.message().contains("contract"), "{status:?}");
     }
     assert_eq!(mesh.calls(), 0);
 }
@@ -50,10 +44,7 @@ async fn a_contract_service_without_a_route_is_named() {
     let mesh = Mesh::start().await;
     let status = raw_unary(mesh.channel(), "/shop.v1.Checkout/PlaceOrder").await;
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(
-        status.message().contains("no route for service shop.v1.Checkout"),
-        "{status:?}"
-    );
+    assert!(status.message().contains("no route for service shop.v1.Checkout"), "{status:?}");
 }
 
 #[tokio::test]
@@ -65,9 +56,7 @@ async fn authorization_denies_by_rule_and_names_it() {
         ..MeshOptions::default()
     })
     .await;
-    let status = within("unary", mesh.client().unary(EchoRequest::default()))
-        .await
-        .unwrap_err();
+    let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().starts_with("protomesh inbound:"), "{status:?}");
     assert!(
@@ -75,70 +64,41 @@ async fn authorization_denies_by_rule_and_names_it() {
         "{status:?}"
     );
 
-    let status = within("bidi", mesh.client().bidi_stream(tokio_stream::empty()))
-        .await
-        .unwrap_err();
+    let status = within("bidi", mesh.client().bidi_stream(tokio_stream::empty())).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().contains("default is deny"), "{status:?}");
     assert_eq!(mesh.calls(), 0);
 
-    let allowed = EchoRequest {
-        reply_count: 1,
-        ..Default::default()
-    };
-    within("stream", mesh.client().server_stream(allowed))
-        .await
-        .expect("a rule allows it");
+    let allowed = EchoRequest { reply_count: 1, ..Default::default() };
+    within("stream", mesh.client().server_stream(allowed)).await.expect("a rule allows it");
 }
 
 #[tokio::test]
 async fn a_server_with_the_wrong_identity_is_refused_naming_both() {
-    let mesh = Mesh::start_with(MeshOptions {
-        expected_server: id("other"),
-        ..MeshOptions::default()
-    })
-    .await;
-    let status = within("unary", mesh.client().unary(EchoRequest::default()))
-        .await
-        .unwrap_err();
+    let mesh = Mesh::start_with(MeshOptions { expected_server: id("other"), ..MeshOptions::default() }).await;
+    let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     let message = status.message();
-    assert!(
-        message.contains(&format!("presented identity {}", id("server"))),
-        "{message}"
-    );
+    assert!(message.contains(&format!("presented identity {}", id("server"))), "{message}");
     assert!(message.contains(&format!("expected {}", id("other"))), "{message}");
     assert_eq!(mesh.calls(), 0);
 }
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_unavailable_naming_the_endpoint() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mesh = Mesh::start_with(MeshOptions {
-        upstream_endpoint: Some(closed.to_string()),
-        ..MeshOptions::default()
-    })
-    .await;
-    let status = within("unary", mesh.client().unary(EchoRequest::default()))
-        .await
-        .unwrap_err();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mesh =
+        Mesh::start_with(MeshOptions { upstream_endpoint: Some(closed.to_string()), ..MeshOptions::default() }).await;
+    let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        status.message().contains(&format!("endpoint {closed} unreachable")),
-        "{status:?}"
-    );
+    assert!(status.message().contains(&format!("endpoint {closed} unreachable")), "{status:?}");
 }
 
 #[tokio::test]
 async fn plaintext_http2_to_the_inbound_port_is_refused() {
     let mesh = Mesh::start().await;
     let inbound = mesh.server_sidecar.inbound_addr.unwrap();
-    let channel = Channel::from_shared(format!("http://{inbound}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = Channel::from_shared(format!("http://{inbound}")).unwrap().connect_lazy();
     let status = raw_unary(channel, "/echo.v1.Echo/Unary").await;
     assert_ne!(status.code(), Code::Ok);
     assert_eq!(mesh.calls(), 0);
@@ -151,11 +111,7 @@ async fn plaintext_http2_to_the_inbound_port_is_refused() {
     within("refusal", tcp.read_to_end(&mut answer)).await.unwrap();
     let goaway = &answer[9..];
     assert_eq!(goaway[3], 0x7, "frame type GOAWAY: {answer:?}");
-    assert_eq!(
-        u32::from_be_bytes(goaway[13..17].try_into().unwrap()),
-        0xc,
-        "INADEQUATE_SECURITY"
-    );
+    assert_eq!(u32::from_be_bytes(goaway[13..17].try_into().unwrap()), 0xc, "INADEQUATE_SECURITY");
     assert_eq!(&goaway[17..], b"protomesh inbound accepts only mTLS connections");
 }
 
@@ -189,14 +145,8 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let own = mesh.ca().issue(&id("client")).unwrap();
     let identity = Identity::from_pem(own.cert_pem.as_bytes(), own.key_pem.as_bytes(), &trusted_ca).unwrap();
     let config = Arc::unwrap_or_clone(identity.client_config(id("server")).unwrap());
-    let response = call_inbound_over_tls(&mesh, config)
-        .await
-        .expect("a mesh certificate is accepted");
-    assert_eq!(
-        response.headers().get("grpc-status").map(|v| v.as_bytes()),
-        None,
-        "{response:?}"
-    );
+    let response = call_inbound_over_tls(&mesh, config).await.expect("a mesh certificate is accepted");
+    assert_eq!(response.headers().get("grpc-status").map(|v| v.as_bytes()), None, "{response:?}");
 }
 
 /// One gRPC call straight to the server sidecar's inbound port over TLS.
@@ -207,9 +157,7 @@ async fn call_inbound_over_tls(
     config.alpn_protocols = vec![b"h2".to_vec()];
     let inbound = mesh.server_sidecar.inbound_addr.unwrap();
     within("direct TLS call", async {
-        let tcp = tokio::net::TcpStream::connect(inbound)
-            .await
-            .map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect(inbound).await.map_err(|e| e.to_string())?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::IpAddress(inbound.ip().into()), tcp)
             .await
@@ -263,8 +211,6 @@ impl ServerCertVerifier for AnyServer {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }

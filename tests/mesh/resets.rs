@@ -58,16 +58,9 @@ async fn answer_then_reset(
         respond.send_reset(reason);
         return;
     }
-    let head = http::Response::builder()
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
+    let head = http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
     let mut body = respond.send_response(head, false).unwrap();
-    let reply = EchoReply {
-        message: "partial".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let reply = EchoReply { message: "partial".into(), ..Default::default() }.encode_to_vec();
     let mut frame = vec![0];
     frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
     frame.extend_from_slice(&reply);
@@ -80,10 +73,7 @@ async fn answer_then_reset(
 static STREAMS_SEEN: AtomicU32 = AtomicU32::new(0);
 
 fn answer_ok(mut respond: h2::server::SendResponse<Bytes>) {
-    let head = http::Response::builder()
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
+    let head = http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
     let mut body = respond.send_response(head, false).unwrap();
     body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false).unwrap();
     let mut trailers = http::HeaderMap::new();
@@ -100,16 +90,10 @@ fn planned(plan: &'static str) -> Request<EchoRequest> {
 #[tokio::test]
 async fn resets_before_the_response_map_to_the_grpc_status() {
     let app = resetting_app(Arc::default()).await;
-    let mesh = Mesh::start_with(MeshOptions {
-        app: Some(app),
-        ..MeshOptions::default()
-    })
-    .await;
-    for (plan, code) in [
-        ("before-cancel", Code::Cancelled),
-        ("before-refused", Code::Unavailable),
-        ("before-internal", Code::Internal),
-    ] {
+    let mesh = Mesh::start_with(MeshOptions { app: Some(app), ..MeshOptions::default() }).await;
+    for (plan, code) in
+        [("before-cancel", Code::Cancelled), ("before-refused", Code::Unavailable), ("before-internal", Code::Internal)]
+    {
         let status = within(plan, mesh.client().unary(planned(plan))).await.unwrap_err();
         assert_eq!(status.code(), code, "{plan}: {status:?}");
     }
@@ -118,15 +102,9 @@ async fn resets_before_the_response_map_to_the_grpc_status() {
 #[tokio::test]
 async fn a_reset_after_a_message_reaches_the_client_mid_stream() {
     let go = Arc::new(tokio::sync::Notify::new());
-    let mesh = Mesh::start_with(MeshOptions {
-        app: Some(resetting_app(go.clone()).await),
-        ..MeshOptions::default()
-    })
-    .await;
-    let mut stream = within("open", mesh.client().server_stream(planned("after-cancel")))
-        .await
-        .unwrap()
-        .into_inner();
+    let mesh =
+        Mesh::start_with(MeshOptions { app: Some(resetting_app(go.clone()).await), ..MeshOptions::default() }).await;
+    let mut stream = within("open", mesh.client().server_stream(planned("after-cancel"))).await.unwrap().into_inner();
     let first = within("first", stream.message()).await.unwrap().unwrap();
     assert_eq!(first.message, "partial");
     go.notify_one();
@@ -137,16 +115,9 @@ async fn a_reset_after_a_message_reaches_the_client_mid_stream() {
 #[tokio::test]
 async fn a_stream_the_peer_refused_unprocessed_is_sent_again_whatever_the_method() {
     let app = resetting_app(Arc::default()).await;
-    let mesh = Mesh::start_with(MeshOptions {
-        app: Some(app),
-        ..MeshOptions::default()
-    })
-    .await;
+    let mesh = Mesh::start_with(MeshOptions { app: Some(app), ..MeshOptions::default() }).await;
     // ServerStream is not idempotent, and no retry policy applies to it.
-    let mut stream = within("open", mesh.client().server_stream(planned("first-refused")))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = within("open", mesh.client().server_stream(planned("first-refused"))).await.unwrap().into_inner();
     assert!(within("reply", stream.message()).await.unwrap().is_some());
     assert_eq!(STREAMS_SEEN.load(Ordering::SeqCst), 2);
 }

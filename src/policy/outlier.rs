@@ -1,0 +1,394 @@
+//! Outlier detection, the circuit breaker of each endpoint. Failures are the
+//! configured gRPC codes (from trailers-only responses and from trailers),
+//! resets and connect errors. An endpoint is ejected after
+//! `consecutive_failures` in a row, or when its failure rate over a window
+//! reaches the threshold. It stays out for `base_ejection` × times ejected
+//! (at most `max_ejection`), then takes one probe call at a time (half-open):
+//! a success brings it back, a failure ejects it for longer. No more than
+//! `max_ejected_percent` of an upstream's endpoints are out at once, though
+//! one always may be.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::duration;
+use crate::grpc::Code;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject an endpoint; 0 turns this trigger off.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "defaults::failure_codes")]
+    pub failure_codes: Vec<Code>,
+    #[serde(default)]
+    pub failure_rate: Option<FailureRate>,
+    #[serde(default = "defaults::base_ejection", deserialize_with = "duration::deserialize")]
+    pub base_ejection: Duration,
+    #[serde(default = "defaults::max_ejection", deserialize_with = "duration::deserialize")]
+    pub max_ejection: Duration,
+    #[serde(default = "defaults::max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: defaults::consecutive_failures(),
+            failure_codes: defaults::failure_codes(),
+            failure_rate: None,
+            base_ejection: defaults::base_ejection(),
+            max_ejection: defaults::max_ejection(),
+            max_ejected_percent: defaults::max_ejected_percent(),
+        }
+    }
+}
+
+/// Eject when at least `threshold` of the calls in a `window` failed, once
+/// the window holds `min_calls`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRate {
+    pub threshold: f64,
+    #[serde(default = "defaults::min_calls")]
+    pub min_calls: u32,
+    #[serde(default = "defaults::window", deserialize_with = "duration::deserialize")]
+    pub window: Duration,
+}
+
+impl OutlierConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_ejected_percent > 100 {
+            return Err("max_ejected_percent: at most 100".into());
+        }
+        if self.max_ejection < self.base_ejection {
+            return Err("max_ejection: must not be shorter than base_ejection".into());
+        }
+        if let Some(rate) = &self.failure_rate
+            && !(rate.threshold > 0.0 && rate.threshold <= 1.0)
+        {
+            return Err("failure_rate.threshold: a fraction above 0 and at most 1, e.g. 0.5".into());
+        }
+        Ok(())
+    }
+}
+
+/// How one call to an endpoint went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl OutlierConfig {
+    pub fn outcome_of(&self, code: Code) -> Outcome {
+        if self.failure_codes.contains(&code) { Outcome::Failure } else { Outcome::Success }
+    }
+}
+
+/// What an upstream's endpoints share: the config and how many are out.
+#[derive(Debug)]
+pub struct Outliers {
+    pub config: OutlierConfig,
+    ejected: AtomicUsize,
+    endpoints: AtomicUsize,
+}
+
+impl Outliers {
+    pub fn new(config: OutlierConfig) -> Outliers {
+        Outliers { config, ejected: AtomicUsize::new(0), endpoints: AtomicUsize::new(0) }
+    }
+
+    pub fn set_endpoint_count(&self, count: usize) {
+        self.endpoints.store(count, Ordering::Release);
+    }
+
+    /// One more ejection keeps within `max_ejected_percent`, or none is out yet.
+    fn may_eject(&self) -> bool {
+        let ejected = self.ejected.load(Ordering::Acquire);
+        let endpoints = self.endpoints.load(Ordering::Acquire).max(1);
+        ejected == 0 || (ejected + 1) * 100 <= endpoints * self.config.max_ejected_percent as usize
+    }
+
+    pub fn ejected(&self) -> usize {
+        self.ejected.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Healthy,
+    Ejected {
+        until: Instant,
+    },
+    /// Back from ejection; `probing` while its one probe call is in flight.
+    HalfOpen {
+        probing: bool,
+    },
+}
+
+/// One endpoint's breaker. Its lock is held only for a few arithmetic steps.
+#[derive(Debug)]
+pub struct Health {
+    inner: Mutex<HealthState>,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    state: State,
+    consecutive_failures: u32,
+    times_ejected: u32,
+    window_start: Instant,
+    window_calls: u32,
+    window_failures: u32,
+}
+
+/// Whether an endpoint may take a call now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Open,
+    /// Admitted as the half-open probe.
+    Probe,
+    Closed,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            inner: Mutex::new(HealthState {
+                state: State::Healthy,
+                consecutive_failures: 0,
+                times_ejected: 0,
+                window_start: Instant::now(),
+                window_calls: 0,
+                window_failures: 0,
+            }),
+        }
+    }
+}
+
+impl Health {
+    pub fn state(&self) -> State {
+        self.lock().state
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.inner.lock().expect("endpoint health lock")
+    }
+
+    /// Whether a call may go here now; an expired ejection turns half-open
+    /// and the first call to ask becomes its probe.
+    pub fn admit(&self, now: Instant) -> Admission {
+        let mut health = self.lock();
+        match health.state {
+            State::Healthy => Admission::Open,
+            State::Ejected { until } if now < until => Admission::Closed,
+            State::Ejected { .. } | State::HalfOpen { probing: false } => {
+                health.state = State::HalfOpen { probing: true };
+                Admission::Probe
+            }
+            State::HalfOpen { probing: true } => Admission::Closed,
+        }
+    }
+
+    /// Whether `admit` would let a call through, without claiming a probe.
+    pub fn is_available(&self, now: Instant) -> bool {
+        match self.lock().state {
+            State::Healthy | State::HalfOpen { probing: false } => true,
+            State::Ejected { until } => now >= until,
+            State::HalfOpen { probing: true } => false,
+        }
+    }
+
+    /// A probe that never reported (the call was cancelled) frees its turn.
+    pub fn abandon_probe(&self) {
+        let mut health = self.lock();
+        if health.state == (State::HalfOpen { probing: true }) {
+            health.state = State::HalfOpen { probing: false };
+        }
+    }
+
+    pub fn record(&self, outcome: Outcome, now: Instant, outliers: &Outliers) {
+        let config = &outliers.config;
+        let mut health = self.lock();
+        if let Some(rate) = &config.failure_rate
+            && now.duration_since(health.window_start) >= rate.window
+        {
+            health.window_start = now;
+            health.window_calls = 0;
+            health.window_failures = 0;
+        }
+        health.window_calls += 1;
+        match outcome {
+            Outcome::Success => {
+                health.consecutive_failures = 0;
+                if matches!(health.state, State::HalfOpen { .. }) {
+                    health.state = State::Healthy;
+                    outliers.ejected.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Outcome::Failure => {
+                health.consecutive_failures += 1;
+                health.window_failures += 1;
+                match health.state {
+                    State::HalfOpen { .. } => health.eject(now, config),
+                    State::Healthy if health.tripped(config) && outliers.may_eject() => {
+                        outliers.ejected.fetch_add(1, Ordering::AcqRel);
+                        health.eject(now, config);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl HealthState {
+    fn tripped(&self, config: &OutlierConfig) -> bool {
+        let consecutive = config.consecutive_failures > 0 && self.consecutive_failures >= config.consecutive_failures;
+        let rate = config.failure_rate.as_ref().is_some_and(|rate| {
+            self.window_calls >= rate.min_calls
+                && f64::from(self.window_failures) >= rate.threshold * f64::from(self.window_calls)
+        });
+        consecutive || rate
+    }
+
+    fn eject(&mut self, now: Instant, config: &OutlierConfig) {
+        self.times_ejected += 1;
+        let length = config.base_ejection.saturating_mul(self.times_ejected).min(config.max_ejection);
+        self.state = State::Ejected { until: now + length };
+        self.consecutive_failures = 0;
+        self.window_start = now;
+        self.window_calls = 0;
+        self.window_failures = 0;
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    use crate::grpc::Code;
+
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn failure_codes() -> Vec<Code> {
+        vec![Code::Unavailable, Code::Internal, Code::Unknown, Code::DeadlineExceeded]
+    }
+    pub fn base_ejection() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_ejection() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_ejected_percent() -> u32 {
+        50
+    }
+    pub fn min_calls() -> u32 {
+        20
+    }
+    pub fn window() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outliers(endpoints: usize) -> Outliers {
+        let config =
+            OutlierConfig { consecutive_failures: 3, base_ejection: Duration::from_secs(10), ..Default::default() };
+        let outliers = Outliers::new(config);
+        outliers.set_endpoint_count(endpoints);
+        outliers
+    }
+
+    fn fail(health: &Health, times: u32, outliers: &Outliers) {
+        for _ in 0..times {
+            health.record(Outcome::Failure, Instant::now(), outliers);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_and_a_success_in_between_resets_the_count() {
+        let outliers = outliers(4);
+        let health = Health::default();
+        fail(&health, 2, &outliers);
+        health.record(Outcome::Success, Instant::now(), &outliers);
+        fail(&health, 2, &outliers);
+        assert_eq!(health.state(), State::Healthy);
+        fail(&health, 1, &outliers);
+        assert!(matches!(health.state(), State::Ejected { .. }));
+        assert_eq!(health.admit(Instant::now()), Admission::Closed);
+        assert_eq!(outliers.ejected(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_ejection_one_probe_decides_and_failures_eject_for_longer() {
+        let outliers = outliers(4);
+        let health = Health::default();
+        fail(&health, 3, &outliers);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(health.admit(Instant::now()), Admission::Probe);
+        assert_eq!(health.admit(Instant::now()), Admission::Closed, "one probe at a time");
+        health.record(Outcome::Failure, Instant::now(), &outliers);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(health.admit(Instant::now()), Admission::Closed, "ejected twice: 20 s");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(health.admit(Instant::now()), Admission::Probe);
+        health.record(Outcome::Success, Instant::now(), &outliers);
+        assert_eq!(health.state(), State::Healthy);
+        assert_eq!(outliers.ejected(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_frees_the_turn() {
+        let outliers = outliers(4);
+        let health = Health::default();
+        fail(&health, 3, &outliers);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(health.admit(Instant::now()), Admission::Probe);
+        health.abandon_probe();
+        assert_eq!(health.admit(Instant::now()), Admission::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_the_maximum_share_is_ejected_but_one_always_may_be() {
+        let outliers = outliers(4);
+        let endpoints: Vec<Health> = (0..4).map(|_| Health::default()).collect();
+        for health in &endpoints {
+            fail(health, 3, &outliers);
+        }
+        assert_eq!(outliers.ejected(), 2, "50% of 4");
+
+        let single = self::outliers(1);
+        let health = Health::default();
+        fail(&health, 3, &single);
+        assert!(matches!(health.state(), State::Ejected { .. }), "a lone endpoint can still be ejected");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_rate_over_the_window_ejects() {
+        let config = OutlierConfig {
+            consecutive_failures: 0,
+            failure_rate: Some(FailureRate { threshold: 0.5, min_calls: 10, window: Duration::from_secs(10) }),
+            ..Default::default()
+        };
+        let outliers = Outliers::new(config);
+        outliers.set_endpoint_count(2);
+        let health = Health::default();
+        for i in 0..9 {
+            let outcome = if i % 2 == 0 { Outcome::Failure } else { Outcome::Success };
+            health.record(outcome, Instant::now(), &outliers);
+        }
+        assert_eq!(health.state(), State::Healthy, "fewer than min_calls");
+        health.record(Outcome::Failure, Instant::now(), &outliers);
+        assert!(matches!(health.state(), State::Ejected { .. }), "6 of 10 failed");
+    }
+}
