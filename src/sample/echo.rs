@@ -29,6 +29,8 @@ pub struct EchoStats {
     pub last_timeout: std::sync::Mutex<Option<String>>,
     /// The `grpc-previous-rpc-attempts` of the latest call, as received.
     pub last_previous_attempts: std::sync::Mutex<Option<String>>,
+    /// While set, every unary call fails with UNAVAILABLE: a backend gone bad.
+    pub failing: std::sync::atomic::AtomicBool,
     /// Calls seen so far per `message`, for `fail_first`.
     seen: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
@@ -123,6 +125,9 @@ impl Echo for EchoService {
         let caller = caller_of(&request);
         let request = request.into_inner();
         tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
+        if self.stats.failing.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("backend failing"));
+        }
         if let Some(status) = requested_status(&request, &metadata).filter(|_| self.stats.fails(&request)) {
             return Err(status);
         }

@@ -32,6 +32,8 @@ pub struct MeshOptions {
     /// YAML for each sidecar's `policy` section.
     pub client_policy: &'static str,
     pub server_policy: &'static str,
+    /// How many server workloads (each an echo backend behind its own sidecar).
+    pub servers: usize,
     /// Replaces the echo backend, e.g. with a raw HTTP/2 server.
     pub app: Option<SocketAddr>,
     /// Replaces the server sidecar's address in the client's route: a
@@ -46,6 +48,7 @@ impl Default for MeshOptions {
             expected_server: id("server"),
             client_policy: "{}",
             server_policy: "{}",
+            servers: 1,
             app: None,
             upstream_endpoint: None,
         }
@@ -54,9 +57,14 @@ impl Default for MeshOptions {
 
 pub struct Mesh {
     pub dir: TempDir,
+    /// The first server's backend.
     pub backend: Arc<EchoStats>,
+    /// Every server's backend, when `MeshOptions::servers` is above one.
+    pub backends: Vec<Arc<EchoStats>>,
     pub client_sidecar: Sidecar,
+    /// The first server's sidecar.
     pub server_sidecar: Sidecar,
+    _other_servers: Vec<Sidecar>,
 }
 
 impl Mesh {
@@ -69,21 +77,27 @@ impl Mesh {
         let named = ["client", "server", "other"].map(|w| (w.to_string(), id(w)));
         write_dev_certs(dir.path(), "test CA", &named).unwrap();
 
-        let echo = EchoService::default();
-        let backend = echo.stats.clone();
-        let app = match options.app {
-            Some(app) => app,
-            None => {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                protomesh::sample::serve(Server::builder().add_service(echo.into_server()), listener).await
-            }
-        };
-        let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
-        let server_sidecar = sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy).await;
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..options.servers.max(1) {
+            let echo = EchoService::default();
+            backends.push(echo.stats.clone());
+            let app = match options.app {
+                Some(app) => app,
+                None => {
+                    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    protomesh::sample::serve(Server::builder().add_service(echo.into_server()), listener).await
+                }
+            };
+            let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
+            servers.push(sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy).await);
+        }
+        let every_server = servers.iter().map(|s| s.inbound_addr.unwrap().to_string()).collect::<Vec<_>>().join(",");
+        let server_sidecar = servers.remove(0);
         let server_inbound = server_sidecar.inbound_addr.unwrap();
         let endpoint = options
             .upstream_endpoint
-            .unwrap_or_else(|| server_inbound.to_string())
+            .unwrap_or(every_server)
             .replace("{server}", &server_inbound.port().to_string())
             .split(',')
             .map(|e| format!("'{e}'"))
@@ -92,7 +106,7 @@ impl Mesh {
         let upstreams =
             format!("[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]", options.expected_server);
         let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy).await;
-        Mesh { dir, backend, client_sidecar, server_sidecar }
+        Mesh { dir, backend: backends[0].clone(), backends, client_sidecar, server_sidecar, _other_servers: servers }
     }
 
     /// A channel to the client workload's outbound sidecar, as its app would open it.

@@ -1,6 +1,7 @@
 //! End-to-end tests of the sidecar pair on loopback: one test binary, many
 //! independent meshes running in parallel.
 
+mod breaker;
 mod bulkheads;
 mod cli;
 mod deadlines;
