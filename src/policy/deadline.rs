@@ -6,6 +6,7 @@
 //! also end after `idle_timeout` without a message.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -110,17 +111,19 @@ where
                 Some((at, budget, origin)) => match tokio::time::timeout_at(*at, call).await {
                     Ok(response) => response?,
                     Err(_) => {
+                        policy.counters.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
                         return Err(ProxyError::DeadlineExceeded { budget: *budget, origin: origin.clone() });
                     }
                 },
                 None => call.await?,
             };
             if let Some((at, budget, origin)) = deadline {
-                response.body_mut().end_at(at, ProxyError::DeadlineExceeded { budget, origin }, direction);
+                let exceeded = ProxyError::DeadlineExceeded { budget, origin };
+                response.body_mut().end_at(at, exceeded, direction, policy.clone());
             }
             if let Some(idle) = idle {
                 let error = ProxyError::IdleTimeout { after: idle.value, source: idle.source };
-                response.body_mut().end_when_idle(idle.value, error, direction);
+                response.body_mut().end_when_idle(idle.value, error, direction, policy);
             }
             Ok(response)
         })
@@ -195,8 +198,11 @@ mod tests {
     async fn a_call_past_its_deadline_is_cut_at_the_deadline() {
         let layer = Deadlines::new(Duration::from_millis(1), Direction::Outbound, backend(Duration::from_secs(5)));
         let started = Instant::now();
-        let error = layer.oneshot(call(Some(250), Some("10S"))).await.unwrap_err();
+        let request = call(Some(250), Some("10S"));
+        let policy = CallContext::of(&request).policy.clone();
+        let error = layer.oneshot(request).await.unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(policy.counters.deadline_exceeded.load(Ordering::Relaxed), 1);
         assert_eq!(error.code(), grpc::Code::DeadlineExceeded);
         assert_eq!(error.to_string(), "deadline of 250ms (timeout from config policy.methods[\"s.S/M\"]) exceeded");
     }

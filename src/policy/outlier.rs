@@ -9,7 +9,7 @@
 //! one always may be.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -95,13 +95,15 @@ impl OutlierConfig {
 #[derive(Debug)]
 pub struct Outliers {
     pub config: OutlierConfig,
+    /// Ejections so far, for the metrics.
+    pub ejections: AtomicU64,
     ejected: AtomicUsize,
     endpoints: AtomicUsize,
 }
 
 impl Outliers {
     pub fn new(config: OutlierConfig) -> Outliers {
-        Outliers { config, ejected: AtomicUsize::new(0), endpoints: AtomicUsize::new(0) }
+        Outliers { config, ejections: AtomicU64::new(0), ejected: AtomicUsize::new(0), endpoints: AtomicUsize::new(0) }
     }
 
     pub fn set_endpoint_count(&self, count: usize) {
@@ -236,13 +238,14 @@ impl Health {
                 health.consecutive_failures += 1;
                 health.window_failures += 1;
                 match health.state {
-                    State::HalfOpen { .. } => health.eject(now, config),
+                    State::HalfOpen { .. } => {}
                     State::Healthy if health.tripped(config) && outliers.may_eject() => {
                         outliers.ejected.fetch_add(1, Ordering::AcqRel);
-                        health.eject(now, config);
                     }
-                    _ => {}
+                    _ => return,
                 }
+                outliers.ejections.fetch_add(1, Ordering::Relaxed);
+                health.eject(now, config);
             }
         }
     }
@@ -345,6 +348,7 @@ mod tests {
         health.record(Outcome::Success, Instant::now(), &outliers);
         assert_eq!(health.state(), State::Healthy);
         assert_eq!(outliers.ejected(), 0);
+        assert_eq!(outliers.ejections.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

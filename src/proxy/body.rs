@@ -7,6 +7,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 use super::balance::Report;
 use super::error::{Direction, ProxyError};
 use crate::grpc::{self, Code};
+use crate::policy::CallPolicy;
 use crate::policy::outlier::Outcome;
 
 #[derive(Debug)]
@@ -39,10 +42,13 @@ struct Timer {
     sleep: Pin<Box<Sleep>>,
     error: ProxyError,
     direction: Direction,
+    /// Counts the expiry against the call's method.
+    policy: Arc<CallPolicy>,
 }
 
 impl Timer {
     fn trailers(&self) -> Frame<Bytes> {
+        self.policy.counters.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
         let message = format!("protomesh {}: {}", self.direction, self.error);
         Frame::trailers(grpc::status_headers(self.error.code(), &message))
     }
@@ -59,14 +65,14 @@ impl ResponseBody {
 
     /// At `at`, the stream ends with `error`'s status in its trailers and the
     /// peer's stream is reset.
-    pub fn end_at(&mut self, at: Instant, error: ProxyError, direction: Direction) {
-        self.deadline = Some(Timer { sleep: Box::pin(tokio::time::sleep_until(at)), error, direction });
+    pub fn end_at(&mut self, at: Instant, error: ProxyError, direction: Direction, policy: Arc<CallPolicy>) {
+        self.deadline = Some(Timer { sleep: Box::pin(tokio::time::sleep_until(at)), error, direction, policy });
     }
 
     /// Ends the stream with `error` when no data arrives for `after`.
-    pub fn end_when_idle(&mut self, after: Duration, error: ProxyError, direction: Direction) {
+    pub fn end_when_idle(&mut self, after: Duration, error: ProxyError, direction: Direction, policy: Arc<CallPolicy>) {
         let sleep = Box::pin(tokio::time::sleep(after));
-        self.idle = Some((Timer { sleep, error, direction }, after));
+        self.idle = Some((Timer { sleep, error, direction, policy }, after));
     }
 
     pub fn hold(&mut self, permit: OwnedSemaphorePermit) {

@@ -120,3 +120,20 @@ async fn an_unreachable_endpoint_is_passed_over_for_any_method() {
     }
     assert_eq!(mesh.backend.calls.load(Ordering::Relaxed), 6);
 }
+
+#[tokio::test]
+async fn a_request_larger_than_the_replay_buffer_is_not_retried() {
+    let mesh = Mesh::start_with(MeshOptions {
+        client_policy: "{max_replay_bytes: 1024, defaults: {retry: {max_attempts: 3, retryable_codes: [UNAVAILABLE]}}}",
+        ..Default::default()
+    })
+    .await;
+    let large = EchoRequest { payload: vec![1; 4096].into(), ..flaky("large", 1, Code::Unavailable) };
+    let status = within("unary", mesh.client().unary(large)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(mesh.calls(), 1);
+
+    let small = EchoRequest { payload: vec![1; 512].into(), ..flaky("small", 1, Code::Unavailable) };
+    within("unary", mesh.client().unary(small)).await.unwrap();
+    assert_eq!(mesh.calls(), 3);
+}
