@@ -251,6 +251,16 @@ inbound:
     }
 
     #[test]
+    fn the_readme_config_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```yaml\n").expect("README has a YAML example") + "```yaml\n".len();
+        let example = &readme[start..start + readme[start..].find("```").expect("the example ends")];
+        let config = load(Some(file_with(example).path()), env(&[])).unwrap();
+        assert_eq!(config.policy.methods.len(), 2);
+        assert_eq!(config.policy.outlier_detection.consecutive_failures, 5);
+    }
+
+    #[test]
     fn kubernetes_service_variables_are_not_config() {
         let file = file_with(VALID);
         let config = load(
