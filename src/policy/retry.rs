@@ -213,3 +213,78 @@ where
 fn next_backoff(backoff: Duration, policy: &RetryPolicy) -> Duration {
     backoff.mul_f64(policy.backoff_multiplier).min(policy.max_backoff)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trailers_only(code: Code, pushback: Option<&str>) -> Result<Response<ResponseBody>, ProxyError> {
+        let mut response = Response::new(ResponseBody::empty());
+        *response.headers_mut() = grpc::status_headers(code, "failed");
+        if let Some(pushback) = pushback {
+            response.headers_mut().insert("grpc-retry-pushback-ms", pushback.parse().unwrap());
+        }
+        Ok(response)
+    }
+
+    #[test]
+    fn trailers_only_statuses_on_the_list_are_retryable() {
+        let codes = [Code::Unavailable];
+        assert!(matches!(
+            verdict(&trailers_only(Code::Unavailable, None), &codes),
+            Verdict::Retryable { pushback: None }
+        ));
+        assert!(matches!(verdict(&trailers_only(Code::Internal, None), &codes), Verdict::Final));
+        assert!(matches!(verdict(&trailers_only(Code::Unavailable, None), &[]), Verdict::Final));
+        // A response with headers of its own is committed: its status comes later, in trailers.
+        assert!(matches!(verdict(&Ok(Response::new(ResponseBody::empty())), &codes), Verdict::Final));
+    }
+
+    #[test]
+    fn pushback_sets_the_delay_and_a_negative_or_unreadable_one_stops() {
+        let codes = [Code::Unavailable];
+        let wait = verdict(&trailers_only(Code::Unavailable, Some("250")), &codes);
+        assert!(matches!(wait, Verdict::Retryable { pushback: Some(d) } if d == Duration::from_millis(250)));
+        assert!(matches!(verdict(&trailers_only(Code::Unavailable, Some("-1")), &codes), Verdict::Final));
+        assert!(matches!(verdict(&trailers_only(Code::Unavailable, Some("soon")), &codes), Verdict::Final));
+    }
+
+    #[test]
+    fn the_sidecars_own_refusals_are_never_retried() {
+        let codes = [Code::ResourceExhausted, Code::Unavailable];
+        let overloaded =
+            ProxyError::Overloaded { bulkhead: "b".into(), why: "full".into(), pushback: Duration::from_millis(5) };
+        assert!(matches!(verdict(&Err(overloaded), &codes), Verdict::Final));
+        let no_endpoints = ProxyError::NoEndpoints { upstream: "u".into() };
+        assert!(matches!(verdict(&Err(no_endpoints), &codes), Verdict::Retryable { .. }));
+    }
+
+    #[test]
+    fn backoff_grows_by_the_multiplier_up_to_the_maximum_and_jitter_stays_below_it() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+            backoff_multiplier: 2.0,
+            ..RetryPolicy::new(5, vec![Code::Unavailable])
+        };
+        let steps: Vec<_> = std::iter::successors(Some(policy.initial_backoff), |b| Some(next_backoff(*b, &policy)))
+            .take(4)
+            .map(|b| b.as_millis())
+            .collect();
+        assert_eq!(steps, [100, 200, 350, 350]);
+        for _ in 0..100 {
+            assert!(jittered(Duration::from_millis(100)) <= Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn retries_say_how_many_attempts_came_before() {
+        let (parts, _) = Request::builder().uri("/s.S/M").header("x", "y").body(()).unwrap().into_parts();
+        let first = attempt(&parts, Bytes::from_static(b"m"), 0);
+        assert!(first.headers().get("grpc-previous-rpc-attempts").is_none());
+        let third = attempt(&parts, Bytes::from_static(b"m"), 2);
+        assert_eq!(third.headers()["grpc-previous-rpc-attempts"], "2");
+        assert_eq!(third.headers()["x"], "y");
+        assert_eq!(third.uri().path(), "/s.S/M");
+    }
+}
