@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
 
 use crate::config::{
-    AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig, OutboundConfig,
+    AdminConfig, AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig, OutboundConfig,
     PolicyConfig, UpstreamConfig,
 };
 use crate::contract::Contracts;
@@ -26,7 +26,7 @@ use crate::pb::shop::v1::inventory_server::InventoryServer;
 use crate::pb::shop::v1::pricing_client::PricingClient;
 use crate::pb::shop::v1::pricing_server::PricingServer;
 use crate::pb::shop::v1::{OrderReply, OrderRequest, StockRequest};
-use crate::proxy::Sidecar;
+use crate::proxy::{Options, Sidecar};
 use crate::sample::serve;
 use crate::sample::shop::{CheckoutService, InventoryService, PricingService};
 
@@ -81,12 +81,13 @@ async fn run_in(dir: &Path) -> Result<(), String> {
                 app,
                 authorization: AuthorizationConfig::default(),
             }),
+            admin: AdminConfig { listen: loopback(), allow_remote_changes: false },
             policy: PolicyConfig::default(),
             drain_timeout: Duration::from_secs(1),
         };
         let contracts = contracts.clone();
         async move {
-            let sidecar = Sidecar::start(&config, contracts, config.drain_timeout).await?;
+            let sidecar = Sidecar::start(&config, contracts, Options::default()).await?;
             Ok::<_, String>(Workload { name, sidecar, app })
         }
     };

@@ -1,5 +1,6 @@
 //! protomesh: a gRPC service-mesh sidecar whose policy lives in the `.proto` contracts.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod contract;
@@ -9,6 +10,7 @@ pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod sample;
+pub mod telemetry;
 
 /// Generated from `proto/`: the policy options and the example services.
 pub mod pb {

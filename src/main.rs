@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use protomesh::config::{self, Config};
 use protomesh::contract::Contracts;
 use protomesh::identity::{Identity, SpiffeId, certs};
-use protomesh::proxy::Sidecar;
+use protomesh::admin::SetLogLevel;
+use protomesh::proxy::{Options, Sidecar};
 
 /// A gRPC service-mesh sidecar whose policy lives in the .proto contracts.
 #[derive(Parser)]
@@ -49,11 +50,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Demo));
+    let set_log_level = init_logging(matches!(cli.command, Command::Demo));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { config } => run(config, set_log_level).await,
             Command::Check { config } => check(config),
             Command::Certs { out, trust_domain, namespace, workloads } => {
                 write_certs(&out, &trust_domain, &namespace, &workloads)
@@ -70,16 +71,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(quiet: bool) {
+/// Logs to stderr, as text or JSON (`PROTOMESH_LOG_FORMAT=json`), filtered by
+/// `PROTOMESH_LOG`; returns the way to change the filter at runtime.
+fn init_logging(quiet: bool) -> SetLogLevel {
+    use tracing_subscriber::{EnvFilter, fmt, prelude::*, reload};
     let default = if quiet { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PROTOMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("PROTOMESH_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let filter = EnvFilter::try_from_env("PROTOMESH_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = std::env::var("PROTOMESH_LOG_FORMAT").is_ok_and(|f| f == "json");
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
+        .with((!json).then(|| fmt::layer().with_writer(std::io::stderr)))
+        .init();
+    Arc::new(move |text: &str| {
+        let filter = EnvFilter::try_new(text).map_err(|e| format!("`{text}` is not a log filter: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 fn load(path: Option<PathBuf>) -> Result<(Config, Contracts), String> {
@@ -88,9 +96,10 @@ fn load(path: Option<PathBuf>) -> Result<(Config, Contracts), String> {
     Ok((config, contracts))
 }
 
-async fn run(path: Option<PathBuf>) -> Result<(), String> {
+async fn run(path: Option<PathBuf>, set_log_level: SetLogLevel) -> Result<(), String> {
     let (config, contracts) = load(path)?;
-    let sidecar = Sidecar::start(&config, Arc::new(contracts), config.drain_timeout).await?;
+    let options = Options { set_log_level: Some(set_log_level) };
+    let sidecar = Sidecar::start(&config, Arc::new(contracts), options).await?;
     shutdown_signal().await;
     tracing::info!(drain = ?config.drain_timeout, "shutting down");
     sidecar.shutdown().await;

@@ -33,6 +33,8 @@ pub struct Config {
     /// Absent: this sidecar accepts no inbound traffic.
     #[serde(default)]
     pub inbound: Option<InboundConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Deadlines, retries, bulkheads: defaults, per-method overrides and limits.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -152,6 +154,23 @@ pub struct AuthorizationRule {
     pub callers: Vec<CallerPattern>,
 }
 
+/// The admin server: probes, metrics, effective config, log level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+    /// Accept state changes (`PUT /log-level`) from other hosts than localhost.
+    #[serde(default)]
+    pub allow_remote_changes: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: defaults::admin_listen(), allow_remote_changes: false }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
@@ -218,6 +237,9 @@ mod defaults {
 
     pub fn outbound_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 4140))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 4191))
     }
     pub fn inbound_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 4143))

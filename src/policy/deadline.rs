@@ -153,7 +153,8 @@ mod tests {
             contract: Default::default(),
             file: "s.proto".into(),
         };
-        let policy = Arc::new(CallPolicy::new("s.S", "M", Some(&info), &config));
+        let metrics = Arc::new(crate::telemetry::Metrics::default());
+        let policy = Arc::new(CallPolicy::new("s.S", "M", Some(&info), &config, &metrics, Direction::Outbound));
         let mut request = Request::new(());
         if let Some(value) = grpc_timeout {
             request.headers_mut().insert("grpc-timeout", value.parse().unwrap());

@@ -16,6 +16,9 @@ use tokio::time::Instant;
 
 use crate::config::PolicyConfig;
 use crate::contract::{CallShape, MethodInfo};
+use crate::proxy::error::Direction;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::CallMetrics;
 use bulkhead::Bulkhead;
 use method::MethodPolicy;
 
@@ -29,6 +32,7 @@ pub struct CallPolicy {
     pub policy: MethodPolicy,
     pub bulkhead: Option<Arc<Bulkhead>>,
     pub counters: CallCounters,
+    pub metrics: CallMetrics,
 }
 
 /// What the policies did to this method's calls, for the metrics.
@@ -40,21 +44,43 @@ pub struct CallCounters {
 }
 
 impl CallPolicy {
-    pub fn new(service: &str, method: &str, info: Option<&MethodInfo>, config: &PolicyConfig) -> CallPolicy {
+    pub fn new(
+        service: &str,
+        method: &str,
+        info: Option<&MethodInfo>,
+        config: &PolicyConfig,
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+    ) -> CallPolicy {
         let path: Arc<str> = format!("/{service}/{method}").into();
         let policy = MethodPolicy::resolve(service, method, info, config);
         let bulkhead = policy
             .concurrency
             .as_ref()
             .map(|c| Arc::new(Bulkhead::new(format!("method {path} ({})", c.source), &c.value)));
-        CallPolicy { path, shape: info.map(|i| i.shape), policy, bulkhead, counters: CallCounters::default() }
+        CallPolicy {
+            path,
+            shape: info.map(|i| i.shape),
+            policy,
+            bulkhead,
+            counters: CallCounters::default(),
+            metrics: CallMetrics::new(metrics.clone(), direction, service, method),
+        }
     }
 
     /// For a call to a method outside the contracts (permissive mode): its
     /// service's override and the defaults apply, but no method bulkhead, as
-    /// one cannot be kept for every path a peer might send.
-    pub fn outside_contracts(service: &str, method: &str, config: &PolicyConfig) -> CallPolicy {
-        CallPolicy { bulkhead: None, ..CallPolicy::new(service, method, None, config) }
+    /// one cannot be kept for every path a peer might send; for the same
+    /// reason its metrics are counted under service and method `*`.
+    pub fn outside_contracts(
+        service: &str,
+        method: &str,
+        config: &PolicyConfig,
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+    ) -> CallPolicy {
+        let policy = CallPolicy::new(service, method, None, config, metrics, direction);
+        CallPolicy { bulkhead: None, metrics: CallMetrics::new(metrics.clone(), direction, "*", "*"), ..policy }
     }
 }
 

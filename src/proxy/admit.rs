@@ -9,7 +9,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::Service;
 
-use super::error::{ProxyError, ResponseBody};
+use std::sync::Arc;
+
+use super::error::{Direction, ProxyError, ResponseBody};
+use crate::telemetry::Metrics;
 
 pub trait Admission {
     /// `Err` refuses the call; `Ok` may have added extensions or headers.
@@ -20,11 +23,18 @@ pub trait Admission {
 pub struct Admit<A, S> {
     admission: A,
     inner: S,
+    /// Where refusals are counted, when no layer below will count the call.
+    refusals: Option<(Arc<Metrics>, Direction)>,
 }
 
 impl<A, S> Admit<A, S> {
     pub fn new(admission: A, inner: S) -> Self {
-        Admit { admission, inner }
+        Admit { admission, inner, refusals: None }
+    }
+
+    /// Counts refusals in `protomesh_refused_total` by reason.
+    pub fn counted(admission: A, metrics: Arc<Metrics>, direction: Direction, inner: S) -> Self {
+        Admit { admission, inner, refusals: Some((metrics, direction)) }
     }
 }
 
@@ -44,7 +54,12 @@ where
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         match self.admission.admit(&mut request) {
             Ok(()) => Either::Right(self.inner.call(request)),
-            Err(error) => Either::Left(ready(Err(error))),
+            Err(error) => {
+                if let Some((metrics, direction)) = &self.refusals {
+                    metrics.refused(*direction, error.reason());
+                }
+                Either::Left(ready(Err(error)))
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use super::balance::Report;
 use super::error::{Direction, ProxyError};
 use crate::grpc::{self, Code};
 use crate::policy::CallPolicy;
+use crate::telemetry::CallRecord;
 use crate::policy::outlier::Outcome;
 
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub struct ResponseBody {
     permits: Vec<OwnedSemaphorePermit>,
     /// Reports the call's final status to the endpoint's outlier detection.
     report: Option<Report>,
+    /// Records the call's final status in the metrics.
+    record: Option<CallRecord>,
 }
 
 /// A timer, and the error that ends the call when it fires.
@@ -56,7 +59,7 @@ impl Timer {
 
 impl ResponseBody {
     pub fn empty() -> ResponseBody {
-        ResponseBody { inner: None, deadline: None, idle: None, permits: Vec::new(), report: None }
+        ResponseBody { inner: None, deadline: None, idle: None, permits: Vec::new(), report: None, record: None }
     }
 
     pub fn streamed(body: Incoming) -> ResponseBody {
@@ -84,6 +87,11 @@ impl ResponseBody {
         self.report = Some(report);
     }
 
+    /// Records the status in the trailers, or UNKNOWN if the stream fails.
+    pub fn record_to(&mut self, record: CallRecord) {
+        self.record = Some(record);
+    }
+
     /// Ends the call with `status` (`None`: the peer's stream failed). The
     /// peer's stream is dropped, and so reset if still open, and the bulkhead
     /// places are released.
@@ -93,6 +101,9 @@ impl ResponseBody {
                 Some(code) => report.finish_with_status(code),
                 None => report.finish(Outcome::Failure),
             }
+        }
+        if let Some(record) = self.record.take() {
+            record.finish(status.unwrap_or(Code::Unknown));
         }
         self.inner = None;
         self.deadline = None;

@@ -26,12 +26,18 @@ pub enum Direction {
     Inbound,
 }
 
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -155,6 +161,26 @@ impl ProxyError {
             | ProxyError::DeadlineExceeded { .. }
             | ProxyError::IdleTimeout { .. } => Code::DeadlineExceeded,
             ProxyError::Overloaded { .. } => Code::ResourceExhausted,
+        }
+    }
+
+    /// A short name of the failure, for metric labels and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NotGrpc { .. } => "not_grpc",
+            ProxyError::UnknownMethod { .. } => "unknown_method",
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::NoEndpoints { .. } => "no_endpoints",
+            ProxyError::AllEjected { .. } => "all_endpoints_ejected",
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Upstream { .. } => "upstream",
+            ProxyError::NoCallerIdentity => "no_caller_identity",
+            ProxyError::Denied { .. } => "denied",
+            ProxyError::MalformedTimeout { .. } => "malformed_timeout",
+            ProxyError::BudgetTooSmall { .. } => "budget_too_small",
+            ProxyError::DeadlineExceeded { .. } => "deadline_exceeded",
+            ProxyError::IdleTimeout { .. } => "idle_timeout",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 

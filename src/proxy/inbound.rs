@@ -15,16 +15,17 @@ use tower::Service;
 use super::admit::Admission;
 use super::body::RequestBody;
 use super::endpoint::Endpoint;
-use super::error::{ProxyError, ResponseBody};
+use super::error::{Direction, ProxyError, ResponseBody};
 use super::server::PeerInfo;
-use crate::config::{AuthorizationConfig, ContractMode, PolicyConfig};
-use crate::contract::Contracts;
+use crate::config::{AuthorizationConfig, ContractMode, DefaultAuthorization, PolicyConfig};
+use crate::contract::{Contracts, MethodInfo};
 use crate::grpc::split_path;
 use crate::identity::SpiffeId;
 use crate::policy::authz::{MethodAuthz, MethodPattern, Rule};
 use crate::policy::bulkhead::Bulkhead;
 use crate::policy::method::Source;
 use crate::policy::{CallContext, CallPolicy};
+use crate::telemetry::Metrics;
 
 pub const CALLER_ID_HEADER: HeaderName = HeaderName::from_static("protomesh-caller-id");
 
@@ -36,11 +37,23 @@ pub struct InboundRoute {
 pub struct InboundRoutes {
     by_path: HashMap<Box<str>, Arc<InboundRoute>>,
     rules: Vec<Arc<Rule>>,
-    authorization: crate::config::DefaultAuthorization,
+    authorization: DefaultAuthorization,
     mode: ContractMode,
     policy: Arc<PolicyConfig>,
+    metrics: Arc<Metrics>,
     /// One bulkhead per caller identity, when `policy.caller_concurrency` is set.
     caller_bulkheads: Mutex<HashMap<SpiffeId, Arc<Bulkhead>>>,
+}
+
+/// The contract's `allowed_callers` of a method, as a rule named after its source.
+fn contract_rule(method: &MethodInfo) -> Option<Arc<Rule>> {
+    let callers = method.contract.allowed_callers.as_ref()?;
+    let owner = if callers.source == Source::ServiceOption { &method.service } else { &method.path };
+    Some(Arc::new(Rule {
+        name: format!("allowed_callers in {} of {owner}", callers.source),
+        methods: vec![MethodPattern::Any],
+        callers: callers.value.clone(),
+    }))
 }
 
 impl InboundRoutes {
@@ -49,6 +62,7 @@ impl InboundRoutes {
         mode: ContractMode,
         authorization: &AuthorizationConfig,
         policy: Arc<PolicyConfig>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let rules: Vec<Arc<Rule>> = authorization
             .rules
@@ -58,18 +72,10 @@ impl InboundRoutes {
         let by_path = contracts
             .methods()
             .map(|method| {
-                let contract_rule = method.contract.allowed_callers.as_ref().map(|callers| {
-                    let owner = if callers.source == Source::ServiceOption { &method.service } else { &method.path };
-                    Arc::new(Rule {
-                        name: format!("allowed_callers in {} of {owner}", callers.source),
-                        methods: vec![MethodPattern::Any],
-                        callers: callers.value.clone(),
-                    })
-                });
-                let authz =
-                    MethodAuthz::resolve(&rules, authorization.default, &method.service, &method.method, contract_rule);
-                let policy = Arc::new(CallPolicy::new(&method.service, &method.method, Some(method), &policy));
-                (method.path.clone().into_boxed_str(), Arc::new(InboundRoute { policy, authz }))
+                let (service, name) = (&method.service, &method.method);
+                let authz = MethodAuthz::resolve(&rules, authorization.default, service, name, contract_rule(method));
+                let call = CallPolicy::new(service, name, Some(method), &policy, &metrics, Direction::Inbound);
+                (method.path.clone().into_boxed_str(), Arc::new(InboundRoute { policy: Arc::new(call), authz }))
             })
             .collect();
         InboundRoutes {
@@ -78,8 +84,19 @@ impl InboundRoutes {
             authorization: authorization.default,
             mode,
             policy,
+            metrics,
             caller_bulkheads: Mutex::default(),
         }
+    }
+
+    /// Every method's policy, for the metrics.
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<CallPolicy>> {
+        self.by_path.values().map(|route| &route.policy)
+    }
+
+    /// The bulkheads of the callers seen so far.
+    pub fn caller_bulkheads(&self) -> Vec<Arc<Bulkhead>> {
+        self.caller_bulkheads.lock().expect("caller bulkheads lock").values().cloned().collect()
     }
 
     /// The bulkhead shared by all of one caller's calls, made on its first connection.
@@ -100,45 +117,75 @@ impl InboundRoutes {
         let (service, method) = split_path(path).ok_or_else(|| ProxyError::NotGrpc { path: path.to_string() })?;
         match self.mode {
             ContractMode::Strict => Err(ProxyError::UnknownMethod { path: path.to_string() }),
-            ContractMode::Permissive => Ok(Arc::new(InboundRoute {
-                policy: Arc::new(CallPolicy::outside_contracts(service, method, &self.policy)),
-                authz: MethodAuthz::resolve(&self.rules, self.authorization, service, method, None),
-            })),
+            ContractMode::Permissive => {
+                let policy = CallPolicy::outside_contracts(service, method, &self.policy, &self.metrics, Direction::Inbound);
+                Ok(Arc::new(InboundRoute {
+                    policy: Arc::new(policy),
+                    authz: MethodAuthz::resolve(&self.rules, self.authorization, service, method, None),
+                }))
+            }
         }
     }
 }
 
-/// Per connection: the caller's identity, checked on each call against the
-/// method's authorization.
+/// The connection's caller, as its certificate proves it.
 #[derive(Clone)]
-pub struct AuthorizeInbound {
+struct Caller {
+    id: SpiffeId,
+    header: HeaderValue,
+}
+
+/// Per connection: the caller must have an identity and the method must be
+/// known; the call gets its route and the caller's header.
+#[derive(Clone)]
+pub struct RouteInbound {
     routes: Arc<InboundRoutes>,
-    caller: Option<(SpiffeId, HeaderValue)>,
+    caller: Option<Caller>,
     caller_bulkhead: Option<Arc<Bulkhead>>,
 }
 
-impl AuthorizeInbound {
+impl RouteInbound {
     pub fn new(routes: Arc<InboundRoutes>, peer: &PeerInfo) -> Self {
-        let caller =
-            peer.identity.clone().and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| (id, header)));
-        let caller_bulkhead = caller.as_ref().and_then(|(id, _)| routes.caller_bulkhead(id));
-        AuthorizeInbound { routes, caller, caller_bulkhead }
+        let caller = peer
+            .identity
+            .clone()
+            .and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| Caller { id, header }));
+        let caller_bulkhead = caller.as_ref().and_then(|caller| routes.caller_bulkhead(&caller.id));
+        RouteInbound { routes, caller, caller_bulkhead }
+    }
+
+    /// The authorization check for this connection's calls.
+    pub fn authorize(&self) -> Authorize {
+        Authorize { caller: self.caller.as_ref().map(|c| c.id.clone()) }
     }
 }
 
-impl Admission for AuthorizeInbound {
+impl Admission for RouteInbound {
     fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
-        let (caller, header) = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
-        let path = request.uri().path();
-        let route = self.routes.route(path)?;
+        let caller = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
+        let route = self.routes.route(request.uri().path())?;
+        request.headers_mut().insert(CALLER_ID_HEADER, caller.header.clone());
+        request.extensions_mut().insert(CallContext::new(route.policy.clone(), self.caller_bulkhead.clone()));
+        request.extensions_mut().insert(route);
+        Ok(())
+    }
+}
+
+/// Per connection: the method's authorization rules against the caller.
+#[derive(Clone)]
+pub struct Authorize {
+    caller: Option<SpiffeId>,
+}
+
+impl Admission for Authorize {
+    fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
+        let caller = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
+        let route = request.extensions().get::<Arc<InboundRoute>>().expect("inbound routing runs first");
         route.authz.check(caller).map_err(|denial| ProxyError::Denied {
             caller: caller.clone(),
-            path: path.to_string(),
+            path: request.uri().path().to_string(),
             denial,
-        })?;
-        request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
-        request.extensions_mut().insert(CallContext::new(route.policy.clone(), self.caller_bulkhead.clone()));
-        Ok(())
+        })
     }
 }
 

@@ -1,11 +1,11 @@
-//! The data plane: both listeners and the stacks of layers behind them,
+//! The data plane: the listeners and the stacks of layers behind them,
 //! composed here so that the path of a call reads top to bottom.
 //!
 //! outbound: plaintext h2 listener → errors as gRPC status → route by `:path`
-//!           → deadline → bulkheads (method, upstream)
-//!           → upstream (round-robin endpoint) → pooled mTLS h2 connection
+//!           → metrics → deadline → retries → bulkheads (method, upstream)
+//!           → balancer (P2C, outlier detection) → pooled mTLS h2 connection
 //! inbound:  mTLS h2 listener (client cert required) → errors as gRPC status
-//!           → caller identity + authorization → deadline
+//!           → caller identity + route → metrics → authorization → deadline
 //!           → bulkheads (method, caller) → local app h2 connection
 
 mod admit;
@@ -21,7 +21,7 @@ mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -30,27 +30,30 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::{Service, ServiceBuilder};
 
-use crate::config::Config;
-use crate::config::PolicyConfig;
+use crate::admin::{self, Admin, SetLogLevel};
+use crate::config::{Config, PolicyConfig};
 use crate::contract::Contracts;
-use crate::identity::Identity;
+use crate::identity::{Identity, SpiffeId};
 use crate::policy::CallContext;
 use crate::policy::bulkhead::Bulkheads;
 use crate::policy::deadline::Deadlines;
 use crate::policy::retry::Retries;
+use crate::telemetry::policy_metrics::PolicyCollector;
+use crate::telemetry::{Metrics, Observe};
 use admit::Admit;
 use endpoint::{Endpoint, Transport};
 use error::{AnswerErrors, Direction, ProxyError, ResponseBody, Target};
-use inbound::{AuthorizeInbound, ForwardToApp, InboundRoutes};
+use inbound::{ForwardToApp, InboundRoutes, RouteInbound};
 use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
 use upstream::Upstream;
 
 /// A call from the local app, top to bottom.
-fn outbound_stack(routes: Arc<OutboundRoutes>, policy: &PolicyConfig) -> impl Stack + use<> {
+fn outbound_stack(routes: Arc<OutboundRoutes>, policy: &PolicyConfig, metrics: &Arc<Metrics>) -> impl Stack + use<> {
     ServiceBuilder::new()
         .layer_fn(|inner| AnswerErrors::new(Direction::Outbound, inner))
-        .layer_fn(|inner| Admit::new(routes.clone(), inner))
+        .layer_fn(|inner| Admit::counted(routes.clone(), metrics.clone(), Direction::Outbound, inner))
+        .layer_fn(Observe::new)
         .layer_fn(|inner| Deadlines::new(policy.min_budget, Direction::Outbound, inner))
         .layer_fn(|inner| Retries::new(policy.max_replay_bytes, inner))
         .layer_fn(Bulkheads::new)
@@ -58,11 +61,14 @@ fn outbound_stack(routes: Arc<OutboundRoutes>, policy: &PolicyConfig) -> impl St
 }
 
 /// A call from a peer sidecar on one connection, top to bottom.
-fn inbound_stack(authorize: AuthorizeInbound, app: Arc<Endpoint>, min_budget: Duration) -> impl Stack {
+fn inbound_stack(route: RouteInbound, app: Arc<Endpoint>, policy: &PolicyConfig, metrics: &Arc<Metrics>) -> impl Stack + use<> {
+    let authorize = route.authorize();
     ServiceBuilder::new()
         .layer_fn(|inner| AnswerErrors::new(Direction::Inbound, inner))
+        .layer_fn(|inner| Admit::counted(route.clone(), metrics.clone(), Direction::Inbound, inner))
+        .layer_fn(Observe::new)
         .layer_fn(|inner| Admit::new(authorize.clone(), inner))
-        .layer_fn(|inner| Deadlines::new(min_budget, Direction::Inbound, inner))
+        .layer_fn(|inner| Deadlines::new(policy.min_budget, Direction::Inbound, inner))
         .layer_fn(Bulkheads::new)
         .service(ForwardToApp::new(app))
 }
@@ -91,12 +97,21 @@ fn forward_remaining_budget<B>(request: &mut Request<B>) {
     }
 }
 
+/// What the process around the sidecar lends it.
+#[derive(Default)]
+pub struct Options {
+    /// Lets the admin server change the log filter.
+    pub set_log_level: Option<SetLogLevel>,
+}
+
 /// A running sidecar. Dropping it leaves the listeners running; call
 /// [`Sidecar::shutdown`] to drain and stop.
 pub struct Sidecar {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: Option<SocketAddr>,
-    pub identity: crate::identity::SpiffeId,
+    pub admin_addr: SocketAddr,
+    pub identity: SpiffeId,
+    admin: Arc<Admin>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
 }
@@ -104,8 +119,9 @@ pub struct Sidecar {
 impl Sidecar {
     /// Loads identity and contracts and binds every listener before serving
     /// anything: a sidecar either starts whole or not at all.
-    pub async fn start(config: &Config, contracts: Arc<Contracts>, drain: Duration) -> Result<Sidecar, String> {
+    pub async fn start(config: &Config, contracts: Arc<Contracts>, options: Options) -> Result<Sidecar, String> {
         let identity = Identity::load(&config.identity)?;
+        let metrics = Arc::new(Metrics::default());
         let mut upstreams = Vec::with_capacity(config.outbound.upstreams.len());
         for (i, upstream) in config.outbound.upstreams.iter().enumerate() {
             let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout, &config.policy)
@@ -114,8 +130,13 @@ impl Sidecar {
             upstreams.push((upstream.services.clone(), started));
         }
         let policy = Arc::new(config.policy.clone());
-        let outbound_routes =
-            Arc::new(OutboundRoutes::new(contracts.clone(), config.contracts.mode, policy.clone(), &upstreams));
+        let outbound_routes = Arc::new(OutboundRoutes::new(
+            contracts.clone(),
+            config.contracts.mode,
+            policy.clone(),
+            metrics.clone(),
+            &upstreams,
+        ));
         let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;
         let inbound = match &config.inbound {
             None => None,
@@ -125,6 +146,7 @@ impl Sidecar {
                     config.contracts.mode,
                     &inbound.authorization,
                     policy.clone(),
+                    metrics.clone(),
                 ));
                 let app = Arc::new(Endpoint::new(
                     inbound.app,
@@ -136,16 +158,21 @@ impl Sidecar {
                 Some((bind("inbound.listen", inbound.listen).await?, routes, app, tls))
             }
         };
+        let admin_listener = bind("admin.listen", config.admin.listen).await?;
+        metrics.register_collector(Box::new(policy_collector(&outbound_routes, inbound.as_ref().map(|i| &i.1), &upstreams)));
+        let admin = Arc::new(Admin::new(config, &contracts, metrics.clone(), options.set_log_level));
 
-        let min_budget = config.policy.min_budget;
+        let drain = config.drain_timeout;
         let (shutdown, stop) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let outbound_addr = local_addr(&outbound_listener)?;
+        let (outbound_metrics, outbound_policy) = (metrics.clone(), policy.clone());
         listeners.spawn(server::serve(
             outbound_listener,
             Direction::Outbound,
             None,
-            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), &policy),
+            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), &outbound_policy, &outbound_metrics),
+            metrics.clone(),
             stop.clone(),
             drain,
         ));
@@ -153,27 +180,53 @@ impl Sidecar {
             None => None,
             Some((listener, routes, app, tls)) => {
                 let addr = local_addr(&listener)?;
+                let inbound_metrics = metrics.clone();
                 listeners.spawn(server::serve(
                     listener,
                     Direction::Inbound,
                     Some(tls),
                     move |peer: PeerInfo| {
-                        inbound_stack(AuthorizeInbound::new(routes.clone(), &peer), app.clone(), min_budget)
+                        inbound_stack(RouteInbound::new(routes.clone(), &peer), app.clone(), &policy, &inbound_metrics)
                     },
-                    stop,
+                    metrics.clone(),
+                    stop.clone(),
                     drain,
                 ));
                 Some(addr)
             }
         };
-        tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, "sidecar started");
-        Ok(Sidecar { outbound_addr, inbound_addr, identity: identity.id.clone(), shutdown, listeners })
+        let admin_addr = local_addr(&admin_listener)?;
+        listeners.spawn(admin::serve(admin_listener, admin.clone(), stop));
+        admin.ready.store(true, Ordering::Release);
+        tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, %admin_addr, "sidecar started");
+        Ok(Sidecar { outbound_addr, inbound_addr, admin_addr, identity: identity.id.clone(), admin, shutdown, listeners })
     }
 
-    /// Stops accepting, sends GOAWAY, and waits for in-flight calls up to the drain period.
+    /// Turns not ready, stops accepting, sends GOAWAY, and waits for calls in
+    /// flight up to the drain period.
     pub async fn shutdown(mut self) {
+        self.admin.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         while self.listeners.join_next().await.is_some() {}
+    }
+}
+
+fn policy_collector(
+    outbound: &OutboundRoutes,
+    inbound: Option<&Arc<InboundRoutes>>,
+    upstreams: &[(Vec<String>, Arc<Upstream>)],
+) -> PolicyCollector {
+    let outbound_methods = outbound.policies().map(|p| (Direction::Outbound.as_str(), p.clone()));
+    let inbound_methods = inbound.into_iter().flat_map(|r| r.policies()).map(|p| (Direction::Inbound.as_str(), p.clone()));
+    let upstream_bulkheads: Vec<_> = upstreams.iter().filter_map(|(_, u)| u.bulkhead.clone()).collect();
+    let inbound = inbound.cloned();
+    PolicyCollector {
+        methods: outbound_methods.chain(inbound_methods).collect(),
+        shared_bulkheads: Box::new(move || {
+            let callers = inbound.iter().flat_map(|routes| routes.caller_bulkheads());
+            upstream_bulkheads.iter().cloned().chain(callers).collect()
+        }),
+        upstreams: upstreams.iter().map(|(_, u)| (u.name.clone(), u.outliers.clone())).collect(),
     }
 }
 

@@ -13,12 +13,13 @@ use tower::Service;
 
 use super::admit::Admission;
 use super::body::RequestBody;
-use super::error::{ProxyError, ResponseBody};
+use super::error::{Direction, ProxyError, ResponseBody};
 use super::upstream::Upstream;
 use crate::config::{ContractMode, PolicyConfig};
 use crate::contract::Contracts;
 use crate::grpc::split_path;
 use crate::policy::{CallContext, CallPolicy};
+use crate::telemetry::Metrics;
 
 /// Where a call goes, and the policy of its method.
 pub struct OutboundRoute {
@@ -33,6 +34,7 @@ pub struct OutboundRoutes {
     contracts: Arc<Contracts>,
     mode: ContractMode,
     policy: Arc<PolicyConfig>,
+    metrics: Arc<Metrics>,
 }
 
 impl OutboundRoutes {
@@ -40,6 +42,7 @@ impl OutboundRoutes {
         contracts: Arc<Contracts>,
         mode: ContractMode,
         policy: Arc<PolicyConfig>,
+        metrics: Arc<Metrics>,
         upstreams: &[(Vec<String>, Arc<Upstream>)],
     ) -> Self {
         let by_service: HashMap<Box<str>, Arc<Upstream>> = upstreams
@@ -50,11 +53,17 @@ impl OutboundRoutes {
             .methods()
             .filter_map(|method| {
                 let upstream = by_service.get(method.service.as_str())?.clone();
-                let policy = Arc::new(CallPolicy::new(&method.service, &method.method, Some(method), &policy));
-                Some((method.path.clone().into_boxed_str(), Arc::new(OutboundRoute { policy, upstream })))
+                let (service, name) = (&method.service, &method.method);
+                let call = CallPolicy::new(service, name, Some(method), &policy, &metrics, Direction::Outbound);
+                Some((method.path.clone().into_boxed_str(), Arc::new(OutboundRoute { policy: Arc::new(call), upstream })))
             })
             .collect();
-        OutboundRoutes { by_path, by_service, contracts, mode, policy }
+        OutboundRoutes { by_path, by_service, contracts, mode, policy, metrics }
+    }
+
+    /// Every routed method's policy, for the metrics.
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<CallPolicy>> {
+        self.by_path.values().map(|route| &route.policy)
     }
 
     pub fn route(&self, path: &str) -> Result<Arc<OutboundRoute>, ProxyError> {
@@ -68,7 +77,13 @@ impl OutboundRoutes {
         }
         match self.by_service.get(service) {
             Some(upstream) if !known => Ok(Arc::new(OutboundRoute {
-                policy: Arc::new(CallPolicy::outside_contracts(service, method, &self.policy)),
+                policy: Arc::new(CallPolicy::outside_contracts(
+                    service,
+                    method,
+                    &self.policy,
+                    &self.metrics,
+                    Direction::Outbound,
+                )),
                 upstream: upstream.clone(),
             })),
             _ => Err(ProxyError::NoRoute { service: service.to_string() }),

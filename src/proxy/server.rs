@@ -19,6 +19,7 @@ use tower::Service;
 
 use super::error::{Direction, ProxyError, ResponseBody};
 use crate::identity::{SpiffeId, spiffe_id_of};
+use crate::telemetry::Metrics;
 
 /// Streams one HTTP/2 connection may carry at once. gRPC clients queue
 /// beyond it, and it also bounds the pooled upstream connection peers open to us.
@@ -39,6 +40,7 @@ pub async fn serve<F, S>(
     direction: Direction,
     tls: Option<Arc<ServerConfig>>,
     new_service: F,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) where
@@ -66,7 +68,9 @@ pub async fn serve<F, S>(
         let watcher = graceful.watcher();
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _open = metrics.connection_opened(direction);
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
@@ -79,8 +83,12 @@ pub async fn serve<F, S>(
                     watcher.watch(builder.serve_connection(TokioIo::new(tcp), service)).await
                 }
                 Some(acceptor) => {
-                    let Some(tls) = accept_tls(&acceptor, tcp, addr).await else {
-                        return;
+                    let tls = match accept_tls(&acceptor, tcp, addr).await {
+                        Ok(tls) => {
+                            metrics.tls_handshake(direction, "ok".into());
+                            tls
+                        }
+                        Err(result) => return metrics.tls_handshake(direction, result),
                     };
                     let identity = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id_of);
                     let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity }));
@@ -102,26 +110,36 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Completes a TLS handshake, or says why it failed in a few words fit for a
+/// metric label: `plaintext_http2`, `timeout`, or the kind of TLS error.
 async fn accept_tls(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     addr: std::net::SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
     if sent_plaintext_http2(&tcp).await {
         tracing::warn!(%addr, "refused plaintext HTTP/2 on the mTLS listener");
         refuse_plaintext(tcp).await;
-        return None;
+        return Err("plaintext_http2".into());
     }
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Some(tls),
+        Ok(Ok(tls)) => Ok(tls),
         Ok(Err(error)) => {
             tracing::warn!(%addr, %error, "TLS handshake failed");
-            None
+            Err(handshake_failure(&error))
         }
         Err(_) => {
             tracing::warn!(%addr, "TLS handshake timed out");
-            None
+            Err("timeout".into())
         }
+    }
+}
+
+/// The rustls error's kind (its variant name), or `io` for other failures.
+fn handshake_failure(error: &std::io::Error) -> String {
+    match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(tls) => format!("{tls:?}").split(['(', ' ', '{']).next().unwrap_or("tls").to_string(),
+        None => "io".into(),
     }
 }
 

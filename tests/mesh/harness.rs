@@ -12,7 +12,7 @@ use protomesh::contract::Contracts;
 use protomesh::identity::SpiffeId;
 use protomesh::identity::certs::{DevCa, write_dev_certs};
 use protomesh::pb::echo::v1::echo_client::EchoClient;
-use protomesh::proxy::Sidecar;
+use protomesh::proxy::{Options, Sidecar};
 use protomesh::sample::echo::{EchoService, EchoStats};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -135,6 +135,7 @@ async fn sidecar(dir: &TempDir, workload: &str, upstreams: &str, inbound: Option
         "identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
          contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}/proto']}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
+         admin: {{listen: '127.0.0.1:0'}}\n\
          policy: {policy}\n\
          drain_timeout: 1s\n",
         env!("CARGO_MANIFEST_DIR")
@@ -146,7 +147,7 @@ async fn sidecar(dir: &TempDir, workload: &str, upstreams: &str, inbound: Option
     std::fs::write(&path, yaml).unwrap();
     let config = config::load(Some(&path), std::iter::empty()).unwrap();
     let contracts = Arc::new(Contracts::load(&config.contracts).unwrap());
-    Sidecar::start(&config, contracts, config.drain_timeout).await.unwrap()
+    Sidecar::start(&config, contracts, Options::default()).await.unwrap()
 }
 
 /// Bounds every wait in a test: a hang fails instead of stalling the suite.

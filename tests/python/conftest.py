@@ -97,16 +97,19 @@ def mesh(stubs, tmp_path_factory):
     common = (f"contracts: {{protos: [examples/echo.proto], include: ['{REPO / 'proto'}']}}\n"
               "drain_timeout: 2s\n")
 
+    def admin():
+        return f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
+
     def identity(name):
         certs = work / "certs"
         return f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
 
     (work / "server.yaml").write_text(
-        identity("server") + common +
+        identity("server") + common + admin() +
         f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
         f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
     (work / "client.yaml").write_text(
-        identity("client") + common +
+        identity("client") + common + admin() +
         f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
         f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'], identity: '{spiffe('server')}'}}\n")
     sidecars = [start_sidecar(name, work / f"{name}.yaml", work / f"{name}.log") for name in ("server", "client")]
