@@ -35,7 +35,12 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn new(config: &Config, contracts: &Contracts, metrics: Arc<Metrics>, set_log_level: Option<SetLogLevel>) -> Admin {
+    pub fn new(
+        config: &Config,
+        contracts: &Contracts,
+        metrics: Arc<Metrics>,
+        set_log_level: Option<SetLogLevel>,
+    ) -> Admin {
         Admin {
             ready: AtomicBool::new(false),
             metrics,
@@ -73,7 +78,8 @@ impl Admin {
 
     async fn set_log_level(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
         if !peer.ip().is_loopback() && !self.allow_remote_changes {
-            let why = "log level changes are accepted only from localhost (set admin.allow_remote_changes to allow others)\n";
+            let why =
+                "log level changes are accepted only from localhost (set admin.allow_remote_changes to allow others)\n";
             return text(StatusCode::FORBIDDEN, why);
         }
         let Some(set_log_level) = &self.set_log_level else {

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
 
 use crate::config::{
-    AdminConfig, AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig, OutboundConfig,
-    PolicyConfig, UpstreamConfig,
+    AdminConfig, AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig,
+    OutboundConfig, PolicyConfig, UpstreamConfig,
 };
 use crate::contract::Contracts;
 use crate::identity::SpiffeId;

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use protomesh::admin::SetLogLevel;
 use protomesh::config::{self, Config};
 use protomesh::contract::Contracts;
 use protomesh::identity::{Identity, SpiffeId, certs};
-use protomesh::admin::SetLogLevel;
 use protomesh::proxy::{Options, Sidecar};
 
 /// A gRPC service-mesh sidecar whose policy lives in the .proto contracts.

@@ -22,8 +22,8 @@ use super::balance::Report;
 use super::error::{Direction, ProxyError};
 use crate::grpc::{self, Code};
 use crate::policy::CallPolicy;
-use crate::telemetry::CallRecord;
 use crate::policy::outlier::Outcome;
+use crate::telemetry::CallRecord;
 
 #[derive(Debug)]
 pub struct ResponseBody {

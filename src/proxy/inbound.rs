@@ -118,7 +118,8 @@ impl InboundRoutes {
         match self.mode {
             ContractMode::Strict => Err(ProxyError::UnknownMethod { path: path.to_string() }),
             ContractMode::Permissive => {
-                let policy = CallPolicy::outside_contracts(service, method, &self.policy, &self.metrics, Direction::Inbound);
+                let policy =
+                    CallPolicy::outside_contracts(service, method, &self.policy, &self.metrics, Direction::Inbound);
                 Ok(Arc::new(InboundRoute {
                     policy: Arc::new(policy),
                     authz: MethodAuthz::resolve(&self.rules, self.authorization, service, method, None),

@@ -61,7 +61,12 @@ fn outbound_stack(routes: Arc<OutboundRoutes>, policy: &PolicyConfig, metrics: &
 }
 
 /// A call from a peer sidecar on one connection, top to bottom.
-fn inbound_stack(route: RouteInbound, app: Arc<Endpoint>, policy: &PolicyConfig, metrics: &Arc<Metrics>) -> impl Stack + use<> {
+fn inbound_stack(
+    route: RouteInbound,
+    app: Arc<Endpoint>,
+    policy: &PolicyConfig,
+    metrics: &Arc<Metrics>,
+) -> impl Stack + use<> {
     let authorize = route.authorize();
     ServiceBuilder::new()
         .layer_fn(|inner| AnswerErrors::new(Direction::Inbound, inner))
@@ -159,7 +164,11 @@ impl Sidecar {
             }
         };
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
-        metrics.register_collector(Box::new(policy_collector(&outbound_routes, inbound.as_ref().map(|i| &i.1), &upstreams)));
+        metrics.register_collector(Box::new(policy_collector(
+            &outbound_routes,
+            inbound.as_ref().map(|i| &i.1),
+            &upstreams,
+        )));
         let admin = Arc::new(Admin::new(config, &contracts, metrics.clone(), options.set_log_level));
 
         let drain = config.drain_timeout;
@@ -199,7 +208,15 @@ impl Sidecar {
         listeners.spawn(admin::serve(admin_listener, admin.clone(), stop));
         admin.ready.store(true, Ordering::Release);
         tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, %admin_addr, "sidecar started");
-        Ok(Sidecar { outbound_addr, inbound_addr, admin_addr, identity: identity.id.clone(), admin, shutdown, listeners })
+        Ok(Sidecar {
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+            identity: identity.id.clone(),
+            admin,
+            shutdown,
+            listeners,
+        })
     }
 
     /// Turns not ready, stops accepting, sends GOAWAY, and waits for calls in
@@ -217,7 +234,8 @@ fn policy_collector(
     upstreams: &[(Vec<String>, Arc<Upstream>)],
 ) -> PolicyCollector {
     let outbound_methods = outbound.policies().map(|p| (Direction::Outbound.as_str(), p.clone()));
-    let inbound_methods = inbound.into_iter().flat_map(|r| r.policies()).map(|p| (Direction::Inbound.as_str(), p.clone()));
+    let inbound_methods =
+        inbound.into_iter().flat_map(|r| r.policies()).map(|p| (Direction::Inbound.as_str(), p.clone()));
     let upstream_bulkheads: Vec<_> = upstreams.iter().filter_map(|(_, u)| u.bulkhead.clone()).collect();
     let inbound = inbound.cloned();
     PolicyCollector {

@@ -55,7 +55,10 @@ impl OutboundRoutes {
                 let upstream = by_service.get(method.service.as_str())?.clone();
                 let (service, name) = (&method.service, &method.method);
                 let call = CallPolicy::new(service, name, Some(method), &policy, &metrics, Direction::Outbound);
-                Some((method.path.clone().into_boxed_str(), Arc::new(OutboundRoute { policy: Arc::new(call), upstream })))
+                Some((
+                    method.path.clone().into_boxed_str(),
+                    Arc::new(OutboundRoute { policy: Arc::new(call), upstream }),
+                ))
             })
             .collect();
         OutboundRoutes { by_path, by_service, contracts, mode, policy, metrics }

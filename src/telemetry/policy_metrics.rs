@@ -67,8 +67,12 @@ impl Collector for PolicyCollector {
             let value = bulkhead.rejected.load(Ordering::Relaxed);
             ConstCounter::new(value).encode(rejections.encode_family(&[("bulkhead", bulkhead.name.as_str())])?)?;
         }
-        let mut depth =
-            encoder.encode_descriptor("bulkhead_queue_depth", "Calls waiting for a bulkhead place", None, MetricType::Gauge)?;
+        let mut depth = encoder.encode_descriptor(
+            "bulkhead_queue_depth",
+            "Calls waiting for a bulkhead place",
+            None,
+            MetricType::Gauge,
+        )?;
         for bulkhead in &bulkheads {
             let value = bulkhead.queue_depth() as i64;
             ConstGauge::new(value).encode(depth.encode_family(&[("bulkhead", bulkhead.name.as_str())])?)?;

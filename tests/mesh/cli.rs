@@ -105,3 +105,37 @@ fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
     assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
     assert!(stdout.contains(" passed"), "{stdout}");
 }
+
+#[tokio::test]
+async fn the_admin_server_changes_the_log_level_and_sigterm_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = write_config(
+        &dir,
+        &format!("outbound: {{listen: '127.0.0.1:0'}}\nadmin: {{listen: '127.0.0.1:{admin_port}'}}\n"),
+    );
+    let mut sidecar = tokio::process::Command::new(BIN)
+        .args(["run", "--config", &config])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin_addr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    crate::harness::within("the sidecar is ready", async {
+        while tokio::net::TcpStream::connect(admin_addr).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    use crate::telemetry::admin;
+    assert_eq!(admin(admin_addr, "GET", "/ready", "").await.0, 200);
+    assert_eq!(admin(admin_addr, "PUT", "/log-level", "debug").await, (200, "log filter is now debug\n".into()));
+    let (status, body) = admin(admin_addr, "PUT", "/log-level", "a=b=c").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("is not a log filter"), "{body}");
+
+    let pid = sidecar.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exit = crate::harness::within("exit after SIGTERM", sidecar.wait()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

@@ -10,3 +10,4 @@ mod passthrough;
 mod refusals;
 mod resets;
 mod retries;
+mod telemetry;

@@ -1,0 +1,127 @@
+//! The admin server and the metrics, scraped after known traffic.
+
+use std::net::SocketAddr;
+
+use protomesh::pb::echo::v1::EchoRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::harness::{Mesh, MeshOptions, within};
+
+/// One HTTP/1.0 request to an admin server: its status code and body.
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    within("admin request", async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("{method} {path} HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    })
+    .await
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn probes_answer_and_unknown_paths_are_named() {
+    let mesh = Mesh::start().await;
+    let admin_addr = mesh.client_sidecar.admin_addr;
+    assert_eq!(admin(admin_addr, "GET", "/live", "").await, (200, "live\n".into()));
+    assert_eq!(admin(admin_addr, "GET", "/ready", "").await, (200, "ready\n".into()));
+    assert_eq!(admin(admin_addr, "POST", "/metrics", "").await.0, 405);
+    let (status, body) = admin(admin_addr, "GET", "/nope", "").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("/metrics"), "{body}");
+    let (status, _) = admin(admin_addr, "PUT", "/log-level", "debug").await;
+    assert_eq!(status, 501, "a sidecar started without a log handle says so");
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_direction_method_and_status() {
+    let mesh = Mesh::start().await;
+    for _ in 0..3 {
+        within("ok", mesh.client().unary(EchoRequest::default())).await.unwrap();
+    }
+    for _ in 0..2 {
+        let failing = EchoRequest { status_code: Code::NotFound as i32, ..Default::default() };
+        within("not found", mesh.client().unary(failing)).await.unwrap_err();
+    }
+    let streamed = EchoRequest { reply_count: 2, status_code: Code::Aborted as i32, ..Default::default() };
+    let mut stream = within("stream", mesh.client().server_stream(streamed)).await.unwrap().into_inner();
+    while within("stream", stream.message()).await.is_ok_and(|m| m.is_some()) {}
+
+    let (_, client) = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await;
+    let outbound = r#"protomesh_requests_total{direction="outbound",service="echo.v1.Echo",method="Unary""#;
+    assert_eq!(sample(&client, &format!(r#"{outbound},grpc_status="OK"}}"#)), Some(3.0), "{client}");
+    assert_eq!(sample(&client, &format!(r#"{outbound},grpc_status="NOT_FOUND"}}"#)), Some(2.0), "{client}");
+    let stream_aborted = r#"protomesh_requests_total{direction="outbound",service="echo.v1.Echo",method="ServerStream",grpc_status="ABORTED"}"#;
+    assert_eq!(sample(&client, stream_aborted), Some(1.0), "the status in the trailers counts: {client}");
+    let latency = r#"protomesh_request_duration_seconds_count{direction="outbound",service="echo.v1.Echo",method="Unary",grpc_status="OK"}"#;
+    assert_eq!(sample(&client, latency), Some(3.0), "{client}");
+    assert!(sample(&client, "process_resident_memory_bytes").is_some_and(|bytes| bytes > 0.0), "{client}");
+
+    let (_, server) = admin(mesh.server_sidecar.admin_addr, "GET", "/metrics", "").await;
+    let inbound =
+        r#"protomesh_requests_total{direction="inbound",service="echo.v1.Echo",method="Unary",grpc_status="OK"}"#;
+    assert_eq!(sample(&server, inbound), Some(3.0), "{server}");
+    assert!(
+        sample(&server, r#"protomesh_tls_handshakes_total{direction="inbound",result="ok"}"#).is_some_and(|n| n >= 1.0)
+    );
+    assert_eq!(sample(&server, r#"protomesh_open_connections{direction="inbound"}"#), Some(1.0), "{server}");
+}
+
+#[tokio::test]
+async fn refusals_and_policy_actions_are_counted() {
+    let mesh = Mesh::start_with(MeshOptions {
+        client_policy: "{defaults: {retry: {max_attempts: 3, retryable_codes: [UNAVAILABLE], initial_backoff: 1ms}},
+                         methods: {echo.v1.Echo/ServerStream: {concurrency: {max_in_flight: 1}}}}",
+        authorization: "{rules: [{name: nobody-streams, methods: ['echo.v1.Echo/BidiStream'], callers: ['spiffe://x/y']}]}",
+        ..Default::default()
+    })
+    .await;
+    let flaky =
+        EchoRequest { message: "m".into(), fail_first: 2, status_code: Code::Unavailable as i32, ..Default::default() };
+    within("retried", mesh.client().unary(flaky)).await.unwrap();
+    let held = EchoRequest { reply_count: 1, delay_ms: 30_000, ..Default::default() };
+    let _held = within("held", mesh.client().server_stream(held)).await.unwrap();
+    within("refused", mesh.client().server_stream(EchoRequest::default())).await.unwrap_err();
+    let mut raw = tonic::client::Grpc::new(mesh.channel());
+    raw.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<EchoRequest, EchoRequest>::default();
+    let path = http::uri::PathAndQuery::from_static("/echo.v1.Echo/Shout");
+    within("unknown", raw.unary(tonic::Request::new(EchoRequest::default()), path, codec)).await.unwrap_err();
+    within("denied", mesh.client().bidi_stream(tokio_stream::empty())).await.unwrap_err();
+
+    let (_, client) = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await;
+    let retries = r#"protomesh_retries_total{direction="outbound",service="echo.v1.Echo",method="Unary"}"#;
+    assert_eq!(sample(&client, retries), Some(2.0), "{client}");
+    let rejections = r#"protomesh_bulkhead_rejections_total{bulkhead="method /echo.v1.Echo/ServerStream"#;
+    assert_eq!(sample(&client, rejections), Some(1.0), "{client}");
+    assert_eq!(sample(&client, r#"protomesh_refused_total{direction="outbound",reason="unknown_method"}"#), Some(1.0));
+
+    let (_, server) = admin(mesh.server_sidecar.admin_addr, "GET", "/metrics", "").await;
+    let denied = r#"protomesh_requests_total{direction="inbound",service="echo.v1.Echo",method="BidiStream",grpc_status="PERMISSION_DENIED"}"#;
+    assert_eq!(sample(&server, denied), Some(1.0), "{server}");
+}
+
+#[tokio::test]
+async fn config_shows_each_methods_effective_policy_and_its_source() {
+    let mesh = Mesh::start_with(MeshOptions {
+        client_policy: "{methods: {echo.v1.Echo/Unary: {timeout: 300ms}}}",
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = admin(mesh.client_sidecar.admin_addr, "GET", "/config", "").await;
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let unary = config["methods"].as_array().unwrap().iter().find(|m| m["path"] == "/echo.v1.Echo/Unary").unwrap();
+    assert_eq!(unary["timeout"]["value"], "300ms");
+    assert_eq!(unary["timeout"]["source"], "config policy.methods[\"echo.v1.Echo/Unary\"]");
+    assert_eq!(unary["idempotency"], "no-side-effects");
+}
