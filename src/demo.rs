@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::config::{
     AdminConfig, AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig,
-    OutboundConfig, PolicyConfig, UpstreamConfig,
+    OutboundConfig, PolicyConfig, TracingConfig, UpstreamConfig,
 };
 use crate::contract::Contracts;
 use crate::identity::SpiffeId;
@@ -82,6 +82,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
                 authorization: AuthorizationConfig::default(),
             }),
             admin: AdminConfig { listen: loopback(), allow_remote_changes: false },
+            tracing: TracingConfig::default(),
             policy: PolicyConfig::default(),
             drain_timeout: Duration::from_secs(1),
         };

@@ -35,6 +35,8 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// Deadlines, retries, bulkheads: defaults, per-method overrides and limits.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -154,6 +156,39 @@ pub struct AuthorizationRule {
     pub callers: Vec<CallerPattern>,
 }
 
+/// Span export over OTLP/gRPC. Off unless an endpoint is set here or in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// e.g. `http://jaeger-collector.observability:4317`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// For traces the caller did not start: the share sampled (parent-based).
+    #[serde(default = "defaults::sample_ratio")]
+    pub sample_ratio: f64,
+    /// Sent with every export, e.g. an authorization header.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "defaults::export_timeout", deserialize_with = "duration::deserialize")]
+    pub timeout: Duration,
+    /// Spans waiting for export; beyond it spans are dropped (and counted).
+    #[serde(default = "defaults::span_queue")]
+    pub queue_size: usize,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            sample_ratio: defaults::sample_ratio(),
+            headers: BTreeMap::new(),
+            timeout: defaults::export_timeout(),
+            queue_size: defaults::span_queue(),
+        }
+    }
+}
+
 /// The admin server: probes, metrics, effective config, log level.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,6 +273,15 @@ mod defaults {
     pub fn outbound_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 4140))
     }
+    pub fn sample_ratio() -> f64 {
+        1.0
+    }
+    pub fn export_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn span_queue() -> usize {
+        4096
+    }
     pub fn admin_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 4191))
     }
@@ -316,6 +360,9 @@ impl Config {
             }
         }
         self.policy.validate()?;
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(("tracing.sample_ratio".into(), "a share between 0 and 1, e.g. 0.1 for 10%".into()));
+        }
         if self.contracts.protos.is_empty() && self.contracts.descriptor_sets.is_empty() {
             return Err((
                 "contracts".into(),

@@ -159,7 +159,7 @@ mod tests {
         if let Some(value) = grpc_timeout {
             request.headers_mut().insert("grpc-timeout", value.parse().unwrap());
         }
-        request.extensions_mut().insert(CallContext::new(policy, None));
+        request.extensions_mut().insert(CallContext::new(policy, None, Default::default()));
         request
     }
 

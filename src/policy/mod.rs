@@ -92,11 +92,23 @@ pub struct CallContext {
     pub shared_bulkhead: Option<Arc<Bulkhead>>,
     /// When the call must be over, if it has a deadline.
     pub deadline: Option<Instant>,
+    /// Who is on the other side: the caller (inbound) or the upstream (outbound).
+    pub peer: Peer,
+    /// The call's span, when the call is traced; retries hang their attempts under it.
+    pub span: Option<opentelemetry::trace::SpanContext>,
+}
+
+/// The other side of a call, for traces.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub identity: Option<crate::identity::SpiffeId>,
+    /// The caller's address, or the upstream's endpoints.
+    pub address: Option<Arc<str>>,
 }
 
 impl CallContext {
-    pub fn new(policy: Arc<CallPolicy>, shared_bulkhead: Option<Arc<Bulkhead>>) -> CallContext {
-        CallContext { policy, shared_bulkhead, deadline: None }
+    pub fn new(policy: Arc<CallPolicy>, shared_bulkhead: Option<Arc<Bulkhead>>, peer: Peer) -> CallContext {
+        CallContext { policy, shared_bulkhead, deadline: None, peer, span: None }
     }
 
     /// The context admission put on the request; every stack begins with admission.

@@ -33,6 +33,9 @@ use crate::contract::CallShape;
 use crate::grpc::{self, Code};
 use crate::proxy::body::{RequestBody, ResponseBody};
 use crate::proxy::error::ProxyError;
+use crate::telemetry::trace::Tracing;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::Span as _;
 
 /// Retries may add `ratio` of the calls plus `min_per_second`, over a 10 s window.
 pub fn budget(ratio: f64, min_per_second: u32) -> TpsBudget {
@@ -47,11 +50,13 @@ pub struct RetryBudget(pub Arc<TpsBudget>);
 pub struct Retries<S> {
     inner: S,
     max_replay_bytes: usize,
+    /// Each attempt of a traced call gets a child span.
+    tracing: Option<Arc<Tracing>>,
 }
 
 impl<S> Retries<S> {
-    pub fn new(max_replay_bytes: usize, inner: S) -> Self {
-        Retries { inner, max_replay_bytes }
+    pub fn new(max_replay_bytes: usize, tracing: Option<Arc<Tracing>>, inner: S) -> Self {
+        Retries { inner, max_replay_bytes, tracing }
     }
 }
 
@@ -163,6 +168,7 @@ where
             budget.0.deposit();
         }
         let limit = self.max_replay_bytes;
+        let tracing = self.tracing.clone();
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         Box::pin(async move {
@@ -178,7 +184,24 @@ where
             let (mut attempts, mut refusals_resent) = (0u32, false);
             loop {
                 let previous = attempts + u32::from(refusals_resent);
-                let result = inner.ready().await?.call(attempt(&parts, kept.clone(), previous)).await;
+                let mut request = attempt(&parts, kept.clone(), previous);
+                let mut span = match (&tracing, &context.span) {
+                    (Some(tracing), Some(parent)) => {
+                        let name = format!("{} attempt", context.policy.path.trim_start_matches('/'));
+                        let number = KeyValue::new("protomesh.attempt", i64::from(previous) + 1);
+                        Some(tracing.start_child(request.headers_mut(), parent, name, vec![number]))
+                    }
+                    _ => None,
+                };
+                let result = inner.ready().await?.call(request).await;
+                if let Some(span) = &mut span {
+                    let status = match &result {
+                        Ok(response) => grpc::status_in(response.headers()).unwrap_or(Code::Ok),
+                        Err(error) => error.code(),
+                    };
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", status as i64));
+                    span.end();
+                }
                 let delay = match verdict(&result, retryable) {
                     Verdict::Final => return result,
                     Verdict::Refused if !refusals_resent => {

@@ -24,7 +24,7 @@ use crate::identity::SpiffeId;
 use crate::policy::authz::{MethodAuthz, MethodPattern, Rule};
 use crate::policy::bulkhead::Bulkhead;
 use crate::policy::method::Source;
-use crate::policy::{CallContext, CallPolicy};
+use crate::policy::{CallContext, CallPolicy, Peer};
 use crate::telemetry::Metrics;
 
 pub const CALLER_ID_HEADER: HeaderName = HeaderName::from_static("protomesh-caller-id");
@@ -143,6 +143,7 @@ pub struct RouteInbound {
     routes: Arc<InboundRoutes>,
     caller: Option<Caller>,
     caller_bulkhead: Option<Arc<Bulkhead>>,
+    peer: Peer,
 }
 
 impl RouteInbound {
@@ -152,7 +153,8 @@ impl RouteInbound {
             .clone()
             .and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| Caller { id, header }));
         let caller_bulkhead = caller.as_ref().and_then(|caller| routes.caller_bulkhead(&caller.id));
-        RouteInbound { routes, caller, caller_bulkhead }
+        let peer = Peer { identity: peer.identity.clone(), address: Some(peer.addr.to_string().into()) };
+        RouteInbound { routes, caller, caller_bulkhead, peer }
     }
 
     /// The authorization check for this connection's calls.
@@ -166,7 +168,8 @@ impl Admission for RouteInbound {
         let caller = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
         let route = self.routes.route(request.uri().path())?;
         request.headers_mut().insert(CALLER_ID_HEADER, caller.header.clone());
-        request.extensions_mut().insert(CallContext::new(route.policy.clone(), self.caller_bulkhead.clone()));
+        let context = CallContext::new(route.policy.clone(), self.caller_bulkhead.clone(), self.peer.clone());
+        request.extensions_mut().insert(context);
         request.extensions_mut().insert(route);
         Ok(())
     }

@@ -39,6 +39,7 @@ use crate::policy::bulkhead::Bulkheads;
 use crate::policy::deadline::Deadlines;
 use crate::policy::retry::Retries;
 use crate::telemetry::policy_metrics::PolicyCollector;
+use crate::telemetry::trace::Tracing;
 use crate::telemetry::{Metrics, Observe};
 use admit::Admit;
 use endpoint::{Endpoint, Transport};
@@ -48,32 +49,37 @@ use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
 use upstream::Upstream;
 
+/// What every call of a sidecar shares.
+#[derive(Clone)]
+struct Shared {
+    policy: Arc<PolicyConfig>,
+    metrics: Arc<Metrics>,
+    tracing: Option<Arc<Tracing>>,
+}
+
 /// A call from the local app, top to bottom.
-fn outbound_stack(routes: Arc<OutboundRoutes>, policy: &PolicyConfig, metrics: &Arc<Metrics>) -> impl Stack + use<> {
+fn outbound_stack(routes: Arc<OutboundRoutes>, shared: &Shared) -> impl Stack + use<> {
+    let direction = Direction::Outbound;
     ServiceBuilder::new()
-        .layer_fn(|inner| AnswerErrors::new(Direction::Outbound, inner))
-        .layer_fn(|inner| Admit::counted(routes.clone(), metrics.clone(), Direction::Outbound, inner))
-        .layer_fn(Observe::new)
-        .layer_fn(|inner| Deadlines::new(policy.min_budget, Direction::Outbound, inner))
-        .layer_fn(|inner| Retries::new(policy.max_replay_bytes, inner))
+        .layer_fn(|inner| AnswerErrors::new(direction, inner))
+        .layer_fn(|inner| Admit::counted(routes.clone(), shared.metrics.clone(), direction, inner))
+        .layer_fn(|inner| Observe::new(direction, shared.tracing.clone(), inner))
+        .layer_fn(|inner| Deadlines::new(shared.policy.min_budget, direction, inner))
+        .layer_fn(|inner| Retries::new(shared.policy.max_replay_bytes, shared.tracing.clone(), inner))
         .layer_fn(Bulkheads::new)
         .service(ForwardToUpstream)
 }
 
 /// A call from a peer sidecar on one connection, top to bottom.
-fn inbound_stack(
-    route: RouteInbound,
-    app: Arc<Endpoint>,
-    policy: &PolicyConfig,
-    metrics: &Arc<Metrics>,
-) -> impl Stack + use<> {
+fn inbound_stack(route: RouteInbound, app: Arc<Endpoint>, shared: &Shared) -> impl Stack + use<> {
+    let direction = Direction::Inbound;
     let authorize = route.authorize();
     ServiceBuilder::new()
-        .layer_fn(|inner| AnswerErrors::new(Direction::Inbound, inner))
-        .layer_fn(|inner| Admit::counted(route.clone(), metrics.clone(), Direction::Inbound, inner))
-        .layer_fn(Observe::new)
+        .layer_fn(|inner| AnswerErrors::new(direction, inner))
+        .layer_fn(|inner| Admit::counted(route.clone(), shared.metrics.clone(), direction, inner))
+        .layer_fn(|inner| Observe::new(direction, shared.tracing.clone(), inner))
         .layer_fn(|inner| Admit::new(authorize.clone(), inner))
-        .layer_fn(|inner| Deadlines::new(policy.min_budget, Direction::Inbound, inner))
+        .layer_fn(|inner| Deadlines::new(shared.policy.min_budget, direction, inner))
         .layer_fn(Bulkheads::new)
         .service(ForwardToApp::new(app))
 }
@@ -117,6 +123,8 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     pub identity: SpiffeId,
     admin: Arc<Admin>,
+    tracing: Option<Arc<Tracing>>,
+    drain: std::time::Duration,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
 }
@@ -170,17 +178,22 @@ impl Sidecar {
             &upstreams,
         )));
         let admin = Arc::new(Admin::new(config, &contracts, metrics.clone(), options.set_log_level));
+        let tracing = Tracing::start(&config.tracing, config.service_name.as_deref())?.map(Arc::new);
+        if let Some(tracing) = &tracing {
+            metrics.register_collector(Box::new(tracing.counts()));
+        }
+        let shared = Shared { policy, metrics: metrics.clone(), tracing: tracing.clone() };
 
         let drain = config.drain_timeout;
         let (shutdown, stop) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let outbound_addr = local_addr(&outbound_listener)?;
-        let (outbound_metrics, outbound_policy) = (metrics.clone(), policy.clone());
+        let outbound_shared = shared.clone();
         listeners.spawn(server::serve(
             outbound_listener,
             Direction::Outbound,
             None,
-            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), &outbound_policy, &outbound_metrics),
+            move |_: PeerInfo| outbound_stack(outbound_routes.clone(), &outbound_shared),
             metrics.clone(),
             stop.clone(),
             drain,
@@ -189,14 +202,11 @@ impl Sidecar {
             None => None,
             Some((listener, routes, app, tls)) => {
                 let addr = local_addr(&listener)?;
-                let inbound_metrics = metrics.clone();
                 listeners.spawn(server::serve(
                     listener,
                     Direction::Inbound,
                     Some(tls),
-                    move |peer: PeerInfo| {
-                        inbound_stack(RouteInbound::new(routes.clone(), &peer), app.clone(), &policy, &inbound_metrics)
-                    },
+                    move |peer: PeerInfo| inbound_stack(RouteInbound::new(routes.clone(), &peer), app.clone(), &shared),
                     metrics.clone(),
                     stop.clone(),
                     drain,
@@ -214,6 +224,8 @@ impl Sidecar {
             admin_addr,
             identity: identity.id.clone(),
             admin,
+            tracing,
+            drain,
             shutdown,
             listeners,
         })
@@ -225,6 +237,9 @@ impl Sidecar {
         self.admin.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         while self.listeners.join_next().await.is_some() {}
+        if let Some(tracing) = &self.tracing {
+            tracing.flush(self.drain).await;
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use super::upstream::Upstream;
 use crate::config::{ContractMode, PolicyConfig};
 use crate::contract::Contracts;
 use crate::grpc::split_path;
-use crate::policy::{CallContext, CallPolicy};
+use crate::policy::{CallContext, CallPolicy, Peer};
 use crate::telemetry::Metrics;
 
 /// Where a call goes, and the policy of its method.
@@ -98,7 +98,8 @@ impl OutboundRoutes {
 impl Admission for Arc<OutboundRoutes> {
     fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
         let route = self.route(request.uri().path())?;
-        let context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone());
+        let peer = Peer { identity: Some(route.upstream.identity.clone()), address: Some(route.upstream.name.clone()) };
+        let context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone(), peer);
         request.extensions_mut().insert(context);
         request.extensions_mut().insert(route.upstream.retry_budget.clone());
         request.extensions_mut().insert(route);

@@ -5,6 +5,7 @@ pub mod metrics;
 mod observe;
 pub mod policy_metrics;
 mod process;
+pub mod trace;
 
 pub use metrics::Metrics;
 pub use observe::{CallRecord, Observe};

@@ -1,27 +1,32 @@
 //! The layer that records every admitted call: its final gRPC status and how
-//! long it took, counted against its method. The status comes from a
-//! trailers-only response, from the trailers at the end of the stream, or
-//! from the sidecar's own error; a call the caller abandons counts as
-//! CANCELLED.
+//! long it took, counted against its method, and, when tracing is on, its
+//! span. The status comes from a trailers-only response, from the trailers at
+//! the end of the stream, or from the sidecar's own error (which the span
+//! also records as an event); a call the caller abandons counts as CANCELLED.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, SpanKind, Status};
+use opentelemetry_sdk::trace::Span;
 use tokio::time::Instant;
 use tower::Service;
 
+use super::trace::Tracing;
 use crate::grpc::{self, Code};
 use crate::policy::{CallContext, CallPolicy};
 use crate::proxy::body::ResponseBody;
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::{Direction, ProxyError};
 
 /// One call being recorded; dropped unfinished, it counts as CANCELLED.
 #[derive(Debug)]
 pub struct CallRecord {
     policy: Arc<CallPolicy>,
     started: Instant,
+    span: Option<Span>,
     finished: bool,
 }
 
@@ -33,6 +38,20 @@ impl CallRecord {
     fn record(&mut self, status: Code) {
         self.finished = true;
         self.policy.metrics.record(status, self.started.elapsed());
+        if let Some(span) = &mut self.span {
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", status as i64));
+            if status != Code::Ok {
+                span.set_status(Status::error(status.name()));
+            }
+            span.end();
+        }
+    }
+
+    /// A policy or peer failure, as an event on the span.
+    fn failed(&mut self, error: &ProxyError) {
+        if let Some(span) = &mut self.span {
+            span.add_event(error.reason(), vec![KeyValue::new("message", error.to_string())]);
+        }
     }
 }
 
@@ -47,12 +66,42 @@ impl Drop for CallRecord {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
+    direction: Direction,
+    tracing: Option<Arc<Tracing>>,
 }
 
 impl<S> Observe<S> {
-    pub fn new(inner: S) -> Self {
-        Observe { inner }
+    pub fn new(direction: Direction, tracing: Option<Arc<Tracing>>, inner: S) -> Self {
+        Observe { inner, direction, tracing }
     }
+}
+
+/// Starts the call's span, continuing the caller's trace, and hands it on.
+fn start_span<B>(tracing: &Tracing, direction: Direction, request: &mut Request<B>) -> Span {
+    let context = CallContext::of(request);
+    let name = context.policy.path.trim_start_matches('/').to_string();
+    let (service, method) = grpc::split_path(&context.policy.path).unwrap_or(("", ""));
+    let mut attributes = vec![
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service.to_string()),
+        KeyValue::new("rpc.method", method.to_string()),
+    ];
+    if let Some(identity) = &context.peer.identity {
+        attributes.push(KeyValue::new("protomesh.peer.identity", identity.to_string()));
+    }
+    if let Some(address) = &context.peer.address {
+        let key = if direction == Direction::Outbound { "server.address" } else { "network.peer.address" };
+        attributes.push(KeyValue::new(key, address.to_string()));
+    }
+    if let Some(timeout) = request.headers().get("grpc-timeout").and_then(|v| grpc::parse_timeout(v.as_bytes())) {
+        attributes.push(KeyValue::new("rpc.grpc.timeout_ms", timeout.as_millis() as i64));
+    }
+    let kind = if direction == Direction::Outbound { SpanKind::Client } else { SpanKind::Server };
+    let span = tracing.start_call(request.headers_mut(), &name, kind, attributes);
+    if let Some(context) = request.extensions_mut().get_mut::<CallContext>() {
+        context.span = Some(span.span_context().clone());
+    }
+    span
 }
 
 impl<S, B> Service<Request<B>> for Observe<S>
@@ -68,9 +117,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let record =
-            CallRecord { policy: CallContext::of(&request).policy.clone(), started: Instant::now(), finished: false };
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let span = self.tracing.as_ref().map(|tracing| start_span(tracing, self.direction, &mut request));
+        let policy = CallContext::of(&request).policy.clone();
+        let mut record = CallRecord { policy, started: Instant::now(), span, finished: false };
         let call = self.inner.call(request);
         Box::pin(async move {
             match call.await {
@@ -82,6 +132,7 @@ where
                     Ok(response)
                 }
                 Err(error) => {
+                    record.failed(&error);
                     record.finish(error.code());
                     Err(error)
                 }
