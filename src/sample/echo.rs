@@ -25,10 +25,8 @@ pub struct EchoStats {
     /// Stream replies handed to the transport.
     pub sent: AtomicU64,
     pub cancelled_signal: Notify,
-    /// The `grpc-timeout` of the latest call, as received.
-    pub last_timeout: std::sync::Mutex<Option<String>>,
-    /// The `grpc-previous-rpc-attempts` of the latest call, as received.
-    pub last_previous_attempts: std::sync::Mutex<Option<String>>,
+    /// The metadata of the latest call, as received.
+    last_metadata: std::sync::Mutex<MetadataMap>,
     /// While set, every unary call fails with UNAVAILABLE: a backend gone bad.
     pub failing: std::sync::atomic::AtomicBool,
     /// Calls seen so far per `message`, for `fail_first`.
@@ -36,6 +34,12 @@ pub struct EchoStats {
 }
 
 impl EchoStats {
+    /// An ASCII header of the latest call, as received.
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        let metadata = self.last_metadata.lock().expect("stats lock");
+        metadata.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
     /// Whether this call is one of the first `fail_first` with its message.
     fn fails(&self, request: &EchoRequest) -> bool {
         let mut seen = self.seen.lock().expect("stats lock");
@@ -61,9 +65,7 @@ impl EchoService {
 
     fn observe<T>(&self, request: &Request<T>) -> MetadataMap {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let header = |name| request.metadata().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        *self.stats.last_timeout.lock().expect("stats lock") = header("grpc-timeout");
-        *self.stats.last_previous_attempts.lock().expect("stats lock") = header("grpc-previous-rpc-attempts");
+        *self.stats.last_metadata.lock().expect("stats lock") = request.metadata().clone();
         echoed_metadata(request.metadata())
     }
 }

@@ -22,7 +22,7 @@ fn timed(request: EchoRequest, timeout: Duration) -> Request<EchoRequest> {
 async fn the_server_sees_the_policys_shorter_deadline() {
     let mesh = Mesh::start_with(MeshOptions { client_policy: UNARY_300MS, ..Default::default() }).await;
     within("unary", mesh.client().unary(timed(EchoRequest::default(), Duration::from_secs(10)))).await.unwrap();
-    let seen = mesh.backend.last_timeout.lock().unwrap().clone().expect("grpc-timeout forwarded");
+    let seen = mesh.backend.last_header("grpc-timeout").expect("grpc-timeout forwarded");
     let seen = protomesh::grpc::parse_timeout(seen.as_bytes()).unwrap();
     assert!(seen <= Duration::from_millis(300) && seen > Duration::from_millis(100), "server saw {seen:?}");
 }

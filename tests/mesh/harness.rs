@@ -32,6 +32,8 @@ pub struct MeshOptions {
     /// YAML for each sidecar's `policy` section.
     pub client_policy: &'static str,
     pub server_policy: &'static str,
+    /// YAML for both sidecars' `tracing` section.
+    pub tracing: String,
     /// How many server workloads (each an echo backend behind its own sidecar).
     pub servers: usize,
     /// Replaces the echo backend, e.g. with a raw HTTP/2 server.
@@ -49,6 +51,7 @@ impl Default for MeshOptions {
             client_policy: "{}",
             server_policy: "{}",
             servers: 1,
+            tracing: "{}".into(),
             app: None,
             upstream_endpoint: None,
         }
@@ -90,7 +93,7 @@ impl Mesh {
                 }
             };
             let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
-            servers.push(sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy).await);
+            servers.push(sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy, &options.tracing).await);
         }
         let every_server = servers.iter().map(|s| s.inbound_addr.unwrap().to_string()).collect::<Vec<_>>().join(",");
         let server_sidecar = servers.remove(0);
@@ -105,7 +108,7 @@ impl Mesh {
             .join(", ");
         let upstreams =
             format!("[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]", options.expected_server);
-        let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy).await;
+        let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy, &options.tracing).await;
         Mesh { dir, backend: backends[0].clone(), backends, client_sidecar, server_sidecar, _other_servers: servers }
     }
 
@@ -129,14 +132,23 @@ impl Mesh {
 }
 
 /// Starts one sidecar from a YAML config, through the same loader `protomesh run` uses.
-async fn sidecar(dir: &TempDir, workload: &str, upstreams: &str, inbound: Option<&str>, policy: &str) -> Sidecar {
+async fn sidecar(
+    dir: &TempDir,
+    workload: &str,
+    upstreams: &str,
+    inbound: Option<&str>,
+    policy: &str,
+    tracing: &str,
+) -> Sidecar {
     let certs = dir.path().display();
     let mut yaml = format!(
-        "identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+        "service_name: {workload}\n\
+         identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
          contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}/proto']}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
          admin: {{listen: '127.0.0.1:0'}}\n\
          policy: {policy}\n\
+         tracing: {tracing}\n\
          drain_timeout: 1s\n",
         env!("CARGO_MANIFEST_DIR")
     );

@@ -11,3 +11,4 @@ mod refusals;
 mod resets;
 mod retries;
 mod telemetry;
+mod tracing;

@@ -30,7 +30,7 @@ async fn a_flaky_idempotent_method_succeeds_through_retries() {
     let reply = within("unary", mesh.client().unary(flaky("a", 2, Code::Unavailable))).await;
     assert!(reply.is_ok(), "{reply:?}");
     assert_eq!(mesh.calls(), 3);
-    assert_eq!(mesh.backend.last_previous_attempts.lock().unwrap().as_deref(), Some("2"));
+    assert_eq!(mesh.backend.last_header("grpc-previous-rpc-attempts").as_deref(), Some("2"));
 }
 
 #[tokio::test]

@@ -1,0 +1,181 @@
+//! Traces: both sidecars' spans reach an in-process OTLP collector as one
+//! trace that continues the app's, with the RPC attributes and retry
+//! attempts; with the collector gone, calls go on unaffected.
+
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use protomesh::pb::echo::v1::EchoRequest;
+use tokio::sync::Notify;
+use tonic::{Code, Request, Response, Status};
+
+use crate::harness::{Mesh, MeshOptions, within};
+
+const APP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const APP_SPAN: &str = "00f067aa0ba902b7";
+
+/// An OTLP/gRPC trace collector that keeps every span with its service name.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+    arrived: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Value::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            let spans = resource_spans.scope_spans.into_iter().flat_map(|s| s.spans);
+            self.spans.lock().unwrap().extend(spans.map(|span| (service.clone(), span)));
+        }
+        self.arrived.notify_waiters();
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start() -> (Collector, String) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder().add_service(TraceServiceServer::new(collector.clone()));
+        tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+        (collector, format!("http://{addr}"))
+    }
+
+    /// Waits until `count` spans have arrived.
+    async fn spans(&self, count: usize) -> Vec<(String, Span)> {
+        within("spans arrive", async {
+            loop {
+                let arrived = self.arrived.notified();
+                if self.spans.lock().unwrap().len() >= count {
+                    return self.spans.lock().unwrap().clone();
+                }
+                arrived.await;
+            }
+        })
+        .await
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    let value = span.attributes.iter().find(|a| a.key == key)?.value.as_ref()?.value.as_ref()?;
+    Some(match value {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn traced(request: EchoRequest) -> Request<EchoRequest> {
+    let mut request = Request::new(request);
+    let traceparent = format!("00-{APP_TRACE}-{APP_SPAN}-01");
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn both_sidecars_spans_form_one_trace_under_the_apps_span() {
+    let (collector, endpoint) = Collector::start().await;
+    let mesh =
+        Mesh::start_with(MeshOptions { tracing: format!("{{otlp_endpoint: '{endpoint}'}}"), ..Default::default() })
+            .await;
+    within("call", mesh.client().unary(traced(EchoRequest::default()))).await.unwrap();
+    // Outbound CLIENT span, its attempt, and the inbound SERVER span.
+    let spans = collector.spans(3).await;
+    let find = |service: &str, kind: i32| {
+        let call = |span: &Span| span.kind == kind && span.name == "echo.v1.Echo/Unary";
+        spans.iter().find(|(s, span)| s == service && call(span)).map(|(_, span)| span.clone()).unwrap()
+    };
+    let (client, server) = (find("client", 3), find("server", 2));
+    let attempt = spans.iter().map(|(_, s)| s).find(|s| s.name.ends_with("attempt")).unwrap();
+    for span in [&client, attempt, &server] {
+        assert_eq!(hex(&span.trace_id), APP_TRACE, "{}", span.name);
+    }
+    assert_eq!(hex(&client.parent_span_id), APP_SPAN, "the outbound span continues the app's");
+    assert_eq!(attempt.parent_span_id, client.span_id);
+    assert_eq!(server.parent_span_id, attempt.span_id, "the inbound span is a child of the attempt");
+    let app_saw = mesh.backend.last_header("traceparent").unwrap();
+    assert_eq!(app_saw, format!("00-{APP_TRACE}-{}-01", hex(&server.span_id)), "the app continues the inbound span");
+
+    assert_eq!(client.name, "echo.v1.Echo/Unary");
+    assert_eq!(attribute(&client, "rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(attribute(&client, "rpc.service").as_deref(), Some("echo.v1.Echo"));
+    assert_eq!(attribute(&client, "rpc.method").as_deref(), Some("Unary"));
+    assert_eq!(attribute(&client, "rpc.grpc.status_code").as_deref(), Some("0"));
+    assert_eq!(attribute(&client, "protomesh.peer.identity").as_deref(), Some(crate::harness::id("server").as_str()));
+    assert_eq!(attribute(&server, "protomesh.peer.identity").as_deref(), Some(crate::harness::id("client").as_str()));
+    assert!(attribute(&server, "network.peer.address").is_some_and(|a| a.starts_with("127.0.0.1:")));
+}
+
+#[tokio::test]
+async fn retries_show_as_numbered_attempts_and_refusals_as_events() {
+    let (collector, endpoint) = Collector::start().await;
+    let mesh = Mesh::start_with(MeshOptions {
+        tracing: format!("{{otlp_endpoint: '{endpoint}'}}"),
+        client_policy: "{defaults: {retry: {max_attempts: 3, retryable_codes: [UNAVAILABLE], initial_backoff: 1ms}}}",
+        authorization: "{rules: [{name: nobody, methods: ['echo.v1.Echo/ClientStream'], callers: ['spiffe://x/y']}]}",
+        ..Default::default()
+    })
+    .await;
+    let flaky =
+        EchoRequest { message: "m".into(), fail_first: 1, status_code: Code::Unavailable as i32, ..Default::default() };
+    within("retried", mesh.client().unary(traced(flaky))).await.unwrap();
+    let spans = collector.spans(5).await;
+    let mut attempts: Vec<String> = spans
+        .iter()
+        .filter(|(_, s)| s.name.ends_with("attempt"))
+        .filter_map(|(_, s)| attribute(s, "protomesh.attempt"))
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, ["1", "2"]);
+
+    within("denied", mesh.client().client_stream(tokio_stream::empty())).await.unwrap_err();
+    let denied = within("the denial's span", async {
+        loop {
+            let spans = collector.spans(1).await;
+            if let Some((_, span)) = spans.iter().find(|(_, s)| s.name == "echo.v1.Echo/ClientStream" && s.kind == 2) {
+                return span.clone();
+            }
+            collector.arrived.notified().await;
+        }
+    })
+    .await;
+    assert!(denied.events.iter().any(|e| e.name == "denied"), "{:?}", denied.events);
+    assert_eq!(attribute(&denied, "rpc.grpc.status_code").as_deref(), Some("7"));
+}
+
+#[tokio::test]
+async fn with_the_collector_down_calls_are_unaffected() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mesh = Mesh::start_with(MeshOptions {
+        tracing: format!("{{otlp_endpoint: 'http://{closed}'}}"),
+        ..Default::default()
+    })
+    .await;
+    for _ in 0..20 {
+        within("call", mesh.client().unary(traced(EchoRequest::default()))).await.unwrap();
+    }
+    assert_eq!(mesh.calls(), 20);
+}
