@@ -83,6 +83,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
             }),
             admin: AdminConfig { listen: loopback(), allow_remote_changes: false },
             tracing: TracingConfig::default(),
+            access_log: false,
             policy: PolicyConfig::default(),
             drain_timeout: Duration::from_secs(1),
         };

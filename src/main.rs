@@ -82,7 +82,10 @@ fn init_logging(quiet: bool) -> SetLogLevel {
     tracing_subscriber::registry()
         .with(filter)
         .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
-        .with((!json).then(|| fmt::layer().with_writer(std::io::stderr)))
+        .with((!json).then(|| {
+            use std::io::IsTerminal;
+            fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr)
+        }))
         .init();
     Arc::new(move |text: &str| {
         let filter = EnvFilter::try_new(text).map_err(|e| format!("`{text}` is not a log filter: {e}"))?;

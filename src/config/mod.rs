@@ -37,6 +37,10 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// Log one line per call (target `protomesh::access`): method, status,
+    /// duration, peer and trace ID.
+    #[serde(default)]
+    pub access_log: bool,
     /// Deadlines, retries, bulkheads: defaults, per-method overrides and limits.
     #[serde(default)]
     pub policy: PolicyConfig,

@@ -55,6 +55,7 @@ struct Shared {
     policy: Arc<PolicyConfig>,
     metrics: Arc<Metrics>,
     tracing: Option<Arc<Tracing>>,
+    access_log: bool,
 }
 
 /// A call from the local app, top to bottom.
@@ -63,7 +64,7 @@ fn outbound_stack(routes: Arc<OutboundRoutes>, shared: &Shared) -> impl Stack + 
     ServiceBuilder::new()
         .layer_fn(|inner| AnswerErrors::new(direction, inner))
         .layer_fn(|inner| Admit::counted(routes.clone(), shared.metrics.clone(), direction, inner))
-        .layer_fn(|inner| Observe::new(direction, shared.tracing.clone(), inner))
+        .layer_fn(|inner| Observe::new(direction, shared.tracing.clone(), shared.access_log, inner))
         .layer_fn(|inner| Deadlines::new(shared.policy.min_budget, direction, inner))
         .layer_fn(|inner| Retries::new(shared.policy.max_replay_bytes, shared.tracing.clone(), inner))
         .layer_fn(Bulkheads::new)
@@ -77,7 +78,7 @@ fn inbound_stack(route: RouteInbound, app: Arc<Endpoint>, shared: &Shared) -> im
     ServiceBuilder::new()
         .layer_fn(|inner| AnswerErrors::new(direction, inner))
         .layer_fn(|inner| Admit::counted(route.clone(), shared.metrics.clone(), direction, inner))
-        .layer_fn(|inner| Observe::new(direction, shared.tracing.clone(), inner))
+        .layer_fn(|inner| Observe::new(direction, shared.tracing.clone(), shared.access_log, inner))
         .layer_fn(|inner| Admit::new(authorize.clone(), inner))
         .layer_fn(|inner| Deadlines::new(shared.policy.min_budget, direction, inner))
         .layer_fn(Bulkheads::new)
@@ -182,7 +183,8 @@ impl Sidecar {
         if let Some(tracing) = &tracing {
             metrics.register_collector(Box::new(tracing.counts()));
         }
-        let shared = Shared { policy, metrics: metrics.clone(), tracing: tracing.clone() };
+        let shared =
+            Shared { policy, metrics: metrics.clone(), tracing: tracing.clone(), access_log: config.access_log };
 
         let drain = config.drain_timeout;
         let (shutdown, stop) = watch::channel(false);

@@ -17,7 +17,7 @@ use tower::Service;
 
 use super::trace::Tracing;
 use crate::grpc::{self, Code};
-use crate::policy::{CallContext, CallPolicy};
+use crate::policy::{CallContext, CallPolicy, Peer};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::error::{Direction, ProxyError};
 
@@ -27,7 +27,16 @@ pub struct CallRecord {
     policy: Arc<CallPolicy>,
     started: Instant,
     span: Option<Span>,
+    /// Set when the access log is on.
+    access: Option<Access>,
     finished: bool,
+}
+
+/// What an access log line tells besides the method and status.
+#[derive(Debug)]
+struct Access {
+    direction: Direction,
+    peer: Peer,
 }
 
 impl CallRecord {
@@ -37,7 +46,21 @@ impl CallRecord {
 
     fn record(&mut self, status: Code) {
         self.finished = true;
-        self.policy.metrics.record(status, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.policy.metrics.record(status, elapsed);
+        if let Some(access) = &self.access {
+            let trace_id = self.span.as_ref().map(|s| s.span_context().trace_id().to_string());
+            tracing::info!(
+                target: "protomesh::access",
+                direction = %access.direction,
+                method = %self.policy.path,
+                grpc_status = status.name(),
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                peer = access.peer.address.as_deref().unwrap_or(""),
+                peer_identity = access.peer.identity.as_ref().map_or("", |id| id.as_str()),
+                trace_id = trace_id.as_deref().unwrap_or(""),
+            );
+        }
         if let Some(span) = &mut self.span {
             span.set_attribute(KeyValue::new("rpc.grpc.status_code", status as i64));
             if status != Code::Ok {
@@ -68,11 +91,12 @@ pub struct Observe<S> {
     inner: S,
     direction: Direction,
     tracing: Option<Arc<Tracing>>,
+    access_log: bool,
 }
 
 impl<S> Observe<S> {
-    pub fn new(direction: Direction, tracing: Option<Arc<Tracing>>, inner: S) -> Self {
-        Observe { inner, direction, tracing }
+    pub fn new(direction: Direction, tracing: Option<Arc<Tracing>>, access_log: bool, inner: S) -> Self {
+        Observe { inner, direction, tracing, access_log }
     }
 }
 
@@ -119,8 +143,10 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let span = self.tracing.as_ref().map(|tracing| start_span(tracing, self.direction, &mut request));
-        let policy = CallContext::of(&request).policy.clone();
-        let mut record = CallRecord { policy, started: Instant::now(), span, finished: false };
+        let context = CallContext::of(&request);
+        let access = self.access_log.then(|| Access { direction: self.direction, peer: context.peer.clone() });
+        let policy = context.policy.clone();
+        let mut record = CallRecord { policy, started: Instant::now(), span, access, finished: false };
         let call = self.inner.call(request);
         Box::pin(async move {
             match call.await {

@@ -71,7 +71,8 @@ impl Tracing {
         }
         let mut exporter = builder.build().map_err(|e| format!("tracing.otlp_endpoint: {e}"))?;
         let mut resource = opentelemetry_sdk::Resource::builder();
-        if let Some(name) = service_name {
+        // OTEL_SERVICE_NAME, read by the builder, wins over the config.
+        if let Some(name) = service_name.filter(|_| std::env::var_os("OTEL_SERVICE_NAME").is_none()) {
             resource = resource.with_service_name(name.to_string());
         }
         let resource = resource.build();

@@ -109,7 +109,7 @@ def mesh(stubs, tmp_path_factory):
         f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
         f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
     (work / "client.yaml").write_text(
-        identity("client") + common + admin() +
+        identity("client") + common + admin() + "access_log: true\n" +
         f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
         f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'], identity: '{spiffe('server')}'}}\n")
     sidecars = [start_sidecar(name, work / f"{name}.yaml", work / f"{name}.log") for name in ("server", "client")]
@@ -117,7 +117,7 @@ def mesh(stubs, tmp_path_factory):
     channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=[
         ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     yield {"stub": echo_pb2_grpc.EchoStub(channel), "pb": echo_pb2, "backend": backend, "channel": channel,
-           "sidecars": sidecars}
+           "sidecars": sidecars, "client_log": work / "client.log"}
     channel.close()
     for process, log in sidecars:
         process.send_signal(signal.SIGTERM)

@@ -107,3 +107,9 @@ def test_unknown_method_is_unimplemented_by_the_sidecar(mesh):
     assert "protomesh outbound" in failure.value.details()
     assert "/echo.v1.Echo/Shout" in failure.value.details()
     assert mesh["backend"].calls == calls_before
+
+
+def test_the_access_log_names_each_call(mesh):
+    mesh["stub"].Unary(mesh["pb"].EchoRequest(message="logged"), timeout=10)
+    lines = [line for line in mesh["client_log"].read_text().splitlines() if "protomesh::access" in line]
+    assert any("/echo.v1.Echo/Unary" in line and 'grpc_status="OK"' in line for line in lines), lines[-3:]
