@@ -38,10 +38,11 @@ fn identity(workload: &str) -> SpiffeId {
     SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{workload}")).expect("demo IDs are valid")
 }
 
-/// Runs the demo in a scratch directory, removed afterwards.
-pub async fn run() -> Result<(), String> {
+/// Runs the demo in a scratch directory, removed afterwards; with `otlp`,
+/// every sidecar exports its spans there.
+pub async fn run(otlp: Option<String>) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("protomesh-demo-{}", std::process::id()));
-    let result = run_in(&dir).await;
+    let result = run_in(&dir, otlp).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -52,7 +53,7 @@ struct Workload {
     app: Option<SocketAddr>,
 }
 
-async fn run_in(dir: &Path) -> Result<(), String> {
+async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
     let certs = dir.join("certs");
     let named: Vec<(String, SpiffeId)> = WORKLOADS.iter().map(|w| (w.to_string(), identity(w))).collect();
     write_dev_certs(&certs, "protomesh demo CA", &named)?;
@@ -82,7 +83,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
                 authorization: AuthorizationConfig::default(),
             }),
             admin: AdminConfig { listen: loopback(), allow_remote_changes: false },
-            tracing: TracingConfig::default(),
+            tracing: TracingConfig { otlp_endpoint: otlp.clone(), ..TracingConfig::default() },
             access_log: false,
             policy: PolicyConfig::default(),
             drain_timeout: Duration::from_secs(1),
@@ -127,7 +128,7 @@ async fn run_in(dir: &Path) -> Result<(), String> {
     print_mesh(&workloads);
     let via_frontend_sidecar = channel(workloads[0].sidecar.outbound_addr);
     let outcome = tokio::select! {
-        outcome = make_calls(via_frontend_sidecar) => outcome,
+        outcome = make_calls(via_frontend_sidecar, otlp.is_some()) => outcome,
         _ = tokio::signal::ctrl_c() => { println!("\ninterrupted"); Ok(()) }
     };
     for workload in workloads {
@@ -165,18 +166,26 @@ fn print_mesh(workloads: &[Workload]) {
     println!();
 }
 
-async fn make_calls(via_frontend_sidecar: Channel) -> Result<(), String> {
+async fn make_calls(via_frontend_sidecar: Channel, traced: bool) -> Result<(), String> {
     let mut checkout = CheckoutClient::new(via_frontend_sidecar.clone());
     let orders = [("ada", vec!["apple", "pear"]), ("grace", vec!["fig", "kiwi", "plum"])];
     for (customer, skus) in orders {
         let started = Instant::now();
-        let request = OrderRequest { customer: customer.into(), skus: skus.iter().map(|s| s.to_string()).collect() };
+        let order = OrderRequest { customer: customer.into(), skus: skus.iter().map(|s| s.to_string()).collect() };
+        let mut request = tonic::Request::new(order);
+        // The frontend starts each order's trace, as an instrumented app would.
+        let trace_id = format!("{:032x}", fastrand::u128(1..));
+        let traceparent = format!("00-{trace_id}-{:016x}-01", fastrand::u64(1..));
+        request.metadata_mut().insert("traceparent", traceparent.parse().expect("hex and dashes"));
         let reply = checkout.place_order(request).await.map_err(|s| format!("PlaceOrder failed: {s}"))?.into_inner();
         println!(
             "frontend -> shop.v1.Checkout/PlaceOrder for {customer}: OK, {} cents, {:.1} ms",
             reply.total_cents,
             started.elapsed().as_secs_f64() * 1e3
         );
+        if traced {
+            println!("  trace {trace_id}");
+        }
         println!("  path: frontend --h2c--> sidecar --mTLS--> sidecar --h2c--> checkout, which called on:");
         for hop in &reply.trail {
             println!("    {hop}");
@@ -198,6 +207,11 @@ async fn make_calls(via_frontend_sidecar: Channel) -> Result<(), String> {
         )
         .await;
     print_refusal("shop.v1.Checkout/CancelOrder", unknown.map(|_| ()));
+    if traced {
+        println!(
+            "\nspans exported over OTLP; in Jaeger (http://localhost:16686) open /trace/<id> for the traces above"
+        );
+    }
     Ok(())
 }
 

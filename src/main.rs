@@ -45,12 +45,16 @@ enum Command {
         workloads: Vec<String>,
     },
     /// Run a whole demo mesh on loopback and show what crosses it.
-    Demo,
+    Demo {
+        /// Export spans to this OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317 (Jaeger).
+        #[arg(long)]
+        otlp: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let set_log_level = init_logging(matches!(cli.command, Command::Demo));
+    let set_log_level = init_logging(matches!(cli.command, Command::Demo { .. }));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
             Command::Certs { out, trust_domain, namespace, workloads } => {
                 write_certs(&out, &trust_domain, &namespace, &workloads)
             }
-            Command::Demo => protomesh::demo::run().await,
+            Command::Demo { otlp } => protomesh::demo::run(otlp).await,
         }
     });
     match result {

@@ -71,6 +71,15 @@ impl Pricing for PricingService {
     }
 }
 
+/// A request carrying the caller's trace parent, if it came with one.
+fn traced<T>(traceparent: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(traceparent) = traceparent {
+        request.metadata_mut().insert("traceparent", traceparent.clone());
+    }
+    request
+}
+
 /// Calls the other services through this workload's outbound sidecar.
 pub struct CheckoutService {
     pub inventory: InventoryClient<Channel>,
@@ -81,12 +90,17 @@ pub struct CheckoutService {
 impl Checkout for CheckoutService {
     async fn place_order(&self, request: Request<OrderRequest>) -> Result<Response<OrderReply>, Status> {
         let caller = caller_of(&request);
+        // Its calls belong to the caller's trace, as an instrumented app's would.
+        let traceparent = request.metadata().get("traceparent").cloned();
         let order = request.into_inner();
         let mut trail = vec![format!("shop.v1.Checkout/PlaceOrder (unary) served for {caller}")];
         let (mut inventory, mut pricing) = (self.inventory.clone(), self.pricing.clone());
 
         for sku in &order.skus {
-            let stock = inventory.get_stock(StockRequest { sku: sku.clone(), updates: 0 }).await?.into_inner();
+            let stock = inventory
+                .get_stock(traced(&traceparent, StockRequest { sku: sku.clone(), updates: 0 }))
+                .await?
+                .into_inner();
             trail.push(format!(
                 "shop.v1.Inventory/GetStock (unary) {sku}: {} available, served for {}",
                 stock.available, stock.served_for
@@ -94,7 +108,10 @@ impl Checkout for CheckoutService {
         }
 
         let first = order.skus.first().cloned().unwrap_or_default();
-        let mut watch = inventory.watch_stock(StockRequest { sku: first.clone(), updates: 3 }).await?.into_inner();
+        let mut watch = inventory
+            .watch_stock(traced(&traceparent, StockRequest { sku: first.clone(), updates: 3 }))
+            .await?
+            .into_inner();
         let mut updates = Vec::new();
         let mut served_for = String::new();
         while let Some(stock) = watch.message().await? {
@@ -108,7 +125,7 @@ impl Checkout for CheckoutService {
 
         let items: Vec<ReserveItem> =
             order.skus.iter().map(|sku| ReserveItem { sku: sku.clone(), quantity: 1 }).collect();
-        let reservation = inventory.reserve(tokio_stream::iter(items)).await?.into_inner();
+        let reservation = inventory.reserve(traced(&traceparent, tokio_stream::iter(items))).await?.into_inner();
         trail.push(format!(
             "shop.v1.Inventory/Reserve (client-streaming) {} items as {}, served for {}",
             reservation.items, reservation.reservation_id, reservation.served_for
@@ -116,7 +133,7 @@ impl Checkout for CheckoutService {
 
         let quotes: Vec<QuoteRequest> =
             order.skus.iter().map(|sku| QuoteRequest { sku: sku.clone(), quantity: 1 }).collect();
-        let mut replies = pricing.quote(tokio_stream::iter(quotes)).await?.into_inner();
+        let mut replies = pricing.quote(traced(&traceparent, tokio_stream::iter(quotes))).await?.into_inner();
         let (mut total_cents, mut served_for, mut count) = (0, String::new(), 0);
         while let Some(quote) = replies.message().await? {
             total_cents += quote.cents;

@@ -139,3 +139,25 @@ async fn the_admin_server_changes_the_log_level_and_sigterm_drains() {
     let exit = crate::harness::within("exit after SIGTERM", sidecar.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn the_demo_exports_one_trace_per_order_across_every_workload() {
+    let (collector, endpoint) = crate::tracing::Collector::start().await;
+    let output = tokio::process::Command::new(BIN).args(["demo", "--otlp", &endpoint]).output().await.unwrap();
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+    let traces: Vec<&str> = stdout.lines().filter_map(|l| l.trim().strip_prefix("trace ")).collect();
+    assert_eq!(traces.len(), 2, "{stdout}");
+    // Each sidecar flushes its spans before the demo exits.
+    let spans = collector.spans.lock().unwrap().clone();
+    for trace in traces {
+        let mut services: Vec<&str> = spans
+            .iter()
+            .filter(|(_, span)| crate::tracing::hex(&span.trace_id) == trace)
+            .map(|(service, _)| service.as_str())
+            .collect();
+        services.sort();
+        services.dedup();
+        assert_eq!(services, ["checkout", "frontend", "inventory", "pricing"], "trace {trace}");
+    }
+}

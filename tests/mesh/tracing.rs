@@ -19,8 +19,8 @@ const APP_SPAN: &str = "00f067aa0ba902b7";
 
 /// An OTLP/gRPC trace collector that keeps every span with its service name.
 #[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<(String, Span)>>>,
+pub struct Collector {
+    pub spans: Arc<Mutex<Vec<(String, Span)>>>,
     arrived: Arc<Notify>,
 }
 
@@ -51,7 +51,7 @@ impl TraceService for Collector {
 }
 
 impl Collector {
-    async fn start() -> (Collector, String) {
+    pub async fn start() -> (Collector, String) {
         let collector = Collector::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -75,7 +75,7 @@ impl Collector {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
