@@ -17,7 +17,7 @@ pub mod error;
 pub mod inbound;
 pub mod outbound;
 mod server;
-mod upstream;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

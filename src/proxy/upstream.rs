@@ -22,6 +22,10 @@ use crate::policy::bulkhead::Bulkhead;
 use crate::policy::outlier::{Outcome, Outliers};
 use crate::policy::retry::{self, RetryBudget};
 
+/// The endpoint that answered a call, in its response's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct Answered(pub SocketAddr);
+
 /// Endpoints a call may try when connecting fails, before it gives up.
 const CONNECT_TRIES: usize = 3;
 
@@ -123,6 +127,8 @@ impl Upstream {
                     report.responded();
                     let trailers_only = grpc::status_in(response.headers());
                     let mut response = response.map(ResponseBody::streamed);
+                    // For the call's span: the endpoint that answered.
+                    response.extensions_mut().insert(Answered(endpoint.addr));
                     match trailers_only {
                         Some(code) => report.finish_with_status(code),
                         None => response.body_mut().report_to(report),

@@ -20,6 +20,7 @@ use crate::grpc::{self, Code};
 use crate::policy::{CallContext, CallPolicy, Peer};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::error::{Direction, ProxyError};
+use crate::proxy::upstream::Answered;
 
 /// One call being recorded; dropped unfinished, it counts as CANCELLED.
 #[derive(Debug)]
@@ -70,6 +71,14 @@ impl CallRecord {
         }
     }
 
+    /// The endpoint that answered, on the span.
+    fn answered_by(&mut self, endpoint: Option<&Answered>) {
+        if let (Some(span), Some(Answered(addr))) = (&mut self.span, endpoint) {
+            span.set_attribute(KeyValue::new("server.address", addr.ip().to_string()));
+            span.set_attribute(KeyValue::new("server.port", i64::from(addr.port())));
+        }
+    }
+
     /// A policy or peer failure, as an event on the span.
     fn failed(&mut self, error: &ProxyError) {
         if let Some(span) = &mut self.span {
@@ -114,7 +123,7 @@ fn start_span<B>(tracing: &Tracing, direction: Direction, request: &mut Request<
         attributes.push(KeyValue::new("protomesh.peer.identity", identity.to_string()));
     }
     if let Some(address) = &context.peer.address {
-        let key = if direction == Direction::Outbound { "server.address" } else { "network.peer.address" };
+        let key = if direction == Direction::Outbound { "protomesh.upstream" } else { "network.peer.address" };
         attributes.push(KeyValue::new(key, address.to_string()));
     }
     if let Some(timeout) = request.headers().get("grpc-timeout").and_then(|v| grpc::parse_timeout(v.as_bytes())) {
@@ -151,6 +160,7 @@ where
         Box::pin(async move {
             match call.await {
                 Ok(mut response) => {
+                    record.answered_by(response.extensions().get::<Answered>());
                     match grpc::status_in(response.headers()) {
                         Some(status) => record.finish(status),
                         None => response.body_mut().record_to(record),

@@ -124,6 +124,9 @@ async fn both_sidecars_spans_form_one_trace_under_the_apps_span() {
     assert_eq!(attribute(&client, "rpc.service").as_deref(), Some("echo.v1.Echo"));
     assert_eq!(attribute(&client, "rpc.method").as_deref(), Some("Unary"));
     assert_eq!(attribute(&client, "rpc.grpc.status_code").as_deref(), Some("0"));
+    let server_inbound = mesh.server_sidecar.inbound_addr.unwrap();
+    assert_eq!(attribute(&client, "server.address"), Some(server_inbound.ip().to_string()));
+    assert_eq!(attribute(&client, "server.port"), Some(server_inbound.port().to_string()));
     assert_eq!(attribute(&client, "protomesh.peer.identity").as_deref(), Some(crate::harness::id("server").as_str()));
     assert_eq!(attribute(&server, "protomesh.peer.identity").as_deref(), Some(crate::harness::id("client").as_str()));
     assert!(attribute(&server, "network.peer.address").is_some_and(|a| a.starts_with("127.0.0.1:")));
