@@ -33,32 +33,19 @@ fn open_fds() -> Option<i64> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some(bytes) = resident_bytes() {
-            let metric = ConstGauge::new(bytes);
-            metric.encode(encoder.encode_descriptor(
-                "process_resident_memory_bytes",
-                "Resident memory size in bytes",
-                None,
-                MetricType::Gauge,
-            )?)?;
+        let gauges = [
+            ("process_resident_memory_bytes", "Resident memory size in bytes", resident_bytes()),
+            ("process_open_fds", "Open file descriptors", open_fds()),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+            }
         }
         if let Some(seconds) = cpu_seconds() {
-            let metric = ConstCounter::new(seconds);
-            metric.encode(encoder.encode_descriptor(
-                "process_cpu_seconds",
-                "User and system CPU time spent in seconds",
-                None,
-                MetricType::Counter,
-            )?)?;
-        }
-        if let Some(fds) = open_fds() {
-            let metric = ConstGauge::new(fds);
-            metric.encode(encoder.encode_descriptor(
-                "process_open_fds",
-                "Open file descriptors",
-                None,
-                MetricType::Gauge,
-            )?)?;
+            let help = "User and system CPU time spent in seconds";
+            let descriptor = encoder.encode_descriptor("process_cpu_seconds", help, None, MetricType::Counter)?;
+            ConstCounter::new(seconds).encode(descriptor)?;
         }
         Ok(())
     }
