@@ -385,7 +385,7 @@ def report(results, extra, options):
         "# Benchmark results",
         "",
         f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
-        f"{cpu_model()}; {version(['envoy', '--version'])}; {version(['h2load', '--version'])}; "
+        f"{cpu_model()}; Envoy {envoy_version()}; {version(['h2load', '--version'])}; "
         f"protomesh {git_rev()}. Rerun with `bench/run`.",
         "",
         f"Medians of {options.rounds} rounds of {options.seconds} s loads, all on one machine over loopback. "
@@ -448,6 +448,11 @@ def version(command):
         return text.splitlines()[0][:80] if text else command[0]
     except OSError:
         return f"{command[0]} missing"
+
+
+def envoy_version():
+    match = re.search(r"/(\d+\.\d+\.\d+)/", version(["envoy", "--version"]))
+    return match.group(1) if match else "unknown"
 
 
 def git_rev():
