@@ -132,12 +132,24 @@ pub fn encode_timeout(timeout: Duration) -> HeaderValue {
         (60_000_000_000, 'M'),
         (3_600_000_000_000, 'H'),
     ];
-    let (amount, unit) = units
+    let (mut amount, unit) = units
         .iter()
         .map(|&(per, unit)| (nanos.div_ceil(per), unit))
         .find(|&(amount, _)| amount <= MAX)
         .unwrap_or((MAX, 'H'));
-    HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a unit letter are a valid header")
+    // Written by hand: this runs on every call with a deadline.
+    let mut text = [0u8; 9];
+    let mut start = text.len() - 1;
+    text[start] = unit as u8;
+    loop {
+        start -= 1;
+        text[start] = b'0' + (amount % 10) as u8;
+        amount /= 10;
+        if amount == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&text[start..]).expect("digits and a unit letter are a valid header")
 }
 
 /// The headers of a gRPC status: `grpc-status` and a percent-encoded

@@ -96,6 +96,8 @@ pub struct CallContext {
     pub peer: Peer,
     /// The call's span, when the call is traced; retries hang their attempts under it.
     pub span: Option<opentelemetry::trace::SpanContext>,
+    /// What retries of this call draw from (outbound: its upstream's budget).
+    pub retry_budget: Option<retry::RetryBudget>,
 }
 
 /// The other side of a call, for traces.
@@ -108,7 +110,7 @@ pub struct Peer {
 
 impl CallContext {
     pub fn new(policy: Arc<CallPolicy>, shared_bulkhead: Option<Arc<Bulkhead>>, peer: Peer) -> CallContext {
-        CallContext { policy, shared_bulkhead, deadline: None, peer, span: None }
+        CallContext { policy, shared_bulkhead, deadline: None, peer, span: None, retry_budget: None }
     }
 
     /// The context admission put on the request; every stack begins with admission.

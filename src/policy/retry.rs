@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
@@ -43,7 +43,7 @@ pub fn budget(ratio: f64, min_per_second: u32) -> TpsBudget {
 }
 
 /// Where a call's retries draw from: the budget of the upstream it goes to.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RetryBudget(pub Arc<TpsBudget>);
 
 #[derive(Clone)]
@@ -103,26 +103,33 @@ fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Cod
 
 /// Reads a request whole, up to `limit` bytes. Past the limit, gives back
 /// what it read and the rest of the stream.
-async fn keep(body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
-    let mut body = body;
-    let mut kept = BytesMut::new();
+/// A request read whole usually came in one frame: kept as it came, uncopied.
+async fn keep(mut body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut size = 0;
     loop {
         match body.frame().await {
-            None => return Ok(kept.freeze()),
+            None => return Ok(joined(chunks)),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    if kept.len() + data.len() > limit {
-                        kept.extend_from_slice(&data);
-                        return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body });
+                    size += data.len();
+                    chunks.push(data);
+                    if size > limit {
+                        return Err(RequestBody::Resumed { read: Some(joined(chunks)), rest: body });
                     }
-                    kept.extend_from_slice(&data);
                 }
             }
             // The caller's stream failed; what follows fails the same way.
-            Some(Err(_)) => {
-                return Err(RequestBody::Resumed { read: Some(kept.freeze()), rest: body });
-            }
+            Some(Err(_)) => return Err(RequestBody::Resumed { read: Some(joined(chunks)), rest: body }),
         }
+    }
+}
+
+fn joined(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().expect("one chunk"),
+        _ => chunks.concat().into(),
     }
 }
 
@@ -163,7 +170,7 @@ where
         if !one_request_message {
             return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
         }
-        let budget = request.extensions().get::<RetryBudget>().cloned();
+        let budget = context.retry_budget.clone();
         if let Some(budget) = &budget {
             budget.0.deposit();
         }

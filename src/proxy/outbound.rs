@@ -99,9 +99,9 @@ impl Admission for Arc<OutboundRoutes> {
     fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
         let route = self.route(request.uri().path())?;
         let peer = Peer { identity: Some(route.upstream.identity.clone()), address: Some(route.upstream.name.clone()) };
-        let context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone(), peer);
+        let mut context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone(), peer);
+        context.retry_budget = Some(route.upstream.retry_budget.clone());
         request.extensions_mut().insert(context);
-        request.extensions_mut().insert(route.upstream.retry_budget.clone());
         request.extensions_mut().insert(route);
         Ok(())
     }
