@@ -15,6 +15,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -356,6 +357,7 @@ def main():
                     p.stop()
     finally:
         backend.stop()
+        shutil.rmtree(work, ignore_errors=True)
     report(results, extra, options)
 
 
