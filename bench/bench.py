@@ -373,11 +373,12 @@ def report(results, extra, options):
         cpu = [med(path, "cpu_us", i) for i in range(proxies)]
         rss = [median([r["rss_load"][i][0] for r in results[path]]) for i in range(proxies)]
         peak = [median([r["rss_load"][i][1] for r in results[path]]) for i in range(proxies)]
+        private = [median([r["rss_load"][i][2] for r in results[path]]) for i in range(proxies)]
         rows.append({
             "path": path, "rps": med(path, "rps"), "stream_rps": med(path, "stream_rps"),
             "p50": med(path, "fixed", 0), "p90": med(path, "fixed", 1), "p99": med(path, "fixed", 2),
             "serial50": med(path, "serial", 0), "serial99": med(path, "serial", 2),
-            "cpu": sum(cpu), "cpu_each": cpu, "rss": rss, "peak": peak,
+            "cpu": sum(cpu), "cpu_each": cpu, "rss": rss, "peak": peak, "private": private,
         })
     by = {row["path"]: row for row in rows}
     direct, envoy, mesh = by["direct"], by["envoy"], by["protomesh"]
@@ -416,9 +417,12 @@ def report(results, extra, options):
         f"- CPU per call, protomesh / Envoy: {mesh['cpu'] / envoy_best['cpu']:.2f} (target 0.4)",
         f"- added p50 latency at 1k/s, protomesh / Envoy: {added(mesh):.3f} / {added(envoy_best):.3f} ms "
         f"= {added(mesh) / added(envoy_best):.2f} (target 0.4)" if added(envoy_best) > 0 else "",
-        f"- protomesh RSS per sidecar: idle {fmt_mem(extra['protomesh idle'])} MiB (target 8), "
-        f"under load {max(mesh['rss']):.1f} MiB, peak {max(mesh['peak']):.1f} MiB (target 15); "
-        f"Envoy idle {fmt_mem(extra['envoy idle'])} MiB, under load {max(envoy['rss']):.1f} MiB",
+        f"- protomesh memory per sidecar: idle RSS {fmt_mem(extra['protomesh idle'])} MiB "
+        f"(private {fmt_mem(extra['protomesh idle'], 2)}; target 8), "
+        f"under load RSS {max(mesh['rss']):.1f} MiB (private {max(mesh['private']):.1f}), "
+        f"peak {max(mesh['peak']):.1f} MiB (target 15); "
+        f"Envoy idle RSS {fmt_mem(extra['envoy idle'])} MiB (private {fmt_mem(extra['envoy idle'], 2)}), "
+        f"under load {max(envoy['rss']):.1f} MiB (private {max(envoy['private']):.1f})",
         f"- protomesh ready after start: {median(extra['ready_ms']):.1f} ms (target 50)",
         f"- 10,000 streams held at once: memory per stream {fmt_kib(extra['protomesh held'])} KiB "
         f"per protomesh sidecar, {fmt_kib(extra['envoy held'])} KiB per Envoy",
@@ -428,8 +432,8 @@ def report(results, extra, options):
     print(text)
 
 
-def fmt_mem(memory):
-    return " / ".join(f"{m[0]:.1f}" for m in memory)
+def fmt_mem(memory, field=0):
+    return " / ".join(f"{m[field]:.1f}" for m in memory)
 
 
 def fmt_kib(values):
@@ -453,7 +457,7 @@ def version(command):
 
 
 def envoy_version():
-    match = re.search(r"/(\d+\.\d+\.\d+)/", version(["envoy", "--version"]))
+    match = re.search(r"version: \S*?/(\d+\.\d+\.\d+)/", version(["envoy", "--version"]))
     return match.group(1) if match else "unknown"
 
 
