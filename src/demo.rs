@@ -74,6 +74,7 @@ async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
                 cert: certs.join(format!("{name}.pem")),
                 key: certs.join(format!("{name}-key.pem")),
                 trust_bundle: certs.join("ca.pem"),
+                reload_interval: Duration::from_secs(10),
             },
             contracts: contracts_config.clone(),
             outbound: OutboundConfig { listen: loopback(), upstreams, ..OutboundConfig::default() },

@@ -49,7 +49,7 @@ pub struct Config {
     pub drain_timeout: Duration,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// PEM certificate chain, leaf first; the leaf carries the SPIFFE ID.
@@ -58,6 +58,9 @@ pub struct IdentityConfig {
     pub key: PathBuf,
     /// PEM CA certificates that sign peers' certificates.
     pub trust_bundle: PathBuf,
+    /// How often the certificate and key files are checked for renewal.
+    #[serde(default = "defaults::reload_interval", deserialize_with = "duration::deserialize")]
+    pub reload_interval: Duration,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -276,6 +279,9 @@ mod defaults {
 
     pub fn outbound_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 4140))
+    }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn sample_ratio() -> f64 {
         1.0

@@ -2,6 +2,7 @@
 //! and verifies, and the SPIFFE IDs inside them.
 
 pub mod certs;
+mod reload;
 mod spiffe;
 mod tls;
 mod verifier;

@@ -21,6 +21,11 @@ impl CurrentCert {
     pub(super) fn new(key: CertifiedKey) -> CurrentCert {
         CurrentCert(ArcSwap::from_pointee(key))
     }
+
+    /// Presents `other`'s certificate from the next handshake on.
+    pub(super) fn replace(&self, other: &CurrentCert) {
+        self.0.store(other.0.load_full());
+    }
 }
 
 impl ResolvesServerCert for CurrentCert {

@@ -134,7 +134,7 @@ impl Sidecar {
     /// Loads identity and contracts and binds every listener before serving
     /// anything: a sidecar either starts whole or not at all.
     pub async fn start(config: &Config, contracts: Arc<Contracts>, options: Options) -> Result<Sidecar, String> {
-        let identity = Identity::load(&config.identity)?;
+        let identity = Arc::new(Identity::load(&config.identity)?);
         let metrics = Arc::new(Metrics::default());
         let mut upstreams = Vec::with_capacity(config.outbound.upstreams.len());
         for (i, upstream) in config.outbound.upstreams.iter().enumerate() {
@@ -217,6 +217,7 @@ impl Sidecar {
             }
         };
         let admin_addr = local_addr(&admin_listener)?;
+        listeners.spawn(identity.clone().keep_current(config.identity.clone(), stop.clone()));
         listeners.spawn(admin::serve(admin_listener, admin.clone(), stop));
         admin.ready.store(true, Ordering::Release);
         tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, %admin_addr, "sidecar started");

@@ -143,7 +143,7 @@ async fn sidecar(
     let certs = dir.path().display();
     let mut yaml = format!(
         "service_name: {workload}\n\
-         identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+         identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem, reload_interval: 50ms}}\n\
          contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}/proto']}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
          admin: {{listen: '127.0.0.1:0'}}\n\

@@ -8,6 +8,7 @@ mod deadlines;
 mod harness;
 mod passthrough;
 mod refusals;
+mod renewal;
 mod resets;
 mod retries;
 mod telemetry;
