@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
@@ -18,7 +17,7 @@ use tower::{Service, ServiceExt};
 use super::CallContext;
 use super::method::ConcurrencyPolicy;
 use crate::proxy::body::ResponseBody;
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::{CallFuture, CallService, ProxyError};
 
 #[derive(Debug)]
 pub struct Bulkhead {
@@ -94,12 +93,11 @@ impl<S> Bulkheads<S> {
 impl<S, B> Service<Request<B>> for Bulkheads<S>
 where
     B: Send + 'static,
-    S: Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: CallService<B> + Clone + Send + 'static,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

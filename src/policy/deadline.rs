@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower::Service;
@@ -19,7 +18,7 @@ use super::CallContext;
 use super::method::{MethodPolicy, Source};
 use crate::grpc;
 use crate::proxy::body::ResponseBody;
-use crate::proxy::error::{Direction, ProxyError};
+use crate::proxy::error::{CallFuture, CallService, Direction, ProxyError};
 
 /// Where a call's deadline came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,12 +72,11 @@ impl<S> Deadlines<S> {
 
 impl<S, B> Service<Request<B>> for Deadlines<S>
 where
-    S: Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S: CallService<B>,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

@@ -19,7 +19,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -32,7 +31,7 @@ use super::method::RetryPolicy;
 use crate::contract::CallShape;
 use crate::grpc::{self, Code};
 use crate::proxy::body::{RequestBody, ResponseBody};
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::{CallFuture, CallService, ProxyError};
 use crate::telemetry::trace::Tracing;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
@@ -153,12 +152,11 @@ fn jittered(backoff: Duration) -> Duration {
 
 impl<S> Service<Request<Incoming>> for Retries<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: CallService<RequestBody> + Clone + Send + 'static,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

@@ -11,7 +11,7 @@ use tower::Service;
 
 use std::sync::Arc;
 
-use super::error::{Direction, ProxyError, ResponseBody};
+use super::error::{CallService, Direction, ProxyError, ResponseBody};
 use crate::telemetry::Metrics;
 
 pub trait Admission {
@@ -41,7 +41,7 @@ impl<A, S> Admit<A, S> {
 impl<A, S> Service<Request<Incoming>> for Admit<A, S>
 where
     A: Admission,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
+    S: CallService<Incoming>,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;

@@ -213,6 +213,21 @@ impl std::error::Error for ProxyError {
     }
 }
 
+/// What every layer of a stack is to the layer above it: a service taking a
+/// request and answering with a response or the sidecar's own error.
+pub trait CallService<B>:
+    Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send + 'static>
+{
+}
+
+impl<S, B> CallService<B> for S where
+    S: Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send + 'static>
+{
+}
+
+/// What a layer's call returns when it has work to do around the layers below.
+pub type CallFuture = futures_util::future::BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
+
 /// The edge of every stack: the sidecar's own failures become gRPC statuses,
 /// except a refusal the peer made without processing the call, which goes on
 /// as the same reset (REFUSED_STREAM) so that a hop that kept the request can
@@ -231,7 +246,7 @@ impl<S> AnswerErrors<S> {
 
 impl<S> Service<Request<Incoming>> for AnswerErrors<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError>,
+    S: CallService<Incoming>,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;

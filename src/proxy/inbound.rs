@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use futures_util::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tower::Service;
@@ -15,7 +14,7 @@ use tower::Service;
 use super::admit::Admission;
 use super::body::RequestBody;
 use super::endpoint::Endpoint;
-use super::error::{Direction, ProxyError, ResponseBody};
+use super::error::{CallFuture, Direction, ProxyError, ResponseBody};
 use super::server::PeerInfo;
 use crate::config::{AuthorizationConfig, ContractMode, DefaultAuthorization, PolicyConfig};
 use crate::contract::{Contracts, MethodInfo};
@@ -208,7 +207,7 @@ impl ForwardToApp {
 impl Service<Request<Incoming>> for ForwardToApp {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Self::Response, ProxyError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))

@@ -23,12 +23,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 
 use crate::admin::{self, Admin, SetLogLevel};
 use crate::config::{Config, PolicyConfig};
@@ -43,7 +43,7 @@ use crate::telemetry::trace::Tracing;
 use crate::telemetry::{Metrics, Observe};
 use admit::Admit;
 use endpoint::{Endpoint, Transport};
-use error::{AnswerErrors, Direction, ProxyError, ResponseBody, Target};
+use error::{AnswerErrors, CallService, Direction, Target};
 use inbound::{ForwardToApp, InboundRoutes, RouteInbound};
 use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
@@ -87,18 +87,9 @@ fn inbound_stack(route: RouteInbound, app: Arc<Endpoint>, shared: &Shared) -> im
 
 /// What a listener serves: a whole stack, answering every call (or resetting
 /// it, for a refusal to pass on).
-trait Stack:
-    Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send> + Clone + Send + 'static
-{
-}
+trait Stack: CallService<Incoming> + Clone + Send + 'static {}
 
-impl<S> Stack for S where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError, Future: Send>
-        + Clone
-        + Send
-        + 'static
-{
-}
+impl<S: CallService<Incoming> + Clone + Send + 'static> Stack for S {}
 
 /// Writes the call's remaining deadline budget as `grpc-timeout`, just before
 /// the call leaves this sidecar.

@@ -6,14 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::Service;
 
 use super::admit::Admission;
 use super::body::RequestBody;
-use super::error::{Direction, ProxyError, ResponseBody};
+use super::error::{CallFuture, Direction, ProxyError, ResponseBody};
 use super::upstream::Upstream;
 use crate::config::{ContractMode, PolicyConfig};
 use crate::contract::Contracts;
@@ -114,7 +113,7 @@ pub struct ForwardToUpstream;
 impl Service<Request<RequestBody>> for ForwardToUpstream {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Self::Response, ProxyError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanKind, Status};
@@ -19,7 +18,7 @@ use super::trace::Tracing;
 use crate::grpc::{self, Code};
 use crate::policy::{CallContext, CallPolicy, Peer};
 use crate::proxy::body::ResponseBody;
-use crate::proxy::error::{Direction, ProxyError};
+use crate::proxy::error::{CallFuture, CallService, Direction, ProxyError};
 use crate::proxy::upstream::Answered;
 
 /// One call being recorded; dropped unfinished, it counts as CANCELLED.
@@ -139,12 +138,11 @@ fn start_span<B>(tracing: &Tracing, direction: Direction, request: &mut Request<
 
 impl<S, B> Service<Request<B>> for Observe<S>
 where
-    S: Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S: CallService<B>,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
