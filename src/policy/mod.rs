@@ -44,6 +44,7 @@ pub struct CallCounters {
 }
 
 impl CallPolicy {
+    /// A contract method's policy, with its own bulkhead and metrics.
     pub fn new(
         service: &str,
         method: &str,
@@ -52,20 +53,13 @@ impl CallPolicy {
         metrics: &Arc<Metrics>,
         direction: Direction,
     ) -> CallPolicy {
-        let path: Arc<str> = format!("/{service}/{method}").into();
-        let policy = MethodPolicy::resolve(service, method, info, config);
-        let bulkhead = policy
+        let mut call = CallPolicy::resolved(service, method, info, config, metrics, direction, (service, method));
+        call.bulkhead = call
+            .policy
             .concurrency
             .as_ref()
-            .map(|c| Arc::new(Bulkhead::new(format!("method {path} ({})", c.source), &c.value)));
-        CallPolicy {
-            path,
-            shape: info.map(|i| i.shape),
-            policy,
-            bulkhead,
-            counters: CallCounters::default(),
-            metrics: CallMetrics::new(metrics.clone(), direction, service, method),
-        }
+            .map(|c| Arc::new(Bulkhead::new(format!("method {} ({})", call.path, c.source), &c.value)));
+        call
     }
 
     /// For a call to a method outside the contracts (permissive mode): its
@@ -79,8 +73,27 @@ impl CallPolicy {
         metrics: &Arc<Metrics>,
         direction: Direction,
     ) -> CallPolicy {
-        let policy = CallPolicy::new(service, method, None, config, metrics, direction);
-        CallPolicy { bulkhead: None, metrics: CallMetrics::new(metrics.clone(), direction, "*", "*"), ..policy }
+        CallPolicy::resolved(service, method, None, config, metrics, direction, ("*", "*"))
+    }
+
+    /// The policy without a bulkhead, its metrics labelled `labels` (service, method).
+    fn resolved(
+        service: &str,
+        method: &str,
+        info: Option<&MethodInfo>,
+        config: &PolicyConfig,
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+        labels: (&str, &str),
+    ) -> CallPolicy {
+        CallPolicy {
+            path: format!("/{service}/{method}").into(),
+            shape: info.map(|i| i.shape),
+            policy: MethodPolicy::resolve(service, method, info, config),
+            bulkhead: None,
+            counters: CallCounters::default(),
+            metrics: CallMetrics::new(metrics.clone(), direction, labels.0, labels.1),
+        }
     }
 }
 
@@ -116,5 +129,39 @@ impl CallContext {
     /// The context admission put on the request; every stack begins with admission.
     pub fn of<B>(request: &http::Request<B>) -> &CallContext {
         request.extensions().get::<CallContext>().expect("admission sets the call context first")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::method::{ConcurrencyPolicy, PolicyFields};
+    use std::time::Duration;
+
+    #[test]
+    fn a_method_outside_the_contracts_takes_its_services_policy_but_no_bulkhead() {
+        let mut config = PolicyConfig::default();
+        let fields = PolicyFields {
+            timeout: Some(Duration::from_millis(100)),
+            concurrency: Some(ConcurrencyPolicy::new(4)),
+            ..Default::default()
+        };
+        config.methods.insert("s.S/*".into(), fields);
+        let metrics = Arc::new(Metrics::default());
+        let outside = CallPolicy::outside_contracts("s.S", "Shout", &config, &metrics, Direction::Inbound);
+        assert_eq!(&*outside.path, "/s.S/Shout");
+        assert!(outside.policy.concurrency.is_some(), "the override applies");
+        assert!(outside.bulkhead.is_none(), "but no bulkhead is kept for a peer-chosen path");
+        let info = crate::contract::MethodInfo {
+            service: "s.S".into(),
+            method: "M".into(),
+            path: "/s.S/M".into(),
+            shape: CallShape::Unary,
+            idempotency: crate::contract::Idempotency::Unknown,
+            contract: Default::default(),
+            file: "s.proto".into(),
+        };
+        let known = CallPolicy::new("s.S", "M", Some(&info), &config, &metrics, Direction::Inbound);
+        assert_eq!(known.bulkhead.unwrap().name, "method /s.S/M (config policy.methods[\"s.S/*\"])");
     }
 }
