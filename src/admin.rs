@@ -148,10 +148,6 @@ pub fn effective_policy(config: &Config, contracts: &Contracts) -> Value {
     json!({ "identity": config.identity.cert.display().to_string(), "methods": methods })
 }
 
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// Serves the admin endpoints until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -164,7 +160,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = crate::proxy::stopped(&mut shutdown) => return,
         };
         let admin = admin.clone();
         tokio::spawn(async move {

@@ -23,7 +23,7 @@ impl Identity {
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
-                _ = stop.wait_for(|stop| *stop) => return,
+                _ = crate::proxy::stopped(&mut stop) => return,
             }
             let current = read(&config);
             if current.is_none() || current == seen {

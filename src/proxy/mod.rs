@@ -47,6 +47,7 @@ use error::{AnswerErrors, CallService, Direction, Target};
 use inbound::{ForwardToApp, InboundRoutes, RouteInbound};
 use outbound::{ForwardToUpstream, OutboundRoutes};
 use server::PeerInfo;
+pub(crate) use server::stopped;
 use upstream::Upstream;
 
 /// What every call of a sidecar shares.

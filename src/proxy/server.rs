@@ -106,7 +106,8 @@ pub async fn serve<F, S>(
     }
 }
 
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+/// Resolves once `shutdown` turns true; the one stop signal of every task of a sidecar.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
