@@ -59,6 +59,13 @@ impl Code {
         NAMES.get(usize::from(number)).map(|(_, code)| *code)
     }
 
+    /// A canonical name, or an error listing the valid ones.
+    pub fn parse(name: &str) -> Result<Code, String> {
+        Code::from_name(name).ok_or_else(|| {
+            format!("`{name}` is not a gRPC status code; use one of {}", Code::names().collect::<Vec<_>>().join(", "))
+        })
+    }
+
     pub fn name(self) -> &'static str {
         NAMES[self as usize].0
     }
@@ -77,13 +84,7 @@ impl Code {
 
 impl<'de> serde::Deserialize<'de> for Code {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Code, D::Error> {
-        let name = String::deserialize(d)?;
-        Code::from_name(&name).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "`{name}` is not a gRPC status code; use one of {}",
-                Code::names().collect::<Vec<_>>().join(", ")
-            ))
-        })
+        Code::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 

@@ -181,7 +181,7 @@ mod tests {
         assert!(unary.contract.method.is_none());
         assert_eq!(unary.contract.service.as_ref().unwrap().timeout, Some(Duration::from_secs(30)));
         assert!(contracts.method("/shop.v1.Inventory/Nope").is_none());
-        assert!(contracts.has_service("shop.v1.Checkout"));
+        assert_eq!(contracts.services()["shop.v1.Checkout"].len(), 1);
     }
 
     #[test]

@@ -73,10 +73,6 @@ impl Contracts {
         self.methods.get(path)
     }
 
-    pub fn has_service(&self, service: &str) -> bool {
-        self.methods.values().any(|m| m.service == service)
-    }
-
     /// Methods grouped by service, both sorted by name.
     pub fn services(&self) -> BTreeMap<&str, Vec<&Arc<MethodInfo>>> {
         let mut services: BTreeMap<&str, Vec<&Arc<MethodInfo>>> = BTreeMap::new();

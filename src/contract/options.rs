@@ -71,14 +71,7 @@ fn retry_policy(retry: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
     let retryable_codes = retry
         .retryable_codes
         .iter()
-        .map(|name| {
-            Code::from_name(name).ok_or_else(|| {
-                format!(
-                    "retry.retryable_codes: `{name}` is not a gRPC status code; use one of {}",
-                    Code::names().collect::<Vec<_>>().join(", ")
-                )
-            })
-        })
+        .map(|name| Code::parse(name).map_err(|e| format!("retry.retryable_codes: {e}")))
         .collect::<Result<_, _>>()?;
     let defaults = RetryPolicy::new(retry.max_attempts, retryable_codes);
     let backoff = |text: &str, name: &str, default| -> Result<Duration, String> {
