@@ -40,10 +40,13 @@ impl Identity {
                 Ok(renewed) => tracing::warn!(
                     current = %self.id,
                     renewed = %renewed.id,
+                    cert = %config.cert.display(),
                     "refusing a renewed certificate for another identity; restart to change identity"
                 ),
                 Err((field, problem)) => tracing::warn!(
                     field = %format!("identity.{field}"),
+                    cert = %config.cert.display(),
+                    key = %config.key.display(),
                     %problem,
                     "keeping the current certificate: the renewed files do not load"
                 ),
