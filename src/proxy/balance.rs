@@ -54,8 +54,12 @@ impl Load {
 }
 
 /// Picks an endpoint for one call: two at random, the lighter one that is
-/// admitted, leaving out those already `tried`. `None` when none is left.
-pub fn choose(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now: Instant) -> Option<(Arc<Endpoint>, Admission)> {
+/// admitted, leaving out the `unreachable`. `None` when none is left.
+pub fn choose(
+    endpoints: &[Arc<Endpoint>],
+    unreachable: &[SocketAddr],
+    now: Instant,
+) -> Option<(Arc<Endpoint>, Admission)> {
     let count = endpoints.len();
     let mut order: [usize; 2] = match count {
         0 => return None,
@@ -71,8 +75,8 @@ pub fn choose(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now: Instant) -
     }
     // The two chosen first, then every endpoint, as a last resort.
     let scan = order.into_iter().chain((0..count).map(|i| (i + order[0]) % count));
-    let untried = |endpoint: &&Arc<Endpoint>| !tried.contains(&endpoint.addr);
-    scan.map(|i| &endpoints[i]).filter(untried).filter(|e| e.health.is_available(now)).find_map(|endpoint| {
+    let reachable = |endpoint: &&Arc<Endpoint>| !unreachable.contains(&endpoint.addr);
+    scan.map(|i| &endpoints[i]).filter(reachable).filter(|e| e.health.is_available(now)).find_map(|endpoint| {
         match endpoint.health.admit(now) {
             Admission::Closed => None,
             admission => Some((endpoint.clone(), admission)),

@@ -103,15 +103,16 @@ impl Upstream {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
         let mut refused = None;
-        let mut tried = Vec::new();
+        // Endpoints that could not be connected to; empty (and unallocated) on the usual path.
+        let mut unreachable = Vec::new();
         for _ in 0..endpoints.len().min(CONNECT_TRIES) {
-            let Some((endpoint, admission)) = balance::choose(&endpoints, &tried, Instant::now()) else { break };
-            tried.push(endpoint.addr);
+            let Some((endpoint, admission)) = balance::choose(&endpoints, &unreachable, Instant::now()) else { break };
             let report = Report::start(endpoint.clone(), self.outliers.clone(), admission);
             let connection = match endpoint.connection().await {
                 Ok(connection) => connection,
                 Err(error) => {
                     report.finish(Outcome::Failure);
+                    unreachable.push(endpoint.addr);
                     refused = Some(error);
                     continue;
                 }
