@@ -58,8 +58,10 @@ async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
     let named: Vec<(String, SpiffeId)> = WORKLOADS.iter().map(|w| (w.to_string(), identity(w))).collect();
     write_dev_certs(&certs, "protomesh demo CA", &named)?;
     let proto_dir = dir.join("proto");
-    std::fs::create_dir_all(proto_dir.join("examples")).map_err(|e| e.to_string())?;
-    std::fs::write(proto_dir.join("examples/shop.proto"), SHOP_PROTO).map_err(|e| e.to_string())?;
+    let shop_proto = proto_dir.join("examples/shop.proto");
+    let written =
+        std::fs::create_dir_all(proto_dir.join("examples")).and_then(|()| std::fs::write(&shop_proto, SHOP_PROTO));
+    written.map_err(|e| format!("{}: cannot write the demo contract: {e}", shop_proto.display()))?;
     let contracts_config = ContractsConfig {
         protos: vec![PathBuf::from("examples/shop.proto")],
         include: vec![proto_dir],
@@ -143,7 +145,7 @@ fn loopback() -> SocketAddr {
 }
 
 async fn bind() -> Result<TcpListener, String> {
-    TcpListener::bind(loopback()).await.map_err(|e| e.to_string())
+    TcpListener::bind(loopback()).await.map_err(|e| format!("cannot listen on 127.0.0.1 for a demo app: {e}"))
 }
 
 fn channel(addr: SocketAddr) -> Channel {
