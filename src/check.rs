@@ -11,6 +11,7 @@ use crate::policy::method::{MethodPolicy, Sourced};
 pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "identity  {}", identity.id);
+    let _ = writeln!(out, "runtime   {} worker thread(s)", config.worker_threads);
     let _ = writeln!(out, "outbound  listen {}", config.outbound.listen);
     for upstream in &config.outbound.upstreams {
         let _ = writeln!(

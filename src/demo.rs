@@ -90,6 +90,7 @@ async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
             access_log: false,
             policy: PolicyConfig::default(),
             drain_timeout: Duration::from_secs(1),
+            worker_threads: std::num::NonZeroUsize::MIN,
         };
         let contracts = contracts.clone();
         async move {

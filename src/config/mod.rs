@@ -47,6 +47,10 @@ pub struct Config {
     /// On SIGTERM: how long in-flight calls may finish after GOAWAY.
     #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
     pub drain_timeout: Duration,
+    /// Threads that carry traffic. One suits a sidecar: the proxy stays off
+    /// the app's cores and skips cross-thread wakeups; raise it for a busy pod.
+    #[serde(default = "defaults::worker_threads")]
+    pub worker_threads: std::num::NonZeroUsize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -318,6 +322,9 @@ mod defaults {
     }
     pub fn resolve_interval() -> Duration {
         Duration::from_secs(5)
+    }
+    pub fn worker_threads() -> std::num::NonZeroUsize {
+        std::num::NonZeroUsize::MIN
     }
 }
 

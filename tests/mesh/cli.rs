@@ -54,6 +54,7 @@ fn check_prints_the_method_table_with_policy_sources() {
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(stdout.contains("identity  spiffe://cluster.local/ns/default/sa/web"), "{stdout}");
+    assert!(stdout.contains("runtime   1 worker thread(s)"), "{stdout}");
     assert!(stdout.contains("echo.v1.Echo  [examples/echo.proto]  no outbound route"), "{stdout}");
     assert!(stdout.contains("BidiStream               bidi-streaming"), "{stdout}");
     assert!(stdout.contains("Unary                    unary  no-side-effects"), "{stdout}");
@@ -107,7 +108,7 @@ fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
 }
 
 #[tokio::test]
-async fn the_admin_server_changes_the_log_level_and_sigterm_drains() {
+async fn the_sidecar_process_runs_its_worker_threads_changes_log_level_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = write_config(
@@ -116,6 +117,7 @@ async fn the_admin_server_changes_the_log_level_and_sigterm_drains() {
     );
     let mut sidecar = tokio::process::Command::new(BIN)
         .args(["run", "--config", &config])
+        .env("PROTOMESH_WORKER_THREADS", "2")
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -129,15 +131,28 @@ async fn the_admin_server_changes_the_log_level_and_sigterm_drains() {
     .await;
     use crate::telemetry::admin;
     assert_eq!(admin(admin_addr, "GET", "/ready", "").await.0, 200);
+    let pid = sidecar.id().unwrap();
+    assert_eq!(worker_threads(pid), 2, "PROTOMESH_WORKER_THREADS=2 runs two workers");
     assert_eq!(admin(admin_addr, "PUT", "/log-level", "debug").await, (200, "log filter is now debug\n".into()));
     let (status, body) = admin(admin_addr, "PUT", "/log-level", "a=b=c").await;
     assert_eq!(status, 400);
     assert!(body.contains("is not a log filter"), "{body}");
 
-    let pid = sidecar.id().unwrap().to_string();
+    let pid = pid.to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let exit = crate::harness::within("exit after SIGTERM", sidecar.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// Threads of the process that tokio named as workers.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = std::fs::read_to_string(task.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+            comm.starts_with("tokio-rt-worker")
+        })
+        .count()
 }
 
 #[tokio::test]
