@@ -20,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::balance::Report;
 use super::error::{Direction, ProxyError};
+use super::exchange::PeerBody;
 use crate::grpc::{self, Code};
 use crate::policy::CallPolicy;
 use crate::policy::outlier::Outcome;
@@ -28,7 +29,7 @@ use crate::telemetry::CallRecord;
 #[derive(Debug)]
 pub struct ResponseBody {
     /// `None` once the call ended, or when the sidecar answered itself.
-    inner: Option<Incoming>,
+    inner: Option<PeerBody>,
     deadline: Option<Timer>,
     idle: Option<(Timer, Duration)>,
     /// Bulkhead places, released when the call ends.
@@ -62,7 +63,7 @@ impl ResponseBody {
         ResponseBody { inner: None, deadline: None, idle: None, permits: Vec::new(), report: None, record: None }
     }
 
-    pub fn streamed(body: Incoming) -> ResponseBody {
+    pub fn streamed(body: PeerBody) -> ResponseBody {
         ResponseBody { inner: Some(body), ..ResponseBody::empty() }
     }
 
@@ -114,9 +115,9 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         match Pin::new(inner).poll_frame(cx) {

@@ -3,26 +3,31 @@
 //! Concurrent callers share one connect attempt; no lock is held across an await.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use h2::client::SendRequest;
 use http::{Request, Response};
-use hyper::body::Incoming;
-
-use super::balance::Load;
-use super::body::RequestBody;
-use crate::policy::outlier::Health;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::balance::Load;
+use super::body::RequestBody;
 use super::error::{ConnectError, ProxyError, Target};
+use super::exchange::{self, PeerBody};
 use crate::identity::IdentityMismatch;
+use crate::policy::outlier::Health;
+
+/// A ping every so often finds a peer that vanished without closing the
+/// connection; no answer within the timeout closes it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How to reach peers: plaintext (the local app) or mTLS (peer sidecars).
 #[derive(Debug)]
@@ -31,12 +36,26 @@ pub enum Transport {
     Mtls(Arc<ClientConfig>),
 }
 
-type Connecting = Shared<BoxFuture<'static, Result<SendRequest<RequestBody>, Arc<ConnectError>>>>;
+/// An open HTTP/2 connection: the handle to start streams on it, and whether
+/// its task has ended.
+#[derive(Clone)]
+pub struct Connection {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+type Connecting = Shared<BoxFuture<'static, Result<Connection, Arc<ConnectError>>>>;
 
 enum State {
     Idle,
     Connecting(Connecting),
-    Ready(SendRequest<RequestBody>),
+    Ready(Connection),
 }
 
 pub struct Endpoint {
@@ -65,43 +84,41 @@ impl Endpoint {
     }
 
     /// Sends one call on this endpoint's connection.
-    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<PeerBody>, ProxyError> {
         let connection = self.connection().await?;
         self.send_on(connection, request).await
     }
 
-    /// Sends one call on a connection of this endpoint. A request that a
-    /// closing connection never sent goes out once more on a fresh connection:
-    /// the peer cannot have seen it.
+    /// Sends one call on a connection of this endpoint. When that connection
+    /// can take no new stream (closing, or told to go away), the request goes
+    /// out on a fresh connection: the peer never saw it.
     pub async fn send_on(
         &self,
-        mut sender: SendRequest<RequestBody>,
+        connection: Connection,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(response),
-            Err(mut error) => match error.take_message() {
-                Some(unsent) => {
-                    self.forget(&sender);
-                    let mut sender = self.connection().await?;
-                    sender.send_request(unsent).await.map_err(|error| self.failed(error))
-                }
-                None => Err(self.failed(error.into_error())),
-            },
-        }
+    ) -> Result<Response<PeerBody>, ProxyError> {
+        let mut sender = match connection.sender.clone().ready().await {
+            Ok(sender) => sender,
+            Err(_) => {
+                self.forget(&connection);
+                let fresh = self.connection().await?;
+                fresh.sender.ready().await.map_err(|error| self.failed(error))?
+            }
+        };
+        exchange::send(&mut sender, request).await.map_err(|error| self.failed(error))
     }
 
-    fn failed(&self, error: hyper::Error) -> ProxyError {
+    fn failed(&self, error: h2::Error) -> ProxyError {
         ProxyError::Upstream { target: self.target.clone(), error }
     }
 
     /// The endpoint's connection, opened if there is none; concurrent callers
     /// share one attempt.
-    pub async fn connection(&self) -> Result<SendRequest<RequestBody>, ProxyError> {
+    pub async fn connection(&self) -> Result<Connection, ProxyError> {
         let connecting = {
             let mut state = self.state.lock().expect("endpoint state lock");
             match &*state {
-                State::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
+                State::Ready(connection) if !connection.is_closed() => return Ok(connection.clone()),
                 State::Connecting(connecting) => connecting.clone(),
                 State::Ready(_) | State::Idle => {
                     let connecting = connect(self.addr, self.transport.clone(), self.connect_timeout)
@@ -117,7 +134,7 @@ impl Endpoint {
         let mut state = self.state.lock().expect("endpoint state lock");
         if matches!(*state, State::Connecting(_)) {
             *state = match &result {
-                Ok(sender) => State::Ready(sender.clone()),
+                Ok(connection) => State::Ready(connection.clone()),
                 Err(_) => State::Idle,
             };
         }
@@ -125,21 +142,17 @@ impl Endpoint {
     }
 
     /// Drops a connection seen to be closing, unless a newer one replaced it.
-    fn forget(&self, closing: &SendRequest<RequestBody>) {
+    fn forget(&self, closing: &Connection) {
         let mut state = self.state.lock().expect("endpoint state lock");
         if let State::Ready(current) = &*state
-            && (current.is_closed() || closing.is_closed())
+            && Arc::ptr_eq(&current.closed, &closing.closed)
         {
             *state = State::Idle;
         }
     }
 }
 
-async fn connect(
-    addr: SocketAddr,
-    transport: Arc<Transport>,
-    timeout: Duration,
-) -> Result<SendRequest<RequestBody>, ConnectError> {
+async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration) -> Result<Connection, ConnectError> {
     let connecting = async {
         let tcp = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
         tcp.set_nodelay(true).map_err(ConnectError::Io)?;
@@ -158,19 +171,52 @@ async fn connect(
         }
     };
     let io = tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout)??;
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .handshake(TokioIo::new(io))
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake(io)
         .await
         .map_err(ConnectError::Http2)?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let closing = closed.clone();
+    let pings = connection.ping_pong();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%addr, %error, "connection closed");
+        tokio::select! {
+            biased;
+            result = &mut connection => if let Err(error) = result {
+                tracing::debug!(%addr, %error, "connection closed");
+            },
+            () = keep_alive(pings) => {
+                tracing::debug!(%addr, timeout = ?KEEPALIVE_TIMEOUT, "no answer to a keepalive ping; closing the connection");
+            }
         }
+        closing.store(true, Ordering::Release);
     });
-    Ok(sender)
+    Ok(Connection { sender, closed })
+}
+
+/// Per-stream and per-connection receive windows: room for a burst of large
+/// messages without waiting on WINDOW_UPDATE, bounded per stream.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Data buffered per stream before a request body waits for the peer.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// The largest response head or trailers taken from a peer.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Returns when a keepalive ping goes unanswered.
+async fn keep_alive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
 }
 
 /// A connection's byte stream, plaintext or TLS.

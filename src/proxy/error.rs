@@ -48,7 +48,7 @@ pub enum ConnectError {
     IdentityMismatch(IdentityMismatch),
     Tls(std::io::Error),
     NoH2Alpn,
-    Http2(hyper::Error),
+    Http2(h2::Error),
 }
 
 impl fmt::Display for ConnectError {
@@ -92,7 +92,7 @@ pub enum ProxyError {
     /// The peer failed the stream or connection before it answered.
     Upstream {
         target: Target,
-        error: hyper::Error,
+        error: h2::Error,
     },
     /// The caller's certificate is valid but carries no SPIFFE ID.
     NoCallerIdentity,
@@ -150,7 +150,7 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. } | ProxyError::AllEjected { .. } | ProxyError::Connect { .. } => {
                 Code::Unavailable
             }
-            ProxyError::Upstream { error, .. } => match reset_reason(error) {
+            ProxyError::Upstream { error, .. } => match error.reason() {
                 Some(reason) => grpc::code_for_reset(reason),
                 None => Code::Unavailable,
             },
@@ -187,7 +187,7 @@ impl ProxyError {
     /// The peer refused the stream without processing it (REFUSED_STREAM,
     /// as for streams beyond a GOAWAY): sending it again is safe.
     pub fn refused_unprocessed(&self) -> bool {
-        matches!(self, ProxyError::Upstream { error, .. } if reset_reason(error) == Some(h2::Reason::REFUSED_STREAM))
+        matches!(self, ProxyError::Upstream { error, .. } if error.reason() == Some(h2::Reason::REFUSED_STREAM))
     }
 
     /// The trailers-only status answered to the caller, its message prefixed
@@ -286,8 +286,9 @@ where
     }
 }
 
-fn reset_reason(error: &hyper::Error) -> Option<h2::Reason> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+/// The HTTP/2 reason behind an error of hyper's or another layer's, if any.
+pub fn h2_reason(error: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
+    let mut source = Some(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             return h2.reason();
@@ -313,7 +314,8 @@ impl fmt::Display for ProxyError {
                 "circuit open: outlier detection (policy.outlier_detection) has ejected all {endpoints} endpoint(s) of upstream {upstream}"
             ),
             ProxyError::Connect { target, error } => write!(f, "{target} unreachable: {error}"),
-            ProxyError::Upstream { target, error } => match reset_reason(error) {
+            ProxyError::Upstream { target, error } => match error.reason() {
+                Some(reason) if error.is_go_away() => write!(f, "{target} closed the connection ({reason:?})"),
                 Some(reason) => write!(f, "{target} reset the stream ({reason:?})"),
                 None => write!(f, "{target} failed: {error}"),
             },

@@ -14,6 +14,7 @@ pub mod body;
 pub mod discovery;
 mod endpoint;
 pub mod error;
+mod exchange;
 pub mod inbound;
 pub mod outbound;
 mod server;

@@ -2,7 +2,8 @@
 //! server answers comes back as answered: every call shape, metadata,
 //! statuses, large and compressed messages, cancellation, flow control.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use protomesh::pb::echo::v1::{EchoReply, EchoRequest};
@@ -190,24 +191,69 @@ async fn a_slow_reader_slows_the_writer() {
     within("first reply", stream.message()).await.unwrap().unwrap();
     // The client reads nothing more; the backend must stall once the windows
     // and socket buffers on the way are full, far short of the whole stream.
-    let stalled_at = within("the writer stalls", async {
-        let mut last = u64::MAX;
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let sent = mesh.backend.sent.load(Ordering::Relaxed);
-            if sent == last {
-                return sent;
-            }
-            last = sent;
-        }
-    })
-    .await;
+    let stalled_at = where_it_stalls(&mesh.backend.sent).await;
     assert!(stalled_at < REPLIES / 2, "backend sent {stalled_at} of {REPLIES} MiB to a reader that stopped");
     let mut received = 1;
     while within("rest", stream.message()).await.unwrap().is_some() {
         received += 1;
     }
     assert_eq!(received, REPLIES);
+}
+
+/// Reads samples of `counter` until it stops moving; returns where it stopped.
+async fn where_it_stalls(counter: &AtomicU64) -> u64 {
+    within("the writer stalls", async {
+        let mut last = u64::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = counter.load(Ordering::Relaxed);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    })
+    .await
+}
+
+/// A raw HTTP/2 app that answers each call's headers and never reads what the
+/// caller sends, so the flow-control window of each stream stays shut.
+async fn app_that_never_reads() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(tcp).await.unwrap();
+                let mut unread = Vec::new();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let head = http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+                    unread.push((request, respond.send_response(head, false).unwrap()));
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_slow_app_slows_the_callers_stream() {
+    let mesh =
+        Mesh::start_with(MeshOptions { app: Some(app_that_never_reads().await), ..MeshOptions::default() }).await;
+    const MESSAGES: u64 = 64;
+    let taken = Arc::new(AtomicU64::new(0));
+    let counted = taken.clone();
+    let requests = tokio_stream::iter(0..MESSAGES).map(move |_| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        EchoRequest { payload: vec![7; 1024 * 1024].into(), ..echo("flow") }
+    });
+    let mut client = mesh.client();
+    let call = tokio::spawn(async move { client.client_stream(requests).await });
+    // The windows and buffers on the way fill, then the caller must wait, far
+    // short of the whole stream.
+    let stalled_at = where_it_stalls(&taken).await;
+    assert!(stalled_at < MESSAGES / 2, "the caller sent {stalled_at} of {MESSAGES} MiB to an app that reads nothing");
+    call.abort();
 }
 
 #[tokio::test]

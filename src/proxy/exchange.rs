@@ -1,0 +1,161 @@
+//! One call on an HTTP/2 connection to a peer, on the h2 crate directly: the
+//! request head goes out at once, its body as the peer's flow control allows,
+//! and the response body comes back as [`PeerBody`]. A body already in hand
+//! (a kept unary request) is sent within the call; only a body still arriving
+//! gets a task of its own, which ends when the call does.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+
+use super::body::RequestBody;
+use super::error::h2_reason;
+
+/// Sends the call on a connection that is ready for a new stream, and
+/// returns the peer's response.
+pub async fn send(
+    sender: &mut SendRequest<Bytes>,
+    request: Request<RequestBody>,
+) -> Result<Response<PeerBody>, h2::Error> {
+    let (head, body) = request.into_parts();
+    let end_of_stream = body.is_end_stream();
+    let (response, stream) = sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
+    let sending = match end_of_stream {
+        true => None,
+        false => send_body(SendBody { body, stream, waiting: None }).await,
+    };
+    let response = response.await?;
+    Ok(response.map(|stream| PeerBody::new(stream, sending)))
+}
+
+/// Sends what it can of the body now; the rest, if any, on a task of its own,
+/// aborted when the returned guard drops.
+async fn send_body(mut send: SendBody) -> Option<AbortOnDrop> {
+    let done = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut send).poll(cx).is_ready())).await;
+    (!done).then(|| AbortOnDrop(tokio::spawn(send).abort_handle()))
+}
+
+/// Stops a request body's task once the call it belongs to is over.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A request body on its way to the peer. A failed body (the caller's stream
+/// reset) resets the peer's stream with the same reason.
+struct SendBody {
+    body: RequestBody,
+    stream: SendStream<Bytes>,
+    /// Data in hand, waiting for flow-control capacity, and whether it ends the stream.
+    waiting: Option<(Bytes, bool)>,
+}
+
+impl Future for SendBody {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            // The peer reset the stream: nothing more to send.
+            if this.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some((data, _)) = &this.waiting {
+                while !data.is_empty() && this.stream.capacity() == 0 {
+                    match ready!(this.stream.poll_capacity(cx)) {
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return Poll::Ready(()),
+                    }
+                }
+                let (data, end) = this.waiting.take().expect("checked above");
+                if this.stream.send_data(data, end).is_err() || end {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            // The next frame is read before any capacity is claimed: a claim
+            // for a body that sends nothing could starve other streams.
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        // h2 buffers beyond the claim; one byte waits for the window to open.
+                        this.stream.reserve_capacity(1);
+                        this.waiting = Some((data, this.body.is_end_stream()));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = this.stream.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                Some(Err(error)) => {
+                    this.stream.send_reset(h2_reason(&error).unwrap_or(h2::Reason::CANCEL));
+                    return Poll::Ready(());
+                }
+                None => {
+                    let _ = this.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+/// The peer's response body: data (its flow-control window given back as it
+/// is read), then trailers.
+#[derive(Debug)]
+pub struct PeerBody {
+    stream: RecvStream,
+    data_done: bool,
+    /// The request body still being sent, if any: stopped when the call ends.
+    _sending: Option<AbortOnDrop>,
+}
+
+impl PeerBody {
+    fn new(stream: RecvStream, sending: Option<AbortOnDrop>) -> PeerBody {
+        PeerBody { stream, data_done: false, _sending: sending }
+    }
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
