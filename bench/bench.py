@@ -451,7 +451,7 @@ def version(command):
     try:
         output = subprocess.run(command, capture_output=True, text=True, timeout=10)
         text = (output.stdout + output.stderr).strip()
-        return text.splitlines()[0][:80] if text else command[0]
+        return text.splitlines()[0] if text else command[0]
     except OSError:
         return f"{command[0]} missing"
 
