@@ -183,6 +183,27 @@ async fn a_client_cancel_resets_the_stream_at_the_server() {
 }
 
 #[tokio::test]
+async fn shutdown_lets_calls_in_flight_finish_and_takes_no_new_ones() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client();
+    let backend = mesh.backend.clone();
+    let in_flight = tokio::spawn(async move { client.unary(EchoRequest { delay_ms: 300, ..echo("drain") }).await });
+    within("the call reaches the app", async {
+        while backend.calls.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut client = mesh.client();
+    // GOAWAY to the client sidecar, then a wait for the call in flight.
+    within("the server sidecar drains", mesh.server_sidecar.shutdown()).await;
+    let reply = within("the call in flight", in_flight).await.unwrap().unwrap().into_inner();
+    assert_eq!(reply.message, "drain");
+    let status = within("a call after shutdown", client.unary(echo("late"))).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
 async fn a_slow_reader_slows_the_writer() {
     let mesh = Mesh::start().await;
     const REPLIES: u64 = 64;
