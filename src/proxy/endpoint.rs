@@ -172,6 +172,8 @@ async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration)
     };
     let io = tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout)??;
     let (sender, mut connection) = h2::client::Builder::new()
+        // Until the peer's SETTINGS say otherwise, as many streams as RFC 9113 says any peer allows.
+        .initial_max_send_streams(100)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(MAX_SEND_BUFFER)
