@@ -191,7 +191,7 @@ async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration)
             result = &mut connection => if let Err(error) = result {
                 tracing::debug!(%addr, %error, "connection closed");
             },
-            () = keep_alive(pings) => {
+            () = keep_alive(pings, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT) => {
                 tracing::debug!(%addr, timeout = ?KEEPALIVE_TIMEOUT, "no answer to a keepalive ping; closing the connection");
             }
         }
@@ -210,11 +210,11 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Returns when a keepalive ping goes unanswered.
-async fn keep_alive(pings: Option<h2::PingPong>) {
+async fn keep_alive(pings: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
     let Some(mut pings) = pings else { return std::future::pending().await };
     loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             _ => return,
         }
@@ -237,5 +237,24 @@ fn tls_error(error: std::io::Error) -> ConnectError {
     match mismatch {
         Some(mismatch) => ConnectError::IdentityMismatch(mismatch),
         None => ConnectError::Tls(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_gives_up_on_a_peer_that_never_answers_a_ping() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts, then holds the socket without a word: a peer gone quiet.
+        let silent = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let (_sender, mut connection) = h2::client::handshake(TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        let pings = connection.ping_pong();
+        tokio::spawn(connection);
+        let gave_up = keep_alive(pings, Duration::from_millis(10), Duration::from_millis(100));
+        tokio::time::timeout(Duration::from_secs(10), gave_up).await.expect("keepalive gives up");
+        drop(silent);
     }
 }
