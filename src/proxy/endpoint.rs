@@ -97,10 +97,11 @@ impl Endpoint {
         connection: Connection,
         request: Request<RequestBody>,
     ) -> Result<Response<PeerBody>, ProxyError> {
-        let mut sender = match connection.sender.clone().ready().await {
+        let Connection { sender, closed } = connection;
+        let mut sender = match sender.ready().await {
             Ok(sender) => sender,
             Err(_) => {
-                self.forget(&connection);
+                self.forget(&closed);
                 let fresh = self.connection().await?;
                 fresh.sender.ready().await.map_err(|error| self.failed(error))?
             }
@@ -142,10 +143,10 @@ impl Endpoint {
     }
 
     /// Drops a connection seen to be closing, unless a newer one replaced it.
-    fn forget(&self, closing: &Connection) {
+    fn forget(&self, closing: &Arc<AtomicBool>) {
         let mut state = self.state.lock().expect("endpoint state lock");
         if let State::Ready(current) = &*state
-            && Arc::ptr_eq(&current.closed, &closing.closed)
+            && Arc::ptr_eq(&current.closed, closing)
         {
             *state = State::Idle;
         }
