@@ -12,7 +12,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 
 use super::body::RequestBody;
 use super::error::h2_reason;
@@ -26,10 +26,7 @@ pub async fn send(
     let (head, body) = request.into_parts();
     let end_of_stream = body.is_end_stream();
     let (response, stream) = sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
-    let sending = match end_of_stream {
-        true => None,
-        false => send_body(SendBody { body, stream, waiting: None }).await,
-    };
+    let sending = if end_of_stream { None } else { send_body(SendBody { body, stream, waiting: None }).await };
     let response = response.await?;
     Ok(response.map(|stream| PeerBody::new(stream, sending)))
 }
@@ -153,9 +150,5 @@ impl Body for PeerBody {
 
     fn is_end_stream(&self) -> bool {
         self.stream.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
