@@ -4,7 +4,15 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+// Header names as constants: a `&str` name is parsed and validated on every
+// lookup, which on the hot path costs more than the lookup itself.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+pub const GRPC_PREVIOUS_RPC_ATTEMPTS: HeaderName = HeaderName::from_static("grpc-previous-rpc-attempts");
 
 /// The canonical gRPC status codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -91,7 +99,7 @@ impl<'de> serde::Deserialize<'de> for Code {
 /// The status among response headers: present in a trailers-only response
 /// (and in trailers).
 pub fn status_in(headers: &HeaderMap) -> Option<Code> {
-    Code::from_number(headers.get("grpc-status")?.to_str().ok()?.parse().ok()?)
+    Code::from_number(headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()?)
 }
 
 /// A gRPC call's service and method, split out of a `:path` of the form
@@ -160,9 +168,9 @@ pub fn encode_timeout(timeout: Duration) -> HeaderValue {
 pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(3);
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", code.header_value());
+    headers.insert(GRPC_STATUS, code.header_value());
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
-        headers.insert("grpc-message", value);
+        headers.insert(GRPC_MESSAGE, value);
     }
     headers
 }

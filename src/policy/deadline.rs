@@ -41,7 +41,7 @@ pub fn budget<B>(
     request: &Request<B>,
     policy: &MethodPolicy,
 ) -> Result<Option<(Duration, DeadlineOrigin)>, ProxyError> {
-    let caller = match request.headers().get("grpc-timeout") {
+    let caller = match request.headers().get(grpc::GRPC_TIMEOUT) {
         None => None,
         Some(value) => Some(grpc::parse_timeout(value.as_bytes()).ok_or_else(|| ProxyError::MalformedTimeout {
             value: String::from_utf8_lossy(value.as_bytes()).into_owned(),

@@ -81,7 +81,7 @@ fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Cod
             }
             match response
                 .headers()
-                .get("grpc-retry-pushback-ms")
+                .get(grpc::GRPC_RETRY_PUSHBACK_MS)
                 .map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok()))
             {
                 None => Verdict::Retryable { pushback: None },
@@ -140,7 +140,7 @@ fn attempt(parts: &http::request::Parts, body: Bytes, previous: u32) -> Request<
     *request.headers_mut() = parts.headers.clone();
     *request.extensions_mut() = parts.extensions.clone();
     if previous > 0 {
-        request.headers_mut().insert("grpc-previous-rpc-attempts", HeaderValue::from(previous));
+        request.headers_mut().insert(grpc::GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
     }
     request
 }

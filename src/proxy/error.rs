@@ -198,7 +198,7 @@ impl ProxyError {
         *response.headers_mut() = grpc::status_headers(self.code(), &message);
         if let ProxyError::Overloaded { pushback, .. } = &self {
             let millis = u64::try_from(pushback.as_millis()).unwrap_or(u64::MAX);
-            response.headers_mut().insert("grpc-retry-pushback-ms", HeaderValue::from(millis));
+            response.headers_mut().insert(grpc::GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(millis));
         }
         response
     }

@@ -98,7 +98,7 @@ impl<S: CallService<Incoming> + Clone + Send + 'static> Stack for S {}
 fn forward_remaining_budget<B>(request: &mut Request<B>) {
     if let Some(deadline) = CallContext::of(request).deadline {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        request.headers_mut().insert("grpc-timeout", crate::grpc::encode_timeout(remaining));
+        request.headers_mut().insert(crate::grpc::GRPC_TIMEOUT, crate::grpc::encode_timeout(remaining));
     }
 }
 

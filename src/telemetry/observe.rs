@@ -125,7 +125,7 @@ fn start_span<B>(tracing: &Tracing, direction: Direction, request: &mut Request<
         let key = if direction == Direction::Outbound { "protomesh.upstream" } else { "network.peer.address" };
         attributes.push(KeyValue::new(key, address.to_string()));
     }
-    if let Some(timeout) = request.headers().get("grpc-timeout").and_then(|v| grpc::parse_timeout(v.as_bytes())) {
+    if let Some(timeout) = request.headers().get(grpc::GRPC_TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes())) {
         attributes.push(KeyValue::new("rpc.grpc.timeout_ms", timeout.as_millis() as i64));
     }
     let kind = if direction == Direction::Outbound { SpanKind::Client } else { SpanKind::Server };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer, TracerProvider,
 };
@@ -140,19 +140,26 @@ impl Tracing {
     }
 }
 
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3: HeaderName = HeaderName::from_static("b3");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+
 /// The W3C `traceparent`, or else B3 (single `b3` or multi `x-b3-*` headers).
 pub fn extract(headers: &HeaderMap) -> Option<SpanContext> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(parent) = text("traceparent").and_then(parse_traceparent) {
-        let state = text("tracestate").and_then(|s| s.parse::<TraceState>().ok()).unwrap_or_default();
+    let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(parent) = text(TRACEPARENT).and_then(parse_traceparent) {
+        let state = text(TRACESTATE).and_then(|s| s.parse::<TraceState>().ok()).unwrap_or_default();
         return Some(SpanContext::new(parent.0, parent.1, parent.2, true, state));
     }
-    let (trace, span, sampled) = match text("b3") {
+    let (trace, span, sampled) = match text(B3) {
         Some(single) => {
             let mut parts = single.split('-');
             (parts.next()?, parts.next()?, parts.next())
         }
-        None => (text("x-b3-traceid")?, text("x-b3-spanid")?, text("x-b3-sampled")),
+        None => (text(X_B3_TRACEID)?, text(X_B3_SPANID)?, text(X_B3_SAMPLED)),
     };
     let trace = TraceId::from_hex(&format!("{trace:0>32}")).ok().filter(|t| *t != TraceId::INVALID)?;
     let span = SpanId::from_hex(span).ok().filter(|s| *s != SpanId::INVALID)?;
@@ -181,14 +188,14 @@ fn parse_traceparent(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
 fn inject(headers: &mut HeaderMap, context: &SpanContext) {
     let sampled = if context.is_sampled() { "01" } else { "00" };
     let traceparent = format!("00-{}-{}-{sampled}", context.trace_id(), context.span_id());
-    headers.insert("traceparent", HeaderValue::from_str(&traceparent).expect("hex and dashes"));
-    if headers.contains_key("b3") {
+    headers.insert(TRACEPARENT, HeaderValue::from_str(&traceparent).expect("hex and dashes"));
+    if headers.contains_key(B3) {
         let b3 = format!("{}-{}-{}", context.trace_id(), context.span_id(), &sampled[1..]);
-        headers.insert("b3", HeaderValue::from_str(&b3).expect("hex and dashes"));
+        headers.insert(B3, HeaderValue::from_str(&b3).expect("hex and dashes"));
     }
-    if headers.contains_key("x-b3-spanid") {
+    if headers.contains_key(X_B3_SPANID) {
         let span = HeaderValue::from_str(&context.span_id().to_string()).expect("hex");
-        headers.insert("x-b3-spanid", span);
+        headers.insert(X_B3_SPANID, span);
     }
 }
 
