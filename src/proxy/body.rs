@@ -30,8 +30,10 @@ use crate::telemetry::CallRecord;
 pub struct ResponseBody {
     /// `None` once the call ended, or when the sidecar answered itself.
     inner: Option<PeerBody>,
-    deadline: Option<Timer>,
-    idle: Option<(Timer, Duration)>,
+    // Timers are boxed: a response moves through every layer, and most calls
+    // have at most a deadline.
+    deadline: Option<Pin<Box<Timer>>>,
+    idle: Option<(Pin<Box<Timer>>, Duration)>,
     /// Bulkhead places, released when the call ends.
     permits: Vec<OwnedSemaphorePermit>,
     /// Reports the call's final status to the endpoint's outlier detection.
@@ -40,17 +42,24 @@ pub struct ResponseBody {
     record: Option<CallRecord>,
 }
 
-/// A timer, and the error that ends the call when it fires.
-#[derive(Debug)]
-struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    error: ProxyError,
-    direction: Direction,
-    /// Counts the expiry against the call's method.
-    policy: Arc<CallPolicy>,
+pin_project_lite::pin_project! {
+    /// A timer, and the error that ends the call when it fires.
+    #[derive(Debug)]
+    struct Timer {
+        #[pin]
+        sleep: Sleep,
+        error: ProxyError,
+        direction: Direction,
+        // Counts the expiry against the call's method.
+        policy: Arc<CallPolicy>,
+    }
 }
 
 impl Timer {
+    fn start(sleep: Sleep, error: ProxyError, direction: Direction, policy: Arc<CallPolicy>) -> Pin<Box<Timer>> {
+        Box::pin(Timer { sleep, error, direction, policy })
+    }
+
     fn trailers(&self) -> Frame<Bytes> {
         self.policy.counters.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
         let message = format!("protomesh {}: {}", self.direction, self.error);
@@ -70,13 +79,12 @@ impl ResponseBody {
     /// At `at`, the stream ends with `error`'s status in its trailers and the
     /// peer's stream is reset.
     pub fn end_at(&mut self, at: Instant, error: ProxyError, direction: Direction, policy: Arc<CallPolicy>) {
-        self.deadline = Some(Timer { sleep: Box::pin(tokio::time::sleep_until(at)), error, direction, policy });
+        self.deadline = Some(Timer::start(tokio::time::sleep_until(at), error, direction, policy));
     }
 
     /// Ends the stream with `error` when no data arrives for `after`.
     pub fn end_when_idle(&mut self, after: Duration, error: ProxyError, direction: Direction, policy: Arc<CallPolicy>) {
-        let sleep = Box::pin(tokio::time::sleep(after));
-        self.idle = Some((Timer { sleep, error, direction, policy }, after));
+        self.idle = Some((Timer::start(tokio::time::sleep(after), error, direction, policy), after));
     }
 
     pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
@@ -125,7 +133,7 @@ impl Body for ResponseBody {
                 if frame.is_data()
                     && let Some((timer, after)) = this.idle.as_mut()
                 {
-                    timer.sleep.as_mut().reset(Instant::now() + *after);
+                    timer.as_mut().project().sleep.reset(Instant::now() + *after);
                 }
                 if let Some(trailers) = frame.trailers_ref() {
                     // Trailers without grpc-status break the protocol: the peer failed.
@@ -144,7 +152,9 @@ impl Body for ResponseBody {
         let expired = [this.deadline.as_mut(), this.idle.as_mut().map(|(timer, _)| timer)]
             .into_iter()
             .flatten()
-            .find_map(|timer| timer.sleep.as_mut().poll(cx).is_ready().then(|| (timer.trailers(), timer.error.code())));
+            .find_map(|timer| {
+                timer.as_mut().project().sleep.poll(cx).is_ready().then(|| (timer.trailers(), timer.error.code()))
+            });
         match expired {
             Some((trailers, code)) => {
                 this.end(Some(code));

@@ -26,7 +26,8 @@ use crate::proxy::upstream::Answered;
 pub struct CallRecord {
     policy: Arc<CallPolicy>,
     started: Instant,
-    span: Option<Span>,
+    /// Boxed: it is large, and only traced calls have one.
+    span: Option<Box<Span>>,
     /// Set when the access log is on.
     access: Option<Access>,
     finished: bool,
@@ -149,7 +150,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let span = self.tracing.as_ref().map(|tracing| start_span(tracing, self.direction, &mut request));
+        let span = self.tracing.as_ref().map(|tracing| Box::new(start_span(tracing, self.direction, &mut request)));
         let context = CallContext::of(&request);
         let access = self.access_log.then(|| Access { direction: self.direction, peer: context.peer.clone() });
         let policy = context.policy.clone();
