@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt, TryFutureExt};
 use h2::client::SendRequest;
 use http::{Request, Response};
 use rustls::ClientConfig;
@@ -39,7 +39,7 @@ pub enum Transport {
 /// An open HTTP/2 connection: the handle to start streams on it, and whether
 /// its task has ended.
 #[derive(Clone)]
-pub struct Connection {
+struct Connection {
     sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
 }
@@ -83,30 +83,32 @@ impl Endpoint {
         }
     }
 
-    /// Sends one call on this endpoint's connection.
-    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<PeerBody>, ProxyError> {
-        let connection = self.connection().await?;
-        self.send_on(connection, request).await
-    }
-
-    /// Sends one call on a connection of this endpoint. When that connection
-    /// can take no new stream (closing, or told to go away), the request goes
-    /// out on a fresh connection: the peer never saw it.
-    pub async fn send_on(
-        &self,
-        connection: Connection,
-        request: Request<RequestBody>,
-    ) -> Result<Response<PeerBody>, ProxyError> {
-        let Connection { sender, closed } = connection;
-        let mut sender = match sender.ready().await {
-            Ok(sender) => sender,
+    /// A handle on this endpoint's connection that can start a stream,
+    /// connecting first if need be. When the connection can take no new
+    /// stream (closing, or told to go away), a fresh one is opened.
+    pub async fn ready(&self) -> Result<SendRequest<Bytes>, ProxyError> {
+        let Connection { sender, closed } = self.connection().await?;
+        match sender.ready().await {
+            Ok(sender) => Ok(sender),
             Err(_) => {
                 self.forget(&closed);
                 let fresh = self.connection().await?;
-                fresh.sender.ready().await.map_err(|error| self.failed(error))?
+                fresh.sender.ready().await.map_err(|error| self.failed(error))
             }
-        };
-        exchange::send(&mut sender, request).await.map_err(|error| self.failed(error))
+        }
+    }
+
+    /// Starts one call on a handle from [`Endpoint::ready`]: the request is
+    /// sent (or on its way) when this returns, and the future resolves to the
+    /// peer's response.
+    pub fn start(
+        &self,
+        sender: &mut SendRequest<Bytes>,
+        request: Request<RequestBody>,
+    ) -> Result<impl Future<Output = Result<Response<PeerBody>, ProxyError>> + Send + use<>, ProxyError> {
+        let exchange = exchange::start(sender, request).map_err(|error| self.failed(error))?;
+        let target = self.target.clone();
+        Ok(exchange.map_err(move |error| ProxyError::Upstream { target, error }))
     }
 
     fn failed(&self, error: h2::Error) -> ProxyError {
@@ -115,7 +117,7 @@ impl Endpoint {
 
     /// The endpoint's connection, opened if there is none; concurrent callers
     /// share one attempt.
-    pub async fn connection(&self) -> Result<Connection, ProxyError> {
+    async fn connection(&self) -> Result<Connection, ProxyError> {
         let connecting = {
             let mut state = self.state.lock().expect("endpoint state lock");
             match &*state {

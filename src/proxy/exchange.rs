@@ -3,13 +3,17 @@
 //! and the response body comes back as [`PeerBody`]. A body already in hand
 //! (a kept unary request) is sent within the call; only a body still arriving
 //! gets a task of its own, which ends when the call does.
+//!
+//! The request is consumed when the call starts, so the future that waits
+//! for the response holds only the stream: the futures of every layer above
+//! embed it, and are allocated and moved on every call.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use http::{Request, Response};
 use http_body::{Body, Frame};
@@ -17,25 +21,40 @@ use http_body::{Body, Frame};
 use super::body::RequestBody;
 use super::error::h2_reason;
 
-/// Sends the call on a connection that is ready for a new stream, and
-/// returns the peer's response.
-pub async fn send(
-    sender: &mut SendRequest<Bytes>,
-    request: Request<RequestBody>,
-) -> Result<Response<PeerBody>, h2::Error> {
+/// Starts the call on a connection that is ready for a new stream: the head
+/// goes out now, and the returned future sends the body and resolves to the
+/// peer's response.
+pub fn start(sender: &mut SendRequest<Bytes>, request: Request<RequestBody>) -> Result<Exchange, h2::Error> {
     let (head, body) = request.into_parts();
     let end_of_stream = body.is_end_stream();
     let (response, stream) = sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
-    let sending = if end_of_stream { None } else { send_body(SendBody { body, stream, waiting: None }).await };
-    let response = response.await?;
-    Ok(response.map(|stream| PeerBody::new(stream, sending)))
+    let body = (!end_of_stream).then_some(SendBody { body, stream, waiting: None });
+    Ok(Exchange { response, body, sending: None })
 }
 
-/// Sends what it can of the body now; the rest, if any, on a task of its own,
-/// aborted when the returned guard drops.
-async fn send_body(mut send: SendBody) -> Option<AbortOnDrop> {
-    let done = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut send).poll(cx).is_ready())).await;
-    (!done).then(|| AbortOnDrop(tokio::spawn(send).abort_handle()))
+/// A started call, waiting for the peer's response.
+pub struct Exchange {
+    response: ResponseFuture,
+    /// The request body, until the first poll sends what it can of it.
+    body: Option<SendBody>,
+    /// The task sending the rest, which the response body carries: it is
+    /// aborted when the call ends.
+    sending: Option<AbortOnDrop>,
+}
+
+impl Future for Exchange {
+    type Output = Result<Response<PeerBody>, h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(mut send) = this.body.take()
+            && Pin::new(&mut send).poll(cx).is_pending()
+        {
+            this.sending = Some(AbortOnDrop(tokio::spawn(send).abort_handle()));
+        }
+        let response = ready!(Pin::new(&mut this.response).poll(cx))?;
+        Poll::Ready(Ok(response.map(|stream| PeerBody::new(stream, this.sending.take()))))
+    }
 }
 
 /// Stops a request body's task once the call it belongs to is over.

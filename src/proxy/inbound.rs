@@ -217,6 +217,10 @@ impl Service<Request<Incoming>> for ForwardToApp {
         let app = self.app.clone();
         super::forward_remaining_budget(&mut request);
         let request = request.map(RequestBody::Streamed);
-        Box::pin(async move { Ok(app.send(request).await?.map(ResponseBody::streamed)) })
+        Box::pin(async move {
+            let mut sender = app.ready().await?;
+            let response = app.start(&mut sender, request)?.await?;
+            Ok(response.map(ResponseBody::streamed))
+        })
     }
 }

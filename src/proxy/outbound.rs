@@ -120,8 +120,9 @@ impl Service<Request<RequestBody>> for ForwardToUpstream {
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let route = request.extensions().get::<Arc<OutboundRoute>>().cloned().expect("admission routes the call first");
+        let route = request.extensions().get::<Arc<OutboundRoute>>().expect("admission routes the call first");
+        let upstream = route.upstream.clone();
         super::forward_remaining_budget(&mut request);
-        Box::pin(async move { route.upstream.send(request).await })
+        Box::pin(upstream.send(request))
     }
 }

@@ -97,7 +97,7 @@ impl Upstream {
     /// Sends a call to the endpoint the balancer chooses. One that cannot be
     /// connected to is passed over for another: the request has not left the
     /// sidecar, so any call may go elsewhere.
-    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<ResponseBody>, ProxyError> {
+    pub async fn send(self: Arc<Self>, request: Request<RequestBody>) -> Result<Response<ResponseBody>, ProxyError> {
         let endpoints = self.endpoints.load_full();
         if endpoints.is_empty() {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
@@ -108,8 +108,8 @@ impl Upstream {
         for _ in 0..endpoints.len().min(CONNECT_TRIES) {
             let Some((endpoint, admission)) = balance::choose(&endpoints, &unreachable, Instant::now()) else { break };
             let report = Report::start(endpoint.clone(), self.outliers.clone(), admission);
-            let connection = match endpoint.connection().await {
-                Ok(connection) => connection,
+            let mut sender = match endpoint.ready().await {
+                Ok(sender) => sender,
                 Err(error) => {
                     report.finish(Outcome::Failure);
                     unreachable.push(endpoint.addr);
@@ -117,7 +117,11 @@ impl Upstream {
                     continue;
                 }
             };
-            return match endpoint.send_on(connection, request).await {
+            let result = match endpoint.start(&mut sender, request) {
+                Ok(exchange) => exchange.await,
+                Err(error) => Err(error),
+            };
+            return match result {
                 // A refusal says nothing of the endpoint's health.
                 Err(error) if error.refused_unprocessed() => Err(error),
                 Err(error) => {
