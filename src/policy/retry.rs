@@ -194,7 +194,7 @@ where
                     (Some(tracing), Some(parent)) => {
                         let name = format!("{} attempt", context.policy.path.trim_start_matches('/'));
                         let number = KeyValue::new("protomesh.attempt", i64::from(previous) + 1);
-                        Some(tracing.start_child(request.headers_mut(), parent, name, vec![number]))
+                        Some(Box::new(tracing.start_child(request.headers_mut(), parent, name, vec![number])))
                     }
                     _ => None,
                 };
@@ -232,7 +232,8 @@ where
                     return result;
                 }
                 context.policy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(delay).await;
+                // Boxed, like the span: the future of every call would carry them.
+                Box::pin(tokio::time::sleep(delay)).await;
             }
         })
     }
