@@ -176,8 +176,11 @@ where
         let tracing = self.tracing.clone();
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
+        // What the future holds across its awaits is allocated and moved with
+        // every call: the request is split here, an attempt is built only once
+        // the service is ready, and a failed attempt is dropped before the backoff.
+        let (parts, body) = request.into_parts();
         Box::pin(async move {
-            let (parts, body) = request.into_parts();
             let kept = match keep(body, limit).await {
                 Ok(kept) => kept,
                 Err(unkept) => return inner.ready().await?.call(Request::from_parts(parts, unkept)).await,
@@ -189,6 +192,7 @@ where
             let (mut attempts, mut refusals_resent) = (0u32, false);
             loop {
                 let previous = attempts + u32::from(refusals_resent);
+                let service = inner.ready().await?;
                 let mut request = attempt(&parts, kept.clone(), previous);
                 let mut span = match (&tracing, &context.span) {
                     (Some(tracing), Some(parent)) => {
@@ -198,7 +202,7 @@ where
                     }
                     _ => None,
                 };
-                let result = inner.ready().await?.call(request).await;
+                let result = service.call(request).await;
                 if let Some(span) = &mut span {
                     let status = match &result {
                         Ok(response) => grpc::status_in(response.headers()).unwrap_or(Code::Ok),
@@ -232,7 +236,8 @@ where
                     return result;
                 }
                 context.policy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                // Boxed, like the span: the future of every call would carry them.
+                drop(result);
+                // Boxed, like the span: only retried calls need it.
                 Box::pin(tokio::time::sleep(delay)).await;
             }
         })
