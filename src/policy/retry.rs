@@ -163,11 +163,13 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let context = CallContext::of(&request).clone();
+        let context = CallContext::of(&request);
         let one_request_message = matches!(context.policy.shape, Some(CallShape::Unary | CallShape::ServerStreaming));
         if !one_request_message {
             return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
         }
+        // Only what the attempts need, not the whole context: it stays on the request.
+        let (call, deadline, parent) = (context.policy.clone(), context.deadline, context.span.clone());
         let budget = context.retry_budget.clone();
         if let Some(budget) = &budget {
             budget.0.deposit();
@@ -185,7 +187,7 @@ where
                 Ok(kept) => kept,
                 Err(unkept) => return inner.ready().await?.call(Request::from_parts(parts, unkept)).await,
             };
-            let policy = context.policy.policy.retry.as_ref().map(|r| &r.value);
+            let policy = call.policy.retry.as_ref().map(|r| &r.value);
             let no_codes = [];
             let retryable = policy.map_or(&no_codes[..], |p| &p.retryable_codes);
             let mut backoff = policy.map_or(Duration::ZERO, |p| p.initial_backoff);
@@ -194,9 +196,9 @@ where
                 let previous = attempts + u32::from(refusals_resent);
                 let service = inner.ready().await?;
                 let mut request = attempt(&parts, kept.clone(), previous);
-                let mut span = match (&tracing, &context.span) {
+                let mut span = match (&tracing, &parent) {
                     (Some(tracing), Some(parent)) => {
-                        let name = format!("{} attempt", context.policy.path.trim_start_matches('/'));
+                        let name = format!("{} attempt", call.path.trim_start_matches('/'));
                         let number = KeyValue::new("protomesh.attempt", i64::from(previous) + 1);
                         Some(Box::new(tracing.start_child(request.headers_mut(), parent, name, vec![number])))
                     }
@@ -228,14 +230,14 @@ where
                         delay
                     }
                 };
-                if context.deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
+                if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
                     return result;
                 }
                 if !budget.as_ref().is_some_and(|b| b.0.withdraw()) {
-                    context.policy.counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    call.counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
                     return result;
                 }
-                context.policy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                call.counters.retries.fetch_add(1, Ordering::Relaxed);
                 drop(result);
                 // Boxed, like the span: only retried calls need it.
                 Box::pin(tokio::time::sleep(delay)).await;
