@@ -18,11 +18,12 @@ use super::error::{ProxyError, Target};
 use crate::config::{PolicyConfig, UpstreamConfig};
 use crate::grpc;
 use crate::identity::{Identity, SpiffeId};
+use crate::policy::CallContext;
 use crate::policy::bulkhead::Bulkhead;
 use crate::policy::outlier::{Outcome, Outliers};
 use crate::policy::retry::{self, RetryBudget};
 
-/// The endpoint that answered a call, in its response's extensions.
+/// The endpoint that answered a traced call, in its response's extensions.
 #[derive(Clone, Copy, Debug)]
 pub struct Answered(pub SocketAddr);
 
@@ -102,6 +103,8 @@ impl Upstream {
         if endpoints.is_empty() {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
+        // Only a call's span reads which endpoint answered.
+        let traced = CallContext::of(&request).span.is_some();
         let mut refused = None;
         // Endpoints that could not be connected to; empty (and unallocated) on the usual path.
         let mut unreachable = Vec::new();
@@ -132,8 +135,9 @@ impl Upstream {
                     report.responded();
                     let trailers_only = grpc::status_in(response.headers());
                     let mut response = response.map(ResponseBody::streamed);
-                    // For the call's span: the endpoint that answered.
-                    response.extensions_mut().insert(Answered(endpoint.addr));
+                    if traced {
+                        response.extensions_mut().insert(Answered(endpoint.addr));
+                    }
                     match trailers_only {
                         Some(code) => report.finish_with_status(code),
                         None => response.body_mut().report_to(report),
