@@ -70,7 +70,7 @@ pub fn choose(
             [first, second]
         }
     };
-    if endpoints[order[1]].load.cost() < endpoints[order[0]].load.cost() {
+    if order[0] != order[1] && endpoints[order[1]].load.cost() < endpoints[order[0]].load.cost() {
         order.swap(0, 1);
     }
     // The two chosen first, then every endpoint, as a last resort.
