@@ -128,28 +128,35 @@ pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
-/// Encodes a timeout in the finest unit that fits 8 digits, rounding up as
-/// gRPC implementations do, so that a hop never shortens a budget by rounding.
+/// Encodes a timeout rounded up to three significant digits, as gRPC core
+/// does: a hop never shortens a budget, and calls made moments apart share a
+/// value, which HPACK sends as a one-byte index. At full precision every call
+/// would add an entry to both ends' header tables and evict the headers that
+/// do repeat. The unit is the coarsest that holds the rounded value exactly.
 pub fn encode_timeout(timeout: Duration) -> HeaderValue {
-    const MAX: u128 = 99_999_999;
-    let nanos = timeout.as_nanos();
-    let units: [(u128, char); 6] = [
-        (1, 'n'),
-        (1_000, 'u'),
-        (1_000_000, 'm'),
-        (1_000_000_000, 'S'),
-        (60_000_000_000, 'M'),
-        (3_600_000_000_000, 'H'),
+    const MAX: u64 = 99_999_999;
+    const UNITS: [(u64, u8); 6] = [
+        (3_600_000_000_000, b'H'),
+        (60_000_000_000, b'M'),
+        (1_000_000_000, b'S'),
+        (1_000_000, b'm'),
+        (1_000, b'u'),
+        (1, b'n'),
     ];
-    let (mut amount, unit) = units
-        .iter()
-        .map(|&(per, unit)| (nanos.div_ceil(per), unit))
-        .find(|&(amount, _)| amount <= MAX)
-        .unwrap_or((MAX, 'H'));
+    let (mut amount, unit) = match u64::try_from(timeout.as_nanos()) {
+        Ok(nanos) => {
+            let nanos = round_up_to_three_digits(nanos);
+            UNITS
+                .iter()
+                .find(|&&(per, _)| nanos % per == 0 && nanos / per <= MAX)
+                .map_or((nanos.div_ceil(UNITS[0].0), b'H'), |&(per, unit)| (nanos / per, unit))
+        }
+        Err(_) => (MAX, b'H'),
+    };
     // Written by hand: this runs on every call with a deadline.
     let mut text = [0u8; 9];
     let mut start = text.len() - 1;
-    text[start] = unit as u8;
+    text[start] = unit;
     loop {
         start -= 1;
         text[start] = b'0' + (amount % 10) as u8;
@@ -159,6 +166,16 @@ pub fn encode_timeout(timeout: Duration) -> HeaderValue {
         }
     }
     HeaderValue::from_bytes(&text[start..]).expect("digits and a unit letter are a valid header")
+}
+
+fn round_up_to_three_digits(value: u64) -> u64 {
+    match value.checked_ilog10().and_then(|digits| digits.checked_sub(2)) {
+        Some(dropped) => {
+            let step = 10u64.pow(dropped);
+            value.div_ceil(step).saturating_mul(step)
+        }
+        None => value,
+    }
 }
 
 /// The headers of a gRPC status: `grpc-status` and a percent-encoded
@@ -226,17 +243,29 @@ mod tests {
     }
 
     #[test]
-    fn encodes_grpc_timeout_precisely_and_never_shorter() {
+    fn encodes_grpc_timeout_to_three_digits_and_never_shorter() {
+        assert_eq!(encode_timeout(Duration::ZERO), "0H");
         assert_eq!(encode_timeout(Duration::from_nanos(999)), "999n");
-        assert_eq!(encode_timeout(Duration::from_millis(250)), "250000u");
-        assert_eq!(encode_timeout(Duration::from_secs(30)), "30000000u");
-        assert_eq!(encode_timeout(Duration::from_secs(3600)), "3600000m");
+        assert_eq!(encode_timeout(Duration::from_nanos(1_001)), "1010n");
+        assert_eq!(encode_timeout(Duration::from_millis(250)), "250m");
+        assert_eq!(encode_timeout(Duration::from_micros(1_234_567)), "1240m");
+        assert_eq!(encode_timeout(Duration::from_secs(90)), "90S");
+        assert_eq!(encode_timeout(Duration::from_secs(3600)), "1H");
         assert_eq!(encode_timeout(Duration::from_secs(1_000_000)), "1000000S");
         assert_eq!(encode_timeout(Duration::from_secs(u64::MAX / 4)), "99999999H");
-        for millis in [1, 7, 999, 12_345, 86_400_000] {
-            let timeout = Duration::from_millis(millis) + Duration::from_nanos(1);
+        for nanos in [1, 7, 999, 1_001, 12_345_678, 999_999_999, 86_400_000_000_001, u64::MAX] {
+            let timeout = Duration::from_nanos(nanos);
             let round_trip = parse_timeout(encode_timeout(timeout).as_bytes()).unwrap();
             assert!(round_trip >= timeout, "{timeout:?} became {round_trip:?}");
+            assert!(round_trip.as_secs_f64() <= timeout.as_secs_f64() * 1.01, "{timeout:?} became {round_trip:?}");
+        }
+    }
+
+    #[test]
+    fn budgets_a_moment_apart_share_one_encoding() {
+        let full = Duration::from_secs(30);
+        for elapsed in [Duration::from_nanos(1), Duration::from_micros(37), Duration::from_millis(99)] {
+            assert_eq!(encode_timeout(full - elapsed), "30S", "{elapsed:?} into the budget");
         }
     }
 
