@@ -148,7 +148,7 @@ pub fn encode_timeout(timeout: Duration) -> HeaderValue {
             let nanos = round_up_to_three_digits(nanos);
             UNITS
                 .iter()
-                .find(|&&(per, _)| nanos % per == 0 && nanos / per <= MAX)
+                .find(|&&(per, _)| nanos.is_multiple_of(per) && nanos / per <= MAX)
                 .map_or((nanos.div_ceil(UNITS[0].0), b'H'), |&(per, unit)| (nanos / per, unit))
         }
         Err(_) => (MAX, b'H'),

@@ -28,7 +28,7 @@ pub fn start(sender: &mut SendRequest<Bytes>, request: Request<RequestBody>) -> 
     let (head, body) = request.into_parts();
     let end_of_stream = body.is_end_stream();
     let (response, stream) = sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
-    let body = (!end_of_stream).then_some(SendBody { body, stream, waiting: None });
+    let body = (!end_of_stream).then_some(SendBody { body, stream, waiting: None, sent_data: false });
     Ok(Exchange { response, body, sending: None })
 }
 
@@ -74,6 +74,8 @@ struct SendBody {
     stream: SendStream<Bytes>,
     /// Data in hand, waiting for flow-control capacity, and whether it ends the stream.
     waiting: Option<(Bytes, bool)>,
+    /// Whether a data frame has been handed to h2 yet.
+    sent_data: bool,
 }
 
 impl Future for SendBody {
@@ -103,10 +105,22 @@ impl Future for SendBody {
             // for a body that sends nothing could starve other streams.
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
+                    Ok(data) if this.sent_data => {
                         // h2 buffers beyond the claim; one byte waits for the window to open.
                         this.stream.reserve_capacity(1);
                         this.waiting = Some((data, this.body.is_end_stream()));
+                    }
+                    Ok(data) => {
+                        // The first frame goes at once, without capacity: a new
+                        // stream gets none until the connection task opens it,
+                        // and h2 holds the frame until then, so it leaves with
+                        // the head in one write rather than in a second one
+                        // after a round through that task.
+                        this.sent_data = true;
+                        let end = this.body.is_end_stream();
+                        if this.stream.send_data(data, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -169,5 +183,95 @@ impl Body for PeerBody {
 
     fn is_end_stream(&self) -> bool {
         self.stream.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A connection that keeps a copy of every write, to see which frames
+    /// leave together.
+    struct Recorded {
+        stream: TcpStream,
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl AsyncRead for Recorded {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recorded {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let written = ready!(Pin::new(&mut self.stream).poll_write(cx, buf))?;
+            self.writes.lock().unwrap().push(buf[..written].to_vec());
+            Poll::Ready(Ok(written))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+
+    /// The (type, stream) of each HTTP/2 frame in one write.
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, u32)> {
+        let mut frames = Vec::new();
+        while bytes.len() >= 9 {
+            let length = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+            let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+            frames.push((bytes[3], stream));
+            bytes = &bytes[(9 + length).min(bytes.len())..];
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_body_in_hand_leaves_in_the_same_write_as_the_head() {
+        const HEADERS: u8 = 1;
+        const DATA: u8 = 0;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(listener.accept().await.unwrap().0).await.unwrap();
+            // Polling `accept` drives the connection; each call is answered apart.
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    while body.data().await.is_some() {}
+                    respond.send_response(Response::new(()), true).unwrap();
+                });
+            }
+        });
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (sender, connection) = h2::client::handshake(Recorded { stream, writes: writes.clone() }).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+
+        let request = Request::post("http://peer/echo.v1.Echo/Unary")
+            .body(RequestBody::Replayed(Some(Bytes::from_static(b"\0\0\0\0\x07\n\x05hello"))))
+            .unwrap();
+        let call = start(&mut sender, request).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), call).await.expect("the peer answers").unwrap();
+        assert_eq!(response.status(), 200);
+
+        let writes = writes.lock().unwrap();
+        let with_head = writes.iter().map(|write| frames(write)).find(|frames| frames.contains(&(HEADERS, 1)));
+        let with_head = with_head.expect("the request's head was written");
+        assert!(with_head.contains(&(DATA, 1)), "the body left apart from the head: {writes:?}");
+        drop(writes);
+        drop(sender);
+        peer.abort();
     }
 }
