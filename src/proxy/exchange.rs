@@ -89,13 +89,19 @@ impl Future for SendBody {
                 return Poll::Ready(());
             }
             if let Some((data, _)) = &this.waiting {
-                while !data.is_empty() && this.stream.capacity() == 0 {
+                // The first frame goes at once, without capacity: a new stream
+                // gets none until the connection task opens it, and h2 holds
+                // the frame until then, so it leaves with the head in one
+                // write rather than in a second one after a round through
+                // that task. Later frames wait for the window to open.
+                while this.sent_data && !data.is_empty() && this.stream.capacity() == 0 {
                     match ready!(this.stream.poll_capacity(cx)) {
                         Some(Ok(_)) => {}
                         Some(Err(_)) | None => return Poll::Ready(()),
                     }
                 }
                 let (data, end) = this.waiting.take().expect("checked above");
+                this.sent_data = true;
                 if this.stream.send_data(data, end).is_err() || end {
                     return Poll::Ready(());
                 }
@@ -105,22 +111,12 @@ impl Future for SendBody {
             // for a body that sends nothing could starve other streams.
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) if this.sent_data => {
-                        // h2 buffers beyond the claim; one byte waits for the window to open.
-                        this.stream.reserve_capacity(1);
-                        this.waiting = Some((data, this.body.is_end_stream()));
-                    }
                     Ok(data) => {
-                        // The first frame goes at once, without capacity: a new
-                        // stream gets none until the connection task opens it,
-                        // and h2 holds the frame until then, so it leaves with
-                        // the head in one write rather than in a second one
-                        // after a round through that task.
-                        this.sent_data = true;
-                        let end = this.body.is_end_stream();
-                        if this.stream.send_data(data, end).is_err() || end {
-                            return Poll::Ready(());
+                        if this.sent_data {
+                            // h2 buffers beyond the claim; one byte waits for the window to open.
+                            this.stream.reserve_capacity(1);
                         }
+                        this.waiting = Some((data, this.body.is_end_stream()));
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -242,7 +238,7 @@ mod tests {
         const DATA: u8 = 0;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let peer = tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut connection = h2::server::handshake(listener.accept().await.unwrap().0).await.unwrap();
             // Polling `accept` drives the connection; each call is answered apart.
             while let Some(Ok((request, mut respond))) = connection.accept().await {
@@ -270,8 +266,5 @@ mod tests {
         let with_head = writes.iter().map(|write| frames(write)).find(|frames| frames.contains(&(HEADERS, 1)));
         let with_head = with_head.expect("the request's head was written");
         assert!(with_head.contains(&(DATA, 1)), "the body left apart from the head: {writes:?}");
-        drop(writes);
-        drop(sender);
-        peer.abort();
     }
 }
