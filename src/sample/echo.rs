@@ -118,6 +118,14 @@ fn with_metadata<T>(message: T, metadata: MetadataMap) -> Response<T> {
     response
 }
 
+/// Waits the delay a request asks for, and not at all when it asks for none:
+/// a zero-length tokio sleep still waits for the timer's next millisecond tick.
+async fn pause(delay_ms: u32) {
+    if delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(delay_ms.into())).await;
+    }
+}
+
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -126,7 +134,7 @@ impl Echo for EchoService {
         let metadata = self.observe(&request);
         let caller = caller_of(&request);
         let request = request.into_inner();
-        tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
+        pause(request.delay_ms).await;
         if self.stats.failing.load(Ordering::Relaxed) {
             return Err(Status::unavailable("backend failing"));
         }
@@ -154,7 +162,7 @@ impl Echo for EchoService {
         tokio::spawn(async move {
             let payload = bytes::Bytes::from(vec![7u8; request.reply_payload_bytes as usize]);
             for sequence in 0..request.reply_count {
-                tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
+                pause(request.delay_ms).await;
                 let message = EchoReply { payload: payload.clone(), ..reply(&request, &caller, sequence) };
                 if tx.send(Ok(message)).await.is_err() {
                     stats.cancelled.fetch_add(1, Ordering::Relaxed);
