@@ -125,7 +125,7 @@ class Backend(Proc):
                 return int(line.split()[1])
 
 
-def protomesh_pair(work, backend_port):
+def protomesh_pair(work, backend_port, workers=1):
     """Starts a client and a server sidecar; returns (entry port, [procs], readiness ms)."""
     outbound, inbound = free_port(), free_port()
     certs = work / "certs"
@@ -137,7 +137,7 @@ def protomesh_pair(work, backend_port):
         path.write_text(
             f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
             f"contracts: {{protos: [examples/echo.proto], include: ['{REPO / 'proto'}']}}\n"
-            f"admin: {{listen: '127.0.0.1:{admins[name]}'}}\n" + body)
+            f"admin: {{listen: '127.0.0.1:{admins[name]}'}}\nworker_threads: {workers}\n" + body)
         return path
 
     server = config("server", f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         Command::Certs { out, trust_domain, namespace, workloads } => {
             write_certs(&out, &trust_domain, &namespace, &workloads)
         }
-        Command::Demo { otlp } => runtime(1).block_on(protomesh::demo::run(otlp)),
+        Command::Demo { otlp } => runtime().block_on(protomesh::demo::run(otlp)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,7 +102,7 @@ fn load(path: Option<PathBuf>) -> Result<(Config, Contracts), String> {
 
 fn run(path: Option<PathBuf>, set_log_level: SetLogLevel) -> Result<(), String> {
     let (config, contracts) = load(path)?;
-    runtime(config.worker_threads.get()).block_on(async {
+    runtime().block_on(async {
         let options = Options { set_log_level: Some(set_log_level) };
         let sidecar = Sidecar::start(&config, Arc::new(contracts), options).await?;
         shutdown_signal().await;
@@ -112,18 +112,11 @@ fn run(path: Option<PathBuf>, set_log_level: SetLogLevel) -> Result<(), String> 
     })
 }
 
-/// One thread runs everything on a current-thread scheduler, which costs a
-/// third less CPU per call than work stealing across two; more threads steal.
-fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
-    let mut builder = match worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-    };
-    builder.enable_all().build().expect("tokio runtime")
+/// The main thread's event loop: a current-thread scheduler, which costs a
+/// third less CPU per call than work stealing. It is the sidecar's first
+/// worker; `worker_threads` adds more, each with a loop of its own.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
 }
 
 async fn shutdown_signal() {

@@ -47,8 +47,9 @@ pub struct Config {
     /// On SIGTERM: how long in-flight calls may finish after GOAWAY.
     #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
     pub drain_timeout: Duration,
-    /// Threads that carry traffic. One suits a sidecar: the proxy stays off
-    /// the app's cores and skips cross-thread wakeups; raise it for a busy pod.
+    /// Threads that carry traffic, each an event loop with its own
+    /// connections. One suits a sidecar: the proxy stays off the app's cores;
+    /// raise it for a pod whose traffic needs more than one core.
     #[serde(default = "defaults::worker_threads")]
     pub worker_threads: std::num::NonZeroUsize,
 }

@@ -1,6 +1,7 @@
-//! One peer address and the single multiplexed HTTP/2 connection to it:
-//! connected on first use, shared by every call, replaced when it closes.
-//! Concurrent callers share one connect attempt; no lock is held across an await.
+//! One peer address and a multiplexed HTTP/2 connection to it per worker:
+//! connected on first use, shared by every call of that worker, replaced when
+//! it closes. Concurrent callers share one connect attempt; no lock is held
+//! across an await.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ use super::balance::Load;
 use super::body::RequestBody;
 use super::error::{ConnectError, ProxyError, Target};
 use super::exchange::{self, PeerBody};
+use super::workers;
 use crate::identity::IdentityMismatch;
 use crate::policy::outlier::Health;
 
@@ -67,11 +69,18 @@ pub struct Endpoint {
     target: Target,
     transport: Arc<Transport>,
     connect_timeout: Duration,
-    state: Mutex<State>,
+    /// One connection per worker, so that a call stays on its worker's thread.
+    state: Box<[Mutex<State>]>,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, target: Target, transport: Arc<Transport>, connect_timeout: Duration) -> Endpoint {
+    pub fn new(
+        addr: SocketAddr,
+        target: Target,
+        transport: Arc<Transport>,
+        connect_timeout: Duration,
+        workers: usize,
+    ) -> Endpoint {
         Endpoint {
             addr,
             health: Health::default(),
@@ -79,8 +88,13 @@ impl Endpoint {
             target,
             transport,
             connect_timeout,
-            state: Mutex::new(State::Idle),
+            state: (0..workers.max(1)).map(|_| Mutex::new(State::Idle)).collect(),
         }
+    }
+
+    /// The connection slot of the worker running this call.
+    fn state(&self) -> &Mutex<State> {
+        &self.state[workers::current() % self.state.len()]
     }
 
     /// A handle on this endpoint's connection that can start a stream,
@@ -119,7 +133,7 @@ impl Endpoint {
     /// share one attempt.
     async fn connection(&self) -> Result<Connection, ProxyError> {
         let connecting = {
-            let mut state = self.state.lock().expect("endpoint state lock");
+            let mut state = self.state().lock().expect("endpoint state lock");
             match &*state {
                 State::Ready(connection) if !connection.is_closed() => return Ok(connection.clone()),
                 State::Connecting(connecting) => connecting.clone(),
@@ -134,7 +148,7 @@ impl Endpoint {
             }
         };
         let result = connecting.await;
-        let mut state = self.state.lock().expect("endpoint state lock");
+        let mut state = self.state().lock().expect("endpoint state lock");
         if matches!(*state, State::Connecting(_)) {
             *state = match &result {
                 Ok(connection) => State::Ready(connection.clone()),
@@ -146,7 +160,7 @@ impl Endpoint {
 
     /// Drops a connection seen to be closing, unless a newer one replaced it.
     fn forget(&self, closing: &Arc<AtomicBool>) {
-        let mut state = self.state.lock().expect("endpoint state lock");
+        let mut state = self.state().lock().expect("endpoint state lock");
         if let State::Ready(current) = &*state
             && Arc::ptr_eq(&current.closed, closing)
         {

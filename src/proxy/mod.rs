@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod outbound;
 mod server;
 pub mod upstream;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,9 +48,10 @@ use endpoint::{Endpoint, Transport};
 use error::{AnswerErrors, CallService, Direction, Target};
 use inbound::{ForwardToApp, InboundRoutes, RouteInbound};
 use outbound::{ForwardToUpstream, OutboundRoutes};
-use server::PeerInfo;
 pub(crate) use server::stopped;
+use server::{PeerInfo, Serving};
 use upstream::Upstream;
+use workers::Workers;
 
 /// What every call of a sidecar shares.
 #[derive(Clone)]
@@ -121,6 +123,8 @@ pub struct Sidecar {
     drain: std::time::Duration,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
+    /// Serve the connections; their threads end when the sidecar is dropped.
+    _workers: Arc<Workers>,
 }
 
 impl Sidecar {
@@ -129,9 +133,11 @@ impl Sidecar {
     pub async fn start(config: &Config, contracts: Arc<Contracts>, options: Options) -> Result<Sidecar, String> {
         let identity = Arc::new(Identity::load(&config.identity)?);
         let metrics = Arc::new(Metrics::default());
+        let workers = Arc::new(Workers::start(config.worker_threads)?);
         let mut upstreams = Vec::with_capacity(config.outbound.upstreams.len());
         for (i, upstream) in config.outbound.upstreams.iter().enumerate() {
-            let started = Upstream::start(upstream, &identity, config.outbound.connect_timeout, &config.policy)
+            let connect_timeout = config.outbound.connect_timeout;
+            let started = Upstream::start(upstream, &identity, connect_timeout, &config.policy, workers.count())
                 .await
                 .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
             upstreams.push((upstream.services.clone(), started));
@@ -160,6 +166,7 @@ impl Sidecar {
                     Target::App(inbound.app),
                     Arc::new(Transport::Plaintext),
                     config.outbound.connect_timeout,
+                    workers.count(),
                 ));
                 let tls = identity.server_config()?;
                 Some((bind("inbound.listen", inbound.listen).await?, routes, app, tls))
@@ -181,6 +188,7 @@ impl Sidecar {
 
         let drain = config.drain_timeout;
         let (shutdown, stop) = watch::channel(false);
+        let serving = Serving { workers: workers.clone(), metrics: metrics.clone(), shutdown: stop.clone(), drain };
         let mut listeners = JoinSet::new();
         let outbound_addr = local_addr(&outbound_listener)?;
         let outbound_shared = shared.clone();
@@ -189,9 +197,7 @@ impl Sidecar {
             Direction::Outbound,
             None,
             move |_: PeerInfo| outbound_stack(outbound_routes.clone(), &outbound_shared),
-            metrics.clone(),
-            stop.clone(),
-            drain,
+            serving.clone(),
         ));
         let inbound_addr = match inbound {
             None => None,
@@ -202,9 +208,7 @@ impl Sidecar {
                     Direction::Inbound,
                     Some(tls),
                     move |peer: PeerInfo| inbound_stack(RouteInbound::new(routes.clone(), &peer), app.clone(), &shared),
-                    metrics.clone(),
-                    stop.clone(),
-                    drain,
+                    serving,
                 ));
                 Some(addr)
             }
@@ -224,6 +228,7 @@ impl Sidecar {
             drain,
             shutdown,
             listeners,
+            _workers: workers,
         })
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tower::Service;
 
 use super::error::{Direction, ProxyError, ResponseBody};
+use super::workers::Workers;
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::telemetry::Metrics;
 
@@ -34,20 +35,31 @@ pub struct PeerInfo {
     pub identity: Option<SpiffeId>,
 }
 
-/// Serves `listener` until `shutdown` turns true, then drains for up to `drain`.
+/// What every listener of a sidecar shares.
+#[derive(Clone)]
+pub struct Serving {
+    /// Where accepted connections are served, each on one worker.
+    pub workers: Arc<Workers>,
+    pub metrics: Arc<Metrics>,
+    /// Turns true when the sidecar stops.
+    pub shutdown: watch::Receiver<bool>,
+    /// How long calls in flight may finish after that.
+    pub drain: Duration,
+}
+
+/// Serves `listener` until shutdown, then drains.
 pub async fn serve<F, S>(
     listener: TcpListener,
     direction: Direction,
     tls: Option<Arc<ServerConfig>>,
     new_service: F,
-    metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
+    serving: Serving,
 ) where
     F: Fn(PeerInfo) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
+    let Serving { workers, metrics, mut shutdown, drain } = serving;
     let graceful = GracefulShutdown::new();
     let new_service = Arc::new(new_service);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -69,7 +81,7 @@ pub async fn serve<F, S>(
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        workers.spawn(async move {
             let _open = metrics.connection_opened(direction);
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder

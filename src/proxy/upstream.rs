@@ -1,5 +1,5 @@
 //! An upstream: the peers serving a set of gRPC services, all expected to
-//! present one SPIFFE ID, with one pooled connection per endpoint, a balancer
+//! present one SPIFFE ID, with one pooled connection per endpoint and worker, a balancer
 //! over them, outlier detection for each, and a retry budget for all.
 
 use std::net::SocketAddr;
@@ -41,6 +41,8 @@ pub struct Upstream {
     pub outliers: Arc<Outliers>,
     transport: Arc<Transport>,
     connect_timeout: Duration,
+    /// Workers of the sidecar, each with its own connection to every endpoint.
+    workers: usize,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
 }
 
@@ -51,6 +53,7 @@ impl Upstream {
         identity: &Identity,
         connect_timeout: Duration,
         policy: &PolicyConfig,
+        workers: usize,
     ) -> Result<Arc<Upstream>, String> {
         let specs: Vec<EndpointSpec> =
             config.endpoints.iter().map(|e| discovery::parse_endpoint(e)).collect::<Result<_, _>>()?;
@@ -67,6 +70,7 @@ impl Upstream {
             outliers: Arc::new(Outliers::new(policy.outlier_detection.clone())),
             transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
             connect_timeout,
+            workers,
             endpoints: ArcSwap::from_pointee(Vec::new()),
         });
         upstream.set_endpoints(&discovery::resolve(&specs).await);
@@ -86,7 +90,7 @@ impl Upstream {
             .map(|&addr| {
                 current.iter().find(|e| e.addr == addr).cloned().unwrap_or_else(|| {
                     let target = Target::Upstream { name: self.name.clone(), addr };
-                    Arc::new(Endpoint::new(addr, target, self.transport.clone(), self.connect_timeout))
+                    Arc::new(Endpoint::new(addr, target, self.transport.clone(), self.connect_timeout, self.workers))
                 })
             })
             .collect();

@@ -144,13 +144,13 @@ async fn the_sidecar_process_runs_its_worker_threads_changes_log_level_and_drain
     assert!(exit.success(), "{exit:?}");
 }
 
-/// Threads of the process that tokio named as workers.
+/// Threads of the process that carry traffic: the main one and the added workers.
 fn worker_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter(|task| {
             let comm = std::fs::read_to_string(task.as_ref().unwrap().path().join("comm")).unwrap_or_default();
-            comm.starts_with("tokio-rt-worker")
+            comm.starts_with("protomesh")
         })
         .count()
 }

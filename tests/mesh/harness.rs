@@ -41,6 +41,8 @@ pub struct MeshOptions {
     /// Replaces the server sidecar's address in the client's route: a
     /// comma-separated list where `{server}` stands for its inbound port.
     pub upstream_endpoint: Option<String>,
+    /// Each sidecar's `worker_threads`.
+    pub worker_threads: usize,
 }
 
 impl Default for MeshOptions {
@@ -54,6 +56,7 @@ impl Default for MeshOptions {
             tracing: "{}".into(),
             app: None,
             upstream_endpoint: None,
+            worker_threads: 1,
         }
     }
 }
@@ -93,14 +96,16 @@ impl Mesh {
                 }
             };
             let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
-            servers.push(sidecar(&dir, "server", "[]", Some(&inbound), options.server_policy, &options.tracing).await);
+            let policy = options.server_policy;
+            servers.push(sidecar(&dir, "server", "[]", Some(&inbound), policy, &options).await);
         }
         let every_server = servers.iter().map(|s| s.inbound_addr.unwrap().to_string()).collect::<Vec<_>>().join(",");
         let server_sidecar = servers.remove(0);
         let server_inbound = server_sidecar.inbound_addr.unwrap();
         let endpoint = options
             .upstream_endpoint
-            .unwrap_or(every_server)
+            .as_deref()
+            .unwrap_or(&every_server)
             .replace("{server}", &server_inbound.port().to_string())
             .split(',')
             .map(|e| format!("'{e}'"))
@@ -108,7 +113,7 @@ impl Mesh {
             .join(", ");
         let upstreams =
             format!("[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]", options.expected_server);
-        let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy, &options.tracing).await;
+        let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy, &options).await;
         Mesh { dir, backend: backends[0].clone(), backends, client_sidecar, server_sidecar, _other_servers: servers }
     }
 
@@ -138,7 +143,7 @@ async fn sidecar(
     upstreams: &str,
     inbound: Option<&str>,
     policy: &str,
-    tracing: &str,
+    options: &MeshOptions,
 ) -> Sidecar {
     let certs = dir.path().display();
     let mut yaml = format!(
@@ -148,9 +153,12 @@ async fn sidecar(
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
          admin: {{listen: '127.0.0.1:0'}}\n\
          policy: {policy}\n\
-         tracing: {tracing}\n\
+         tracing: {}\n\
+         worker_threads: {}\n\
          drain_timeout: 1s\n",
-        env!("CARGO_MANIFEST_DIR")
+        env!("CARGO_MANIFEST_DIR"),
+        options.tracing,
+        options.worker_threads,
     );
     if let Some(inbound) = inbound {
         yaml.push_str(&format!("inbound: {inbound}\n"));

@@ -13,3 +13,4 @@ mod resets;
 mod retries;
 mod telemetry;
 mod tracing;
+mod workers;

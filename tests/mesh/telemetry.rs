@@ -24,7 +24,7 @@ pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u
 }
 
 /// The value of the sample whose line starts with `series` (name and labels).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
 }
 
