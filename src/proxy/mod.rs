@@ -111,8 +111,8 @@ pub struct Options {
     pub set_log_level: Option<SetLogLevel>,
 }
 
-/// A running sidecar. Dropping it leaves the listeners running; call
-/// [`Sidecar::shutdown`] to drain and stop.
+/// A running sidecar. Dropping it stops accepting and ends the added
+/// workers' threads without a drain; call [`Sidecar::shutdown`] to drain and stop.
 pub struct Sidecar {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: Option<SocketAddr>,
