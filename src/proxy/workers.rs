@@ -40,19 +40,9 @@ impl Workers {
         let mut handles = vec![Handle::current()];
         let mut stops = Vec::new();
         for index in 1..count.get() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("worker_threads: cannot start worker {index}: {e}"))?;
-            handles.push(runtime.handle().clone());
-            let (stop, stopped) = oneshot::channel::<()>();
-            std::thread::Builder::new()
-                .name(format!("protomesh-w{index}"))
-                .spawn(move || {
-                    INDEX.with(|i| i.set(index));
-                    let _ = runtime.block_on(stopped);
-                })
-                .map_err(|e| format!("worker_threads: cannot start worker {index}: {e}"))?;
+            let (handle, stop) =
+                start_worker(index).map_err(|e| format!("worker_threads: cannot start worker {index}: {e}"))?;
+            handles.push(handle);
             stops.push(stop);
         }
         Ok(Workers { handles, _stops: stops, next: AtomicUsize::new(0) })
@@ -70,6 +60,18 @@ impl Workers {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.handles[index].spawn(task);
     }
+}
+
+/// A thread running its own runtime until the returned sender is dropped.
+fn start_worker(index: usize) -> std::io::Result<(Handle, oneshot::Sender<()>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new().name(format!("protomesh-w{index}")).spawn(move || {
+        INDEX.with(|i| i.set(index));
+        let _ = runtime.block_on(stopped);
+    })?;
+    Ok((handle, stop))
 }
 
 #[cfg(test)]
