@@ -128,8 +128,9 @@ class Backend(Proc):
                 return int(line.split()[1])
 
 
-def protomesh_pair(work, backend_port, workers=1):
-    """Starts a client and a server sidecar; returns (entry port, [procs], readiness ms)."""
+def protomesh_pair(work, backend_port, workers=1, launcher=()):
+    """Starts a client and a server sidecar, each under `launcher` (a command prefix)
+    if given; returns (entry port, [procs], readiness ms)."""
     outbound, inbound = free_port(), free_port()
     certs = work / "certs"
     admins = {}
@@ -152,7 +153,7 @@ def protomesh_pair(work, backend_port, workers=1):
     procs, ready_ms = [], []
     for name, path in (("server", server), ("client", client)):
         started = time.monotonic()
-        proc = Proc(f"protomesh {name}", [str(RELEASE / "protomesh"), "run", "--config", str(path)], env=env)
+        proc = Proc(f"protomesh {name}", [*launcher, str(RELEASE / "protomesh"), "run", "--config", str(path)], env=env)
         ready_ms.append(wait_until_ready(admins[name], proc, started))
         procs.append(proc)
     return outbound, procs, max(ready_ms)
@@ -399,6 +400,9 @@ def report(results, extra, options):
         f"{cpu_model()}; Envoy {envoy_version()}; {version(['h2load', '--version'])}; "
         f"protomesh {git_rev()}. Rerun with `bench/run`.",
         "",
+        f"Link order: {link_order_coverage()} functions listed in `bench/protomesh.order` are in the binary "
+        "(fewer means the file is stale: regenerate it with `bench/link_order.py`).",
+        "",
         f"Medians of {options.rounds} rounds of {options.seconds} s loads, all on one machine over loopback. "
         "Unary calls carry a 7-byte message; the streaming case answers each call with 10 messages. "
         "Saturation: h2load, 8 connections x 32 streams. Fixed rate: 1,000 calls/s on 4 connections. "
@@ -450,6 +454,16 @@ def fmt_mem(memory, field=0):
 
 def fmt_kib(values):
     return " / ".join(f"{v:.1f}" for v in values)
+
+
+def binary_functions(binary):
+    output = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True, check=True).stdout
+    return {fields[2] for fields in map(str.split, output.splitlines()) if len(fields) == 3 and fields[1] in "tTwW"}
+
+
+def link_order_coverage():
+    listed = (REPO / "bench" / "protomesh.order").read_text().split()
+    return f"{len(binary_functions(RELEASE / 'protomesh').intersection(listed)):,} of {len(listed):,}"
 
 
 def cpu_model():
