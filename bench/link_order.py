@@ -10,11 +10,11 @@ under load sits together, so a busy one touches few pages and TLB entries.
 Within each load group the hottest functions come first.
 
 Run it after changes to the hot path or to dependencies (symbol names carry a
-hash of their crate): `cargo build --release --bin protomesh --example
-echo_server && python3 bench/link_order.py`, then rebuild. Needs valgrind
-(Debian `valgrind`) and h2load (`nghttp2-client`). Functions the file names
-but the binary lacks are skipped by the linker; the script reports how many
-of the binary's functions the file covers.
+hash of their crate and its features): `python3 bench/link_order.py` builds
+the sidecar and the echo backend as `bench/run` does, then profiles them; the
+next release build uses the new order. Needs valgrind (Debian `valgrind`) and
+h2load (`nghttp2-client`). The linker skips functions the file names but the
+binary lacks; `bench/RESULTS.md` reports how many of them it found.
 """
 
 import re
@@ -100,10 +100,17 @@ def wait_for_file(path, timeout=60.0):
         time.sleep(0.1)
 
 
+def build():
+    # Apart, so the sidecar is built without the example's dev-dependency features, as users build it.
+    for target in (["--bin", "protomesh"], ["--example", "echo_server"]):
+        subprocess.run(["cargo", "build", "--release", *target], cwd=bench.REPO, check=True)
+
+
 def main():
     for tool in ("valgrind", "callgrind_control", "h2load"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: apt-get install valgrind nghttp2-client")
+    build()
     work = Path(tempfile.mkdtemp())
     try:
         subprocess.run([str(bench.RELEASE / "protomesh"), "certs", "--out", str(work / "certs"),
