@@ -317,6 +317,18 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def prepare(work):
+    """Writes the pair's certificates under `work`, and the request bodies; returns {name: body file}."""
+    subprocess.run([str(RELEASE / "protomesh"), "certs", "--out", str(work / "certs"), "--trust-domain", TRUST_DOMAIN,
+                    "--namespace", "bench", "client", "server"], check=True, stdout=subprocess.DEVNULL)
+    bodies = {}
+    for name, message in (("unary", echo_request(b"hello")), ("stream", echo_request(b"s", reply_count=10)),
+                          ("held", echo_request(b"h", reply_count=1, delay_ms=4000))):
+        bodies[name] = work / f"{name}.bin"
+        bodies[name].write_bytes(grpc_frame(message))
+    return bodies
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -325,14 +337,7 @@ def main():
     options = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="protomesh-bench-"))
-    subprocess.run([str(RELEASE / "protomesh"), "certs", "--out", str(work / "certs"), "--trust-domain", TRUST_DOMAIN,
-                    "--namespace", "bench", "client", "server"], check=True, stdout=subprocess.DEVNULL)
-    bodies = {}
-    for name, message in (("unary", echo_request(b"hello")), ("stream", echo_request(b"s", reply_count=10)),
-                          ("held", echo_request(b"h", reply_count=1, delay_ms=4000))):
-        bodies[name] = work / f"{name}.bin"
-        bodies[name].write_bytes(grpc_frame(message))
-
+    bodies = prepare(work)
     backend_port = free_port()
     backend = Backend(backend_port)
     results = {name: [] for name in ("direct", "envoy --concurrency 1", "envoy", "protomesh", MESH_TWO)}

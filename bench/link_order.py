@@ -61,7 +61,7 @@ def self_costs(profile):
     return costs
 
 
-def profile_pair(work, backend_port):
+def profile_pair(work, backend_port, bodies):
     """Runs the pair under callgrind; returns (costs until ready, costs after)."""
     launcher = ["valgrind", "--tool=callgrind", "--demangle=no", f"--callgrind-out-file={work}/callgrind.%p"]
     port, procs, _ = bench.protomesh_pair(work, backend_port, workers=2, launcher=launcher)
@@ -69,11 +69,6 @@ def profile_pair(work, backend_port):
         # Dump what ran until now (startup) to callgrind.<pid>.1; the rest goes to callgrind.<pid> at exit.
         for proc in procs:
             subprocess.run(["callgrind_control", "--dump=ready", str(proc.pid)], check=True, capture_output=True)
-        bodies = {}
-        for name, message in (("unary", bench.echo_request(b"hello")),
-                              ("stream", bench.echo_request(b"s", reply_count=10))):
-            bodies[name] = work / f"{name}.bin"
-            bodies[name].write_bytes(bench.grpc_frame(message))
         for args, method, body in ((["-n", "20000", "-c", "8", "-m", "32"], "Unary", "unary"),
                                    (["-n", "2000", "-c", "4", "-m", "8"], "ServerStream", "stream"),
                                    (["-n", "500", "-c", "1", "-m", "1"], "Unary", "unary")):
@@ -113,13 +108,11 @@ def main():
     build()
     work = Path(tempfile.mkdtemp())
     try:
-        subprocess.run([str(bench.RELEASE / "protomesh"), "certs", "--out", str(work / "certs"),
-                        "--trust-domain", bench.TRUST_DOMAIN, "--namespace", "bench", "client", "server"],
-                       check=True, stdout=subprocess.DEVNULL)
+        bodies = bench.prepare(work)
         backend_port = bench.free_port()
         backend = bench.Backend(backend_port)
         try:
-            started, loaded = profile_pair(work, backend_port)
+            started, loaded = profile_pair(work, backend_port, bodies)
         finally:
             backend.stop()
     finally:
