@@ -1,8 +1,8 @@
-//! Generates Rust types for the policy options and the example services, with the
-//! pure-Rust protox compiler so that no `protoc` is needed anywhere; and lays out
+//! Generates Rust types for the policy options with the pure-Rust protox
+//! compiler, so that no `protoc` is needed anywhere; and lays out
 //! the release binary's functions in the order `bench/link_order.py` recorded.
 
-const PROTOS: &[&str] = &["proto/protomesh/v1/options.proto", "proto/examples/echo.proto", "proto/examples/shop.proto"];
+const PROTOS: &[&str] = &["proto/protomesh/v1/options.proto"];
 const LINK_ORDER: &str = "bench/protomesh.order";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,8 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
-    // `bytes` fields as `Bytes`, so payloads are shared rather than copied.
-    tonic_prost_build::configure().bytes(".").compile_fds(descriptors)?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
     order_functions()
 }
 

@@ -117,7 +117,7 @@ class Proc:
 
 class Backend(Proc):
     def __init__(self, port):
-        super().__init__("echo", [str(RELEASE / "examples" / "echo_server"), f"127.0.0.1:{port}"])
+        super().__init__("echo", [str(RELEASE / "protomesh-samples"), "echo", f"127.0.0.1:{port}"])
         wait_for_port(port, self.popen, "echo backend")
 
     def served(self):

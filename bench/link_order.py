@@ -89,8 +89,8 @@ def profile_pair(work, backend_port, bodies):
 
 
 def build():
-    # Apart, so the sidecar is built without the example's dev-dependency features, as users build it.
-    for target in (["--bin", "protomesh"], ["--example", "echo_server"]):
+    # Apart, so the sidecar is built without the samples' features, as users build it.
+    for target in (["-p", "protomesh", "--bin", "protomesh"], ["-p", "protomesh-samples", "--bin", "protomesh-samples"]):
         subprocess.run(["cargo", "build", "--release", *target], cwd=bench.REPO, check=True)
 
 

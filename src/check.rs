@@ -3,14 +3,13 @@
 
 use std::fmt::Write;
 
-use crate::config::{Config, ContractMode, DefaultAuthorization};
-use crate::contract::{Contracts, Idempotency};
-use crate::identity::Identity;
-use crate::policy::method::{MethodPolicy, Sourced};
+use crate::app::Inputs;
+use crate::effective;
 
-pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> String {
+pub fn report(inputs: &Inputs) -> String {
+    let Inputs { config, contracts, credentials, .. } = inputs;
     let mut out = String::new();
-    let _ = writeln!(out, "identity  {}", identity.id);
+    let _ = writeln!(out, "identity  {}", credentials.id);
     let _ = writeln!(out, "runtime   {} worker thread(s)", config.worker_threads);
     let _ = writeln!(out, "outbound  listen {}", config.outbound.listen);
     for upstream in &config.outbound.upstreams {
@@ -30,65 +29,23 @@ pub fn report(config: &Config, identity: &Identity, contracts: &Contracts) -> St
                 "inbound   listen {} -> app {}; default authorization {}; {} rule(s)",
                 inbound.listen,
                 inbound.app,
-                match inbound.authorization.default {
-                    DefaultAuthorization::AllAuthenticated => "all-authenticated",
-                    DefaultAuthorization::Deny => "deny",
-                },
+                inbound.authorization.default.as_str(),
                 inbound.authorization.rules.len()
             );
         }
     }
-    let services = contracts.services();
-    let methods: usize = services.values().map(Vec::len).sum();
-    let _ = writeln!(
-        out,
-        "contracts {}: {methods} method(s) in {} service(s)",
-        match config.contracts.mode {
-            ContractMode::Strict => "strict",
-            ContractMode::Permissive => "permissive",
-        },
-        services.len()
-    );
+    let services = effective::describe(contracts, &config.policy);
+    let methods: usize = services.iter().map(|(_, methods)| methods.len()).sum();
+    let mode = config.contracts.mode.as_str();
+    let _ = writeln!(out, "contracts {mode}: {methods} method(s) in {} service(s)", services.len());
     for (service, methods) in services {
-        let routed = config.outbound.upstreams.iter().find(|u| u.services.iter().any(|s| s == service));
+        let routed = config.outbound.upstreams.iter().find(|u| u.services.contains(&service));
         let route =
             routed.map_or_else(|| "no outbound route".to_string(), |u| format!("-> {}", u.endpoints.join(", ")));
         let _ = writeln!(out, "\n{service}  [{}]  {route}", methods[0].file);
         for method in methods {
-            let idempotency = match method.idempotency {
-                Idempotency::Unknown => "",
-                Idempotency::NoSideEffects => "  no-side-effects",
-                Idempotency::Idempotent => "  idempotent",
-            };
-            let _ = writeln!(out, "  {:<24} {}{idempotency}", method.method, method.shape);
-            let policy = MethodPolicy::resolve(&method.service, &method.method, Some(method), &config.policy);
-            field(&mut out, "timeout", policy.timeout.as_ref(), |d| format!("{d:?}"));
-            field(&mut out, "idle_timeout", policy.idle_timeout.as_ref(), |d| format!("{d:?}"));
-            field(&mut out, "stream_timeout", policy.stream_timeout.as_ref(), |d| format!("{d:?}"));
-            field(&mut out, "retry", policy.retry.as_ref(), |r| {
-                let codes: Vec<_> = r.retryable_codes.iter().map(|c| c.name()).collect();
-                format!(
-                    "{} attempts on {}, backoff {:?}..{:?} x{}",
-                    r.max_attempts,
-                    codes.join(", "),
-                    r.initial_backoff,
-                    r.max_backoff,
-                    r.backoff_multiplier
-                )
-            });
-            field(&mut out, "concurrency", policy.concurrency.as_ref(), |c| {
-                format!("{} in flight, queue {} for {:?}", c.max_in_flight, c.max_queue, c.queue_timeout)
-            });
-            field(&mut out, "allowed_callers", method.contract.allowed_callers.as_ref(), |callers| {
-                callers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-            });
+            out.push_str(&method.to_text());
         }
     }
     out
-}
-
-fn field<T>(out: &mut String, name: &str, value: Option<&Sourced<T>>, show: impl Fn(&T) -> String) {
-    if let Some(Sourced { value, source }) = value {
-        let _ = writeln!(out, "      {name:<16} {:<40} from {source}", show(value));
-    }
 }

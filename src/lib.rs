@@ -1,32 +1,33 @@
 //! protomesh: a gRPC service-mesh sidecar whose policy lives in the `.proto` contracts.
+//!
+//! From the ground up: `grpc`, `duration`, `discovery` and `workers` know
+//! nothing of the rest; `identity` holds the workload's credentials; `call`
+//! is what every layer shares; `policy` and `telemetry` are the layers;
+//! `contract` and `config` are the inputs, and `effective` what they mean
+//! for each method; `proxy` composes the stacks and carries the calls; `app`
+//! wires a running sidecar; `check` is the command that reports.
 
-pub mod admin;
+pub mod app;
+pub mod call;
 pub mod check;
 pub mod config;
 pub mod contract;
-pub mod demo;
+pub mod digest;
+pub mod discovery;
+pub mod duration;
+pub mod effective;
 pub mod grpc;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
-pub mod sample;
 pub mod telemetry;
+pub mod workers;
 
-/// Generated from `proto/`: the policy options and the example services.
+/// Generated from `proto/protomesh/v1/options.proto`: the policy options.
 pub mod pb {
     pub mod protomesh {
         pub mod v1 {
-            tonic::include_proto!("protomesh.v1");
-        }
-    }
-    pub mod echo {
-        pub mod v1 {
-            tonic::include_proto!("echo.v1");
-        }
-    }
-    pub mod shop {
-        pub mod v1 {
-            tonic::include_proto!("shop.v1");
+            include!(concat!(env!("OUT_DIR"), "/protomesh.v1.rs"));
         }
     }
 }

@@ -4,11 +4,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use protomesh::admin::SetLogLevel;
-use protomesh::config::{self, Config};
-use protomesh::contract::Contracts;
-use protomesh::identity::{Identity, SpiffeId, certs};
-use protomesh::proxy::{Options, Sidecar};
+use protomesh::app::admin::SetLogLevel;
+use protomesh::app::{self, ConfigSource, Inputs, Options};
+use protomesh::identity::{SpiffeId, certs};
 
 // A call allocates a few dozen small blocks that die within it; mimalloc serves
 // them faster than glibc malloc, which misses its thread cache under bursts.
@@ -25,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar.
+    /// Run the sidecar (SIGTERM drains and exits; SIGHUP reloads).
     Run {
         /// YAML config; every field can also be set by a PROTOMESH_* variable.
         #[arg(long, env = "PROTOMESH_CONFIG")]
@@ -49,24 +47,19 @@ enum Command {
         #[arg(required = true)]
         workloads: Vec<String>,
     },
-    /// Run a whole demo mesh on loopback and show what crosses it.
-    Demo {
-        /// Export spans to this OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317 (Jaeger).
-        #[arg(long)]
-        otlp: Option<String>,
-    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let set_log_level = init_logging(matches!(cli.command, Command::Demo { .. }));
     let result = match cli.command {
-        Command::Run { config } => run(config, set_log_level),
+        Command::Run { config } => {
+            let options = Options { set_log_level: Some(init_logging()) };
+            runtime().block_on(app::run(ConfigSource::process(config), options))
+        }
         Command::Check { config } => check(config),
         Command::Certs { out, trust_domain, namespace, workloads } => {
             write_certs(&out, &trust_domain, &namespace, &workloads)
         }
-        Command::Demo { otlp } => runtime().block_on(protomesh::demo::run(otlp)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,10 +72,9 @@ fn main() -> ExitCode {
 
 /// Logs to stderr, as text or JSON (`PROTOMESH_LOG_FORMAT=json`), filtered by
 /// `PROTOMESH_LOG`; returns the way to change the filter at runtime.
-fn init_logging(quiet: bool) -> SetLogLevel {
+fn init_logging() -> SetLogLevel {
     use tracing_subscriber::{EnvFilter, fmt, prelude::*, reload};
-    let default = if quiet { "warn" } else { "info" };
-    let filter = EnvFilter::try_from_env("PROTOMESH_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_env("PROTOMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let json = std::env::var("PROTOMESH_LOG_FORMAT").is_ok_and(|f| f == "json");
     tracing_subscriber::registry()
@@ -99,24 +91,6 @@ fn init_logging(quiet: bool) -> SetLogLevel {
     })
 }
 
-fn load(path: Option<PathBuf>) -> Result<(Config, Contracts), String> {
-    let config = config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
-    let contracts = Contracts::load(&config.contracts).map_err(|e| format!("contracts: {e}"))?;
-    Ok((config, contracts))
-}
-
-fn run(path: Option<PathBuf>, set_log_level: SetLogLevel) -> Result<(), String> {
-    let (config, contracts) = load(path)?;
-    runtime().block_on(async {
-        let options = Options { set_log_level: Some(set_log_level) };
-        let sidecar = Sidecar::start(&config, Arc::new(contracts), options).await?;
-        shutdown_signal().await;
-        tracing::info!(drain = ?config.drain_timeout, "shutting down");
-        sidecar.shutdown().await;
-        Ok(())
-    })
-}
-
 /// The main thread's event loop: a current-thread scheduler, which costs a
 /// third less CPU per call than work stealing. It is the sidecar's first
 /// worker; `worker_threads` adds more, each with a loop of its own.
@@ -124,19 +98,9 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn check(path: Option<PathBuf>) -> Result<(), String> {
-    let (config, contracts) = load(path)?;
-    let identity = Identity::load(&config.identity)?;
-    print!("{}", protomesh::check::report(&config, &identity, &contracts));
+fn check(config: Option<PathBuf>) -> Result<(), String> {
+    let inputs = Inputs::read(&ConfigSource::process(config))?;
+    print!("{}", protomesh::check::report(&inputs));
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::Config;
+use crate::digest::Digest;
 
 /// Environment variables read for something other than a config field.
 const RESERVED_ENV: &[&str] = &["PROTOMESH_CONFIG", "PROTOMESH_LOG", "PROTOMESH_LOG_FORMAT"];
@@ -23,15 +24,30 @@ pub struct ConfigError(String);
 /// YAML when it starts with `[` or `{`, which sets whole lists such as
 /// `PROTOMESH_OUTBOUND__UPSTREAMS`. A value of digits only is a number.
 pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    load_versioned(file, env).map(|(config, _)| config)
+}
+
+/// Loads as [`load`] does, with a digest of what was read: the file's bytes
+/// and the `PROTOMESH_*` variables.
+pub fn load_versioned(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Config, String), ConfigError> {
     let file_name = file.map_or_else(|| "<no config file>".to_string(), |p| p.display().to_string());
-    let mut tree = match file {
-        Some(path) => read_yaml(path)?,
-        None => Value::Object(Map::new()),
+    let bytes = match file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let env = ours(env);
+    let version = version(bytes.as_deref(), &env);
+    let mut tree = match (file, &bytes) {
+        (Some(path), Some(bytes)) => parse_yaml(path, bytes)?,
+        _ => Value::Object(Map::new()),
     };
     let mut overrides: Vec<(String, String)> = Vec::new();
-    let mut env: Vec<_> =
-        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str())).collect();
-    env.sort();
     for (name, raw) in env {
         let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         // A variable naming no section is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`,
@@ -87,14 +103,38 @@ pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
     config
         .validate()
         .map_err(|(field, problem)| ConfigError(format!("{}: field `{field}`: {problem}", source_of(&field))))?;
-    Ok(config)
+    Ok((config, version))
 }
 
-fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?;
+/// The `PROTOMESH_*` variables that are config, sorted.
+fn ours(env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut env: Vec<_> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str())).collect();
+    env.sort();
+    env
+}
+
+fn version(file: Option<&[u8]>, env: &[(String, String)]) -> String {
+    let mut digest = Digest::default();
+    digest.add("file", file.unwrap_or_default());
+    for (name, value) in env {
+        digest.add(name, value.as_bytes());
+    }
+    digest.version()
+}
+
+/// The version the config has now, without parsing it: it differs from the
+/// one [`load_versioned`] gave once the file or the variables changed.
+pub fn version_on_disk(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> String {
+    let bytes = file.map(|path| std::fs::read(path).unwrap_or_default());
+    version(bytes.as_deref(), &ours(env))
+}
+
+fn parse_yaml(path: &Path, bytes: &[u8]) -> Result<Value, ConfigError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ConfigError(format!("{}: cannot read the config file: not UTF-8 text ({e})", path.display())))?;
     let value: Value =
-        serde_saphyr::from_str(&text).map_err(|e| ConfigError(format!("{}: invalid YAML: {e}", path.display())))?;
+        serde_saphyr::from_str(text).map_err(|e| ConfigError(format!("{}: invalid YAML: {e}", path.display())))?;
     match value {
         Value::Null => Ok(Value::Object(Map::new())),
         Value::Object(_) => Ok(value),

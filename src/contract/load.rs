@@ -1,20 +1,41 @@
 //! Compiling `.proto` files with protox (no protoc) or decoding descriptor sets,
 //! then walking every service and method once to build the method table.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MethodDescriptor, Value};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 
-use super::{CallShape, ContractPolicy, Contracts, Idempotency, MethodInfo, OPTIONS_PROTO, OPTIONS_PROTO_NAME};
-use crate::config::ContractsConfig;
+use super::{
+    CallShape, ContractPolicy, Contracts, ContractsConfig, Idempotency, MethodInfo, OPTIONS_PROTO, OPTIONS_PROTO_NAME,
+};
+use crate::digest::Digest;
 use crate::pb::protomesh::v1 as pb;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ContractError(String);
+
+/// Keeps the path and text of every file read from disk, for the version of
+/// the contracts: exactly what was compiled.
+struct Recording<R> {
+    inner: R,
+    read: RefCell<Vec<(PathBuf, String)>>,
+}
+
+impl<R: FileResolver> FileResolver for Recording<R> {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        let file = self.inner.open_file(name)?;
+        if let (Some(path), Some(source)) = (file.path(), file.source()) {
+            self.read.borrow_mut().push((path.to_path_buf(), source.to_string()));
+        }
+        Ok(file)
+    }
+}
 
 /// Resolves `protomesh/v1/options.proto` from the copy built into the binary.
 struct BuiltInOptions;
@@ -30,30 +51,43 @@ impl FileResolver for BuiltInOptions {
 }
 
 pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
-    let pool = descriptor_pool(config)?;
-    build_table(&pool)
+    let (pool, read) = descriptor_pool(config)?;
+    let methods = build_table(&pool)?;
+    let mut version = Digest::default();
+    for (path, bytes) in &read {
+        version.add(&path.display().to_string(), bytes);
+    }
+    let files = read.into_iter().map(|(path, _)| path).collect();
+    Ok(Contracts { methods, files, version: version.version() })
 }
 
-fn descriptor_pool(config: &ContractsConfig) -> Result<DescriptorPool, ContractError> {
-    let mut resolver = ChainFileResolver::new();
-    let includes: Vec<PathBuf> =
-        if config.include.is_empty() { vec![PathBuf::from(".")] } else { config.include.clone() };
-    for include in &includes {
-        resolver.add(IncludeFileResolver::new(include.clone()));
-    }
-    resolver.add(BuiltInOptions);
-    resolver.add(GoogleFileResolver::new());
+/// Files read from disk, each with its bytes.
+type FilesRead = Vec<(PathBuf, Vec<u8>)>;
 
-    let mut compiler = protox::Compiler::with_file_resolver(resolver);
+/// The pool of every contract, and the files read for it with their bytes.
+fn descriptor_pool(config: &ContractsConfig) -> Result<(DescriptorPool, FilesRead), ContractError> {
+    let mut chain = ChainFileResolver::new();
+    let includes = config.include_dirs();
+    for include in &includes {
+        chain.add(IncludeFileResolver::new(include.clone()));
+    }
+    chain.add(BuiltInOptions);
+    chain.add(GoogleFileResolver::new());
+    let resolver = Rc::new(Recording { inner: chain, read: RefCell::default() });
+
+    let mut compiler = protox::Compiler::with_file_resolver(SharedResolver(resolver.clone()));
     compiler.include_imports(true);
     compiler.open_file(OPTIONS_PROTO_NAME).map_err(|e| ContractError(format!("built-in {OPTIONS_PROTO_NAME}: {e}")))?;
     for proto in &config.protos {
         compiler.open_file(proto).map_err(|e| compile_error(proto, &includes, e))?;
     }
+    let mut read: FilesRead =
+        resolver.read.take().into_iter().map(|(path, source)| (path, source.into_bytes())).collect();
     let mut pool = compiler.descriptor_pool();
     for set in &config.descriptor_sets {
         let bytes = std::fs::read(set)
             .map_err(|e| ContractError(format!("{}: cannot read the descriptor set: {e}", set.display())))?;
+        read.push((set.clone(), bytes.clone()));
         pool.decode_file_descriptor_set(bytes.as_slice()).map_err(|e| {
             ContractError(format!(
                 "{}: not a valid FileDescriptorSet ({e}); build it with `protoc --include_imports -o FILE`",
@@ -61,7 +95,18 @@ fn descriptor_pool(config: &ContractsConfig) -> Result<DescriptorPool, ContractE
             ))
         })?;
     }
-    Ok(pool)
+    read.sort();
+    read.dedup_by(|a, b| a.0 == b.0);
+    Ok((pool, read))
+}
+
+/// Lets the compiler own a resolver whose recording is read afterwards.
+struct SharedResolver<R>(Rc<R>);
+
+impl<R: FileResolver> FileResolver for SharedResolver<R> {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        self.0.open_file(name)
+    }
 }
 
 fn compile_error(proto: &Path, includes: &[PathBuf], error: protox::Error) -> ContractError {
@@ -77,7 +122,7 @@ fn compile_error(proto: &Path, includes: &[PathBuf], error: protox::Error) -> Co
     }
 }
 
-fn build_table(pool: &DescriptorPool) -> Result<Contracts, ContractError> {
+fn build_table(pool: &DescriptorPool) -> Result<HashMap<Box<str>, Arc<MethodInfo>>, ContractError> {
     let method_ext = extension(pool, "protomesh.v1.method")?;
     let service_ext = extension(pool, "protomesh.v1.service")?;
     let mut methods = HashMap::new();
@@ -89,7 +134,7 @@ fn build_table(pool: &DescriptorPool) -> Result<Contracts, ContractError> {
             methods.insert(info.path.clone().into_boxed_str(), Arc::new(info));
         }
     }
-    Ok(Contracts { methods })
+    Ok(methods)
 }
 
 fn extension(pool: &DescriptorPool, name: &str) -> Result<ExtensionDescriptor, ContractError> {
@@ -125,6 +170,8 @@ fn method_info(
         method: method.name().to_string(),
         path,
         shape,
+        input: method.input().full_name().to_string(),
+        output: method.output().full_name().to_string(),
         idempotency,
         contract,
         file,
@@ -147,8 +194,8 @@ fn policy_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ContractMode;
-    use crate::policy::method::Source;
+    use crate::contract::{BreakingChanges, ContractMode};
+    use crate::policy::source::Source;
     use std::time::Duration;
 
     fn config(protos: &[&str], include: &[&Path]) -> ContractsConfig {
@@ -157,6 +204,7 @@ mod tests {
             include: include.iter().map(|p| p.to_path_buf()).collect(),
             descriptor_sets: vec![],
             mode: ContractMode::Strict,
+            breaking_changes: BreakingChanges::Allow,
         }
     }
 
@@ -182,6 +230,14 @@ mod tests {
         assert_eq!(unary.contract.service.as_ref().unwrap().timeout, Some(Duration::from_secs(30)));
         assert!(contracts.method("/shop.v1.Inventory/Nope").is_none());
         assert_eq!(contracts.services()["shop.v1.Checkout"].len(), 1);
+        assert_eq!((get.input.as_str(), get.output.as_str()), ("shop.v1.StockRequest", "shop.v1.Stock"));
+        let mut files: Vec<_> = contracts.files().iter().map(|f| f.display().to_string()).collect();
+        files.sort();
+        // The include path holds a copy of the options, so that one is read; the google ones are built in.
+        assert_eq!(
+            files,
+            ["proto/examples/echo.proto", "proto/examples/shop.proto", "proto/protomesh/v1/options.proto"]
+        );
     }
 
     #[test]

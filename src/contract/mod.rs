@@ -1,14 +1,19 @@
 //! Service contracts: the `.proto` files (or descriptor sets) the sidecar
-//! loads at start, turned into a table from `/pkg.Service/Method` to what the
-//! sidecar needs to know about the method: its shape and its policy.
+//! loads, turned into a table from `/pkg.Service/Method` to what the sidecar
+//! needs to know about the method: its shape, its types and its policy.
 
+pub mod compat;
 mod load;
 mod options;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde::Deserialize;
+
+use crate::digest::Digest;
 pub use load::ContractError;
 pub use options::ContractPolicy;
 
@@ -17,12 +22,91 @@ pub use options::ContractPolicy;
 pub const OPTIONS_PROTO: &str = include_str!("../../proto/protomesh/v1/options.proto");
 pub const OPTIONS_PROTO_NAME: &str = "protomesh/v1/options.proto";
 
+/// The `contracts` section of the config.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractsConfig {
+    /// `.proto` files, found through `include` like protoc's `-I`.
+    #[serde(default)]
+    pub protos: Vec<PathBuf>,
+    #[serde(default)]
+    pub include: Vec<PathBuf>,
+    /// Binary `FileDescriptorSet`s (`protoc --include_imports -o`).
+    #[serde(default)]
+    pub descriptor_sets: Vec<PathBuf>,
+    #[serde(default)]
+    pub mode: ContractMode,
+    /// What a reload does with contracts that break the running ones.
+    #[serde(default)]
+    pub breaking_changes: BreakingChanges,
+}
+
+impl ContractsConfig {
+    /// Each error is (field path, problem).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.protos.is_empty() && self.descriptor_sets.is_empty() {
+            return Err((
+                "contracts".into(),
+                "name the service contracts: contracts.protos (with contracts.include) or contracts.descriptor_sets"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where `.proto` files are looked up: `include`, or the working directory.
+    pub fn include_dirs(&self) -> Vec<PathBuf> {
+        if self.include.is_empty() { vec![PathBuf::from(".")] } else { self.include.clone() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContractMode {
+    /// Calls to methods outside the contracts get UNIMPLEMENTED from the sidecar.
+    #[default]
+    Strict,
+    /// Calls to unknown methods are forwarded by service name.
+    Permissive,
+}
+
+impl ContractMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContractMode::Strict => "strict",
+            ContractMode::Permissive => "permissive",
+        }
+    }
+}
+
+/// Breaking changes are logged either way; `refuse` also keeps the running
+/// contracts in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BreakingChanges {
+    #[default]
+    Allow,
+    Refuse,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallShape {
     Unary,
     ServerStreaming,
     ClientStreaming,
     BidiStreaming,
+}
+
+impl CallShape {
+    /// The caller sends one request message, which can be kept and sent again.
+    pub fn one_request(self) -> bool {
+        matches!(self, CallShape::Unary | CallShape::ServerStreaming)
+    }
+
+    /// The peer answers with one response message, so a whole-call timeout applies.
+    pub fn one_response(self) -> bool {
+        matches!(self, CallShape::Unary | CallShape::ClientStreaming)
+    }
 }
 
 impl fmt::Display for CallShape {
@@ -44,6 +128,16 @@ pub enum Idempotency {
     Idempotent,
 }
 
+impl Idempotency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Idempotency::Unknown => "unknown",
+            Idempotency::NoSideEffects => "no-side-effects",
+            Idempotency::Idempotent => "idempotent",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct MethodInfo {
     pub service: String,
@@ -51,8 +145,11 @@ pub struct MethodInfo {
     /// `/pkg.Service/Method`.
     pub path: String,
     pub shape: CallShape,
+    /// The request and response message types, fully qualified.
+    pub input: String,
+    pub output: String,
     pub idempotency: Idempotency,
-    /// The policy its contract states; see `policy::method` for the effective one.
+    /// The policy its contract states; see `effective` for the policy that applies.
     pub contract: ContractPolicy,
     /// The contract file that declares the method.
     pub file: String,
@@ -62,10 +159,14 @@ pub struct MethodInfo {
 #[derive(Debug, Default)]
 pub struct Contracts {
     methods: HashMap<Box<str>, Arc<MethodInfo>>,
+    /// The files read to build them: sources, their imports, descriptor sets.
+    files: Vec<PathBuf>,
+    /// The version of what was read from those files.
+    version: String,
 }
 
 impl Contracts {
-    pub fn load(config: &crate::config::ContractsConfig) -> Result<Contracts, ContractError> {
+    pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
         load::load(config)
     }
 
@@ -87,5 +188,25 @@ impl Contracts {
 
     pub fn methods(&self) -> impl Iterator<Item = &Arc<MethodInfo>> {
         self.methods.values()
+    }
+
+    /// The files these contracts were built from, for telling when they change.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// A digest of those files' bytes: equal for the same contracts read again.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The version the files the contracts were built from have now, without
+    /// compiling them; it differs from [`Contracts::version`] once one changed.
+    pub fn version_on_disk(&self) -> String {
+        let mut version = Digest::default();
+        for path in &self.files {
+            version.add(&path.display().to_string(), &std::fs::read(path).unwrap_or_default());
+        }
+        version.version()
     }
 }

@@ -4,11 +4,14 @@
 
 use std::time::Duration;
 
-use crate::config::duration;
+use crate::duration;
 use crate::grpc::Code;
 use crate::pb::protomesh::v1 as pb;
 use crate::policy::authz::CallerPattern;
-use crate::policy::method::{ConcurrencyPolicy, PolicyFields, RetryPolicy, Source, Sourced};
+use crate::policy::bulkhead::ConcurrencyPolicy;
+use crate::policy::fields::PolicyFields;
+use crate::policy::retry::RetryPolicy;
+use crate::policy::source::{Source, Sourced};
 
 /// What a method's contract says of its policy.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -17,6 +20,8 @@ pub struct ContractPolicy {
     pub service: Option<PolicyFields>,
     /// From the method's option, or else its service's.
     pub allowed_callers: Option<Sourced<Vec<CallerPattern>>>,
+    /// The service option's, which also govern methods its contract does not declare.
+    pub service_callers: Option<Vec<CallerPattern>>,
 }
 
 impl ContractPolicy {
@@ -37,13 +42,12 @@ impl ContractPolicy {
                 .map_err(|e| format!("{source}.allowed_callers: {e}"))?;
             Ok(Some(Sourced { value, source }))
         };
+        let service_callers = callers(service, Source::ServiceOption)?;
         Ok(ContractPolicy {
             method: fields(method, Source::MethodOption)?,
             service: fields(service, Source::ServiceOption)?,
-            allowed_callers: match callers(method, Source::MethodOption)? {
-                Some(callers) => Some(callers),
-                None => callers(service, Source::ServiceOption)?,
-            },
+            allowed_callers: callers(method, Source::MethodOption)?.or_else(|| service_callers.clone()),
+            service_callers: service_callers.map(|callers| callers.value),
         })
     }
 }

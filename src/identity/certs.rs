@@ -122,7 +122,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{Identity, spiffe_id_of};
+    use crate::identity::{Credentials, spiffe_id_of};
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
 
@@ -133,10 +133,10 @@ mod tests {
         let issued = ca.issue(&id).unwrap();
         let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
         assert_eq!(spiffe_id_of(&der), Some(id.clone()));
-        let identity =
-            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), ca.cert_pem().as_bytes())
+        let credentials =
+            Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), ca.cert_pem().as_bytes())
                 .unwrap();
-        assert_eq!(identity.id, id);
+        assert_eq!(credentials.id, id);
     }
 
     #[test]
@@ -145,7 +145,7 @@ mod tests {
         let a = ca.issue(&SpiffeId::parse("spiffe://td/a").unwrap()).unwrap();
         let b = ca.issue(&SpiffeId::parse("spiffe://td/b").unwrap()).unwrap();
         let err =
-            Identity::from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes(), ca.cert_pem().as_bytes()).unwrap_err();
+            Credentials::from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes(), ca.cert_pem().as_bytes()).unwrap_err();
         assert_eq!(err.0, "key");
     }
 

@@ -33,6 +33,24 @@ impl SpiffeId {
     }
 }
 
+/// A peer presented a valid certificate for another workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityMismatch {
+    pub expected: SpiffeId,
+    pub presented: Option<SpiffeId>,
+}
+
+impl fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.presented {
+            Some(presented) => write!(f, "peer presented identity {presented}, expected {}", self.expected),
+            None => write!(f, "peer presented no SPIFFE ID, expected {}", self.expected),
+        }
+    }
+}
+
+impl std::error::Error for IdentityMismatch {}
+
 impl TryFrom<String> for SpiffeId {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {

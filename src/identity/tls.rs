@@ -1,30 +1,32 @@
 //! rustls configurations for both directions: TLS 1.3 only, ALPN h2, client
-//! certificates required inbound, SPIFFE identity checked outbound.
+//! certificates required inbound, SPIFFE identity checked outbound. The
+//! certificate presented (here) and the roots trusted (`trust`) are read at
+//! each handshake, so renewed credentials apply to new connections without
+//! rebuilding any configuration.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::client::ResolvesClientCert;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
-use super::verifier::SpiffeServerVerifier;
+use super::trust::{CurrentClientVerifier, SpiffeServerVerifier};
 use super::{Identity, SpiffeId};
 
-/// The certificate presented on both sides; swappable so that a renewed
-/// certificate applies to new handshakes without touching live connections.
+/// The certificate presented on both sides.
 #[derive(Debug)]
 pub(super) struct CurrentCert(ArcSwap<CertifiedKey>);
 
 impl CurrentCert {
-    pub(super) fn new(key: CertifiedKey) -> CurrentCert {
-        CurrentCert(ArcSwap::from_pointee(key))
+    pub(super) fn new(key: Arc<CertifiedKey>) -> CurrentCert {
+        CurrentCert(ArcSwap::new(key))
     }
 
-    /// Presents `other`'s certificate from the next handshake on.
-    pub(super) fn replace(&self, other: &CurrentCert) {
-        self.0.store(other.0.load_full());
+    /// Presents `key` from the next handshake on.
+    pub(super) fn replace(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
     }
 }
 
@@ -49,13 +51,10 @@ const ALPN_H2: &[u8] = b"h2";
 impl Identity {
     /// Inbound: a client certificate signed by the trust bundle is required.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, String> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-            .build()
-            .map_err(|e| format!("identity.trust_bundle: cannot verify clients with it: {e}"))?;
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(CurrentClientVerifier(self.trust.clone())))
             .with_cert_resolver(self.cert.clone());
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(config))
@@ -63,7 +62,7 @@ impl Identity {
 
     /// Outbound to peers that must present `expected`.
     pub fn client_config(&self, expected: SpiffeId) -> Result<Arc<ClientConfig>, String> {
-        let verifier = SpiffeServerVerifier::new(self.roots.clone(), expected, &self.provider);
+        let verifier = SpiffeServerVerifier::new(self.trust.clone(), expected, &self.provider);
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?

@@ -3,13 +3,84 @@
 //! A method is governed by every rule whose method patterns match it (config
 //! rules, and the contract's `allowed_callers` options). If any rule governs
 //! it, the caller must match one of those rules; otherwise the default applies.
-//! The governing rules are found once per method when the route table is built.
+//! The governing rules are found once per method when the routes are built;
+//! [`Authorize`] checks the caller of each call against them.
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use crate::config::DefaultAuthorization;
+use futures_util::future::{Either, Ready, ready};
+use http::Request;
+use serde::Deserialize;
+use tower::Service;
+
+use crate::call::{CallService, Caller, PolicyError, ProxyError};
+use crate::grpc::Code;
 use crate::identity::SpiffeId;
+
+/// `inbound.authorization` in the config.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// What applies to a method no rule (and no `allowed_callers` option) names.
+    #[serde(default)]
+    pub default: DefaultAuthorization,
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+impl AuthorizationConfig {
+    /// Each error is (field path, problem).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let at = |field: &str| format!("inbound.authorization.rules[{i}].{field}");
+            if rule.methods.is_empty() {
+                return Err((at("methods"), "list at least one pattern, e.g. \"shop.v1.Inventory/*\"".into()));
+            }
+            if rule.callers.is_empty() {
+                return Err((at("callers"), "list at least one SPIFFE ID pattern, or \"*\"".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured rules, shared by every method they govern.
+    pub fn rules(&self) -> Vec<Arc<Rule>> {
+        self.rules
+            .iter()
+            .map(|r| Arc::new(Rule { name: r.name.clone(), methods: r.methods.clone(), callers: r.callers.clone() }))
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultAuthorization {
+    /// Any caller with a certificate from the trust bundle.
+    #[default]
+    AllAuthenticated,
+    Deny,
+}
+
+impl DefaultAuthorization {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultAuthorization::AllAuthenticated => "all-authenticated",
+            DefaultAuthorization::Deny => "deny",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    pub name: String,
+    /// `pkg.Service/Method`, `pkg.Service/*` or `*`.
+    pub methods: Vec<MethodPattern>,
+    /// SPIFFE IDs: exact, a prefix ending in `/*`, or `*` for any authenticated caller.
+    pub callers: Vec<CallerPattern>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(try_from = "String")]
@@ -143,6 +214,72 @@ impl MethodAuthz {
     }
 }
 
+/// The caller may not call the method.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub caller: SpiffeId,
+    pub path: String,
+    pub denial: Denial,
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "caller {} may not call {}: {}", self.caller, self.path, self.denial)
+    }
+}
+
+impl std::error::Error for Denied {}
+
+impl PolicyError for Denied {
+    fn code(&self) -> Code {
+        Code::PermissionDenied
+    }
+
+    fn reason(&self) -> &'static str {
+        "denied"
+    }
+}
+
+/// Checks the call's [`Caller`] against the method's governing rules; a call
+/// without a caller is unauthenticated.
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    authz: Arc<MethodAuthz>,
+}
+
+impl<S> Authorize<S> {
+    pub fn new(authz: Arc<MethodAuthz>, inner: S) -> Self {
+        Authorize { inner, authz }
+    }
+}
+
+impl<S, B> Service<Request<B>> for Authorize<S>
+where
+    S: CallService<B>,
+{
+    type Response = S::Response;
+    type Error = ProxyError;
+    type Future = Either<Ready<Result<S::Response, ProxyError>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Either::Left(ready(Err(ProxyError::NoCallerIdentity)));
+        };
+        match self.authz.check(&caller.id) {
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(denial) => {
+                let denied = Denied { caller: caller.id.clone(), path: request.uri().path().to_string(), denial };
+                Either::Left(ready(Err(denied.into())))
+            }
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Denial {
     DefaultDeny,
@@ -228,5 +365,31 @@ mod tests {
         assert!(authz.check(&id("spiffe://td/checkout")).is_ok());
         let denial = authz.check(&id("spiffe://td/other")).unwrap_err();
         assert_eq!(denial.to_string(), "not allowed by authorization rule \"contract\"");
+    }
+
+    #[tokio::test]
+    async fn the_layer_lets_allowed_callers_through_and_names_the_rule_to_others() {
+        use tower::ServiceExt;
+        let rules = [rule("readers", &["s.S/*"], &["spiffe://td/reader"])];
+        let authz = Arc::new(MethodAuthz::resolve(&rules, DefaultAuthorization::Deny, "s.S", "Get", None));
+        let ok =
+            tower::service_fn(|_: Request<()>| async { Ok(http::Response::new(crate::call::ResponseBody::empty())) });
+        let layer = Authorize::new(authz, ok);
+        let call = |caller: Option<&str>| {
+            let mut request = Request::builder().uri("/s.S/Get").body(()).unwrap();
+            if let Some(caller) = caller {
+                request.extensions_mut().insert(Caller { id: id(caller), address: "10.0.0.1:1234".parse().unwrap() });
+            }
+            request
+        };
+        assert!(layer.clone().oneshot(call(Some("spiffe://td/reader"))).await.is_ok());
+        let denied = layer.clone().oneshot(call(Some("spiffe://td/writer"))).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(
+            denied.to_string(),
+            "caller spiffe://td/writer may not call /s.S/Get: not allowed by authorization rule \"readers\""
+        );
+        let anonymous = layer.oneshot(call(None)).await.unwrap_err();
+        assert_eq!(anonymous.code(), Code::Unauthenticated);
     }
 }

@@ -5,51 +5,87 @@
 //! caller identities (inbound) can have one across all their methods. A
 //! place is held until the response stream ends.
 
+use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
-use super::CallContext;
-use super::method::ConcurrencyPolicy;
-use crate::proxy::body::ResponseBody;
-use crate::proxy::error::{CallFuture, CallService, ProxyError};
+use crate::call::{CallFuture, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
+use crate::duration;
+use crate::grpc::Code;
+
+/// A bulkhead's limits: calls in flight at once, and how many may wait, for how long.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyPolicy {
+    pub max_in_flight: u32,
+    #[serde(default)]
+    pub max_queue: u32,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration::deserialize")]
+    pub queue_timeout: Duration,
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+
+impl ConcurrencyPolicy {
+    /// No queue by default: a full bulkhead refuses at once.
+    pub fn new(max_in_flight: u32) -> ConcurrencyPolicy {
+        ConcurrencyPolicy { max_in_flight, max_queue: 0, queue_timeout: default_queue_timeout() }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// How a bulkhead reports what it does.
+#[derive(Clone, Debug, Default)]
+pub struct BulkheadMetrics {
+    pub rejected: Counter,
+    pub queue_depth: Gauge,
+}
 
 #[derive(Debug)]
 pub struct Bulkhead {
     /// Names the bulkhead in refusals, e.g. `method /pkg.S/M (config policy.defaults)`.
     pub name: String,
+    pub limits: ConcurrencyPolicy,
     places: Arc<Semaphore>,
-    max_in_flight: u32,
-    max_queue: usize,
-    queue_timeout: Duration,
     queued: AtomicUsize,
-    pub rejected: AtomicU64,
+    metrics: BulkheadMetrics,
 }
 
 /// Counts a waiting call, and uncounts it however the wait ends.
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a>(&'a Bulkhead);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.queue_depth.dec();
     }
 }
 
 impl Bulkhead {
-    pub fn new(name: String, policy: &ConcurrencyPolicy) -> Bulkhead {
+    pub fn new(name: String, limits: &ConcurrencyPolicy, metrics: BulkheadMetrics) -> Bulkhead {
         Bulkhead {
             name,
-            places: Arc::new(Semaphore::new(policy.max_in_flight as usize)),
-            max_in_flight: policy.max_in_flight,
-            max_queue: policy.max_queue as usize,
-            queue_timeout: policy.queue_timeout,
+            places: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
+            limits: limits.clone(),
             queued: AtomicUsize::new(0),
-            rejected: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -58,35 +94,91 @@ impl Bulkhead {
         self.queued.load(Ordering::Acquire)
     }
 
-    pub async fn enter(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+    /// Calls holding a place now.
+    pub fn in_flight(&self) -> usize {
+        self.limits.max_in_flight as usize - self.places.available_permits()
+    }
+
+    pub async fn enter(&self) -> Result<Place, BulkheadFull> {
         if let Ok(place) = self.places.clone().try_acquire_owned() {
-            return Ok(place);
+            return Ok(Place { _permit: place });
         }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.max_queue as usize {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse(format!("{} calls in flight and {} waiting", self.max_in_flight, self.max_queue)));
+            let (in_flight, queue) = (self.limits.max_in_flight, self.limits.max_queue);
+            return Err(self.refuse(format!("{in_flight} calls in flight and {queue} waiting")));
         }
-        let _waiting = Waiting(&self.queued);
-        match tokio::time::timeout(self.queue_timeout, self.places.clone().acquire_owned()).await {
-            Ok(Ok(place)) => Ok(place),
-            _ => Err(self.refuse(format!("no place freed within queue_timeout {:?}", self.queue_timeout))),
+        self.metrics.queue_depth.inc();
+        let _waiting = Waiting(self);
+        match tokio::time::timeout(self.limits.queue_timeout, self.places.clone().acquire_owned()).await {
+            Ok(Ok(place)) => Ok(Place { _permit: place }),
+            _ => Err(self.refuse(format!("no place freed within queue_timeout {:?}", self.limits.queue_timeout))),
         }
     }
 
-    fn refuse(&self, why: String) -> ProxyError {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        ProxyError::Overloaded { bulkhead: self.name.clone(), why, pushback: self.queue_timeout }
+    fn refuse(&self, why: String) -> BulkheadFull {
+        self.metrics.rejected.inc();
+        BulkheadFull { bulkhead: self.name.clone(), why, pushback: self.limits.queue_timeout }
     }
 }
 
+/// A place in a bulkhead, given back when the call ends (or is abandoned).
+#[derive(Debug)]
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl EndOfCall for Place {
+    fn ended(self: Box<Self>, _: Option<Code>) {}
+}
+
+/// A bulkhead refused the call; `pushback` is the advice to the client.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BulkheadFull {
+    pub bulkhead: String,
+    pub why: String,
+    pub pushback: Duration,
+}
+
+impl fmt::Display for BulkheadFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bulkhead {} is full: {}", self.bulkhead, self.why)
+    }
+}
+
+impl std::error::Error for BulkheadFull {}
+
+impl PolicyError for BulkheadFull {
+    fn code(&self) -> Code {
+        Code::ResourceExhausted
+    }
+
+    fn reason(&self) -> &'static str {
+        "overloaded"
+    }
+
+    fn pushback(&self) -> Option<Duration> {
+        Some(self.pushback)
+    }
+}
+
+/// The bulkhead of the caller of an inbound call, put on the request by the
+/// inbound edge: one caller's calls share it across methods.
+#[derive(Clone, Debug)]
+pub struct CallerBulkhead(pub Arc<Bulkhead>);
+
+/// Takes a place in the method's bulkhead and in the one shared beyond it
+/// (the upstream's, or the caller's from the request), in that order.
 #[derive(Clone)]
 pub struct Bulkheads<S> {
     inner: S,
+    method: Option<Arc<Bulkhead>>,
+    shared: Option<Arc<Bulkhead>>,
 }
 
 impl<S> Bulkheads<S> {
-    pub fn new(inner: S) -> Self {
-        Bulkheads { inner }
+    pub fn new(method: Option<Arc<Bulkhead>>, shared: Option<Arc<Bulkhead>>, inner: S) -> Self {
+        Bulkheads { inner, method, shared }
     }
 }
 
@@ -104,8 +196,8 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let context = CallContext::of(&request);
-        let bulkheads = [context.policy.bulkhead.clone(), context.shared_bulkhead.clone()];
+        let caller = request.extensions().get::<CallerBulkhead>().map(|c| c.0.clone());
+        let bulkheads = [self.method.clone(), self.shared.clone().or(caller)];
         if bulkheads.iter().all(Option::is_none) {
             return Box::pin(self.inner.call(request));
         }
@@ -119,7 +211,7 @@ where
             }
             let mut response = inner.ready().await?.call(request).await?;
             for place in places {
-                response.body_mut().hold(place);
+                response.body_mut().on_end(Box::new(place));
             }
             Ok(response)
         })
@@ -128,12 +220,14 @@ where
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
 
     fn bulkhead(max_in_flight: u32, max_queue: u32, queue_timeout_ms: u64) -> Bulkhead {
-        let policy =
+        let limits =
             ConcurrencyPolicy { max_in_flight, max_queue, queue_timeout: Duration::from_millis(queue_timeout_ms) };
-        Bulkhead::new("method /t.T/M".into(), &policy)
+        Bulkhead::new("method /t.T/M".into(), &limits, BulkheadMetrics::default())
     }
 
     #[tokio::test(start_paused = true)]
@@ -141,36 +235,35 @@ mod tests {
         let bulkhead = bulkhead(2, 0, 50);
         let _a = bulkhead.enter().await.unwrap();
         let _b = bulkhead.enter().await.unwrap();
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let refused = bulkhead.enter().await.unwrap_err();
         assert_eq!(started.elapsed(), Duration::ZERO);
-        assert!(matches!(&refused, ProxyError::Overloaded { bulkhead, .. } if bulkhead == "method /t.T/M"));
-        assert_eq!(refused.code(), crate::grpc::Code::ResourceExhausted);
-        assert_eq!(bulkhead.rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(refused.bulkhead, "method /t.T/M");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(refused.pushback(), Some(Duration::from_millis(50)));
+        assert_eq!(bulkhead.metrics.rejected.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_queued_call_gets_the_next_free_place() {
+    async fn a_queued_call_takes_the_next_free_place() {
         let bulkhead = Arc::new(bulkhead(1, 1, 1000));
-        let first = bulkhead.enter().await.unwrap();
+        let held = bulkhead.enter().await.unwrap();
         let waiter = tokio::spawn({
             let bulkhead = bulkhead.clone();
             async move { bulkhead.enter().await.map(drop) }
         });
-        tokio::task::yield_now().await;
-        assert_eq!(bulkhead.queue_depth(), 1);
-        assert!(bulkhead.enter().await.is_err(), "the queue holds one");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        drop(first);
+        assert_eq!((bulkhead.queue_depth(), bulkhead.metrics.queue_depth.get()), (1, 1));
+        drop(held);
         waiter.await.unwrap().unwrap();
-        assert_eq!(bulkhead.queue_depth(), 0);
+        assert_eq!((bulkhead.queue_depth(), bulkhead.metrics.queue_depth.get()), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_queued_call_gives_up_after_the_queue_timeout() {
         let bulkhead = bulkhead(1, 4, 50);
         let _held = bulkhead.enter().await.unwrap();
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let refused = bulkhead.enter().await.unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_millis(50));
         assert!(refused.to_string().contains("queue_timeout"), "{refused}");
@@ -184,5 +277,23 @@ mod tests {
         let waiting = tokio::time::timeout(Duration::from_millis(5), bulkhead.enter()).await;
         assert!(waiting.is_err());
         assert_eq!(bulkhead.queue_depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_layer_holds_its_places_until_the_response_body_ends() {
+        let method = Arc::new(bulkhead(1, 0, 10));
+        let caller = Arc::new(bulkhead(5, 0, 10));
+        let service = tower::service_fn(|_: Request<()>| async { Ok(Response::new(ResponseBody::empty())) });
+        let layer = Bulkheads::new(Some(method.clone()), None, service);
+        let mut request = Request::new(());
+        request.extensions_mut().insert(CallerBulkhead(caller.clone()));
+        let response = layer.clone().oneshot(request).await.unwrap();
+        assert_eq!((method.in_flight(), caller.in_flight()), (1, 1), "the caller's bulkhead comes from the request");
+        let refused = layer.clone().oneshot(Request::new(())).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.to_string().starts_with("bulkhead method /t.T/M is full"), "{refused}");
+        drop(response);
+        assert_eq!((method.in_flight(), caller.in_flight()), (0, 0));
+        layer.oneshot(Request::new(())).await.unwrap();
     }
 }

@@ -1,167 +1,110 @@
-//! Per-call policies, each a tower layer in its own file. Each decides from
-//! data resolved once per method and direction ([`CallPolicy`]), which the
-//! admission layer hands down in the request's [`CallContext`].
+//! Per-call policies. Each file is one policy whole: its config types, the
+//! tower layer that enforces it (built with its settings for one method, so
+//! it can be tested against any plain service), and the error it answers
+//! with. The stacks that put them in order are composed in `proxy`.
 
 pub mod authz;
 pub mod bulkhead;
 pub mod deadline;
-pub mod method;
+pub mod fields;
 pub mod outlier;
 pub mod retry;
+pub mod source;
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use tokio::time::Instant;
+use serde::Deserialize;
 
-use crate::config::PolicyConfig;
-use crate::contract::{CallShape, MethodInfo};
-use crate::proxy::error::Direction;
-use crate::telemetry::Metrics;
-use crate::telemetry::metrics::CallMetrics;
-use bulkhead::Bulkhead;
-use method::MethodPolicy;
+use crate::duration;
+use authz::MethodPattern;
+use bulkhead::ConcurrencyPolicy;
+use fields::PolicyFields;
+use outlier::OutlierConfig;
+use retry::RetryBudgetConfig;
 
-/// A method's policy in one direction, with the state that enforces it.
-#[derive(Debug)]
-pub struct CallPolicy {
-    /// `/pkg.Service/Method`.
-    pub path: Arc<str>,
-    /// `None` for a method outside the contracts (permissive mode).
-    pub shape: Option<CallShape>,
-    pub policy: MethodPolicy,
-    pub bulkhead: Option<Arc<Bulkhead>>,
-    pub counters: CallCounters,
-    pub metrics: CallMetrics,
+/// The `policy` section of the config.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Policy for every method that neither its contract nor an override sets.
+    /// A default `retry` applies only to idempotent or side-effect-free methods.
+    #[serde(default)]
+    pub defaults: PolicyFields,
+    /// Overrides, keyed `pkg.Service/Method` or `pkg.Service/*`; they win over the contract.
+    #[serde(default)]
+    pub methods: BTreeMap<String, PolicyFields>,
+    /// A call with less deadline budget left fails at once with DEADLINE_EXCEEDED.
+    #[serde(default = "defaults::min_budget", deserialize_with = "duration::deserialize")]
+    pub min_budget: Duration,
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// Requests up to this size are kept so that a retry can send them again.
+    #[serde(default = "defaults::max_replay_bytes")]
+    pub max_replay_bytes: usize,
+    /// Outbound: a bulkhead around each upstream, across all its methods.
+    #[serde(default)]
+    pub upstream_concurrency: Option<ConcurrencyPolicy>,
+    /// Inbound: a bulkhead for each caller identity, across all methods.
+    #[serde(default)]
+    pub caller_concurrency: Option<ConcurrencyPolicy>,
+    /// Outbound: the circuit breaker of each upstream endpoint.
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
 }
 
-/// What the policies did to this method's calls, for the metrics.
-#[derive(Debug, Default)]
-pub struct CallCounters {
-    pub retries: AtomicU64,
-    pub retry_budget_exhausted: AtomicU64,
-    pub deadline_exceeded: AtomicU64,
-}
-
-impl CallPolicy {
-    /// A contract method's policy, with its own bulkhead and metrics.
-    pub fn new(
-        service: &str,
-        method: &str,
-        info: Option<&MethodInfo>,
-        config: &PolicyConfig,
-        metrics: &Arc<Metrics>,
-        direction: Direction,
-    ) -> CallPolicy {
-        let mut call = CallPolicy::resolved(service, method, info, config, metrics, direction, (service, method));
-        call.bulkhead = call
-            .policy
-            .concurrency
-            .as_ref()
-            .map(|c| Arc::new(Bulkhead::new(format!("method {} ({})", call.path, c.source), &c.value)));
-        call
-    }
-
-    /// For a call to a method outside the contracts (permissive mode): its
-    /// service's override and the defaults apply, but no method bulkhead, as
-    /// one cannot be kept for every path a peer might send; for the same
-    /// reason its metrics are counted under service and method `*`.
-    pub fn outside_contracts(
-        service: &str,
-        method: &str,
-        config: &PolicyConfig,
-        metrics: &Arc<Metrics>,
-        direction: Direction,
-    ) -> CallPolicy {
-        CallPolicy::resolved(service, method, None, config, metrics, direction, ("*", "*"))
-    }
-
-    /// The policy without a bulkhead, its metrics labelled `labels` (service, method).
-    fn resolved(
-        service: &str,
-        method: &str,
-        info: Option<&MethodInfo>,
-        config: &PolicyConfig,
-        metrics: &Arc<Metrics>,
-        direction: Direction,
-        labels: (&str, &str),
-    ) -> CallPolicy {
-        CallPolicy {
-            path: format!("/{service}/{method}").into(),
-            shape: info.map(|i| i.shape),
-            policy: MethodPolicy::resolve(service, method, info, config),
-            bulkhead: None,
-            counters: CallCounters::default(),
-            metrics: CallMetrics::new(metrics.clone(), direction, labels.0, labels.1),
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            defaults: PolicyFields::default(),
+            methods: BTreeMap::new(),
+            min_budget: defaults::min_budget(),
+            retry_budget: RetryBudgetConfig::default(),
+            max_replay_bytes: defaults::max_replay_bytes(),
+            upstream_concurrency: None,
+            caller_concurrency: None,
+            outlier_detection: OutlierConfig::default(),
         }
     }
 }
 
-/// What the layers know of one call: set by admission, read and extended below it.
-#[derive(Clone, Debug)]
-pub struct CallContext {
-    pub policy: Arc<CallPolicy>,
-    /// A bulkhead beyond the method's: the upstream's (outbound) or the caller's (inbound).
-    pub shared_bulkhead: Option<Arc<Bulkhead>>,
-    /// When the call must be over, if it has a deadline.
-    pub deadline: Option<Instant>,
-    /// Who is on the other side: the caller (inbound) or the upstream (outbound).
-    pub peer: Peer,
-    /// The call's span, when the call is traced; retries hang their attempts under it.
-    pub span: Option<opentelemetry::trace::SpanContext>,
-    /// What retries of this call draw from (outbound: its upstream's budget).
-    pub retry_budget: Option<retry::RetryBudget>,
-}
-
-/// The other side of a call, for traces.
-#[derive(Clone, Debug, Default)]
-pub struct Peer {
-    pub identity: Option<crate::identity::SpiffeId>,
-    /// The caller's address, or the upstream's endpoints.
-    pub address: Option<Arc<str>>,
-}
-
-impl CallContext {
-    pub fn new(policy: Arc<CallPolicy>, shared_bulkhead: Option<Arc<Bulkhead>>, peer: Peer) -> CallContext {
-        CallContext { policy, shared_bulkhead, deadline: None, peer, span: None, retry_budget: None }
-    }
-
-    /// The context admission put on the request; every stack begins with admission.
-    pub fn of<B>(request: &http::Request<B>) -> &CallContext {
-        request.extensions().get::<CallContext>().expect("admission sets the call context first")
+impl PolicyConfig {
+    /// Checks what serde cannot. Each error is (field path, problem).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        self.defaults.validate().map_err(|e| ("policy.defaults".into(), e))?;
+        for (key, fields) in &self.methods {
+            let at = format!("policy.methods[\"{key}\"]");
+            match MethodPattern::try_from(key.clone()) {
+                Ok(MethodPattern::Service(_) | MethodPattern::Method { .. }) => {}
+                _ => {
+                    return Err((
+                        at,
+                        "key it `pkg.Service/Method` or `pkg.Service/*`; `policy.defaults` covers all".into(),
+                    ));
+                }
+            }
+            fields.validate().map_err(|e| (at, e))?;
+        }
+        for (name, concurrency) in
+            [("upstream_concurrency", &self.upstream_concurrency), ("caller_concurrency", &self.caller_concurrency)]
+        {
+            if let Some(concurrency) = concurrency {
+                concurrency.validate().map_err(|e| (format!("policy.{name}"), e))?;
+            }
+        }
+        self.outlier_detection.validate().map_err(|e| ("policy.outlier_detection".into(), e))?;
+        self.retry_budget.validate().map_err(|e| ("policy.retry_budget".into(), e))?;
+        Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::method::{ConcurrencyPolicy, PolicyFields};
+mod defaults {
     use std::time::Duration;
 
-    #[test]
-    fn a_method_outside_the_contracts_takes_its_services_policy_but_no_bulkhead() {
-        let mut config = PolicyConfig::default();
-        let fields = PolicyFields {
-            timeout: Some(Duration::from_millis(100)),
-            concurrency: Some(ConcurrencyPolicy::new(4)),
-            ..Default::default()
-        };
-        config.methods.insert("s.S/*".into(), fields);
-        let metrics = Arc::new(Metrics::default());
-        let outside = CallPolicy::outside_contracts("s.S", "Shout", &config, &metrics, Direction::Inbound);
-        assert_eq!(&*outside.path, "/s.S/Shout");
-        assert!(outside.policy.concurrency.is_some(), "the override applies");
-        assert!(outside.bulkhead.is_none(), "but no bulkhead is kept for a peer-chosen path");
-        let info = crate::contract::MethodInfo {
-            service: "s.S".into(),
-            method: "M".into(),
-            path: "/s.S/M".into(),
-            shape: CallShape::Unary,
-            idempotency: crate::contract::Idempotency::Unknown,
-            contract: Default::default(),
-            file: "s.proto".into(),
-        };
-        let known = CallPolicy::new("s.S", "M", Some(&info), &config, &metrics, Direction::Inbound);
-        assert_eq!(known.bulkhead.unwrap().name, "method /s.S/M (config policy.methods[\"s.S/*\"])");
+    pub fn min_budget() -> Duration {
+        Duration::from_millis(1)
+    }
+    pub fn max_replay_bytes() -> usize {
+        64 * 1024
     }
 }

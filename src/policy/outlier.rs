@@ -8,17 +8,22 @@
 //! `max_ejected_percent` of an upstream's endpoints are out at once, though
 //! one always may be.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::duration;
+use crate::call::PolicyError;
+use crate::duration;
 use crate::grpc::Code;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierConfig {
     /// Failures in a row that eject an endpoint; 0 turns this trigger off.
@@ -51,7 +56,7 @@ impl Default for OutlierConfig {
 
 /// Eject when at least `threshold` of the calls in a `window` failed, once
 /// the window holds `min_calls`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailureRate {
     pub threshold: f64,
@@ -91,19 +96,52 @@ impl OutlierConfig {
     }
 }
 
-/// What an upstream's endpoints share: the config and how many are out.
+/// How an upstream's outlier detection reports what it does.
+#[derive(Clone, Debug, Default)]
+pub struct OutlierMetrics {
+    pub ejections: Counter,
+    pub ejected: Gauge,
+}
+
+/// What an upstream's endpoints share: the config (replaced on reload, the
+/// endpoints' state kept) and how many are out.
 #[derive(Debug)]
 pub struct Outliers {
-    pub config: OutlierConfig,
-    /// Ejections so far, for the metrics.
-    pub ejections: AtomicU64,
+    config: ArcSwap<OutlierConfig>,
+    metrics: OutlierMetrics,
     ejected: AtomicUsize,
     endpoints: AtomicUsize,
 }
 
 impl Outliers {
-    pub fn new(config: OutlierConfig) -> Outliers {
-        Outliers { config, ejections: AtomicU64::new(0), ejected: AtomicUsize::new(0), endpoints: AtomicUsize::new(0) }
+    pub fn new(config: OutlierConfig, metrics: OutlierMetrics) -> Outliers {
+        Outliers {
+            config: ArcSwap::from_pointee(config),
+            metrics,
+            ejected: AtomicUsize::new(0),
+            endpoints: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn config(&self) -> Arc<OutlierConfig> {
+        self.config.load_full()
+    }
+
+    /// Applies to the next outcomes; ejections in force run their course.
+    pub fn set_config(&self, config: OutlierConfig) {
+        if *self.config.load_full() != config {
+            self.config.store(Arc::new(config));
+        }
+    }
+
+    fn ejected_one_more(&self) {
+        self.ejected.fetch_add(1, Ordering::AcqRel);
+        self.metrics.ejected.inc();
+    }
+
+    fn returned_one(&self) {
+        self.ejected.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.ejected.dec();
     }
 
     pub fn set_endpoint_count(&self, count: usize) {
@@ -114,7 +152,7 @@ impl Outliers {
     fn may_eject(&self) -> bool {
         let ejected = self.ejected.load(Ordering::Acquire);
         let endpoints = self.endpoints.load(Ordering::Acquire).max(1);
-        ejected == 0 || (ejected + 1) * 100 <= endpoints * self.config.max_ejected_percent as usize
+        ejected == 0 || (ejected + 1) * 100 <= endpoints * self.config.load().max_ejected_percent as usize
     }
 
     pub fn ejected(&self) -> usize {
@@ -216,7 +254,7 @@ impl Health {
     }
 
     pub fn record(&self, outcome: Outcome, now: Instant, outliers: &Outliers) {
-        let config = &outliers.config;
+        let config = outliers.config.load();
         let mut health = self.lock();
         if let Some(rate) = &config.failure_rate
             && now.duration_since(health.window_start) >= rate.window
@@ -231,7 +269,7 @@ impl Health {
                 health.consecutive_failures = 0;
                 if matches!(health.state, State::HalfOpen { .. }) {
                     health.state = State::Healthy;
-                    outliers.ejected.fetch_sub(1, Ordering::AcqRel);
+                    outliers.returned_one();
                 }
             }
             Outcome::Failure => {
@@ -239,13 +277,11 @@ impl Health {
                 health.window_failures += 1;
                 match health.state {
                     State::HalfOpen { .. } => {}
-                    State::Healthy if health.tripped(config) && outliers.may_eject() => {
-                        outliers.ejected.fetch_add(1, Ordering::AcqRel);
-                    }
+                    State::Healthy if health.tripped(&config) && outliers.may_eject() => outliers.ejected_one_more(),
                     _ => return,
                 }
-                outliers.ejections.fetch_add(1, Ordering::Relaxed);
-                health.eject(now, config);
+                outliers.metrics.ejections.inc();
+                health.eject(now, &config);
             }
         }
     }
@@ -269,6 +305,35 @@ impl HealthState {
         self.window_start = now;
         self.window_calls = 0;
         self.window_failures = 0;
+    }
+}
+
+/// Outlier detection has every endpoint of an upstream out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CircuitOpen {
+    pub upstream: Arc<str>,
+    pub endpoints: usize,
+}
+
+impl fmt::Display for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "circuit open: outlier detection (policy.outlier_detection) has ejected all {} endpoint(s) of upstream {}",
+            self.endpoints, self.upstream
+        )
+    }
+}
+
+impl std::error::Error for CircuitOpen {}
+
+impl PolicyError for CircuitOpen {
+    fn code(&self) -> Code {
+        Code::Unavailable
+    }
+
+    fn reason(&self) -> &'static str {
+        "all_endpoints_ejected"
     }
 }
 
@@ -307,7 +372,7 @@ mod tests {
     fn outliers(endpoints: usize) -> Outliers {
         let config =
             OutlierConfig { consecutive_failures: 3, base_ejection: Duration::from_secs(10), ..Default::default() };
-        let outliers = Outliers::new(config);
+        let outliers = Outliers::new(config, OutlierMetrics::default());
         outliers.set_endpoint_count(endpoints);
         outliers
     }
@@ -348,7 +413,7 @@ mod tests {
         health.record(Outcome::Success, Instant::now(), &outliers);
         assert_eq!(health.state(), State::Healthy);
         assert_eq!(outliers.ejected(), 0);
-        assert_eq!(outliers.ejections.load(Ordering::Relaxed), 2);
+        assert_eq!((outliers.metrics.ejections.get(), outliers.metrics.ejected.get()), (2, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -384,7 +449,7 @@ mod tests {
             failure_rate: Some(FailureRate { threshold: 0.5, min_calls: 10, window: Duration::from_secs(10) }),
             ..Default::default()
         };
-        let outliers = Outliers::new(config);
+        let outliers = Outliers::new(config, OutlierMetrics::default());
         outliers.set_endpoint_count(2);
         let health = Health::default();
         for i in 0..9 {

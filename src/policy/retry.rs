@@ -4,58 +4,149 @@
 //! up to `max_attempts`, and only while the upstream's retry budget allows.
 //! Backoff is exponential with full jitter; `grpc-retry-pushback-ms` from the
 //! server replaces it (a negative value stops retrying). No retry starts past
-//! the deadline, and none once response headers have gone to the caller.
+//! the call's [`Deadline`], and none once response headers have gone to the
+//! caller.
 //!
 //! Whatever the method, a call the peer refused without processing
 //! (REFUSED_STREAM, as after GOAWAY) is sent once more.
 //!
 //! Calls with one request message (unary, server-streaming) are kept whole,
 //! up to `policy.max_replay_bytes`, so that they can be sent again; larger
-//! ones and request streams go out as they come and are not retried.
+//! ones and request streams go out as they come and are not retried. Each
+//! attempt is marked with its number ([`Attempt`]).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
+use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
-use super::CallContext;
-use super::method::RetryPolicy;
-use crate::contract::CallShape;
+use super::deadline::Deadline;
+use crate::call::{Attempt, CallFuture, CallService, ProxyError, RequestBody, ResponseBody};
+use crate::duration;
 use crate::grpc::{self, Code};
-use crate::proxy::body::{RequestBody, ResponseBody};
-use crate::proxy::error::{CallFuture, CallService, ProxyError};
-use crate::telemetry::trace::Tracing;
-use opentelemetry::KeyValue;
-use opentelemetry::trace::Span as _;
 
-/// Retries may add `ratio` of the calls plus `min_per_second`, over a 10 s window.
-pub fn budget(ratio: f64, min_per_second: u32) -> TpsBudget {
-    TpsBudget::new(Duration::from_secs(10), min_per_second, ratio as f32)
+/// Retries, as gRFC A6 describes them.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; 1 turns retries off.
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub retryable_codes: Vec<Code>,
+    #[serde(default = "defaults::initial_backoff", deserialize_with = "duration::deserialize")]
+    pub initial_backoff: Duration,
+    #[serde(default = "defaults::max_backoff", deserialize_with = "duration::deserialize")]
+    pub max_backoff: Duration,
+    #[serde(default = "defaults::backoff_multiplier")]
+    pub backoff_multiplier: f64,
 }
 
-/// Where a call's retries draw from: the budget of the upstream it goes to.
+impl RetryPolicy {
+    /// A policy with the default backoff: 25ms initial, ×2, at most 1s.
+    pub fn new(max_attempts: u32, retryable_codes: Vec<Code>) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            retryable_codes,
+            initial_backoff: defaults::initial_backoff(),
+            max_backoff: defaults::max_backoff(),
+            backoff_multiplier: defaults::backoff_multiplier(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("max_attempts: 0 is not a number of attempts; 1 turns retries off".into());
+        }
+        if self.max_attempts > 1 && self.retryable_codes.is_empty() {
+            return Err("retryable_codes: list at least one status code, e.g. \"UNAVAILABLE\"".into());
+        }
+        if self.backoff_multiplier.is_nan() || self.backoff_multiplier < 1.0 {
+            return Err(format!("backoff_multiplier: {} must be 1 or more", self.backoff_multiplier));
+        }
+        if self.max_backoff < self.initial_backoff {
+            return Err("max_backoff: must not be shorter than initial_backoff".into());
+        }
+        Ok(())
+    }
+
+    pub fn retries(&self) -> bool {
+        self.max_attempts > 1
+    }
+}
+
+/// Retries may add at most `ratio` of the calls, plus `min_per_second`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    #[serde(default = "defaults::retry_ratio")]
+    pub ratio: f64,
+    #[serde(default = "defaults::min_retries_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig { ratio: defaults::retry_ratio(), min_per_second: defaults::min_retries_per_second() }
+    }
+}
+
+impl RetryBudgetConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=10.0).contains(&self.ratio) {
+            return Err("ratio: must be between 0 and 10, e.g. 0.2 for 20%".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the retries of an upstream's calls draw from, over a 10 s window.
 #[derive(Clone, Debug)]
-pub struct RetryBudget(pub Arc<TpsBudget>);
+pub struct RetryBudget(Arc<TpsBudget>);
+
+impl RetryBudget {
+    pub fn new(config: &RetryBudgetConfig) -> RetryBudget {
+        RetryBudget(Arc::new(TpsBudget::new(Duration::from_secs(10), config.min_per_second, config.ratio as f32)))
+    }
+}
+
+/// A method's retry settings, resolved once.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RetrySettings {
+    /// `None`: only refused calls are sent again.
+    pub policy: Option<RetryPolicy>,
+    /// The method takes one request message (unary, server-streaming), so a
+    /// call can be kept and sent again.
+    pub replayable: bool,
+    pub max_replay_bytes: usize,
+}
+
+/// What the retries of one method did.
+#[derive(Clone, Debug, Default)]
+pub struct RetryMetrics {
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+}
 
 #[derive(Clone)]
 pub struct Retries<S> {
     inner: S,
-    max_replay_bytes: usize,
-    /// Each attempt of a traced call gets a child span.
-    tracing: Option<Arc<Tracing>>,
+    settings: Arc<RetrySettings>,
+    budget: Option<RetryBudget>,
+    metrics: RetryMetrics,
 }
 
 impl<S> Retries<S> {
-    pub fn new(max_replay_bytes: usize, tracing: Option<Arc<Tracing>>, inner: S) -> Self {
-        Retries { inner, max_replay_bytes, tracing }
+    pub fn new(settings: Arc<RetrySettings>, budget: Option<RetryBudget>, metrics: RetryMetrics, inner: S) -> Self {
+        Retries { inner, settings, budget, metrics }
     }
 }
 
@@ -103,7 +194,10 @@ fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Cod
 /// Reads a request whole, up to `limit` bytes. Past the limit, gives back
 /// what it read and the rest of the stream.
 /// A request read whole usually came in one frame: kept as it came, uncopied.
-async fn keep(mut body: Incoming, limit: usize) -> Result<Bytes, RequestBody> {
+async fn keep<B>(mut body: B, limit: usize) -> Result<Bytes, RequestBody<B>>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut size = 0;
     loop {
@@ -132,15 +226,17 @@ fn joined(mut chunks: Vec<Bytes>) -> Bytes {
     }
 }
 
-fn attempt(parts: &http::request::Parts, body: Bytes, previous: u32) -> Request<RequestBody> {
+/// The request of attempt `number` (1 for the first).
+fn attempt<B>(parts: &http::request::Parts, body: Bytes, number: u32) -> Request<RequestBody<B>> {
     let mut request = Request::new(RequestBody::Replayed(Some(body)));
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = parts.uri.clone();
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     *request.extensions_mut() = parts.extensions.clone();
-    if previous > 0 {
-        request.headers_mut().insert(grpc::GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
+    request.extensions_mut().insert(Attempt(number));
+    if number > 1 {
+        request.headers_mut().insert(grpc::GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(number - 1));
     }
     request
 }
@@ -150,9 +246,14 @@ fn jittered(backoff: Duration) -> Duration {
     backoff.mul_f64(fastrand::f64())
 }
 
-impl<S> Service<Request<Incoming>> for Retries<S>
+fn next_backoff(backoff: Duration, policy: &RetryPolicy) -> Duration {
+    backoff.mul_f64(policy.backoff_multiplier).min(policy.max_backoff)
+}
+
+impl<S, B> Service<Request<B>> for Retries<S>
 where
-    S: CallService<RequestBody> + Clone + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    S: CallService<RequestBody<B>> + Clone + Send + 'static,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
@@ -162,20 +263,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let context = CallContext::of(&request);
-        let one_request_message = matches!(context.policy.shape, Some(CallShape::Unary | CallShape::ServerStreaming));
-        if !one_request_message {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !self.settings.replayable {
             return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
         }
-        // Only what the attempts need, not the whole context: it stays on the request.
-        let (call, deadline, parent) = (context.policy.clone(), context.deadline, context.span.clone());
-        let budget = context.retry_budget.clone();
-        if let Some(budget) = &budget {
+        if let Some(budget) = &self.budget {
             budget.0.deposit();
         }
-        let limit = self.max_replay_bytes;
-        let tracing = self.tracing.clone();
+        let (settings, budget, metrics) = (self.settings.clone(), self.budget.clone(), self.metrics.clone());
+        let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         // What the future holds across its awaits is allocated and moved with
@@ -183,46 +279,27 @@ where
         // the service is ready, and a failed attempt is dropped before the backoff.
         let (parts, body) = request.into_parts();
         Box::pin(async move {
-            let kept = match keep(body, limit).await {
+            let kept = match keep(body, settings.max_replay_bytes).await {
                 Ok(kept) => kept,
                 Err(unkept) => return inner.ready().await?.call(Request::from_parts(parts, unkept)).await,
             };
-            let policy = call.policy.retry.as_ref().map(|r| &r.value);
-            let no_codes = [];
-            let retryable = policy.map_or(&no_codes[..], |p| &p.retryable_codes);
+            let policy = settings.policy.as_ref();
+            let retryable = policy.map_or(&[][..], |p| &p.retryable_codes);
             let mut backoff = policy.map_or(Duration::ZERO, |p| p.initial_backoff);
-            let (mut attempts, mut refusals_resent) = (0u32, false);
+            let (mut retries, mut refusal_resent) = (0u32, false);
             loop {
-                let previous = attempts + u32::from(refusals_resent);
-                let service = inner.ready().await?;
-                let mut request = attempt(&parts, kept.clone(), previous);
-                let mut span = match (&tracing, &parent) {
-                    (Some(tracing), Some(parent)) => {
-                        let name = format!("{} attempt", call.path.trim_start_matches('/'));
-                        let number = KeyValue::new("protomesh.attempt", i64::from(previous) + 1);
-                        Some(Box::new(tracing.start_child(request.headers_mut(), parent, name, vec![number])))
-                    }
-                    _ => None,
-                };
-                let result = service.call(request).await;
-                if let Some(span) = &mut span {
-                    let status = match &result {
-                        Ok(response) => grpc::status_in(response.headers()).unwrap_or(Code::Ok),
-                        Err(error) => error.code(),
-                    };
-                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", status as i64));
-                    span.end();
-                }
+                let number = 1 + retries + u32::from(refusal_resent);
+                let result = inner.ready().await?.call(attempt(&parts, kept.clone(), number)).await;
                 let delay = match verdict(&result, retryable) {
                     Verdict::Final => return result,
-                    Verdict::Refused if !refusals_resent => {
-                        refusals_resent = true;
+                    Verdict::Refused if !refusal_resent => {
+                        refusal_resent = true;
                         continue;
                     }
                     Verdict::Refused => return result,
                     Verdict::Retryable { pushback } => {
-                        attempts += 1;
-                        let Some(policy) = policy.filter(|p| attempts < p.max_attempts) else {
+                        retries += 1;
+                        let Some(policy) = policy.filter(|p| retries < p.max_attempts) else {
                             return result;
                         };
                         let delay = pushback.unwrap_or_else(|| jittered(backoff));
@@ -234,25 +311,46 @@ where
                     return result;
                 }
                 if !budget.as_ref().is_some_and(|b| b.0.withdraw()) {
-                    call.counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    metrics.budget_exhausted.inc();
                     return result;
                 }
-                call.counters.retries.fetch_add(1, Ordering::Relaxed);
+                metrics.retries.inc();
                 drop(result);
-                // Boxed, like the span: only retried calls need it.
+                // Boxed: only retried calls need it.
                 Box::pin(tokio::time::sleep(delay)).await;
             }
         })
     }
 }
 
-fn next_backoff(backoff: Duration, policy: &RetryPolicy) -> Duration {
-    backoff.mul_f64(policy.backoff_multiplier).min(policy.max_backoff)
+mod defaults {
+    use std::time::Duration;
+
+    pub fn initial_backoff() -> Duration {
+        Duration::from_millis(25)
+    }
+    pub fn max_backoff() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn backoff_multiplier() -> f64 {
+        2.0
+    }
+    pub fn retry_ratio() -> f64 {
+        0.2
+    }
+    pub fn min_retries_per_second() -> u32 {
+        10
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::Full;
+
     use super::*;
+    use crate::policy::bulkhead::BulkheadFull;
 
     fn trailers_only(code: Code, pushback: Option<&str>) -> Result<Response<ResponseBody>, ProxyError> {
         let mut response = Response::new(ResponseBody::empty());
@@ -288,9 +386,8 @@ mod tests {
     #[test]
     fn the_sidecars_own_refusals_are_never_retried() {
         let codes = [Code::ResourceExhausted, Code::Unavailable];
-        let overloaded =
-            ProxyError::Overloaded { bulkhead: "b".into(), why: "full".into(), pushback: Duration::from_millis(5) };
-        assert!(matches!(verdict(&Err(overloaded), &codes), Verdict::Final));
+        let overloaded = BulkheadFull { bulkhead: "b".into(), why: "full".into(), pushback: Duration::from_millis(5) };
+        assert!(matches!(verdict(&Err(overloaded.into()), &codes), Verdict::Final));
         let no_endpoints = ProxyError::NoEndpoints { upstream: "u".into() };
         assert!(matches!(verdict(&Err(no_endpoints), &codes), Verdict::Retryable { .. }));
     }
@@ -314,13 +411,129 @@ mod tests {
     }
 
     #[test]
-    fn retries_say_how_many_attempts_came_before() {
-        let (parts, _) = Request::builder().uri("/s.S/M").header("x", "y").body(()).unwrap().into_parts();
-        let first = attempt(&parts, Bytes::from_static(b"m"), 0);
-        assert!(first.headers().get("grpc-previous-rpc-attempts").is_none());
-        let third = attempt(&parts, Bytes::from_static(b"m"), 2);
-        assert_eq!(third.headers()["grpc-previous-rpc-attempts"], "2");
-        assert_eq!(third.headers()["x"], "y");
-        assert_eq!(third.uri().path(), "/s.S/M");
+    fn validation_names_the_field() {
+        assert!(RetryPolicy::new(0, vec![]).validate().unwrap_err().starts_with("max_attempts"));
+        assert!(RetryPolicy::new(3, vec![]).validate().unwrap_err().starts_with("retryable_codes"));
+        assert!(RetryPolicy::new(1, vec![]).validate().is_ok());
+    }
+
+    type Seen = Arc<Mutex<Vec<(Attempt, Option<String>, Bytes)>>>;
+
+    /// A backend answering each attempt with the next of `statuses` (then OK),
+    /// and recording what each attempt carried.
+    fn backend(
+        statuses: Vec<Code>,
+        seen: Seen,
+    ) -> impl CallService<RequestBody<Full<Bytes>>, Future: Send> + Clone + Send + 'static {
+        let statuses = Arc::new(Mutex::new(statuses.into_iter()));
+        tower::service_fn(move |request: Request<RequestBody<Full<Bytes>>>| {
+            let (statuses, seen) = (statuses.clone(), seen.clone());
+            async move {
+                let attempt = *request.extensions().get::<Attempt>().unwrap();
+                let previous = request.headers().get("grpc-previous-rpc-attempts").map(|v| v.to_str().unwrap().into());
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                seen.lock().unwrap().push((attempt, previous, body));
+                let code = statuses.lock().unwrap().next().unwrap_or(Code::Ok);
+                trailers_only(code, None)
+            }
+        })
+    }
+
+    fn settings(max_attempts: u32) -> Arc<RetrySettings> {
+        let mut policy = RetryPolicy::new(max_attempts, vec![Code::Unavailable]);
+        policy.initial_backoff = Duration::from_millis(10);
+        Arc::new(RetrySettings { policy: Some(policy), replayable: true, max_replay_bytes: 1024 })
+    }
+
+    fn budget() -> Option<RetryBudget> {
+        Some(RetryBudget::new(&RetryBudgetConfig::default()))
+    }
+
+    fn request(body: &'static str) -> Request<Full<Bytes>> {
+        Request::new(Full::new(Bytes::from_static(body.as_bytes())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_status_is_retried_with_the_same_body_and_numbered() {
+        let seen = Seen::default();
+        let metrics = RetryMetrics::default();
+        let retries =
+            Retries::new(settings(3), budget(), metrics.clone(), backend(vec![Code::Unavailable; 2], seen.clone()));
+        let response = retries.oneshot(request("hello")).await.unwrap();
+        assert_eq!(grpc::status_in(response.headers()), Some(Code::Ok));
+        let seen = seen.lock().unwrap();
+        let numbers: Vec<_> = seen.iter().map(|(a, previous, _)| (a.0, previous.clone())).collect();
+        assert_eq!(numbers, [(1, None), (2, Some("1".into())), (3, Some("2".into()))]);
+        assert!(seen.iter().all(|(_, _, body)| body == "hello"));
+        assert_eq!(metrics.retries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_stop_at_max_attempts_and_the_last_answer_stands() {
+        let seen = Seen::default();
+        let retries = Retries::new(
+            settings(2),
+            budget(),
+            RetryMetrics::default(),
+            backend(vec![Code::Unavailable; 5], seen.clone()),
+        );
+        let response = retries.oneshot(request("x")).await.unwrap();
+        assert_eq!(grpc::status_in(response.headers()), Some(Code::Unavailable));
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_would_end_past_the_deadline() {
+        let seen = Seen::default();
+        let mut settings = (*settings(5)).clone();
+        settings.policy.as_mut().unwrap().initial_backoff = Duration::from_secs(1);
+        settings.policy.as_mut().unwrap().max_backoff = Duration::from_secs(1);
+        let retries = Retries::new(
+            Arc::new(settings),
+            budget(),
+            RetryMetrics::default(),
+            backend(vec![Code::Unavailable; 5], seen.clone()),
+        );
+        let mut call = request("x");
+        call.extensions_mut().insert(Deadline(Instant::now() + Duration::from_millis(1)));
+        let response = retries.oneshot(call).await.unwrap();
+        assert_eq!(grpc::status_in(response.headers()), Some(Code::Unavailable));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_budget_stops_retries_and_is_counted() {
+        let seen = Seen::default();
+        let metrics = RetryMetrics::default();
+        let empty = RetryBudget::new(&RetryBudgetConfig { ratio: 0.0, min_per_second: 0 });
+        let retries =
+            Retries::new(settings(3), Some(empty), metrics.clone(), backend(vec![Code::Unavailable], seen.clone()));
+        let response = retries.oneshot(request("x")).await.unwrap();
+        assert_eq!(grpc::status_in(response.headers()), Some(Code::Unavailable));
+        assert_eq!((seen.lock().unwrap().len() as u64, metrics.budget_exhausted.get()), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_larger_than_the_replay_limit_goes_out_once_whole() {
+        let seen = Seen::default();
+        let small = Arc::new(RetrySettings { max_replay_bytes: 3, ..(*settings(3)).clone() });
+        let retries = Retries::new(small, budget(), RetryMetrics::default(), streamed_backend(seen.clone()));
+        retries.oneshot(request("too long")).await.unwrap();
+        assert_eq!(seen.lock().unwrap()[0].2, "too long");
+    }
+
+    /// Records the body of a call sent as it came (no attempt number).
+    fn streamed_backend(
+        seen: Seen,
+    ) -> impl CallService<RequestBody<Full<Bytes>>, Future: Send> + Clone + Send + 'static {
+        tower::service_fn(move |request: Request<RequestBody<Full<Bytes>>>| {
+            let seen = seen.clone();
+            async move {
+                let attempt = request.extensions().get::<Attempt>().copied().unwrap_or(Attempt(0));
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                seen.lock().unwrap().push((attempt, None, body));
+                trailers_only(Code::Unavailable, None)
+            }
+        })
     }
 }

@@ -12,8 +12,27 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::endpoint::Endpoint;
+use crate::call::EndOfCall;
 use crate::grpc::Code;
-use crate::policy::outlier::{Admission, Outcome, Outliers};
+use crate::policy::outlier::{Admission, Health, Outcome, Outliers};
+
+/// One endpoint of an upstream, as the balancer sees it: its connections,
+/// outlier detection's view of it, and its load.
+pub struct Member {
+    pub endpoint: Endpoint,
+    pub health: Health,
+    load: Load,
+}
+
+impl Member {
+    pub fn new(endpoint: Endpoint) -> Member {
+        Member { endpoint, health: Health::default(), load: Load::default() }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.addr
+    }
+}
 
 /// How long the round-trip average takes to forget (its time constant).
 const DECAY: Duration = Duration::from_secs(10);
@@ -21,7 +40,7 @@ const DECAY: Duration = Duration::from_secs(10);
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
 
 #[derive(Debug)]
-pub struct Load {
+struct Load {
     in_flight: AtomicU32,
     /// Peak-EWMA round-trip time in nanoseconds, and when it was last updated.
     rtt: Mutex<(f64, Instant)>,
@@ -55,11 +74,7 @@ impl Load {
 
 /// Picks an endpoint for one call: two at random, the lighter one that is
 /// admitted, leaving out the `unreachable`. `None` when none is left.
-pub fn choose(
-    endpoints: &[Arc<Endpoint>],
-    unreachable: &[SocketAddr],
-    now: Instant,
-) -> Option<(Arc<Endpoint>, Admission)> {
+pub fn choose(endpoints: &[Arc<Member>], unreachable: &[SocketAddr], now: Instant) -> Option<(Arc<Member>, Admission)> {
     let count = endpoints.len();
     let mut order: [usize; 2] = match count {
         0 => return None,
@@ -75,7 +90,7 @@ pub fn choose(
     }
     // The two chosen first, then every endpoint, as a last resort.
     let scan = order.into_iter().chain((0..count).map(|i| (i + order[0]) % count));
-    let reachable = |endpoint: &&Arc<Endpoint>| !unreachable.contains(&endpoint.addr);
+    let reachable = |member: &&Arc<Member>| !unreachable.contains(&member.addr());
     scan.map(|i| &endpoints[i]).filter(reachable).filter(|e| e.health.is_available(now)).find_map(|endpoint| {
         match endpoint.health.admit(now) {
             Admission::Closed => None,
@@ -88,7 +103,7 @@ pub fn choose(
 /// outcome to outlier detection once known. Dropped without an outcome (the
 /// caller went away), it reports nothing and frees a probe's turn.
 pub struct Report {
-    endpoint: Arc<Endpoint>,
+    endpoint: Arc<Member>,
     outliers: Arc<Outliers>,
     probe: bool,
     started: Instant,
@@ -96,7 +111,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn start(endpoint: Arc<Endpoint>, outliers: Arc<Outliers>, admission: Admission) -> Report {
+    pub fn start(endpoint: Arc<Member>, outliers: Arc<Outliers>, admission: Admission) -> Report {
         endpoint.load.in_flight.fetch_add(1, Ordering::Relaxed);
         Report { endpoint, outliers, probe: admission == Admission::Probe, started: Instant::now(), reported: false }
     }
@@ -112,14 +127,24 @@ impl Report {
     }
 
     pub fn finish_with_status(self, code: Code) {
-        let outcome = self.outliers.config.outcome_of(code);
+        let outcome = self.outliers.config().outcome_of(code);
         self.finish(outcome);
+    }
+}
+
+/// A streamed response reports when it ends: its status, or a failure.
+impl EndOfCall for Report {
+    fn ended(self: Box<Self>, status: Option<Code>) {
+        match status {
+            Some(code) => (*self).finish_with_status(code),
+            None => (*self).finish(Outcome::Failure),
+        }
     }
 }
 
 impl std::fmt::Debug for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Report").field("endpoint", &self.endpoint.addr).field("probe", &self.probe).finish()
+        f.debug_struct("Report").field("endpoint", &self.endpoint.addr()).field("probe", &self.probe).finish()
     }
 }
 

@@ -18,13 +18,10 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::balance::Load;
-use super::body::RequestBody;
-use super::error::{ConnectError, ProxyError, Target};
-use super::exchange::{self, PeerBody};
-use super::workers;
+use super::exchange;
+use crate::call::{ConnectError, PeerBody, ProxyError, RequestBody, Target};
 use crate::identity::IdentityMismatch;
-use crate::policy::outlier::Health;
+use crate::workers;
 
 /// A ping every so often finds a peer that vanished without closing the
 /// connection; no answer within the timeout closes it.
@@ -62,10 +59,6 @@ enum State {
 
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// Outlier detection's view of it.
-    pub health: Health,
-    /// What the balancer weighs it by.
-    pub load: Load,
     target: Target,
     transport: Arc<Transport>,
     connect_timeout: Duration,
@@ -83,8 +76,6 @@ impl Endpoint {
     ) -> Endpoint {
         Endpoint {
             addr,
-            health: Health::default(),
-            load: Load::default(),
             target,
             transport,
             connect_timeout,

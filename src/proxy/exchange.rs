@@ -1,6 +1,6 @@
 //! One call on an HTTP/2 connection to a peer, on the h2 crate directly: the
 //! request head goes out at once, its body as the peer's flow control allows,
-//! and the response body comes back as [`PeerBody`]. A body already in hand
+//! and the response body comes back as a [`PeerBody`]. A body already in hand
 //! (a kept unary request) is sent within the call; only a body still arriving
 //! gets a task of its own, which ends when the call does.
 //!
@@ -13,13 +13,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
-use h2::{RecvStream, SendStream};
 use http::{Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 
-use super::body::RequestBody;
-use super::error::h2_reason;
+use crate::call::{PeerBody, RequestBody, h2_reason};
 
 /// Starts the call on a connection that is ready for a new stream: the head
 /// goes out now, and the returned future sends the body and resolves to the
@@ -39,7 +38,7 @@ pub struct Exchange {
     body: Option<SendBody>,
     /// The task sending the rest, which the response body carries: it is
     /// aborted when the call ends.
-    sending: Option<AbortOnDrop>,
+    sending: Option<tokio::task::AbortHandle>,
 }
 
 impl Future for Exchange {
@@ -50,20 +49,19 @@ impl Future for Exchange {
         if let Some(mut send) = this.body.take()
             && Pin::new(&mut send).poll(cx).is_pending()
         {
-            this.sending = Some(AbortOnDrop(tokio::spawn(send).abort_handle()));
+            this.sending = Some(tokio::spawn(send).abort_handle());
         }
         let response = ready!(Pin::new(&mut this.response).poll(cx))?;
         Poll::Ready(Ok(response.map(|stream| PeerBody::new(stream, this.sending.take()))))
     }
 }
 
-/// Stops a request body's task once the call it belongs to is over.
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
+/// A call given up before its response arrived stops sending its body.
+impl Drop for Exchange {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(sending) = self.sending.take() {
+            sending.abort();
+        }
     }
 }
 
@@ -135,50 +133,6 @@ impl Future for SendBody {
                 }
             }
         }
-    }
-}
-
-/// The peer's response body: data (its flow-control window given back as it
-/// is read), then trailers.
-#[derive(Debug)]
-pub struct PeerBody {
-    stream: RecvStream,
-    data_done: bool,
-    /// The request body still being sent, if any: stopped when the call ends.
-    _sending: Option<AbortOnDrop>,
-}
-
-impl PeerBody {
-    fn new(stream: RecvStream, sending: Option<AbortOnDrop>) -> PeerBody {
-        PeerBody { stream, data_done: false, _sending: sending }
-    }
-}
-
-impl Body for PeerBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if !this.data_done {
-            match ready!(this.stream.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.stream.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => this.data_done = true,
-            }
-        }
-        match ready!(this.stream.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(error) => Poll::Ready(Some(Err(error))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.stream.is_end_stream()
     }
 }
 

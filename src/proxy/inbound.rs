@@ -1,194 +1,144 @@
 //! Inbound: calls from peer sidecars over mTLS, checked against the caller's
 //! SPIFFE ID and the authorization rules, then sent to the local app over
-//! plaintext HTTP/2. The app learns the authenticated caller from the
-//! `protomesh-caller-id` header, which the sidecar always overwrites.
+//! plaintext HTTP/2. Every method of the contracts gets its stack, built
+//! once with its policy and the rules that govern it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use tower::Service;
+use tower::ServiceBuilder;
 
-use super::admit::Admission;
-use super::body::RequestBody;
 use super::endpoint::Endpoint;
-use super::error::{CallFuture, Direction, ProxyError, ResponseBody};
-use super::server::PeerInfo;
-use crate::config::{AuthorizationConfig, ContractMode, DefaultAuthorization, PolicyConfig};
-use crate::contract::{Contracts, MethodInfo};
+use super::registry::{CallerBulkheads, Registries};
+use crate::call::{CallFuture, Direction, ProxyError, RequestBody, ResponseBody};
+use crate::config::{Config, InboundConfig};
+use crate::contract::{ContractMode, Contracts};
+use crate::effective::{self, MethodPolicy};
 use crate::grpc::split_path;
-use crate::identity::SpiffeId;
-use crate::policy::authz::{MethodAuthz, MethodPattern, Rule};
-use crate::policy::bulkhead::Bulkhead;
-use crate::policy::method::Source;
-use crate::policy::{CallContext, CallPolicy, Peer};
-use crate::telemetry::Metrics;
+use crate::policy::PolicyConfig;
+use crate::policy::authz::{Authorize, MethodAuthz, Rule};
+use crate::policy::bulkhead::{Bulkhead, Bulkheads};
+use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::telemetry::{Metrics, Observe, Observed, Tracing};
 
-pub const CALLER_ID_HEADER: HeaderName = HeaderName::from_static("protomesh-caller-id");
+/// A call from a peer sidecar, top to bottom: recorded, authorized, given
+/// its deadline, held to its bulkheads (the method's and its caller's), and
+/// sent with the remaining budget to the app.
+pub type InboundStack = Observe<Authorize<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>;
 
-pub struct InboundRoute {
-    pub policy: Arc<CallPolicy>,
-    pub authz: MethodAuthz,
+/// What every inbound stack of one version of the routes shares.
+struct Shared {
+    metrics: Arc<Metrics>,
+    tracing: Option<Arc<Tracing>>,
+    access_log: bool,
+    policy: PolicyConfig,
+    inbound: InboundConfig,
+    rules: Vec<Arc<Rule>>,
+    contracts: Arc<Contracts>,
+    app: Arc<Endpoint>,
 }
 
 pub struct InboundRoutes {
-    by_path: HashMap<Box<str>, Arc<InboundRoute>>,
-    rules: Vec<Arc<Rule>>,
-    authorization: DefaultAuthorization,
+    by_path: HashMap<Box<str>, InboundStack>,
     mode: ContractMode,
-    policy: Arc<PolicyConfig>,
-    metrics: Arc<Metrics>,
     /// One bulkhead per caller identity, when `policy.caller_concurrency` is set.
-    caller_bulkheads: Mutex<HashMap<SpiffeId, Arc<Bulkhead>>>,
-}
-
-/// The contract's `allowed_callers` of a method, as a rule named after its source.
-fn contract_rule(method: &MethodInfo) -> Option<Arc<Rule>> {
-    let callers = method.contract.allowed_callers.as_ref()?;
-    let owner = if callers.source == Source::ServiceOption { &method.service } else { &method.path };
-    Some(Arc::new(Rule {
-        name: format!("allowed_callers in {} of {owner}", callers.source),
-        methods: vec![MethodPattern::Any],
-        callers: callers.value.clone(),
-    }))
+    pub callers: Option<Arc<CallerBulkheads>>,
+    shared: Shared,
 }
 
 impl InboundRoutes {
-    pub fn new(
-        contracts: &Contracts,
-        mode: ContractMode,
-        authorization: &AuthorizationConfig,
-        policy: Arc<PolicyConfig>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let rules: Vec<Arc<Rule>> = authorization
-            .rules
-            .iter()
-            .map(|r| Arc::new(Rule { name: r.name.clone(), methods: r.methods.clone(), callers: r.callers.clone() }))
-            .collect();
+    pub fn build(
+        config: &Config,
+        inbound: &InboundConfig,
+        contracts: &Arc<Contracts>,
+        registries: &mut Registries,
+        tracing: Option<Arc<Tracing>>,
+    ) -> InboundRoutes {
+        let policy = &config.policy;
+        let shared = Shared {
+            metrics: registries.metrics.clone(),
+            tracing,
+            access_log: config.access_log,
+            policy: policy.clone(),
+            inbound: inbound.clone(),
+            rules: inbound.authorization.rules(),
+            contracts: contracts.clone(),
+            app: registries.app(inbound.app, config.outbound.connect_timeout),
+        };
         let by_path = contracts
             .methods()
             .map(|method| {
-                let (service, name) = (&method.service, &method.method);
-                let authz = MethodAuthz::resolve(&rules, authorization.default, service, name, contract_rule(method));
-                let call = CallPolicy::new(service, name, Some(method), &policy, &metrics, Direction::Inbound);
-                (method.path.clone().into_boxed_str(), Arc::new(InboundRoute { policy: Arc::new(call), authz }))
+                let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
+                let bulkhead = effective.concurrency.as_ref().map(|c| {
+                    let name = format!("method {} ({})", method.path, c.source);
+                    registries.bulkhead(Direction::Inbound, name, &c.value)
+                });
+                let stack = shared.stack(
+                    &effective,
+                    (&method.service, &method.method),
+                    (&method.service, &method.method),
+                    bulkhead,
+                );
+                (method.path.clone().into_boxed_str(), stack)
             })
             .collect();
-        InboundRoutes {
-            by_path,
-            rules,
-            authorization: authorization.default,
-            mode,
-            policy,
-            metrics,
-            caller_bulkheads: Mutex::default(),
-        }
+        let callers = policy.caller_concurrency.as_ref().map(|limits| registries.callers(limits));
+        InboundRoutes { by_path, mode: config.contracts.mode, callers, shared }
     }
 
-    /// Every method's policy, for the metrics.
-    pub fn policies(&self) -> impl Iterator<Item = &Arc<CallPolicy>> {
-        self.by_path.values().map(|route| &route.policy)
-    }
-
-    /// The bulkheads of the callers seen so far.
-    pub fn caller_bulkheads(&self) -> Vec<Arc<Bulkhead>> {
-        self.caller_bulkheads.lock().expect("caller bulkheads lock").values().cloned().collect()
-    }
-
-    /// The bulkhead shared by all of one caller's calls, made on its first connection.
-    fn caller_bulkhead(&self, caller: &SpiffeId) -> Option<Arc<Bulkhead>> {
-        let limits = self.policy.caller_concurrency.as_ref()?;
-        let mut bulkheads = self.caller_bulkheads.lock().expect("caller bulkheads lock");
-        let bulkhead = bulkheads.entry(caller.clone()).or_insert_with(|| {
-            Arc::new(Bulkhead::new(format!("caller {caller} (config policy.caller_concurrency)"), limits))
-        });
-        Some(bulkhead.clone())
-    }
-
-    /// A precomputed route, or in permissive mode one resolved for this call.
-    fn route(&self, path: &str) -> Result<Arc<InboundRoute>, ProxyError> {
-        if let Some(route) = self.by_path.get(path) {
-            return Ok(route.clone());
+    /// The stack for a call to `path`: precomputed, or in permissive mode
+    /// built for this call.
+    pub fn route(&self, path: &str) -> Result<InboundStack, ProxyError> {
+        if let Some(stack) = self.by_path.get(path) {
+            return Ok(stack.clone());
         }
         let (service, method) = split_path(path).ok_or_else(|| ProxyError::NotGrpc { path: path.to_string() })?;
         match self.mode {
             ContractMode::Strict => Err(ProxyError::UnknownMethod { path: path.to_string() }),
+            // Outside the contracts: counted under `*`, and with no method
+            // bulkhead, as neither can be kept for every path a peer might send.
             ContractMode::Permissive => {
-                let policy =
-                    CallPolicy::outside_contracts(service, method, &self.policy, &self.metrics, Direction::Inbound);
-                Ok(Arc::new(InboundRoute {
-                    policy: Arc::new(policy),
-                    authz: MethodAuthz::resolve(&self.rules, self.authorization, service, method, None),
-                }))
+                let effective = MethodPolicy::resolve(service, method, None, &self.shared.policy);
+                Ok(self.shared.stack(&effective, (service, method), ("*", "*"), None))
             }
         }
     }
 }
 
-/// The connection's caller, as its certificate proves it.
-#[derive(Clone)]
-struct Caller {
-    id: SpiffeId,
-    header: HeaderValue,
-}
-
-/// Per connection: the caller must have an identity and the method must be
-/// known; the call gets its route and the caller's header.
-#[derive(Clone)]
-pub struct RouteInbound {
-    routes: Arc<InboundRoutes>,
-    caller: Option<Caller>,
-    caller_bulkhead: Option<Arc<Bulkhead>>,
-    peer: Peer,
-}
-
-impl RouteInbound {
-    pub fn new(routes: Arc<InboundRoutes>, peer: &PeerInfo) -> Self {
-        let caller = peer
-            .identity
-            .clone()
-            .and_then(|id| HeaderValue::from_str(id.as_str()).ok().map(|header| Caller { id, header }));
-        let caller_bulkhead = caller.as_ref().and_then(|caller| routes.caller_bulkhead(&caller.id));
-        let peer = Peer { identity: peer.identity.clone(), address: Some(peer.addr.to_string().into()) };
-        RouteInbound { routes, caller, caller_bulkhead, peer }
-    }
-
-    /// The authorization check for this connection's calls.
-    pub fn authorize(&self) -> Authorize {
-        Authorize { caller: self.caller.as_ref().map(|c| c.id.clone()) }
-    }
-}
-
-impl Admission for RouteInbound {
-    fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
-        let caller = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
-        let route = self.routes.route(request.uri().path())?;
-        request.headers_mut().insert(CALLER_ID_HEADER, caller.header.clone());
-        let context = CallContext::new(route.policy.clone(), self.caller_bulkhead.clone(), self.peer.clone());
-        request.extensions_mut().insert(context);
-        request.extensions_mut().insert(route);
-        Ok(())
-    }
-}
-
-/// Per connection: the method's authorization rules against the caller.
-#[derive(Clone)]
-pub struct Authorize {
-    caller: Option<SpiffeId>,
-}
-
-impl Admission for Authorize {
-    fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
-        let caller = self.caller.as_ref().ok_or(ProxyError::NoCallerIdentity)?;
-        let route = request.extensions().get::<Arc<InboundRoute>>().expect("inbound routing runs first");
-        route.authz.check(caller).map_err(|denial| ProxyError::Denied {
-            caller: caller.clone(),
-            path: request.uri().path().to_string(),
-            denial,
-        })
+impl Shared {
+    fn stack(
+        &self,
+        effective: &MethodPolicy,
+        (service, method): (&str, &str),
+        labels: (&str, &str),
+        bulkhead: Option<Arc<Bulkhead>>,
+    ) -> InboundStack {
+        let direction = Direction::Inbound;
+        let metrics = &self.metrics;
+        let observed = Arc::new(Observed {
+            direction,
+            metrics: metrics.calls(direction, labels.0, labels.1),
+            upstream: None,
+            tracing: self.tracing.clone(),
+            access_log: self.access_log,
+        });
+        let authz =
+            effective::authorization(&self.inbound.authorization, &self.rules, &self.contracts, service, method);
+        let authz: Arc<MethodAuthz> = Arc::new(authz);
+        let deadline = Arc::new(effective.deadline(self.policy.min_budget));
+        ServiceBuilder::new()
+            .layer_fn(|inner| Observe::new(observed.clone(), inner))
+            .layer_fn(|inner| Authorize::new(authz.clone(), inner))
+            .layer_fn(|inner| {
+                let exceeded = metrics.deadline_exceeded(direction, labels.0, labels.1);
+                Deadlines::new(deadline.clone(), direction, exceeded, inner)
+            })
+            .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), None, inner))
+            .layer_fn(ForwardBudget::new)
+            .service(ForwardToApp { app: self.app.clone() })
     }
 }
 
@@ -198,13 +148,7 @@ pub struct ForwardToApp {
     app: Arc<Endpoint>,
 }
 
-impl ForwardToApp {
-    pub fn new(app: Arc<Endpoint>) -> Self {
-        ForwardToApp { app }
-    }
-}
-
-impl Service<Request<Incoming>> for ForwardToApp {
+impl tower::Service<Request<Incoming>> for ForwardToApp {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = CallFuture;
@@ -213,9 +157,8 @@ impl Service<Request<Incoming>> for ForwardToApp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
-        super::forward_remaining_budget(&mut request);
         let request = request.map(RequestBody::Streamed);
         Box::pin(async move {
             let mut sender = app.ready().await?;

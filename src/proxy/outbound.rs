@@ -1,76 +1,107 @@
 //! Outbound: the local app's plaintext calls, routed by gRPC service to an
-//! upstream and sent over mTLS. The route table, with each method's policy,
-//! is built once at start, so a call costs one hash lookup on its `:path`.
+//! upstream and sent over mTLS. Every method of the contracts whose service
+//! has an upstream gets its stack, built once with its policy, so routing a
+//! call costs one hash lookup on its `:path`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use tower::Service;
+use tower::ServiceBuilder;
 
-use super::admit::Admission;
-use super::body::RequestBody;
-use super::error::{CallFuture, Direction, ProxyError, ResponseBody};
+use super::registry::Registries;
 use super::upstream::Upstream;
-use crate::config::{ContractMode, PolicyConfig};
-use crate::contract::Contracts;
+use crate::call::{CallFuture, Direction, ProxyError, RequestBody, ResponseBody};
+use crate::config::Config;
+use crate::contract::{ContractMode, Contracts, MethodInfo};
+use crate::effective::MethodPolicy;
 use crate::grpc::split_path;
-use crate::policy::{CallContext, CallPolicy, Peer};
-use crate::telemetry::Metrics;
+use crate::policy::PolicyConfig;
+use crate::policy::bulkhead::{Bulkhead, Bulkheads};
+use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::retry::{Retries, RetryBudget};
+use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
 
-/// Where a call goes, and the policy of its method.
-pub struct OutboundRoute {
-    pub policy: Arc<CallPolicy>,
-    pub upstream: Arc<Upstream>,
+/// A call from the local app, top to bottom: recorded, given its deadline,
+/// retried, each attempt traced, held to its bulkheads, and sent with the
+/// remaining budget to a balanced endpoint of its upstream.
+pub type OutboundStack = Observe<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>;
+
+/// What every outbound stack of one version of the routes shares.
+struct Shared {
+    metrics: Arc<Metrics>,
+    tracing: Option<Arc<Tracing>>,
+    access_log: bool,
+    policy: PolicyConfig,
+}
+
+/// An upstream as its routes use it.
+struct UpstreamRoute {
+    upstream: Arc<Upstream>,
+    bulkhead: Option<Arc<Bulkhead>>,
+    budget: RetryBudget,
 }
 
 pub struct OutboundRoutes {
-    by_path: HashMap<Box<str>, Arc<OutboundRoute>>,
+    by_path: HashMap<Box<str>, OutboundStack>,
     /// Permissive mode's way for methods outside the contracts.
-    by_service: HashMap<Box<str>, Arc<Upstream>>,
+    by_service: HashMap<Box<str>, Arc<UpstreamRoute>>,
     contracts: Arc<Contracts>,
     mode: ContractMode,
-    policy: Arc<PolicyConfig>,
-    metrics: Arc<Metrics>,
+    shared: Shared,
 }
 
 impl OutboundRoutes {
-    pub fn new(
-        contracts: Arc<Contracts>,
-        mode: ContractMode,
-        policy: Arc<PolicyConfig>,
-        metrics: Arc<Metrics>,
-        upstreams: &[(Vec<String>, Arc<Upstream>)],
-    ) -> Self {
-        let by_service: HashMap<Box<str>, Arc<Upstream>> = upstreams
-            .iter()
-            .flat_map(|(services, upstream)| services.iter().map(move |s| (Box::from(s.as_str()), upstream.clone())))
-            .collect();
+    pub async fn build(
+        config: &Config,
+        contracts: &Arc<Contracts>,
+        registries: &mut Registries,
+        tracing: Option<Arc<Tracing>>,
+    ) -> Result<OutboundRoutes, String> {
+        let policy = &config.policy;
+        let mut by_service = HashMap::new();
+        for (i, upstream_config) in config.outbound.upstreams.iter().enumerate() {
+            let upstream = registries
+                .upstream(upstream_config, config.outbound.connect_timeout, &policy.outlier_detection)
+                .await
+                .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
+            let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {
+                let name = format!("upstream {} (config policy.upstream_concurrency)", upstream.name);
+                registries.bulkhead(Direction::Outbound, name, limits)
+            });
+            let budget = upstream.retry_budget(&policy.retry_budget);
+            let route = Arc::new(UpstreamRoute { upstream, bulkhead, budget });
+            for service in &upstream_config.services {
+                by_service.insert(Box::from(service.as_str()), route.clone());
+            }
+        }
+        let shared = Shared {
+            metrics: registries.metrics.clone(),
+            tracing,
+            access_log: config.access_log,
+            policy: policy.clone(),
+        };
         let by_path = contracts
             .methods()
             .filter_map(|method| {
-                let upstream = by_service.get(method.service.as_str())?.clone();
-                let (service, name) = (&method.service, &method.method);
-                let call = CallPolicy::new(service, name, Some(method), &policy, &metrics, Direction::Outbound);
-                Some((
-                    method.path.clone().into_boxed_str(),
-                    Arc::new(OutboundRoute { policy: Arc::new(call), upstream }),
-                ))
+                let route = by_service.get(method.service.as_str())?;
+                let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
+                let bulkhead = effective.concurrency.as_ref().map(|c| {
+                    let name = format!("method {} ({})", method.path, c.source);
+                    registries.bulkhead(Direction::Outbound, name, &c.value)
+                });
+                let stack = shared.stack(route, &effective, Some(method), (&method.service, &method.method), bulkhead);
+                Some((method.path.clone().into_boxed_str(), stack))
             })
             .collect();
-        OutboundRoutes { by_path, by_service, contracts, mode, policy, metrics }
+        Ok(OutboundRoutes { by_path, by_service, contracts: contracts.clone(), mode: config.contracts.mode, shared })
     }
 
-    /// Every routed method's policy, for the metrics.
-    pub fn policies(&self) -> impl Iterator<Item = &Arc<CallPolicy>> {
-        self.by_path.values().map(|route| &route.policy)
-    }
-
-    pub fn route(&self, path: &str) -> Result<Arc<OutboundRoute>, ProxyError> {
-        if let Some(route) = self.by_path.get(path) {
-            return Ok(route.clone());
+    /// The stack that carries a call to `path`.
+    pub fn route(&self, path: &str) -> Result<OutboundStack, ProxyError> {
+        if let Some(stack) = self.by_path.get(path) {
+            return Ok(stack.clone());
         }
         let (service, method) = split_path(path).ok_or_else(|| ProxyError::NotGrpc { path: path.to_string() })?;
         let known = self.contracts.method(path).is_some();
@@ -78,39 +109,65 @@ impl OutboundRoutes {
             return Err(ProxyError::UnknownMethod { path: path.to_string() });
         }
         match self.by_service.get(service) {
-            Some(upstream) if !known => Ok(Arc::new(OutboundRoute {
-                policy: Arc::new(CallPolicy::outside_contracts(
-                    service,
-                    method,
-                    &self.policy,
-                    &self.metrics,
-                    Direction::Outbound,
-                )),
-                upstream: upstream.clone(),
-            })),
+            // Outside the contracts: its service's override and the defaults
+            // apply, but no method bulkhead, as one cannot be kept for every
+            // path an app might send; for the same reason its metrics are
+            // counted under service and method `*`.
+            Some(route) if !known => {
+                let effective = MethodPolicy::resolve(service, method, None, &self.shared.policy);
+                Ok(self.shared.stack(route, &effective, None, ("*", "*"), None))
+            }
             _ => Err(ProxyError::NoRoute { service: service.to_string() }),
         }
     }
 }
 
-/// Finds the call's route and hands it, with its policy, to the layers below.
-impl Admission for Arc<OutboundRoutes> {
-    fn admit(&self, request: &mut Request<Incoming>) -> Result<(), ProxyError> {
-        let route = self.route(request.uri().path())?;
-        let peer = Peer { identity: Some(route.upstream.identity.clone()), address: Some(route.upstream.name.clone()) };
-        let mut context = CallContext::new(route.policy.clone(), route.upstream.bulkhead.clone(), peer);
-        context.retry_budget = Some(route.upstream.retry_budget.clone());
-        request.extensions_mut().insert(context);
-        request.extensions_mut().insert(route);
-        Ok(())
+impl Shared {
+    fn stack(
+        &self,
+        route: &UpstreamRoute,
+        effective: &MethodPolicy,
+        method: Option<&MethodInfo>,
+        (service, name): (&str, &str),
+        bulkhead: Option<Arc<Bulkhead>>,
+    ) -> OutboundStack {
+        let direction = Direction::Outbound;
+        let metrics = &self.metrics;
+        let upstream = &route.upstream;
+        let peer = Peer { identity: Some(upstream.identity.clone()), address: Some(upstream.name.clone()) };
+        let observed = Arc::new(Observed {
+            direction,
+            metrics: metrics.calls(direction, service, name),
+            upstream: Some(peer),
+            tracing: self.tracing.clone(),
+            access_log: self.access_log,
+        });
+        let deadline = Arc::new(effective.deadline(self.policy.min_budget));
+        let retries = Arc::new(effective.retries(method.map(|m| m.shape), self.policy.max_replay_bytes));
+        ServiceBuilder::new()
+            .layer_fn(|inner| Observe::new(observed.clone(), inner))
+            .layer_fn(|inner| {
+                let exceeded = metrics.deadline_exceeded(direction, service, name);
+                Deadlines::new(deadline.clone(), direction, exceeded, inner)
+            })
+            .layer_fn(|inner| {
+                let counts = metrics.retries(direction, service, name);
+                Retries::new(retries.clone(), Some(route.budget.clone()), counts, inner)
+            })
+            .layer_fn(|inner| TraceAttempts::new(self.tracing.clone(), inner))
+            .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), route.bulkhead.clone(), inner))
+            .layer_fn(ForwardBudget::new)
+            .service(ForwardToUpstream { upstream: upstream.clone() })
     }
 }
 
-/// The end of the outbound stack: sends the call to its route's upstream.
-#[derive(Clone, Copy, Default)]
-pub struct ForwardToUpstream;
+/// The end of the outbound stack: sends the call to its upstream.
+#[derive(Clone)]
+pub struct ForwardToUpstream {
+    upstream: Arc<Upstream>,
+}
 
-impl Service<Request<RequestBody>> for ForwardToUpstream {
+impl tower::Service<Request<RequestBody>> for ForwardToUpstream {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = CallFuture;
@@ -119,10 +176,7 @@ impl Service<Request<RequestBody>> for ForwardToUpstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let route = request.extensions().get::<Arc<OutboundRoute>>().expect("admission routes the call first");
-        let upstream = route.upstream.clone();
-        super::forward_remaining_budget(&mut request);
-        Box::pin(upstream.send(request))
+    fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
+        Box::pin(self.upstream.clone().send(request))
     }
 }

@@ -1,26 +1,22 @@
 //! Listeners: accept TCP, complete TLS when the direction needs it, and serve
-//! HTTP/2 on each connection with a service built for that connection. On
-//! shutdown a listener stops accepting, sends GOAWAY on every connection and
-//! gives in-flight calls a drain period.
+//! HTTP/2 on each connection with a service built for that connection. When
+//! the drain starts, a listener stops accepting and every connection sends
+//! GOAWAY and ends once its calls have; the drain waits for all of them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tower::Service;
 
-use super::error::{Direction, ProxyError, ResponseBody};
-use super::workers::Workers;
+use crate::call::{AnswerErrors, CallService, Direction};
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::telemetry::Metrics;
+use crate::workers::Workers;
 
 /// Streams one HTTP/2 connection may carry at once. gRPC clients queue
 /// beyond it, and it also bounds the pooled upstream connection peers open to us.
@@ -41,13 +37,12 @@ pub struct Serving {
     /// Where accepted connections are served, each on one worker.
     pub workers: Arc<Workers>,
     pub metrics: Arc<Metrics>,
-    /// Turns true when the sidecar stops.
-    pub shutdown: watch::Receiver<bool>,
-    /// How long calls in flight may finish after that.
-    pub drain: Duration,
+    /// Signalled when the sidecar drains; each connection holds it until it ends.
+    pub drain: drain::Watch,
 }
 
-/// Serves `listener` until shutdown, then drains.
+/// Serves `listener` until the drain starts. Each connection's calls go to
+/// the service `new_service` makes for it, whose errors become statuses.
 pub async fn serve<F, S>(
     listener: TcpListener,
     direction: Direction,
@@ -56,13 +51,13 @@ pub async fn serve<F, S>(
     serving: Serving,
 ) where
     F: Fn(PeerInfo) -> S + Send + Sync + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: CallService<Incoming> + Clone + Send + 'static,
 {
-    let Serving { workers, metrics, mut shutdown, drain } = serving;
-    let graceful = GracefulShutdown::new();
-    let new_service = Arc::new(new_service);
+    let Serving { workers, metrics, drain } = serving;
+    let new_service = Arc::new(move |peer| AnswerErrors::new(direction, new_service(peer)));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let draining = drain.clone().signaled();
+    tokio::pin!(draining);
     loop {
         let (tcp, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -74,10 +69,10 @@ pub async fn serve<F, S>(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => break,
+            _ = &mut draining => break,
         };
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let drain = drain.clone();
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let metrics = metrics.clone();
@@ -92,7 +87,9 @@ pub async fn serve<F, S>(
             let result = match acceptor {
                 None => {
                     let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity: None }));
-                    watcher.watch(builder.serve_connection(TokioIo::new(tcp), service)).await
+                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+                    tokio::pin!(connection);
+                    drain.watch(connection, |c| c.as_mut().graceful_shutdown()).await
                 }
                 Some(acceptor) => {
                     let tls = match accept_tls(&acceptor, tcp, addr).await {
@@ -104,7 +101,9 @@ pub async fn serve<F, S>(
                     };
                     let identity = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id_of);
                     let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity }));
-                    watcher.watch(builder.serve_connection(TokioIo::new(tls), service)).await
+                    let connection = builder.serve_connection(TokioIo::new(tls), service);
+                    tokio::pin!(connection);
+                    drain.watch(connection, |c| c.as_mut().graceful_shutdown()).await
                 }
             };
             if let Err(error) = result {
@@ -112,15 +111,6 @@ pub async fn serve<F, S>(
             }
         });
     }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(%direction, ?drain, "drain period over; closing the remaining connections");
-    }
-}
-
-/// Resolves once `shutdown` turns true; the one stop signal of every task of a sidecar.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Completes a TLS handshake, or says why it failed in a few words fit for a

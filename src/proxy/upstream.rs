@@ -1,120 +1,134 @@
 //! An upstream: the peers serving a set of gRPC services, all expected to
-//! present one SPIFFE ID, with one pooled connection per endpoint and worker, a balancer
-//! over them, outlier detection for each, and a retry budget for all.
+//! present one SPIFFE ID, with one pooled connection per endpoint and
+//! worker, a balancer over them, outlier detection for each, and a retry
+//! budget for all. It is live state: routes built from a new config find the
+//! same upstream, with its connections and its endpoints' health, as long as
+//! its endpoints and identity stay the same.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use super::balance::{self, Report};
-use super::body::{RequestBody, ResponseBody};
-use super::discovery::{self, EndpointSpec};
+use super::balance::{self, Member, Report};
 use super::endpoint::{Endpoint, Transport};
-use super::error::{ProxyError, Target};
-use crate::config::{PolicyConfig, UpstreamConfig};
+use crate::call::{Answered, ProxyError, RequestBody, ResponseBody, Target};
+use crate::config::UpstreamConfig;
+use crate::discovery::{self, EndpointSpec};
 use crate::grpc;
 use crate::identity::{Identity, SpiffeId};
-use crate::policy::CallContext;
-use crate::policy::bulkhead::Bulkhead;
-use crate::policy::outlier::{Outcome, Outliers};
-use crate::policy::retry::{self, RetryBudget};
-
-/// The endpoint that answered a traced call, in its response's extensions.
-#[derive(Clone, Copy, Debug)]
-pub struct Answered(pub SocketAddr);
+use crate::policy::outlier::{CircuitOpen, Outcome, OutlierConfig, OutlierMetrics, Outliers};
+use crate::policy::retry::{RetryBudget, RetryBudgetConfig};
+use crate::telemetry::trace::CallSpan;
 
 /// Endpoints a call may try when connecting fails, before it gives up.
 const CONNECT_TRIES: usize = 3;
 
 pub struct Upstream {
-    /// A label for messages: the endpoints as configured.
+    /// A label for messages and metrics: the endpoints as configured.
     pub name: Arc<str>,
     pub identity: SpiffeId,
-    /// Across all the upstream's methods, when `policy.upstream_concurrency` is set.
-    pub bulkhead: Option<Arc<Bulkhead>>,
-    /// What retries to this upstream may add to its calls.
-    pub retry_budget: RetryBudget,
     pub outliers: Arc<Outliers>,
+    /// What retries to this upstream may add to its calls, and its config.
+    retry_budget: Mutex<(RetryBudgetConfig, RetryBudget)>,
     transport: Arc<Transport>,
     connect_timeout: Duration,
     /// Workers of the sidecar, each with its own connection to every endpoint.
     workers: usize,
-    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    members: ArcSwap<Vec<Arc<Member>>>,
 }
 
 impl Upstream {
-    /// Resolves the endpoints once and keeps DNS names re-resolving in the background.
+    /// Resolves the endpoints once and keeps DNS names re-resolving in the
+    /// background while the upstream lives.
     pub async fn start(
         config: &UpstreamConfig,
         identity: &Identity,
         connect_timeout: Duration,
-        policy: &PolicyConfig,
+        outliers: (OutlierConfig, OutlierMetrics),
         workers: usize,
     ) -> Result<Arc<Upstream>, String> {
         let specs: Vec<EndpointSpec> =
             config.endpoints.iter().map(|e| discovery::parse_endpoint(e)).collect::<Result<_, _>>()?;
-        let name: Arc<str> = config.endpoints.join(",").into();
-        let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {
-            Arc::new(Bulkhead::new(format!("upstream {name} (config policy.upstream_concurrency)"), limits))
-        });
-        let budget = &policy.retry_budget;
+        let budget = RetryBudgetConfig::default();
         let upstream = Arc::new(Upstream {
-            name,
+            name: Upstream::name_of(config),
             identity: config.identity.clone(),
-            bulkhead,
-            retry_budget: RetryBudget(Arc::new(retry::budget(budget.ratio, budget.min_per_second))),
-            outliers: Arc::new(Outliers::new(policy.outlier_detection.clone())),
+            outliers: Arc::new(Outliers::new(outliers.0, outliers.1)),
+            retry_budget: Mutex::new((budget.clone(), RetryBudget::new(&budget))),
             transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
             connect_timeout,
             workers,
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            members: ArcSwap::from_pointee(Vec::new()),
         });
         upstream.set_endpoints(&discovery::resolve(&specs).await);
-        discovery::spawn_refresh(Arc::downgrade(&upstream), specs, config.resolve_interval);
+        let weak = Arc::downgrade(&upstream);
+        discovery::spawn_refresh(specs, config.resolve_interval, move |addrs| match weak.upgrade() {
+            Some(upstream) => {
+                upstream.set_endpoints(addrs);
+                true
+            }
+            None => false,
+        });
         Ok(upstream)
+    }
+
+    /// How an upstream is named in messages and metrics.
+    pub fn name_of(config: &UpstreamConfig) -> Arc<str> {
+        config.endpoints.join(",").into()
+    }
+
+    /// The retry budget for `config`: the one in use while the config stays the same.
+    pub fn retry_budget(&self, config: &RetryBudgetConfig) -> RetryBudget {
+        let mut current = self.retry_budget.lock().expect("retry budget lock");
+        if current.0 != *config {
+            *current = (config.clone(), RetryBudget::new(config));
+        }
+        current.1.clone()
     }
 
     /// Replaces the endpoint set, keeping the connections (and health) of
     /// addresses that stay.
     pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
-        let current = self.endpoints.load();
-        if current.len() == addrs.len() && current.iter().zip(addrs).all(|(e, a)| e.addr == *a) {
+        let current = self.members.load();
+        if current.len() == addrs.len() && current.iter().zip(addrs).all(|(m, a)| m.addr() == *a) {
             return;
         }
-        let endpoints = addrs
+        let members = addrs
             .iter()
             .map(|&addr| {
-                current.iter().find(|e| e.addr == addr).cloned().unwrap_or_else(|| {
+                current.iter().find(|m| m.addr() == addr).cloned().unwrap_or_else(|| {
                     let target = Target::Upstream { name: self.name.clone(), addr };
-                    Arc::new(Endpoint::new(addr, target, self.transport.clone(), self.connect_timeout, self.workers))
+                    let transport = self.transport.clone();
+                    Arc::new(Member::new(Endpoint::new(addr, target, transport, self.connect_timeout, self.workers)))
                 })
             })
             .collect();
         tracing::info!(upstream = %self.name, endpoints = ?addrs, "endpoints updated");
         self.outliers.set_endpoint_count(addrs.len());
-        self.endpoints.store(Arc::new(endpoints));
+        self.members.store(Arc::new(members));
     }
 
     /// Sends a call to the endpoint the balancer chooses. One that cannot be
     /// connected to is passed over for another: the request has not left the
     /// sidecar, so any call may go elsewhere.
     pub async fn send(self: Arc<Self>, request: Request<RequestBody>) -> Result<Response<ResponseBody>, ProxyError> {
-        let endpoints = self.endpoints.load_full();
-        if endpoints.is_empty() {
+        let members = self.members.load_full();
+        if members.is_empty() {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
         // Only a call's span reads which endpoint answered.
-        let traced = CallContext::of(&request).span.is_some();
+        let traced = request.extensions().get::<CallSpan>().is_some();
         let mut refused = None;
         // Endpoints that could not be connected to; empty (and unallocated) on the usual path.
         let mut unreachable = Vec::new();
-        for _ in 0..endpoints.len().min(CONNECT_TRIES) {
-            let Some((endpoint, admission)) = balance::choose(&endpoints, &unreachable, Instant::now()) else { break };
-            let report = Report::start(endpoint.clone(), self.outliers.clone(), admission);
+        for _ in 0..members.len().min(CONNECT_TRIES) {
+            let Some((member, admission)) = balance::choose(&members, &unreachable, Instant::now()) else { break };
+            let report = Report::start(member.clone(), self.outliers.clone(), admission);
+            let endpoint = &member.endpoint;
             let mut sender = match endpoint.ready().await {
                 Ok(sender) => sender,
                 Err(error) => {
@@ -144,13 +158,12 @@ impl Upstream {
                     }
                     match trailers_only {
                         Some(code) => report.finish_with_status(code),
-                        None => response.body_mut().report_to(report),
+                        None => response.body_mut().on_end(Box::new(report)),
                     }
                     Ok(response)
                 }
             };
         }
-        Err(refused
-            .unwrap_or_else(|| ProxyError::AllEjected { upstream: self.name.clone(), endpoints: endpoints.len() }))
+        Err(refused.unwrap_or_else(|| CircuitOpen { upstream: self.name.clone(), endpoints: members.len() }.into()))
     }
 }

@@ -1,7 +1,8 @@
-//! The Prometheus metrics. Request counts and latencies are recorded per call
-//! through handles cached per method and status, so a call does no label
-//! hashing; policy state (retries, bulkheads, ejections) lives in the
-//! policies' own atomics and is read at scrape time by a collector.
+//! The Prometheus metrics. Each family is keyed by its labels, which makes it
+//! the registry of its handles: the routes built from each config take the
+//! handles of their methods, bulkheads and upstreams from here, and a reload
+//! that keeps a name keeps its counts. A call records through handles cached
+//! per method and status, so it does no label hashing.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -13,36 +14,61 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::call::Direction;
 use crate::grpc::Code;
-use crate::proxy::error::Direction;
+use crate::policy::bulkhead::BulkheadMetrics;
+use crate::policy::outlier::OutlierMetrics;
+use crate::policy::retry::RetryMetrics;
 
 /// Latency buckets in seconds: half a millisecond to ten seconds.
 const LATENCY_BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallLabels {
-    pub direction: &'static str,
-    pub service: String,
-    pub method: String,
-    pub grpc_status: &'static str,
+struct CallLabels {
+    direction: &'static str,
+    service: String,
+    method: String,
+    grpc_status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
-    pub direction: &'static str,
-    pub reason: &'static str,
+struct MethodLabels {
+    direction: &'static str,
+    service: String,
+    method: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub direction: &'static str,
-    pub result: String,
+struct RefusalLabels {
+    direction: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
-    pub direction: &'static str,
+struct HandshakeLabels {
+    direction: &'static str,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BulkheadLabels {
+    bulkhead: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
 }
 
 type Latency = Family<CallLabels, Histogram, fn() -> Histogram>;
@@ -54,6 +80,15 @@ pub struct Metrics {
     refused: Family<RefusalLabels, Counter>,
     tls_handshakes: Family<HandshakeLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
+    retries: Family<MethodLabels, Counter>,
+    retry_budget_exhausted: Family<MethodLabels, Counter>,
+    deadline_exceeded: Family<MethodLabels, Counter>,
+    bulkhead_rejections: Family<BulkheadLabels, Counter>,
+    bulkhead_queue_depth: Family<BulkheadLabels, Gauge>,
+    endpoint_ejections: Family<UpstreamLabels, Counter>,
+    endpoints_ejected: Family<UpstreamLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
+    reload_failing: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,25 +106,73 @@ impl Default for Metrics {
         let mut root = Registry::default();
         root.register_collector(Box::new(super::process::ProcessCollector));
         let registry = root.sub_registry_with_prefix("protomesh");
-        let requests = Family::<CallLabels, Counter>::default();
-        registry.register("requests", "Calls carried, by direction, method and final gRPC status", requests.clone());
         let latency: Latency = Family::new_with_constructor(latency_histogram);
+        let metrics = Metrics {
+            registry: Mutex::new(Registry::default()),
+            requests: Family::default(),
+            latency,
+            refused: Family::default(),
+            tls_handshakes: Family::default(),
+            open_connections: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            deadline_exceeded: Family::default(),
+            bulkhead_rejections: Family::default(),
+            bulkhead_queue_depth: Family::default(),
+            endpoint_ejections: Family::default(),
+            endpoints_ejected: Family::default(),
+            reloads: Family::default(),
+            reload_failing: Gauge::default(),
+        };
+        let m = &metrics;
+        registry.register("requests", "Calls carried, by direction, method and final gRPC status", m.requests.clone());
         registry.register(
             "request_duration_seconds",
             "Time from a call's arrival to its final status",
-            latency.clone(),
+            m.latency.clone(),
         );
-        let refused = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "refused",
             "Calls refused before routing: unknown method, no route, no caller identity",
-            refused.clone(),
+            m.refused.clone(),
         );
-        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
-        registry.register("tls_handshakes", "Inbound TLS handshakes by result", tls_handshakes.clone());
-        let open_connections = Family::<DirectionLabels, Gauge>::default();
-        registry.register("open_connections", "Connections accepted and still open", open_connections.clone());
-        Metrics { registry: Mutex::new(root), requests, latency, refused, tls_handshakes, open_connections }
+        registry.register("tls_handshakes", "Inbound TLS handshakes by result", m.tls_handshakes.clone());
+        registry.register("open_connections", "Connections accepted and still open", m.open_connections.clone());
+        registry.register("retries", "Retries sent, after the first attempt", m.retries.clone());
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the upstream's retry budget was spent",
+            m.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "deadline_exceeded",
+            "Calls the sidecar ended at their deadline or idle timeout",
+            m.deadline_exceeded.clone(),
+        );
+        registry.register(
+            "bulkhead_rejections",
+            "Calls a full bulkhead refused with RESOURCE_EXHAUSTED",
+            m.bulkhead_rejections.clone(),
+        );
+        registry.register("bulkhead_queue_depth", "Calls waiting for a bulkhead place", m.bulkhead_queue_depth.clone());
+        registry.register(
+            "endpoint_ejections",
+            "Times outlier detection ejected an endpoint",
+            m.endpoint_ejections.clone(),
+        );
+        registry.register("endpoints_ejected", "Endpoints out now (the circuit is open)", m.endpoints_ejected.clone());
+        registry.register(
+            "config_reloads",
+            "Reloads of config, contracts and identity: applied, or failed (the running version stays)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failing",
+            "1 while the newest config, contracts or identity files fail to load",
+            m.reload_failing.clone(),
+        );
+        *metrics.registry.lock().expect("metrics registry lock") = root;
+        metrics
     }
 }
 
@@ -117,10 +200,63 @@ impl Metrics {
     }
 
     /// Counts an open connection until the guard drops.
-    pub fn connection_opened(self: &Arc<Self>, direction: Direction) -> OpenConnection {
+    pub fn connection_opened(&self, direction: Direction) -> OpenConnection {
         let gauge = self.open_connections.get_or_create_owned(&DirectionLabels { direction: direction.as_str() });
         gauge.inc();
         OpenConnection(gauge)
+    }
+
+    /// A method's request metrics in one direction.
+    pub fn calls(self: &Arc<Self>, direction: Direction, service: &str, method: &str) -> CallMetrics {
+        CallMetrics {
+            metrics: self.clone(),
+            direction,
+            service: service.to_string(),
+            method: method.to_string(),
+            by_status: Default::default(),
+        }
+    }
+
+    fn method_labels(direction: Direction, service: &str, method: &str) -> MethodLabels {
+        MethodLabels { direction: direction.as_str(), service: service.to_string(), method: method.to_string() }
+    }
+
+    pub fn retries(&self, direction: Direction, service: &str, method: &str) -> RetryMetrics {
+        let labels = Metrics::method_labels(direction, service, method);
+        RetryMetrics {
+            retries: self.retries.get_or_create_owned(&labels),
+            budget_exhausted: self.retry_budget_exhausted.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn deadline_exceeded(&self, direction: Direction, service: &str, method: &str) -> Counter {
+        self.deadline_exceeded.get_or_create_owned(&Metrics::method_labels(direction, service, method))
+    }
+
+    pub fn bulkhead(&self, name: &str) -> BulkheadMetrics {
+        let labels = BulkheadLabels { bulkhead: name.to_string() };
+        BulkheadMetrics {
+            rejected: self.bulkhead_rejections.get_or_create_owned(&labels),
+            queue_depth: self.bulkhead_queue_depth.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn outliers(&self, upstream: &str) -> OutlierMetrics {
+        let labels = UpstreamLabels { upstream: upstream.to_string() };
+        OutlierMetrics {
+            ejections: self.endpoint_ejections.get_or_create_owned(&labels),
+            ejected: self.endpoints_ejected.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Counts a reload by its result, `applied` or `failed`.
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Whether the files as they read now fail to load.
+    pub fn reload_failing(&self, failing: bool) {
+        self.reload_failing.set(i64::from(failing));
     }
 }
 
@@ -149,16 +285,6 @@ impl std::fmt::Debug for CallMetrics {
 }
 
 impl CallMetrics {
-    pub fn new(metrics: Arc<Metrics>, direction: Direction, service: &str, method: &str) -> CallMetrics {
-        CallMetrics {
-            metrics,
-            direction,
-            service: service.to_string(),
-            method: method.to_string(),
-            by_status: Default::default(),
-        }
-    }
-
     pub fn record(&self, status: Code, elapsed: Duration) {
         let (count, latency) = self.by_status[status as usize].get_or_init(|| {
             let labels = CallLabels {
@@ -171,5 +297,21 @@ impl CallMetrics {
         });
         count.inc();
         latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_taken_again_under_the_same_labels_keep_counting() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.retries(Direction::Outbound, "s.S", "M").retries.inc();
+        let again = metrics.retries(Direction::Outbound, "s.S", "M");
+        again.retries.inc();
+        assert_eq!(again.retries.get(), 2);
+        let text = metrics.encode();
+        assert!(text.contains(r#"protomesh_retries_total{direction="outbound",service="s.S",method="M"} 2"#), "{text}");
     }
 }

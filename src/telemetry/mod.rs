@@ -1,11 +1,14 @@
 //! What the sidecar tells about itself: Prometheus metrics (served by the
-//! admin server) and the `Observe` layer that records every call.
+//! admin server), the `Observe` layer that records every call, and traces
+//! (a span per call and per attempt, exported over OTLP).
 
+mod attempts;
 pub mod metrics;
 mod observe;
-pub mod policy_metrics;
 mod process;
 pub mod trace;
 
-pub use metrics::Metrics;
-pub use observe::{CallRecord, Observe};
+pub use attempts::TraceAttempts;
+pub use metrics::{CallMetrics, Metrics};
+pub use observe::{Observe, Observed, Peer};
+pub use trace::{Tracing, TracingConfig};

@@ -1,8 +1,9 @@
 //! The layer that records every admitted call: its final gRPC status and how
-//! long it took, counted against its method, and, when tracing is on, its
-//! span. The status comes from a trailers-only response, from the trailers at
-//! the end of the stream, or from the sidecar's own error (which the span
-//! also records as an event); a call the caller abandons counts as CANCELLED.
+//! long it took, counted against its method, an access-log line if asked,
+//! and, when tracing is on, its span. The status comes from a trailers-only
+//! response, from the trailers at the end of the stream, or from the
+//! sidecar's own error (which the span also records as an event); a call the
+//! caller abandons counts as CANCELLED.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,51 +15,63 @@ use opentelemetry_sdk::trace::Span;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::trace::Tracing;
+use super::metrics::CallMetrics;
+use super::trace::{CallSpan, Tracing};
+use crate::call::{Answered, CallFuture, CallService, Caller, Direction, EndOfCall, ProxyError, ResponseBody};
 use crate::grpc::{self, Code};
-use crate::policy::{CallContext, CallPolicy, Peer};
-use crate::proxy::body::ResponseBody;
-use crate::proxy::error::{CallFuture, CallService, Direction, ProxyError};
-use crate::proxy::upstream::Answered;
+use crate::identity::SpiffeId;
+
+/// Who is on the other side of the calls a stack carries: for the outbound
+/// side, the upstream (its identity and name); inbound, the [`Caller`] of
+/// each call, read from the request.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub identity: Option<SpiffeId>,
+    pub address: Option<Arc<str>>,
+}
+
+/// What the layer records for one method in one direction.
+#[derive(Debug)]
+pub struct Observed {
+    pub direction: Direction,
+    pub metrics: CallMetrics,
+    /// The upstream of outbound calls; `None` inbound, where it is the caller.
+    pub upstream: Option<Peer>,
+    pub tracing: Option<Arc<Tracing>>,
+    pub access_log: bool,
+}
 
 /// One call being recorded; dropped unfinished, it counts as CANCELLED.
 #[derive(Debug)]
-pub struct CallRecord {
-    policy: Arc<CallPolicy>,
+struct CallRecord {
+    observed: Arc<Observed>,
     started: Instant,
     /// Boxed: it is large, and only traced calls have one.
     span: Option<Box<Span>>,
-    /// Set when the access log is on.
-    access: Option<Access>,
+    /// The path and the peer, when the access log is on.
+    access: Option<(Box<str>, Peer)>,
     finished: bool,
 }
 
-/// What an access log line tells besides the method and status.
-#[derive(Debug)]
-struct Access {
-    direction: Direction,
-    peer: Peer,
-}
-
 impl CallRecord {
-    pub fn finish(mut self, status: Code) {
+    fn finish(mut self, status: Code) {
         self.record(status);
     }
 
     fn record(&mut self, status: Code) {
         self.finished = true;
         let elapsed = self.started.elapsed();
-        self.policy.metrics.record(status, elapsed);
-        if let Some(access) = &self.access {
+        self.observed.metrics.record(status, elapsed);
+        if let Some((path, peer)) = &self.access {
             let trace_id = self.span.as_ref().map(|s| s.span_context().trace_id().to_string());
             tracing::info!(
                 target: "protomesh::access",
-                direction = %access.direction,
-                method = %self.policy.path,
+                direction = %self.observed.direction,
+                method = %path,
                 grpc_status = status.name(),
                 duration_ms = elapsed.as_secs_f64() * 1e3,
-                peer = access.peer.address.as_deref().unwrap_or(""),
-                peer_identity = access.peer.identity.as_ref().map_or("", |id| id.as_str()),
+                peer = peer.address.as_deref().unwrap_or(""),
+                peer_identity = peer.identity.as_ref().map_or("", |id| id.as_str()),
                 trace_id = trace_id.as_deref().unwrap_or(""),
             );
         }
@@ -87,6 +100,13 @@ impl CallRecord {
     }
 }
 
+impl EndOfCall for CallRecord {
+    /// A stream that failed has no status of its own: UNKNOWN, as a client sees it.
+    fn ended(self: Box<Self>, status: Option<Code>) {
+        self.finish(status.unwrap_or(Code::Unknown));
+    }
+}
+
 impl Drop for CallRecord {
     fn drop(&mut self) {
         if !self.finished {
@@ -98,43 +118,54 @@ impl Drop for CallRecord {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    direction: Direction,
-    tracing: Option<Arc<Tracing>>,
-    access_log: bool,
+    observed: Arc<Observed>,
 }
 
 impl<S> Observe<S> {
-    pub fn new(direction: Direction, tracing: Option<Arc<Tracing>>, access_log: bool, inner: S) -> Self {
-        Observe { inner, direction, tracing, access_log }
+    pub fn new(observed: Arc<Observed>, inner: S) -> Self {
+        Observe { inner, observed }
     }
 }
 
-/// Starts the call's span, continuing the caller's trace, and hands it on.
-fn start_span<B>(tracing: &Tracing, direction: Direction, request: &mut Request<B>) -> Span {
-    let context = CallContext::of(request);
-    let name = context.policy.path.trim_start_matches('/').to_string();
-    let (service, method) = grpc::split_path(&context.policy.path).unwrap_or(("", ""));
-    let mut attributes = vec![
-        KeyValue::new("rpc.system", "grpc"),
-        KeyValue::new("rpc.service", service.to_string()),
-        KeyValue::new("rpc.method", method.to_string()),
-    ];
-    if let Some(identity) = &context.peer.identity {
-        attributes.push(KeyValue::new("protomesh.peer.identity", identity.to_string()));
+impl Observed {
+    /// The call's peer: the upstream, or the caller the request carries.
+    fn peer<B>(&self, request: &Request<B>) -> Peer {
+        match (&self.upstream, request.extensions().get::<Caller>()) {
+            (Some(upstream), _) => upstream.clone(),
+            (None, Some(caller)) => {
+                Peer { identity: Some(caller.id.clone()), address: Some(caller.address.to_string().into()) }
+            }
+            (None, None) => Peer::default(),
+        }
     }
-    if let Some(address) = &context.peer.address {
-        let key = if direction == Direction::Outbound { "protomesh.upstream" } else { "network.peer.address" };
-        attributes.push(KeyValue::new(key, address.to_string()));
+
+    /// Starts the call's span, continuing the caller's trace, and hands it on.
+    fn start_span<B>(&self, tracing: &Tracing, request: &mut Request<B>) -> Span {
+        let path = request.uri().path();
+        let name = path.trim_start_matches('/').to_string();
+        let (service, method) = grpc::split_path(path).unwrap_or(("", ""));
+        let mut attributes = vec![
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service.to_string()),
+            KeyValue::new("rpc.method", method.to_string()),
+        ];
+        let peer = self.peer(request);
+        if let Some(identity) = &peer.identity {
+            attributes.push(KeyValue::new("protomesh.peer.identity", identity.to_string()));
+        }
+        if let Some(address) = &peer.address {
+            let key = if self.direction == Direction::Outbound { "protomesh.upstream" } else { "network.peer.address" };
+            attributes.push(KeyValue::new(key, address.to_string()));
+        }
+        let timeout = request.headers().get(grpc::GRPC_TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes()));
+        if let Some(timeout) = timeout {
+            attributes.push(KeyValue::new("rpc.grpc.timeout_ms", timeout.as_millis() as i64));
+        }
+        let kind = if self.direction == Direction::Outbound { SpanKind::Client } else { SpanKind::Server };
+        let span = tracing.start_call(request.headers_mut(), &name, kind, attributes);
+        request.extensions_mut().insert(CallSpan(span.span_context().clone()));
+        span
     }
-    if let Some(timeout) = request.headers().get(grpc::GRPC_TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes())) {
-        attributes.push(KeyValue::new("rpc.grpc.timeout_ms", timeout.as_millis() as i64));
-    }
-    let kind = if direction == Direction::Outbound { SpanKind::Client } else { SpanKind::Server };
-    let span = tracing.start_call(request.headers_mut(), &name, kind, attributes);
-    if let Some(context) = request.extensions_mut().get_mut::<CallContext>() {
-        context.span = Some(span.span_context().clone());
-    }
-    span
 }
 
 impl<S, B> Service<Request<B>> for Observe<S>
@@ -150,11 +181,15 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let span = self.tracing.as_ref().map(|tracing| Box::new(start_span(tracing, self.direction, &mut request)));
-        let context = CallContext::of(&request);
-        let access = self.access_log.then(|| Access { direction: self.direction, peer: context.peer.clone() });
-        let policy = context.policy.clone();
-        let mut record = CallRecord { policy, started: Instant::now(), span, access, finished: false };
+        let observed = &self.observed;
+        let span = observed.tracing.as_ref().map(|tracing| Box::new(observed.start_span(tracing, &mut request)));
+        let mut record = CallRecord {
+            observed: observed.clone(),
+            started: Instant::now(),
+            span,
+            access: observed.access_log.then(|| (request.uri().path().into(), observed.peer(&request))),
+            finished: false,
+        };
         let call = self.inner.call(request);
         Box::pin(async move {
             match call.await {
@@ -162,7 +197,7 @@ where
                     record.answered_by(response.extensions().get::<Answered>());
                     match grpc::status_in(response.headers()) {
                         Some(status) => record.finish(status),
-                        None => response.body_mut().record_to(record),
+                        None => response.body_mut().on_end(Box::new(record)),
                     }
                     Ok(response)
                 }
@@ -173,5 +208,60 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn observed(metrics: &Arc<Metrics>) -> Arc<Observed> {
+        Arc::new(Observed {
+            direction: Direction::Inbound,
+            metrics: metrics.calls(Direction::Inbound, "s.S", "M"),
+            upstream: None,
+            tracing: None,
+            access_log: false,
+        })
+    }
+
+    fn count(metrics: &Metrics, status: &str) -> Option<String> {
+        let series = format!(
+            r#"protomesh_requests_total{{direction="inbound",service="s.S",method="M",grpc_status="{status}"}}"#
+        );
+        metrics.encode().lines().find(|l| l.starts_with(&series)).map(|l| l.rsplit(' ').next().unwrap().to_string())
+    }
+
+    #[tokio::test]
+    async fn statuses_are_counted_from_trailers_only_responses_errors_and_abandoned_streams() {
+        let metrics = Arc::new(Metrics::default());
+        let answer = |code: Option<Code>| {
+            tower::service_fn(move |_: Request<()>| async move {
+                match code {
+                    Some(Code::Unauthenticated) => Err(ProxyError::NoCallerIdentity),
+                    Some(code) => {
+                        let mut response = Response::new(ResponseBody::empty());
+                        *response.headers_mut() = grpc::status_headers(code, "m");
+                        Ok(response)
+                    }
+                    None => Ok(Response::new(ResponseBody::empty())),
+                }
+            })
+        };
+        Observe::new(observed(&metrics), answer(Some(Code::NotFound))).oneshot(Request::new(())).await.unwrap();
+        Observe::new(observed(&metrics), answer(Some(Code::Unauthenticated)))
+            .oneshot(Request::new(()))
+            .await
+            .unwrap_err();
+        // Headers without a status: the status comes with the body's end, or never.
+        let streaming = Observe::new(observed(&metrics), answer(None)).oneshot(Request::new(())).await.unwrap();
+        assert_eq!(count(&metrics, "CANCELLED"), None);
+        drop(streaming);
+        assert_eq!(count(&metrics, "NOT_FOUND").as_deref(), Some("1"));
+        assert_eq!(count(&metrics, "UNAUTHENTICATED").as_deref(), Some("1"));
+        assert_eq!(count(&metrics, "CANCELLED").as_deref(), Some("1"));
     }
 }

@@ -6,6 +6,7 @@
 //! through a bounded queue to an OTLP/gRPC exporter; a full queue drops and
 //! counts, and export never delays a call.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,9 +19,72 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::config::TracingConfig;
+use crate::duration;
+
+/// Span export over OTLP/gRPC. Off unless an endpoint is set here or in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// e.g. `http://jaeger-collector.observability:4317`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// For traces the caller did not start: the share sampled (parent-based).
+    #[serde(default = "defaults::sample_ratio")]
+    pub sample_ratio: f64,
+    /// Sent with every export, e.g. an authorization header.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "defaults::export_timeout", deserialize_with = "duration::deserialize")]
+    pub timeout: Duration,
+    /// Spans waiting for export; beyond it spans are dropped (and counted).
+    #[serde(default = "defaults::span_queue")]
+    pub queue_size: usize,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            sample_ratio: defaults::sample_ratio(),
+            headers: BTreeMap::new(),
+            timeout: defaults::export_timeout(),
+            queue_size: defaults::span_queue(),
+        }
+    }
+}
+
+impl TracingConfig {
+    /// Each error is (field path, problem).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(("tracing.sample_ratio".into(), "a share between 0 and 1, e.g. 0.1 for 10%".into()));
+        }
+        Ok(())
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn sample_ratio() -> f64 {
+        1.0
+    }
+    pub fn export_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn span_queue() -> usize {
+        4096
+    }
+}
+
+/// The span of a traced call, on its request for the layers below: each
+/// attempt's span is its child.
+#[derive(Clone, Debug)]
+pub struct CallSpan(pub SpanContext);
 
 /// Spans exported in one request at most.
 const BATCH: usize = 512;

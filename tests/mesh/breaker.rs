@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use protomesh::pb::echo::v1::EchoRequest;
+use protomesh_samples::pb::echo::v1::EchoRequest;
 use tonic::Code;
 
 use crate::harness::{Mesh, MeshOptions, within};

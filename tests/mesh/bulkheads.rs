@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use protomesh::pb::echo::v1::EchoRequest;
+use protomesh_samples::pb::echo::v1::EchoRequest;
 use tonic::Code;
 
 use crate::harness::{Mesh, MeshOptions, within};
 
 /// Opens `count` streams that stay open (one slow reply each) and returns them.
-async fn hold_streams(mesh: &Mesh, count: usize) -> Vec<tonic::Streaming<protomesh::pb::echo::v1::EchoReply>> {
+async fn hold_streams(mesh: &Mesh, count: usize) -> Vec<tonic::Streaming<protomesh_samples::pb::echo::v1::EchoReply>> {
     let mut held = Vec::new();
     for _ in 0..count {
         let request = EchoRequest { reply_count: 1, delay_ms: 30_000, ..Default::default() };

@@ -1,5 +1,6 @@
-//! The `protomesh` binary as users run it: the demo, `check`, `run` refusing
-//! bad configs whole, and the grpcio suite against sidecar processes.
+//! The `protomesh` binary as users run it: `check`, `run` refusing bad
+//! configs whole, reloading on SIGHUP and draining on SIGTERM, and the grpcio
+//! suite against sidecar processes.
 
 use std::process::{Command, Output};
 
@@ -12,20 +13,6 @@ fn protomesh(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[test]
-fn the_demo_runs_a_whole_mesh_and_stops_by_itself() {
-    let output = protomesh(&["demo"]);
-    let stdout = text(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
-    assert!(stdout.contains("shop.v1.Checkout/PlaceOrder for ada: OK"), "{stdout}");
-    for shape in ["(unary)", "(server-streaming)", "(client-streaming)", "(bidi-streaming)"] {
-        assert!(stdout.contains(shape), "{shape} missing:\n{stdout}");
-    }
-    assert!(stdout.contains("served for spiffe://demo.protomesh.local/ns/shop/sa/checkout"), "{stdout}");
-    assert!(stdout.contains("shop.v1.Inventory/GetStock: PermissionDenied: protomesh inbound"), "{stdout}");
-    assert!(stdout.contains("shop.v1.Checkout/CancelOrder: Unimplemented: protomesh outbound"), "{stdout}");
 }
 
 fn write_config(dir: &tempfile::TempDir, yaml: &str) -> String {
@@ -108,12 +95,16 @@ fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
 }
 
 #[tokio::test]
-async fn the_sidecar_process_runs_its_worker_threads_changes_log_level_and_drains_on_sigterm() {
+async fn the_sidecar_process_runs_its_workers_changes_log_level_reloads_on_sighup_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // No watch and no interval: only SIGHUP and POST /reload reload.
     let config = write_config(
         &dir,
-        &format!("outbound: {{listen: '127.0.0.1:0'}}\nadmin: {{listen: '127.0.0.1:{admin_port}'}}\n"),
+        &format!(
+            "outbound: {{listen: '127.0.0.1:0'}}\nadmin: {{listen: '127.0.0.1:{admin_port}'}}\n\
+             reload: {{watch: false, interval: 0s}}\npolicy: {{}}\n"
+        ),
     );
     let mut sidecar = tokio::process::Command::new(BIN)
         .args(["run", "--config", &config])
@@ -138,7 +129,25 @@ async fn the_sidecar_process_runs_its_worker_threads_changes_log_level_and_drain
     assert_eq!(status, 400);
     assert!(body.contains("is not a log filter"), "{body}");
 
+    let timeout_of_unary = || async {
+        let config: serde_json::Value = serde_json::from_str(&admin(admin_addr, "GET", "/config", "").await.1).unwrap();
+        let methods = config["methods"].as_array().unwrap().clone();
+        methods.into_iter().find(|m| m["path"] == "/echo.v1.Echo/Unary").unwrap()["timeout"]["value"].clone()
+    };
+    assert_eq!(timeout_of_unary().await, "30s");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("policy: {}", "policy: {methods: {echo.v1.Echo/Unary: {timeout: 2s}}}"))
+        .unwrap();
     let pid = pid.to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    crate::harness::within("SIGHUP reloads", async {
+        while timeout_of_unary().await != "2s" {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(admin(admin_addr, "POST", "/reload", "").await, (200, "unchanged\n".into()));
+
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let exit = crate::harness::within("exit after SIGTERM", sidecar.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
@@ -153,28 +162,6 @@ fn worker_threads(pid: u32) -> usize {
             comm.starts_with("protomesh")
         })
         .count()
-}
-
-#[tokio::test]
-async fn the_demo_exports_one_trace_per_order_across_every_workload() {
-    let (collector, endpoint) = crate::tracing::Collector::start().await;
-    let output = tokio::process::Command::new(BIN).args(["demo", "--otlp", &endpoint]).output().await.unwrap();
-    let stdout = text(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
-    let traces: Vec<&str> = stdout.lines().filter_map(|l| l.trim().strip_prefix("trace ")).collect();
-    assert_eq!(traces.len(), 2, "{stdout}");
-    // Each sidecar flushes its spans before the demo exits.
-    let spans = collector.spans.lock().unwrap().clone();
-    for trace in traces {
-        let mut services: Vec<&str> = spans
-            .iter()
-            .filter(|(_, span)| crate::tracing::hex(&span.trace_id) == trace)
-            .map(|(service, _)| service.as_str())
-            .collect();
-        services.sort();
-        services.dedup();
-        assert_eq!(services, ["checkout", "frontend", "inventory", "pricing"], "trace {trace}");
-    }
 }
 
 #[test]

@@ -7,13 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protomesh::config;
-use protomesh::contract::Contracts;
+use protomesh::app::{ConfigSource, Options, Sidecar};
 use protomesh::identity::SpiffeId;
 use protomesh::identity::certs::{DevCa, write_dev_certs};
-use protomesh::pb::echo::v1::echo_client::EchoClient;
-use protomesh::proxy::{Options, Sidecar};
-use protomesh::sample::echo::{EchoService, EchoStats};
+use protomesh_samples::echo::{EchoService, EchoStats};
+use protomesh_samples::pb::echo::v1::echo_client::EchoClient;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
@@ -43,6 +41,13 @@ pub struct MeshOptions {
     pub upstream_endpoint: Option<String>,
     /// Each sidecar's `worker_threads`.
     pub worker_threads: usize,
+    /// Where both sidecars find their contracts (default: the repository's `proto/`).
+    pub proto_dir: Option<String>,
+    /// Each sidecar's `reload.watch`: on by default; off for tests that reload by hand.
+    pub watch: bool,
+    /// Each sidecar's `reload.interval`; by default `0s`, so that only the
+    /// watch on the files' directories reloads.
+    pub reload_interval: &'static str,
 }
 
 impl Default for MeshOptions {
@@ -57,6 +62,9 @@ impl Default for MeshOptions {
             app: None,
             upstream_endpoint: None,
             worker_threads: 1,
+            proto_dir: None,
+            watch: true,
+            reload_interval: "0s",
         }
     }
 }
@@ -92,7 +100,7 @@ impl Mesh {
                 Some(app) => app,
                 None => {
                     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                    protomesh::sample::serve(Server::builder().add_service(echo.into_server()), listener).await
+                    protomesh_samples::serve(Server::builder().add_service(echo.into_server()), listener).await
                 }
             };
             let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
@@ -134,6 +142,19 @@ impl Mesh {
     pub fn calls(&self) -> u64 {
         self.backend.calls.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The config file a workload's sidecar runs from.
+    pub fn config_path(&self, workload: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{workload}.yaml"))
+    }
+
+    /// Rewrites a workload's config file, replacing `from` with `to`.
+    pub fn edit_config(&self, workload: &str, from: &str, to: &str) {
+        let path = self.config_path(workload);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{workload}.yaml has no `{from}`:\n{text}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    }
 }
 
 /// Starts one sidecar from a YAML config, through the same loader `protomesh run` uses.
@@ -148,26 +169,27 @@ async fn sidecar(
     let certs = dir.path().display();
     let mut yaml = format!(
         "service_name: {workload}\n\
-         identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem, reload_interval: 50ms}}\n\
-         contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}/proto']}}\n\
+         identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+         contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}']}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
          admin: {{listen: '127.0.0.1:0'}}\n\
          policy: {policy}\n\
          tracing: {}\n\
          worker_threads: {}\n\
+         reload: {{watch: {}, debounce: 20ms, interval: {}}}\n\
          drain_timeout: 1s\n",
-        env!("CARGO_MANIFEST_DIR"),
+        options.proto_dir.clone().unwrap_or_else(|| format!("{}/proto", env!("CARGO_MANIFEST_DIR"))),
         options.tracing,
         options.worker_threads,
+        options.watch,
+        options.reload_interval,
     );
     if let Some(inbound) = inbound {
         yaml.push_str(&format!("inbound: {inbound}\n"));
     }
     let path = dir.path().join(format!("{workload}.yaml"));
     std::fs::write(&path, yaml).unwrap();
-    let config = config::load(Some(&path), std::iter::empty()).unwrap();
-    let contracts = Arc::new(Contracts::load(&config.contracts).unwrap());
-    Sidecar::start(&config, contracts, Options::default()).await.unwrap()
+    Sidecar::start(ConfigSource::file(path), Options::default()).await.unwrap()
 }
 
 /// Bounds every wait in a test: a hang fails instead of stalling the suite.

@@ -8,7 +8,7 @@ mod deadlines;
 mod harness;
 mod passthrough;
 mod refusals;
-mod renewal;
+mod reload;
 mod resets;
 mod retries;
 mod telemetry;

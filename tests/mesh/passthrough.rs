@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use protomesh::pb::echo::v1::{EchoReply, EchoRequest};
+use protomesh_samples::pb::echo::v1::{EchoReply, EchoRequest};
 use tokio_stream::StreamExt;
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use protomesh::identity::Identity;
 use protomesh::identity::certs::DevCa;
-use protomesh::pb::echo::v1::EchoRequest;
+use protomesh::identity::{Credentials, Identity};
+use protomesh_samples::pb::echo::v1::EchoRequest;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -135,7 +135,10 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let foreign = DevCa::generate("another CA").unwrap().issue(&id("client")).unwrap();
     let trusted_ca = std::fs::read(mesh.dir.path().join("ca.pem")).unwrap();
     // Trusts the mesh's CA to verify the server, but presents a foreign certificate.
-    let identity = Identity::from_pem(foreign.cert_pem.as_bytes(), foreign.key_pem.as_bytes(), &trusted_ca).unwrap();
+    let identity = Identity::new(
+        Credentials::from_pem(foreign.cert_pem.as_bytes(), foreign.key_pem.as_bytes(), &trusted_ca).unwrap(),
+    )
+    .unwrap();
     let config = Arc::unwrap_or_clone(identity.client_config(id("server")).unwrap());
     let result = call_inbound_over_tls(&mesh, config).await;
     assert!(result.is_err(), "{result:?}");
@@ -143,14 +146,16 @@ async fn a_client_certificate_from_another_ca_is_refused() {
 
     // The same client with a certificate from the mesh CA gets through.
     let own = mesh.ca().issue(&id("client")).unwrap();
-    let identity = Identity::from_pem(own.cert_pem.as_bytes(), own.key_pem.as_bytes(), &trusted_ca).unwrap();
+    let identity =
+        Identity::new(Credentials::from_pem(own.cert_pem.as_bytes(), own.key_pem.as_bytes(), &trusted_ca).unwrap())
+            .unwrap();
     let config = Arc::unwrap_or_clone(identity.client_config(id("server")).unwrap());
     let response = call_inbound_over_tls(&mesh, config).await.expect("a mesh certificate is accepted");
     assert_eq!(response.headers().get("grpc-status").map(|v| v.as_bytes()), None, "{response:?}");
 }
 
 /// One gRPC call straight to the server sidecar's inbound port over TLS.
-async fn call_inbound_over_tls(
+pub async fn call_inbound_over_tls(
     mesh: &Mesh,
     mut config: rustls::ClientConfig,
 ) -> Result<http::Response<hyper::body::Incoming>, String> {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use prost::Message;
-use protomesh::pb::echo::v1::{EchoReply, EchoRequest};
+use protomesh_samples::pb::echo::v1::{EchoReply, EchoRequest};
 use tonic::{Code, Request};
 
 use crate::harness::{Mesh, MeshOptions, within};

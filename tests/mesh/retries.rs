@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use protomesh::pb::echo::v1::EchoRequest;
+use protomesh_samples::pb::echo::v1::EchoRequest;
 use tonic::{Code, Request};
 
 use crate::harness::{Mesh, MeshOptions, within};

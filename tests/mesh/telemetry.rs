@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use protomesh::pb::echo::v1::EchoRequest;
+use protomesh_samples::pb::echo::v1::EchoRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 

@@ -2,90 +2,22 @@
 //! trace that continues the app's, with the RPC attributes and retry
 //! attempts; with the collector gone, calls go on unaffected.
 
-use std::sync::{Arc, Mutex};
-
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::Span;
-use protomesh::pb::echo::v1::EchoRequest;
-use tokio::sync::Notify;
-use tonic::{Code, Request, Response, Status};
+use protomesh_samples::collector::{Collector, Span, attribute, hex};
+use protomesh_samples::pb::echo::v1::EchoRequest;
+use tonic::{Code, Request};
 
 use crate::harness::{Mesh, MeshOptions, within};
 
 const APP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const APP_SPAN: &str = "00f067aa0ba902b7";
 
-/// An OTLP/gRPC trace collector that keeps every span with its service name.
-#[derive(Clone, Default)]
-pub struct Collector {
-    pub spans: Arc<Mutex<Vec<(String, Span)>>>,
-    arrived: Arc<Notify>,
+async fn collector() -> (Collector, String) {
+    Collector::start().await.unwrap()
 }
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            let spans = resource_spans.scope_spans.into_iter().flat_map(|s| s.spans);
-            self.spans.lock().unwrap().extend(spans.map(|span| (service.clone(), span)));
-        }
-        self.arrived.notify_waiters();
-        Ok(Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    pub async fn start() -> (Collector, String) {
-        let collector = Collector::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tonic::transport::Server::builder().add_service(TraceServiceServer::new(collector.clone()));
-        tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
-        (collector, format!("http://{addr}"))
-    }
-
-    /// Waits until `count` spans have arrived.
-    async fn spans(&self, count: usize) -> Vec<(String, Span)> {
-        within("spans arrive", async {
-            loop {
-                let arrived = self.arrived.notified();
-                if self.spans.lock().unwrap().len() >= count {
-                    return self.spans.lock().unwrap().clone();
-                }
-                arrived.await;
-            }
-        })
-        .await
-    }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn attribute(span: &Span, key: &str) -> Option<String> {
-    let value = span.attributes.iter().find(|a| a.key == key)?.value.as_ref()?.value.as_ref()?;
-    Some(match value {
-        Value::StringValue(s) => s.clone(),
-        Value::IntValue(i) => i.to_string(),
-        other => format!("{other:?}"),
-    })
+/// Waits, bounded, until `count` spans have arrived.
+async fn spans(collector: &Collector, count: usize) -> Vec<(String, Span)> {
+    within("spans arrive", collector.spans(count)).await
 }
 
 fn traced(request: EchoRequest) -> Request<EchoRequest> {
@@ -97,13 +29,13 @@ fn traced(request: EchoRequest) -> Request<EchoRequest> {
 
 #[tokio::test]
 async fn both_sidecars_spans_form_one_trace_under_the_apps_span() {
-    let (collector, endpoint) = Collector::start().await;
+    let (collector, endpoint) = collector().await;
     let mesh =
         Mesh::start_with(MeshOptions { tracing: format!("{{otlp_endpoint: '{endpoint}'}}"), ..Default::default() })
             .await;
     within("call", mesh.client().unary(traced(EchoRequest::default()))).await.unwrap();
     // Outbound CLIENT span, its attempt, and the inbound SERVER span.
-    let spans = collector.spans(3).await;
+    let spans = spans(&collector, 3).await;
     let find = |service: &str, kind: i32| {
         let call = |span: &Span| span.kind == kind && span.name == "echo.v1.Echo/Unary";
         spans.iter().find(|(s, span)| s == service && call(span)).map(|(_, span)| span.clone()).unwrap()
@@ -134,7 +66,7 @@ async fn both_sidecars_spans_form_one_trace_under_the_apps_span() {
 
 #[tokio::test]
 async fn retries_show_as_numbered_attempts_and_refusals_as_events() {
-    let (collector, endpoint) = Collector::start().await;
+    let (collector, endpoint) = collector().await;
     let mesh = Mesh::start_with(MeshOptions {
         tracing: format!("{{otlp_endpoint: '{endpoint}'}}"),
         client_policy: "{defaults: {retry: {max_attempts: 3, retryable_codes: [UNAVAILABLE], initial_backoff: 1ms}}}",
@@ -145,7 +77,7 @@ async fn retries_show_as_numbered_attempts_and_refusals_as_events() {
     let flaky =
         EchoRequest { message: "m".into(), fail_first: 1, status_code: Code::Unavailable as i32, ..Default::default() };
     within("retried", mesh.client().unary(traced(flaky))).await.unwrap();
-    let spans = collector.spans(5).await;
+    let spans = spans(&collector, 5).await;
     let mut attempts: Vec<String> = spans
         .iter()
         .filter(|(_, s)| s.name.ends_with("attempt"))
@@ -156,13 +88,13 @@ async fn retries_show_as_numbered_attempts_and_refusals_as_events() {
 
     within("denied", mesh.client().client_stream(tokio_stream::empty())).await.unwrap_err();
     let denied = within("the denial's span", async {
-        loop {
-            let spans = collector.spans(1).await;
+        for count in 1.. {
+            let spans = collector.spans(count).await;
             if let Some((_, span)) = spans.iter().find(|(_, s)| s.name == "echo.v1.Echo/ClientStream" && s.kind == 2) {
                 return span.clone();
             }
-            collector.arrived.notified().await;
         }
+        unreachable!("spans keep arriving")
     })
     .await;
     assert!(denied.events.iter().any(|e| e.name == "denied"), "{:?}", denied.events);

@@ -1,8 +1,8 @@
 //! Worker threads: each serves the app connections it is handed and keeps its
 //! own connections to peers, so that no call crosses threads.
 
-use protomesh::pb::echo::v1::EchoRequest;
-use protomesh::pb::echo::v1::echo_client::EchoClient;
+use protomesh_samples::pb::echo::v1::EchoRequest;
+use protomesh_samples::pb::echo::v1::echo_client::EchoClient;
 
 use crate::harness::{Mesh, MeshOptions, within};
 use crate::telemetry::{admin, sample};

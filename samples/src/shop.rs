@@ -146,3 +146,14 @@ impl Checkout for CheckoutService {
         Ok(Response::new(OrderReply { order_id: format!("order-{}", order.customer), total_cents, trail }))
     }
 }
+
+/// An order that starts a new trace, as an instrumented client would: the
+/// request carries a sampled `traceparent`, and the trace ID is returned.
+pub fn traced_order(customer: &str, skus: &[&str]) -> (Request<OrderRequest>, String) {
+    let order = OrderRequest { customer: customer.into(), skus: skus.iter().map(|s| s.to_string()).collect() };
+    let mut request = Request::new(order);
+    let trace_id = format!("{:032x}", fastrand::u128(1..));
+    let traceparent = format!("00-{trace_id}-{:016x}-01", fastrand::u64(1..));
+    request.metadata_mut().insert("traceparent", traceparent.parse().expect("hex and dashes"));
+    (request, trace_id)
+}

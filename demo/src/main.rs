@@ -1,38 +1,58 @@
-//! `protomesh demo`: a whole mesh on loopback. A frontend client calls
+//! `protomesh-demo`: a whole mesh on loopback. A frontend client calls
 //! checkout, which calls inventory and pricing; every workload has its own
-//! sidecar, every hop between sidecars is mTLS with SPIFFE identities, and
-//! the summary shows each call, its shape, and the caller identity that the
-//! callee's sidecar vouched for.
+//! sidecar, started from a config file as `protomesh run` starts one, every
+//! hop between sidecars is mTLS with SPIFFE identities, and the summary shows
+//! each call, its shape, and the caller identity that the callee's sidecar
+//! vouched for.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
+use clap::Parser;
+use protomesh::app::{ConfigSource, Options, Sidecar};
+use protomesh::identity::SpiffeId;
+use protomesh::identity::certs::write_dev_certs;
+use protomesh_samples::pb::shop::v1::checkout_client::CheckoutClient;
+use protomesh_samples::pb::shop::v1::checkout_server::CheckoutServer;
+use protomesh_samples::pb::shop::v1::inventory_client::InventoryClient;
+use protomesh_samples::pb::shop::v1::inventory_server::InventoryServer;
+use protomesh_samples::pb::shop::v1::pricing_client::PricingClient;
+use protomesh_samples::pb::shop::v1::pricing_server::PricingServer;
+use protomesh_samples::pb::shop::v1::{OrderReply, OrderRequest, StockRequest};
+use protomesh_samples::serve;
+use protomesh_samples::shop::{CheckoutService, InventoryService, PricingService, traced_order};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
-
-use crate::config::{
-    AdminConfig, AuthorizationConfig, Config, ContractMode, ContractsConfig, IdentityConfig, InboundConfig,
-    OutboundConfig, PolicyConfig, TracingConfig, UpstreamConfig,
-};
-use crate::contract::Contracts;
-use crate::identity::SpiffeId;
-use crate::identity::certs::write_dev_certs;
-use crate::pb::shop::v1::checkout_client::CheckoutClient;
-use crate::pb::shop::v1::checkout_server::CheckoutServer;
-use crate::pb::shop::v1::inventory_client::InventoryClient;
-use crate::pb::shop::v1::inventory_server::InventoryServer;
-use crate::pb::shop::v1::pricing_client::PricingClient;
-use crate::pb::shop::v1::pricing_server::PricingServer;
-use crate::pb::shop::v1::{OrderReply, OrderRequest, StockRequest};
-use crate::proxy::{Options, Sidecar};
-use crate::sample::serve;
-use crate::sample::shop::{CheckoutService, InventoryService, PricingService};
+use tracing_subscriber::EnvFilter;
 
 const TRUST_DOMAIN: &str = "demo.protomesh.local";
 const WORKLOADS: [&str; 4] = ["frontend", "checkout", "inventory", "pricing"];
-const SHOP_PROTO: &str = include_str!("../proto/examples/shop.proto");
+const SHOP_PROTO: &str = include_str!("../../proto/examples/shop.proto");
+
+/// A whole protomesh mesh on loopback: four workloads, each behind its own sidecar.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Export spans to this OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317 (Jaeger).
+    #[arg(long)]
+    otlp: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Quiet: the demo prints what crosses the mesh; warnings still show.
+    let filter = EnvFilter::try_from_env("PROTOMESH_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli.otlp)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 fn identity(workload: &str) -> SpiffeId {
     SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{workload}")).expect("demo IDs are valid")
@@ -62,47 +82,33 @@ async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
     let written =
         std::fs::create_dir_all(proto_dir.join("examples")).and_then(|()| std::fs::write(&shop_proto, SHOP_PROTO));
     written.map_err(|e| format!("{}: cannot write the demo contract: {e}", shop_proto.display()))?;
-    let contracts_config = ContractsConfig {
-        protos: vec![PathBuf::from("examples/shop.proto")],
-        include: vec![proto_dir],
-        descriptor_sets: vec![],
-        mode: ContractMode::Strict,
-    };
-    let contracts = Arc::new(Contracts::load(&contracts_config).map_err(|e| e.to_string())?);
-    let start = |name: &'static str, app: Option<SocketAddr>, upstreams: Vec<UpstreamConfig>| {
-        let config = Config {
-            service_name: Some(name.to_string()),
-            identity: IdentityConfig {
-                cert: certs.join(format!("{name}.pem")),
-                key: certs.join(format!("{name}-key.pem")),
-                trust_bundle: certs.join("ca.pem"),
-                reload_interval: Duration::from_secs(10),
-            },
-            contracts: contracts_config.clone(),
-            outbound: OutboundConfig { listen: loopback(), upstreams, ..OutboundConfig::default() },
-            inbound: app.map(|app| InboundConfig {
-                listen: loopback(),
-                app,
-                authorization: AuthorizationConfig::default(),
-            }),
-            admin: AdminConfig { listen: loopback(), allow_remote_changes: false },
-            tracing: TracingConfig { otlp_endpoint: otlp.clone(), ..TracingConfig::default() },
-            access_log: false,
-            policy: PolicyConfig::default(),
-            drain_timeout: Duration::from_secs(1),
-            worker_threads: std::num::NonZeroUsize::MIN,
-        };
-        let contracts = contracts.clone();
+    let tracing = otlp.as_ref().map_or_else(|| "{}".to_string(), |endpoint| format!("{{otlp_endpoint: '{endpoint}'}}"));
+    let start = |name: &'static str, app: Option<SocketAddr>, upstreams: Vec<String>| {
+        let c = certs.display();
+        let mut yaml = format!(
+            "service_name: {name}\n\
+             identity: {{cert: '{c}/{name}.pem', key: '{c}/{name}-key.pem', trust_bundle: '{c}/ca.pem'}}\n\
+             contracts: {{protos: [examples/shop.proto], include: ['{}']}}\n\
+             outbound: {{listen: '127.0.0.1:0', upstreams: [{}]}}\n\
+             admin: {{listen: '127.0.0.1:0'}}\n\
+             tracing: {tracing}\n\
+             drain_timeout: 1s\n",
+            proto_dir.display(),
+            upstreams.join(", "),
+        );
+        if let Some(app) = app {
+            yaml.push_str(&format!("inbound: {{listen: '127.0.0.1:0', app: '{app}'}}\n"));
+        }
+        let path = dir.join(format!("{name}.yaml"));
         async move {
-            let sidecar = Sidecar::start(&config, contracts, Options::default()).await?;
+            std::fs::write(&path, yaml).map_err(|e| format!("{}: {e}", path.display()))?;
+            let sidecar = Sidecar::start(ConfigSource::file(path), Options::default()).await?;
             Ok::<_, String>(Workload { name, sidecar, app })
         }
     };
-    let route = |service: &str, to: &Workload| UpstreamConfig {
-        services: vec![service.to_string()],
-        endpoints: vec![to.sidecar.inbound_addr.expect("callee has inbound").to_string()],
-        identity: identity(to.name),
-        resolve_interval: Duration::from_secs(5),
+    let route = |service: &str, to: &Workload| {
+        let endpoint = to.sidecar.inbound_addr.expect("callee has inbound");
+        format!("{{services: [{service}], endpoints: ['{endpoint}'], identity: '{}'}}", identity(to.name))
     };
 
     let inventory_app =
@@ -175,12 +181,8 @@ async fn make_calls(via_frontend_sidecar: Channel, traced: bool) -> Result<(), S
     let orders = [("ada", vec!["apple", "pear"]), ("grace", vec!["fig", "kiwi", "plum"])];
     for (customer, skus) in orders {
         let started = Instant::now();
-        let order = OrderRequest { customer: customer.into(), skus: skus.iter().map(|s| s.to_string()).collect() };
-        let mut request = tonic::Request::new(order);
         // The frontend starts each order's trace, as an instrumented app would.
-        let trace_id = format!("{:032x}", fastrand::u128(1..));
-        let traceparent = format!("00-{trace_id}-{:016x}-01", fastrand::u64(1..));
-        request.metadata_mut().insert("traceparent", traceparent.parse().expect("hex and dashes"));
+        let (request, trace_id) = traced_order(customer, &skus);
         let reply = checkout.place_order(request).await.map_err(|s| format!("PlaceOrder failed: {s}"))?.into_inner();
         println!(
             "frontend -> shop.v1.Checkout/PlaceOrder for {customer}: OK, {} cents, {:.1} ms",

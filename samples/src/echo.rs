@@ -31,6 +31,8 @@ pub struct EchoStats {
     pub failing: std::sync::atomic::AtomicBool,
     /// Calls seen so far per `message`, for `fail_first`.
     seen: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// The metadata of the latest unary call per `message`.
+    metadata_by_message: std::sync::Mutex<std::collections::HashMap<String, MetadataMap>>,
 }
 
 impl EchoStats {
@@ -38,6 +40,12 @@ impl EchoStats {
     pub fn last_header(&self, name: &str) -> Option<String> {
         let metadata = self.last_metadata.lock().expect("stats lock");
         metadata.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
+    /// An ASCII header of the latest unary call that carried `message`.
+    pub fn header_of(&self, message: &str, name: &str) -> Option<String> {
+        let by_message = self.metadata_by_message.lock().expect("stats lock");
+        by_message.get(message)?.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
     }
 
     /// Whether this call is one of the first `fail_first` with its message.
@@ -133,7 +141,9 @@ impl Echo for EchoService {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let metadata = self.observe(&request);
         let caller = caller_of(&request);
+        let received = request.metadata().clone();
         let request = request.into_inner();
+        self.stats.metadata_by_message.lock().expect("stats lock").insert(request.message.clone(), received);
         pause(request.delay_ms).await;
         if self.stats.failing.load(Ordering::Relaxed) {
             return Err(Status::unavailable("backend failing"));

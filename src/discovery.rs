@@ -3,10 +3,7 @@
 //! Kubernetes Service answers with one A record per ready pod).
 
 use std::net::SocketAddr;
-use std::sync::Weak;
 use std::time::Duration;
-
-use super::upstream::Upstream;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointSpec {
@@ -48,8 +45,14 @@ pub async fn resolve(specs: &[EndpointSpec]) -> Vec<SocketAddr> {
     addrs
 }
 
-/// Keeps an upstream's endpoints current while the upstream lives.
-pub fn spawn_refresh(upstream: Weak<Upstream>, specs: Vec<EndpointSpec>, every: Duration) {
+/// Resolves the specs again every `every` and hands the addresses to
+/// `update`, until it returns false (its owner is gone). Nothing to do when
+/// every spec is a static address.
+pub fn spawn_refresh(
+    specs: Vec<EndpointSpec>,
+    every: Duration,
+    mut update: impl FnMut(&[SocketAddr]) -> bool + Send + 'static,
+) {
     if specs.iter().all(|s| matches!(s, EndpointSpec::Static(_))) {
         return;
     }
@@ -59,9 +62,9 @@ pub fn spawn_refresh(upstream: Weak<Upstream>, specs: Vec<EndpointSpec>, every: 
         ticks.tick().await;
         loop {
             ticks.tick().await;
-            let addrs = resolve(&specs).await;
-            let Some(upstream) = upstream.upgrade() else { return };
-            upstream.set_endpoints(&addrs);
+            if !update(&resolve(&specs).await) {
+                return;
+            }
         }
     });
 }

@@ -1,0 +1,151 @@
+//! The admin server (HTTP/1.1, default :4191): `/live`, `/ready` (true once
+//! certificates, contracts and listeners are up; false again while draining),
+//! `/metrics` (Prometheus), `/config` (the versions in service, the last
+//! reload, and every method's effective policy and its sources, as JSON),
+//! `PUT /log-level`, which changes the log filter, and `POST /reload`, which
+//! reads the config, contracts and identity files again. The last two are
+//! answered only on localhost unless `admin.allow_remote_changes` is set.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::reload::{ReloadOutcome, Reloader};
+use crate::effective;
+use crate::telemetry::Metrics;
+
+/// Changes the log filter at runtime (e.g. `info,protomesh=debug`).
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+pub struct Admin {
+    pub ready: AtomicBool,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+    set_log_level: Option<SetLogLevel>,
+}
+
+impl Admin {
+    pub fn new(metrics: Arc<Metrics>, reloader: Arc<Reloader>, set_log_level: Option<SetLogLevel>) -> Admin {
+        Admin { ready: AtomicBool::new(false), metrics, reloader, set_log_level }
+    }
+
+    async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_string();
+        match (request.method().clone(), path.as_str()) {
+            (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+            (Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+            (Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            (Method::GET, "/metrics") => {
+                let mut response = text(StatusCode::OK, &self.metrics.encode());
+                let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
+                response
+            }
+            (Method::GET, "/config") => {
+                let config = serde_json::to_string_pretty(&self.config()).expect("JSON values serialize");
+                let mut response = text(StatusCode::OK, &config);
+                let kind = header::HeaderValue::from_static("application/json");
+                response.headers_mut().insert(header::CONTENT_TYPE, kind);
+                response
+            }
+            (Method::PUT, "/log-level") => match self.refuse_remote(peer, "log level changes") {
+                Some(refusal) => refusal,
+                None => self.set_log_level(request).await,
+            },
+            (Method::POST, "/reload") => match self.refuse_remote(peer, "reloads") {
+                Some(refusal) => refusal,
+                None => match self.reloader.reload().await {
+                    ReloadOutcome::Applied => text(StatusCode::OK, "reloaded\n"),
+                    ReloadOutcome::Unchanged => text(StatusCode::OK, "unchanged\n"),
+                    ReloadOutcome::Failed(error) => text(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &format!("the running version stays in service: {error}\n"),
+                    ),
+                },
+            },
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/reload") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /live, /ready, /metrics, /config, PUT /log-level or POST /reload\n",
+            ),
+        }
+    }
+
+    /// Changes of state come only from localhost, unless the config allows others.
+    fn refuse_remote(&self, peer: SocketAddr, what: &str) -> Option<Response<Full<Bytes>>> {
+        let allowed = peer.ip().is_loopback() || self.reloader.routes().config.admin.allow_remote_changes;
+        let why = format!("{what} are accepted only from localhost (set admin.allow_remote_changes to allow others)\n");
+        (!allowed).then(|| text(StatusCode::FORBIDDEN, &why))
+    }
+
+    /// The versions in service, the last reload, and every method's effective policy.
+    fn config(&self) -> Value {
+        let routes = self.reloader.routes();
+        let methods: Vec<Value> = effective::describe(&routes.contracts, &routes.config.policy)
+            .into_iter()
+            .flat_map(|(_, methods)| methods)
+            .map(|method| method.to_json())
+            .collect();
+        let mut config = self.reloader.status();
+        config["methods"] = json!(methods);
+        config
+    }
+
+    async fn set_log_level(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some(set_log_level) = &self.set_log_level else {
+            return text(StatusCode::NOT_IMPLEMENTED, "this process does not manage its log filter\n");
+        };
+        let body = match Limited::new(request.into_body(), 1024).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return text(StatusCode::BAD_REQUEST, "send the filter (at most 1 KiB) as the body\n"),
+        };
+        let filter = String::from_utf8_lossy(&body).trim().to_string();
+        match set_log_level(&filter) {
+            Ok(()) => text(StatusCode::OK, &format!("log filter is now {filter}\n")),
+            Err(problem) => text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Serves the admin endpoints for as long as it runs.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(peer, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "admin connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,177 @@
+//! A running sidecar, wired: its identity, metrics, worker threads, tracing,
+//! listeners, admin server and reloads, and the drain that stops it. The
+//! stacks themselves are composed in `proxy`.
+
+pub mod admin;
+pub mod reload;
+mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::call::Direction;
+use crate::identity::{Identity, SpiffeId};
+use crate::proxy::edge::{InboundEdge, OutboundEdge};
+use crate::proxy::registry::Registries;
+use crate::proxy::routes::Routes;
+use crate::proxy::server::{self, PeerInfo, Serving};
+use crate::telemetry::{Metrics, Tracing};
+use crate::workers::Workers;
+use admin::{Admin, SetLogLevel};
+use reload::Reloader;
+pub use reload::{ConfigSource, Inputs, ReloadOutcome};
+
+/// What the process around the sidecar lends it.
+#[derive(Default)]
+pub struct Options {
+    /// Lets the admin server change the log filter.
+    pub set_log_level: Option<SetLogLevel>,
+}
+
+/// A running sidecar. Dropping it stops accepting and ends the added
+/// workers' threads without a drain; call [`Sidecar::shutdown`] to drain and stop.
+pub struct Sidecar {
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub identity: SpiffeId,
+    admin: Arc<Admin>,
+    reloader: Arc<Reloader>,
+    tracing: Option<Arc<Tracing>>,
+    drain: drain::Signal,
+    /// The admin server and the reload triggers, stopped with the sidecar.
+    background: JoinSet<()>,
+    /// Serve the connections; their threads end when the sidecar is dropped.
+    _workers: Arc<Workers>,
+}
+
+impl Sidecar {
+    /// Reads the config, contracts and identity, and binds every listener
+    /// before serving anything: a sidecar either starts whole or not at all.
+    pub async fn start(source: ConfigSource, options: Options) -> Result<Sidecar, String> {
+        let inputs = Inputs::read(&source)?;
+        let versions = inputs.versions();
+        let Inputs { config, contracts, credentials, .. } = inputs;
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let workers = Arc::new(Workers::start(config.worker_threads)?);
+        let tracing = Tracing::start(&config.tracing, config.service_name.as_deref())?.map(Arc::new);
+        if let Some(tracing) = &tracing {
+            metrics.register_collector(Box::new(tracing.counts()));
+        }
+        let identity = Arc::new(Identity::new(credentials)?);
+        let mut registries = Registries::new(identity.clone(), metrics.clone(), workers.count());
+        let routes = Routes::build(config.clone(), Arc::new(contracts), &mut registries, tracing.clone()).await?;
+        registries.prune();
+        let routes = Arc::new(ArcSwap::from_pointee(routes));
+
+        let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;
+        let inbound = match &config.inbound {
+            Some(inbound) => Some((bind("inbound.listen", inbound.listen).await?, identity.server_config()?)),
+            None => None,
+        };
+        let admin_listener = bind("admin.listen", config.admin.listen).await?;
+        let reloader =
+            Arc::new(Reloader::new(source, routes.clone(), versions, identity.clone(), registries, tracing.clone()));
+
+        let (drain, watch) = drain::channel();
+        let serving = Serving { workers: workers.clone(), metrics: metrics.clone(), drain: watch };
+        let outbound_addr = local_addr(&outbound_listener)?;
+        let edge = OutboundEdge::new(routes.clone(), metrics.clone());
+        tokio::spawn(server::serve(
+            outbound_listener,
+            Direction::Outbound,
+            None,
+            move |_: PeerInfo| edge.clone(),
+            serving.clone(),
+        ));
+        let inbound_addr = match inbound {
+            None => None,
+            Some((listener, tls)) => {
+                let addr = local_addr(&listener)?;
+                let (routes, metrics) = (routes.clone(), metrics.clone());
+                tokio::spawn(server::serve(
+                    listener,
+                    Direction::Inbound,
+                    Some(tls),
+                    move |peer: PeerInfo| InboundEdge::new(routes.clone(), metrics.clone(), peer.identity, peer.addr),
+                    serving,
+                ));
+                Some(addr)
+            }
+        };
+        let admin_addr = local_addr(&admin_listener)?;
+        let admin = Arc::new(Admin::new(metrics, reloader.clone(), options.set_log_level));
+        let mut background = JoinSet::new();
+        background.spawn(admin::serve(admin_listener, admin.clone()));
+        background.spawn(watch::reload_on_change(reloader.clone()));
+        admin.ready.store(true, Ordering::Release);
+        tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, %admin_addr, "sidecar started");
+        Ok(Sidecar {
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+            identity: identity.id.clone(),
+            admin,
+            reloader,
+            tracing,
+            drain,
+            background,
+            _workers: workers,
+        })
+    }
+
+    /// Reads the config, contracts and identity files again now, as the
+    /// watch, the interval, SIGHUP and `POST /reload` do.
+    pub async fn reload(&self) -> ReloadOutcome {
+        self.reloader.reload().await
+    }
+
+    /// Turns not ready, stops accepting, sends GOAWAY, and waits for calls in
+    /// flight up to the drain period; then flushes the spans.
+    pub async fn shutdown(mut self) {
+        self.admin.ready.store(false, Ordering::Release);
+        let period = self.reloader.routes().config.drain_timeout;
+        if tokio::time::timeout(period, self.drain.drain()).await.is_err() {
+            tracing::warn!(?period, "drain period over; closing the remaining connections");
+        }
+        if let Some(tracing) = &self.tracing {
+            tracing.flush(period).await;
+        }
+        self.background.shutdown().await;
+    }
+}
+
+/// `protomesh run`: a sidecar until SIGTERM (or Ctrl-C), reloading on SIGHUP.
+pub async fn run(source: ConfigSource, options: Options) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    let sidecar = Sidecar::start(source, options).await?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                sidecar.reload().await;
+            }
+        }
+    }
+    tracing::info!(drain = ?sidecar.reloader.routes().config.drain_timeout, "shutting down");
+    sidecar.shutdown().await;
+    Ok(())
+}
+
+async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| format!("{field}: cannot listen on {addr}: {e}"))
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
+    listener.local_addr().map_err(|e| e.to_string())
+}

@@ -1,0 +1,356 @@
+//! The bodies every connection carries. Responses: the peer's body streamed
+//! frame by frame, or nothing after the sidecar's own trailers-only status.
+//! Layers hang on a response what must last as long as the call: timers that
+//! end the stream with a gRPC status, and guards told how the call ended
+//! (bulkhead places, the report to outlier detection, the metrics record),
+//! which do their part when dropped unfinished too. Requests: the caller's
+//! stream, or a request kept whole so that it can be sent again.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, Sleep};
+
+use super::{Direction, ProxyError};
+use crate::grpc::{self, Code};
+
+/// Work to do once a call is over, with its final status: from the trailers
+/// (or trailers-only response), from a timer that ended it, or `None` when
+/// the peer's stream failed. Dropped without being told, the call was
+/// abandoned by its caller.
+pub trait EndOfCall: Send + 'static {
+    fn ended(self: Box<Self>, status: Option<Code>);
+}
+
+/// What a timer does when it fires: end the stream with `error`'s status in
+/// its trailers (the peer's stream is reset), counted in `counter`.
+#[derive(Debug)]
+pub struct Expiry {
+    pub error: ProxyError,
+    pub direction: Direction,
+    pub counter: Counter,
+}
+
+pin_project_lite::pin_project! {
+    #[derive(Debug)]
+    struct Timer {
+        #[pin]
+        sleep: Sleep,
+        expiry: Expiry,
+    }
+}
+
+impl Timer {
+    fn start(sleep: Sleep, expiry: Expiry) -> Pin<Box<Timer>> {
+        Box::pin(Timer { sleep, expiry })
+    }
+
+    fn trailers(&self) -> Frame<Bytes> {
+        self.expiry.counter.inc();
+        let message = self.expiry.error.message(self.expiry.direction);
+        Frame::trailers(grpc::status_headers(self.expiry.error.code(), &message))
+    }
+}
+
+pub struct ResponseBody {
+    /// `None` once the call ended, or when the sidecar answered itself.
+    inner: Option<PeerBody>,
+    // Timers are boxed: a response moves through every layer, and most calls
+    // have at most a deadline.
+    deadline: Option<Pin<Box<Timer>>>,
+    idle: Option<(Pin<Box<Timer>>, Duration)>,
+    guards: Vec<Box<dyn EndOfCall>>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").field("inner", &self.inner).field("guards", &self.guards.len()).finish()
+    }
+}
+
+impl ResponseBody {
+    pub fn empty() -> ResponseBody {
+        ResponseBody { inner: None, deadline: None, idle: None, guards: Vec::new() }
+    }
+
+    pub fn streamed(body: PeerBody) -> ResponseBody {
+        ResponseBody { inner: Some(body), ..ResponseBody::empty() }
+    }
+
+    /// At `at`, the stream ends as `expiry` says.
+    pub fn end_at(&mut self, at: Instant, expiry: Expiry) {
+        self.deadline = Some(Timer::start(tokio::time::sleep_until(at), expiry));
+    }
+
+    /// The stream ends as `expiry` says when no data arrives for `after`.
+    pub fn end_when_idle(&mut self, after: Duration, expiry: Expiry) {
+        self.idle = Some((Timer::start(tokio::time::sleep(after), expiry), after));
+    }
+
+    /// `guard` learns how the call ended.
+    pub fn on_end(&mut self, guard: Box<dyn EndOfCall>) {
+        self.guards.push(guard);
+    }
+
+    /// Ends the call with `status`: the guards learn it, the peer's stream is
+    /// dropped (and so reset if still open) and the timers stop.
+    fn end(&mut self, status: Option<Code>) {
+        for guard in self.guards.drain(..) {
+            guard.ended(status);
+        }
+        self.inner = None;
+        self.deadline = None;
+        self.idle = None;
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_data()
+                    && let Some((timer, after)) = this.idle.as_mut()
+                {
+                    timer.as_mut().project().sleep.reset(Instant::now() + *after);
+                }
+                if let Some(trailers) = frame.trailers_ref() {
+                    // Trailers without grpc-status break the protocol: the peer failed.
+                    this.end(Some(grpc::status_in(trailers).unwrap_or(Code::Internal)));
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            // The end without trailers, or a failed stream: the peer failed.
+            Poll::Ready(end) => {
+                this.end(None);
+                return Poll::Ready(end);
+            }
+            Poll::Pending => {}
+        }
+        // Nothing from the peer yet: has a timer run out?
+        let expired = [this.deadline.as_mut(), this.idle.as_mut().map(|(timer, _)| timer)]
+            .into_iter()
+            .flatten()
+            .find_map(|timer| {
+                timer
+                    .as_mut()
+                    .project()
+                    .sleep
+                    .poll(cx)
+                    .is_ready()
+                    .then(|| (timer.trailers(), timer.expiry.error.code()))
+            });
+        match expired {
+            Some((trailers, code)) => {
+                this.end(Some(code));
+                Poll::Ready(Some(Ok(trailers)))
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// The peer's response body: data (its flow-control window given back as it
+/// is read), then trailers. It owns the task still sending the request body,
+/// if any, which stops when the call ends.
+#[derive(Debug)]
+pub struct PeerBody {
+    stream: RecvStream,
+    data_done: bool,
+    sending: Option<AbortHandle>,
+}
+
+impl PeerBody {
+    pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> PeerBody {
+        PeerBody { stream, data_done: false, sending }
+    }
+}
+
+impl Drop for PeerBody {
+    fn drop(&mut self) {
+        if let Some(sending) = &self.sending {
+            sending.abort();
+        }
+    }
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+}
+
+/// The request body every connection sends: the caller's stream as it comes,
+/// or a request kept whole so that a retry can send it again. `B` is the
+/// caller's body (a connection's `Incoming`; any body in tests).
+#[derive(Debug)]
+pub enum RequestBody<B = Incoming> {
+    Streamed(B),
+    /// A whole request, kept; `None` once sent.
+    Replayed(Option<Bytes>),
+    /// A request too large to keep: what was read while trying, then the rest.
+    Resumed {
+        read: Option<Bytes>,
+        rest: B,
+    },
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Replayed(kept) => Poll::Ready(kept.take().map(|bytes| Ok(Frame::data(bytes)))),
+            RequestBody::Resumed { read, rest } => match read.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(body) => body.is_end_stream(),
+            RequestBody::Replayed(kept) => kept.is_none(),
+            RequestBody::Resumed { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(body) => body.size_hint(),
+            RequestBody::Replayed(kept) => SizeHint::with_exact(kept.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Resumed { .. } => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    type Log = Arc<Mutex<Vec<Option<Option<Code>>>>>;
+
+    /// Records the status it was told, or that it was dropped untold.
+    struct Told {
+        log: Log,
+        told: bool,
+    }
+
+    fn told(log: &Log) -> Box<Told> {
+        Box::new(Told { log: log.clone(), told: false })
+    }
+
+    impl EndOfCall for Told {
+        fn ended(mut self: Box<Self>, status: Option<Code>) {
+            self.log.lock().unwrap().push(Some(status));
+            self.told = true;
+        }
+    }
+
+    impl Drop for Told {
+        fn drop(&mut self) {
+            if !self.told {
+                self.log.lock().unwrap().push(None);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timer_ends_the_stream_with_its_status_and_tells_every_guard() {
+        use http_body_util::BodyExt;
+        let log = Log::default();
+        // A stream that never ends by itself: an HTTP/2 pair whose server never answers the body.
+        let (mut body, _peer) = open_stream().await;
+        body.on_end(told(&log));
+        body.on_end(told(&log));
+        let counter = Counter::default();
+        let error = ProxyError::NoCallerIdentity;
+        let expiry = Expiry { error, direction: Direction::Inbound, counter: counter.clone() };
+        body.end_at(Instant::now() + Duration::from_millis(50), expiry);
+        let frame = body.frame().await.unwrap().unwrap();
+        let trailers = frame.into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "16");
+        assert!(trailers["grpc-message"].to_str().unwrap().starts_with("protomesh inbound: "));
+        assert_eq!(*log.lock().unwrap(), [Some(Some(Code::Unauthenticated)); 2]);
+        assert_eq!(counter.get(), 1);
+        assert!(body.frame().await.is_none(), "nothing follows the trailers");
+    }
+
+    #[tokio::test]
+    async fn guards_of_an_abandoned_call_are_dropped_untold() {
+        let log = Log::default();
+        let mut body = ResponseBody::empty();
+        body.on_end(told(&log));
+        drop(body);
+        assert_eq!(*log.lock().unwrap(), [None]);
+    }
+
+    /// A response body from a real HTTP/2 stream whose server sends headers and then nothing.
+    async fn open_stream() -> (ResponseBody, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(listener.accept().await.unwrap().0).await.unwrap();
+            let (_, mut respond) = connection.accept().await.unwrap().unwrap();
+            let _stream = respond.send_response(http::Response::new(()), false).unwrap();
+            std::future::poll_fn(|cx| connection.poll_closed(cx)).await.ok();
+        });
+        let (sender, connection) =
+            h2::client::handshake(tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let (response, _) = sender.send_request(http::Request::new(()), true).unwrap();
+        let response = response.await.unwrap();
+        (ResponseBody::streamed(PeerBody::new(response.into_body(), None)), peer)
+    }
+}

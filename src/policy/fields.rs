@@ -1,0 +1,58 @@
+//! The policy fields of a method, the same wherever they are written: a
+//! contract's `(protomesh.v1.method)` or `(protomesh.v1.service)` option,
+//! `policy.defaults`, or an override in `policy.methods`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::bulkhead::ConcurrencyPolicy;
+use super::retry::RetryPolicy;
+use crate::duration;
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFields {
+    /// Whole-call timeout of unary and client-streaming calls.
+    #[serde(default, deserialize_with = "duration::deserialize_option")]
+    pub timeout: Option<Duration>,
+    /// Streaming responses: the longest gap between two messages.
+    #[serde(default, deserialize_with = "duration::deserialize_option")]
+    pub idle_timeout: Option<Duration>,
+    /// Server- and bidi-streaming calls: the longest a stream may stay open.
+    #[serde(default, deserialize_with = "duration::deserialize_option")]
+    pub stream_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyPolicy>,
+}
+
+impl PolicyFields {
+    /// Errors are `field: problem`.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(retry) = &self.retry {
+            retry.validate().map_err(|e| format!("retry.{e}"))?;
+        }
+        if let Some(concurrency) = &self.concurrency {
+            concurrency.validate().map_err(|e| format!("concurrency.{e}"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        let retry = PolicyFields { retry: Some(RetryPolicy::new(0, vec![])), ..Default::default() };
+        assert!(retry.validate().unwrap_err().starts_with("retry.max_attempts"));
+        let fields = PolicyFields {
+            concurrency: Some(ConcurrencyPolicy { max_in_flight: 0, max_queue: 0, queue_timeout: Duration::ZERO }),
+            ..Default::default()
+        };
+        assert!(fields.validate().unwrap_err().starts_with("concurrency.max_in_flight"));
+    }
+}

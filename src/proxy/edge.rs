@@ -1,0 +1,113 @@
+//! The edge of each connection: where a call meets the routes in force. It
+//! reads the routing snapshot once, finds the call's stack, and hands the
+//! call to it; a call with no route is refused here and counted by reason.
+//! Inbound, the edge also vouches for the caller: its certificate's SPIFFE ID
+//! goes to the app in `protomesh-caller-id` (always overwritten, so it cannot
+//! be spoofed) and to the layers below as the call's [`Caller`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tower::Service;
+
+use super::routes::Routes;
+use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, ResponseBody};
+use crate::identity::SpiffeId;
+use crate::policy::bulkhead::CallerBulkhead;
+use crate::telemetry::Metrics;
+
+type EdgeFuture = Either<Ready<Result<Response<ResponseBody>, ProxyError>>, CallFuture>;
+
+/// The routes in force, swapped whole on reload.
+pub type CurrentRoutes = Arc<ArcSwap<Routes>>;
+
+fn refuse(metrics: &Metrics, direction: Direction, error: ProxyError) -> EdgeFuture {
+    metrics.refused(direction, error.reason());
+    Either::Left(ready(Err(error)))
+}
+
+/// A connection from the local app.
+#[derive(Clone)]
+pub struct OutboundEdge {
+    routes: CurrentRoutes,
+    metrics: Arc<Metrics>,
+}
+
+impl OutboundEdge {
+    pub fn new(routes: CurrentRoutes, metrics: Arc<Metrics>) -> Self {
+        OutboundEdge { routes, metrics }
+    }
+}
+
+impl Service<Request<Incoming>> for OutboundEdge {
+    type Response = Response<ResponseBody>;
+    type Error = ProxyError;
+    type Future = EdgeFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> EdgeFuture {
+        let routed = self.routes.load().outbound.route(request.uri().path());
+        match routed {
+            Ok(mut stack) => Either::Right(stack.call(request)),
+            Err(error) => refuse(&self.metrics, Direction::Outbound, error),
+        }
+    }
+}
+
+/// A connection from a peer sidecar, with the identity its certificate proved.
+#[derive(Clone)]
+pub struct InboundEdge {
+    routes: CurrentRoutes,
+    metrics: Arc<Metrics>,
+    /// `None`: the certificate carries no SPIFFE ID.
+    caller: Option<(Caller, HeaderValue)>,
+}
+
+impl InboundEdge {
+    pub fn new(routes: CurrentRoutes, metrics: Arc<Metrics>, identity: Option<SpiffeId>, address: SocketAddr) -> Self {
+        let caller = identity.and_then(|id| {
+            let header = HeaderValue::from_str(id.as_str()).ok()?;
+            Some((Caller { id, address }, header))
+        });
+        InboundEdge { routes, metrics, caller }
+    }
+}
+
+impl Service<Request<Incoming>> for InboundEdge {
+    type Response = Response<ResponseBody>;
+    type Error = ProxyError;
+    type Future = EdgeFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> EdgeFuture {
+        let Some((caller, header)) = &self.caller else {
+            return refuse(&self.metrics, Direction::Inbound, ProxyError::NoCallerIdentity);
+        };
+        let routes = self.routes.load();
+        let Some(inbound) = &routes.inbound else {
+            let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
+            return refuse(&self.metrics, Direction::Inbound, error);
+        };
+        let mut stack = match inbound.route(request.uri().path()) {
+            Ok(stack) => stack,
+            Err(error) => return refuse(&self.metrics, Direction::Inbound, error),
+        };
+        request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
+        if let Some(callers) = &inbound.callers {
+            request.extensions_mut().insert(CallerBulkhead(callers.of(&caller.id)));
+        }
+        request.extensions_mut().insert(caller.clone());
+        Either::Right(stack.call(request))
+    }
+}
