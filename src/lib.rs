@@ -18,9 +18,11 @@ pub mod duration;
 pub mod effective;
 pub mod grpc;
 pub mod identity;
+pub mod kube;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod watch;
 pub mod workers;
 
 /// Generated from `proto/protomesh/v1/options.proto`: the policy options.

@@ -4,9 +4,13 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use protomesh::app::admin::SetLogLevel;
+use protomesh::app::admin::{self, SetLogLevel};
 use protomesh::app::{self, ConfigSource, Inputs, Options};
+use protomesh::duration;
 use protomesh::identity::{SpiffeId, certs};
+use protomesh::kube::manifest::{self, Manifests};
+use protomesh::kube::settings::Defaults;
+use protomesh::kube::webhook::{self, WebhookConfig};
 
 // A call allocates a few dozen small blocks that die within it; mimalloc serves
 // them faster than glibc malloc, which misses its thread cache under bursts.
@@ -47,6 +51,53 @@ enum Command {
         #[arg(required = true)]
         workloads: Vec<String>,
     },
+    /// Add the sidecar to the pod templates of Kubernetes manifests (written to stdout).
+    Inject {
+        /// A YAML or JSON file, a directory of them, or - for standard input.
+        #[arg(default_value = "-")]
+        input: PathBuf,
+        /// Inject every pod that has not opted out, not only those opted in.
+        #[arg(long)]
+        all: bool,
+        /// The namespace of objects that name none, as with kubectl -n.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// A namespace labelled protomesh.io/inject=enabled (repeatable).
+        #[arg(long = "enabled-namespace", value_name = "NAMESPACE")]
+        enabled_namespaces: Vec<String>,
+        /// The sidecar image, unless a pod's protomesh.io/image says otherwise.
+        #[arg(long, env = "PROTOMESH_IMAGE")]
+        image: Option<String>,
+    },
+    /// Take the sidecar out of injected manifests again (written to stdout).
+    Uninject {
+        /// A YAML or JSON file, a directory of them, or - for standard input.
+        #[arg(default_value = "-")]
+        input: PathBuf,
+    },
+    /// Run the mutating admission webhook that injects pods as they are created.
+    Webhook {
+        #[arg(long, env = "PROTOMESH_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// PEM certificate chain the webhook serves (renewed files are read again).
+        #[arg(long, env = "PROTOMESH_WEBHOOK_CERT", default_value = "/var/run/protomesh/webhook/tls.crt")]
+        cert: PathBuf,
+        #[arg(long, env = "PROTOMESH_WEBHOOK_KEY", default_value = "/var/run/protomesh/webhook/tls.key")]
+        key: PathBuf,
+        /// The sidecar image, unless a pod's protomesh.io/image says otherwise.
+        #[arg(long, env = "PROTOMESH_IMAGE")]
+        image: Option<String>,
+        /// Read the certificate files this often besides when they change.
+        #[arg(long, default_value = "60s", value_parser = duration::parse)]
+        reload_interval: std::time::Duration,
+    },
+    /// Wait until a sidecar's admin server says it is ready (a classic sidecar's postStart hook).
+    Await {
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        #[arg(long, default_value = "120s", value_parser = duration::parse)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +111,18 @@ fn main() -> ExitCode {
         Command::Certs { out, trust_domain, namespace, workloads } => {
             write_certs(&out, &trust_domain, &namespace, &workloads)
         }
+        Command::Inject { input, all, namespace, enabled_namespaces, image } => {
+            let namespace_labels = enabled_namespaces.into_iter().map(|ns| (ns, "enabled".to_string())).collect();
+            let options = manifest::Options { all, namespace, namespace_labels, defaults: Defaults { image } };
+            transform(&input, |manifests| manifest::inject(manifests, &options))
+        }
+        Command::Uninject { input } => transform(&input, manifest::uninject),
+        Command::Webhook { listen, cert, key, image, reload_interval } => {
+            init_logging();
+            let config = WebhookConfig { listen, cert, key, defaults: Defaults { image }, reload_interval };
+            runtime().block_on(webhook::run(config))
+        }
+        Command::Await { admin, timeout } => runtime().block_on(admin::wait_until_ready(admin, timeout)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,6 +164,20 @@ fn runtime() -> tokio::runtime::Runtime {
 fn check(config: Option<PathBuf>) -> Result<(), String> {
     let inputs = Inputs::read(&ConfigSource::process(config))?;
     print!("{}", protomesh::check::report(&inputs));
+    Ok(())
+}
+
+/// Reads manifests, changes them, writes them to stdout and the report to stderr.
+fn transform(
+    input: &std::path::Path,
+    change: impl FnOnce(&mut Manifests) -> Result<Vec<manifest::Line>, String>,
+) -> Result<(), String> {
+    let mut manifests = manifest::read(input)?;
+    let report = change(&mut manifests)?;
+    print!("{}", manifest::render(&manifests));
+    for line in report {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

@@ -149,3 +149,28 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         });
     }
 }
+
+/// Waits until the admin server at `addr` answers `/ready` with 200, for at
+/// most `timeout`: what `protomesh await` does for a classic sidecar's
+/// postStart hook, so that the app starts after its sidecar is ready.
+pub async fn wait_until_ready(addr: SocketAddr, timeout: std::time::Duration) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ready = async {
+        loop {
+            let answer = async {
+                let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await?;
+                let mut head = [0u8; 12];
+                tcp.read_exact(&mut head).await?;
+                Ok::<_, std::io::Error>(head)
+            };
+            if answer.await.is_ok_and(|head| &head[9..12] == b"200") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(timeout, ready)
+        .await
+        .map_err(|_| format!("{addr}/ready did not answer 200 within {timeout:?}"))
+}

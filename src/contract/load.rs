@@ -78,8 +78,8 @@ fn descriptor_pool(config: &ContractsConfig) -> Result<(DescriptorPool, FilesRea
     let mut compiler = protox::Compiler::with_file_resolver(SharedResolver(resolver.clone()));
     compiler.include_imports(true);
     compiler.open_file(OPTIONS_PROTO_NAME).map_err(|e| ContractError(format!("built-in {OPTIONS_PROTO_NAME}: {e}")))?;
-    for proto in &config.protos {
-        compiler.open_file(proto).map_err(|e| compile_error(proto, &includes, e))?;
+    for proto in expand(&config.protos, &includes)? {
+        compiler.open_file(&proto).map_err(|e| compile_error(&proto, &includes, e))?;
     }
     let mut read: FilesRead =
         resolver.read.take().into_iter().map(|(path, source)| (path, source.into_bytes())).collect();
@@ -107,6 +107,39 @@ impl<R: FileResolver> FileResolver for SharedResolver<R> {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
         self.0.open_file(name)
     }
+}
+
+/// The `.proto` files named, with patterns (`*.proto`, `shop/*.proto`)
+/// expanded against the include paths, so that a ConfigMap of contracts can
+/// be loaded whole without listing its keys. Names starting with `.` (a
+/// volume's `..data`) are never matched.
+fn expand(protos: &[PathBuf], includes: &[PathBuf]) -> Result<Vec<PathBuf>, ContractError> {
+    let options = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
+    let mut expanded = Vec::new();
+    for proto in protos {
+        let pattern = proto.to_string_lossy();
+        if !pattern.contains(['*', '?', '[']) {
+            expanded.push(proto.clone());
+            continue;
+        }
+        let mut matched = Vec::new();
+        for include in includes {
+            let full = include.join(proto);
+            let paths = glob::glob_with(&full.to_string_lossy(), options)
+                .map_err(|e| ContractError(format!("contracts.protos: `{pattern}` is not a file pattern: {e}")))?;
+            matched.extend(paths.flatten().filter_map(|path| path.strip_prefix(include).ok().map(Path::to_path_buf)));
+        }
+        if matched.is_empty() {
+            let includes = includes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(ContractError(format!(
+                "contracts.protos: `{pattern}` matches no file in contracts.include ({includes})"
+            )));
+        }
+        matched.sort();
+        expanded.extend(matched);
+    }
+    expanded.dedup();
+    Ok(expanded)
 }
 
 fn compile_error(proto: &Path, includes: &[PathBuf], error: protox::Error) -> ContractError {
@@ -261,6 +294,23 @@ mod tests {
         let now = contracts.method("/clock.v1.Clock/Now").unwrap();
         assert_eq!(now.idempotency, Idempotency::Idempotent);
         assert_eq!(now.contract.method.as_ref().unwrap().concurrency.as_ref().unwrap().max_in_flight, 4);
+    }
+
+    #[test]
+    fn patterns_load_every_matching_contract_but_not_a_volumes_hidden_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = |package: &str| {
+            format!("syntax = \"proto3\"; package {package}; message M {{}} service S {{ rpc M(M) returns (M); }}")
+        };
+        write(dir.path(), "a.proto", &message("a"));
+        write(dir.path(), "b.proto", &message("b"));
+        std::fs::create_dir(dir.path().join("..2026_11_30")).unwrap();
+        write(&dir.path().join("..2026_11_30"), "c.proto", &message("c"));
+        let contracts = load(&config(&["*.proto"], &[dir.path()])).unwrap();
+        assert!(contracts.method("/a.S/M").is_some() && contracts.method("/b.S/M").is_some());
+        assert!(contracts.method("/c.S/M").is_none());
+        let err = load(&config(&["*.protobuf"], &[dir.path()])).unwrap_err().to_string();
+        assert!(err.starts_with("contracts.protos: `*.protobuf` matches no file in contracts.include"), "{err}");
     }
 
     #[test]

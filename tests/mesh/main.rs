@@ -1,11 +1,13 @@
-//! End-to-end tests of the sidecar pair on loopback: one test binary, many
-//! independent meshes running in parallel.
+//! End-to-end tests: sidecar pairs on loopback (many independent meshes
+//! running in parallel), the binary as users run it, and its Kubernetes
+//! front ends; one test binary.
 
 mod breaker;
 mod bulkheads;
 mod cli;
 mod deadlines;
 mod harness;
+mod injection;
 mod passthrough;
 mod refusals;
 mod reload;
@@ -13,4 +15,5 @@ mod resets;
 mod retries;
 mod telemetry;
 mod tracing;
+mod webhook;
 mod workers;

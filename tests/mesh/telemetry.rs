@@ -23,6 +23,15 @@ pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u
     .await
 }
 
+/// The status an admin server answers a GET with, or `None` while it does not answer.
+pub async fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.ok()?;
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
 /// The value of the sample whose line starts with `series` (name and labels).
 pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()

@@ -1,0 +1,21 @@
+//! Kubernetes: adding the sidecar to pods. One mutation ([`inject`]) turns a
+//! pod template into the injected one; `protomesh inject` applies it to
+//! manifests ([`manifest`]) and `protomesh webhook` to pods as they are
+//! created ([`webhook`]). [`settings`] reads what a pod's annotations ask
+//! for, and [`sidecar`] is what gets added.
+
+pub mod inject;
+pub mod manifest;
+pub mod settings;
+pub mod sidecar;
+pub mod webhook;
+
+/// The version injected sidecars and the injector report.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The sidecar container's name.
+pub const SIDECAR: &str = "protomesh-proxy";
+/// The user and group the sidecar runs as.
+pub const SIDECAR_UID: u32 = 2102;
+pub const OUTBOUND_PORT: u16 = 4140;
+pub const INBOUND_PORT: u16 = 4143;
+pub const ADMIN_PORT: u16 = 4191;

@@ -1,0 +1,248 @@
+//! What a pod asks of its sidecar, read from its template's annotations (all
+//! under `protomesh.io/`), with the defaults the README's table lists. A bad
+//! value names the annotation and what would be valid.
+
+use serde_json::{Map, Value};
+
+use super::{ADMIN_PORT, VERSION};
+
+/// The label (or namespace label) that opts a pod in (`enabled`) or out (`disabled`).
+pub const INJECT: &str = "protomesh.io/inject";
+/// Written on an injected pod: what was added, so that it can be taken out again.
+pub const STATUS: &str = "protomesh.io/status";
+pub const CREATED_BY: &str = "protomesh.io/created-by";
+pub const PROXY_VERSION: &str = "protomesh.io/proxy-version";
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
+pub const MODE: &str = "protomesh.io/sidecar-mode";
+pub const IMAGE: &str = "protomesh.io/image";
+pub const APP_PORT: &str = "protomesh.io/app-port";
+pub const CONTRACTS: &str = "protomesh.io/contracts";
+pub const CONTRACTS_PROTOS: &str = "protomesh.io/contracts-protos";
+pub const CONFIG: &str = "protomesh.io/config";
+pub const IDENTITY: &str = "protomesh.io/identity";
+pub const IDENTITY_SECRET: &str = "protomesh.io/identity-secret";
+pub const SERVICE_NAME: &str = "protomesh.io/service-name";
+pub const OTLP_ENDPOINT: &str = "protomesh.io/otlp-endpoint";
+pub const LOG_LEVEL: &str = "protomesh.io/log-level";
+pub const CPU_REQUEST: &str = "protomesh.io/proxy-cpu-request";
+pub const CPU_LIMIT: &str = "protomesh.io/proxy-cpu-limit";
+pub const MEMORY_REQUEST: &str = "protomesh.io/proxy-memory-request";
+pub const MEMORY_LIMIT: &str = "protomesh.io/proxy-memory-limit";
+
+/// The image the sidecar runs unless the pod or the injector says otherwise.
+pub fn default_image() -> String {
+    format!("ghcr.io/protomesh/protomesh:{VERSION}")
+}
+
+/// How the sidecar joins the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// An init container with `restartPolicy: Always` (Kubernetes 1.29 and
+    /// later): started, and ready, before the app; stopped after it; Jobs complete.
+    Native,
+    /// The first container, whose postStart hook waits until it is ready.
+    Classic,
+}
+
+/// Where the workload's certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// cert-manager's csi-driver-spiffe: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, renewed in place.
+    Csi,
+    /// A Secret with `tls.crt`, `tls.key` and `ca.crt` (a cert-manager Certificate's, say).
+    Secret(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    pub image: String,
+    /// The app's plaintext gRPC port on localhost; `None`: no inbound traffic.
+    pub app_port: Option<u16>,
+    pub contracts: String,
+    pub contracts_protos: String,
+    /// The ConfigMap holding `protomesh.yaml`; `None`: the environment alone.
+    pub config: Option<String>,
+    pub identity: IdentitySource,
+    pub service_name: String,
+    pub otlp_endpoint: Option<String>,
+    pub log_level: String,
+    pub cpu_request: String,
+    pub cpu_limit: Option<String>,
+    pub memory_request: String,
+    pub memory_limit: Option<String>,
+    /// The pod's grace period, of which the sidecar's drain takes all but a margin.
+    pub grace_seconds: u64,
+}
+
+/// What the injector knows beyond the pod template.
+#[derive(Clone, Debug, Default)]
+pub struct Defaults {
+    /// The sidecar image, unless the pod names one.
+    pub image: Option<String>,
+}
+
+impl Settings {
+    /// Reads the template's annotations. `workload` names the workload when
+    /// neither an annotation nor a label does.
+    pub fn read(template: &Value, workload: &str, defaults: &Defaults) -> Result<Settings, String> {
+        let metadata = template.get("metadata");
+        let annotations = metadata.and_then(|m| m.get("annotations")).and_then(Value::as_object);
+        let labels = metadata.and_then(|m| m.get("labels")).and_then(Value::as_object);
+        let spec = template.get("spec");
+        let get = |name: &str| annotations.and_then(|a| a.get(name)).and_then(Value::as_str).map(str::to_string);
+        let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_string());
+
+        let mode = match get(MODE).as_deref() {
+            None | Some("native") => Mode::Native,
+            Some("classic") => Mode::Classic,
+            Some(other) => return Err(invalid(MODE, other, "`native` (Kubernetes 1.29 and later) or `classic`")),
+        };
+        let app_port = match get(APP_PORT) {
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port > 0 && port != ADMIN_PORT => Some(port),
+                _ => return Err(invalid(APP_PORT, &port, "a port number from 1 to 65535, not the sidecar's")),
+            },
+            None => first_container_port(spec),
+        };
+        let identity = match get(IDENTITY).as_deref() {
+            None | Some("csi") => IdentitySource::Csi,
+            Some("secret") => {
+                let account = spec.and_then(|s| s.get("serviceAccountName")).and_then(Value::as_str);
+                let default = format!("{}-protomesh-identity", account.unwrap_or("default"));
+                IdentitySource::Secret(or(IDENTITY_SECRET, &default))
+            }
+            Some(other) => return Err(invalid(IDENTITY, other, "`csi` (csi-driver-spiffe) or `secret`")),
+        };
+        let service_name = get(SERVICE_NAME)
+            .or_else(|| label(labels, "app.kubernetes.io/name"))
+            .or_else(|| label(labels, "app"))
+            .unwrap_or_else(|| workload.to_string());
+        for (name, value) in [(CPU_REQUEST, get(CPU_REQUEST)), (CPU_LIMIT, get(CPU_LIMIT))]
+            .into_iter()
+            .chain([(MEMORY_REQUEST, get(MEMORY_REQUEST)), (MEMORY_LIMIT, get(MEMORY_LIMIT))])
+        {
+            if let Some(value) = value.filter(|v| !is_quantity(v)) {
+                return Err(invalid(name, &value, "a Kubernetes quantity, e.g. 100m, 0.5, 64Mi or 1Gi"));
+            }
+        }
+        let grace_seconds = spec
+            .and_then(|s| s.get("terminationGracePeriodSeconds"))
+            .map(|v| v.as_u64().ok_or("spec.terminationGracePeriodSeconds: expected a whole number of seconds"))
+            .transpose()?
+            .unwrap_or(30);
+        Ok(Settings {
+            mode,
+            image: get(IMAGE).or_else(|| defaults.image.clone()).unwrap_or_else(default_image),
+            app_port,
+            contracts: or(CONTRACTS, "protomesh-contracts"),
+            contracts_protos: or(CONTRACTS_PROTOS, "*.proto"),
+            config: match get(CONFIG).as_deref() {
+                Some("none") => None,
+                Some(name) => Some(name.to_string()),
+                None => Some("protomesh-config".to_string()),
+            },
+            identity,
+            service_name,
+            otlp_endpoint: get(OTLP_ENDPOINT),
+            log_level: or(LOG_LEVEL, "info"),
+            cpu_request: or(CPU_REQUEST, "10m"),
+            cpu_limit: get(CPU_LIMIT),
+            memory_request: or(MEMORY_REQUEST, "32Mi"),
+            memory_limit: Some(or(MEMORY_LIMIT, "256Mi")),
+            grace_seconds,
+        })
+    }
+}
+
+fn label(labels: Option<&Map<String, Value>>, name: &str) -> Option<String> {
+    labels?.get(name)?.as_str().map(str::to_string)
+}
+
+/// The first TCP port the containers declare, in their order.
+fn first_container_port(spec: Option<&Value>) -> Option<u16> {
+    let containers = spec?.get("containers")?.as_array()?;
+    let ports = containers.iter().filter_map(|c| c.get("ports")?.as_array()).flatten();
+    ports
+        .filter(|port| port.get("protocol").and_then(Value::as_str).is_none_or(|p| p == "TCP"))
+        .find_map(|port| port.get("containerPort")?.as_u64().and_then(|p| u16::try_from(p).ok()))
+}
+
+fn invalid(annotation: &str, value: &str, valid: &str) -> String {
+    format!("annotation {annotation}: `{value}` is not valid; write {valid}")
+}
+
+/// A Kubernetes resource quantity: a decimal number and a suffix (binary,
+/// decimal SI, or a decimal exponent), as `resource.Quantity` parses it.
+fn is_quantity(text: &str) -> bool {
+    let number_end =
+        text.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let number = number.strip_prefix(['+', '-']).unwrap_or(number);
+    let digits_ok = !number.is_empty()
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && number.matches('.').count() <= 1
+        && number != ".";
+    let suffix_ok = match suffix {
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => true,
+        exponent => exponent
+            .strip_prefix(['e', 'E'])
+            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+            .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())),
+    };
+    digits_ok && suffix_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn template(annotations: Value) -> Value {
+        json!({
+            "metadata": {"annotations": annotations, "labels": {"app": "shop"}},
+            "spec": {"serviceAccountName": "checkout", "containers": [{"name": "app", "ports": [{"containerPort": 9090}]}]}
+        })
+    }
+
+    #[test]
+    fn defaults_come_from_the_pod_where_it_says_something() {
+        let settings = Settings::read(&template(json!({})), "checkout", &Defaults::default()).unwrap();
+        assert_eq!(settings.mode, Mode::Native);
+        assert_eq!(settings.app_port, Some(9090), "the first port of the containers");
+        assert_eq!(settings.service_name, "shop", "the app label, before the workload's name");
+        assert_eq!(settings.image, default_image());
+        assert_eq!(settings.config.as_deref(), Some("protomesh-config"));
+        assert_eq!(settings.grace_seconds, 30);
+        let secret = json!({"protomesh.io/identity": "secret", "protomesh.io/config": "none"});
+        let settings = Settings::read(&template(secret), "checkout", &Defaults::default()).unwrap();
+        assert_eq!(settings.identity, IdentitySource::Secret("checkout-protomesh-identity".into()));
+        assert_eq!(settings.config, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_annotation_and_what_is_valid() {
+        let err = Settings::read(&template(json!({"protomesh.io/app-port": "http"})), "w", &Defaults::default());
+        assert_eq!(
+            err.unwrap_err(),
+            "annotation protomesh.io/app-port: `http` is not valid; write a port number from 1 to 65535, not the sidecar's"
+        );
+        let err =
+            Settings::read(&template(json!({"protomesh.io/proxy-memory-limit": "lots"})), "w", &Defaults::default());
+        assert!(err.unwrap_err().starts_with("annotation protomesh.io/proxy-memory-limit: `lots`"));
+        let err = Settings::read(&template(json!({"protomesh.io/sidecar-mode": "sidecar"})), "w", &Defaults::default());
+        assert!(err.unwrap_err().contains("`native` (Kubernetes 1.29 and later) or `classic`"));
+    }
+
+    #[test]
+    fn quantities_parse_as_kubernetes_parses_them() {
+        for good in ["100m", "0.5", "1", "64Mi", "1Gi", "2e3", "1.5G", "+1"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "lots", "1mi", "Mi", "1.2.3", "1e", "."] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+}

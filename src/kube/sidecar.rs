@@ -1,0 +1,152 @@
+//! The sidecar as injection adds it: its container (configured through
+//! `PROTOMESH_*` variables, the downward API and mounted files, with probes
+//! on the admin port and a restricted security context) and the volumes it
+//! mounts (identity, contracts, mesh config).
+
+use serde_json::{Value, json};
+
+use super::settings::{IdentitySource, Mode, Settings};
+use super::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, SIDECAR, SIDECAR_UID};
+
+pub const IDENTITY_VOLUME: &str = "protomesh-identity";
+pub const CONTRACTS_VOLUME: &str = "protomesh-contracts";
+pub const CONFIG_VOLUME: &str = "protomesh-config";
+const IDENTITY_DIR: &str = "/var/run/protomesh/identity";
+const CONTRACTS_DIR: &str = "/var/run/protomesh/contracts";
+const CONFIG_DIR: &str = "/etc/protomesh";
+/// The drain ends this long before the pod's grace period does, so that the
+/// sidecar exits on its own rather than being killed.
+const DRAIN_MARGIN_SECONDS: u64 = 5;
+
+fn env(name: &str, value: impl Into<String>) -> Value {
+    json!({ "name": name, "value": value.into() })
+}
+
+fn field_env(name: &str, path: &str) -> Value {
+    json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } })
+}
+
+/// The sidecar's container.
+pub fn container(settings: &Settings) -> Value {
+    let drain = settings.grace_seconds.saturating_sub(DRAIN_MARGIN_SECONDS).max(1);
+    let mut vars = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("NODE_NAME", "spec.nodeName"),
+        env("PROTOMESH_SERVICE_NAME", settings.service_name.clone()),
+        env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),k8s.node.name=$(NODE_NAME)",
+        ),
+        env("PROTOMESH_LOG", settings.log_level.clone()),
+        env("PROTOMESH_IDENTITY__CERT", format!("{IDENTITY_DIR}/tls.crt")),
+        env("PROTOMESH_IDENTITY__KEY", format!("{IDENTITY_DIR}/tls.key")),
+        env("PROTOMESH_IDENTITY__TRUST_BUNDLE", format!("{IDENTITY_DIR}/ca.crt")),
+        env("PROTOMESH_CONTRACTS__INCLUDE", format!("[{CONTRACTS_DIR}]")),
+        env("PROTOMESH_CONTRACTS__PROTOS", format!("['{}']", settings.contracts_protos)),
+        env("PROTOMESH_OUTBOUND__LISTEN", format!("127.0.0.1:{OUTBOUND_PORT}")),
+        env("PROTOMESH_ADMIN__LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
+        env("PROTOMESH_DRAIN_TIMEOUT", format!("{drain}s")),
+    ];
+    if settings.config.is_some() {
+        vars.push(env("PROTOMESH_CONFIG", format!("{CONFIG_DIR}/protomesh.yaml")));
+    }
+    if let Some(port) = settings.app_port {
+        vars.push(env("PROTOMESH_INBOUND__LISTEN", format!("0.0.0.0:{INBOUND_PORT}")));
+        vars.push(env("PROTOMESH_INBOUND__APP", format!("127.0.0.1:{port}")));
+    }
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        vars.push(env("PROTOMESH_TRACING__OTLP_ENDPOINT", endpoint.clone()));
+    }
+    if settings.cpu_limit.is_some() {
+        // One worker per core of the limit, rounded up.
+        let cores = json!({ "containerName": SIDECAR, "resource": "limits.cpu", "divisor": "1" });
+        vars.push(json!({ "name": "PROTOMESH_WORKER_THREADS", "valueFrom": { "resourceFieldRef": cores } }));
+    }
+
+    let mut ports = vec![json!({ "name": "protomesh-admin", "containerPort": ADMIN_PORT, "protocol": "TCP" })];
+    if settings.app_port.is_some() {
+        ports.insert(0, json!({ "name": "protomesh-in", "containerPort": INBOUND_PORT, "protocol": "TCP" }));
+    }
+    let mut mounts = vec![
+        json!({ "name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true }),
+        json!({ "name": CONTRACTS_VOLUME, "mountPath": CONTRACTS_DIR, "readOnly": true }),
+    ];
+    if settings.config.is_some() {
+        mounts.push(json!({ "name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true }));
+    }
+    let requests = json!({ "cpu": settings.cpu_request, "memory": settings.memory_request });
+    let mut limits = serde_json::Map::new();
+    if let Some(cpu) = &settings.cpu_limit {
+        limits.insert("cpu".into(), json!(cpu));
+    }
+    if let Some(memory) = &settings.memory_limit {
+        limits.insert("memory".into(), json!(memory));
+    }
+    let probe = |path: &str, period: u32, failures: u32| {
+        json!({
+            "httpGet": { "path": path, "port": ADMIN_PORT },
+            "periodSeconds": period,
+            "failureThreshold": failures,
+        })
+    };
+
+    let mut container = json!({
+        "name": SIDECAR,
+        "image": settings.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["run"],
+        "env": vars,
+        "ports": ports,
+        "resources": { "requests": requests, "limits": limits },
+        // The app starts once this passes, and not before.
+        "startupProbe": probe("/ready", 1, 120),
+        "readinessProbe": probe("/ready", 5, 3),
+        "livenessProbe": probe("/live", 10, 3),
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"] },
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    });
+    match settings.mode {
+        Mode::Native => container["restartPolicy"] = json!("Always"),
+        Mode::Classic => {
+            // The kubelet starts the next container only once this hook returns.
+            let wait = ["/protomesh", "await", "--admin", &format!("127.0.0.1:{ADMIN_PORT}"), "--timeout", "120s"];
+            container["lifecycle"] = json!({ "postStart": { "exec": { "command": wait } } });
+        }
+    }
+    container
+}
+
+/// The volumes the sidecar mounts, by name.
+pub fn volumes(settings: &Settings) -> Vec<Value> {
+    let identity = match &settings.identity {
+        IdentitySource::Csi => json!({
+            "name": IDENTITY_VOLUME,
+            "csi": {
+                "driver": "spiffe.csi.cert-manager.io",
+                "readOnly": true,
+                // Group-readable by the sidecar, which runs as this group.
+                "volumeAttributes": { "spiffe.csi.cert-manager.io/fs-group": SIDECAR_UID.to_string() },
+            },
+        }),
+        // Readable by the sidecar's user: only its container mounts the volume.
+        IdentitySource::Secret(name) => json!({
+            "name": IDENTITY_VOLUME,
+            "secret": { "secretName": name, "defaultMode": 0o444 },
+        }),
+    };
+    let mut volumes = vec![identity, json!({ "name": CONTRACTS_VOLUME, "configMap": { "name": settings.contracts } })];
+    if let Some(config) = &settings.config {
+        volumes.push(json!({ "name": CONFIG_VOLUME, "configMap": { "name": config } }));
+    }
+    volumes
+}

@@ -1,0 +1,274 @@
+//! The admission webhook over real HTTPS with real AdmissionReview JSON: the
+//! patch it answers with, applied to the request's pod, is what `inject`
+//! makes of that pod; a reinvocation changes nothing; what is not a review
+//! gets a plain refusal, and what cannot be injected an allowed answer with
+//! a warning; a renewed serving certificate is used without a restart.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use protomesh::kube::inject::{self, Context, Verdict};
+use protomesh::kube::settings::Defaults;
+use protomesh::kube::webhook::{self, WebhookConfig};
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use serde_json::{Value, json};
+
+use crate::harness::within;
+
+/// A serving certificate for 127.0.0.1, and a client that trusts it alone.
+struct Tls {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        Tls { cert_pem: issued.cert.pem(), key_pem: issued.signing_key.serialize_pem() }
+    }
+
+    fn client(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+/// The certificate files in a Secret-style volume, swapped through `..data`.
+fn write_secret(dir: &Path, generation: u32, tls: &Tls) {
+    let data = dir.join(format!("..{generation}"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("tls.crt"), &tls.cert_pem).unwrap();
+    std::fs::write(data.join("tls.key"), &tls.key_pem).unwrap();
+    symlink(format!("..{generation}"), dir.join("..tmp")).unwrap();
+    std::fs::rename(dir.join("..tmp"), dir.join("..data")).unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        if !dir.join(file).exists() {
+            symlink(format!("..data/{file}"), dir.join(file)).unwrap();
+        }
+    }
+}
+
+struct Webhook {
+    addr: std::net::SocketAddr,
+    secret: tempfile::TempDir,
+}
+
+async fn start(tls: &Tls) -> Webhook {
+    let secret = tempfile::tempdir().unwrap();
+    write_secret(secret.path(), 1, tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = WebhookConfig {
+        listen: addr,
+        cert: secret.path().join("tls.crt"),
+        key: secret.path().join("tls.key"),
+        defaults: Defaults { image: Some("registry.example/protomesh:test".into()) },
+        reload_interval: Duration::from_secs(60),
+    };
+    tokio::spawn(webhook::serve(listener, config));
+    Webhook { addr, secret }
+}
+
+/// One HTTPS request: the status and the body.
+async fn request(webhook: &Webhook, tls: &Tls, method: &str, path: &str, body: Vec<u8>) -> (u16, String) {
+    within("a webhook request", async {
+        let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+        let server = ServerName::IpAddress(webhook.addr.ip().into());
+        let stream = tls.client().connect(server, tcp).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    })
+    .await
+}
+
+/// A pod as a ReplicaSet controller creates it: only generateName, no
+/// namespace of its own, the service account's projected token volume.
+fn controller_pod() -> Value {
+    json!({
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "generateName": "checkout-5d8f7b9c4-",
+            "labels": { "app.kubernetes.io/name": "checkout", "pod-template-hash": "5d8f7b9c4" },
+            "annotations": { "kubectl.kubernetes.io/restartedAt": "2026-11-30T04:00:00Z" },
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "checkout-5d8f7b9c4",
+                "uid": "8c7a3f3e-1d2b-4a6e-9f0c-2b1e6f3d9a77", "controller": true, "blockOwnerDeletion": true
+            }]
+        },
+        "spec": {
+            "serviceAccountName": "checkout",
+            "containers": [{
+                "name": "checkout", "image": "registry.example/checkout:1", "ports": [{ "containerPort": 8080, "protocol": "TCP" }],
+                "volumeMounts": [{ "name": "kube-api-access-x2k9d", "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount" }]
+            }],
+            "volumes": [{ "name": "kube-api-access-x2k9d", "projected": { "sources": [{ "serviceAccountToken": { "path": "token", "expirationSeconds": 3607 } }] } }],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler"
+        },
+        "status": {}
+    })
+}
+
+fn review(uid: &str, kind: &str, object: Value) -> Vec<u8> {
+    let group = if kind == "Pod" || kind == "ConfigMap" { "" } else { "apps" };
+    let resource = format!("{}s", kind.to_lowercase());
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": { "group": group, "version": "v1", "kind": kind },
+            "resource": { "group": group, "version": "v1", "resource": resource },
+            "requestKind": { "group": group, "version": "v1", "kind": kind },
+            "requestResource": { "group": group, "version": "v1", "resource": resource },
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller", "groups": ["system:serviceaccounts"] },
+            "object": object,
+            "oldObject": null,
+            "dryRun": false,
+            "options": { "kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1" }
+        }
+    }))
+    .unwrap()
+}
+
+fn response(body: &str) -> Value {
+    let review: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (review["apiVersion"].as_str(), review["kind"].as_str()),
+        (Some("admission.k8s.io/v1"), Some("AdmissionReview"))
+    );
+    review["response"].clone()
+}
+
+#[tokio::test]
+async fn the_patch_applied_to_the_pod_is_what_inject_makes_of_it_and_a_reinvocation_changes_nothing() {
+    let tls = Tls::new();
+    let webhook = start(&tls).await;
+    let pod = controller_pod();
+    let (status, body) = request(&webhook, &tls, "POST", "/inject-namespace", review("a1", "Pod", pod.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    let answer = response(&body);
+    assert_eq!(answer["uid"], "a1");
+    assert_eq!(answer["allowed"], true);
+    assert_eq!(answer["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD.decode(answer["patch"].as_str().unwrap()).unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("a JSON Patch array");
+    let paths: Vec<String> = patch.0.iter().map(|op| op.path().to_string()).collect();
+    assert!(paths.iter().all(|p| p.starts_with("/metadata/annotations/") || p.starts_with("/spec/")), "{paths:?}");
+    assert!(paths.contains(&"/metadata/annotations/protomesh.io~1status".to_string()), "keys are escaped: {paths:?}");
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+
+    let context = Context {
+        namespace: Some("shop"),
+        namespace_injection: Some("enabled"),
+        workload: &inject::workload_of_pod(&pod),
+        defaults: Defaults { image: Some("registry.example/protomesh:test".into()) },
+        ..Default::default()
+    };
+    let Verdict::Injected(injected) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
+    assert_eq!(patched, injected, "the webhook and inject make the same pod");
+    let env = patched["spec"]["initContainers"][0]["env"].as_array().unwrap();
+    assert!(env.iter().any(|v| v["name"] == "PROTOMESH_SERVICE_NAME" && v["value"] == "checkout"), "{env:?}");
+
+    // A second webhook changed the pod; this one is called again: nothing more to do.
+    let (status, body) = request(&webhook, &tls, "POST", "/inject-namespace", review("a2", "Pod", patched)).await;
+    assert_eq!(status, 200);
+    let answer = response(&body);
+    assert_eq!((answer["uid"].as_str(), answer["allowed"].as_bool()), (Some("a2"), Some(true)));
+    assert!(answer["patch"].is_null(), "{answer}");
+
+    // On the pod-label path, a pod that did not opt in is let through untouched.
+    let (_, body) = request(&webhook, &tls, "POST", "/inject", review("a3", "Pod", controller_pod())).await;
+    assert!(response(&body)["patch"].is_null());
+}
+
+#[tokio::test]
+async fn what_is_not_a_review_is_refused_and_what_cannot_be_injected_is_allowed_with_a_warning() {
+    let tls = Tls::new();
+    let webhook = start(&tls).await;
+    let refused = [
+        (b"not json".to_vec(), "not JSON"),
+        (br#"{"kind": "Pod"}"#.to_vec(), "not an AdmissionReview of admission.k8s.io/v1"),
+        (
+            br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}"#.to_vec(),
+            "request.uid: missing",
+        ),
+        (vec![b' '; 5 * 1024 * 1024], "cannot read the review"),
+    ];
+    for (body, why) in refused {
+        let (status, text) = request(&webhook, &tls, "POST", "/inject", body).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(why), "{text}");
+    }
+
+    let config_map = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "c" } });
+    let (status, body) = request(&webhook, &tls, "POST", "/inject", review("b1", "ConfigMap", config_map)).await;
+    assert_eq!(status, 200);
+    let answer = response(&body);
+    assert_eq!((answer["allowed"].as_bool(), answer["patch"].is_null()), (Some(true), true));
+    assert_eq!(answer["warnings"][0], "protomesh: only pods are injected, not ConfigMap");
+
+    let mut broken = controller_pod();
+    broken["spec"]["containers"] = json!({ "name": "x" });
+    let (status, body) = request(&webhook, &tls, "POST", "/inject-namespace", review("b2", "Pod", broken)).await;
+    assert_eq!(status, 200);
+    let answer = response(&body);
+    assert_eq!(answer["allowed"], true, "the webhook never blocks a pod");
+    let warning = answer["warnings"][0].as_str().unwrap();
+    assert!(warning.contains("spec.containers: expected a list of containers"), "{warning}");
+
+    assert_eq!(request(&webhook, &tls, "GET", "/healthz", Vec::new()).await, (200, "ok\n".into()));
+    assert_eq!(request(&webhook, &tls, "GET", "/readyz", Vec::new()).await.0, 200);
+    assert_eq!(request(&webhook, &tls, "POST", "/mutate", Vec::new()).await.0, 404);
+    assert_eq!(request(&webhook, &tls, "GET", "/inject", Vec::new()).await.0, 405);
+}
+
+#[tokio::test]
+async fn a_renewed_serving_certificate_is_used_without_a_restart() {
+    let first = Tls::new();
+    let webhook = start(&first).await;
+    assert_eq!(request(&webhook, &first, "GET", "/healthz", Vec::new()).await.0, 200);
+    let renewed = Tls::new();
+    write_secret(webhook.secret.path(), 2, &renewed);
+    within("the renewed certificate is served", async {
+        loop {
+            let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+            let server = ServerName::IpAddress(webhook.addr.ip().into());
+            if renewed.client().connect(server, tcp).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(request(&webhook, &renewed, "GET", "/readyz", Vec::new()).await.0, 200);
+}
