@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# One image runs the sidecar, the injector and the webhook (`protomesh run`,
+# `inject`, `webhook`); the sample services have a target of their own, so
+# the sidecar's image carries none of their code:
+#   docker build -t ghcr.io/protomesh/protomesh:0.1.0 .
+#   docker build --target samples -t ghcr.io/protomesh/protomesh-samples:0.1.0 .
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+# Two builds, so that the sidecar is built with none of the samples' features;
+# release builds lay out functions in bench/protomesh.order (see build.rs).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p protomesh --bin protomesh \
+ && cargo build --release --locked -p protomesh-samples --bin protomesh-samples \
+ && mkdir /out && cp target/release/protomesh target/release/protomesh-samples /out/
+
+# glibc and libgcc, nothing else; a non-root user, and nothing is written to
+# the root filesystem, which runs read-only.
+FROM gcr.io/distroless/cc-debian12:nonroot AS samples
+COPY --from=build /out/protomesh-samples /protomesh-samples
+USER 1000:1000
+ENTRYPOINT ["/protomesh-samples"]
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS protomesh
+COPY --from=build /out/protomesh /protomesh
+USER 2102:2102
+EXPOSE 4140 4143 4191 8443
+ENTRYPOINT ["/protomesh"]
+CMD ["run"]
