@@ -179,7 +179,11 @@ async fn handle(request: Request<Incoming>, defaults: &Defaults) -> Response<Ful
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into());
         }
         _ => {
-            return reply(StatusCode::NOT_FOUND, "text/plain", "not found; POST an AdmissionReview to /inject\n".into());
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; POST an AdmissionReview to /inject\n".into(),
+            );
         }
     };
     let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect().await {
