@@ -314,7 +314,7 @@ mod tests {
         body.on_end(told(&log));
         body.on_end(told(&log));
         let counter = Counter::default();
-        let error = ProxyError::NoCallerIdentity;
+        let error = ProxyError::NoCallerIdentity { why: "none".into() };
         let expiry = Expiry { error, direction: Direction::Inbound, counter: counter.clone() };
         body.end_at(Instant::now() + Duration::from_millis(50), expiry);
         let frame = body.frame().await.unwrap().unwrap();

@@ -59,8 +59,10 @@ pub enum ProxyError {
         target: Target,
         error: h2::Error,
     },
-    /// The caller's certificate is valid but carries no SPIFFE ID.
-    NoCallerIdentity,
+    /// The caller's certificate is valid but proves no SPIFFE ID, and why.
+    NoCallerIdentity {
+        why: Arc<str>,
+    },
     /// A policy refused or ended the call.
     Policy(Box<dyn PolicyError>),
 }
@@ -121,7 +123,7 @@ impl ProxyError {
                 Some(reason) => grpc::code_for_reset(reason),
                 None => Code::Unavailable,
             },
-            ProxyError::NoCallerIdentity => Code::Unauthenticated,
+            ProxyError::NoCallerIdentity { .. } => Code::Unauthenticated,
             ProxyError::Policy(error) => error.code(),
         }
     }
@@ -135,7 +137,7 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. } => "no_endpoints",
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
-            ProxyError::NoCallerIdentity => "no_caller_identity",
+            ProxyError::NoCallerIdentity { .. } => "no_caller_identity",
             ProxyError::Policy(error) => error.reason(),
         }
     }
@@ -201,9 +203,7 @@ impl fmt::Display for ProxyError {
                 Some(reason) => write!(f, "{target} reset the stream ({reason:?})"),
                 None => write!(f, "{target} failed: {error}"),
             },
-            ProxyError::NoCallerIdentity => {
-                f.write_str("the client certificate carries no SPIFFE ID (URI SAN spiffe://...)")
-            }
+            ProxyError::NoCallerIdentity { why } => write!(f, "the client certificate proves no identity: {why}"),
             ProxyError::Policy(error) => write!(f, "{error}"),
         }
     }

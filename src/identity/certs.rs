@@ -132,7 +132,7 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/ns/shop/sa/checkout").unwrap();
         let issued = ca.issue(&id).unwrap();
         let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
-        assert_eq!(spiffe_id_of(&der), Some(id.clone()));
+        assert_eq!(spiffe_id_of(&der), Ok(id.clone()));
         let credentials =
             Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), ca.cert_pem().as_bytes())
                 .unwrap();

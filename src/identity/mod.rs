@@ -87,10 +87,8 @@ impl Credentials {
             .collect::<Result<_, _>>()
             .map_err(|e| ("cert", format!("not PEM certificates: {e}")))?;
         let leaf = chain.first().ok_or(("cert", "holds no certificate".to_string()))?;
-        let id = spiffe_id_of(leaf).ok_or((
-            "cert",
-            "the certificate has no SPIFFE ID (a URI SAN spiffe://...); issue it with `protomesh certs` or cert-manager's uris".to_string(),
-        ))?;
+        let id = spiffe_id_of(leaf)
+            .map_err(|why| ("cert", format!("{why}; issue it with `protomesh certs` or cert-manager's uris")))?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| ("key", format!("not a PEM private key: {e}")))?;
         let signing_key =
             provider.key_provider.load_private_key(key).map_err(|e| ("key", format!("unusable private key: {e}")))?;
@@ -160,12 +158,23 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The SPIFFE ID in a certificate's URI SAN, if it has one.
-pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) if uri.starts_with("spiffe://") => SpiffeId::parse(uri).ok(),
-        _ => None,
-    })
+/// The SPIFFE ID of an X.509-SVID: its one URI SAN. A certificate with no
+/// URI SAN, several, or one that is not a valid SPIFFE ID has none; the
+/// error says which.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let san = cert.subject_alternative_name().map_err(|e| format!("an unreadable subjectAltName: {e}"))?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| &san.value.general_names)
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err("the certificate has no SPIFFE ID (a URI SAN spiffe://...)".into()),
+        [uri] => SpiffeId::parse(uri),
+        _ => Err(format!("the certificate has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
+    }
 }

@@ -1,5 +1,8 @@
 //! SPIFFE IDs: `spiffe://<trust-domain>/<path>`, the workload identity carried in
-//! the URI SAN of every mesh certificate.
+//! the URI SAN of every mesh certificate, parsed as the SPIFFE ID standard
+//! says: a lowercase trust domain of letters, digits, `-`, `.` and `_`; path
+//! segments of letters, digits, `-`, `.` and `_`, none empty, `.` or `..`;
+//! at most 2048 bytes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,6 +15,9 @@ impl SpiffeId {
     pub fn parse(text: &str) -> Result<SpiffeId, String> {
         let invalid =
             |why: &str| format!("`{text}` is not a SPIFFE ID ({why}); expected spiffe://<trust-domain>/<path>");
+        if text.len() > 2048 {
+            return Err(format!("a SPIFFE ID of {} bytes is longer than the 2048 allowed", text.len()));
+        }
         let rest = text.strip_prefix("spiffe://").ok_or_else(|| invalid("it must start with spiffe://"))?;
         let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
         if domain.is_empty()
@@ -19,11 +25,18 @@ impl SpiffeId {
         {
             return Err(invalid("the trust domain must be non-empty lowercase letters, digits, '-', '.', '_'"));
         }
-        if rest.contains('/') && path.split('/').any(|segment| segment.is_empty()) {
-            return Err(invalid("the path has an empty segment"));
-        }
-        if path.contains(['?', '#']) {
-            return Err(invalid("no query or fragment is allowed"));
+        if rest.contains('/') {
+            for segment in path.split('/') {
+                if segment.is_empty() {
+                    return Err(invalid("the path has an empty segment"));
+                }
+                if segment == "." || segment == ".." {
+                    return Err(invalid("the path has a `.` or `..` segment"));
+                }
+                if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                    return Err(invalid("a path segment may hold only letters, digits, '-', '.', '_'"));
+                }
+            }
         }
         Ok(SpiffeId(text.into()))
     }
@@ -88,6 +101,11 @@ mod tests {
         assert!(SpiffeId::parse("spiffe://Cluster/a").unwrap_err().contains("trust domain"));
         assert!(SpiffeId::parse("spiffe://td/a//b").unwrap_err().contains("empty segment"));
         assert!(SpiffeId::parse("spiffe://td/a/").unwrap_err().contains("empty segment"));
-        assert!(SpiffeId::parse("spiffe://td/a?b").unwrap_err().contains("query"));
+        assert!(SpiffeId::parse("spiffe://td/a?b").unwrap_err().contains("only letters"));
+        assert!(SpiffeId::parse("spiffe://td/ns/../sa/admin").unwrap_err().contains("`..` segment"));
+        assert!(SpiffeId::parse("spiffe://td/ns/./x").unwrap_err().contains("`.` or `..`"));
+        assert!(SpiffeId::parse("spiffe://td/a%2Fb").unwrap_err().contains("only letters"));
+        assert!(SpiffeId::parse(&format!("spiffe://td/{}", "a".repeat(2048))).unwrap_err().contains("2048"));
+        assert!(SpiffeId::parse("spiffe://td/ns/shop/sa/check.out-1_x").is_ok());
     }
 }

@@ -268,7 +268,8 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let Some(caller) = request.extensions().get::<Caller>() else {
-            return Either::Left(ready(Err(ProxyError::NoCallerIdentity)));
+            let why = "no verified caller came with the call".into();
+            return Either::Left(ready(Err(ProxyError::NoCallerIdentity { why })));
         };
         match self.authz.check(&caller.id) {
             Ok(()) => Either::Right(self.inner.call(request)),

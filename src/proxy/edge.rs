@@ -67,15 +67,20 @@ impl Service<Request<Incoming>> for OutboundEdge {
 pub struct InboundEdge {
     routes: CurrentRoutes,
     metrics: Arc<Metrics>,
-    /// `None`: the certificate carries no SPIFFE ID.
-    caller: Option<(Caller, HeaderValue)>,
+    /// `Err`: why the certificate proves no SPIFFE ID.
+    caller: Result<(Caller, HeaderValue), Arc<str>>,
 }
 
 impl InboundEdge {
-    pub fn new(routes: CurrentRoutes, metrics: Arc<Metrics>, identity: Option<SpiffeId>, address: SocketAddr) -> Self {
-        let caller = identity.and_then(|id| {
-            let header = HeaderValue::from_str(id.as_str()).ok()?;
-            Some((Caller { id, address }, header))
+    pub fn new(
+        routes: CurrentRoutes,
+        metrics: Arc<Metrics>,
+        identity: Result<SpiffeId, String>,
+        address: SocketAddr,
+    ) -> Self {
+        let caller = identity.map_err(Arc::from).and_then(|id| {
+            let header = HeaderValue::from_str(id.as_str()).map_err(|e| Arc::from(e.to_string()))?;
+            Ok((Caller { id, address }, header))
         });
         InboundEdge { routes, metrics, caller }
     }
@@ -91,8 +96,12 @@ impl Service<Request<Incoming>> for InboundEdge {
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> EdgeFuture {
-        let Some((caller, header)) = &self.caller else {
-            return refuse(&self.metrics, Direction::Inbound, ProxyError::NoCallerIdentity);
+        let (caller, header) = match &self.caller {
+            Ok(caller) => caller,
+            Err(why) => {
+                let error = ProxyError::NoCallerIdentity { why: why.clone() };
+                return refuse(&self.metrics, Direction::Inbound, error);
+            }
         };
         let routes = self.routes.load();
         let Some(inbound) = &routes.inbound else {

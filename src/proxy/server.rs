@@ -27,8 +27,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub addr: std::net::SocketAddr,
-    /// The SPIFFE ID of a verified client certificate (mTLS listeners only).
-    pub identity: Option<SpiffeId>,
+    /// The SPIFFE ID of a verified client certificate, or why there is none.
+    pub identity: Result<SpiffeId, String>,
 }
 
 /// What every listener of a sidecar shares.
@@ -86,7 +86,10 @@ pub async fn serve<F, S>(
                 .keep_alive_timeout(Duration::from_secs(20));
             let result = match acceptor {
                 None => {
-                    let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity: None }));
+                    let service = TowerToHyperService::new(new_service(PeerInfo {
+                        addr,
+                        identity: Err("a plaintext connection".into()),
+                    }));
                     let connection = builder.serve_connection(TokioIo::new(tcp), service);
                     tokio::pin!(connection);
                     drain.watch(connection, |c| c.as_mut().graceful_shutdown()).await
@@ -99,7 +102,10 @@ pub async fn serve<F, S>(
                         }
                         Err(result) => return metrics.tls_handshake(direction, result),
                     };
-                    let identity = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id_of);
+                    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                        Some(leaf) => spiffe_id_of(leaf),
+                        None => Err("no client certificate".into()),
+                    };
                     let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity }));
                     let connection = builder.serve_connection(TokioIo::new(tls), service);
                     tokio::pin!(connection);

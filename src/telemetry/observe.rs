@@ -241,7 +241,7 @@ mod tests {
         let answer = |code: Option<Code>| {
             tower::service_fn(move |_: Request<()>| async move {
                 match code {
-                    Some(Code::Unauthenticated) => Err(ProxyError::NoCallerIdentity),
+                    Some(Code::Unauthenticated) => Err(ProxyError::NoCallerIdentity { why: "none".into() }),
                     Some(code) => {
                         let mut response = Response::new(ResponseBody::empty());
                         *response.headers_mut() = grpc::status_headers(code, "m");

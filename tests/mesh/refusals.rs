@@ -154,6 +154,41 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     assert_eq!(response.headers().get("grpc-status").map(|v| v.as_bytes()), None, "{response:?}");
 }
 
+#[tokio::test]
+async fn a_client_certificate_with_two_uri_sans_proves_no_identity() {
+    let mesh = Mesh::start().await;
+    let read = |name: &str| std::fs::read_to_string(mesh.dir.path().join(name)).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.pem"), ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let admin = "spiffe://test.protomesh.local/ns/test/sa/admin";
+    params.subject_alt_names = vec![
+        rcgen::SanType::URI(id("client").as_str().try_into().unwrap()),
+        rcgen::SanType::URI(admin.try_into().unwrap()),
+    ];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let refused =
+        Credentials::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), read("ca.pem").as_bytes());
+    assert!(refused.unwrap_err().1.contains("2 URI SANs"), "nor is it taken as a sidecar's own");
+
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_auth_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    let response = call_inbound_over_tls(&mesh, config).await.expect("the handshake succeeds: the chain is valid");
+    assert_eq!(response.headers()["grpc-status"], "16", "{response:?}");
+    let message = response.headers()["grpc-message"].to_str().unwrap();
+    assert!(message.contains("2 URI SANs; an X.509-SVID has exactly one"), "{message}");
+    assert_eq!(mesh.calls(), 0);
+}
+
 /// One gRPC call straight to the server sidecar's inbound port over TLS.
 pub async fn call_inbound_over_tls(
     mesh: &Mesh,
