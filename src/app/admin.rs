@@ -3,13 +3,16 @@
 //! `/metrics` (Prometheus), `/config` (the versions in service, the last
 //! reload, and every method's effective policy and its sources, as JSON),
 //! `PUT /log-level`, which changes the log filter, and `POST /reload`, which
-//! reads the config, contracts and identity files again. The last two are
-//! answered only on localhost unless `admin.allow_remote_changes` is set.
+//! reads the config, contracts and identity files again. The last three
+//! reveal or change state: they are answered only on localhost unless
+//! `admin.allow_remote` is set. Connections are capped and must send their
+//! request's head in time, so that the admin port never holds the file
+//! descriptors the data plane needs.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -51,6 +54,9 @@ impl Admin {
                 response
             }
             (Method::GET, "/config") => {
+                if let Some(refusal) = self.refuse_remote(peer, "the effective config") {
+                    return refusal;
+                }
                 let config = serde_json::to_string_pretty(&self.config()).expect("JSON values serialize");
                 let mut response = text(StatusCode::OK, &config);
                 let kind = header::HeaderValue::from_static("application/json");
@@ -82,10 +88,10 @@ impl Admin {
         }
     }
 
-    /// Changes of state come only from localhost, unless the config allows others.
+    /// What reveals or changes state is for localhost only, unless the config allows others.
     fn refuse_remote(&self, peer: SocketAddr, what: &str) -> Option<Response<Full<Bytes>>> {
-        let allowed = peer.ip().is_loopback() || self.reloader.routes().config.admin.allow_remote_changes;
-        let why = format!("{what} are accepted only from localhost (set admin.allow_remote_changes to allow others)\n");
+        let allowed = peer.ip().is_loopback() || self.reloader.routes().config.admin.allow_remote;
+        let why = format!("{what}: only from localhost (set admin.allow_remote to serve other hosts)\n");
         (!allowed).then(|| text(StatusCode::FORBIDDEN, &why))
     }
 
@@ -125,8 +131,18 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     response
 }
 
+/// Counts an open admin connection until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves the admin endpoints for as long as it runs.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -136,13 +152,24 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 continue;
             }
         };
+        let settings = admin.reloader.routes().config.admin.clone();
+        if open.fetch_add(1, Ordering::AcqRel) >= settings.max_connections {
+            open.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(%peer, max = settings.max_connections, "admin connections at admin.max_connections; closed");
+            continue;
+        }
+        let open = Open(open.clone());
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _open = open;
             let service = hyper::service::service_fn(move |request| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(peer, request).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .serve_connection(TokioIo::new(tcp), service);
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "admin connection ended with an error");
             }

@@ -104,20 +104,33 @@ pub struct InboundConfig {
     pub authorization: AuthorizationConfig,
 }
 
-/// The admin server: probes, metrics, effective config, log level, reload.
+/// The admin server: probes and metrics for the kubelet and Prometheus;
+/// the effective config, the log level and reloads for localhost only.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     #[serde(default = "defaults::admin_listen")]
     pub listen: SocketAddr,
-    /// Accept state changes (`PUT /log-level`, `POST /reload`) from other hosts than localhost.
+    /// Serve `/config`, `PUT /log-level` and `POST /reload` to other hosts than localhost too.
     #[serde(default)]
-    pub allow_remote_changes: bool,
+    pub allow_remote: bool,
+    /// Connections open at once; more are closed at once, so that the admin
+    /// server never takes the file descriptors the data plane needs.
+    #[serde(default = "defaults::admin_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's head.
+    #[serde(default = "defaults::header_read_timeout", deserialize_with = "duration::deserialize")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: defaults::admin_listen(), allow_remote_changes: false }
+        AdminConfig {
+            listen: defaults::admin_listen(),
+            allow_remote: false,
+            max_connections: defaults::admin_connections(),
+            header_read_timeout: defaults::header_read_timeout(),
+        }
     }
 }
 
@@ -152,6 +165,12 @@ mod defaults {
     }
     pub fn admin_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 4191))
+    }
+    pub fn admin_connections() -> usize {
+        32
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn inbound_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 4143))

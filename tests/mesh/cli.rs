@@ -163,3 +163,53 @@ fn worker_threads(pid: u32) -> usize {
         })
         .count()
 }
+
+#[tokio::test]
+async fn half_sent_admin_requests_cannot_take_the_data_planes_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (outbound, admin_addr) = (free(), free());
+    // Requests that never finish their head, and are not timed out during the test.
+    let config = write_config(
+        &dir,
+        &format!("outbound: {{listen: '{outbound}'}}\nadmin: {{listen: '{admin_addr}', header_read_timeout: 60s}}\n"),
+    );
+    // Few descriptors, as in a pod with a low limit: every one the admin server kept would be the data plane's.
+    let mut sidecar = tokio::process::Command::new("prlimit")
+        .args(["--nofile=64", "--", BIN, "run", "--config", &config])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    crate::harness::within("the sidecar is ready", async {
+        while crate::telemetry::status_of(admin_addr, "/ready").await != Some(200) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    use tokio::io::AsyncWriteExt;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut tcp) = tokio::net::TcpStream::connect(admin_addr).await {
+            let _ = tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\n").await;
+            held.push(tcp);
+        }
+    }
+    // The admin server keeps admin.max_connections of them at most.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", sidecar.id().unwrap())).unwrap().count();
+    assert!(open < 64 - 8, "{open} descriptors open of 64");
+    // The data plane still accepts and answers: here, a method no contract declares.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{outbound}")).unwrap().connect_lazy();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let status = crate::harness::within("a call beside the flood", async {
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        let path = http::uri::PathAndQuery::from_static("/echo.v1.Echo/Shout");
+        grpc.unary(tonic::Request::new(()), path, codec).await.unwrap_err()
+    })
+    .await;
+    assert!(status.message().starts_with("protomesh outbound: method /echo.v1.Echo/Shout"), "{status:?}");
+    drop(held);
+    sidecar.kill().await.unwrap();
+}

@@ -45,6 +45,8 @@ pub struct MeshOptions {
     pub proto_dir: Option<String>,
     /// Each sidecar's `reload.watch`: on by default; off for tests that reload by hand.
     pub watch: bool,
+    /// Each sidecar's `admin.listen`.
+    pub admin_listen: &'static str,
     /// Each sidecar's `reload.interval`; by default `0s`, so that only the
     /// watch on the files' directories reloads.
     pub reload_interval: &'static str,
@@ -64,6 +66,7 @@ impl Default for MeshOptions {
             worker_threads: 1,
             proto_dir: None,
             watch: true,
+            admin_listen: "127.0.0.1:0",
             reload_interval: "0s",
         }
     }
@@ -172,13 +175,14 @@ async fn sidecar(
          identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
          contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}']}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
-         admin: {{listen: '127.0.0.1:0'}}\n\
+         admin: {{listen: '{}'}}\n\
          policy: {policy}\n\
          tracing: {}\n\
          worker_threads: {}\n\
          reload: {{watch: {}, debounce: 20ms, interval: {}}}\n\
          drain_timeout: 1s\n",
         options.proto_dir.clone().unwrap_or_else(|| format!("{}/proto", env!("CARGO_MANIFEST_DIR"))),
+        options.admin_listen,
         options.tracing,
         options.worker_threads,
         options.watch,

@@ -134,3 +134,47 @@ async fn config_shows_each_methods_effective_policy_and_its_source() {
     assert_eq!(unary["timeout"]["source"], "config policy.methods[\"echo.v1.Echo/Unary\"]");
     assert_eq!(unary["idempotency"], "no-side-effects");
 }
+
+/// An address of this machine other than loopback, if it has one.
+fn outside_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.255:9").ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+#[tokio::test]
+async fn what_reveals_or_changes_state_is_answered_on_localhost_only() {
+    let Some(outside) = outside_address() else {
+        eprintln!("skipped: this machine has no address but loopback to call from");
+        return;
+    };
+    let mesh = Mesh::start_with(MeshOptions { admin_listen: "0.0.0.0:0", ..Default::default() }).await;
+    let port = mesh.client_sidecar.admin_addr.port();
+    let remote = SocketAddr::new(outside, port);
+    for (method, path) in [("GET", "/config"), ("PUT", "/log-level"), ("POST", "/reload")] {
+        let (status, body) = admin(remote, method, path, "debug").await;
+        assert_eq!(status, 403, "{method} {path} from {outside}: {body}");
+        assert!(body.contains("only from localhost (set admin.allow_remote"), "{body}");
+    }
+    assert_eq!(admin(remote, "GET", "/ready", "").await.0, 200, "the kubelet's probes are answered");
+    assert_eq!(admin(remote, "GET", "/metrics", "").await.0, 200, "and Prometheus' scrapes");
+    let local = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+    assert_eq!(admin(local, "GET", "/config", "").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_request_head_sent_too_slowly_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let mesh = Mesh::start_with(MeshOptions { watch: false, ..Default::default() }).await;
+    mesh.edit_config(
+        "client",
+        "admin: {listen: '127.0.0.1:0'}",
+        "admin: {listen: '127.0.0.1:0', header_read_timeout: 200ms}",
+    );
+    assert_eq!(mesh.client_sidecar.reload().await, protomesh::app::ReloadOutcome::Applied);
+    let mut tcp = tokio::net::TcpStream::connect(mesh.client_sidecar.admin_addr).await.unwrap();
+    tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    within("the slow request is dropped", tcp.read_to_end(&mut answer)).await.unwrap();
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+}
