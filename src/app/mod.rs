@@ -80,7 +80,8 @@ impl Sidecar {
             Arc::new(Reloader::new(source, routes.clone(), versions, identity.clone(), registries, tracing.clone()));
 
         let (drain, watch) = drain::channel();
-        let serving = Serving { workers: workers.clone(), metrics: metrics.clone(), drain: watch };
+        let serving =
+            Serving { workers: workers.clone(), metrics: metrics.clone(), routes: routes.clone(), drain: watch };
         let outbound_addr = local_addr(&outbound_listener)?;
         let edge = OutboundEdge::new(routes.clone(), metrics.clone());
         tokio::spawn(server::serve(

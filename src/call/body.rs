@@ -4,7 +4,8 @@
 //! end the stream with a gRPC status, and guards told how the call ended
 //! (bulkhead places, the report to outlier detection, the metrics record),
 //! which do their part when dropped unfinished too. Requests: the caller's
-//! stream, or a request kept whole so that it can be sent again.
+//! stream, or a request kept whole so that it can be sent again. Both
+//! directions receive over HTTP/2 as a [`RecvBody`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::RecvStream;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
@@ -62,7 +62,7 @@ impl Timer {
 
 pub struct ResponseBody {
     /// `None` once the call ended, or when the sidecar answered itself.
-    inner: Option<PeerBody>,
+    inner: Option<RecvBody>,
     // Timers are boxed: a response moves through every layer, and most calls
     // have at most a deadline.
     deadline: Option<Pin<Box<Timer>>>,
@@ -81,7 +81,7 @@ impl ResponseBody {
         ResponseBody { inner: None, deadline: None, idle: None, guards: Vec::new() }
     }
 
-    pub fn streamed(body: PeerBody) -> ResponseBody {
+    pub fn streamed(body: RecvBody) -> ResponseBody {
         ResponseBody { inner: Some(body), ..ResponseBody::empty() }
     }
 
@@ -109,6 +109,31 @@ impl ResponseBody {
         self.inner = None;
         self.deadline = None;
         self.idle = None;
+    }
+
+    /// Ready with the trailers that end the call when one of its timers has
+    /// run out, the call then over. A connection whose caller reads nothing
+    /// polls this rather than the body, so the timers fire all the same.
+    pub fn poll_expiry(&mut self, cx: &mut Context<'_>) -> Poll<Frame<Bytes>> {
+        let expired = [self.deadline.as_mut(), self.idle.as_mut().map(|(timer, _)| timer)]
+            .into_iter()
+            .flatten()
+            .find_map(|timer| {
+                timer
+                    .as_mut()
+                    .project()
+                    .sleep
+                    .poll(cx)
+                    .is_ready()
+                    .then(|| (timer.trailers(), timer.expiry.error.code()))
+            });
+        match expired {
+            Some((trailers, code)) => {
+                self.end(Some(code));
+                Poll::Ready(trailers)
+            }
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -140,27 +165,8 @@ impl Body for ResponseBody {
             Poll::Pending => {}
         }
         // Nothing from the peer yet: has a timer run out?
-        let expired = [this.deadline.as_mut(), this.idle.as_mut().map(|(timer, _)| timer)]
-            .into_iter()
-            .flatten()
-            .find_map(|timer| {
-                timer
-                    .as_mut()
-                    .project()
-                    .sleep
-                    .poll(cx)
-                    .is_ready()
-                    .then(|| (timer.trailers(), timer.expiry.error.code()))
-            });
-        match expired {
-            Some((trailers, code)) => {
-                this.end(Some(code));
-                Poll::Ready(Some(Ok(trailers)))
-            }
-            None => Poll::Pending,
-        }
+        this.poll_expiry(cx).map(|trailers| Some(Ok(trailers)))
     }
-
     fn is_end_stream(&self) -> bool {
         self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
@@ -170,23 +176,24 @@ impl Body for ResponseBody {
     }
 }
 
-/// The peer's response body: data (its flow-control window given back as it
-/// is read), then trailers. It owns the task still sending the request body,
-/// if any, which stops when the call ends.
+/// A body received over HTTP/2, the caller's request or the peer's response:
+/// data (its flow-control window given back as it is read), then trailers.
+/// A response owns the task still sending its request's body, if any, which
+/// stops when the call ends.
 #[derive(Debug)]
-pub struct PeerBody {
+pub struct RecvBody {
     stream: RecvStream,
     data_done: bool,
     sending: Option<AbortHandle>,
 }
 
-impl PeerBody {
-    pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> PeerBody {
-        PeerBody { stream, data_done: false, sending }
+impl RecvBody {
+    pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> RecvBody {
+        RecvBody { stream, data_done: false, sending }
     }
 }
 
-impl Drop for PeerBody {
+impl Drop for RecvBody {
     fn drop(&mut self) {
         if let Some(sending) = &self.sending {
             sending.abort();
@@ -194,7 +201,7 @@ impl Drop for PeerBody {
     }
 }
 
-impl Body for PeerBody {
+impl Body for RecvBody {
     type Data = Bytes;
     type Error = h2::Error;
 
@@ -224,9 +231,9 @@ impl Body for PeerBody {
 
 /// The request body every connection sends: the caller's stream as it comes,
 /// or a request kept whole so that a retry can send it again. `B` is the
-/// caller's body (a connection's `Incoming`; any body in tests).
+/// caller's body (a connection's [`RecvBody`]; any body in tests).
 #[derive(Debug)]
-pub enum RequestBody<B = Incoming> {
+pub enum RequestBody<B = RecvBody> {
     Streamed(B),
     /// A whole request, kept; `None` once sent.
     Replayed(Option<Bytes>),
@@ -351,6 +358,6 @@ mod tests {
         let mut sender = sender.ready().await.unwrap();
         let (response, _) = sender.send_request(http::Request::new(()), true).unwrap();
         let response = response.await.unwrap();
-        (ResponseBody::streamed(PeerBody::new(response.into_body(), None)), peer)
+        (ResponseBody::streamed(RecvBody::new(response.into_body(), None)), peer)
     }
 }

@@ -14,10 +14,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use tower::Service;
 
-use super::{CallService, Direction, ResponseBody};
+use super::{CallService, Direction, RecvBody, ResponseBody};
 use crate::grpc::{self, Code};
 use crate::identity::IdentityMismatch;
 
@@ -209,7 +208,7 @@ impl fmt::Display for ProxyError {
     }
 }
 
-/// The HTTP/2 reason behind an error of hyper's or another layer's, if any.
+/// The HTTP/2 reason behind an error of h2 or another layer, if any.
 pub fn h2_reason(error: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
     let mut source = Some(error);
     while let Some(e) = source {
@@ -237,9 +236,9 @@ impl<S> AnswerErrors<S> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for AnswerErrors<S>
+impl<S> Service<Request<RecvBody>> for AnswerErrors<S>
 where
-    S: CallService<Incoming>,
+    S: CallService<RecvBody>,
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
@@ -250,7 +249,7 @@ where
         self.inner.poll_ready(cx).map(|_| Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<RecvBody>) -> Self::Future {
         Answer { inner: self.inner.call(request), direction: self.direction }
     }
 }

@@ -14,7 +14,7 @@ use http::{HeaderName, Request, Response};
 use tower::Service;
 
 use crate::identity::SpiffeId;
-pub use body::{EndOfCall, Expiry, PeerBody, RequestBody, ResponseBody};
+pub use body::{EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody};
 pub use error::{AnswerErrors, ConnectError, PolicyError, ProxyError, Target, h2_reason};
 
 /// The header in which the inbound sidecar tells its app who called. The

@@ -4,6 +4,7 @@
 //! together with the listeners', and says which settings a running sidecar
 //! cannot take without a restart.
 
+mod limits;
 mod load;
 
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use crate::policy::PolicyConfig;
 use crate::policy::authz::AuthorizationConfig;
 use crate::telemetry::TracingConfig;
 
+pub use limits::{CONNECTION_WINDOW, LimitsConfig};
 pub use load::{ConfigError, load, load_versioned, version_on_disk};
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -45,6 +47,9 @@ pub struct Config {
     /// Deadlines, retries, bulkheads: defaults, per-method overrides and limits.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Bounds on what callers and peers can make the sidecar hold.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// How changed files are noticed and taken while the sidecar runs.
     #[serde(default)]
     pub reload: ReloadConfig,
@@ -239,6 +244,7 @@ impl Config {
             inbound.authorization.validate()?;
         }
         self.policy.validate()?;
+        self.limits.validate()?;
         self.tracing.validate()?;
         self.contracts.validate()
     }

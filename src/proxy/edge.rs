@@ -12,11 +12,10 @@ use std::task::{Context, Poll};
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use tower::Service;
 
 use super::routes::Routes;
-use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, ResponseBody};
+use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::identity::SpiffeId;
 use crate::policy::bulkhead::CallerBulkhead;
 use crate::telemetry::Metrics;
@@ -44,7 +43,7 @@ impl OutboundEdge {
     }
 }
 
-impl Service<Request<Incoming>> for OutboundEdge {
+impl Service<Request<RecvBody>> for OutboundEdge {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = EdgeFuture;
@@ -53,7 +52,7 @@ impl Service<Request<Incoming>> for OutboundEdge {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> EdgeFuture {
+    fn call(&mut self, request: Request<RecvBody>) -> EdgeFuture {
         let routed = self.routes.load().outbound.route(request.uri().path());
         match routed {
             Ok(mut stack) => Either::Right(stack.call(request)),
@@ -86,7 +85,7 @@ impl InboundEdge {
     }
 }
 
-impl Service<Request<Incoming>> for InboundEdge {
+impl Service<Request<RecvBody>> for InboundEdge {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = EdgeFuture;
@@ -95,7 +94,7 @@ impl Service<Request<Incoming>> for InboundEdge {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> EdgeFuture {
+    fn call(&mut self, mut request: Request<RecvBody>) -> EdgeFuture {
         let (caller, header) = match &self.caller {
             Ok(caller) => caller,
             Err(why) => {

@@ -19,14 +19,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::exchange;
-use crate::call::{ConnectError, PeerBody, ProxyError, RequestBody, Target};
+use super::keepalive::keep_alive;
+use crate::call::{ConnectError, ProxyError, RecvBody, RequestBody, Target};
+use crate::config::{CONNECTION_WINDOW, Config};
 use crate::identity::IdentityMismatch;
 use crate::workers;
-
-/// A ping every so often finds a peer that vanished without closing the
-/// connection; no answer within the timeout closes it.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How to reach peers: plaintext (the local app) or mTLS (peer sidecars).
 #[derive(Debug)]
@@ -57,11 +54,35 @@ enum State {
     Ready(Connection),
 }
 
+/// How connections to peers and to the app are opened and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectSettings {
+    pub timeout: Duration,
+    /// Each stream's receive window; see `limits.stream_window`.
+    pub stream_window: u32,
+    /// The largest response head or trailers taken.
+    pub max_header_list_size: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl ConnectSettings {
+    pub fn of(config: &Config) -> ConnectSettings {
+        ConnectSettings {
+            timeout: config.outbound.connect_timeout,
+            stream_window: config.limits.stream_window(),
+            max_header_list_size: config.limits.max_header_list_size(),
+            keepalive_interval: config.limits.keepalive_interval,
+            keepalive_timeout: config.limits.keepalive_timeout,
+        }
+    }
+}
+
 pub struct Endpoint {
     pub addr: SocketAddr,
     target: Target,
     transport: Arc<Transport>,
-    connect_timeout: Duration,
+    settings: ConnectSettings,
     /// One connection per worker, so that a call stays on its worker's thread.
     state: Box<[Mutex<State>]>,
 }
@@ -71,14 +92,14 @@ impl Endpoint {
         addr: SocketAddr,
         target: Target,
         transport: Arc<Transport>,
-        connect_timeout: Duration,
+        settings: ConnectSettings,
         workers: usize,
     ) -> Endpoint {
         Endpoint {
             addr,
             target,
             transport,
-            connect_timeout,
+            settings,
             state: (0..workers.max(1)).map(|_| Mutex::new(State::Idle)).collect(),
         }
     }
@@ -110,7 +131,7 @@ impl Endpoint {
         &self,
         sender: &mut SendRequest<Bytes>,
         request: Request<RequestBody>,
-    ) -> Result<impl Future<Output = Result<Response<PeerBody>, ProxyError>> + Send + use<>, ProxyError> {
+    ) -> Result<impl Future<Output = Result<Response<RecvBody>, ProxyError>> + Send + use<>, ProxyError> {
         let exchange = exchange::start(sender, request).map_err(|error| self.failed(error))?;
         let target = self.target.clone();
         Ok(exchange.map_err(move |error| ProxyError::Upstream { target, error }))
@@ -129,7 +150,7 @@ impl Endpoint {
                 State::Ready(connection) if !connection.is_closed() => return Ok(connection.clone()),
                 State::Connecting(connecting) => connecting.clone(),
                 State::Ready(_) | State::Idle => {
-                    let connecting = connect(self.addr, self.transport.clone(), self.connect_timeout)
+                    let connecting = connect(self.addr, self.transport.clone(), self.settings)
                         .map(|result| result.map_err(Arc::new))
                         .boxed()
                         .shared();
@@ -160,7 +181,11 @@ impl Endpoint {
     }
 }
 
-async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration) -> Result<Connection, ConnectError> {
+async fn connect(
+    addr: SocketAddr,
+    transport: Arc<Transport>,
+    settings: ConnectSettings,
+) -> Result<Connection, ConnectError> {
     let connecting = async {
         let tcp = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
         tcp.set_nodelay(true).map_err(ConnectError::Io)?;
@@ -178,14 +203,14 @@ async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration)
             }
         }
     };
-    let io = tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout)??;
+    let io = tokio::time::timeout(settings.timeout, connecting).await.map_err(|_| ConnectError::Timeout)??;
     let (sender, mut connection) = h2::client::Builder::new()
         // Until the peer's SETTINGS say otherwise, as many streams as RFC 9113 says any peer allows.
         .initial_max_send_streams(100)
-        .initial_window_size(STREAM_WINDOW)
+        .initial_window_size(settings.stream_window)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_header_list_size(MAX_HEADER_LIST)
+        .max_header_list_size(settings.max_header_list_size)
         .enable_push(false)
         .handshake(io)
         .await
@@ -199,8 +224,8 @@ async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration)
             result = &mut connection => if let Err(error) = result {
                 tracing::debug!(%addr, %error, "connection closed");
             },
-            () = keep_alive(pings, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT) => {
-                tracing::debug!(%addr, timeout = ?KEEPALIVE_TIMEOUT, "no answer to a keepalive ping; closing the connection");
+            () = keep_alive(pings, settings.keepalive_interval, settings.keepalive_timeout) => {
+                tracing::debug!(%addr, timeout = ?settings.keepalive_timeout, "no answer to a keepalive ping; closing the connection");
             }
         }
         closing.store(true, Ordering::Release);
@@ -208,26 +233,8 @@ async fn connect(addr: SocketAddr, transport: Arc<Transport>, timeout: Duration)
     Ok(Connection { sender, closed })
 }
 
-/// Per-stream and per-connection receive windows: room for a burst of large
-/// messages without waiting on WINDOW_UPDATE, bounded per stream.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// Data buffered per stream before a request body waits for the peer.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
-/// The largest response head or trailers taken from a peer.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-
-/// Returns when a keepalive ping goes unanswered.
-async fn keep_alive(pings: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
-    let Some(mut pings) = pings else { return std::future::pending().await };
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-    }
-}
 
 /// A connection's byte stream, plaintext or TLS.
 trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -245,24 +252,5 @@ fn tls_error(error: std::io::Error) -> ConnectError {
     match mismatch {
         Some(mismatch) => ConnectError::IdentityMismatch(mismatch),
         None => ConnectError::Tls(error),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn keepalive_gives_up_on_a_peer_that_never_answers_a_ping() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Accepts, then holds the socket without a word: a peer gone quiet.
-        let silent = tokio::spawn(async move { listener.accept().await.unwrap() });
-        let (_sender, mut connection) = h2::client::handshake(TcpStream::connect(addr).await.unwrap()).await.unwrap();
-        let pings = connection.ping_pong();
-        tokio::spawn(connection);
-        let gave_up = keep_alive(pings, Duration::from_millis(10), Duration::from_millis(100));
-        tokio::time::timeout(Duration::from_secs(10), gave_up).await.expect("keepalive gives up");
-        drop(silent);
     }
 }

@@ -1,6 +1,6 @@
 //! One call on an HTTP/2 connection to a peer, on the h2 crate directly: the
 //! request head goes out at once, its body as the peer's flow control allows,
-//! and the response body comes back as a [`PeerBody`]. A body already in hand
+//! and the response body comes back as a [`RecvBody`]. A body already in hand
 //! (a kept unary request) is sent within the call; only a body still arriving
 //! gets a task of its own, which ends when the call does.
 //!
@@ -18,7 +18,7 @@ use h2::client::{ResponseFuture, SendRequest};
 use http::{Request, Response};
 use http_body::Body;
 
-use crate::call::{PeerBody, RequestBody, h2_reason};
+use crate::call::{RecvBody, RequestBody, h2_reason};
 
 /// Starts the call on a connection that is ready for a new stream: the head
 /// goes out now, and the returned future sends the body and resolves to the
@@ -42,7 +42,7 @@ pub struct Exchange {
 }
 
 impl Future for Exchange {
-    type Output = Result<Response<PeerBody>, h2::Error>;
+    type Output = Result<Response<RecvBody>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -52,7 +52,7 @@ impl Future for Exchange {
             this.sending = Some(tokio::spawn(send).abort_handle());
         }
         let response = ready!(Pin::new(&mut this.response).poll(cx))?;
-        Poll::Ready(Ok(response.map(|stream| PeerBody::new(stream, this.sending.take()))))
+        Poll::Ready(Ok(response.map(|stream| RecvBody::new(stream, this.sending.take()))))
     }
 }
 

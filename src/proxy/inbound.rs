@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tower::ServiceBuilder;
 
-use super::endpoint::Endpoint;
+use super::endpoint::{ConnectSettings, Endpoint};
 use super::registry::{CallerBulkheads, Registries};
-use crate::call::{CallFuture, Direction, ProxyError, RequestBody, ResponseBody};
+use crate::call::{CallFuture, Direction, ProxyError, RecvBody, RequestBody, ResponseBody};
 use crate::config::{Config, InboundConfig};
 use crate::contract::{ContractMode, Contracts};
 use crate::effective::{self, MethodPolicy};
@@ -66,7 +65,7 @@ impl InboundRoutes {
             inbound: inbound.clone(),
             rules: inbound.authorization.rules(),
             contracts: contracts.clone(),
-            app: registries.app(inbound.app, config.outbound.connect_timeout),
+            app: registries.app(inbound.app, ConnectSettings::of(config)),
         };
         let by_path = contracts
             .methods()
@@ -148,7 +147,7 @@ pub struct ForwardToApp {
     app: Arc<Endpoint>,
 }
 
-impl tower::Service<Request<Incoming>> for ForwardToApp {
+impl tower::Service<Request<RecvBody>> for ForwardToApp {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = CallFuture;
@@ -157,7 +156,7 @@ impl tower::Service<Request<Incoming>> for ForwardToApp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<RecvBody>) -> Self::Future {
         let app = self.app.clone();
         let request = request.map(RequestBody::Streamed);
         Box::pin(async move {

@@ -12,12 +12,15 @@
 //!           → forward budget → pooled h2c connection to the app
 
 mod balance;
+mod connection;
 pub mod edge;
 mod endpoint;
 mod exchange;
 pub mod inbound;
+mod keepalive;
 pub mod outbound;
 pub mod registry;
+mod respond;
 pub mod routes;
 pub mod server;
 pub mod upstream;

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::ServiceBuilder;
 
+use super::endpoint::ConnectSettings;
 use super::registry::Registries;
 use super::upstream::Upstream;
 use crate::call::{CallFuture, Direction, ProxyError, RequestBody, ResponseBody};
@@ -63,7 +64,7 @@ impl OutboundRoutes {
         let mut by_service = HashMap::new();
         for (i, upstream_config) in config.outbound.upstreams.iter().enumerate() {
             let upstream = registries
-                .upstream(upstream_config, config.outbound.connect_timeout, &policy.outlier_detection)
+                .upstream(upstream_config, ConnectSettings::of(config), &policy.outlier_detection)
                 .await
                 .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
             let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::endpoint::{Endpoint, Transport};
+use super::endpoint::{ConnectSettings, Endpoint, Transport};
 use super::upstream::Upstream;
 use crate::call::{Direction, Target};
 use crate::config::UpstreamConfig;
@@ -65,7 +65,7 @@ struct UpstreamKey {
     endpoints: Vec<String>,
     identity: SpiffeId,
     resolve_interval: Duration,
-    connect_timeout: Duration,
+    connect: ConnectSettings,
 }
 
 pub struct Registries {
@@ -73,7 +73,7 @@ pub struct Registries {
     pub metrics: Arc<Metrics>,
     workers: usize,
     upstreams: Kept<UpstreamKey, Arc<Upstream>>,
-    apps: Kept<(SocketAddr, Duration), Arc<Endpoint>>,
+    apps: Kept<(SocketAddr, ConnectSettings), Arc<Endpoint>>,
     bulkheads: Kept<(Direction, String, ConcurrencyPolicy), Arc<Bulkhead>>,
     callers: Kept<ConcurrencyPolicy, Arc<CallerBulkheads>>,
 }
@@ -95,14 +95,14 @@ impl Registries {
     pub async fn upstream(
         &mut self,
         config: &UpstreamConfig,
-        connect_timeout: Duration,
+        connect: ConnectSettings,
         outliers: &OutlierConfig,
     ) -> Result<Arc<Upstream>, String> {
         let key = UpstreamKey {
             endpoints: config.endpoints.clone(),
             identity: config.identity.clone(),
             resolve_interval: config.resolve_interval,
-            connect_timeout,
+            connect,
         };
         if let Some(upstream) = self.upstreams.get(&key) {
             upstream.outliers.set_config(outliers.clone());
@@ -110,16 +110,16 @@ impl Registries {
         }
         let metrics = self.metrics.outliers(&Upstream::name_of(config));
         let upstream =
-            Upstream::start(config, &self.identity, connect_timeout, (outliers.clone(), metrics), self.workers).await?;
+            Upstream::start(config, &self.identity, connect, (outliers.clone(), metrics), self.workers).await?;
         Ok(self.upstreams.insert(key, upstream))
     }
 
     /// The pooled connections to the local app at `addr`.
-    pub fn app(&mut self, addr: SocketAddr, connect_timeout: Duration) -> Arc<Endpoint> {
+    pub fn app(&mut self, addr: SocketAddr, connect: ConnectSettings) -> Arc<Endpoint> {
         let workers = self.workers;
-        self.apps.get_or_insert_with((addr, connect_timeout), || {
+        self.apps.get_or_insert_with((addr, connect), || {
             let transport = Arc::new(Transport::Plaintext);
-            Arc::new(Endpoint::new(addr, Target::App(addr), transport, connect_timeout, workers))
+            Arc::new(Endpoint::new(addr, Target::App(addr), transport, connect, workers))
         })
     }
 

@@ -1,27 +1,27 @@
-//! Listeners: accept TCP, complete TLS when the direction needs it, and serve
-//! HTTP/2 on each connection with a service built for that connection. When
-//! the drain starts, a listener stops accepting and every connection sends
-//! GOAWAY and ends once its calls have; the drain waits for all of them.
+//! Listeners: accept TCP within the connection limits, complete TLS when the
+//! direction needs it, and serve HTTP/2 on each connection ([`connection`])
+//! with a service built for that connection. When the drain starts, a
+//! listener stops accepting and every connection sends GOAWAY and ends once
+//! its calls have; the drain waits for all of them.
+//!
+//! [`connection`]: super::connection
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::call::{AnswerErrors, CallService, Direction};
+use super::connection::{self, Ended};
+use super::edge::CurrentRoutes;
+use crate::call::{AnswerErrors, CallService, Direction, RecvBody};
+use crate::config::LimitsConfig;
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
-
-/// Streams one HTTP/2 connection may carry at once. gRPC clients queue
-/// beyond it, and it also bounds the pooled upstream connection peers open to us.
-const MAX_CONCURRENT_STREAMS: u32 = 10_000;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the listener learned about the connection before the first request.
 #[derive(Clone, Debug)]
@@ -37,6 +37,8 @@ pub struct Serving {
     /// Where accepted connections are served, each on one worker.
     pub workers: Arc<Workers>,
     pub metrics: Arc<Metrics>,
+    /// The routes in force, whose config has the limits in force.
+    pub routes: CurrentRoutes,
     /// Signalled when the sidecar drains; each connection holds it until it ends.
     pub drain: drain::Watch,
 }
@@ -51,11 +53,12 @@ pub async fn serve<F, S>(
     serving: Serving,
 ) where
     F: Fn(PeerInfo) -> S + Send + Sync + 'static,
-    S: CallService<Incoming> + Clone + Send + 'static,
+    S: CallService<RecvBody> + Send + 'static,
 {
-    let Serving { workers, metrics, drain } = serving;
+    let Serving { workers, metrics, routes, drain } = serving;
     let new_service = Arc::new(move |peer| AnswerErrors::new(direction, new_service(peer)));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let open = Arc::new(Mutex::new(OpenConnections::default()));
     let draining = drain.clone().signaled();
     tokio::pin!(draining);
     loop {
@@ -71,31 +74,30 @@ pub async fn serve<F, S>(
             },
             _ = &mut draining => break,
         };
+        let limits = routes.load().config.limits;
+        let admitted = match OpenConnections::admit(&open, addr.ip(), &limits) {
+            Ok(admitted) => admitted,
+            Err(limit) => {
+                tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
+                metrics.closed_at_limit(direction, limit);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let drain = drain.clone();
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let metrics = metrics.clone();
         workers.spawn(async move {
+            let _admitted = admitted;
             let _open = metrics.connection_opened(direction);
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-                .keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20));
-            let result = match acceptor {
+            let ended = match acceptor {
                 None => {
-                    let service = TowerToHyperService::new(new_service(PeerInfo {
-                        addr,
-                        identity: Err("a plaintext connection".into()),
-                    }));
-                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
-                    tokio::pin!(connection);
-                    drain.watch(connection, |c| c.as_mut().graceful_shutdown()).await
+                    let identity = Err("a plaintext connection".into());
+                    connection::serve(tcp, new_service(PeerInfo { addr, identity }), &limits, drain).await
                 }
                 Some(acceptor) => {
-                    let tls = match accept_tls(&acceptor, tcp, addr).await {
+                    let tls = match accept_tls(&acceptor, tcp, addr, limits.tls_handshake_timeout).await {
                         Ok(tls) => {
                             metrics.tls_handshake(direction, "ok".into());
                             tls
@@ -106,16 +108,64 @@ pub async fn serve<F, S>(
                         Some(leaf) => spiffe_id_of(leaf),
                         None => Err("no client certificate".into()),
                     };
-                    let service = TowerToHyperService::new(new_service(PeerInfo { addr, identity }));
-                    let connection = builder.serve_connection(TokioIo::new(tls), service);
-                    tokio::pin!(connection);
-                    drain.watch(connection, |c| c.as_mut().graceful_shutdown()).await
+                    connection::serve(tls, new_service(PeerInfo { addr, identity }), &limits, drain).await
                 }
             };
-            if let Err(error) = result {
-                tracing::debug!(%direction, %addr, %error, "connection ended with an error");
-            }
+            let limit = match ended {
+                Ended::Closed => return,
+                Ended::Failed(error) => {
+                    return tracing::debug!(%direction, %addr, %error, "connection ended with an error");
+                }
+                Ended::NoPreface => "first_frame_timeout",
+                Ended::NoPingAnswer => "keepalive_timeout",
+                Ended::Idle => "idle_timeout",
+            };
+            tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
+            metrics.closed_at_limit(direction, limit);
         });
+    }
+}
+
+/// The connections open on one listener, in all and by source address.
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl OpenConnections {
+    /// Counts a new connection from `source` until the returned value is
+    /// dropped, or names the limit it would exceed.
+    fn admit(open: &Arc<Mutex<Self>>, source: IpAddr, limits: &LimitsConfig) -> Result<Admitted, &'static str> {
+        let mut counts = open.lock().expect("connection counts lock");
+        if counts.total >= limits.max_connections {
+            return Err("max_connections");
+        }
+        let from_source = counts.by_source.entry(source).or_default();
+        if *from_source >= limits.max_connections_per_source {
+            return Err("max_connections_per_source");
+        }
+        *from_source += 1;
+        counts.total += 1;
+        Ok(Admitted { open: open.clone(), source })
+    }
+}
+
+struct Admitted {
+    open: Arc<Mutex<OpenConnections>>,
+    source: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().expect("connection counts lock");
+        counts.total -= 1;
+        if let Some(from_source) = counts.by_source.get_mut(&self.source) {
+            *from_source -= 1;
+            if *from_source == 0 {
+                counts.by_source.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -125,23 +175,23 @@ async fn accept_tls(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     addr: std::net::SocketAddr,
+    timeout: Duration,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
-    if sent_plaintext_http2(&tcp).await {
-        tracing::warn!(%addr, "refused plaintext HTTP/2 on the mTLS listener");
-        refuse_plaintext(tcp).await;
-        return Err("plaintext_http2".into());
-    }
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(error)) => {
+    let handshake = async {
+        if sent_plaintext_http2(&tcp).await {
+            tracing::warn!(%addr, "refused plaintext HTTP/2 on the mTLS listener");
+            refuse_plaintext(tcp).await;
+            return Err("plaintext_http2".to_string());
+        }
+        acceptor.accept(tcp).await.map_err(|error| {
             tracing::warn!(%addr, %error, "TLS handshake failed");
-            Err(handshake_failure(&error))
-        }
-        Err(_) => {
-            tracing::warn!(%addr, "TLS handshake timed out");
-            Err("timeout".into())
-        }
-    }
+            handshake_failure(&error)
+        })
+    };
+    tokio::time::timeout(timeout, handshake).await.unwrap_or_else(|_| {
+        tracing::warn!(%addr, ?timeout, "TLS handshake timed out (limits.tls_handshake_timeout)");
+        Err("timeout".into())
+    })
 }
 
 /// The rustls error's kind (its variant name), or `io` for other failures.
@@ -155,7 +205,7 @@ fn handshake_failure(error: &std::io::Error) -> String {
 /// A TLS connection opens with a handshake record (0x16); the HTTP/2 preface opens with `PRI`.
 async fn sent_plaintext_http2(tcp: &TcpStream) -> bool {
     let mut first = [0u8; 3];
-    matches!(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await, Ok(Ok(3))) && &first == b"PRI"
+    matches!(tcp.peek(&mut first).await, Ok(3)) && &first == b"PRI"
 }
 
 /// Answers a plaintext HTTP/2 client in its own protocol, so that it reports a

@@ -7,14 +7,13 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use tokio::time::Instant;
 
 use super::balance::{self, Member, Report};
-use super::endpoint::{Endpoint, Transport};
+use super::endpoint::{ConnectSettings, Endpoint, Transport};
 use crate::call::{Answered, ProxyError, RequestBody, ResponseBody, Target};
 use crate::config::UpstreamConfig;
 use crate::discovery::{self, EndpointSpec};
@@ -35,7 +34,7 @@ pub struct Upstream {
     /// What retries to this upstream may add to its calls, and its config.
     retry_budget: Mutex<(RetryBudgetConfig, RetryBudget)>,
     transport: Arc<Transport>,
-    connect_timeout: Duration,
+    connect: ConnectSettings,
     /// Workers of the sidecar, each with its own connection to every endpoint.
     workers: usize,
     members: ArcSwap<Vec<Arc<Member>>>,
@@ -47,7 +46,7 @@ impl Upstream {
     pub async fn start(
         config: &UpstreamConfig,
         identity: &Identity,
-        connect_timeout: Duration,
+        connect: ConnectSettings,
         outliers: (OutlierConfig, OutlierMetrics),
         workers: usize,
     ) -> Result<Arc<Upstream>, String> {
@@ -60,7 +59,7 @@ impl Upstream {
             outliers: Arc::new(Outliers::new(outliers.0, outliers.1)),
             retry_budget: Mutex::new((budget.clone(), RetryBudget::new(&budget))),
             transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
-            connect_timeout,
+            connect,
             workers,
             members: ArcSwap::from_pointee(Vec::new()),
         });
@@ -103,7 +102,7 @@ impl Upstream {
                 current.iter().find(|m| m.addr() == addr).cloned().unwrap_or_else(|| {
                     let target = Target::Upstream { name: self.name.clone(), addr };
                     let transport = self.transport.clone();
-                    Arc::new(Member::new(Endpoint::new(addr, target, transport, self.connect_timeout, self.workers)))
+                    Arc::new(Member::new(Endpoint::new(addr, target, transport, self.connect, self.workers)))
                 })
             })
             .collect();

@@ -52,6 +52,12 @@ struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    direction: &'static str,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -80,6 +86,7 @@ pub struct Metrics {
     refused: Family<RefusalLabels, Counter>,
     tls_handshakes: Family<HandshakeLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
+    closed_at_limit: Family<LimitLabels, Counter>,
     retries: Family<MethodLabels, Counter>,
     retry_budget_exhausted: Family<MethodLabels, Counter>,
     deadline_exceeded: Family<MethodLabels, Counter>,
@@ -114,6 +121,7 @@ impl Default for Metrics {
             refused: Family::default(),
             tls_handshakes: Family::default(),
             open_connections: Family::default(),
+            closed_at_limit: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             deadline_exceeded: Family::default(),
@@ -138,6 +146,11 @@ impl Default for Metrics {
         );
         registry.register("tls_handshakes", "Inbound TLS handshakes by result", m.tls_handshakes.clone());
         registry.register("open_connections", "Connections accepted and still open", m.open_connections.clone());
+        registry.register(
+            "connections_closed_at_limit",
+            "Connections refused or closed by a limit, by the `limits` setting that acted",
+            m.closed_at_limit.clone(),
+        );
         registry.register("retries", "Retries sent, after the first attempt", m.retries.clone());
         registry.register(
             "retry_budget_exhausted",
@@ -197,6 +210,11 @@ impl Metrics {
 
     pub fn tls_handshake(&self, direction: Direction, result: String) {
         self.tls_handshakes.get_or_create(&HandshakeLabels { direction: direction.as_str(), result }).inc();
+    }
+
+    /// Counts a connection refused or closed by the setting `limit`.
+    pub fn closed_at_limit(&self, direction: Direction, limit: &'static str) {
+        self.closed_at_limit.get_or_create(&LimitLabels { direction: direction.as_str(), limit }).inc();
     }
 
     /// Counts an open connection until the guard drops.

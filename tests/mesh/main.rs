@@ -8,6 +8,7 @@ mod cli;
 mod deadlines;
 mod harness;
 mod injection;
+mod isolation;
 mod passthrough;
 mod refusals;
 mod reload;

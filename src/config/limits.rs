@@ -1,0 +1,155 @@
+//! Bounds on what callers and peers can make the sidecar hold: connections,
+//! streams, header and window sizes, and how long a connection may take to
+//! say something. Read when a connection is accepted, so a reload applies to
+//! the connections that follow.
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::duration;
+
+/// The `limits` section of the config.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once on each listener; more are closed as they are accepted.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Connections open at once from one IP address on each listener.
+    #[serde(default = "defaults::max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Inbound: from the TCP connection to the end of the TLS handshake.
+    #[serde(default = "defaults::handshake_timeout", deserialize_with = "duration::deserialize")]
+    pub tls_handshake_timeout: Duration,
+    /// From the connection (and its TLS handshake) to the HTTP/2 preface.
+    #[serde(default = "defaults::first_frame_timeout", deserialize_with = "duration::deserialize")]
+    pub first_frame_timeout: Duration,
+    /// Streams one connection may carry at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// clients queue beyond it, and a stream over it is refused (REFUSED_STREAM).
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// The largest request head or trailers taken, counted as HTTP/2 does
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE); a larger head is answered with HTTP 431.
+    #[serde(default = "defaults::max_header_list_size")]
+    pub max_header_list_size: ByteSize,
+    /// Each stream's flow-control window, in both directions: the most of one
+    /// call's data the sidecar holds while its reader does not read. A
+    /// connection's window is never the limit, so that one stream left unread
+    /// cannot stall the connection's other calls.
+    #[serde(default = "defaults::stream_window")]
+    pub stream_window: ByteSize,
+    /// A ping this often on every connection, which must be answered within
+    /// `keepalive_timeout`, or the connection is closed.
+    #[serde(default = "defaults::keepalive_interval", deserialize_with = "duration::deserialize")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "defaults::keepalive_timeout", deserialize_with = "duration::deserialize")]
+    pub keepalive_timeout: Duration,
+    /// A connection from a caller that carries no call for this long is closed (GOAWAY).
+    #[serde(default = "defaults::idle_timeout", deserialize_with = "duration::deserialize")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: defaults::max_connections(),
+            max_connections_per_source: defaults::max_connections_per_source(),
+            tls_handshake_timeout: defaults::handshake_timeout(),
+            first_frame_timeout: defaults::first_frame_timeout(),
+            max_concurrent_streams: defaults::max_concurrent_streams(),
+            max_header_list_size: defaults::max_header_list_size(),
+            stream_window: defaults::stream_window(),
+            keepalive_interval: defaults::keepalive_interval(),
+            keepalive_timeout: defaults::keepalive_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+        }
+    }
+}
+
+/// HTTP/2 windows are 31-bit.
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+impl LimitsConfig {
+    /// Checks what serde cannot. Each error is (field path, problem).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let at = |field: &str| format!("limits.{field}");
+        if self.max_connections == 0 {
+            return Err((at("max_connections"), "must be at least 1".into()));
+        }
+        if self.max_connections_per_source == 0 {
+            return Err((at("max_connections_per_source"), "must be at least 1".into()));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err((at("max_concurrent_streams"), "must be at least 1".into()));
+        }
+        if self.max_header_list_size.as_u64() < 1024 || self.max_header_list_size.as_u64() > u64::from(u32::MAX) {
+            return Err((at("max_header_list_size"), "must be from 1KiB to 4GiB".into()));
+        }
+        if self.stream_window.as_u64() < 65_535 || self.stream_window.as_u64() > MAX_WINDOW {
+            return Err((at("stream_window"), "must be from 64KiB (65535 bytes) to 2GiB minus one byte".into()));
+        }
+        for (field, value) in [
+            ("tls_handshake_timeout", self.tls_handshake_timeout),
+            ("first_frame_timeout", self.first_frame_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err((at(field), "must be more than 0s".into()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stream_window(&self) -> u32 {
+        self.stream_window.as_u64() as u32
+    }
+
+    pub fn max_header_list_size(&self) -> u32 {
+        self.max_header_list_size.as_u64() as u32
+    }
+}
+
+/// The window of every connection the sidecar serves or opens: as large as
+/// HTTP/2 allows, so that streams' windows alone bound what is buffered.
+pub const CONNECTION_WINDOW: u32 = MAX_WINDOW as u32;
+
+mod defaults {
+    use std::time::Duration;
+
+    use bytesize::ByteSize;
+
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn max_connections_per_source() -> usize {
+        1_000
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn first_frame_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_concurrent_streams() -> u32 {
+        10_000
+    }
+    pub fn max_header_list_size() -> ByteSize {
+        ByteSize::kib(64)
+    }
+    pub fn stream_window() -> ByteSize {
+        ByteSize::mib(1)
+    }
+    pub fn keepalive_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn keepalive_timeout() -> Duration {
+        Duration::from_secs(20)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+}
