@@ -43,7 +43,10 @@ impl MethodPolicy {
     /// methods whose contract marks them idempotent or free of side effects;
     /// a retry policy written for the method or its service makes it eligible.
     /// `timeout` bounds calls with one response (unary, client-streaming);
-    /// streams, and calls of unknown shape, get `stream_timeout` instead.
+    /// streams get `stream_timeout` instead. A method outside the contracts
+    /// may be either: it gets `stream_timeout`, or `timeout` when no
+    /// `stream_timeout` is set, so that no call goes unbounded for want of a
+    /// contract.
     pub fn resolve(service: &str, method: &str, info: Option<&MethodInfo>, config: &PolicyConfig) -> MethodPolicy {
         let method_key = format!("{service}/{method}");
         let service_key = format!("{service}/*");
@@ -63,11 +66,15 @@ impl MethodPolicy {
         let retry = first(&layers, |f| f.retry.as_ref())
             .filter(|retry| retry.source != Source::ConfigDefault || idempotent)
             .filter(|retry| retry.value.retries());
-        let one_response = info.is_some_and(|i| i.shape.one_response());
+        let stream_timeout = first(&layers, |f| f.stream_timeout.as_ref());
+        let timeout_applies = match info {
+            Some(info) => info.shape.one_response(),
+            None => stream_timeout.is_none(),
+        };
         MethodPolicy {
-            timeout: first(&layers, |f| f.timeout.as_ref()).filter(|_| one_response),
+            timeout: first(&layers, |f| f.timeout.as_ref()).filter(|_| timeout_applies),
             idle_timeout: first(&layers, |f| f.idle_timeout.as_ref()),
-            stream_timeout: first(&layers, |f| f.stream_timeout.as_ref()),
+            stream_timeout,
             retry,
             concurrency: first(&layers, |f| f.concurrency.as_ref()),
         }
@@ -308,7 +315,13 @@ mod tests {
         let mut stream = info(Idempotency::Unknown, None, None);
         stream.shape = CallShape::ServerStreaming;
         assert!(MethodPolicy::resolve("s.S", "M", Some(&stream), &defaults).timeout.is_none());
-        assert!(MethodPolicy::resolve("x.X", "Y", None, &defaults).timeout.is_none());
+        // Outside the contracts: `timeout` unless a `stream_timeout` is set.
+        assert_eq!(MethodPolicy::resolve("x.X", "Y", None, &defaults).timeout.unwrap().value, Duration::from_secs(5));
+        let mut with_streams = defaults.clone();
+        with_streams.defaults.stream_timeout = Some(Duration::from_secs(60));
+        let undeclared = MethodPolicy::resolve("x.X", "Y", None, &with_streams);
+        assert!(undeclared.timeout.is_none());
+        assert_eq!(undeclared.deadline(Duration::ZERO).limit.unwrap().1.value, Duration::from_secs(60));
     }
 
     #[test]

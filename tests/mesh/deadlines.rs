@@ -43,6 +43,26 @@ async fn an_expired_deadline_is_deadline_exceeded_naming_its_source() {
 }
 
 #[tokio::test]
+async fn a_method_outside_the_contracts_gets_the_default_timeout_in_permissive_mode() {
+    // Contracts without the echo service: its methods are forwarded, undeclared.
+    let options = MeshOptions {
+        protos: "[examples/shop.proto]",
+        contracts_mode: "permissive",
+        client_policy: "{defaults: {timeout: 300ms}}",
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    mesh.client().unary(EchoRequest::default()).await.expect("an undeclared method is forwarded");
+    let slow = EchoRequest { delay_ms: 10_000, ..Default::default() };
+    let status = within("unary", mesh.client().unary(slow)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().starts_with("protomesh outbound: deadline of 300ms (timeout from config policy.defaults"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_inbound_side_enforces_its_own_policy_too() {
     let mesh = Mesh::start_with(MeshOptions { server_policy: UNARY_300MS, ..Default::default() }).await;
     let slow = EchoRequest { delay_ms: 10_000, ..Default::default() };

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protomesh::app::{ConfigSource, Options, Sidecar};
-use protomesh::identity::SpiffeId;
 use protomesh::identity::certs::{DevCa, write_dev_certs};
+use protomesh::identity::{Credentials, Identity, SpiffeId};
 use protomesh_samples::echo::{EchoService, EchoStats};
 use protomesh_samples::pb::echo::v1::echo_client::EchoClient;
 use tempfile::TempDir;
@@ -50,6 +50,11 @@ pub struct MeshOptions {
     /// Each sidecar's `reload.interval`; by default `0s`, so that only the
     /// watch on the files' directories reloads.
     pub reload_interval: &'static str,
+    /// YAML for each sidecar's `limits` section.
+    pub limits: &'static str,
+    /// Each sidecar's `contracts.protos` and `contracts.mode`.
+    pub protos: &'static str,
+    pub contracts_mode: &'static str,
 }
 
 impl Default for MeshOptions {
@@ -68,6 +73,9 @@ impl Default for MeshOptions {
             watch: true,
             admin_listen: "127.0.0.1:0",
             reload_interval: "0s",
+            limits: "{}",
+            protos: "[examples/echo.proto, examples/shop.proto]",
+            contracts_mode: "strict",
         }
     }
 }
@@ -142,6 +150,25 @@ impl Mesh {
         DevCa::read(read("ca.pem"), read("ca-key.pem")).unwrap()
     }
 
+    /// An mTLS connection straight to the server sidecar's inbound port, as
+    /// the sidecar of `workload` would open it.
+    pub async fn connect_inbound(&self, workload: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let read = |name: String| std::fs::read(self.dir.path().join(name)).unwrap();
+        let credentials = Credentials::from_pem(
+            &read(format!("{workload}.pem")),
+            &read(format!("{workload}-key.pem")),
+            &read("ca.pem".into()),
+        )
+        .unwrap();
+        let tls = Identity::new(credentials).unwrap().client_config(id("server")).unwrap();
+        let inbound = self.server_sidecar.inbound_addr.unwrap();
+        let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(inbound.ip().into());
+        within("a TLS handshake with the inbound port", tokio_rustls::TlsConnector::from(tls).connect(name, tcp))
+            .await
+            .unwrap()
+    }
+
     pub fn calls(&self) -> u64 {
         self.backend.calls.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -173,20 +200,24 @@ async fn sidecar(
     let mut yaml = format!(
         "service_name: {workload}\n\
          identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
-         contracts: {{protos: [examples/echo.proto, examples/shop.proto], include: ['{}']}}\n\
+         contracts: {{protos: {}, include: ['{}'], mode: {}}}\n\
          outbound: {{listen: '127.0.0.1:0', upstreams: {upstreams}}}\n\
          admin: {{listen: '{}'}}\n\
          policy: {policy}\n\
          tracing: {}\n\
          worker_threads: {}\n\
          reload: {{watch: {}, debounce: 20ms, interval: {}}}\n\
+         limits: {}\n\
          drain_timeout: 1s\n",
+        options.protos,
         options.proto_dir.clone().unwrap_or_else(|| format!("{}/proto", env!("CARGO_MANIFEST_DIR"))),
+        options.contracts_mode,
         options.admin_listen,
         options.tracing,
         options.worker_threads,
         options.watch,
         options.reload_interval,
+        options.limits,
     );
     if let Some(inbound) = inbound {
         yaml.push_str(&format!("inbound: {inbound}\n"));

@@ -5,7 +5,6 @@
 //! the stalled calls end at their deadline, freeing their bulkhead places
 //! and cancelling the backend's streams.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -13,13 +12,12 @@ use futures_util::FutureExt;
 use h2::client::SendRequest;
 use http::Request;
 use prost::Message;
-use protomesh::identity::{Credentials, Identity};
 use protomesh_samples::pb::echo::v1::EchoRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tonic::Code;
 
-use crate::harness::{Mesh, MeshOptions, id, within};
+use crate::harness::{Mesh, MeshOptions, within};
 
 const LARGE: usize = 2 * 1024 * 1024;
 
@@ -141,18 +139,7 @@ async fn an_app_that_stops_reading_stalls_only_its_own_calls() {
 #[tokio::test]
 async fn a_peer_that_stops_reading_stalls_only_its_own_calls() {
     let mesh = Mesh::start_with(options()).await;
-    let inbound = mesh.server_sidecar.inbound_addr.unwrap();
-    // A peer sidecar with a valid identity of its own, calling the server sidecar directly.
-    let read = |name: &str| std::fs::read(mesh.dir.path().join(name)).unwrap();
-    let credentials = Credentials::from_pem(&read("other.pem"), &read("other-key.pem"), &read("ca.pem")).unwrap();
-    let tls = Identity::new(credentials).unwrap().client_config(id("server")).unwrap();
-    let connect = || async {
-        let tcp = TcpStream::connect(inbound).await.unwrap();
-        let name = rustls::pki_types::ServerName::IpAddress(inbound.ip().into());
-        tokio_rustls::TlsConnector::from(Arc::clone(&tls)).connect(name, tcp).await.unwrap()
-    };
-
-    let mut stalled = reader_that_never_reads(connect().await).await;
+    let mut stalled = reader_that_never_reads(mesh.connect_inbound("other").await).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(open_large_stream(&mut stalled, "60S").await);
@@ -163,7 +150,7 @@ async fn a_peer_that_stops_reading_stalls_only_its_own_calls() {
     }
     drop((held, stalled));
 
-    let mut stalled = reader_that_never_reads(connect().await).await;
+    let mut stalled = reader_that_never_reads(mesh.connect_inbound("other").await).await;
     let mut expiring = Vec::new();
     for _ in 0..3 {
         expiring.push(open_large_stream(&mut stalled, "500m").await);

@@ -9,6 +9,7 @@ mod deadlines;
 mod harness;
 mod injection;
 mod isolation;
+mod limits;
 mod passthrough;
 mod refusals;
 mod reload;
