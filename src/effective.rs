@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde_json::{Value, json};
 
 use crate::contract::{CallShape, Contracts, Idempotency, MethodInfo};
@@ -26,6 +27,7 @@ pub struct MethodPolicy {
     pub stream_timeout: Option<Sourced<Duration>>,
     pub retry: Option<Sourced<RetryPolicy>>,
     pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
+    pub max_message_size: Option<Sourced<ByteSize>>,
 }
 
 fn first<T: Clone>(
@@ -77,6 +79,7 @@ impl MethodPolicy {
             stream_timeout,
             retry,
             concurrency: first(&layers, |f| f.concurrency.as_ref()),
+            max_message_size: first(&layers, |f| f.max_message_size.as_ref()),
         }
     }
 
@@ -202,6 +205,9 @@ impl MethodView {
                     "queue_timeout": format!("{:?}", c.queue_timeout),
                 });
                 (json, format!("{} in flight, queue {} for {:?}", c.max_in_flight, c.max_queue, c.queue_timeout))
+            }),
+            field("max_message_size", effective.max_message_size.as_ref(), |size| {
+                (json!(size.as_u64()), size.display().iec().to_string())
             }),
             field("allowed_callers", method.contract.allowed_callers.as_ref(), |callers| {
                 let callers: Vec<String> = callers.iter().map(ToString::to_string).collect();

@@ -19,6 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 
+use super::limit::{Carrier, Framing, MessageLimit};
 use super::{Direction, ProxyError};
 use crate::grpc::{self, Code};
 
@@ -95,6 +96,14 @@ impl ResponseBody {
         self.idle = Some((Timer::start(tokio::time::sleep(after), expiry), after));
     }
 
+    /// Ends the call with the limit's error at the first message, either way,
+    /// larger than `limit` allows.
+    pub fn limit_messages(&mut self, limit: MessageLimit) {
+        if let Some(inner) = &mut self.inner {
+            inner.limit_messages(limit, Carrier::Response);
+        }
+    }
+
     /// `guard` learns how the call ended.
     pub fn on_end(&mut self, guard: Box<dyn EndOfCall>) {
         self.guards.push(guard);
@@ -157,16 +166,22 @@ impl Body for ResponseBody {
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
-            // The end without trailers, or a failed stream: the peer failed.
+            // The end without trailers, or a failed stream: the peer failed,
+            // unless the stream was cut because a message was too large.
             Poll::Ready(end) => {
-                this.end(None);
-                return Poll::Ready(end);
+                let Some((code, trailers)) = this.inner.as_ref().and_then(RecvBody::too_large) else {
+                    this.end(None);
+                    return Poll::Ready(end);
+                };
+                this.end(Some(code));
+                return Poll::Ready(Some(Ok(trailers)));
             }
             Poll::Pending => {}
         }
         // Nothing from the peer yet: has a timer run out?
         this.poll_expiry(cx).map(|trailers| Some(Ok(trailers)))
     }
+
     fn is_end_stream(&self) -> bool {
         self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
@@ -185,11 +200,30 @@ pub struct RecvBody {
     stream: RecvStream,
     data_done: bool,
     sending: Option<AbortHandle>,
+    /// Set when the call's messages have a size limit.
+    framing: Option<Box<Framing>>,
 }
 
 impl RecvBody {
     pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> RecvBody {
-        RecvBody { stream, data_done: false, sending }
+        RecvBody { stream, data_done: false, sending, framing: None }
+    }
+
+    /// Fails the body at the first message larger than `limit` allows; the
+    /// call's other body learns of it through `limit`.
+    pub fn limit_messages(&mut self, limit: MessageLimit, carrier: Carrier) {
+        self.framing = Some(Box::new(Framing::new(limit, carrier)));
+    }
+
+    /// The status and trailers the call ends with when one of its messages was too large.
+    fn too_large(&self) -> Option<(Code, Frame<Bytes>)> {
+        self.framing.as_ref()?.limit.trailers()
+    }
+
+    /// A message too large fails the body as a reset stream would, which
+    /// resets the stream it is forwarded to.
+    fn failed() -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        Poll::Ready(Some(Err(h2::Error::from(h2::Reason::CANCEL))))
     }
 }
 
@@ -207,10 +241,23 @@ impl Body for RecvBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        // Once a message of the call was too large, nothing more goes on.
+        if this.framing.as_ref().is_some_and(|framing| framing.exceeded()) {
+            return RecvBody::failed();
+        }
         if !this.data_done {
             match ready!(this.stream.poll_data(cx)) {
-                Some(Ok(data)) => {
+                Some(Ok(mut data)) => {
                     let _ = this.stream.flow_control().release_capacity(data.len());
+                    // What came before the message too large still goes on; the failure follows.
+                    if let Some(framing) = &mut this.framing
+                        && let Err(at) = framing.scan(&data)
+                    {
+                        data.truncate(at);
+                        if data.is_empty() {
+                            return RecvBody::failed();
+                        }
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),

@@ -296,8 +296,9 @@ inbound:
         let start = readme.find("```yaml\n").expect("README has a YAML example") + "```yaml\n".len();
         let example = &readme[start..start + readme[start..].find("```").expect("the example ends")];
         let config = load(Some(file_with(example).path()), env(&[])).unwrap();
-        assert_eq!(config.policy.methods.len(), 2);
+        assert_eq!(config.policy.methods.len(), 3);
         assert_eq!(config.policy.outlier_detection.consecutive_failures, 5);
+        assert_eq!(config.limits, super::super::LimitsConfig::default(), "the README shows the limits' defaults");
     }
 
     #[test]

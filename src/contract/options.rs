@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use bytesize::ByteSize;
+
 use crate::duration;
 use crate::grpc::Code;
 use crate::pb::protomesh::v1 as pb;
@@ -59,6 +61,13 @@ fn optional_duration(text: &str, name: &str) -> Result<Option<Duration>, String>
     duration::parse(text).map(Some).map_err(|e| format!("{name}: {e}"))
 }
 
+fn optional_size(text: &str, name: &str) -> Result<Option<ByteSize>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| format!("{name}: `{text}` is not a size such as \"4MiB\" or \"65536\": {e}"))
+}
+
 fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
     let fields = PolicyFields {
         timeout: optional_duration(&option.timeout, "timeout")?,
@@ -66,6 +75,7 @@ fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
         stream_timeout: optional_duration(&option.stream_timeout, "stream_timeout")?,
         retry: option.retry.as_ref().map(retry_policy).transpose()?,
         concurrency: option.concurrency.as_ref().map(concurrency_policy).transpose()?,
+        max_message_size: optional_size(&option.max_message_size, "max_message_size")?,
     };
     fields.validate()?;
     Ok(fields)
@@ -116,6 +126,16 @@ mod tests {
         assert_eq!(policy.method.unwrap().timeout, Some(Duration::from_millis(250)));
         assert_eq!(policy.service.unwrap().timeout, Some(Duration::from_secs(2)));
         assert_eq!(policy.allowed_callers.unwrap().source, Source::ServiceOption);
+    }
+
+    #[test]
+    fn sizes_are_written_with_units() {
+        let sized = pb::Policy { max_message_size: "4MiB".into(), ..Default::default() };
+        let policy = ContractPolicy::from_options(Some(&sized), None).unwrap();
+        assert_eq!(policy.method.unwrap().max_message_size, Some(ByteSize::mib(4)));
+        let not_a_size = pb::Policy { max_message_size: "4 lots".into(), ..Default::default() };
+        let err = ContractPolicy::from_options(Some(&not_a_size), None).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).max_message_size: `4 lots` is not a size"), "{err}");
     }
 
     #[test]

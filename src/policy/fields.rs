@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde::Deserialize;
 
 use super::bulkhead::ConcurrencyPolicy;
@@ -26,6 +27,9 @@ pub struct PolicyFields {
     pub retry: Option<RetryPolicy>,
     #[serde(default)]
     pub concurrency: Option<ConcurrencyPolicy>,
+    /// The largest gRPC message either way; a larger one ends the call with RESOURCE_EXHAUSTED.
+    #[serde(default)]
+    pub max_message_size: Option<ByteSize>,
 }
 
 impl PolicyFields {

@@ -21,12 +21,13 @@ use crate::policy::PolicyConfig;
 use crate::policy::authz::{Authorize, MethodAuthz, Rule};
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::message_size::MessageSizes;
 use crate::telemetry::{Metrics, Observe, Observed, Tracing};
 
-/// A call from a peer sidecar, top to bottom: recorded, authorized, given
-/// its deadline, held to its bulkheads (the method's and its caller's), and
-/// sent with the remaining budget to the app.
-pub type InboundStack = Observe<Authorize<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>;
+/// A call from a peer sidecar, top to bottom: recorded, authorized, its
+/// messages measured, given its deadline, held to its bulkheads (the
+/// method's and its caller's), and sent with the remaining budget to the app.
+pub type InboundStack = Observe<Authorize<MessageSizes<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>>;
 
 /// What every inbound stack of one version of the routes shares.
 struct Shared {
@@ -131,6 +132,7 @@ impl Shared {
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
             .layer_fn(|inner| Authorize::new(authz.clone(), inner))
+            .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), direction, inner))
             .layer_fn(|inner| {
                 let exceeded = metrics.deadline_exceeded(direction, labels.0, labels.1);
                 Deadlines::new(deadline.clone(), direction, exceeded, inner)

@@ -21,13 +21,16 @@ use crate::grpc::split_path;
 use crate::policy::PolicyConfig;
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::message_size::MessageSizes;
 use crate::policy::retry::{Retries, RetryBudget};
 use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
 
-/// A call from the local app, top to bottom: recorded, given its deadline,
-/// retried, each attempt traced, held to its bulkheads, and sent with the
-/// remaining budget to a balanced endpoint of its upstream.
-pub type OutboundStack = Observe<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>;
+/// A call from the local app, top to bottom: recorded, its messages
+/// measured, given its deadline, retried, each attempt traced, held to its
+/// bulkheads, and sent with the remaining budget to a balanced endpoint of
+/// its upstream.
+pub type OutboundStack =
+    Observe<MessageSizes<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>>;
 
 /// What every outbound stack of one version of the routes shares.
 struct Shared {
@@ -147,6 +150,7 @@ impl Shared {
         let retries = Arc::new(effective.retries(method.map(|m| m.shape), self.policy.max_replay_bytes));
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
+            .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), direction, inner))
             .layer_fn(|inner| {
                 let exceeded = metrics.deadline_exceeded(direction, service, name);
                 Deadlines::new(deadline.clone(), direction, exceeded, inner)

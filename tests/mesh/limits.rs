@@ -279,3 +279,48 @@ async fn a_connection_without_calls_is_closed_after_idle_timeout_but_not_during_
     let series = "protomesh_connections_closed_at_limit_total{direction=\"outbound\",limit=\"idle_timeout\"}";
     assert_eq!(metric(mesh.client_sidecar.admin_addr, series).await, 1.0);
 }
+
+#[tokio::test]
+async fn a_message_past_max_message_size_ends_its_call_with_resource_exhausted() {
+    let options = MeshOptions {
+        client_policy: "{methods: {'echo.v1.Echo/Unary': {max_message_size: 1KiB}}}",
+        server_policy: "{methods: {'echo.v1.Echo/ServerStream': {max_message_size: 1KiB}}}",
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let mut client = mesh.client();
+    let sized = |bytes: usize| EchoRequest { payload: vec![7; bytes].into(), ..Default::default() };
+
+    // Outbound, a request: just under the limit is carried, just over is refused before the app sees it.
+    let reply = client.unary(sized(900)).await.expect("messages under the limit are carried");
+    assert_eq!(reply.into_inner().payload.len(), 900);
+    let refused = client.unary(sized(1100)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().starts_with("protomesh outbound: a request message of 1103 bytes exceeds max_message_size"),
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("policy.methods[\"echo.v1.Echo/Unary\"]"), "{refused:?}");
+    assert_eq!(mesh.calls(), 1, "the app never saw the large message");
+
+    // Inbound, a response stream: messages under the limit go through, the first over it ends the stream.
+    let stream = |bytes: u32| EchoRequest { reply_count: 3, reply_payload_bytes: bytes, ..Default::default() };
+    let mut replies = client.server_stream(stream(900)).await.unwrap().into_inner();
+    let mut received = 0;
+    while replies.message().await.expect("messages under the limit are carried").is_some() {
+        received += 1;
+    }
+    assert_eq!(received, 3);
+    let mut replies = client.server_stream(stream(1100)).await.unwrap().into_inner();
+    let ended = loop {
+        match replies.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended well past the limit"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().starts_with("protomesh inbound: a response message of"), "{ended:?}");
+
+    client.unary(sized(10)).await.expect("other calls are served");
+}
