@@ -16,10 +16,11 @@ use tokio::task::JoinSet;
 
 use crate::call::Direction;
 use crate::identity::{Identity, SpiffeId};
-use crate::proxy::edge::{InboundEdge, OutboundEdge};
+use crate::proxy::edge::{EdgeState, InboundEdge, OutboundEdge};
 use crate::proxy::registry::Registries;
 use crate::proxy::routes::Routes;
 use crate::proxy::server::{self, PeerInfo, Serving};
+use crate::proxy::shed::MemoryBudget;
 use crate::telemetry::{Metrics, Tracing};
 use crate::workers::Workers;
 use admin::{Admin, SetLogLevel};
@@ -83,7 +84,9 @@ impl Sidecar {
         let serving =
             Serving { workers: workers.clone(), metrics: metrics.clone(), routes: routes.clone(), drain: watch };
         let outbound_addr = local_addr(&outbound_listener)?;
-        let edge = OutboundEdge::new(routes.clone(), metrics.clone());
+        let memory = Arc::new(MemoryBudget::default());
+        let edges = EdgeState { routes: routes.clone(), metrics: metrics.clone(), memory: memory.clone() };
+        let edge = OutboundEdge::new(edges.clone());
         tokio::spawn(server::serve(
             outbound_listener,
             Direction::Outbound,
@@ -95,12 +98,11 @@ impl Sidecar {
             None => None,
             Some((listener, tls)) => {
                 let addr = local_addr(&listener)?;
-                let (routes, metrics) = (routes.clone(), metrics.clone());
                 tokio::spawn(server::serve(
                     listener,
                     Direction::Inbound,
                     Some(tls),
-                    move |peer: PeerInfo| InboundEdge::new(routes.clone(), metrics.clone(), peer.identity, peer.addr),
+                    move |peer: PeerInfo| InboundEdge::new(edges.clone(), peer.identity, peer.addr),
                     serving,
                 ));
                 Some(addr)
@@ -111,6 +113,8 @@ impl Sidecar {
         let mut background = JoinSet::new();
         background.spawn(admin::serve(admin_listener, admin.clone()));
         background.spawn(watch::reload_on_change(reloader.clone()));
+        let sampled = routes.clone();
+        background.spawn(async move { memory.sample(sampled).await });
         admin.ready.store(true, Ordering::Release);
         tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, %admin_addr, "sidecar started");
         Ok(Sidecar {

@@ -49,6 +49,11 @@ pub struct LimitsConfig {
     /// A connection from a caller that carries no call for this long is closed (GOAWAY).
     #[serde(default = "defaults::idle_timeout", deserialize_with = "duration::deserialize")]
     pub idle_timeout: Duration,
+    /// Resident memory above which new calls are refused with
+    /// RESOURCE_EXHAUSTED until it falls back. Unset: 90% of the container's
+    /// memory limit, if it has one; `0`: never.
+    #[serde(default)]
+    pub memory_budget: Option<ByteSize>,
 }
 
 impl Default for LimitsConfig {
@@ -64,6 +69,7 @@ impl Default for LimitsConfig {
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             idle_timeout: defaults::idle_timeout(),
+            memory_budget: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The edge of each connection: where a call meets the routes in force. It
 //! reads the routing snapshot once, finds the call's stack, and hands the
 //! call to it; a call with no route is refused here and counted by reason.
+//! While memory is over its budget, the edge sheds new calls (`shed.rs`).
 //! Inbound, the edge also vouches for the caller: its certificate's SPIFFE ID
 //! goes to the app in `protomesh-caller-id` (always overwritten, so it cannot
 //! be spoofed) and to the layers below as the call's [`Caller`].
@@ -15,6 +16,7 @@ use http::{HeaderValue, Request, Response};
 use tower::Service;
 
 use super::routes::Routes;
+use super::shed::MemoryBudget;
 use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::identity::SpiffeId;
 use crate::policy::bulkhead::CallerBulkhead;
@@ -30,16 +32,23 @@ fn refuse(metrics: &Metrics, direction: Direction, error: ProxyError) -> EdgeFut
     Either::Left(ready(Err(error)))
 }
 
+/// What the edges of both directions read.
+#[derive(Clone)]
+pub struct EdgeState {
+    pub routes: CurrentRoutes,
+    pub metrics: Arc<Metrics>,
+    pub memory: Arc<MemoryBudget>,
+}
+
 /// A connection from the local app.
 #[derive(Clone)]
 pub struct OutboundEdge {
-    routes: CurrentRoutes,
-    metrics: Arc<Metrics>,
+    state: EdgeState,
 }
 
 impl OutboundEdge {
-    pub fn new(routes: CurrentRoutes, metrics: Arc<Metrics>) -> Self {
-        OutboundEdge { routes, metrics }
+    pub fn new(state: EdgeState) -> Self {
+        OutboundEdge { state }
     }
 }
 
@@ -53,10 +62,14 @@ impl Service<Request<RecvBody>> for OutboundEdge {
     }
 
     fn call(&mut self, request: Request<RecvBody>) -> EdgeFuture {
-        let routed = self.routes.load().outbound.route(request.uri().path());
+        let EdgeState { routes, metrics, memory } = &self.state;
+        if let Err(over) = memory.admit() {
+            return refuse(metrics, Direction::Outbound, over.into());
+        }
+        let routed = routes.load().outbound.route(request.uri().path());
         match routed {
             Ok(mut stack) => Either::Right(stack.call(request)),
-            Err(error) => refuse(&self.metrics, Direction::Outbound, error),
+            Err(error) => refuse(metrics, Direction::Outbound, error),
         }
     }
 }
@@ -64,24 +77,18 @@ impl Service<Request<RecvBody>> for OutboundEdge {
 /// A connection from a peer sidecar, with the identity its certificate proved.
 #[derive(Clone)]
 pub struct InboundEdge {
-    routes: CurrentRoutes,
-    metrics: Arc<Metrics>,
+    state: EdgeState,
     /// `Err`: why the certificate proves no SPIFFE ID.
     caller: Result<(Caller, HeaderValue), Arc<str>>,
 }
 
 impl InboundEdge {
-    pub fn new(
-        routes: CurrentRoutes,
-        metrics: Arc<Metrics>,
-        identity: Result<SpiffeId, String>,
-        address: SocketAddr,
-    ) -> Self {
+    pub fn new(state: EdgeState, identity: Result<SpiffeId, String>, address: SocketAddr) -> Self {
         let caller = identity.map_err(Arc::from).and_then(|id| {
             let header = HeaderValue::from_str(id.as_str()).map_err(|e| Arc::from(e.to_string()))?;
             Ok((Caller { id, address }, header))
         });
-        InboundEdge { routes, metrics, caller }
+        InboundEdge { state, caller }
     }
 }
 
@@ -95,21 +102,25 @@ impl Service<Request<RecvBody>> for InboundEdge {
     }
 
     fn call(&mut self, mut request: Request<RecvBody>) -> EdgeFuture {
+        let EdgeState { routes, metrics, memory } = &self.state;
         let (caller, header) = match &self.caller {
             Ok(caller) => caller,
             Err(why) => {
                 let error = ProxyError::NoCallerIdentity { why: why.clone() };
-                return refuse(&self.metrics, Direction::Inbound, error);
+                return refuse(metrics, Direction::Inbound, error);
             }
         };
-        let routes = self.routes.load();
+        if let Err(over) = memory.admit() {
+            return refuse(metrics, Direction::Inbound, over.into());
+        }
+        let routes = routes.load();
         let Some(inbound) = &routes.inbound else {
             let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
-            return refuse(&self.metrics, Direction::Inbound, error);
+            return refuse(metrics, Direction::Inbound, error);
         };
         let mut stack = match inbound.route(request.uri().path()) {
             Ok(stack) => stack,
-            Err(error) => return refuse(&self.metrics, Direction::Inbound, error),
+            Err(error) => return refuse(metrics, Direction::Inbound, error),
         };
         request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
         if let Some(callers) = &inbound.callers {

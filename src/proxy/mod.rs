@@ -23,4 +23,5 @@ pub mod registry;
 mod respond;
 pub mod routes;
 pub mod server;
+pub mod shed;
 pub mod upstream;

@@ -5,7 +5,7 @@
 mod attempts;
 pub mod metrics;
 mod observe;
-mod process;
+pub mod process;
 pub mod trace;
 
 pub use attempts::TraceAttempts;

@@ -324,3 +324,38 @@ async fn a_message_past_max_message_size_ends_its_call_with_resource_exhausted()
 
     client.unary(sized(10)).await.expect("other calls are served");
 }
+
+#[tokio::test]
+async fn over_the_memory_budget_new_calls_are_shed_until_the_budget_is_raised() {
+    let mesh = Mesh::start_with(MeshOptions { limits: "{memory_budget: 1MiB}", ..Default::default() }).await;
+    let mut client = mesh.client();
+    // Memory is sampled in the background: the first sample may follow the first call.
+    let shed = within("calls shed", async {
+        loop {
+            match client.unary(EchoRequest::default()).await {
+                Err(status) if status.code() == Code::ResourceExhausted => return status,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    // Both sidecars run in this test's process, so either may shed first.
+    let (direction, admin_addr) = match shed.message().split(':').next() {
+        Some("protomesh outbound") => ("outbound", mesh.client_sidecar.admin_addr),
+        _ => ("inbound", mesh.server_sidecar.admin_addr),
+    };
+    assert!(shed.message().contains(": sidecar memory "), "{shed:?}");
+    assert!(shed.message().contains("is over limits.memory_budget 1.0 MiB"), "{shed:?}");
+    let series = format!("protomesh_refused_total{{direction=\"{direction}\",reason=\"memory_budget\"}}");
+    assert!(metric(admin_addr, &series).await >= 1.0);
+
+    for workload in ["client", "server"] {
+        mesh.edit_config(workload, "memory_budget: 1MiB", "memory_budget: 4GiB");
+    }
+    within("calls served again", async {
+        while client.unary(EchoRequest::default()).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
