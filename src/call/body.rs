@@ -20,7 +20,7 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 
 use super::limit::{Carrier, Framing, MessageLimit};
-use super::{Direction, ProxyError};
+use super::{Direction, ProxyError, Target};
 use crate::grpc::{self, Code};
 
 /// Work to do once a call is over, with its final status: from the trailers
@@ -64,6 +64,8 @@ impl Timer {
 pub struct ResponseBody {
     /// `None` once the call ended, or when the sidecar answered itself.
     inner: Option<RecvBody>,
+    /// Which sidecar's answer this is, for the statuses it ends the call with.
+    direction: Direction,
     // Timers are boxed: a response moves through every layer, and most calls
     // have at most a deadline.
     deadline: Option<Pin<Box<Timer>>>,
@@ -79,11 +81,12 @@ impl std::fmt::Debug for ResponseBody {
 
 impl ResponseBody {
     pub fn empty() -> ResponseBody {
-        ResponseBody { inner: None, deadline: None, idle: None, guards: Vec::new() }
+        ResponseBody { inner: None, direction: Direction::Outbound, deadline: None, idle: None, guards: Vec::new() }
     }
 
-    pub fn streamed(body: RecvBody) -> ResponseBody {
-        ResponseBody { inner: Some(body), ..ResponseBody::empty() }
+    /// The peer's response as the sidecar of `direction` passes it on.
+    pub fn streamed(body: RecvBody, direction: Direction) -> ResponseBody {
+        ResponseBody { inner: Some(body), direction, ..ResponseBody::empty() }
     }
 
     /// At `at`, the stream ends as `expiry` says.
@@ -169,12 +172,22 @@ impl Body for ResponseBody {
             // The end without trailers, or a failed stream: the peer failed,
             // unless the stream was cut because a message was too large.
             Poll::Ready(end) => {
-                let Some((code, trailers)) = this.inner.as_ref().and_then(RecvBody::too_large) else {
-                    this.end(None);
-                    return Poll::Ready(end);
+                let inner = this.inner.as_ref().expect("polled above");
+                let ending = match (inner.too_large(), end) {
+                    (Some(too_large), _) => Ok(too_large),
+                    (None, Some(Err(error))) => inner.broken_off(error, this.direction).map_err(|e| Some(Err(e))),
+                    (None, end) => Err(end),
                 };
-                this.end(Some(code));
-                return Poll::Ready(Some(Ok(trailers)));
+                return match ending {
+                    Ok((code, trailers)) => {
+                        this.end(Some(code));
+                        Poll::Ready(Some(Ok(trailers)))
+                    }
+                    Err(end) => {
+                        this.end(None);
+                        Poll::Ready(end)
+                    }
+                };
             }
             Poll::Pending => {}
         }
@@ -202,11 +215,31 @@ pub struct RecvBody {
     sending: Option<AbortHandle>,
     /// Set when the call's messages have a size limit.
     framing: Option<Box<Framing>>,
+    /// Who sent a response, for the status that says its connection broke.
+    peer: Option<Target>,
 }
 
 impl RecvBody {
     pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> RecvBody {
-        RecvBody { stream, data_done: false, sending, framing: None }
+        RecvBody { stream, data_done: false, sending, framing: None, peer: None }
+    }
+
+    /// A response from `peer`.
+    pub fn from_peer(mut self, peer: Target) -> RecvBody {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// How a response ends when its stream fails with `error`: a stream the
+    /// peer reset goes on as the same reset, but one whose connection broke
+    /// (the peer gone, GOAWAY) ends with the status gRPC gives a lost
+    /// connection, UNAVAILABLE, naming the peer.
+    fn broken_off(&self, error: h2::Error, direction: Direction) -> Result<(Code, Frame<Bytes>), h2::Error> {
+        let Some(target) = self.peer.clone().filter(|_| !(error.is_reset() && error.is_remote())) else {
+            return Err(error);
+        };
+        let error = ProxyError::Upstream { target, error };
+        Ok((error.code(), Frame::trailers(grpc::status_headers(error.code(), &error.message(direction)))))
     }
 
     /// Fails the body at the first message larger than `limit` allows; the
@@ -405,6 +438,6 @@ mod tests {
         let mut sender = sender.ready().await.unwrap();
         let (response, _) = sender.send_request(http::Request::new(()), true).unwrap();
         let response = response.await.unwrap();
-        (ResponseBody::streamed(RecvBody::new(response.into_body(), None)), peer)
+        (ResponseBody::streamed(RecvBody::new(response.into_body(), None), Direction::Outbound), peer)
     }
 }

@@ -58,7 +58,7 @@ impl MessageLimit {
 
 /// Where one body is in its stream of length-prefixed messages.
 #[derive(Debug)]
-pub(super) struct Framing {
+pub struct Framing {
     pub(super) limit: MessageLimit,
     carrier: Carrier,
     prefix: [u8; 5],
@@ -69,14 +69,14 @@ pub(super) struct Framing {
 }
 
 impl Framing {
-    pub(super) fn new(limit: MessageLimit, carrier: Carrier) -> Framing {
+    pub fn new(limit: MessageLimit, carrier: Carrier) -> Framing {
         Framing { limit, carrier, prefix: [0; 5], have: 0, remaining: 0 }
     }
 
     /// Reads `data` on. `Err(at)` when the message whose prefix ends in it is
     /// too large: `at` is where that prefix began in `data` (0 if earlier),
     /// so that what comes before it can still go on.
-    pub(super) fn scan(&mut self, data: &Bytes) -> Result<(), usize> {
+    pub fn scan(&mut self, data: &Bytes) -> Result<(), usize> {
         let mut at = 0;
         while at < data.len() {
             if self.remaining > 0 {

@@ -17,7 +17,7 @@ use tower::Service;
 use crate::identity::SpiffeId;
 pub use body::{EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody};
 pub use error::{AnswerErrors, ConnectError, PolicyError, ProxyError, Target, h2_reason};
-pub use limit::{Carrier, MessageLimit, TooLarge};
+pub use limit::{Carrier, Framing, MessageLimit, TooLarge};
 
 /// The header in which the inbound sidecar tells its app who called. The
 /// sidecar always overwrites it, so an app can trust it.

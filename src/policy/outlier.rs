@@ -236,6 +236,15 @@ impl Health {
         }
     }
 
+    /// Whether the ejection is over and no probe is under way: the next call may probe.
+    pub fn ready_to_probe(&self, now: Instant) -> bool {
+        match self.lock().state {
+            State::Ejected { until } => now >= until,
+            State::HalfOpen { probing } => !probing,
+            State::Healthy => false,
+        }
+    }
+
     /// Whether `admit` would let a call through, without claiming a probe.
     pub fn is_available(&self, now: Instant) -> bool {
         match self.lock().state {

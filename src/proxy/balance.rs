@@ -52,10 +52,18 @@ impl Default for Load {
     }
 }
 
+/// How much of a round-trip estimate is kept after `elapsed`.
+fn kept_after(elapsed: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
+}
+
 impl Load {
-    fn cost(&self) -> f64 {
-        let rtt = self.rtt.lock().expect("load lock").0;
-        rtt * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
+    /// The estimate fades while nothing is measured, so that an endpoint
+    /// left alone (after a slow spell, or an ejection) is tried again and
+    /// measured anew.
+    fn cost(&self, now: Instant) -> f64 {
+        let (rtt, updated) = *self.rtt.lock().expect("load lock");
+        rtt * kept_after(now.saturating_duration_since(updated)) * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {
@@ -65,7 +73,7 @@ impl Load {
         let next = if rtt > ewma {
             rtt
         } else {
-            let kept = (-now.duration_since(updated).as_secs_f64() / DECAY.as_secs_f64()).exp();
+            let kept = kept_after(now.saturating_duration_since(updated));
             ewma * kept + rtt * (1.0 - kept)
         };
         *average = (next, now);
@@ -73,8 +81,24 @@ impl Load {
 }
 
 /// Picks an endpoint for one call: two at random, the lighter one that is
-/// admitted, leaving out the `unreachable`. `None` when none is left.
-pub fn choose(endpoints: &[Arc<Member>], unreachable: &[SocketAddr], now: Instant) -> Option<(Arc<Member>, Admission)> {
+/// admitted, leaving out the `unreachable`. An endpoint whose ejection is
+/// over comes first, as the probe that decides whether it is back: left to
+/// the balancer, its stale load could keep it out. `None` when none is left.
+pub fn choose(
+    endpoints: &[Arc<Member>],
+    unreachable: &[SocketAddr],
+    now: Instant,
+    outliers: &Outliers,
+) -> Option<(Arc<Member>, Admission)> {
+    let reachable = |member: &&Arc<Member>| !unreachable.contains(&member.addr());
+    if outliers.ejected() > 0 {
+        let probe = endpoints.iter().filter(reachable).find(|e| e.health.ready_to_probe(now));
+        if let Some(endpoint) = probe
+            && endpoint.health.admit(now) == Admission::Probe
+        {
+            return Some((endpoint.clone(), Admission::Probe));
+        }
+    }
     let count = endpoints.len();
     let mut order: [usize; 2] = match count {
         0 => return None,
@@ -85,12 +109,11 @@ pub fn choose(endpoints: &[Arc<Member>], unreachable: &[SocketAddr], now: Instan
             [first, second]
         }
     };
-    if order[0] != order[1] && endpoints[order[1]].load.cost() < endpoints[order[0]].load.cost() {
+    if order[0] != order[1] && endpoints[order[1]].load.cost(now) < endpoints[order[0]].load.cost(now) {
         order.swap(0, 1);
     }
     // The two chosen first, then every endpoint, as a last resort.
     let scan = order.into_iter().chain((0..count).map(|i| (i + order[0]) % count));
-    let reachable = |member: &&Arc<Member>| !unreachable.contains(&member.addr());
     scan.map(|i| &endpoints[i]).filter(reachable).filter(|e| e.health.is_available(now)).find_map(|endpoint| {
         match endpoint.health.admit(now) {
             Admission::Closed => None,
@@ -100,20 +123,29 @@ pub fn choose(endpoints: &[Arc<Member>], unreachable: &[SocketAddr], now: Instan
 }
 
 /// One call on its way to an endpoint: counts it in flight, and reports its
-/// outcome to outlier detection once known. Dropped without an outcome (the
-/// caller went away), it reports nothing and frees a probe's turn.
+/// outcome to outlier detection once known. Dropped without an outcome at or
+/// past the call's deadline, the endpoint kept it waiting until then: that
+/// is DEADLINE_EXCEEDED. Dropped earlier (the caller went away), it reports
+/// nothing and frees a probe's turn.
 pub struct Report {
     endpoint: Arc<Member>,
     outliers: Arc<Outliers>,
     probe: bool,
     started: Instant,
+    deadline: Option<Instant>,
     reported: bool,
 }
 
 impl Report {
-    pub fn start(endpoint: Arc<Member>, outliers: Arc<Outliers>, admission: Admission) -> Report {
+    pub fn start(
+        endpoint: Arc<Member>,
+        outliers: Arc<Outliers>,
+        admission: Admission,
+        deadline: Option<Instant>,
+    ) -> Report {
         endpoint.load.in_flight.fetch_add(1, Ordering::Relaxed);
-        Report { endpoint, outliers, probe: admission == Admission::Probe, started: Instant::now(), reported: false }
+        let probe = admission == Admission::Probe;
+        Report { endpoint, outliers, probe, started: Instant::now(), deadline, reported: false }
     }
 
     /// The response headers arrived: the round trip is measured here.
@@ -151,7 +183,14 @@ impl std::fmt::Debug for Report {
 impl Drop for Report {
     fn drop(&mut self) {
         self.endpoint.load.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if self.probe && !self.reported {
+        if self.reported {
+            return;
+        }
+        let now = Instant::now();
+        if self.deadline.is_some_and(|deadline| now >= deadline) {
+            let outcome = self.outliers.config().outcome_of(Code::DeadlineExceeded);
+            self.endpoint.health.record(outcome, now, &self.outliers);
+        } else if self.probe {
             self.endpoint.health.abandon_probe();
         }
     }
@@ -166,17 +205,64 @@ mod tests {
         let load = Load::default();
         let now = Instant::now();
         load.observe(Duration::from_millis(100), now);
-        assert_eq!(load.cost(), 100e6);
+        assert_eq!(load.cost(now), 100e6);
         load.observe(Duration::from_millis(1), now + DECAY);
-        let decayed = load.cost();
+        let decayed = load.cost(now + DECAY);
         assert!(decayed < 100e6 && decayed > 30e6, "one time constant keeps about 37%: {decayed}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_estimate_fades_while_nothing_is_measured() {
+        let load = Load::default();
+        let now = Instant::now();
+        load.observe(Duration::from_millis(100), now);
+        let faded = load.cost(now + DECAY * 3);
+        assert!(faded < 100e6 * 0.06, "three time constants keep about 5%: {faded}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn calls_in_flight_raise_the_cost() {
         let load = Load::default();
-        let idle = load.cost();
+        let now = Instant::now();
+        let idle = load.cost(now);
         load.in_flight.fetch_add(3, Ordering::Relaxed);
-        assert_eq!(load.cost(), idle * 4.0);
+        assert_eq!(load.cost(now), idle * 4.0);
+    }
+
+    fn member(port: u16) -> Arc<Member> {
+        use super::super::endpoint::{ConnectSettings, Transport};
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let settings = ConnectSettings {
+            timeout: Duration::from_secs(1),
+            stream_window: 65_535,
+            max_header_list_size: 16_384,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+        };
+        let endpoint = Endpoint::new(addr, crate::call::Target::App(addr), Arc::new(Transport::Plaintext), settings, 1);
+        Arc::new(Member::new(endpoint))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_back_from_ejection_takes_the_next_call_as_its_probe() {
+        use crate::policy::outlier::{OutlierConfig, Outliers};
+        let config = OutlierConfig { consecutive_failures: 1, ..OutlierConfig::default() };
+        let outliers = Outliers::new(config.clone(), crate::telemetry::Metrics::default().outliers("u"));
+        outliers.set_endpoint_count(2);
+        let (fast, slow) = (member(1), member(2));
+        let now = Instant::now();
+        fast.load.observe(Duration::from_millis(1), now);
+        slow.load.observe(Duration::from_secs(1), now);
+        slow.health.record(Outcome::Failure, now, &outliers);
+        let endpoints = [fast.clone(), slow.clone()];
+        for _ in 0..20 {
+            let (chosen, _) = choose(&endpoints, &[], now, &outliers).unwrap();
+            assert_eq!(chosen.addr(), fast.addr(), "the ejected endpoint takes no call");
+        }
+        let back = now + config.base_ejection;
+        let (chosen, admission) = choose(&endpoints, &[], back, &outliers).unwrap();
+        assert_eq!((chosen.addr(), admission), (slow.addr(), Admission::Probe), "heavier, but probed first");
+        let (chosen, _) = choose(&endpoints, &[], back, &outliers).unwrap();
+        assert_eq!(chosen.addr(), fast.addr(), "one probe at a time");
     }
 }

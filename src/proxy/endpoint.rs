@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
-use futures_util::{FutureExt, TryFutureExt};
 use h2::client::SendRequest;
 use http::{Request, Response};
 use rustls::ClientConfig;
@@ -134,7 +134,10 @@ impl Endpoint {
     ) -> Result<impl Future<Output = Result<Response<RecvBody>, ProxyError>> + Send + use<>, ProxyError> {
         let exchange = exchange::start(sender, request).map_err(|error| self.failed(error))?;
         let target = self.target.clone();
-        Ok(exchange.map_err(move |error| ProxyError::Upstream { target, error }))
+        Ok(exchange.map(move |result| match result {
+            Ok(response) => Ok(response.map(|body| body.from_peer(target))),
+            Err(error) => Err(ProxyError::Upstream { target, error }),
+        }))
     }
 
     fn failed(&self, error: h2::Error) -> ProxyError {

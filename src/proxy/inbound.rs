@@ -164,7 +164,7 @@ impl tower::Service<Request<RecvBody>> for ForwardToApp {
         Box::pin(async move {
             let mut sender = app.ready().await?;
             let response = app.start(&mut sender, request)?.await?;
-            Ok(response.map(ResponseBody::streamed))
+            Ok(response.map(|body| ResponseBody::streamed(body, Direction::Inbound)))
         })
     }
 }

@@ -14,11 +14,12 @@ use tokio::time::Instant;
 
 use super::balance::{self, Member, Report};
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
-use crate::call::{Answered, ProxyError, RequestBody, ResponseBody, Target};
+use crate::call::{Answered, Direction, ProxyError, RequestBody, ResponseBody, Target};
 use crate::config::UpstreamConfig;
 use crate::discovery::{self, EndpointSpec};
 use crate::grpc;
 use crate::identity::{Identity, SpiffeId};
+use crate::policy::deadline::Deadline;
 use crate::policy::outlier::{CircuitOpen, Outcome, OutlierConfig, OutlierMetrics, Outliers};
 use crate::policy::retry::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::trace::CallSpan;
@@ -121,12 +122,16 @@ impl Upstream {
         }
         // Only a call's span reads which endpoint answered.
         let traced = request.extensions().get::<CallSpan>().is_some();
+        let deadline = request.extensions().get::<Deadline>().map(|deadline| deadline.0);
         let mut refused = None;
         // Endpoints that could not be connected to; empty (and unallocated) on the usual path.
         let mut unreachable = Vec::new();
         for _ in 0..members.len().min(CONNECT_TRIES) {
-            let Some((member, admission)) = balance::choose(&members, &unreachable, Instant::now()) else { break };
-            let report = Report::start(member.clone(), self.outliers.clone(), admission);
+            let Some((member, admission)) = balance::choose(&members, &unreachable, Instant::now(), &self.outliers)
+            else {
+                break;
+            };
+            let report = Report::start(member.clone(), self.outliers.clone(), admission, deadline);
             let endpoint = &member.endpoint;
             let mut sender = match endpoint.ready().await {
                 Ok(sender) => sender,
@@ -151,7 +156,7 @@ impl Upstream {
                 Ok(response) => {
                     report.responded();
                     let trailers_only = grpc::status_in(response.headers());
-                    let mut response = response.map(ResponseBody::streamed);
+                    let mut response = response.map(|body| ResponseBody::streamed(body, Direction::Outbound));
                     if traced {
                         response.extensions_mut().insert(Answered(endpoint.addr));
                     }
