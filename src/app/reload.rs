@@ -15,8 +15,8 @@ use crate::config::{self, Config};
 use crate::contract::compat::breaking_changes;
 use crate::contract::{BreakingChanges, Contracts};
 use crate::identity::{Credentials, Identity};
-use crate::proxy::edge::CurrentRoutes;
 use crate::proxy::registry::Registries;
+use crate::proxy::routes::CurrentRoutes;
 use crate::proxy::routes::Routes;
 use crate::telemetry::Tracing;
 

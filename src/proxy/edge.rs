@@ -10,12 +10,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::routes::Routes;
+use super::routes::CurrentRoutes;
 use super::shed::MemoryBudget;
 use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::identity::SpiffeId;
@@ -23,9 +22,6 @@ use crate::policy::bulkhead::CallerBulkhead;
 use crate::telemetry::Metrics;
 
 type EdgeFuture = Either<Ready<Result<Response<ResponseBody>, ProxyError>>, CallFuture>;
-
-/// The routes in force, swapped whole on reload.
-pub type CurrentRoutes = Arc<ArcSwap<Routes>>;
 
 fn refuse(metrics: &Metrics, direction: Direction, error: ProxyError) -> EdgeFuture {
     metrics.refused(direction, error.reason());

@@ -6,12 +6,17 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use super::inbound::InboundRoutes;
 use super::outbound::OutboundRoutes;
 use super::registry::Registries;
 use crate::config::Config;
 use crate::contract::Contracts;
 use crate::telemetry::Tracing;
+
+/// The routes in force, swapped whole on reload.
+pub type CurrentRoutes = Arc<ArcSwap<Routes>>;
 
 pub struct Routes {
     pub config: Arc<Config>,

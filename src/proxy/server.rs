@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{self, Ended};
-use super::edge::CurrentRoutes;
+use super::routes::CurrentRoutes;
 use crate::call::{AnswerErrors, CallService, Direction, RecvBody};
 use crate::config::LimitsConfig;
 use crate::identity::{SpiffeId, spiffe_id_of};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 
-use super::edge::CurrentRoutes;
+use super::routes::CurrentRoutes;
 use crate::call::PolicyError;
 use crate::grpc::Code;
 use crate::telemetry::process::resident_bytes;
