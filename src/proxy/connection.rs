@@ -62,6 +62,10 @@ where
     let mut keepalive = std::pin::pin!(keepalive);
     let mut draining = std::pin::pin!(drain.signaled());
     let mut released = None;
+    // How the connection ends once its last stream has: set when the
+    // sidecar sends GOAWAY; streams the caller opened before it saw it are
+    // still served.
+    let mut ending = None;
     let activity = Arc::new(Activity::default());
     let started = Instant::now();
     let mut idle = std::pin::pin!(tokio::time::sleep(limits.idle_timeout));
@@ -85,34 +89,23 @@ where
                     });
                 }
                 Some(Err(error)) => return Ended::Failed(error),
-                None => return Ended::Closed,
+                None => return ending.unwrap_or(Ended::Closed),
             },
             release = &mut draining, if released.is_none() => {
                 connection.graceful_shutdown();
                 released = Some(release);
+                ending.get_or_insert(Ended::Closed);
             }
             () = &mut keepalive => return Ended::NoPingAnswer,
-            () = &mut idle => match activity.quiet_since(started) {
+            () = &mut idle, if ending.is_none() => match activity.quiet_since(started) {
                 Some(since) if since.elapsed() >= limits.idle_timeout => {
                     connection.graceful_shutdown();
-                    return drain_out(connection).await.unwrap_or(Ended::Idle);
+                    ending = Some(Ended::Idle);
                 }
                 since => idle.as_mut().reset(since.unwrap_or_else(Instant::now) + limits.idle_timeout),
             },
         }
     }
-}
-
-/// Polls a connection that sent GOAWAY until its last stream ends.
-async fn drain_out(
-    mut connection: h2::server::Connection<impl AsyncRead + AsyncWrite + Unpin, Bytes>,
-) -> Option<Ended> {
-    while let Some(accepted) = connection.accept().await {
-        if let Err(error) = accepted {
-            return Some(Ended::Failed(error));
-        }
-    }
-    None
 }
 
 /// The calls a connection carries, and when the last one ended, for the idle timeout.
