@@ -102,24 +102,28 @@ fn options() -> MeshOptions {
     MeshOptions { client_policy: policy, server_policy: policy, ..Default::default() }
 }
 
-#[tokio::test]
-async fn an_app_that_stops_reading_stalls_only_its_own_calls() {
-    let mesh = Mesh::start_with(options()).await;
-    let outbound = mesh.client_sidecar.outbound_addr;
-
-    let mut stalled = reader_that_never_reads(TcpStream::connect(outbound).await.unwrap()).await;
+/// The scenario, with stalled callers connected by `connect`: while three
+/// of their large calls are held, other callers' large calls complete; once
+/// the stalled caller is gone and three more of its calls expire, the
+/// backend has seen all six cancelled and the method's three places are free.
+async fn only_the_stalled_callers_calls_stall<F, Fut>(mesh: &Mesh, connect: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = SendRequest<Bytes>>,
+{
+    let mut stalled = connect().await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(open_large_stream(&mut stalled, "60S").await);
     }
-    others_complete_large_calls(&mesh).await;
+    others_complete_large_calls(mesh).await;
     for response in &mut held {
         assert!(response.body_mut().trailers().now_or_never().is_none(), "the stalled calls are still open");
     }
     // The caller goes away: its calls end, and their places with them.
     drop((held, stalled));
 
-    let mut stalled = reader_that_never_reads(TcpStream::connect(outbound).await.unwrap()).await;
+    let mut stalled = connect().await;
     let mut expiring = Vec::new();
     for _ in 0..3 {
         expiring.push(open_large_stream(&mut stalled, "500m").await);
@@ -127,7 +131,7 @@ async fn an_app_that_stops_reading_stalls_only_its_own_calls() {
     for response in expiring {
         assert_eq!(status_at_end(response).await, Code::DeadlineExceeded);
     }
-    backend_cancelled(&mesh, 6).await;
+    backend_cancelled(mesh, 6).await;
     let mut client = mesh.client();
     for _ in 0..3 {
         let request = EchoRequest { reply_count: 1, ..Default::default() };
@@ -137,26 +141,20 @@ async fn an_app_that_stops_reading_stalls_only_its_own_calls() {
 }
 
 #[tokio::test]
+async fn an_app_that_stops_reading_stalls_only_its_own_calls() {
+    let mesh = Mesh::start_with(options()).await;
+    let outbound = mesh.client_sidecar.outbound_addr;
+    only_the_stalled_callers_calls_stall(&mesh, || async {
+        reader_that_never_reads(TcpStream::connect(outbound).await.unwrap()).await
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_peer_that_stops_reading_stalls_only_its_own_calls() {
     let mesh = Mesh::start_with(options()).await;
-    let mut stalled = reader_that_never_reads(mesh.connect_inbound("other").await).await;
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(open_large_stream(&mut stalled, "60S").await);
-    }
-    others_complete_large_calls(&mesh).await;
-    for response in &mut held {
-        assert!(response.body_mut().trailers().now_or_never().is_none(), "the stalled calls are still open");
-    }
-    drop((held, stalled));
-
-    let mut stalled = reader_that_never_reads(mesh.connect_inbound("other").await).await;
-    let mut expiring = Vec::new();
-    for _ in 0..3 {
-        expiring.push(open_large_stream(&mut stalled, "500m").await);
-    }
-    for response in expiring {
-        assert_eq!(status_at_end(response).await, Code::DeadlineExceeded);
-    }
-    backend_cancelled(&mesh, 6).await;
+    only_the_stalled_callers_calls_stall(&mesh, || async {
+        reader_that_never_reads(mesh.connect_inbound("other").await).await
+    })
+    .await;
 }
