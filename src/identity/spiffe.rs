@@ -46,18 +46,19 @@ impl SpiffeId {
     }
 }
 
-/// A peer presented a valid certificate for another workload.
+/// A peer presented a valid certificate for another workload, or one that
+/// proves no identity (and why).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityMismatch {
     pub expected: SpiffeId,
-    pub presented: Option<SpiffeId>,
+    pub presented: Result<SpiffeId, String>,
 }
 
 impl fmt::Display for IdentityMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.presented {
-            Some(presented) => write!(f, "peer presented identity {presented}, expected {}", self.expected),
-            None => write!(f, "peer presented no SPIFFE ID, expected {}", self.expected),
+            Ok(presented) => write!(f, "peer presented identity {presented}, expected {}", self.expected),
+            Err(why) => write!(f, "peer's certificate proves no SPIFFE ID ({why}), expected {}", self.expected),
         }
     }
 }
@@ -107,5 +108,22 @@ mod tests {
         assert!(SpiffeId::parse("spiffe://td/a%2Fb").unwrap_err().contains("only letters"));
         assert!(SpiffeId::parse(&format!("spiffe://td/{}", "a".repeat(2048))).unwrap_err().contains("2048"));
         assert!(SpiffeId::parse("spiffe://td/ns/shop/sa/check.out-1_x").is_ok());
+    }
+
+    #[test]
+    fn a_mismatch_names_both_identities_or_why_the_peer_has_none() {
+        let expected = SpiffeId::parse("spiffe://td/ns/shop/sa/inventory").unwrap();
+        let other =
+            IdentityMismatch { expected: expected.clone(), presented: SpiffeId::parse("spiffe://td/ns/x/sa/y") };
+        assert_eq!(
+            other.to_string(),
+            "peer presented identity spiffe://td/ns/x/sa/y, expected spiffe://td/ns/shop/sa/inventory"
+        );
+        let none = IdentityMismatch { expected, presented: Err("2 URI SANs; an X.509-SVID has exactly one".into()) };
+        assert_eq!(
+            none.to_string(),
+            "peer's certificate proves no SPIFFE ID (2 URI SANs; an X.509-SVID has exactly one), \
+             expected spiffe://td/ns/shop/sa/inventory"
+        );
     }
 }

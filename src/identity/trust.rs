@@ -119,8 +119,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let cert = ParsedCertificate::try_from(end_entity)?;
         let roots = self.trust.roots.load();
         verify_server_cert_signed_by_trust_anchor(&cert, &roots, intermediates, now, self.algorithms.all)?;
-        let presented = spiffe_id_of(end_entity).ok();
-        if presented.as_ref() != Some(&self.expected) {
+        let presented = spiffe_id_of(end_entity);
+        if presented.as_ref() != Ok(&self.expected) {
             let mismatch = IdentityMismatch { expected: self.expected.clone(), presented };
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(mismatch)))));
         }
