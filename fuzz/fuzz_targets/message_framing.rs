@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use protomesh::call::{Carrier, Direction, Framing, MessageLimit, ProxyError};
+use protomesh::call::{Carrier, Framing, MessageLimit, ProxyError};
 
 fn first_too_large(stream: &[u8], max: u64) -> Option<usize> {
     let mut at = 0;
@@ -26,7 +26,7 @@ fn first_too_large(stream: &[u8], max: u64) -> Option<usize> {
 fuzz_target!(|data: &[u8]| {
     let Some((&max, stream)) = data.split_first() else { return };
     let too_large = Arc::new(|_, _| ProxyError::NotGrpc { path: String::new() });
-    let mut framing = Framing::new(MessageLimit::new(u64::from(max), Direction::Inbound, too_large), Carrier::Request);
+    let mut framing = Framing::new(MessageLimit::new(u64::from(max), too_large), Carrier::Request);
     let mut offset = 0;
     let mut found = None;
     for frame in stream.split_inclusive(|&b| b == max) {

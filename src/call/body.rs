@@ -36,7 +36,6 @@ pub trait EndOfCall: Send + 'static {
 #[derive(Debug)]
 pub struct Expiry {
     pub error: ProxyError,
-    pub direction: Direction,
     pub counter: Counter,
 }
 
@@ -54,9 +53,9 @@ impl Timer {
         Box::pin(Timer { sleep, expiry })
     }
 
-    fn trailers(&self) -> Frame<Bytes> {
+    fn trailers(&self, direction: Direction) -> Frame<Bytes> {
         self.expiry.counter.inc();
-        let message = self.expiry.error.message(self.expiry.direction);
+        let message = self.expiry.error.message(direction);
         Frame::trailers(grpc::status_headers(self.expiry.error.code(), &message))
     }
 }
@@ -64,7 +63,8 @@ impl Timer {
 pub struct ResponseBody {
     /// `None` once the call ended, or when the sidecar answered itself.
     inner: Option<RecvBody>,
-    /// Which sidecar's answer this is, for the statuses it ends the call with.
+    /// Which sidecar passes the response on: the statuses the body ends the
+    /// call with (timers, message sizes, a broken connection) say so.
     direction: Direction,
     // Timers are boxed: a response moves through every layer, and most calls
     // have at most a deadline.
@@ -80,6 +80,8 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
+    /// No body: the sidecar's own trailers-only answer, or a test's. It ends
+    /// at once, so no status of its own, nor its direction, is ever sent.
     pub fn empty() -> ResponseBody {
         ResponseBody { inner: None, direction: Direction::Outbound, deadline: None, idle: None, guards: Vec::new() }
     }
@@ -127,6 +129,7 @@ impl ResponseBody {
     /// run out, the call then over. A connection whose caller reads nothing
     /// polls this rather than the body, so the timers fire all the same.
     pub fn poll_expiry(&mut self, cx: &mut Context<'_>) -> Poll<Frame<Bytes>> {
+        let direction = self.direction;
         let expired = [self.deadline.as_mut(), self.idle.as_mut().map(|(timer, _)| timer)]
             .into_iter()
             .flatten()
@@ -137,7 +140,7 @@ impl ResponseBody {
                     .sleep
                     .poll(cx)
                     .is_ready()
-                    .then(|| (timer.trailers(), timer.expiry.error.code()))
+                    .then(|| (timer.trailers(direction), timer.expiry.error.code()))
             });
         match expired {
             Some((trailers, code)) => {
@@ -173,7 +176,7 @@ impl Body for ResponseBody {
             // unless the stream was cut because a message was too large.
             Poll::Ready(end) => {
                 let inner = this.inner.as_ref().expect("polled above");
-                let ending = match (inner.too_large(), end) {
+                let ending = match (inner.too_large(this.direction), end) {
                     (Some(too_large), _) => Ok(too_large),
                     (None, Some(Err(error))) => inner.broken_off(error, this.direction).map_err(|e| Some(Err(e))),
                     (None, end) => Err(end),
@@ -249,8 +252,8 @@ impl RecvBody {
     }
 
     /// The status and trailers the call ends with when one of its messages was too large.
-    fn too_large(&self) -> Option<(Code, Frame<Bytes>)> {
-        self.framing.as_ref()?.limit.trailers()
+    fn too_large(&self, direction: Direction) -> Option<(Code, Frame<Bytes>)> {
+        self.framing.as_ref()?.limit.trailers(direction)
     }
 
     /// A message too large fails the body as a reset stream would, which
@@ -402,12 +405,12 @@ mod tests {
         body.on_end(told(&log));
         let counter = Counter::default();
         let error = ProxyError::NoCallerIdentity { why: "none".into() };
-        let expiry = Expiry { error, direction: Direction::Inbound, counter: counter.clone() };
+        let expiry = Expiry { error, counter: counter.clone() };
         body.end_at(Instant::now() + Duration::from_millis(50), expiry);
         let frame = body.frame().await.unwrap().unwrap();
         let trailers = frame.into_trailers().unwrap();
         assert_eq!(trailers["grpc-status"], "16");
-        assert!(trailers["grpc-message"].to_str().unwrap().starts_with("protomesh inbound: "));
+        assert!(trailers["grpc-message"].to_str().unwrap().starts_with("protomesh outbound: "), "the body's direction");
         assert_eq!(*log.lock().unwrap(), [Some(Some(Code::Unauthenticated)); 2]);
         assert_eq!(counter.get(), 1);
         assert!(body.frame().await.is_none(), "nothing follows the trailers");

@@ -26,7 +26,6 @@ pub type TooLarge = Arc<dyn Fn(u64, Carrier) -> ProxyError + Send + Sync>;
 #[derive(Clone)]
 pub struct MessageLimit {
     max: u64,
-    direction: Direction,
     too_large: TooLarge,
     /// The first message over the limit: its size and carrier.
     exceeded: Arc<OnceLock<(u64, Carrier)>>,
@@ -39,8 +38,8 @@ impl std::fmt::Debug for MessageLimit {
 }
 
 impl MessageLimit {
-    pub fn new(max: u64, direction: Direction, too_large: TooLarge) -> MessageLimit {
-        MessageLimit { max, direction, too_large, exceeded: Arc::default() }
+    pub fn new(max: u64, too_large: TooLarge) -> MessageLimit {
+        MessageLimit { max, too_large, exceeded: Arc::default() }
     }
 
     /// The error the call ends with, once a message was too large.
@@ -48,10 +47,11 @@ impl MessageLimit {
         self.exceeded.get().map(|&(size, carrier)| (self.too_large)(size, carrier))
     }
 
-    /// The error as the status and trailers that end a response already under way.
-    pub(super) fn trailers(&self) -> Option<(Code, Frame<Bytes>)> {
+    /// The error as the status and trailers that end a response already
+    /// under way, as the sidecar of `direction` answers.
+    pub(super) fn trailers(&self, direction: Direction) -> Option<(Code, Frame<Bytes>)> {
         let error = self.error()?;
-        let trailers = grpc::status_headers(error.code(), &error.message(self.direction));
+        let trailers = grpc::status_headers(error.code(), &error.message(direction));
         Some((error.code(), Frame::trailers(trailers)))
     }
 }
@@ -116,11 +116,7 @@ mod tests {
     use super::*;
 
     fn limit(max: u64) -> MessageLimit {
-        MessageLimit::new(
-            max,
-            Direction::Outbound,
-            Arc::new(|size, _| ProxyError::NoRoute { service: format!("{size}") }),
-        )
+        MessageLimit::new(max, Arc::new(|size, _| ProxyError::NoRoute { service: format!("{size}") }))
     }
 
     fn message(size: usize) -> Vec<u8> {

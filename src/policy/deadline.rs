@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::source::{Source, Sourced};
-use crate::call::{CallFuture, CallService, Direction, Expiry, PolicyError, ProxyError, ResponseBody};
+use crate::call::{CallFuture, CallService, Expiry, PolicyError, ProxyError, ResponseBody};
 use crate::grpc::{self, Code};
 
 /// A method's deadline policy, resolved once for one direction.
@@ -123,14 +123,13 @@ impl DeadlinePolicy {
 pub struct Deadlines<S> {
     inner: S,
     policy: std::sync::Arc<DeadlinePolicy>,
-    direction: Direction,
     /// Calls this layer ended at their deadline or idle timeout.
     exceeded: Counter,
 }
 
 impl<S> Deadlines<S> {
-    pub fn new(policy: std::sync::Arc<DeadlinePolicy>, direction: Direction, exceeded: Counter, inner: S) -> Self {
-        Deadlines { inner, policy, direction, exceeded }
+    pub fn new(policy: std::sync::Arc<DeadlinePolicy>, exceeded: Counter, inner: S) -> Self {
+        Deadlines { inner, policy, exceeded }
     }
 }
 
@@ -160,7 +159,7 @@ where
             }
             Ok(None) => None,
         };
-        let (direction, exceeded, idle) = (self.direction, self.exceeded.clone(), self.policy.idle.clone());
+        let (exceeded, idle) = (self.exceeded.clone(), self.policy.idle.clone());
         let call = self.inner.call(request);
         Box::pin(async move {
             let mut response = match &deadline {
@@ -175,11 +174,11 @@ where
             };
             if let Some((at, budget, origin)) = deadline {
                 let error = DeadlineError::Exceeded { budget, origin }.into();
-                response.body_mut().end_at(at, Expiry { error, direction, counter: exceeded.clone() });
+                response.body_mut().end_at(at, Expiry { error, counter: exceeded.clone() });
             }
             if let Some(idle) = idle {
                 let error = DeadlineError::Idle { after: idle.value, source: idle.source }.into();
-                response.body_mut().end_when_idle(idle.value, Expiry { error, direction, counter: exceeded });
+                response.body_mut().end_when_idle(idle.value, Expiry { error, counter: exceeded });
             }
             Ok(response)
         })
@@ -258,7 +257,7 @@ mod tests {
     }
 
     fn layer<S>(policy: Arc<DeadlinePolicy>, inner: S) -> Deadlines<S> {
-        Deadlines::new(policy, Direction::Outbound, Counter::default(), inner)
+        Deadlines::new(policy, Counter::default(), inner)
     }
 
     #[test]
@@ -277,8 +276,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_past_its_deadline_is_cut_at_the_deadline_and_counted() {
         let counter = Counter::default();
-        let deadlines =
-            Deadlines::new(policy(Some(250)), Direction::Outbound, counter.clone(), backend(Duration::from_secs(5)));
+        let deadlines = Deadlines::new(policy(Some(250)), counter.clone(), backend(Duration::from_secs(5)));
         let started = Instant::now();
         let error = deadlines.oneshot(call(Some("10S"))).await.unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_millis(250));

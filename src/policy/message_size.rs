@@ -14,9 +14,7 @@ use http::{Request, Response};
 use tower::Service;
 
 use super::source::Sourced;
-use crate::call::{
-    CallFuture, CallService, Carrier, Direction, MessageLimit, PolicyError, ProxyError, RecvBody, TooLarge,
-};
+use crate::call::{CallFuture, CallService, Carrier, MessageLimit, PolicyError, ProxyError, RecvBody, TooLarge};
 use crate::grpc::Code;
 
 #[derive(Debug)]
@@ -54,11 +52,10 @@ impl PolicyError for MessageTooLarge {
 pub struct MessageSizes<S> {
     inner: S,
     limit: Option<(u64, TooLarge)>,
-    direction: Direction,
 }
 
 impl<S> MessageSizes<S> {
-    pub fn new(limit: Option<Sourced<ByteSize>>, direction: Direction, inner: S) -> Self {
+    pub fn new(limit: Option<Sourced<ByteSize>>, inner: S) -> Self {
         let limit = limit.map(|limit| {
             let max = limit.value.as_u64();
             let too_large: TooLarge = Arc::new(move |size, carrier| {
@@ -66,7 +63,7 @@ impl<S> MessageSizes<S> {
             });
             (max, too_large)
         });
-        MessageSizes { inner, limit, direction }
+        MessageSizes { inner, limit }
     }
 }
 
@@ -84,7 +81,7 @@ where
 
     fn call(&mut self, mut request: Request<RecvBody>) -> Self::Future {
         let Some((max, too_large)) = &self.limit else { return Either::Left(self.inner.call(request)) };
-        let limit = MessageLimit::new(*max, self.direction, too_large.clone());
+        let limit = MessageLimit::new(*max, too_large.clone());
         request.body_mut().limit_messages(limit.clone(), Carrier::Request);
         let call = self.inner.call(request);
         Either::Right(Box::pin(async move {

@@ -132,10 +132,10 @@ impl Shared {
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
             .layer_fn(|inner| Authorize::new(authz.clone(), inner))
-            .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), direction, inner))
+            .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
             .layer_fn(|inner| {
                 let exceeded = metrics.deadline_exceeded(direction, labels.0, labels.1);
-                Deadlines::new(deadline.clone(), direction, exceeded, inner)
+                Deadlines::new(deadline.clone(), exceeded, inner)
             })
             .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), None, inner))
             .layer_fn(ForwardBudget::new)

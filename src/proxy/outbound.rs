@@ -150,10 +150,10 @@ impl Shared {
         let retries = Arc::new(effective.retries(method.map(|m| m.shape), self.policy.max_replay_bytes));
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
-            .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), direction, inner))
+            .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
             .layer_fn(|inner| {
                 let exceeded = metrics.deadline_exceeded(direction, service, name);
-                Deadlines::new(deadline.clone(), direction, exceeded, inner)
+                Deadlines::new(deadline.clone(), exceeded, inner)
             })
             .layer_fn(|inner| {
                 let counts = metrics.retries(direction, service, name);
