@@ -10,65 +10,59 @@ use serde::Deserialize;
 
 use crate::duration;
 
-/// The `limits` section of the config.
+/// The `limits` section of the config. A field not written takes its default.
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Connections open at once on each listener; more are closed as they are accepted.
-    #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     /// Connections open at once from one IP address on each listener.
-    #[serde(default = "defaults::max_connections_per_source")]
     pub max_connections_per_source: usize,
     /// Inbound: from the TCP connection to the end of the TLS handshake.
-    #[serde(default = "defaults::handshake_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub tls_handshake_timeout: Duration,
     /// From the connection (and its TLS handshake) to the HTTP/2 preface.
-    #[serde(default = "defaults::first_frame_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub first_frame_timeout: Duration,
     /// Streams one connection may carry at once (SETTINGS_MAX_CONCURRENT_STREAMS);
     /// clients queue beyond it, and a stream over it is refused (REFUSED_STREAM).
-    #[serde(default = "defaults::max_concurrent_streams")]
     pub max_concurrent_streams: u32,
     /// The largest request head or trailers taken, counted as HTTP/2 does
     /// (SETTINGS_MAX_HEADER_LIST_SIZE); a larger head is answered with HTTP 431.
-    #[serde(default = "defaults::max_header_list_size")]
     pub max_header_list_size: ByteSize,
     /// Each stream's flow-control window, in both directions: the most of one
     /// call's data the sidecar holds while its reader does not read. A
     /// connection's window is never the limit, so that one stream left unread
     /// cannot stall the connection's other calls.
-    #[serde(default = "defaults::stream_window")]
     pub stream_window: ByteSize,
     /// A ping this often on every connection, which must be answered within
     /// `keepalive_timeout`, or the connection is closed.
-    #[serde(default = "defaults::keepalive_interval", deserialize_with = "duration::deserialize")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub keepalive_interval: Duration,
-    #[serde(default = "defaults::keepalive_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub keepalive_timeout: Duration,
     /// A connection from a caller that carries no call for this long is closed (GOAWAY).
-    #[serde(default = "defaults::idle_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub idle_timeout: Duration,
     /// Resident memory above which new calls are refused with
     /// RESOURCE_EXHAUSTED until it falls back. Unset: 90% of the container's
     /// memory limit, if it has one; `0`: never.
-    #[serde(default)]
     pub memory_budget: Option<ByteSize>,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_connections: defaults::max_connections(),
-            max_connections_per_source: defaults::max_connections_per_source(),
-            tls_handshake_timeout: defaults::handshake_timeout(),
-            first_frame_timeout: defaults::first_frame_timeout(),
-            max_concurrent_streams: defaults::max_concurrent_streams(),
-            max_header_list_size: defaults::max_header_list_size(),
-            stream_window: defaults::stream_window(),
-            keepalive_interval: defaults::keepalive_interval(),
-            keepalive_timeout: defaults::keepalive_timeout(),
-            idle_timeout: defaults::idle_timeout(),
+            max_connections: 10_000,
+            max_connections_per_source: 1_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            first_frame_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 10_000,
+            max_header_list_size: ByteSize::kib(64),
+            stream_window: ByteSize::mib(1),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(600),
             memory_budget: None,
         }
     }
@@ -122,40 +116,3 @@ impl LimitsConfig {
 /// The window of every connection the sidecar serves or opens: as large as
 /// HTTP/2 allows, so that streams' windows alone bound what is buffered.
 pub const CONNECTION_WINDOW: u32 = MAX_WINDOW as u32;
-
-mod defaults {
-    use std::time::Duration;
-
-    use bytesize::ByteSize;
-
-    pub fn max_connections() -> usize {
-        10_000
-    }
-    pub fn max_connections_per_source() -> usize {
-        1_000
-    }
-    pub fn handshake_timeout() -> Duration {
-        Duration::from_secs(10)
-    }
-    pub fn first_frame_timeout() -> Duration {
-        Duration::from_secs(10)
-    }
-    pub fn max_concurrent_streams() -> u32 {
-        10_000
-    }
-    pub fn max_header_list_size() -> ByteSize {
-        ByteSize::kib(64)
-    }
-    pub fn stream_window() -> ByteSize {
-        ByteSize::mib(1)
-    }
-    pub fn keepalive_interval() -> Duration {
-        Duration::from_secs(10)
-    }
-    pub fn keepalive_timeout() -> Duration {
-        Duration::from_secs(20)
-    }
-    pub fn idle_timeout() -> Duration {
-        Duration::from_secs(600)
-    }
-}
