@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 
 use super::reload::{ReloadOutcome, Reloader};
 use crate::effective;
+use crate::proxy::open::OpenConnections;
 use crate::telemetry::Metrics;
 
 /// Changes the log filter at runtime (e.g. `info,protomesh=debug`).
@@ -131,18 +132,9 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     response
 }
 
-/// Counts an open admin connection until dropped.
-struct Open(Arc<AtomicUsize>);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Serves the admin endpoints for as long as it runs.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = OpenConnections::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -153,15 +145,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             }
         };
         let settings = admin.reloader.routes().config.admin.clone();
-        if open.fetch_add(1, Ordering::AcqRel) >= settings.max_connections {
-            open.fetch_sub(1, Ordering::AcqRel);
+        // One limit in all: the kubelet and Prometheus share an address or two.
+        let Ok(admitted) = open.admit(peer.ip(), settings.max_connections, settings.max_connections) else {
             tracing::debug!(%peer, max = settings.max_connections, "admin connections at admin.max_connections; closed");
             continue;
-        }
-        let open = Open(open.clone());
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let _open = open;
+            let _admitted = admitted;
             let service = hyper::service::service_fn(move |request| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(peer, request).await) }

@@ -18,6 +18,7 @@ mod endpoint;
 mod exchange;
 pub mod inbound;
 mod keepalive;
+pub mod open;
 pub mod outbound;
 pub mod registry;
 mod respond;

@@ -6,9 +6,7 @@
 //!
 //! [`connection`]: super::connection
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
@@ -16,9 +14,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{self, Ended};
+use super::open::{OpenConnections, Past};
 use super::routes::CurrentRoutes;
 use crate::call::{AnswerErrors, CallService, Direction, RecvBody};
-use crate::config::LimitsConfig;
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
@@ -58,7 +56,7 @@ pub async fn serve<F, S>(
     let Serving { workers, metrics, routes, drain } = serving;
     let new_service = Arc::new(move |peer| AnswerErrors::new(direction, new_service(peer)));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let open = Arc::new(Mutex::new(OpenConnections::default()));
+    let open = OpenConnections::default();
     let draining = drain.clone().signaled();
     tokio::pin!(draining);
     loop {
@@ -75,9 +73,13 @@ pub async fn serve<F, S>(
             _ = &mut draining => break,
         };
         let limits = routes.load().config.limits;
-        let admitted = match OpenConnections::admit(&open, addr.ip(), &limits) {
+        let admitted = match open.admit(addr.ip(), limits.max_connections, limits.max_connections_per_source) {
             Ok(admitted) => admitted,
-            Err(limit) => {
+            Err(past) => {
+                let limit = match past {
+                    Past::Total => "max_connections",
+                    Past::PerSource => "max_connections_per_source",
+                };
                 tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
                 metrics.closed_at_limit(direction, limit);
                 continue;
@@ -123,49 +125,6 @@ pub async fn serve<F, S>(
             tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
             metrics.closed_at_limit(direction, limit);
         });
-    }
-}
-
-/// The connections open on one listener, in all and by source address.
-#[derive(Default)]
-struct OpenConnections {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-impl OpenConnections {
-    /// Counts a new connection from `source` until the returned value is
-    /// dropped, or names the limit it would exceed.
-    fn admit(open: &Arc<Mutex<Self>>, source: IpAddr, limits: &LimitsConfig) -> Result<Admitted, &'static str> {
-        let mut counts = open.lock().expect("connection counts lock");
-        if counts.total >= limits.max_connections {
-            return Err("max_connections");
-        }
-        let from_source = counts.by_source.entry(source).or_default();
-        if *from_source >= limits.max_connections_per_source {
-            return Err("max_connections_per_source");
-        }
-        *from_source += 1;
-        counts.total += 1;
-        Ok(Admitted { open: open.clone(), source })
-    }
-}
-
-struct Admitted {
-    open: Arc<Mutex<OpenConnections>>,
-    source: IpAddr,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut counts = self.open.lock().expect("connection counts lock");
-        counts.total -= 1;
-        if let Some(from_source) = counts.by_source.get_mut(&self.source) {
-            *from_source -= 1;
-            if *from_source == 0 {
-                counts.by_source.remove(&self.source);
-            }
-        }
     }
 }
 
