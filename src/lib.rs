@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod call;
+pub mod capture;
 pub mod check;
 pub mod config;
 pub mod contract;

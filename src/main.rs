@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use protomesh::app::admin::{self, SetLogLevel};
 use protomesh::app::{self, ConfigSource, Inputs, Options};
+use protomesh::capture::{self, CaptureRules};
 use protomesh::duration;
 use protomesh::identity::{SpiffeId, certs};
 use protomesh::kube::manifest::{self, Manifests};
@@ -91,6 +92,18 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = duration::parse)]
         reload_interval: std::time::Duration,
     },
+    /// Install the rules that redirect the pod's TCP traffic through the
+    /// sidecar, in the current network namespace (run by the pod's init container).
+    Init {
+        #[command(flatten)]
+        rules: CaptureRules,
+        /// Print the nftables ruleset and install nothing.
+        #[arg(long)]
+        print: bool,
+        /// The nft program.
+        #[arg(long, env = "PROTOMESH_NFT", default_value = "nft")]
+        nft: PathBuf,
+    },
     /// Wait until a sidecar's admin server says it is ready (a classic sidecar's postStart hook).
     Await {
         #[arg(long, default_value = "127.0.0.1:4191")]
@@ -122,6 +135,11 @@ fn main() -> ExitCode {
             let config = WebhookConfig { listen, cert, key, defaults: Defaults { image }, reload_interval };
             runtime().block_on(webhook::run(config))
         }
+        Command::Init { rules, print: true, .. } => {
+            print!("{}", rules.ruleset());
+            Ok(())
+        }
+        Command::Init { rules, nft, .. } => capture::install(&rules, &nft).map_err(|e| format!("protomesh init: {e}")),
         Command::Await { admin, timeout } => runtime().block_on(admin::wait_until_ready(admin, timeout)),
     };
     match result {
