@@ -26,9 +26,10 @@ pub fn report(inputs: &Inputs) -> String {
         Some(inbound) => {
             let _ = writeln!(
                 out,
-                "inbound   listen {} -> app {}; default authorization {}; {} rule(s)",
+                "inbound   listen {} -> app {}; mTLS {}; default authorization {}; {} rule(s)",
                 inbound.listen,
-                inbound.app,
+                inbound.app.map_or_else(|| "127.0.0.1:<captured port>".to_string(), |app| app.to_string()),
+                inbound.mtls.mode.as_str(),
                 inbound.authorization.default.as_str(),
                 inbound.authorization.rules.len()
             );

@@ -102,7 +102,7 @@ impl Sidecar {
                     listener,
                     Direction::Inbound,
                     Some(tls),
-                    move |peer: PeerInfo| InboundEdge::new(edges.clone(), peer.identity, peer.addr),
+                    move |peer: PeerInfo| InboundEdge::new(edges.clone(), peer),
                     serving,
                 ));
                 Some(addr)

@@ -49,6 +49,9 @@ pub enum ProxyError {
     NoEndpoints {
         upstream: Arc<str>,
     },
+    /// Inbound: the connection came to the listener itself, not redirected
+    /// from an app port, and `inbound.app` names no app to call.
+    NoApp,
     Connect {
         target: Target,
         error: Arc<ConnectError>,
@@ -117,7 +120,7 @@ impl ProxyError {
             ProxyError::NotGrpc { .. } | ProxyError::UnknownMethod { .. } | ProxyError::NoRoute { .. } => {
                 Code::Unimplemented
             }
-            ProxyError::NoEndpoints { .. } | ProxyError::Connect { .. } => Code::Unavailable,
+            ProxyError::NoEndpoints { .. } | ProxyError::NoApp | ProxyError::Connect { .. } => Code::Unavailable,
             ProxyError::Upstream { error, .. } => match error.reason() {
                 Some(reason) => grpc::code_for_reset(reason),
                 None => Code::Unavailable,
@@ -134,6 +137,7 @@ impl ProxyError {
             ProxyError::UnknownMethod { .. } => "unknown_method",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::NoEndpoints { .. } => "no_endpoints",
+            ProxyError::NoApp => "no_app",
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::NoCallerIdentity { .. } => "no_caller_identity",
@@ -196,6 +200,9 @@ impl fmt::Display for ProxyError {
                 write!(f, "no route for service {service}; add it to outbound.upstreams[].services")
             }
             ProxyError::NoEndpoints { upstream } => write!(f, "upstream {upstream} has no resolved endpoints"),
+            ProxyError::NoApp => f.write_str(
+                "no app to call: the connection was made to inbound.listen itself, not captured from an app port, and inbound.app is not set",
+            ),
             ProxyError::Connect { target, error } => write!(f, "{target} unreachable: {error}"),
             ProxyError::Upstream { target, error } => match error.reason() {
                 Some(reason) if error.is_go_away() => write!(f, "{target} closed the connection ({reason:?})"),

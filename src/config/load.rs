@@ -205,7 +205,7 @@ inbound:
         assert_eq!(config.outbound.upstreams[0].endpoints.len(), 2);
         let inbound = config.inbound.unwrap();
         assert_eq!(inbound.listen.to_string(), "0.0.0.0:4143");
-        assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
+        assert_eq!(inbound.app.unwrap().to_string(), "127.0.0.1:8080");
     }
 
     #[test]
@@ -223,7 +223,7 @@ inbound:
             ]),
         )
         .unwrap();
-        assert_eq!(config.inbound.unwrap().app.to_string(), "127.0.0.1:9090");
+        assert_eq!(config.inbound.unwrap().app.unwrap().to_string(), "127.0.0.1:9090");
         assert_eq!(config.service_name.as_deref(), Some("checkout"));
         assert_eq!(config.outbound.connect_timeout.as_millis(), 250);
         assert_eq!(config.policy.max_replay_bytes, 1024);

@@ -72,6 +72,16 @@ pub struct OutboundConfig {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Captured connections to these ports are forwarded as opaque TCP at
+    /// once: their servers speak first, so the client sends nothing to
+    /// detect. The default lists SMTP, MySQL, Galera, PostgreSQL, Redis,
+    /// Elasticsearch and memcached.
+    #[serde(default = "defaults::opaque_ports")]
+    pub opaque_ports: Vec<u16>,
+    /// How long a captured connection may take to send its first bytes
+    /// before it is taken for opaque TCP.
+    #[serde(default = "defaults::detect_timeout", deserialize_with = "duration::deserialize")]
+    pub detect_timeout: Duration,
 }
 
 impl Default for OutboundConfig {
@@ -80,6 +90,8 @@ impl Default for OutboundConfig {
             listen: defaults::outbound_listen(),
             connect_timeout: defaults::connect_timeout(),
             upstreams: Vec::new(),
+            opaque_ports: defaults::opaque_ports(),
+            detect_timeout: defaults::detect_timeout(),
         }
     }
 }
@@ -103,10 +115,52 @@ pub struct UpstreamConfig {
 pub struct InboundConfig {
     #[serde(default = "defaults::inbound_listen")]
     pub listen: SocketAddr,
-    /// The local application's plaintext HTTP/2 address.
-    pub app: SocketAddr,
+    /// The local application's plaintext HTTP/2 address, for connections
+    /// made to `listen` itself. A connection the capture rules redirected
+    /// goes to the app on `127.0.0.1` at the port it was made to.
+    #[serde(default)]
+    pub app: Option<SocketAddr>,
     #[serde(default)]
     pub authorization: AuthorizationConfig,
+    /// Whether a captured connection must be mTLS from a peer sidecar.
+    #[serde(default)]
+    pub mtls: MtlsConfig,
+}
+
+/// Strict: only mTLS from peer sidecars reaches the app. Permissive: a
+/// plaintext client is also forwarded to the app, as opaque TCP, counted and
+/// logged, for a migration into the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsConfig {
+    #[serde(default)]
+    pub mode: MtlsMode,
+    /// A mode per app port, overriding `mode`.
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<u16, MtlsMode>,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "strict",
+            MtlsMode::Permissive => "permissive",
+        }
+    }
+}
+
+impl MtlsConfig {
+    pub fn mode_for(&self, port: u16) -> MtlsMode {
+        self.ports.get(&port).copied().unwrap_or(self.mode)
+    }
 }
 
 /// The admin server: probes and metrics for the kubelet and Prometheus;
@@ -180,6 +234,12 @@ mod defaults {
     pub fn inbound_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 4143))
     }
+    pub fn opaque_ports() -> Vec<u16> {
+        vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]
+    }
+    pub fn detect_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(1)
     }
@@ -238,7 +298,7 @@ impl Config {
             }
         }
         if let Some(inbound) = &self.inbound {
-            if inbound.app == inbound.listen {
+            if inbound.app == Some(inbound.listen) {
                 return Err(("inbound.app".into(), "must differ from inbound.listen".into()));
             }
             inbound.authorization.validate()?;

@@ -6,7 +6,6 @@
 //! goes to the app in `protomesh-caller-id` (always overwritten, so it cannot
 //! be spoofed) and to the layers below as the call's [`Caller`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -15,9 +14,9 @@ use http::{HeaderValue, Request, Response};
 use tower::Service;
 
 use super::routes::CurrentRoutes;
+use super::server::PeerInfo;
 use super::shed::MemoryBudget;
 use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
-use crate::identity::SpiffeId;
 use crate::policy::bulkhead::CallerBulkhead;
 use crate::telemetry::Metrics;
 
@@ -76,15 +75,18 @@ pub struct InboundEdge {
     state: EdgeState,
     /// `Err`: why the certificate proves no SPIFFE ID.
     caller: Result<(Caller, HeaderValue), Arc<str>>,
+    /// The app port the connection was made to, when capture redirected it.
+    captured_port: Option<u16>,
 }
 
 impl InboundEdge {
-    pub fn new(state: EdgeState, identity: Result<SpiffeId, String>, address: SocketAddr) -> Self {
+    pub fn new(state: EdgeState, peer: PeerInfo) -> Self {
+        let PeerInfo { addr: address, identity, original_destination } = peer;
         let caller = identity.map_err(Arc::from).and_then(|id| {
             let header = HeaderValue::from_str(id.as_str()).map_err(|e| Arc::from(e.to_string()))?;
             Ok((Caller { id, address }, header))
         });
-        InboundEdge { state, caller }
+        InboundEdge { state, caller, captured_port: original_destination.map(|original| original.port()) }
     }
 }
 
@@ -114,10 +116,13 @@ impl Service<Request<RecvBody>> for InboundEdge {
             let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
             return refuse(metrics, Direction::Inbound, error);
         };
-        let mut stack = match inbound.route(request.uri().path()) {
-            Ok(stack) => stack,
+        let routed =
+            inbound.route(request.uri().path()).and_then(|stack| Ok((stack, inbound.app_for(self.captured_port)?)));
+        let (mut stack, app) = match routed {
+            Ok(routed) => routed,
             Err(error) => return refuse(metrics, Direction::Inbound, error),
         };
+        request.extensions_mut().insert(app);
         request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
         if let Some(callers) = &inbound.callers {
             request.extensions_mut().insert(CallerBulkhead(callers.of(&caller.id)));

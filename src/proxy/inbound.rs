@@ -4,6 +4,7 @@
 //! once with its policy and the rules that govern it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,7 +12,7 @@ use http::{Request, Response};
 use tower::ServiceBuilder;
 
 use super::endpoint::{ConnectSettings, Endpoint};
-use super::registry::{CallerBulkheads, Registries};
+use super::registry::{AppPorts, CallerBulkheads, Registries};
 use crate::call::{CallFuture, Direction, ProxyError, RecvBody, RequestBody, ResponseBody};
 use crate::config::{Config, InboundConfig};
 use crate::contract::{ContractMode, Contracts};
@@ -38,7 +39,6 @@ struct Shared {
     inbound: InboundConfig,
     rules: Vec<Arc<Rule>>,
     contracts: Arc<Contracts>,
-    app: Arc<Endpoint>,
 }
 
 pub struct InboundRoutes {
@@ -46,6 +46,10 @@ pub struct InboundRoutes {
     mode: ContractMode,
     /// One bulkhead per caller identity, when `policy.caller_concurrency` is set.
     pub callers: Option<Arc<CallerBulkheads>>,
+    /// `inbound.app`, for connections made to the listener itself.
+    app: Option<Arc<Endpoint>>,
+    /// The app by port, for connections the capture rules redirected.
+    app_ports: Arc<AppPorts>,
     shared: Shared,
 }
 
@@ -66,8 +70,10 @@ impl InboundRoutes {
             inbound: inbound.clone(),
             rules: inbound.authorization.rules(),
             contracts: contracts.clone(),
-            app: registries.app(inbound.app, ConnectSettings::of(config)),
         };
+        let connect = ConnectSettings::of(config);
+        let app = inbound.app.map(|addr| registries.app(addr, connect));
+        let app_ports = registries.app_ports(connect);
         let by_path = contracts
             .methods()
             .map(|method| {
@@ -86,7 +92,19 @@ impl InboundRoutes {
             })
             .collect();
         let callers = policy.caller_concurrency.as_ref().map(|limits| registries.callers(limits));
-        InboundRoutes { by_path, mode: config.contracts.mode, callers, shared }
+        InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, shared }
+    }
+
+    /// The app a connection's calls go to: on `127.0.0.1` at the port it was
+    /// made to when the capture rules redirected it, `inbound.app` otherwise.
+    pub fn app_for(&self, captured_port: Option<u16>) -> Result<AppTarget, ProxyError> {
+        let app = match (captured_port, &self.app) {
+            (Some(port), Some(app)) if app.addr == SocketAddr::from(([127, 0, 0, 1], port)) => app.clone(),
+            (Some(port), _) => self.app_ports.get(port),
+            (None, Some(app)) => app.clone(),
+            (None, None) => return Err(ProxyError::NoApp),
+        };
+        Ok(AppTarget(app))
     }
 
     /// The stack for a call to `path`: precomputed, or in permissive mode
@@ -139,15 +157,17 @@ impl Shared {
             })
             .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), None, inner))
             .layer_fn(ForwardBudget::new)
-            .service(ForwardToApp { app: self.app.clone() })
+            .service(ForwardToApp)
     }
 }
 
-/// The end of the inbound stack: the local app's connection.
+/// The app a call goes to, put on the request by the edge.
 #[derive(Clone)]
-pub struct ForwardToApp {
-    app: Arc<Endpoint>,
-}
+pub struct AppTarget(Arc<Endpoint>);
+
+/// The end of the inbound stack: a connection to the app the edge chose.
+#[derive(Clone)]
+pub struct ForwardToApp;
 
 impl tower::Service<Request<RecvBody>> for ForwardToApp {
     type Response = Response<ResponseBody>;
@@ -158,10 +178,11 @@ impl tower::Service<Request<RecvBody>> for ForwardToApp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<RecvBody>) -> Self::Future {
-        let app = self.app.clone();
+    fn call(&mut self, mut request: Request<RecvBody>) -> Self::Future {
+        let target = request.extensions_mut().remove::<AppTarget>();
         let request = request.map(RequestBody::Streamed);
         Box::pin(async move {
+            let AppTarget(app) = target.ok_or(ProxyError::NoApp)?;
             let mut sender = app.ready().await?;
             let response = app.start(&mut sender, request)?.await?;
             Ok(response.map(|body| ResponseBody::streamed(body, Direction::Inbound)))

@@ -13,11 +13,13 @@
 
 mod balance;
 mod connection;
+mod detect;
 pub mod edge;
 mod endpoint;
 mod exchange;
 pub mod inbound;
 mod keepalive;
+mod opaque;
 pub mod open;
 pub mod outbound;
 pub mod registry;

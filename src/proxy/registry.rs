@@ -74,6 +74,7 @@ pub struct Registries {
     workers: usize,
     upstreams: Kept<UpstreamKey, Arc<Upstream>>,
     apps: Kept<(SocketAddr, ConnectSettings), Arc<Endpoint>>,
+    app_ports: Kept<ConnectSettings, Arc<AppPorts>>,
     bulkheads: Kept<(Direction, String, ConcurrencyPolicy), Arc<Bulkhead>>,
     callers: Kept<ConcurrencyPolicy, Arc<CallerBulkheads>>,
 }
@@ -86,6 +87,7 @@ impl Registries {
             workers,
             upstreams: Kept::default(),
             apps: Kept::default(),
+            app_ports: Kept::default(),
             bulkheads: Kept::default(),
             callers: Kept::default(),
         }
@@ -117,10 +119,14 @@ impl Registries {
     /// The pooled connections to the local app at `addr`.
     pub fn app(&mut self, addr: SocketAddr, connect: ConnectSettings) -> Arc<Endpoint> {
         let workers = self.workers;
-        self.apps.get_or_insert_with((addr, connect), || {
-            let transport = Arc::new(Transport::Plaintext);
-            Arc::new(Endpoint::new(addr, Target::App(addr), transport, connect, workers))
-        })
+        self.apps.get_or_insert_with((addr, connect), || app_endpoint(addr, connect, workers))
+    }
+
+    /// The pooled connections to the local app by port, for captured connections.
+    pub fn app_ports(&mut self, connect: ConnectSettings) -> Arc<AppPorts> {
+        let workers = self.workers;
+        self.app_ports
+            .get_or_insert_with(connect, || Arc::new(AppPorts { connect, workers, by_port: Mutex::default() }))
     }
 
     /// The bulkhead named `name` with `limits` in one direction; one whose
@@ -144,8 +150,29 @@ impl Registries {
     pub fn prune(&mut self) {
         self.upstreams.prune();
         self.apps.prune();
+        self.app_ports.prune();
         self.bulkheads.prune();
         self.callers.prune();
+    }
+}
+
+fn app_endpoint(addr: SocketAddr, connect: ConnectSettings, workers: usize) -> Arc<Endpoint> {
+    Arc::new(Endpoint::new(addr, Target::App(addr), Arc::new(Transport::Plaintext), connect, workers))
+}
+
+/// The local app on `127.0.0.1` by port, each port's connections made on the
+/// first call that a capture rule brought to it.
+pub struct AppPorts {
+    connect: ConnectSettings,
+    workers: usize,
+    by_port: Mutex<HashMap<u16, Arc<Endpoint>>>,
+}
+
+impl AppPorts {
+    pub fn get(&self, port: u16) -> Arc<Endpoint> {
+        let mut by_port = self.by_port.lock().expect("app ports lock");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        by_port.entry(port).or_insert_with(|| app_endpoint(addr, self.connect, self.workers)).clone()
     }
 }
 

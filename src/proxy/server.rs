@@ -6,17 +6,24 @@
 //!
 //! [`connection`]: super::connection
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
 use rustls::ServerConfig;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tower::Service;
 
 use super::connection::{self, Ended};
+use super::detect::{Prefixed, Protocol, detect};
+use super::opaque;
 use super::open::{OpenConnections, Past};
 use super::routes::CurrentRoutes;
-use crate::call::{AnswerErrors, CallService, Direction, RecvBody};
+use crate::call::{AnswerErrors, CallService, Direction, ProxyError, RecvBody, ResponseBody};
+use crate::capture;
+use crate::config::{Config, MtlsMode};
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
@@ -24,9 +31,11 @@ use crate::workers::Workers;
 /// What the listener learned about the connection before the first request.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
     /// The SPIFFE ID of a verified client certificate, or why there is none.
     pub identity: Result<SpiffeId, String>,
+    /// Where the connection was made to, when the capture rules redirected it here.
+    pub original_destination: Option<SocketAddr>,
 }
 
 /// What every listener of a sidecar shares.
@@ -52,6 +61,7 @@ pub async fn serve<F, S>(
 ) where
     F: Fn(PeerInfo) -> S + Send + Sync + 'static,
     S: CallService<RecvBody> + Send + 'static,
+    S::Future: Send + 'static,
 {
     let Serving { workers, metrics, routes, drain } = serving;
     let new_service = Arc::new(move |peer| AnswerErrors::new(direction, new_service(peer)));
@@ -90,37 +100,25 @@ pub async fn serve<F, S>(
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let metrics = metrics.clone();
+        let config = routes.load().config.clone();
         workers.spawn(async move {
             let _admitted = admitted;
             let _open = metrics.connection_opened(direction);
+            let original_destination = capture::original_destination(&tcp);
+            let peer = PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination };
+            let connection = Connection { peer, config, metrics: metrics.clone(), drain };
             let ended = match acceptor {
-                None => {
-                    let identity = Err("a plaintext connection".into());
-                    connection::serve(tcp, new_service(PeerInfo { addr, identity }), &limits, drain).await
-                }
-                Some(acceptor) => {
-                    let tls = match accept_tls(&acceptor, tcp, addr, limits.tls_handshake_timeout).await {
-                        Ok(tls) => {
-                            metrics.tls_handshake(direction, "ok".into());
-                            tls
-                        }
-                        Err(result) => return metrics.tls_handshake(direction, result),
-                    };
-                    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                        Some(leaf) => spiffe_id_of(leaf),
-                        None => Err("no client certificate".into()),
-                    };
-                    connection::serve(tls, new_service(PeerInfo { addr, identity }), &limits, drain).await
-                }
+                None => connection.outbound(tcp, &*new_service).await,
+                Some(acceptor) => connection.inbound(tcp, &acceptor, &*new_service).await,
             };
             let limit = match ended {
-                Ended::Closed => return,
-                Ended::Failed(error) => {
+                None | Some(Ended::Closed) => return,
+                Some(Ended::Failed(error)) => {
                     return tracing::debug!(%direction, %addr, %error, "connection ended with an error");
                 }
-                Ended::NoPreface => "first_frame_timeout",
-                Ended::NoPingAnswer => "keepalive_timeout",
-                Ended::Idle => "idle_timeout",
+                Some(Ended::NoPreface) => "first_frame_timeout",
+                Some(Ended::NoPingAnswer) => "keepalive_timeout",
+                Some(Ended::Idle) => "idle_timeout",
             };
             tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
             metrics.closed_at_limit(direction, limit);
@@ -128,12 +126,109 @@ pub async fn serve<F, S>(
     }
 }
 
+/// One accepted connection, and what it is served with.
+struct Connection {
+    peer: PeerInfo,
+    /// The config in force when it was accepted.
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    drain: drain::Watch,
+}
+
+impl Connection {
+    /// From the app: HTTP/2 made to the listener is served as gRPC. A
+    /// connection the capture rules redirected is served as gRPC if it opens
+    /// with the HTTP/2 preface, and forwarded to where it was going as opaque
+    /// TCP otherwise; `None` then.
+    async fn outbound<S>(self, tcp: TcpStream, new_service: &impl Fn(PeerInfo) -> S) -> Option<Ended>
+    where
+        S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let Connection { peer, config, metrics, drain } = self;
+        let limits = &config.limits;
+        let Some(original) = peer.original_destination else {
+            return Some(connection::serve(tcp, new_service(peer), limits, drain).await);
+        };
+        let outbound = &config.outbound;
+        let protocol = if outbound.opaque_ports.contains(&original.port()) {
+            (Protocol::Opaque, Prefixed::from(tcp))
+        } else {
+            match detect(tcp, outbound.detect_timeout).await {
+                Ok(detected) => detected,
+                Err(error) => {
+                    tracing::debug!(addr = %peer.addr, %original, %error, "captured connection failed before it was detected");
+                    return None;
+                }
+            }
+        };
+        match protocol {
+            (Protocol::Http2, io) => Some(connection::serve(io, new_service(peer), limits, drain).await),
+            (Protocol::Opaque, io) => {
+                let forwarded = opaque::forward(io, original, outbound.connect_timeout).await;
+                metrics.opaque_connection(Direction::Outbound, forwarded.as_str());
+                None
+            }
+        }
+    }
+
+    /// From a peer sidecar: mTLS, then gRPC. A plaintext client is refused,
+    /// unless the capture rules brought it from an app port in permissive
+    /// mode: then it is forwarded to the app as opaque TCP.
+    async fn inbound<S>(
+        self,
+        tcp: TcpStream,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        new_service: &impl Fn(PeerInfo) -> S,
+    ) -> Option<Ended>
+    where
+        S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let Connection { mut peer, config, metrics, drain } = self;
+        let (limits, addr) = (&config.limits, peer.addr);
+        let permissive = |port| config.inbound.as_ref().is_some_and(|i| i.mtls.mode_for(port) == MtlsMode::Permissive);
+        if let Some(port) = peer.original_destination.map(|original| original.port())
+            && permissive(port)
+            && !sends_tls(&tcp, limits.tls_handshake_timeout).await
+        {
+            let app = SocketAddr::from(([127, 0, 0, 1], port));
+            tracing::info!(%addr, %app, "plaintext connection forwarded to the app (inbound.mtls: permissive)");
+            let forwarded = opaque::forward(tcp, app, config.outbound.connect_timeout).await;
+            metrics.opaque_connection(Direction::Inbound, forwarded.as_str());
+            return None;
+        }
+        let tls = match accept_tls(acceptor, tcp, addr, limits.tls_handshake_timeout).await {
+            Ok(tls) => {
+                metrics.tls_handshake(Direction::Inbound, "ok".into());
+                tls
+            }
+            Err(result) => {
+                metrics.tls_handshake(Direction::Inbound, result);
+                return None;
+            }
+        };
+        peer.identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            Some(leaf) => spiffe_id_of(leaf),
+            None => Err("no client certificate".into()),
+        };
+        Some(connection::serve(tls, new_service(peer), limits, drain).await)
+    }
+}
+
+/// Whether the client's first byte opens a TLS handshake record (0x16),
+/// waiting for it at most `timeout`.
+async fn sends_tls(tcp: &TcpStream, timeout: Duration) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tokio::time::timeout(timeout, tcp.peek(&mut first)).await, Ok(Ok(1))) && first[0] == 0x16
+}
+
 /// Completes a TLS handshake, or says why it failed in a few words fit for a
 /// metric label: `plaintext_http2`, `timeout`, or the kind of TLS error.
 async fn accept_tls(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     timeout: Duration,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
     let handshake = async {
@@ -180,4 +275,15 @@ async fn refuse_plaintext(mut tcp: TcpStream) {
     frames.extend_from_slice(DEBUG);
     let _ = tcp.write_all(&frames).await;
     let _ = tcp.shutdown().await;
+    // Read what the client still sends, for a moment: closing with its bytes
+    // unread would reset the connection, and the client could lose the reason.
+    let mut sink = [0u8; 4096];
+    let lingering = async {
+        for _ in 0..16 {
+            if matches!(tcp.read(&mut sink).await, Ok(0) | Err(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), lingering).await;
 }

@@ -58,6 +58,12 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpaqueLabels {
+    direction: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -87,6 +93,7 @@ pub struct Metrics {
     tls_handshakes: Family<HandshakeLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
     closed_at_limit: Family<LimitLabels, Counter>,
+    opaque_connections: Family<OpaqueLabels, Counter>,
     retries: Family<MethodLabels, Counter>,
     retry_budget_exhausted: Family<MethodLabels, Counter>,
     deadline_exceeded: Family<MethodLabels, Counter>,
@@ -122,6 +129,7 @@ impl Default for Metrics {
             tls_handshakes: Family::default(),
             open_connections: Family::default(),
             closed_at_limit: Family::default(),
+            opaque_connections: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             deadline_exceeded: Family::default(),
@@ -150,6 +158,11 @@ impl Default for Metrics {
             "connections_closed_at_limit",
             "Connections refused or closed by a limit, by the `limits` setting that acted",
             m.closed_at_limit.clone(),
+        );
+        registry.register(
+            "opaque_connections",
+            "Captured connections carried as opaque TCP (not gRPC), by how they ended",
+            m.opaque_connections.clone(),
         );
         registry.register("retries", "Retries sent, after the first attempt", m.retries.clone());
         registry.register(
@@ -215,6 +228,11 @@ impl Metrics {
     /// Counts a connection refused or closed by the setting `limit`.
     pub fn closed_at_limit(&self, direction: Direction, limit: &'static str) {
         self.closed_at_limit.get_or_create(&LimitLabels { direction: direction.as_str(), limit }).inc();
+    }
+
+    /// Counts a captured connection carried as opaque TCP, once it has ended.
+    pub fn opaque_connection(&self, direction: Direction, result: &'static str) {
+        self.opaque_connections.get_or_create(&OpaqueLabels { direction: direction.as_str(), result }).inc();
     }
 
     /// Counts an open connection until the guard drops.
