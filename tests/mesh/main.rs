@@ -4,6 +4,7 @@
 
 mod breaker;
 mod bulkheads;
+mod capture;
 mod cli;
 mod deadlines;
 mod faults;

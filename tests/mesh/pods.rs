@@ -5,14 +5,24 @@
 //! loss, a tbf qdisc for a slow link, and a pod is killed by stopping its
 //! runtime, which closes its sockets as the kernel does for a killed process.
 //!
-//! Needs root, `ip`, `tc` and `nft` (CI has them); elsewhere the tests that
-//! use pods skip, saying why.
+//! The node routes between its pods and its Services: a Service is a virtual
+//! IP that the node DNATs to its pods, as kube-proxy does, and masquerades,
+//! so that replies from a pod on the same bridge come back through the node.
+//! A pod's sidecar can run as a process of its own, as the sidecar's user,
+//! behind the capture rules `protomesh init` installs.
+//!
+//! Needs root, `ip`, `tc`, `nft` and `setpriv` (CI has them); elsewhere the
+//! tests that use pods skip, saying why.
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The user a pod's sidecar process runs as, which the capture rules leave alone.
+pub const PROXY_UID: u32 = 2102;
 
 /// Why pods cannot be made here, if they cannot.
 pub fn unavailable() -> Option<String> {
@@ -20,9 +30,9 @@ pub fn unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("network namespaces need root".into());
     }
-    for tool in ["ip", "tc", "nft"] {
+    for tool in ["ip", "tc", "nft", "setpriv"] {
         if Command::new(tool).arg("-V").output().is_err() {
-            return Some(format!("`{tool}` is not installed (apt-get install iproute2 nftables)"));
+            return Some(format!("`{tool}` is not installed (apt-get install iproute2 nftables util-linux)"));
         }
     }
     None
@@ -46,6 +56,7 @@ pub struct Node {
     name: String,
     subnet: u8,
     pods: AtomicU32,
+    services: AtomicU32,
 }
 
 impl Node {
@@ -59,7 +70,59 @@ impl Node {
         run("ip", &["-n", &name, "link", "add", "br0", "type", "bridge"]);
         run("ip", &["-n", &name, "link", "set", "br0", "up"]);
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Node { name, subnet, pods: AtomicU32::new(0) }
+        run("ip", &["-n", &name, "addr", "add", &format!("{}/24", Self::gateway(subnet)), "dev", "br0"]);
+        run("ip", &["netns", "exec", &name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &name,
+                "nft",
+                "add table ip services; \
+                 add chain ip services prerouting { type nat hook prerouting priority dstnat; }; \
+                 add chain ip services postrouting { type nat hook postrouting priority srcnat; }; \
+                 add rule ip services postrouting ct status dnat masquerade",
+            ],
+        );
+        Node { name, subnet, pods: AtomicU32::new(0), services: AtomicU32::new(0) }
+    }
+
+    fn gateway(subnet: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 213, subnet, 1)
+    }
+
+    /// A Service: a virtual IP whose `port` the node sends to the same port
+    /// of one of `pods`, chosen in turn.
+    pub fn service(&self, port: u16, pods: &[&Pod]) -> SocketAddr {
+        let index = self.services.fetch_add(1, Ordering::Relaxed);
+        let vip = Ipv4Addr::new(10, 96, self.subnet, index as u8 + 10);
+        let targets: Vec<String> = pods.iter().enumerate().map(|(i, pod)| format!("{i} : {}", pod.address)).collect();
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "nft",
+                &format!(
+                    "add rule ip services prerouting ip daddr {vip} tcp dport {port} \
+             dnat to numgen inc mod {} map {{ {} }}",
+                    pods.len(),
+                    targets.join(", ")
+                ),
+            ],
+        );
+        SocketAddr::V4(SocketAddrV4::new(vip, port))
+    }
+
+    /// Runs `task` on a thread in the node's namespace, where the bridge is.
+    pub fn run<T: Send + 'static>(&self, task: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name);
+            task()
+        })
     }
 
     /// A new pod on the bridge, with the next address.
@@ -77,6 +140,7 @@ impl Node {
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         run("ip", &["-n", &name, "addr", "add", &format!("{address}/24"), "dev", &inside]);
         run("ip", &["-n", &name, "link", "set", &inside, "up"]);
+        run("ip", &["-n", &name, "route", "add", "default", "via", &Self::gateway(self.subnet).to_string()]);
         Pod { name, address, interface: inside }
     }
 }
@@ -111,6 +175,33 @@ impl Pod {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(task())
         })
+    }
+
+    /// Runs `protomesh init` with `args` in the pod, as its init container
+    /// would; returns its output.
+    pub fn init(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, env!("CARGO_BIN_EXE_protomesh"), "init"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `protomesh run --config CONFIG` in the pod as the sidecar's
+    /// user, its log written to `log`.
+    pub fn sidecar(&self, config: &Path, log: &Path) -> Child {
+        let log = std::fs::File::create(log).unwrap();
+        let uid = PROXY_UID.to_string();
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_protomesh"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("PROTOMESH_LOG", "info,protomesh=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
     }
 
     fn nft(&self, script: &str) {

@@ -1,0 +1,420 @@
+//! Transparent capture, in pods made of network namespaces (`pods.rs`): each
+//! pod's rules installed by `protomesh init`, its sidecar a process running
+//! as the sidecar's user, its app unmodified. The client app dials a
+//! Service's virtual IP, or a pod outside the mesh, as it would without a
+//! mesh; what reaches the wire is watched on the node.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use protomesh::identity::certs::write_dev_certs;
+use protomesh_samples::echo::EchoService;
+use protomesh_samples::pb::echo::v1::EchoRequest;
+use protomesh_samples::pb::echo::v1::echo_client::EchoClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::{Channel, Server};
+
+use crate::harness::{TRUST_DOMAIN, id, within};
+use crate::pods::{self, Node, Pod};
+use crate::telemetry::{admin, sample};
+
+const APP_PORT: u16 = 50051;
+/// The server app's second port, permissive for plaintext clients.
+const PERMISSIVE_PORT: u16 = 50052;
+/// Ports of the TCP server outside the mesh: one captured, one skipped.
+const TCP_PORT: u16 = 7000;
+const SKIPPED_PORT: u16 = 7001;
+const HTTP_PORT: u16 = 8080;
+const ADMIN: &str = "127.0.0.1:4191";
+
+/// A node with a server pod and a client pod, both meshed and captured, a
+/// Service in front of the server pod, and a pod outside the mesh.
+struct Cluster {
+    node: Node,
+    client: Pod,
+    server: Pod,
+    outside: Pod,
+    service: SocketAddr,
+    sidecars: Vec<(Child, PathBuf)>,
+    _files: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(client_init: &[&str]) -> Option<Cluster> {
+        if let Some(why) = pods::unavailable() {
+            eprintln!("skipped: capture needs network namespaces: {why}");
+            return None;
+        }
+        let node = Node::new();
+        let (client, server, outside) = (node.pod(), node.pod(), node.pod());
+        let service = node.service(APP_PORT, &[&server]);
+        let files = tempfile::tempdir().unwrap();
+        let named = ["client", "server"].map(|w| (w.to_string(), id(w)));
+        write_dev_certs(files.path(), "capture CA", &named).unwrap();
+        // The sidecars run as their own user, which must read these.
+        for entry in std::fs::read_dir(files.path()).unwrap() {
+            std::fs::set_permissions(entry.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        server.run(|| async {
+            for port in [APP_PORT, PERMISSIVE_PORT] {
+                let listener = TcpListener::bind(("0.0.0.0", port)).await.unwrap();
+                protomesh_samples::serve(Server::builder().add_service(EchoService::default().into_server()), listener)
+                    .await;
+            }
+            std::future::pending::<()>().await
+        });
+        outside.run(|| async {
+            for port in [TCP_PORT, SKIPPED_PORT] {
+                tokio::spawn(tcp_echo(TcpListener::bind(("0.0.0.0", port)).await.unwrap()));
+            }
+            http1_echo(TcpListener::bind(("0.0.0.0", HTTP_PORT)).await.unwrap()).await
+        });
+
+        let server_config = config(
+            files.path(),
+            "server",
+            &format!(
+                "inbound: {{listen: '0.0.0.0:4143', mtls: {{mode: strict, ports: {{{PERMISSIVE_PORT}: permissive}}}}}}\n"
+            ),
+        );
+        let client_config = config(
+            files.path(),
+            "client",
+            &format!(
+                "outbound: {{listen: '127.0.0.1:4140', upstreams: [{{services: [echo.v1.Echo], endpoints: ['{service}'], \
+                 identity: 'spiffe://{TRUST_DOMAIN}/ns/test/sa/server'}}]}}\n"
+            ),
+        );
+        let mut sidecars = Vec::new();
+        for (pod, config, init) in [(&server, &server_config, &[][..]), (&client, &client_config, client_init)] {
+            let output = pod.init(init);
+            assert!(output.status.success(), "protomesh init: {}", String::from_utf8_lossy(&output.stderr));
+            let log = files.path().join(format!("{}.log", pod.name));
+            sidecars.push((pod.sidecar(config, &log), log));
+        }
+        let cluster = Cluster { node, client, server, outside, service, sidecars, _files: files };
+        for (pod, (_, log)) in [&cluster.server, &cluster.client].into_iter().zip(&cluster.sidecars) {
+            let log = log.clone();
+            let ready = pod.run(|| async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while TcpStream::connect(ADMIN).await.is_err() {
+                    let log = std::fs::read_to_string(&log).unwrap_or_default();
+                    assert!(Instant::now() < deadline, "the sidecar did not start; its log:\n{log}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                assert_eq!(admin(ADMIN.parse().unwrap(), "GET", "/ready", "").await.0, 200);
+            });
+            ready.join().expect("the sidecar becomes ready");
+        }
+        Some(cluster)
+    }
+
+    /// Runs `test` in the client pod, as its app.
+    fn in_client<F, T>(&self, test: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        F: Future<Output = T>,
+        T: Send + 'static,
+    {
+        self.client.run(test).join().unwrap_or_else(|_| panic!("failed; {}", self.logs()))
+    }
+
+    /// Waits until `series` of `pod`'s sidecar reads `expected`: a
+    /// connection is counted once both its sides have closed, just after the
+    /// client has seen its end.
+    fn await_metric(&self, pod: &Pod, series: &'static str, expected: f64) {
+        let read = pod.run(move || async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let (_, metrics) = admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await;
+                let value = sample(&metrics, series).unwrap_or(0.0);
+                if value == expected || Instant::now() > deadline {
+                    return value;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        assert_eq!(read.join().unwrap(), expected, "{series}; {}", self.logs());
+    }
+
+    fn logs(&self) -> String {
+        let logs = self.sidecars.iter().map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default());
+        format!("the sidecars' logs:\n{}", logs.collect::<Vec<_>>().join("\n---\n"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (sidecar, _) in &mut self.sidecars {
+            let _ = sidecar.kill();
+            let _ = sidecar.wait();
+        }
+    }
+}
+
+fn config(dir: &Path, workload: &str, rest: &str) -> PathBuf {
+    let certs = dir.display();
+    let yaml = format!(
+        "service_name: {workload}\n\
+         identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+         contracts: {{protos: [examples/echo.proto], include: ['{}/proto']}}\n\
+         admin: {{listen: '0.0.0.0:4191'}}\n\
+         reload: {{watch: false, interval: 0s}}\n\
+         drain_timeout: 1s\n\
+         {rest}",
+        env!("CARGO_MANIFEST_DIR"),
+    );
+    let path = dir.join(format!("{workload}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+/// Echoes each connection's bytes as they come; once the client has finished
+/// sending, adds `bytes=N` and closes. So a lost half-close hangs the client.
+async fn tcp_echo(listener: TcpListener) {
+    loop {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let (mut read, mut write) = tcp.split();
+            let echoed = tokio::io::copy(&mut read, &mut write).await.unwrap();
+            write.write_all(format!("bytes={echoed}").as_bytes()).await.unwrap();
+            write.shutdown().await.unwrap();
+        });
+    }
+}
+
+/// An HTTP/1.1 server that answers each request with its method, path and body.
+async fn http1_echo(listener: TcpListener) {
+    use http_body_util::{BodyExt, Full};
+    loop {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let service = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+            let head = format!("{} {} ", request.method(), request.uri().path());
+            let body = request.into_body().collect().await?.to_bytes();
+            let answer = [head.as_bytes(), &body].concat();
+            Ok::<_, hyper::Error>(http::Response::new(Full::new(bytes::Bytes::from(answer))))
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+        );
+    }
+}
+
+fn echo_client(addr: SocketAddr) -> EchoClient<Channel> {
+    EchoClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
+}
+
+fn request(message: &str) -> EchoRequest {
+    EchoRequest { message: message.into(), ..Default::default() }
+}
+
+/// Watches every frame in the node's namespace until stopped; returns the bytes seen.
+fn sniff(node: &Node) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u8>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let seen = node.run(move || {
+        // SAFETY: plain socket calls on a descriptor this thread owns and closes.
+        unsafe {
+            let protocol = (libc::ETH_P_ALL as u16).to_be() as i32;
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol);
+            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            let size = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size);
+            let mut seen = Vec::new();
+            let mut frame = vec![0u8; 65536];
+            while !stopped.load(Ordering::Acquire) && seen.len() < 256 << 20 {
+                let n = libc::recv(fd, frame.as_mut_ptr().cast(), frame.len(), 0);
+                if n > 0 {
+                    seen.extend_from_slice(&frame[..n as usize]);
+                }
+            }
+            libc::close(fd);
+            seen
+        }
+    });
+    (stop, seen)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+#[test]
+fn an_unmodified_client_calling_a_service_ip_goes_through_both_sidecars_over_mtls() {
+    let Some(cluster) = Cluster::start(&[]) else { return };
+    let (stop, seen) = sniff(&cluster.node);
+    let (service, outside) = (cluster.service, cluster.outside.address);
+    cluster.in_client(move || async move {
+        let mut client = echo_client(service);
+        let reply = within("unary", client.unary(request("secret-unary-canary"))).await.unwrap().into_inner();
+        assert_eq!(reply.message, "secret-unary-canary");
+        assert_eq!(reply.caller, id("client").as_str(), "the server app sees the verified caller");
+
+        let streamed = EchoRequest { message: "secret-stream-canary".into(), reply_count: 3, ..Default::default() };
+        let mut stream = within("server stream", client.server_stream(streamed)).await.unwrap().into_inner();
+        let mut sequences = Vec::new();
+        while let Some(reply) = within("next reply", stream.message()).await.unwrap() {
+            sequences.push(reply.sequence);
+        }
+        assert_eq!(sequences.len(), 3);
+
+        let requests = tokio_stream::iter((0..4).map(|i| request(&format!("secret-bidi-canary-{i}"))));
+        let mut replies = within("bidi", client.bidi_stream(requests)).await.unwrap().into_inner();
+        let mut echoed = Vec::new();
+        while let Some(reply) = within("next reply", replies.message()).await.unwrap() {
+            echoed.push(reply.message);
+        }
+        assert_eq!(echoed, (0..4).map(|i| format!("secret-bidi-canary-{i}")).collect::<Vec<_>>());
+
+        // Apps that dial the sidecar themselves still can.
+        let explicit = echo_client("127.0.0.1:4140".parse().unwrap());
+        let reply = within("explicit", explicit.clone().unary(request("secret-explicit-canary"))).await.unwrap();
+        assert_eq!(reply.into_inner().caller, id("client").as_str());
+
+        // A control: plaintext the app sends outside the mesh is seen on the wire.
+        let mut tcp = TcpStream::connect((outside, TCP_PORT)).await.unwrap();
+        tcp.write_all(b"plaintext-control-canary").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut answer = String::new();
+        within("control", tcp.read_to_string(&mut answer)).await.unwrap();
+    });
+    stop.store(true, Ordering::Release);
+    let seen = seen.join().unwrap();
+    assert!(contains(&seen, b"plaintext-control-canary"), "the capture on the node saw the control");
+    for canary in ["secret-unary-canary", "secret-stream-canary", "secret-bidi-canary", "echo.v1.Echo"] {
+        assert!(!contains(&seen, canary.as_bytes()), "`{canary}` crossed the node in plaintext");
+    }
+    // Had the sidecar's own connections to the Service been captured, they
+    // would have come back into it: as more calls, or as opaque connections.
+    let metrics = cluster.in_client(|| async { admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await.1 });
+    let calls: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("protomesh_requests_total{direction=\"outbound\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(calls, 4.0, "{metrics}");
+    cluster.await_metric(&cluster.client, OUTBOUND_OPAQUE, 1.0);
+}
+
+#[test]
+fn a_client_outside_the_mesh_is_refused_in_strict_mode_and_forwarded_in_permissive_mode() {
+    let Some(cluster) = Cluster::start(&[]) else { return };
+    let server = cluster.server.address;
+    cluster
+        .outside
+        .run(move || async move {
+            let strict = echo_client(SocketAddr::from((server, APP_PORT)));
+            assert_refused(within("strict", strict.clone().unary(request("plaintext"))).await.unwrap_err());
+
+            let permissive = echo_client(SocketAddr::from((server, PERMISSIVE_PORT)));
+            let reply =
+                within("permissive", permissive.clone().unary(request("plaintext"))).await.unwrap().into_inner();
+            assert_eq!(reply.message, "plaintext");
+            assert_eq!(reply.caller, "", "a plaintext client has no verified identity");
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("failed; {}", cluster.logs()));
+    cluster.await_metric(&cluster.server, INBOUND_OPAQUE, 1.0);
+    cluster.await_metric(&cluster.server, PLAINTEXT_REFUSED, 1.0);
+}
+
+const OUTBOUND_OPAQUE: &str = "protomesh_opaque_connections_total{direction=\"outbound\",result=\"done\"}";
+const INBOUND_OPAQUE: &str = "protomesh_opaque_connections_total{direction=\"inbound\",result=\"done\"}";
+
+const PLAINTEXT_REFUSED: &str = "protomesh_tls_handshakes_total{direction=\"inbound\",result=\"plaintext_http2\"}";
+
+/// A plaintext client refused by a strict sidecar, which answers its HTTP/2
+/// preface with GOAWAY(INADEQUATE_SECURITY) before any stream: clients
+/// report PERMISSION_DENIED, or, when the connection closed before they
+/// read the GOAWAY, UNAVAILABLE or CANCELLED.
+fn assert_refused(status: tonic::Status) {
+    use tonic::Code::{Cancelled, PermissionDenied, Unavailable};
+    assert!(matches!(status.code(), PermissionDenied | Unavailable | Cancelled), "{status:?}");
+}
+
+#[test]
+fn other_tcp_from_the_app_passes_through_unchanged_with_half_close_and_bounded_memory() {
+    let Some(cluster) = Cluster::start(&[]) else { return };
+    let outside = cluster.outside.address;
+    let sidecar = cluster.sidecars[1].0.id();
+    let resident_before = resident_kib(sidecar);
+    cluster.in_client(move || async move {
+        // HTTP/1.1, through the sidecar's detection and back.
+        let tcp = TcpStream::connect((outside, HTTP_PORT)).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(connection);
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello over http/1.1"));
+        let response =
+            within("http/1.1", sender.send_request(http::Request::post("/upload").body(body).unwrap())).await.unwrap();
+        use http_body_util::BodyExt;
+        let answer = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&answer[..], b"POST /upload hello over http/1.1");
+
+        // 64 MiB of raw TCP each way, the client closing its side first.
+        const SIZE: usize = 64 << 20;
+        let tcp = TcpStream::connect((outside, TCP_PORT)).await.unwrap();
+        let (mut read, mut write) = tcp.into_split();
+        let sending = tokio::spawn(async move {
+            let chunk: Vec<u8> = (0..=255u8).cycle().take(64 << 10).collect();
+            for _ in 0..SIZE / chunk.len() {
+                write.write_all(&chunk).await.unwrap();
+            }
+            write.shutdown().await.unwrap();
+        });
+        let mut received = Vec::with_capacity(SIZE + 64);
+        within("64 MiB echoed", read.read_to_end(&mut received)).await.unwrap();
+        sending.await.unwrap();
+        assert_eq!(received.len(), SIZE + format!("bytes={SIZE}").len());
+        assert!(received[..SIZE].iter().enumerate().all(|(i, b)| *b == i as u8), "the bytes came back in order");
+        assert_eq!(&received[SIZE..], format!("bytes={SIZE}").as_bytes(), "the server saw the client's half-close");
+    });
+    let grown = resident_kib(sidecar).saturating_sub(resident_before);
+    assert!(grown < 16 << 10, "the sidecar grew by {grown} KiB carrying 128 MiB");
+    cluster.await_metric(&cluster.client, OUTBOUND_OPAQUE, 2.0);
+}
+
+#[test]
+fn skipped_ports_and_networks_bypass_the_sidecar() {
+    let Some(cluster) = Cluster::start(&["--skip-outbound-ports=7001", "--skip-outbound-cidrs=10.96.0.0/12"]) else {
+        return;
+    };
+    let (outside, service) = (cluster.outside.address, cluster.service);
+    let exchange = move |port: u16| async move {
+        let mut tcp = TcpStream::connect((outside, port)).await.unwrap();
+        tcp.write_all(b"ping").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut answer = String::new();
+        within("exchange", tcp.read_to_string(&mut answer)).await.unwrap();
+        assert_eq!(answer, "pingbytes=4");
+    };
+    cluster.in_client(move || async move {
+        exchange(SKIPPED_PORT).await;
+        // The Service's network is skipped: the call goes straight to the
+        // server pod, whose capture takes it to its sidecar, which refuses
+        // plaintext on a strict port.
+        assert_refused(within("skipped network", echo_client(service).unary(request("direct"))).await.unwrap_err());
+    });
+    // The skipped network's call was refused at the server's sidecar, past the client's.
+    cluster.await_metric(&cluster.server, PLAINTEXT_REFUSED, 1.0);
+    cluster.await_metric(&cluster.client, OUTBOUND_OPAQUE, 0.0);
+    // A port not skipped goes through it.
+    cluster.in_client(move || exchange(TCP_PORT));
+    cluster.await_metric(&cluster.client, OUTBOUND_OPAQUE, 1.0);
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
