@@ -4,6 +4,8 @@
 # the sidecar's image carries none of their code:
 #   docker build -t ghcr.io/protomesh/protomesh:0.1.0 .
 #   docker build --target samples -t ghcr.io/protomesh/protomesh-samples:0.1.0 .
+# `protomesh init` needs the nft tool, which distroless lacks: its image is
+#   docker build --target init -t ghcr.io/protomesh/protomesh-init:0.1.0 .
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -22,6 +24,14 @@ FROM gcr.io/distroless/cc-debian12:nonroot AS samples
 COPY --from=build /out/protomesh-samples /protomesh-samples
 USER 1000:1000
 ENTRYPOINT ["/protomesh-samples"]
+
+# Runs as root with only NET_ADMIN, in the pod's init container.
+FROM debian:bookworm-slim AS init
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/protomesh /protomesh
+ENTRYPOINT ["/protomesh", "init"]
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS protomesh
 COPY --from=build /out/protomesh /protomesh

@@ -57,11 +57,20 @@ impl Cluster {
         let files = tempfile::tempdir().unwrap();
         let named = ["client", "server"].map(|w| (w.to_string(), id(w)));
         write_dev_certs(files.path(), "capture CA", &named).unwrap();
-        // The sidecars run as their own user, which must read these.
-        for entry in std::fs::read_dir(files.path()).unwrap() {
-            std::fs::set_permissions(entry.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The sidecars run as their own user, which must read these, and
+        // may not reach into the checkout.
+        for proto in ["examples/echo.proto", "protomesh/v1/options.proto"] {
+            let to = files.path().join("proto").join(proto);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("proto").join(proto), to).unwrap();
         }
-        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sidecar = files.path().join("protomesh");
+        if !pods::proxy_user_can_run(Path::new(env!("CARGO_BIN_EXE_protomesh"))) {
+            std::fs::hard_link(env!("CARGO_BIN_EXE_protomesh"), &sidecar)
+                .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_protomesh"), &sidecar).map(drop))
+                .unwrap();
+        }
+        make_readable(files.path());
 
         server.run(|| async {
             for port in [APP_PORT, PERMISSIVE_PORT] {
@@ -98,7 +107,8 @@ impl Cluster {
             let output = pod.init(init);
             assert!(output.status.success(), "protomesh init: {}", String::from_utf8_lossy(&output.stderr));
             let log = files.path().join(format!("{}.log", pod.name));
-            sidecars.push((pod.sidecar(config, &log), log));
+            let binary = if sidecar.exists() { sidecar.as_path() } else { Path::new(env!("CARGO_BIN_EXE_protomesh")) };
+            sidecars.push((pod.sidecar(binary, config, &log), log));
         }
         let cluster = Cluster { node, client, server, outside, service, sidecars, _files: files };
         for (pod, (_, log)) in [&cluster.server, &cluster.client].into_iter().zip(&cluster.sidecars) {
@@ -164,17 +174,29 @@ fn config(dir: &Path, workload: &str, rest: &str) -> PathBuf {
     let yaml = format!(
         "service_name: {workload}\n\
          identity: {{cert: {certs}/{workload}.pem, key: {certs}/{workload}-key.pem, trust_bundle: {certs}/ca.pem}}\n\
-         contracts: {{protos: [examples/echo.proto], include: ['{}/proto']}}\n\
+         contracts: {{protos: [examples/echo.proto], include: ['{certs}/proto']}}\n\
          admin: {{listen: '0.0.0.0:4191'}}\n\
          reload: {{watch: false, interval: 0s}}\n\
          drain_timeout: 1s\n\
-         {rest}",
-        env!("CARGO_MANIFEST_DIR"),
+         {rest}"
     );
     let path = dir.join(format!("{workload}.yaml"));
     std::fs::write(&path, yaml).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     path
+}
+
+/// Lets every user read `dir` and what is in it.
+fn make_readable(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            make_readable(&path);
+        } else if !path.ends_with("protomesh") {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// Echoes each connection's bytes as they come; once the client has finished

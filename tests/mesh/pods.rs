@@ -43,6 +43,20 @@ fn run(program: &str, args: &[&str]) {
     assert!(output.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
 }
 
+/// Whether the sidecar's user can run `binary` where it is (a checkout
+/// under root's home, say, it cannot reach).
+pub fn proxy_user_can_run(binary: &Path) -> bool {
+    let uid = PROXY_UID.to_string();
+    let status = Command::new("setpriv")
+        .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+        .arg(binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    status.is_ok_and(|status| status.success())
+}
+
 /// Enters the network namespace `name` on this thread.
 fn enter(name: &str) {
     let file = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
@@ -187,14 +201,14 @@ impl Pod {
             .unwrap()
     }
 
-    /// Starts `protomesh run --config CONFIG` in the pod as the sidecar's
+    /// Starts `BINARY run --config CONFIG` in the pod as the sidecar's
     /// user, its log written to `log`.
-    pub fn sidecar(&self, config: &Path, log: &Path) -> Child {
+    pub fn sidecar(&self, binary: &Path, config: &Path, log: &Path) -> Child {
         let log = std::fs::File::create(log).unwrap();
         let uid = PROXY_UID.to_string();
         Command::new("ip")
             .args(["netns", "exec", &self.name, "setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_protomesh"))
+            .arg(binary)
             .args(["run", "--config"])
             .arg(config)
             .env("PROTOMESH_LOG", "info,protomesh=debug")
