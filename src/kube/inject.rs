@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::settings::{self, Defaults, Mode, Settings};
 use super::sidecar::{self, CONFIG_VOLUME, CONTRACTS_VOLUME, IDENTITY_VOLUME};
-use super::{SIDECAR, VERSION};
+use super::{INIT, SIDECAR, VERSION};
 
 /// What is known around the pod template.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +42,9 @@ struct Status {
     container: String,
     /// `initContainers` (native) or `containers` (classic).
     list: String,
+    /// The capture rules' init container, in `initContainers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init_container: Option<String>,
     volumes: Vec<String>,
     annotations: Vec<String>,
     /// Maps and lists that did not exist before, by path.
@@ -69,6 +72,11 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
     };
     let containers = ensure(&mut pod, &["spec", list], json!([]), &mut created);
     containers.as_array_mut().expect("checked to be a list").insert(0, sidecar::container(&settings));
+    // The rules go in first of all, before the sidecar and the app start.
+    if let Some(capture) = &settings.capture {
+        let init = ensure(&mut pod, &["spec", "initContainers"], json!([]), &mut created);
+        init.as_array_mut().expect("checked to be a list").insert(0, sidecar::init_container(capture));
+    }
     let volumes = ensure(&mut pod, &["spec", "volumes"], json!([]), &mut created);
     let added: Vec<Value> = sidecar::volumes(&settings);
     let names = added.iter().map(|v| v["name"].as_str().unwrap_or_default().to_string()).collect();
@@ -90,6 +98,7 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
         version: VERSION.into(),
         container: SIDECAR.into(),
         list: list.into(),
+        init_container: settings.capture.is_some().then(|| INIT.to_string()),
         volumes: names,
         annotations: added_annotations,
         created,
@@ -108,6 +117,11 @@ pub fn uninject(template: &Value) -> Result<Option<Value>, String> {
     let mut pod = template.clone();
     if let Some(list) = pod["spec"][&status.list].as_array_mut() {
         list.retain(|c| c["name"] != status.container.as_str());
+    }
+    if let Some(init) = &status.init_container
+        && let Some(list) = pod["spec"]["initContainers"].as_array_mut()
+    {
+        list.retain(|c| c["name"] != init.as_str());
     }
     if let Some(volumes) = pod["spec"]["volumes"].as_array_mut() {
         volumes.retain(|v| !status.volumes.iter().any(|name| v["name"] == name.as_str()));

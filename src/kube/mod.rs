@@ -14,6 +14,8 @@ pub mod webhook;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The sidecar container's name.
 pub const SIDECAR: &str = "protomesh-proxy";
+/// The init container that installs the capture rules.
+pub const INIT: &str = "protomesh-init";
 /// The user and group the sidecar runs as.
 pub const SIDECAR_UID: u32 = 2102;
 pub const OUTBOUND_PORT: u16 = 4140;

@@ -5,6 +5,7 @@
 use serde_json::{Map, Value};
 
 use super::{ADMIN_PORT, VERSION};
+use crate::capture::PortRange;
 
 /// The label (or namespace label) that opts a pod in (`enabled`) or out (`disabled`).
 pub const INJECT: &str = "protomesh.io/inject";
@@ -25,6 +26,11 @@ pub const IDENTITY_SECRET: &str = "protomesh.io/identity-secret";
 pub const SERVICE_NAME: &str = "protomesh.io/service-name";
 pub const OTLP_ENDPOINT: &str = "protomesh.io/otlp-endpoint";
 pub const LOG_LEVEL: &str = "protomesh.io/log-level";
+pub const CAPTURE: &str = "protomesh.io/capture";
+pub const INIT_IMAGE: &str = "protomesh.io/init-image";
+pub const SKIP_INBOUND_PORTS: &str = "protomesh.io/skip-inbound-ports";
+pub const SKIP_OUTBOUND_PORTS: &str = "protomesh.io/skip-outbound-ports";
+pub const SKIP_OUTBOUND_CIDRS: &str = "protomesh.io/skip-outbound-cidrs";
 pub const CPU_REQUEST: &str = "protomesh.io/proxy-cpu-request";
 pub const CPU_LIMIT: &str = "protomesh.io/proxy-cpu-limit";
 pub const MEMORY_REQUEST: &str = "protomesh.io/proxy-memory-request";
@@ -33,6 +39,21 @@ pub const MEMORY_LIMIT: &str = "protomesh.io/proxy-memory-limit";
 /// The image the sidecar runs unless the pod or the injector says otherwise.
 pub fn default_image() -> String {
     format!("ghcr.io/protomesh/protomesh:{VERSION}")
+}
+
+/// The image `protomesh init` runs from unless the pod says otherwise.
+pub fn default_init_image() -> String {
+    format!("ghcr.io/protomesh/protomesh-init:{VERSION}")
+}
+
+/// What the capture rules leave alone, as `protomesh init` reads it
+/// (comma-separated, checked here so that a bad value fails injection, not the pod).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    pub image: String,
+    pub skip_inbound_ports: Option<String>,
+    pub skip_outbound_ports: Option<String>,
+    pub skip_outbound_cidrs: Option<String>,
 }
 
 /// How the sidecar joins the pod.
@@ -74,6 +95,8 @@ pub struct Settings {
     pub memory_limit: Option<String>,
     /// The pod's grace period, of which the sidecar's drain takes all but a margin.
     pub grace_seconds: u64,
+    /// `None`: the app's traffic is not captured; it dials the sidecar itself.
+    pub capture: Option<Capture>,
 }
 
 /// What the injector knows beyond the pod template.
@@ -132,6 +155,30 @@ impl Settings {
             .map(|v| v.as_u64().ok_or("spec.terminationGracePeriodSeconds: expected a whole number of seconds"))
             .transpose()?
             .unwrap_or(30);
+        let capture = match get(CAPTURE).as_deref() {
+            None | Some("disabled") => None,
+            Some("enabled") => {
+                let list = |name: &str, parse: fn(&str) -> bool, valid: &str| match get(name) {
+                    Some(value) if !value.split(',').all(|item| parse(item.trim())) => {
+                        Err(invalid(name, &value, valid))
+                    }
+                    value => Ok(value),
+                };
+                let port = |item: &str| item.parse::<PortRange>().is_ok();
+                let ports = "ports or ranges separated by commas, e.g. 22,9000-9100";
+                Some(Capture {
+                    image: get(INIT_IMAGE).unwrap_or_else(default_init_image),
+                    skip_inbound_ports: list(SKIP_INBOUND_PORTS, port, ports)?,
+                    skip_outbound_ports: list(SKIP_OUTBOUND_PORTS, port, ports)?,
+                    skip_outbound_cidrs: list(
+                        SKIP_OUTBOUND_CIDRS,
+                        |item| item.parse::<ipnet::IpNet>().is_ok(),
+                        "networks separated by commas, e.g. 10.96.0.0/12,169.254.169.254/32",
+                    )?,
+                })
+            }
+            Some(other) => return Err(invalid(CAPTURE, other, "`enabled` or `disabled`")),
+        };
         Ok(Settings {
             mode,
             image: get(IMAGE).or_else(|| defaults.image.clone()).unwrap_or_else(default_image),
@@ -152,6 +199,7 @@ impl Settings {
             memory_request: or(MEMORY_REQUEST, "32Mi"),
             memory_limit: Some(or(MEMORY_LIMIT, "256Mi")),
             grace_seconds,
+            capture,
         })
     }
 }

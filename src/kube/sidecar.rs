@@ -1,12 +1,13 @@
 //! The sidecar as injection adds it: its container (configured through
 //! `PROTOMESH_*` variables, the downward API and mounted files, with probes
-//! on the admin port and a restricted security context) and the volumes it
-//! mounts (identity, contracts, mesh config).
+//! on the admin port and a restricted security context), the volumes it
+//! mounts (identity, contracts, mesh config), and the init container that
+//! installs the capture rules.
 
 use serde_json::{Value, json};
 
-use super::settings::{IdentitySource, Mode, Settings};
-use super::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, SIDECAR, SIDECAR_UID};
+use super::settings::{Capture, IdentitySource, Mode, Settings};
+use super::{ADMIN_PORT, INBOUND_PORT, INIT, OUTBOUND_PORT, SIDECAR, SIDECAR_UID};
 
 pub const IDENTITY_VOLUME: &str = "protomesh-identity";
 pub const CONTRACTS_VOLUME: &str = "protomesh-contracts";
@@ -124,6 +125,45 @@ pub fn container(settings: &Settings) -> Value {
         }
     }
     container
+}
+
+/// The init container that runs `protomesh init`: root with NET_ADMIN alone,
+/// which changing the pod's netfilter rules takes, and nothing else.
+pub fn init_container(capture: &Capture) -> Value {
+    let mut vars = vec![
+        env("PROTOMESH_PROXY_UID", SIDECAR_UID.to_string()),
+        env("PROTOMESH_OUTBOUND_PORT", OUTBOUND_PORT.to_string()),
+        env("PROTOMESH_INBOUND_PORT", INBOUND_PORT.to_string()),
+        env("PROTOMESH_ADMIN_PORT", ADMIN_PORT.to_string()),
+    ];
+    for (name, value) in [
+        ("PROTOMESH_SKIP_INBOUND_PORTS", &capture.skip_inbound_ports),
+        ("PROTOMESH_SKIP_OUTBOUND_PORTS", &capture.skip_outbound_ports),
+        ("PROTOMESH_SKIP_OUTBOUND_CIDRS", &capture.skip_outbound_cidrs),
+    ] {
+        if let Some(value) = value {
+            vars.push(env(name, value.clone()));
+        }
+    }
+    json!({
+        "name": INIT,
+        "image": capture.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["/protomesh", "init"],
+        "env": vars,
+        "resources": { "requests": { "cpu": "10m", "memory": "16Mi" }, "limits": { "memory": "64Mi" } },
+        "securityContext": {
+            "runAsNonRoot": false,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "capabilities": { "add": ["NET_ADMIN"], "drop": ["ALL"] },
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    })
 }
 
 /// The volumes the sidecar mounts, by name.

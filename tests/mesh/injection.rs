@@ -415,3 +415,42 @@ async fn a_sidecar_started_as_the_injected_container_becomes_ready_and_carries_a
     assert_eq!(reply.message, "through the injected sidecar");
     assert_eq!(reply.caller, id.as_str(), "over mTLS, as the workload's own identity");
 }
+
+#[test]
+fn the_injected_init_container_installs_the_rules_its_annotations_ask_for() {
+    if let Some(why) = crate::pods::unavailable() {
+        return eprintln!("skipped: protomesh init needs a network namespace: {why}");
+    }
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "orders-0",
+            "namespace": "shop",
+            "labels": { "protomesh.io/inject": "enabled" },
+            "annotations": {
+                "protomesh.io/capture": "enabled",
+                "protomesh.io/skip-outbound-ports": "5432,6000-6010",
+                "protomesh.io/skip-outbound-cidrs": "169.254.169.254/32",
+            },
+        },
+        "spec": { "containers": [{ "name": "orders", "image": "orders", "ports": [{ "containerPort": 50051 }] }] },
+    });
+    let context = Context { namespace: Some("shop"), workload: "orders", ..Default::default() };
+    let Verdict::Injected(injected) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
+    let init = &injected["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "protomesh-init", "the rules go in before the sidecar starts");
+    assert_eq!(init["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN"]));
+    let command: Vec<&str> = init["command"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(command, ["/protomesh", "init"]);
+
+    let node = crate::pods::Node::new();
+    let pod = node.pod();
+    let output = pod.init_with_env(&container_env(init, &BTreeMap::new()));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rules = pod.ruleset();
+    assert!(rules.contains("meta skuid 2102 return"), "{rules}");
+    assert!(rules.contains("tcp dport { 5432, 6000-6010 } return"), "{rules}");
+    assert!(rules.contains("ip daddr 169.254.169.254 return"), "{rules}");
+    assert!(rules.contains("redirect to :4143") && rules.contains("redirect to :4140"), "{rules}");
+}

@@ -194,11 +194,27 @@ impl Pod {
     /// Runs `protomesh init` with `args` in the pod, as its init container
     /// would; returns its output.
     pub fn init(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, env!("CARGO_BIN_EXE_protomesh"), "init"])
-            .args(args)
-            .output()
-            .unwrap()
+        self.init_command().args(args).output().unwrap()
+    }
+
+    /// Runs `protomesh init` in the pod with only the variables `env` (and
+    /// `PATH`, which an image sets).
+    pub fn init_with_env(&self, env: &[(String, String)]) -> std::process::Output {
+        let mut command = self.init_command();
+        command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        command.envs(env.iter().cloned()).output().unwrap()
+    }
+
+    fn init_command(&self) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, env!("CARGO_BIN_EXE_protomesh"), "init"]);
+        command
+    }
+
+    /// The capture rules installed in the pod, as nft lists them.
+    pub fn ruleset(&self) -> String {
+        let output = Command::new("ip").args(["netns", "exec", &self.name, "nft", "list", "ruleset"]).output().unwrap();
+        String::from_utf8(output.stdout).unwrap()
     }
 
     /// Starts `BINARY run --config CONFIG` in the pod as the sidecar's
