@@ -1,8 +1,9 @@
-//! Generates Rust types for the policy options with the pure-Rust protox
+//! Generates Rust types for the policy options and the gRPC health messages
+//! (the sidecar performs the app's gRPC probes) with the pure-Rust protox
 //! compiler, so that no `protoc` is needed anywhere; and lays out
 //! the release binary's functions in the order `bench/link_order.py` recorded.
 
-const PROTOS: &[&str] = &["proto/protomesh/v1/options.proto"];
+const PROTOS: &[&str] = &["proto/protomesh/v1/options.proto", "proto/grpc/health/v1/health.proto"];
 const LINK_ORDER: &str = "bench/protomesh.order";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,7 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Messages only: the sidecar speaks HTTP/2 itself and carries no tonic transport.
+    tonic_prost_build::configure().build_client(false).build_server(false).compile_fds(descriptors)?;
     order_functions()
 }
 

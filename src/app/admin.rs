@@ -5,7 +5,8 @@
 //! `PUT /log-level`, which changes the log filter, and `POST /reload`, which
 //! reads the config, contracts and identity files again. The last three
 //! reveal or change state: they are answered only on localhost unless
-//! `admin.allow_remote` is set. Connections are capped and must send their
+//! `admin.allow_remote` is set. `/app-probe/...` runs one of the app's probes
+//! for the kubelet (`probe.rs`). Connections are capped and must send their
 //! request's head in time, so that the admin port never holds the file
 //! descriptors the data plane needs.
 
@@ -22,7 +23,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use super::probe;
 use super::reload::{ReloadOutcome, Reloader};
+use crate::config::probes::APP_PROBE_PREFIX;
 use crate::effective;
 use crate::proxy::open::OpenConnections;
 use crate::telemetry::Metrics;
@@ -79,6 +82,7 @@ impl Admin {
                     ),
                 },
             },
+            (Method::GET, path) if path.starts_with(APP_PROBE_PREFIX) => self.app_probe(path).await,
             (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/reload") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
@@ -86,6 +90,21 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "not found; try /live, /ready, /metrics, /config, PUT /log-level or POST /reload\n",
             ),
+        }
+    }
+
+    /// Runs the app's probe at `path` for the kubelet: 200 when it passes, 503 when not.
+    async fn app_probe(&self, path: &str) -> Response<Full<Bytes>> {
+        let routes = self.reloader.routes();
+        let Some(app_probe) = routes.config.admin.app_probes.get(path) else {
+            return text(StatusCode::NOT_FOUND, &format!("no app probe at {path} (admin.app_probes)\n"));
+        };
+        match probe::perform(app_probe).await {
+            Ok(passed) => text(StatusCode::OK, &format!("{passed}\n")),
+            Err(failed) => {
+                tracing::debug!(path, %failed, "app probe failed");
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("{failed}\n"))
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! stacks themselves are composed in `proxy`.
 
 pub mod admin;
+mod probe;
 pub mod reload;
 mod watch;
 

@@ -6,6 +6,7 @@
 
 mod limits;
 mod load;
+pub mod probes;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -180,6 +181,10 @@ pub struct AdminConfig {
     /// How long a client may take to send a request's head.
     #[serde(default = "defaults::header_read_timeout", deserialize_with = "duration::deserialize")]
     pub header_read_timeout: Duration,
+    /// The app's probes that the admin server performs for the kubelet, by
+    /// path; the injector sets them when it captures the pod's traffic.
+    #[serde(default)]
+    pub app_probes: probes::AppProbes,
 }
 
 impl Default for AdminConfig {
@@ -189,6 +194,7 @@ impl Default for AdminConfig {
             allow_remote: false,
             max_connections: defaults::admin_connections(),
             header_read_timeout: defaults::header_read_timeout(),
+            app_probes: probes::AppProbes::new(),
         }
     }
 }
@@ -303,6 +309,7 @@ impl Config {
             }
             inbound.authorization.validate()?;
         }
+        probes::validate(&self.admin.app_probes)?;
         self.policy.validate()?;
         self.limits.validate()?;
         self.tracing.validate()?;
