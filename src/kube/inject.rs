@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::probes;
 use super::settings::{self, Defaults, Mode, Settings};
 use super::sidecar::{self, CONFIG_VOLUME, CONTRACTS_VOLUME, IDENTITY_VOLUME};
 use super::{INIT, SIDECAR, VERSION};
@@ -45,6 +46,9 @@ struct Status {
     /// The capture rules' init container, in `initContainers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     init_container: Option<String>,
+    /// The app's probes as they were, before they moved to the sidecar.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    probes: Vec<probes::Original>,
     volumes: Vec<String>,
     annotations: Vec<String>,
     /// Maps and lists that did not exist before, by path.
@@ -66,12 +70,17 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
     let mut created = Vec::new();
     let app = pod["spec"]["containers"][0]["name"].as_str().unwrap_or_default().to_string();
 
+    let (originals, app_probes) = match &settings.capture {
+        Some(capture) => probes::redirect(&mut pod["spec"], capture)?,
+        None => Default::default(),
+    };
     let list = match settings.mode {
         Mode::Native => "initContainers",
         Mode::Classic => "containers",
     };
     let containers = ensure(&mut pod, &["spec", list], json!([]), &mut created);
-    containers.as_array_mut().expect("checked to be a list").insert(0, sidecar::container(&settings));
+    let sidecar = sidecar::container(&settings, &app_probes);
+    containers.as_array_mut().expect("checked to be a list").insert(0, sidecar);
     // The rules go in first of all, before the sidecar and the app start.
     if let Some(capture) = &settings.capture {
         let init = ensure(&mut pod, &["spec", "initContainers"], json!([]), &mut created);
@@ -99,6 +108,7 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
         container: SIDECAR.into(),
         list: list.into(),
         init_container: settings.capture.is_some().then(|| INIT.to_string()),
+        probes: originals,
         volumes: names,
         annotations: added_annotations,
         created,
@@ -123,6 +133,7 @@ pub fn uninject(template: &Value) -> Result<Option<Value>, String> {
     {
         list.retain(|c| c["name"] != init.as_str());
     }
+    probes::restore(&mut pod["spec"], &status.probes);
     if let Some(volumes) = pod["spec"]["volumes"].as_array_mut() {
         volumes.retain(|v| !status.volumes.iter().any(|name| v["name"] == name.as_str()));
     }

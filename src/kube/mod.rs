@@ -2,10 +2,12 @@
 //! pod template into the injected one; `protomesh inject` applies it to
 //! manifests ([`manifest`]) and `protomesh webhook` to pods as they are
 //! created ([`webhook`]). [`settings`] reads what a pod's annotations ask
-//! for, and [`sidecar`] is what gets added.
+//! for, [`sidecar`] is what gets added, and [`probes`] moves the app's
+//! probes to the sidecar when its traffic is captured.
 
 pub mod inject;
 pub mod manifest;
+pub mod probes;
 pub mod settings;
 pub mod sidecar;
 pub mod webhook;

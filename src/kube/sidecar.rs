@@ -4,7 +4,7 @@
 //! mounts (identity, contracts, mesh config), and the init container that
 //! installs the capture rules.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::settings::{Capture, IdentitySource, Mode, Settings};
 use super::{ADMIN_PORT, INBOUND_PORT, INIT, OUTBOUND_PORT, SIDECAR, SIDECAR_UID};
@@ -27,8 +27,9 @@ fn field_env(name: &str, path: &str) -> Value {
     json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } })
 }
 
-/// The sidecar's container.
-pub fn container(settings: &Settings) -> Value {
+/// The sidecar's container; `app_probes` are the app's probes it runs for
+/// the kubelet (see `probes.rs`).
+pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value {
     let drain = settings.grace_seconds.saturating_sub(DRAIN_MARGIN_SECONDS).max(1);
     let mut vars = vec![
         field_env("POD_NAME", "metadata.name"),
@@ -55,6 +56,10 @@ pub fn container(settings: &Settings) -> Value {
     if let Some(port) = settings.app_port {
         vars.push(env("PROTOMESH_INBOUND__LISTEN", format!("0.0.0.0:{INBOUND_PORT}")));
         vars.push(env("PROTOMESH_INBOUND__APP", format!("127.0.0.1:{port}")));
+    }
+    if !app_probes.is_empty() {
+        let probes = serde_json::to_string(app_probes).expect("JSON values serialize");
+        vars.push(env("PROTOMESH_ADMIN__APP_PROBES", probes));
     }
     if let Some(endpoint) = &settings.otlp_endpoint {
         vars.push(env("PROTOMESH_TRACING__OTLP_ENDPOINT", endpoint.clone()));

@@ -31,6 +31,8 @@ const PERMISSIVE_PORT: u16 = 50052;
 const TCP_PORT: u16 = 7000;
 const SKIPPED_PORT: u16 = 7001;
 const HTTP_PORT: u16 = 8080;
+/// The server app's HTTP health port, for its kubelet probe.
+const HEALTH_PORT: u16 = 8081;
 const ADMIN: &str = "127.0.0.1:4191";
 
 /// A node with a server pod and a client pod, both meshed and captured, a
@@ -42,11 +44,22 @@ struct Cluster {
     outside: Pod,
     service: SocketAddr,
     sidecars: Vec<(Child, PathBuf)>,
+    /// The server app's gRPC health, which its readiness probe reads.
+    health: tonic_health::server::HealthReporter,
     _files: tempfile::TempDir,
 }
 
+/// How a test's cluster differs from the others'.
+#[derive(Default)]
+struct Setup<'a> {
+    /// `protomesh init`'s arguments in the client pod.
+    client_init: &'a [&'a str],
+    /// Variables the server's sidecar gets besides its config file.
+    server_env: Vec<(String, String)>,
+}
+
 impl Cluster {
-    fn start(client_init: &[&str]) -> Option<Cluster> {
+    fn start(setup: Setup) -> Option<Cluster> {
         if let Some(why) = pods::unavailable() {
             eprintln!("skipped: capture needs network namespaces: {why}");
             return None;
@@ -72,14 +85,20 @@ impl Cluster {
         }
         make_readable(files.path());
 
-        server.run(|| async {
+        let (health, reported) = std::sync::mpsc::channel();
+        server.run(move || async move {
+            let (reporter, health_service) = tonic_health::server::health_reporter();
+            health.send(reporter).unwrap();
             for port in [APP_PORT, PERMISSIVE_PORT] {
                 let listener = TcpListener::bind(("0.0.0.0", port)).await.unwrap();
-                protomesh_samples::serve(Server::builder().add_service(EchoService::default().into_server()), listener)
-                    .await;
+                let router = Server::builder()
+                    .add_service(EchoService::default().into_server())
+                    .add_service(health_service.clone());
+                protomesh_samples::serve(router, listener).await;
             }
-            std::future::pending::<()>().await
+            http1_echo(TcpListener::bind(("0.0.0.0", HEALTH_PORT)).await.unwrap()).await
         });
+        let health = reported.recv().unwrap();
         outside.run(|| async {
             for port in [TCP_PORT, SKIPPED_PORT] {
                 tokio::spawn(tcp_echo(TcpListener::bind(("0.0.0.0", port)).await.unwrap()));
@@ -103,14 +122,18 @@ impl Cluster {
             ),
         );
         let mut sidecars = Vec::new();
-        for (pod, config, init) in [(&server, &server_config, &[][..]), (&client, &client_config, client_init)] {
+        let no_env = Vec::new();
+        for (pod, config, init, env) in [
+            (&server, &server_config, &[][..], &setup.server_env),
+            (&client, &client_config, setup.client_init, &no_env),
+        ] {
             let output = pod.init(init);
             assert!(output.status.success(), "protomesh init: {}", String::from_utf8_lossy(&output.stderr));
             let log = files.path().join(format!("{}.log", pod.name));
             let binary = if sidecar.exists() { sidecar.as_path() } else { Path::new(env!("CARGO_BIN_EXE_protomesh")) };
-            sidecars.push((pod.sidecar(binary, config, &log), log));
+            sidecars.push((pod.sidecar(binary, config, env, &log), log));
         }
-        let cluster = Cluster { node, client, server, outside, service, sidecars, _files: files };
+        let cluster = Cluster { node, client, server, outside, service, sidecars, health, _files: files };
         for (pod, (_, log)) in [&cluster.server, &cluster.client].into_iter().zip(&cluster.sidecars) {
             let log = log.clone();
             let ready = pod.run(|| async move {
@@ -272,7 +295,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn an_unmodified_client_calling_a_service_ip_goes_through_both_sidecars_over_mtls() {
-    let Some(cluster) = Cluster::start(&[]) else { return };
+    let Some(cluster) = Cluster::start(Setup::default()) else { return };
     let (stop, seen) = sniff(&cluster.node);
     let (service, outside) = (cluster.service, cluster.outside.address);
     cluster.in_client(move || async move {
@@ -329,7 +352,7 @@ fn an_unmodified_client_calling_a_service_ip_goes_through_both_sidecars_over_mtl
 
 #[test]
 fn a_client_outside_the_mesh_is_refused_in_strict_mode_and_forwarded_in_permissive_mode() {
-    let Some(cluster) = Cluster::start(&[]) else { return };
+    let Some(cluster) = Cluster::start(Setup::default()) else { return };
     let server = cluster.server.address;
     cluster
         .outside
@@ -365,7 +388,7 @@ fn assert_refused(status: tonic::Status) {
 
 #[test]
 fn other_tcp_from_the_app_passes_through_unchanged_with_half_close_and_bounded_memory() {
-    let Some(cluster) = Cluster::start(&[]) else { return };
+    let Some(cluster) = Cluster::start(Setup::default()) else { return };
     let outside = cluster.outside.address;
     let sidecar = cluster.sidecars[1].0.id();
     let resident_before = resident_kib(sidecar);
@@ -407,9 +430,8 @@ fn other_tcp_from_the_app_passes_through_unchanged_with_half_close_and_bounded_m
 
 #[test]
 fn skipped_ports_and_networks_bypass_the_sidecar() {
-    let Some(cluster) = Cluster::start(&["--skip-outbound-ports=7001", "--skip-outbound-cidrs=10.96.0.0/12"]) else {
-        return;
-    };
+    let client_init = &["--skip-outbound-ports=7001", "--skip-outbound-cidrs=10.96.0.0/12"];
+    let Some(cluster) = Cluster::start(Setup { client_init, ..Setup::default() }) else { return };
     let (outside, service) = (cluster.outside.address, cluster.service);
     let exchange = move |port: u16| async move {
         let mut tcp = TcpStream::connect((outside, port)).await.unwrap();
@@ -439,4 +461,85 @@ fn resident_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn kubelet_probes_of_a_captured_pod_are_run_by_its_sidecar() {
+    // The server pod as injected with capture: its probes moved to the admin port.
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "server-0",
+            "namespace": "test",
+            "labels": { "protomesh.io/inject": "enabled" },
+            "annotations": { "protomesh.io/capture": "enabled" },
+        },
+        "spec": { "containers": [{
+            "name": "app",
+            "image": "echo",
+            "ports": [{ "name": "grpc", "containerPort": APP_PORT }, { "name": "health", "containerPort": HEALTH_PORT }],
+            "startupProbe": { "tcpSocket": { "port": "grpc" } },
+            "readinessProbe": { "grpc": { "port": APP_PORT } },
+            "livenessProbe": { "httpGet": { "path": "/healthz", "port": "health" }, "timeoutSeconds": 2 },
+        }] },
+    });
+    let context =
+        protomesh::kube::inject::Context { namespace: Some("test"), workload: "server", ..Default::default() };
+    let protomesh::kube::inject::Verdict::Injected(injected) = protomesh::kube::inject::inject(&pod, &context).unwrap()
+    else {
+        panic!("injected")
+    };
+    let sidecar =
+        injected["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "protomesh-proxy");
+    let probes =
+        sidecar.unwrap()["env"].as_array().unwrap().iter().find(|v| v["name"] == "PROTOMESH_ADMIN__APP_PROBES");
+    let probes = probes.expect("the sidecar is told the app's probes")["value"].as_str().unwrap().to_string();
+    let kubelet_paths: Vec<String> = ["startupProbe", "readinessProbe", "livenessProbe"]
+        .iter()
+        .map(|kind| {
+            let probe = &injected["spec"]["containers"][0][kind];
+            assert_eq!(probe["httpGet"]["port"], 4191, "{kind} goes to the admin port");
+            probe["httpGet"]["path"].as_str().unwrap().to_string()
+        })
+        .collect();
+
+    let setup = Setup { server_env: vec![("PROTOMESH_ADMIN__APP_PROBES".into(), probes)], ..Setup::default() };
+    let Some(cluster) = Cluster::start(setup) else { return };
+    let server = cluster.server.address;
+    // The kubelet probes from the node.
+    let kubelet = |path: String| {
+        cluster
+            .node
+            .run(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(admin(SocketAddr::from((server, 4191)), "GET", &path, ""))
+            })
+            .join()
+            .unwrap()
+    };
+    for path in &kubelet_paths {
+        let (status, body) = kubelet(path.clone());
+        assert_eq!(status, 200, "{path}: {body}; {}", cluster.logs());
+    }
+    assert_eq!(kubelet(kubelet_paths[1].clone()).1, "SERVING\n");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let health = cluster.health.clone();
+    runtime.block_on(health.set_service_status("", tonic_health::ServingStatus::NotServing));
+    assert_eq!(kubelet(kubelet_paths[1].clone()), (503, "NOT_SERVING\n".into()), "readiness follows the app");
+    runtime.block_on(health.set_service_status("", tonic_health::ServingStatus::Serving));
+    assert_eq!(kubelet(kubelet_paths[1].clone()).0, 200);
+    assert_eq!(kubelet("/app-probe/app/nothing".into()).0, 404);
+
+    // The probe the kubelet would have sent without the sidecar, refused.
+    let direct = cluster.node.run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let channel = Channel::from_shared(format!("http://{server}:{APP_PORT}")).unwrap().connect_lazy();
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            within("direct probe", health.check(tonic_health::pb::HealthCheckRequest::default())).await
+        })
+    });
+    assert_refused(direct.join().unwrap().unwrap_err());
 }

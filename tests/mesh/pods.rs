@@ -218,8 +218,8 @@ impl Pod {
     }
 
     /// Starts `BINARY run --config CONFIG` in the pod as the sidecar's
-    /// user, its log written to `log`.
-    pub fn sidecar(&self, binary: &Path, config: &Path, log: &Path) -> Child {
+    /// user, with `env` besides, its log written to `log`.
+    pub fn sidecar(&self, binary: &Path, config: &Path, env: &[(String, String)], log: &Path) -> Child {
         let log = std::fs::File::create(log).unwrap();
         let uid = PROXY_UID.to_string();
         Command::new("ip")
@@ -228,6 +228,7 @@ impl Pod {
             .args(["run", "--config"])
             .arg(config)
             .env("PROTOMESH_LOG", "info,protomesh=debug")
+            .envs(env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
