@@ -21,6 +21,16 @@ pub fn report(inputs: &Inputs) -> String {
             upstream.identity
         );
     }
+    let original = &config.outbound.original_destination;
+    if original.enabled {
+        let domain = original.trust_domain.as_deref().unwrap_or_else(|| credentials.id.trust_domain());
+        let plaintext: Vec<String> = original.plaintext_networks.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  captured calls no upstream routes -> their original destination (mTLS, any identity in {domain}; plaintext to [{}])",
+            plaintext.join(", ")
+        );
+    }
     match &config.inbound {
         None => out.push_str("inbound   disabled\n"),
         Some(inbound) => {

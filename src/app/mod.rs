@@ -87,12 +87,12 @@ impl Sidecar {
         let outbound_addr = local_addr(&outbound_listener)?;
         let memory = Arc::new(MemoryBudget::default());
         let edges = EdgeState { routes: routes.clone(), metrics: metrics.clone(), memory: memory.clone() };
-        let edge = OutboundEdge::new(edges.clone());
+        let outbound_edges = edges.clone();
         tokio::spawn(server::serve(
             outbound_listener,
             Direction::Outbound,
             None,
-            move |_: PeerInfo| edge.clone(),
+            move |peer: PeerInfo| OutboundEdge::new(outbound_edges.clone(), &peer),
             serving.clone(),
         ));
         let inbound_addr = match inbound {

@@ -83,6 +83,33 @@ pub struct OutboundConfig {
     /// before it is taken for opaque TCP.
     #[serde(default = "defaults::detect_timeout", deserialize_with = "duration::deserialize")]
     pub detect_timeout: Duration,
+    /// Captured gRPC calls for services that no upstream routes.
+    #[serde(default)]
+    pub original_destination: OriginalDestinationConfig,
+}
+
+/// A captured gRPC call for a service that no upstream routes goes where the
+/// app dialled it: over mTLS, which the capture at a meshed destination
+/// hands to its sidecar, or in plaintext to networks outside the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginalDestinationConfig {
+    /// Off: such calls get UNIMPLEMENTED, as calls made to the sidecar itself do.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// The trust domain whose workloads may answer there (the destination's
+    /// workload is not known, only its address); by default this sidecar's own.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Destinations outside the mesh, called in plaintext HTTP/2.
+    #[serde(default)]
+    pub plaintext_networks: Vec<ipnet::IpNet>,
+}
+
+impl Default for OriginalDestinationConfig {
+    fn default() -> Self {
+        OriginalDestinationConfig { enabled: true, trust_domain: None, plaintext_networks: Vec::new() }
+    }
 }
 
 impl Default for OutboundConfig {
@@ -93,6 +120,7 @@ impl Default for OutboundConfig {
             upstreams: Vec::new(),
             opaque_ports: defaults::opaque_ports(),
             detect_timeout: defaults::detect_timeout(),
+            original_destination: OriginalDestinationConfig::default(),
         }
     }
 }
@@ -206,7 +234,7 @@ impl Default for AdminConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReloadConfig {
-    #[serde(default = "defaults::watch")]
+    #[serde(default = "defaults::yes")]
     pub watch: bool,
     #[serde(default = "defaults::debounce", deserialize_with = "duration::deserialize")]
     pub debounce: Duration,
@@ -217,7 +245,7 @@ pub struct ReloadConfig {
 
 impl Default for ReloadConfig {
     fn default() -> Self {
-        ReloadConfig { watch: defaults::watch(), debounce: defaults::debounce(), interval: defaults::reload_interval() }
+        ReloadConfig { watch: defaults::yes(), debounce: defaults::debounce(), interval: defaults::reload_interval() }
     }
 }
 
@@ -258,7 +286,7 @@ mod defaults {
     pub fn worker_threads() -> std::num::NonZeroUsize {
         std::num::NonZeroUsize::MIN
     }
-    pub fn watch() -> bool {
+    pub fn yes() -> bool {
         true
     }
     pub fn debounce() -> Duration {

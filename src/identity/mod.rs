@@ -21,7 +21,7 @@ use serde::Deserialize;
 use x509_parser::extensions::GeneralName;
 
 use crate::digest::Digest;
-pub use spiffe::{IdentityMismatch, SpiffeId};
+pub use spiffe::{ExpectedPeer, IdentityMismatch, SpiffeId};
 
 /// Where the workload's credentials are, as PEM files.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

@@ -44,13 +44,45 @@ impl SpiffeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The part between `spiffe://` and the path.
+    pub fn trust_domain(&self) -> &str {
+        let rest = &self.0["spiffe://".len()..];
+        rest.split_once('/').map_or(rest, |(domain, _)| domain)
+    }
+}
+
+/// Whom a server must prove to be: one workload, or any workload of a trust
+/// domain (a call to an original destination, whose workload is not known).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ExpectedPeer {
+    Id(SpiffeId),
+    TrustDomain(Arc<str>),
+}
+
+impl ExpectedPeer {
+    pub fn accepts(&self, presented: &SpiffeId) -> bool {
+        match self {
+            ExpectedPeer::Id(id) => id == presented,
+            ExpectedPeer::TrustDomain(domain) => presented.trust_domain() == &**domain,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedPeer::Id(id) => write!(f, "{id}"),
+            ExpectedPeer::TrustDomain(domain) => write!(f, "an identity in trust domain {domain}"),
+        }
+    }
 }
 
 /// A peer presented a valid certificate for another workload, or one that
 /// proves no identity (and why).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityMismatch {
-    pub expected: SpiffeId,
+    pub expected: ExpectedPeer,
     pub presented: Result<SpiffeId, String>,
 }
 
@@ -86,6 +118,19 @@ impl fmt::Debug for SpiffeId {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_trust_domain_accepts_its_own_workloads_only() {
+        let ours = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/orders").unwrap();
+        assert_eq!(ours.trust_domain(), "cluster.local");
+        assert_eq!(SpiffeId::parse("spiffe://cluster.local").unwrap().trust_domain(), "cluster.local");
+        let domain = ExpectedPeer::TrustDomain("cluster.local".into());
+        assert!(domain.accepts(&ours));
+        assert!(!domain.accepts(&SpiffeId::parse("spiffe://cluster.local.evil/ns/shop/sa/orders").unwrap()));
+        let exactly = ExpectedPeer::Id(ours.clone());
+        assert!(exactly.accepts(&ours));
+        assert!(!exactly.accepts(&SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/other").unwrap()));
+    }
+
     use super::*;
 
     #[test]
@@ -113,13 +158,18 @@ mod tests {
     #[test]
     fn a_mismatch_names_both_identities_or_why_the_peer_has_none() {
         let expected = SpiffeId::parse("spiffe://td/ns/shop/sa/inventory").unwrap();
-        let other =
-            IdentityMismatch { expected: expected.clone(), presented: SpiffeId::parse("spiffe://td/ns/x/sa/y") };
+        let other = IdentityMismatch {
+            expected: ExpectedPeer::Id(expected.clone()),
+            presented: SpiffeId::parse("spiffe://td/ns/x/sa/y"),
+        };
         assert_eq!(
             other.to_string(),
             "peer presented identity spiffe://td/ns/x/sa/y, expected spiffe://td/ns/shop/sa/inventory"
         );
-        let none = IdentityMismatch { expected, presented: Err("2 URI SANs; an X.509-SVID has exactly one".into()) };
+        let none = IdentityMismatch {
+            expected: ExpectedPeer::Id(expected),
+            presented: Err("2 URI SANs; an X.509-SVID has exactly one".into()),
+        };
         assert_eq!(
             none.to_string(),
             "peer's certificate proves no SPIFFE ID (2 URI SANs; an X.509-SVID has exactly one), \

@@ -13,7 +13,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
 use super::trust::{CurrentClientVerifier, SpiffeServerVerifier};
-use super::{Identity, SpiffeId};
+use super::{ExpectedPeer, Identity};
 
 /// The certificate presented on both sides.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ impl Identity {
     }
 
     /// Outbound to peers that must present `expected`.
-    pub fn client_config(&self, expected: SpiffeId) -> Result<Arc<ClientConfig>, String> {
+    pub fn client_config(&self, expected: ExpectedPeer) -> Result<Arc<ClientConfig>, String> {
         let verifier = SpiffeServerVerifier::new(self.trust.clone(), expected, &self.provider);
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])

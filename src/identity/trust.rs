@@ -17,7 +17,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{IdentityMismatch, SpiffeId, spiffe_id_of};
+use super::{ExpectedPeer, IdentityMismatch, spiffe_id_of};
 
 /// The trust bundle: the roots that peers' chains must lead to, and the
 /// client-certificate verifier built from them.
@@ -97,12 +97,12 @@ impl ClientCertVerifier for CurrentClientVerifier {
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     trust: Arc<Trust>,
-    expected: SpiffeId,
+    expected: ExpectedPeer,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeServerVerifier {
-    pub(super) fn new(trust: Arc<Trust>, expected: SpiffeId, provider: &CryptoProvider) -> Self {
+    pub(super) fn new(trust: Arc<Trust>, expected: ExpectedPeer, provider: &CryptoProvider) -> Self {
         SpiffeServerVerifier { trust, expected, algorithms: provider.signature_verification_algorithms }
     }
 }
@@ -120,7 +120,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let roots = self.trust.roots.load();
         verify_server_cert_signed_by_trust_anchor(&cert, &roots, intermediates, now, self.algorithms.all)?;
         let presented = spiffe_id_of(end_entity);
-        if presented.as_ref() != Ok(&self.expected) {
+        if !presented.as_ref().is_ok_and(|id| self.expected.accepts(id)) {
             let mismatch = IdentityMismatch { expected: self.expected.clone(), presented };
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(mismatch)))));
         }

@@ -6,6 +6,7 @@
 //! goes to the app in `protomesh-caller-id` (always overwritten, so it cannot
 //! be spoofed) and to the layers below as the call's [`Caller`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -39,11 +40,13 @@ pub struct EdgeState {
 #[derive(Clone)]
 pub struct OutboundEdge {
     state: EdgeState,
+    /// Where the app dialled, when the capture rules redirected the connection.
+    original_destination: Option<SocketAddr>,
 }
 
 impl OutboundEdge {
-    pub fn new(state: EdgeState) -> Self {
-        OutboundEdge { state }
+    pub fn new(state: EdgeState, peer: &PeerInfo) -> Self {
+        OutboundEdge { state, original_destination: peer.original_destination }
     }
 }
 
@@ -61,7 +64,7 @@ impl Service<Request<RecvBody>> for OutboundEdge {
         if let Err(over) = memory.admit() {
             return refuse(metrics, Direction::Outbound, over.into());
         }
-        let routed = routes.load().outbound.route(request.uri().path());
+        let routed = routes.load().outbound.route(request.uri().path(), self.original_destination);
         match routed {
             Ok(mut stack) => Either::Right(stack.call(request)),
             Err(error) => refuse(metrics, Direction::Outbound, error),

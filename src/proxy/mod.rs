@@ -21,6 +21,7 @@ pub mod inbound;
 mod keepalive;
 mod opaque;
 pub mod open;
+mod original;
 pub mod outbound;
 pub mod registry;
 mod respond;

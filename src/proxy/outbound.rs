@@ -4,6 +4,7 @@
 //! call costs one hash lookup on its `:path`.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,8 +12,9 @@ use http::{Request, Response};
 use tower::ServiceBuilder;
 
 use super::endpoint::ConnectSettings;
+use super::original::{OriginalDestinations, OriginalKey, OriginalPolicy};
 use super::registry::Registries;
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamRoute};
 use crate::call::{CallFuture, Direction, ProxyError, RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::contract::{ContractMode, Contracts, MethodInfo};
@@ -22,7 +24,7 @@ use crate::policy::PolicyConfig;
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
 use crate::policy::message_size::MessageSizes;
-use crate::policy::retry::{Retries, RetryBudget};
+use crate::policy::retry::Retries;
 use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
 
 /// A call from the local app, top to bottom: recorded, its messages
@@ -40,17 +42,15 @@ struct Shared {
     policy: PolicyConfig,
 }
 
-/// An upstream as its routes use it.
-struct UpstreamRoute {
-    upstream: Arc<Upstream>,
-    bulkhead: Option<Arc<Bulkhead>>,
-    budget: RetryBudget,
-}
-
 pub struct OutboundRoutes {
     by_path: HashMap<Box<str>, OutboundStack>,
     /// Permissive mode's way for methods outside the contracts.
     by_service: HashMap<Box<str>, Arc<UpstreamRoute>>,
+    /// Where captured calls go that no upstream routes, unless turned off.
+    originals: Option<Arc<OriginalDestinations>>,
+    /// The bulkheads of contract methods that no upstream routes, for their
+    /// calls to original destinations.
+    unrouted_bulkheads: HashMap<Box<str>, Arc<Bulkhead>>,
     contracts: Arc<Contracts>,
     mode: ContractMode,
     shared: Shared,
@@ -86,40 +86,73 @@ impl OutboundRoutes {
             access_log: config.access_log,
             policy: policy.clone(),
         };
-        let by_path = contracts
-            .methods()
-            .filter_map(|method| {
-                let route = by_service.get(method.service.as_str())?;
-                let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
-                let bulkhead = effective.concurrency.as_ref().map(|c| {
-                    let name = format!("method {} ({})", method.path, c.source);
-                    registries.bulkhead(Direction::Outbound, name, &c.value)
-                });
-                let stack = shared.stack(route, &effective, Some(method), (&method.service, &method.method), bulkhead);
-                Some((method.path.clone().into_boxed_str(), stack))
-            })
-            .collect();
-        Ok(OutboundRoutes { by_path, by_service, contracts: contracts.clone(), mode: config.contracts.mode, shared })
+        let (mut by_path, mut unrouted_bulkheads) = (HashMap::new(), HashMap::new());
+        for method in contracts.methods() {
+            let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
+            let bulkhead = effective.concurrency.as_ref().map(|c| {
+                let name = format!("method {} ({})", method.path, c.source);
+                registries.bulkhead(Direction::Outbound, name, &c.value)
+            });
+            let path = method.path.clone().into_boxed_str();
+            match by_service.get(method.service.as_str()) {
+                Some(route) => {
+                    let names = (method.service.as_str(), method.method.as_str());
+                    by_path.insert(path, shared.stack(route, &effective, Some(method), names, bulkhead));
+                }
+                None => {
+                    if let Some(bulkhead) = bulkhead {
+                        unrouted_bulkheads.insert(path, bulkhead);
+                    }
+                }
+            }
+        }
+        let original = &config.outbound.original_destination;
+        let originals = match original.enabled {
+            false => None,
+            true => {
+                let key = OriginalKey { config: original.clone(), connect: ConnectSettings::of(config) };
+                let policy = OriginalPolicy {
+                    outliers: policy.outlier_detection.clone(),
+                    retry_budget: policy.retry_budget.clone(),
+                    concurrency: policy.upstream_concurrency.clone(),
+                };
+                let originals = registries.original_destinations(key, policy);
+                Some(originals.map_err(|e| format!("outbound.original_destination: {e}"))?)
+            }
+        };
+        Ok(OutboundRoutes {
+            by_path,
+            by_service,
+            originals,
+            unrouted_bulkheads,
+            contracts: contracts.clone(),
+            mode: config.contracts.mode,
+            shared,
+        })
     }
 
-    /// The stack that carries a call to `path`.
-    pub fn route(&self, path: &str) -> Result<OutboundStack, ProxyError> {
+    /// The stack that carries a call to `path`, made on a connection to
+    /// `original` when the capture rules redirected it.
+    pub fn route(&self, path: &str, original: Option<SocketAddr>) -> Result<OutboundStack, ProxyError> {
         if let Some(stack) = self.by_path.get(path) {
             return Ok(stack.clone());
         }
         let (service, method) = split_path(path).ok_or_else(|| ProxyError::NotGrpc { path: path.to_string() })?;
-        let known = self.contracts.method(path).is_some();
-        if !known && self.mode == ContractMode::Strict {
+        let info = self.contracts.method(path).map(|info| &**info);
+        if info.is_none() && self.mode == ContractMode::Strict {
             return Err(ProxyError::UnknownMethod { path: path.to_string() });
         }
-        match self.by_service.get(service) {
-            // Outside the contracts: its service's override and the defaults
-            // apply, but no method bulkhead, as one cannot be kept for every
-            // path an app might send; for the same reason its metrics are
-            // counted under service and method `*`.
-            Some(route) if !known => {
-                let effective = MethodPolicy::resolve(service, method, None, &self.shared.policy);
-                Ok(self.shared.stack(route, &effective, None, ("*", "*"), None))
+        // Outside the contracts, a method's service override and the defaults
+        // apply, but no method bulkhead, as one cannot be kept for every path
+        // an app might send; for the same reason its metrics are counted
+        // under service and method `*`.
+        let names = if info.is_some() { (service, method) } else { ("*", "*") };
+        let effective = || MethodPolicy::resolve(service, method, info, &self.shared.policy);
+        match (self.by_service.get(service), original, &self.originals) {
+            (Some(route), _, _) if info.is_none() => Ok(self.shared.stack(route, &effective(), None, names, None)),
+            (None, Some(addr), Some(originals)) => {
+                let bulkhead = self.unrouted_bulkheads.get(path).cloned();
+                Ok(self.shared.stack(&originals.route(addr), &effective(), info, names, bulkhead))
             }
             _ => Err(ProxyError::NoRoute { service: service.to_string() }),
         }
@@ -138,7 +171,7 @@ impl Shared {
         let direction = Direction::Outbound;
         let metrics = &self.metrics;
         let upstream = &route.upstream;
-        let peer = Peer { identity: Some(upstream.identity.clone()), address: Some(upstream.name.clone()) };
+        let peer = Peer { identity: upstream.identity.clone(), address: Some(upstream.name.clone()) };
         let observed = Arc::new(Observed {
             direction,
             metrics: metrics.calls(direction, service, name),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
+use super::original::{OriginalDestinations, OriginalKey, OriginalPolicy};
 use super::upstream::Upstream;
 use crate::call::{Direction, Target};
 use crate::config::UpstreamConfig;
@@ -77,6 +78,7 @@ pub struct Registries {
     app_ports: Kept<ConnectSettings, Arc<AppPorts>>,
     bulkheads: Kept<(Direction, String, ConcurrencyPolicy), Arc<Bulkhead>>,
     callers: Kept<ConcurrencyPolicy, Arc<CallerBulkheads>>,
+    originals: Kept<OriginalKey, Arc<OriginalDestinations>>,
 }
 
 impl Registries {
@@ -90,6 +92,7 @@ impl Registries {
             app_ports: Kept::default(),
             bulkheads: Kept::default(),
             callers: Kept::default(),
+            originals: Kept::default(),
         }
     }
 
@@ -129,6 +132,21 @@ impl Registries {
             .get_or_insert_with(connect, || Arc::new(AppPorts { connect, workers, by_port: Mutex::default() }))
     }
 
+    /// The original destinations of captured calls, under `policy` from now on.
+    pub fn original_destinations(
+        &mut self,
+        key: OriginalKey,
+        policy: OriginalPolicy,
+    ) -> Result<Arc<OriginalDestinations>, String> {
+        if let Some(originals) = self.originals.get(&key) {
+            originals.set_policy(policy);
+            return Ok(originals);
+        }
+        let originals =
+            OriginalDestinations::new(key.clone(), &self.identity, self.metrics.clone(), self.workers, policy)?;
+        Ok(self.originals.insert(key, Arc::new(originals)))
+    }
+
     /// The bulkhead named `name` with `limits` in one direction; one whose
     /// limits changed starts anew.
     pub fn bulkhead(&mut self, direction: Direction, name: String, limits: &ConcurrencyPolicy) -> Arc<Bulkhead> {
@@ -153,6 +171,7 @@ impl Registries {
         self.app_ports.prune();
         self.bulkheads.prune();
         self.callers.prune();
+        self.originals.prune();
     }
 }
 

@@ -18,7 +18,8 @@ use crate::call::{Answered, Direction, ProxyError, RequestBody, ResponseBody, Ta
 use crate::config::UpstreamConfig;
 use crate::discovery::{self, EndpointSpec};
 use crate::grpc;
-use crate::identity::{Identity, SpiffeId};
+use crate::identity::{ExpectedPeer, Identity, SpiffeId};
+use crate::policy::bulkhead::Bulkhead;
 use crate::policy::deadline::Deadline;
 use crate::policy::outlier::{CircuitOpen, Outcome, OutlierConfig, OutlierMetrics, Outliers};
 use crate::policy::retry::{RetryBudget, RetryBudgetConfig};
@@ -30,7 +31,8 @@ const CONNECT_TRIES: usize = 3;
 pub struct Upstream {
     /// A label for messages and metrics: the endpoints as configured.
     pub name: Arc<str>,
-    pub identity: SpiffeId,
+    /// The SPIFFE ID every endpoint presents, when one workload serves them all.
+    pub identity: Option<SpiffeId>,
     pub outliers: Arc<Outliers>,
     /// What retries to this upstream may add to its calls, and its config.
     retry_budget: Mutex<(RetryBudgetConfig, RetryBudget)>,
@@ -39,6 +41,14 @@ pub struct Upstream {
     /// Workers of the sidecar, each with its own connection to every endpoint.
     workers: usize,
     members: ArcSwap<Vec<Arc<Member>>>,
+}
+
+/// An upstream as routes use it: with its bulkhead and the retry budget of
+/// the config in force.
+pub struct UpstreamRoute {
+    pub upstream: Arc<Upstream>,
+    pub bulkhead: Option<Arc<Bulkhead>>,
+    pub budget: RetryBudget,
 }
 
 impl Upstream {
@@ -53,17 +63,15 @@ impl Upstream {
     ) -> Result<Arc<Upstream>, String> {
         let specs: Vec<EndpointSpec> =
             config.endpoints.iter().map(|e| discovery::parse_endpoint(e)).collect::<Result<_, _>>()?;
-        let budget = RetryBudgetConfig::default();
-        let upstream = Arc::new(Upstream {
-            name: Upstream::name_of(config),
-            identity: config.identity.clone(),
-            outliers: Arc::new(Outliers::new(outliers.0, outliers.1)),
-            retry_budget: Mutex::new((budget.clone(), RetryBudget::new(&budget))),
-            transport: Arc::new(Transport::Mtls(identity.client_config(config.identity.clone())?)),
+        let transport = Transport::Mtls(identity.client_config(ExpectedPeer::Id(config.identity.clone()))?);
+        let upstream = Upstream::new(
+            Upstream::name_of(config),
+            Some(config.identity.clone()),
+            transport,
             connect,
+            outliers,
             workers,
-            members: ArcSwap::from_pointee(Vec::new()),
-        });
+        );
         upstream.set_endpoints(&discovery::resolve(&specs).await);
         let weak = Arc::downgrade(&upstream);
         discovery::spawn_refresh(specs, config.resolve_interval, move |addrs| match weak.upgrade() {
@@ -74,6 +82,28 @@ impl Upstream {
             None => false,
         });
         Ok(upstream)
+    }
+
+    /// An upstream whose endpoints are set by its owner.
+    pub fn new(
+        name: Arc<str>,
+        identity: Option<SpiffeId>,
+        transport: Transport,
+        connect: ConnectSettings,
+        outliers: (OutlierConfig, OutlierMetrics),
+        workers: usize,
+    ) -> Arc<Upstream> {
+        let budget = RetryBudgetConfig::default();
+        Arc::new(Upstream {
+            name,
+            identity,
+            outliers: Arc::new(Outliers::new(outliers.0, outliers.1)),
+            retry_budget: Mutex::new((budget.clone(), RetryBudget::new(&budget))),
+            transport: Arc::new(transport),
+            connect,
+            workers,
+            members: ArcSwap::from_pointee(Vec::new()),
+        })
     }
 
     /// How an upstream is named in messages and metrics.

@@ -31,6 +31,8 @@ const PERMISSIVE_PORT: u16 = 50052;
 const TCP_PORT: u16 = 7000;
 const SKIPPED_PORT: u16 = 7001;
 const HTTP_PORT: u16 = 8080;
+/// A gRPC server outside the mesh.
+const OUTSIDE_GRPC_PORT: u16 = 9000;
 /// The server app's HTTP health port, for its kubelet probe.
 const HEALTH_PORT: u16 = 8081;
 const ADMIN: &str = "127.0.0.1:4191";
@@ -46,7 +48,7 @@ struct Cluster {
     sidecars: Vec<(Child, PathBuf)>,
     /// The server app's gRPC health, which its readiness probe reads.
     health: tonic_health::server::HealthReporter,
-    _files: tempfile::TempDir,
+    files: tempfile::TempDir,
 }
 
 /// How a test's cluster differs from the others'.
@@ -56,6 +58,8 @@ struct Setup<'a> {
     client_init: &'a [&'a str],
     /// Variables the server's sidecar gets besides its config file.
     server_env: Vec<(String, String)>,
+    /// The client sidecar's `outbound` section, if not an upstream for the Service.
+    client_outbound: Option<String>,
 }
 
 impl Cluster {
@@ -103,6 +107,9 @@ impl Cluster {
             for port in [TCP_PORT, SKIPPED_PORT] {
                 tokio::spawn(tcp_echo(TcpListener::bind(("0.0.0.0", port)).await.unwrap()));
             }
+            let listener = TcpListener::bind(("0.0.0.0", OUTSIDE_GRPC_PORT)).await.unwrap();
+            protomesh_samples::serve(Server::builder().add_service(EchoService::default().into_server()), listener)
+                .await;
             http1_echo(TcpListener::bind(("0.0.0.0", HTTP_PORT)).await.unwrap()).await
         });
 
@@ -113,14 +120,13 @@ impl Cluster {
                 "inbound: {{listen: '0.0.0.0:4143', mtls: {{mode: strict, ports: {{{PERMISSIVE_PORT}: permissive}}}}}}\n"
             ),
         );
-        let client_config = config(
-            files.path(),
-            "client",
-            &format!(
-                "outbound: {{listen: '127.0.0.1:4140', upstreams: [{{services: [echo.v1.Echo], endpoints: ['{service}'], \
-                 identity: 'spiffe://{TRUST_DOMAIN}/ns/test/sa/server'}}]}}\n"
-            ),
-        );
+        let outbound = setup.client_outbound.unwrap_or_else(|| {
+            format!(
+                "{{listen: '127.0.0.1:4140', upstreams: [{{services: [echo.v1.Echo], endpoints: ['{service}'], \
+                 identity: 'spiffe://{TRUST_DOMAIN}/ns/test/sa/server'}}]}}"
+            )
+        });
+        let client_config = config(files.path(), "client", &format!("outbound: {outbound}\n"));
         let mut sidecars = Vec::new();
         let no_env = Vec::new();
         for (pod, config, init, env) in [
@@ -133,7 +139,7 @@ impl Cluster {
             let binary = if sidecar.exists() { sidecar.as_path() } else { Path::new(env!("CARGO_BIN_EXE_protomesh")) };
             sidecars.push((pod.sidecar(binary, config, env, &log), log));
         }
-        let cluster = Cluster { node, client, server, outside, service, sidecars, health, _files: files };
+        let cluster = Cluster { node, client, server, outside, service, sidecars, health, files };
         for (pod, (_, log)) in [&cluster.server, &cluster.client].into_iter().zip(&cluster.sidecars) {
             let log = log.clone();
             let ready = pod.run(|| async move {
@@ -542,4 +548,52 @@ fn kubelet_probes_of_a_captured_pod_are_run_by_its_sidecar() {
         })
     });
     assert_refused(direct.join().unwrap().unwrap_err());
+}
+
+#[test]
+fn a_call_no_upstream_routes_goes_to_where_the_app_dialled() {
+    let setup = Setup {
+        client_outbound: Some(
+            "{listen: '127.0.0.1:4140', original_destination: {plaintext_networks: ['10.213.0.0/16']}}".into(),
+        ),
+        ..Setup::default()
+    };
+    let Some(cluster) = Cluster::start(setup) else { return };
+    let (stop, seen) = sniff(&cluster.node);
+    let (service, outside) = (cluster.service, cluster.outside.address);
+    cluster.in_client(move || async move {
+        // A meshed Service: over mTLS, to the sidecar the server pod's capture hands it to.
+        let reply = within("meshed", echo_client(service).unary(request("secret-original-canary"))).await.unwrap();
+        assert_eq!(reply.into_inner().caller, id("client").as_str(), "the server's sidecar verified the client");
+        // A server outside the mesh, on a plaintext network.
+        let outside = SocketAddr::from((outside, OUTSIDE_GRPC_PORT));
+        let reply = within("outside", echo_client(outside).unary(request("plaintext-outside-canary"))).await.unwrap();
+        assert_eq!(reply.into_inner().caller, "", "no sidecar answered");
+    });
+    stop.store(true, Ordering::Release);
+    let seen = seen.join().unwrap();
+    assert!(contains(&seen, b"plaintext-outside-canary"), "the call outside the mesh went in plaintext");
+    assert!(!contains(&seen, b"secret-original-canary"), "the call to the meshed Service went over mTLS");
+
+    // A peer of another trust domain is refused, the reason named.
+    let config = cluster.files.path().join("client.yaml");
+    let yaml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("original_destination: {", "original_destination: {trust_domain: other.example, ");
+    std::fs::write(&config, yaml).unwrap();
+    let pid = cluster.sidecars[1].0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let refused = cluster.in_client(move || async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match within("refused", echo_client(service).unary(request("other domain"))).await {
+                Err(status) => return status,
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) => panic!("the reload never took the new trust domain"),
+            }
+        }
+    });
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("expected an identity in trust domain other.example"), "{refused:?}");
+    assert!(refused.message().contains(&format!("original destination {service}")), "{refused:?}");
 }

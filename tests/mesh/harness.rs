@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use protomesh::app::{ConfigSource, Options, Sidecar};
 use protomesh::identity::certs::{DevCa, write_dev_certs};
-use protomesh::identity::{Credentials, Identity, SpiffeId};
+use protomesh::identity::{Credentials, ExpectedPeer, Identity, SpiffeId};
 use protomesh_samples::echo::{EchoService, EchoStats};
 use protomesh_samples::pb::echo::v1::echo_client::EchoClient;
 use tempfile::TempDir;
@@ -160,7 +160,7 @@ impl Mesh {
             &read("ca.pem".into()),
         )
         .unwrap();
-        let tls = Identity::new(credentials).unwrap().client_config(id("server")).unwrap();
+        let tls = Identity::new(credentials).unwrap().client_config(ExpectedPeer::Id(id("server"))).unwrap();
         let inbound = self.server_sidecar.inbound_addr.unwrap();
         let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
         let name = rustls::pki_types::ServerName::IpAddress(inbound.ip().into());

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use protomesh::identity::certs::DevCa;
-use protomesh::identity::{Credentials, Identity};
+use protomesh::identity::{Credentials, ExpectedPeer, Identity};
 use protomesh_samples::pb::echo::v1::EchoRequest;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -139,7 +139,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
         Credentials::from_pem(foreign.cert_pem.as_bytes(), foreign.key_pem.as_bytes(), &trusted_ca).unwrap(),
     )
     .unwrap();
-    let config = Arc::unwrap_or_clone(identity.client_config(id("server")).unwrap());
+    let config = Arc::unwrap_or_clone(identity.client_config(ExpectedPeer::Id(id("server"))).unwrap());
     let result = call_inbound_over_tls(&mesh, config).await;
     assert!(result.is_err(), "{result:?}");
     assert_eq!(mesh.calls(), 0);
@@ -149,7 +149,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let identity =
         Identity::new(Credentials::from_pem(own.cert_pem.as_bytes(), own.key_pem.as_bytes(), &trusted_ca).unwrap())
             .unwrap();
-    let config = Arc::unwrap_or_clone(identity.client_config(id("server")).unwrap());
+    let config = Arc::unwrap_or_clone(identity.client_config(ExpectedPeer::Id(id("server"))).unwrap());
     let response = call_inbound_over_tls(&mesh, config).await.expect("a mesh certificate is accepted");
     assert_eq!(response.headers().get("grpc-status").map(|v| v.as_bytes()), None, "{response:?}");
 }

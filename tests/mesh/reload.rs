@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use protomesh::app::ReloadOutcome;
-use protomesh::identity::{Credentials, Identity};
+use protomesh::identity::{Credentials, ExpectedPeer, Identity};
 use protomesh_samples::pb::echo::v1::EchoRequest;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::sync::watch;
@@ -211,7 +211,7 @@ async fn presented(mesh: &Mesh) -> Vec<u8> {
     let dir = mesh.dir.path();
     let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
     let credentials = Credentials::from_pem(&read("client.pem"), &read("client-key.pem"), &read("ca.pem")).unwrap();
-    let config = Identity::new(credentials).unwrap().client_config(id("server")).unwrap();
+    let config = Identity::new(credentials).unwrap().client_config(ExpectedPeer::Id(id("server"))).unwrap();
     let inbound = mesh.server_sidecar.inbound_addr.unwrap();
     let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::clone(&config))
@@ -228,7 +228,9 @@ fn der_of(pem: &str) -> Vec<u8> {
 /// A direct call to the server sidecar's inbound port presenting `cert`, trusting `ca`.
 async fn handshake_with(mesh: &Mesh, cert: &protomesh::identity::certs::IssuedCert, ca: &str) -> Result<(), String> {
     let credentials = Credentials::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes(), ca.as_bytes()).unwrap();
-    let config = Arc::unwrap_or_clone(Identity::new(credentials).unwrap().client_config(id("server")).unwrap());
+    let config = Arc::unwrap_or_clone(
+        Identity::new(credentials).unwrap().client_config(ExpectedPeer::Id(id("server"))).unwrap(),
+    );
     call_inbound_over_tls(mesh, config).await.map(drop)
 }
 
