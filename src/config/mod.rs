@@ -104,11 +104,21 @@ pub struct OriginalDestinationConfig {
     /// Destinations outside the mesh, called in plaintext HTTP/2.
     #[serde(default)]
     pub plaintext_networks: Vec<ipnet::IpNet>,
+    /// Networks of meshed pods: captured TCP that is not gRPC goes to them
+    /// over mTLS as well, to the sidecar their capture hands it to. Other
+    /// destinations get it as it is, since they may have no sidecar to take it.
+    #[serde(default)]
+    pub opaque_mtls_networks: Vec<ipnet::IpNet>,
 }
 
 impl Default for OriginalDestinationConfig {
     fn default() -> Self {
-        OriginalDestinationConfig { enabled: true, trust_domain: None, plaintext_networks: Vec::new() }
+        OriginalDestinationConfig {
+            enabled: true,
+            trust_domain: None,
+            plaintext_networks: Vec::new(),
+            opaque_mtls_networks: Vec::new(),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use x509_parser::extensions::GeneralName;
 
 use crate::digest::Digest;
 pub use spiffe::{ExpectedPeer, IdentityMismatch, SpiffeId};
+pub use tls::ALPN_OPAQUE;
 
 /// Where the workload's credentials are, as PEM files.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

@@ -47,6 +47,8 @@ impl ResolvesClientCert for CurrentCert {
 }
 
 const ALPN_H2: &[u8] = b"h2";
+/// Opaque TCP between sidecars: after the handshake, the app's bytes as they are.
+pub const ALPN_OPAQUE: &[u8] = b"protomesh-opaque/1";
 
 impl Identity {
     /// Inbound: a client certificate signed by the trust bundle is required.
@@ -56,12 +58,21 @@ impl Identity {
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(Arc::new(CurrentClientVerifier(self.trust.clone())))
             .with_cert_resolver(self.cert.clone());
-        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_OPAQUE.to_vec()];
         Ok(Arc::new(config))
     }
 
-    /// Outbound to peers that must present `expected`.
+    /// Outbound HTTP/2 to peers that must present `expected`.
     pub fn client_config(&self, expected: ExpectedPeer) -> Result<Arc<ClientConfig>, String> {
+        self.client_config_for(expected, ALPN_H2)
+    }
+
+    /// Outbound opaque TCP to peers that must present `expected`.
+    pub fn opaque_client_config(&self, expected: ExpectedPeer) -> Result<Arc<ClientConfig>, String> {
+        self.client_config_for(expected, ALPN_OPAQUE)
+    }
+
+    fn client_config_for(&self, expected: ExpectedPeer, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
         let verifier = SpiffeServerVerifier::new(self.trust.clone(), expected, &self.provider);
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -69,7 +80,7 @@ impl Identity {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.cert.clone());
-        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(config))
     }
 }

@@ -40,6 +40,8 @@ pub struct OriginalPolicy {
 pub struct OriginalDestinations {
     key: OriginalKey,
     mtls: Arc<rustls::ClientConfig>,
+    /// For opaque TCP to `opaque_mtls_networks`.
+    opaque: Arc<rustls::ClientConfig>,
     metrics: Arc<Metrics>,
     workers: usize,
     policy: Mutex<OriginalPolicy>,
@@ -55,8 +57,11 @@ impl OriginalDestinations {
         policy: OriginalPolicy,
     ) -> Result<OriginalDestinations, String> {
         let domain = key.config.trust_domain.clone().unwrap_or_else(|| identity.id.trust_domain().to_string());
-        let mtls = identity.client_config(ExpectedPeer::TrustDomain(domain.into()))?;
-        Ok(OriginalDestinations { key, mtls, metrics, workers, policy: Mutex::new(policy), by_addr: Mutex::default() })
+        let expected = ExpectedPeer::TrustDomain(domain.into());
+        let mtls = identity.client_config(expected.clone())?;
+        let opaque = identity.opaque_client_config(expected)?;
+        let (policy, by_addr) = (Mutex::new(policy), Mutex::default());
+        Ok(OriginalDestinations { key, mtls, opaque, metrics, workers, policy, by_addr })
     }
 
     /// Applies the policy of a new config: to the destinations kept, and to those to come.
@@ -65,6 +70,12 @@ impl OriginalDestinations {
             route.upstream.outliers.set_config(policy.outliers.clone());
         }
         *self.policy.lock().expect("original destinations policy lock") = policy;
+    }
+
+    /// How to reach `addr` with opaque TCP over mTLS, if its network is meshed.
+    pub fn opaque_tls(&self, addr: SocketAddr) -> Option<Arc<rustls::ClientConfig>> {
+        let meshed = self.key.config.opaque_mtls_networks.iter().any(|net| net.contains(&addr.ip()));
+        meshed.then(|| self.opaque.clone())
     }
 
     /// The route to `addr`, made on its first call.

@@ -131,6 +131,11 @@ impl OutboundRoutes {
         })
     }
 
+    /// How opaque TCP the app sent to `addr` goes over mTLS, if it does.
+    pub fn opaque_tls(&self, addr: SocketAddr) -> Option<Arc<rustls::ClientConfig>> {
+        self.originals.as_ref()?.opaque_tls(addr)
+    }
+
     /// The stack that carries a call to `path`, made on a connection to
     /// `original` when the capture rules redirected it.
     pub fn route(&self, path: &str, original: Option<SocketAddr>) -> Result<OutboundStack, ProxyError> {

@@ -20,11 +20,13 @@ use super::connection::{self, Ended};
 use super::detect::{Prefixed, Protocol, detect};
 use super::opaque;
 use super::open::{OpenConnections, Past};
-use super::routes::CurrentRoutes;
+use super::routes::{CurrentRoutes, Routes};
 use crate::call::{AnswerErrors, CallService, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::capture;
 use crate::config::{Config, MtlsMode};
+use crate::identity::ALPN_OPAQUE;
 use crate::identity::{SpiffeId, spiffe_id_of};
+use crate::policy::authz::DefaultAuthorization;
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
 
@@ -100,13 +102,13 @@ pub async fn serve<F, S>(
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let metrics = metrics.clone();
-        let config = routes.load().config.clone();
+        let routes = routes.load_full();
         workers.spawn(async move {
             let _admitted = admitted;
             let _open = metrics.connection_opened(direction);
             let original_destination = capture::original_destination(&tcp);
             let peer = PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination };
-            let connection = Connection { peer, config, metrics: metrics.clone(), drain };
+            let connection = Connection { peer, routes, metrics: metrics.clone(), drain };
             let ended = match acceptor {
                 None => connection.outbound(tcp, &*new_service).await,
                 Some(acceptor) => connection.inbound(tcp, &acceptor, &*new_service).await,
@@ -129,8 +131,8 @@ pub async fn serve<F, S>(
 /// One accepted connection, and what it is served with.
 struct Connection {
     peer: PeerInfo,
-    /// The config in force when it was accepted.
-    config: Arc<Config>,
+    /// The routes in force when it was accepted.
+    routes: Arc<Routes>,
     metrics: Arc<Metrics>,
     drain: drain::Watch,
 }
@@ -145,12 +147,12 @@ impl Connection {
         S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let Connection { peer, config, metrics, drain } = self;
-        let limits = &config.limits;
+        let Connection { peer, routes, metrics, drain } = self;
+        let limits = &routes.config.limits;
         let Some(original) = peer.original_destination else {
             return Some(connection::serve(tcp, new_service(peer), limits, drain).await);
         };
-        let outbound = &config.outbound;
+        let outbound = &routes.config.outbound;
         let protocol = if outbound.opaque_ports.contains(&original.port()) {
             (Protocol::Opaque, Prefixed::from(tcp))
         } else {
@@ -165,16 +167,20 @@ impl Connection {
         match protocol {
             (Protocol::Http2, io) => Some(connection::serve(io, new_service(peer), limits, drain).await),
             (Protocol::Opaque, io) => {
-                let forwarded = opaque::forward(io, original, outbound.connect_timeout).await;
+                let forwarded = match routes.outbound.opaque_tls(original) {
+                    Some(tls) => opaque::forward_over_mtls(io, original, outbound.connect_timeout, tls).await,
+                    None => opaque::forward(io, original, outbound.connect_timeout).await,
+                };
                 metrics.opaque_connection(Direction::Outbound, forwarded.as_str());
                 None
             }
         }
     }
 
-    /// From a peer sidecar: mTLS, then gRPC. A plaintext client is refused,
-    /// unless the capture rules brought it from an app port in permissive
-    /// mode: then it is forwarded to the app as opaque TCP.
+    /// From a peer sidecar: mTLS, then gRPC, or opaque TCP for the app when
+    /// the peer asked for it by ALPN. A plaintext client is refused, unless
+    /// the capture rules brought it from an app port in permissive mode: then
+    /// it is forwarded to the app as opaque TCP.
     async fn inbound<S>(
         self,
         tcp: TcpStream,
@@ -185,7 +191,8 @@ impl Connection {
         S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let Connection { mut peer, config, metrics, drain } = self;
+        let Connection { mut peer, routes, metrics, drain } = self;
+        let config = &routes.config;
         let (limits, addr) = (&config.limits, peer.addr);
         let permissive = |port| config.inbound.as_ref().is_some_and(|i| i.mtls.mode_for(port) == MtlsMode::Permissive);
         if let Some(port) = peer.original_destination.map(|original| original.port())
@@ -212,8 +219,42 @@ impl Connection {
             Some(leaf) => spiffe_id_of(leaf),
             None => Err("no client certificate".into()),
         };
+        if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
+            let app = opaque_app(config, &peer)?;
+            let forwarded = opaque::forward(tls, app, config.outbound.connect_timeout).await;
+            metrics.opaque_connection(Direction::Inbound, forwarded.as_str());
+            return None;
+        }
         Some(connection::serve(tls, new_service(peer), limits, drain).await)
     }
+}
+
+/// Where opaque TCP from a peer sidecar goes: the app port it was made to,
+/// or `inbound.app`; `None` (and logged) when the caller may not send it.
+/// Authorization rules name gRPC methods, so opaque TCP takes
+/// `authorization.default`: any authenticated caller, or none.
+fn opaque_app(config: &Config, peer: &PeerInfo) -> Option<SocketAddr> {
+    let inbound = config.inbound.as_ref()?;
+    let addr = peer.addr;
+    let caller = match &peer.identity {
+        Ok(caller) => caller,
+        Err(why) => {
+            tracing::warn!(%addr, %why, "opaque TCP refused: the caller's certificate proves no SPIFFE ID");
+            return None;
+        }
+    };
+    if inbound.authorization.default == DefaultAuthorization::Deny {
+        tracing::warn!(%addr, %caller, "opaque TCP refused by inbound.authorization.default: deny");
+        return None;
+    }
+    let app = match peer.original_destination {
+        Some(original) => Some(SocketAddr::from(([127, 0, 0, 1], original.port()))),
+        None => inbound.app,
+    };
+    if app.is_none() {
+        tracing::warn!(%addr, %caller, "opaque TCP refused: made to inbound.listen itself, and inbound.app is not set");
+    }
+    app
 }
 
 /// Whether the client's first byte opens a TLS handshake record (0x16),

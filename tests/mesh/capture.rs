@@ -45,6 +45,8 @@ struct Cluster {
     server: Pod,
     outside: Pod,
     service: SocketAddr,
+    /// A Service in front of the server pod's TCP echo.
+    tcp_service: SocketAddr,
     sidecars: Vec<(Child, PathBuf)>,
     /// The server app's gRPC health, which its readiness probe reads.
     health: tonic_health::server::HealthReporter,
@@ -71,6 +73,7 @@ impl Cluster {
         let node = Node::new();
         let (client, server, outside) = (node.pod(), node.pod(), node.pod());
         let service = node.service(APP_PORT, &[&server]);
+        let tcp_service = node.service(TCP_PORT, &[&server]);
         let files = tempfile::tempdir().unwrap();
         let named = ["client", "server"].map(|w| (w.to_string(), id(w)));
         write_dev_certs(files.path(), "capture CA", &named).unwrap();
@@ -100,6 +103,7 @@ impl Cluster {
                     .add_service(health_service.clone());
                 protomesh_samples::serve(router, listener).await;
             }
+            tokio::spawn(tcp_echo(TcpListener::bind(("0.0.0.0", TCP_PORT)).await.unwrap()));
             http1_echo(TcpListener::bind(("0.0.0.0", HEALTH_PORT)).await.unwrap()).await
         });
         let health = reported.recv().unwrap();
@@ -139,7 +143,7 @@ impl Cluster {
             let binary = if sidecar.exists() { sidecar.as_path() } else { Path::new(env!("CARGO_BIN_EXE_protomesh")) };
             sidecars.push((pod.sidecar(binary, config, env, &log), log));
         }
-        let cluster = Cluster { node, client, server, outside, service, sidecars, health, files };
+        let cluster = Cluster { node, client, server, outside, service, tcp_service, sidecars, health, files };
         for (pod, (_, log)) in [&cluster.server, &cluster.client].into_iter().zip(&cluster.sidecars) {
             let log = log.clone();
             let ready = pod.run(|| async move {
@@ -596,4 +600,46 @@ fn a_call_no_upstream_routes_goes_to_where_the_app_dialled() {
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("expected an identity in trust domain other.example"), "{refused:?}");
     assert!(refused.message().contains(&format!("original destination {service}")), "{refused:?}");
+}
+
+#[test]
+fn opaque_tcp_between_meshed_pods_goes_over_mtls_and_takes_the_servers_default_authorization() {
+    let outbound =
+        format!("{{listen: '127.0.0.1:4140', original_destination: {{opaque_mtls_networks: ['10.96.0.0/12']}}}}");
+    let exchange = |service: SocketAddr| async move {
+        let tcp = TcpStream::connect(service).await.unwrap();
+        let (mut read, mut write) = tcp.into_split();
+        // A refused connection is reset while it sends: only what comes back counts.
+        tokio::spawn(async move {
+            for _ in 0..64 {
+                write.write_all(&[b'x'; 16 << 10]).await?;
+            }
+            write.write_all(b"secret-opaque-canary").await?;
+            write.shutdown().await
+        });
+        let mut received = Vec::new();
+        within("opaque exchange", read.read_to_end(&mut received)).await.map(|_| received)
+    };
+
+    let setup = Setup { client_outbound: Some(outbound.clone()), ..Setup::default() };
+    let Some(cluster) = Cluster::start(setup) else { return };
+    let (stop, seen) = sniff(&cluster.node);
+    let service = cluster.tcp_service;
+    let received = cluster.in_client(move || exchange(service)).unwrap();
+    stop.store(true, Ordering::Release);
+    let sent = 64 * (16 << 10) + "secret-opaque-canary".len();
+    assert!(received.ends_with(format!("secret-opaque-canarybytes={sent}").as_bytes()), "{} bytes", received.len());
+    assert_eq!(received.len(), sent + format!("bytes={sent}").len());
+    assert!(!contains(&seen.join().unwrap(), b"secret-opaque-canary"), "opaque TCP crossed the node in plaintext");
+    cluster.await_metric(&cluster.client, OUTBOUND_OPAQUE, 1.0);
+    cluster.await_metric(&cluster.server, INBOUND_OPAQUE, 1.0);
+    drop(cluster);
+
+    let deny = vec![("PROTOMESH_INBOUND__AUTHORIZATION__DEFAULT".to_string(), "deny".to_string())];
+    let setup = Setup { client_outbound: Some(outbound), server_env: deny, ..Setup::default() };
+    let Some(cluster) = Cluster::start(setup) else { return };
+    let service = cluster.tcp_service;
+    let received = cluster.in_client(move || exchange(service));
+    assert!(received.is_err() || received.unwrap().is_empty(), "a server whose default is deny takes no opaque TCP");
+    cluster.await_metric(&cluster.server, INBOUND_OPAQUE, 0.0);
 }
