@@ -605,7 +605,7 @@ fn a_call_no_upstream_routes_goes_to_where_the_app_dialled() {
 #[test]
 fn opaque_tcp_between_meshed_pods_goes_over_mtls_and_takes_the_servers_default_authorization() {
     let outbound =
-        format!("{{listen: '127.0.0.1:4140', original_destination: {{opaque_mtls_networks: ['10.96.0.0/12']}}}}");
+        "{listen: '127.0.0.1:4140', original_destination: {opaque_mtls_networks: ['10.96.0.0/12']}}".to_string();
     let exchange = |service: SocketAddr| async move {
         let tcp = TcpStream::connect(service).await.unwrap();
         let (mut read, mut write) = tcp.into_split();
