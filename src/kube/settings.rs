@@ -27,6 +27,7 @@ pub const SERVICE_NAME: &str = "protomesh.io/service-name";
 pub const OTLP_ENDPOINT: &str = "protomesh.io/otlp-endpoint";
 pub const LOG_LEVEL: &str = "protomesh.io/log-level";
 pub const CAPTURE: &str = "protomesh.io/capture";
+pub const INBOUND_MTLS: &str = "protomesh.io/inbound-mtls";
 pub const INIT_IMAGE: &str = "protomesh.io/init-image";
 pub const SKIP_INBOUND_PORTS: &str = "protomesh.io/skip-inbound-ports";
 pub const SKIP_OUTBOUND_PORTS: &str = "protomesh.io/skip-outbound-ports";
@@ -97,6 +98,8 @@ pub struct Settings {
     pub grace_seconds: u64,
     /// `None`: the app's traffic is not captured; it dials the sidecar itself.
     pub capture: Option<Capture>,
+    /// `inbound.mtls.mode` for captured connections, when the pod sets it.
+    pub inbound_mtls: Option<String>,
 }
 
 /// What the injector knows beyond the pod template.
@@ -179,6 +182,11 @@ impl Settings {
             }
             Some(other) => return Err(invalid(CAPTURE, other, "`enabled` or `disabled`")),
         };
+        let inbound_mtls = match get(INBOUND_MTLS).as_deref() {
+            None => None,
+            Some(mode @ ("strict" | "permissive")) => Some(mode.to_string()),
+            Some(other) => return Err(invalid(INBOUND_MTLS, other, "`strict` or `permissive`")),
+        };
         Ok(Settings {
             mode,
             image: get(IMAGE).or_else(|| defaults.image.clone()).unwrap_or_else(default_image),
@@ -200,6 +208,7 @@ impl Settings {
             memory_limit: Some(or(MEMORY_LIMIT, "256Mi")),
             grace_seconds,
             capture,
+            inbound_mtls,
         })
     }
 }
@@ -282,6 +291,16 @@ mod tests {
         assert!(err.unwrap_err().starts_with("annotation protomesh.io/proxy-memory-limit: `lots`"));
         let err = Settings::read(&template(json!({"protomesh.io/sidecar-mode": "sidecar"})), "w", &Defaults::default());
         assert!(err.unwrap_err().contains("`native` (Kubernetes 1.29 and later) or `classic`"));
+        let read = |annotations| Settings::read(&template(annotations), "w", &Defaults::default()).unwrap_err();
+        let err = read(json!({"protomesh.io/capture": "enabled", "protomesh.io/skip-outbound-ports": "5432,pg"}));
+        assert_eq!(
+            err,
+            "annotation protomesh.io/skip-outbound-ports: `5432,pg` is not valid; write ports or ranges separated by commas, e.g. 22,9000-9100"
+        );
+        let err = read(json!({"protomesh.io/capture": "enabled", "protomesh.io/skip-outbound-cidrs": "10.0.0.0/33"}));
+        assert!(err.starts_with("annotation protomesh.io/skip-outbound-cidrs: `10.0.0.0/33`"), "{err}");
+        assert!(read(json!({"protomesh.io/capture": "yes"})).contains("`enabled` or `disabled`"));
+        assert!(read(json!({"protomesh.io/inbound-mtls": "loose"})).contains("`strict` or `permissive`"));
     }
 
     #[test]

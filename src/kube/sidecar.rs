@@ -56,6 +56,9 @@ pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value 
     if let Some(port) = settings.app_port {
         vars.push(env("PROTOMESH_INBOUND__LISTEN", format!("0.0.0.0:{INBOUND_PORT}")));
         vars.push(env("PROTOMESH_INBOUND__APP", format!("127.0.0.1:{port}")));
+        if let Some(mode) = &settings.inbound_mtls {
+            vars.push(env("PROTOMESH_INBOUND__MTLS__MODE", mode.clone()));
+        }
     }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).expect("JSON values serialize");

@@ -643,3 +643,34 @@ fn opaque_tcp_between_meshed_pods_goes_over_mtls_and_takes_the_servers_default_a
     assert!(received.is_err() || received.unwrap().is_empty(), "a server whose default is deny takes no opaque TCP");
     cluster.await_metric(&cluster.server, INBOUND_OPAQUE, 0.0);
 }
+
+#[test]
+fn protomesh_init_is_idempotent_and_names_what_it_lacks() {
+    if let Some(why) = pods::unavailable() {
+        return eprintln!("skipped: protomesh init needs a network namespace: {why}");
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let args = ["--skip-inbound-ports=22,9000-9100", "--skip-outbound-cidrs=169.254.169.254/32,fd00::/8"];
+    let first = pod.init(&args);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let installed = pod.ruleset();
+    assert!(installed.contains("tcp dport { 22, 4143, 4191, 9000-9100 } return"), "{installed}");
+    assert!(pod.init(&args).status.success());
+    assert_eq!(pod.ruleset(), installed, "a second run leaves the same rules");
+
+    let no_nft = pod.init(&["--nft", "/nonexistent/nft"]);
+    assert!(!no_nft.status.success());
+    let said = String::from_utf8_lossy(&no_nft.stderr);
+    assert!(said.contains("`/nonexistent/nft` was not found") && said.contains("nftables"), "{said}");
+
+    let without_net_admin = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.name, "setpriv", "--bounding-set=-net_admin", env!("CARGO_BIN_EXE_protomesh")])
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(!without_net_admin.status.success());
+    let said = String::from_utf8_lossy(&without_net_admin.stderr);
+    assert!(said.contains("needs the NET_ADMIN capability"), "{said}");
+    assert_eq!(pod.ruleset(), installed, "a failed run changes nothing");
+}
