@@ -73,10 +73,12 @@ impl Sidecar {
         let routes = Arc::new(ArcSwap::from_pointee(routes));
 
         let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;
+        let outbound_v6 = ipv6_companion(config.outbound.listen);
         let inbound = match &config.inbound {
             Some(inbound) => Some((bind("inbound.listen", inbound.listen).await?, identity.server_config()?)),
             None => None,
         };
+        let inbound_v6 = config.inbound.as_ref().and_then(|inbound| ipv6_companion(inbound.listen));
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let reloader =
             Arc::new(Reloader::new(source, routes.clone(), versions, identity.clone(), registries, tracing.clone()));
@@ -87,25 +89,26 @@ impl Sidecar {
         let outbound_addr = local_addr(&outbound_listener)?;
         let memory = Arc::new(MemoryBudget::default());
         let edges = EdgeState { routes: routes.clone(), metrics: metrics.clone(), memory: memory.clone() };
-        let outbound_edges = edges.clone();
-        tokio::spawn(server::serve(
-            outbound_listener,
-            Direction::Outbound,
-            None,
-            move |peer: PeerInfo| OutboundEdge::new(outbound_edges.clone(), &peer),
-            serving.clone(),
-        ));
+        for listener in std::iter::once(outbound_listener).chain(outbound_v6) {
+            let edges = edges.clone();
+            let new_edge = move |peer: PeerInfo| OutboundEdge::new(edges.clone(), &peer);
+            tokio::spawn(server::serve(listener, Direction::Outbound, None, new_edge, serving.clone()));
+        }
         let inbound_addr = match inbound {
             None => None,
             Some((listener, tls)) => {
                 let addr = local_addr(&listener)?;
-                tokio::spawn(server::serve(
-                    listener,
-                    Direction::Inbound,
-                    Some(tls),
-                    move |peer: PeerInfo| InboundEdge::new(edges.clone(), peer),
-                    serving,
-                ));
+                for listener in std::iter::once(listener).chain(inbound_v6) {
+                    let edges = edges.clone();
+                    let new_edge = move |peer: PeerInfo| InboundEdge::new(edges.clone(), peer);
+                    tokio::spawn(server::serve(
+                        listener,
+                        Direction::Inbound,
+                        Some(tls.clone()),
+                        new_edge,
+                        serving.clone(),
+                    ));
+                }
                 Some(addr)
             }
         };
@@ -176,6 +179,32 @@ pub async fn run(source: ConfigSource, options: Options) -> Result<(), String> {
 
 async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| format!("{field}: cannot listen on {addr}: {e}"))
+}
+
+/// A listener on the IPv6 twin of `addr` (`[::1]` for `127.0.0.1`, `[::]`
+/// for `0.0.0.0`), same port, IPv6 only: the capture rules send IPv6
+/// connections there. `None` where the pod has no IPv6 or `addr` has no twin.
+fn ipv6_companion(addr: SocketAddr) -> Option<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    if addr.port() == 0 {
+        return None;
+    }
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_loopback() => std::net::Ipv6Addr::LOCALHOST,
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    let twin = SocketAddr::from((ip, addr.port()));
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&twin.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    listen().map_err(|error| tracing::debug!(%twin, %error, "no IPv6 listener")).ok()
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {

@@ -106,8 +106,8 @@ impl CaptureRules {
         if !v6.is_empty() {
             let _ = writeln!(text, "\t\tip6 daddr {} return", set(&v6));
         }
-        // IPv4 only: a redirect of an IPv6 connection would go to [::1], where the sidecar does not listen.
-        let _ = writeln!(text, "\t\tmeta nfproto ipv4 meta l4proto tcp redirect to :{}", self.outbound_port);
+        // IPv6 connections go to [::1], where the sidecar listens too.
+        let _ = writeln!(text, "\t\tmeta l4proto tcp redirect to :{}", self.outbound_port);
         text.push_str("\t}\n}\n");
         text
     }
@@ -147,7 +147,7 @@ mod tests {
         assert!(text.starts_with("table inet protomesh\ndelete table inet protomesh\n"), "{text}");
         assert!(text.contains("tcp dport { 4143, 4191 } return\n\t\tmeta l4proto tcp redirect to :4143"), "{text}");
         assert!(text.contains("type nat hook output priority -100; policy accept;\n\t\tmeta skuid 2102 return\n\t\toifname \"lo\" return\n"), "{text}");
-        assert!(text.ends_with("meta nfproto ipv4 meta l4proto tcp redirect to :4140\n\t}\n}\n"), "{text}");
+        assert!(text.ends_with("\t\tmeta l4proto tcp redirect to :4140\n\t}\n}\n"), "{text}");
     }
 
     #[test]

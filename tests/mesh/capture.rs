@@ -674,3 +674,21 @@ fn protomesh_init_is_idempotent_and_names_what_it_lacks() {
     assert!(said.contains("needs the NET_ADMIN capability"), "{said}");
     assert_eq!(pod.ruleset(), installed, "a failed run changes nothing");
 }
+
+#[test]
+fn ipv6_connections_are_captured_both_ways() {
+    if !pods::ipv6() {
+        return eprintln!("skipped: the kernel has no IPv6");
+    }
+    // No upstream: the call goes to its original destination, an IPv6 Service.
+    let setup = Setup { client_outbound: Some("{listen: '127.0.0.1:4140'}".into()), ..Setup::default() };
+    let Some(cluster) = Cluster::start(setup) else { return };
+    let service = cluster.node.service6(APP_PORT, &[&cluster.server]);
+    let (stop, seen) = sniff(&cluster.node);
+    cluster.in_client(move || async move {
+        let reply = within("over IPv6", echo_client(service).unary(request("secret-ipv6-canary"))).await.unwrap();
+        assert_eq!(reply.into_inner().caller, id("client").as_str(), "through both sidecars");
+    });
+    stop.store(true, Ordering::Release);
+    assert!(!contains(&seen.join().unwrap(), b"secret-ipv6-canary"), "the IPv6 call crossed the node in plaintext");
+}

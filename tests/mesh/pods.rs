@@ -15,7 +15,7 @@
 //! tests that use pods skip, saying why.
 
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -57,6 +57,22 @@ pub fn proxy_user_can_run(binary: &Path) -> bool {
     status.is_ok_and(|status| status.success())
 }
 
+/// Whether the kernel has IPv6; pods get IPv6 addresses too where it does.
+pub fn ipv6() -> bool {
+    Path::new("/proc/net/if_inet6").exists()
+}
+
+/// Turns off IPv6 duplicate address detection for the interfaces made in
+/// namespace `name` from now on: while an interface's link-local address is
+/// tentative, neighbour discovery waits, and a connection's first packets are
+/// lost for a second or two.
+fn without_dad(name: &str) {
+    if ipv6() {
+        let off = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
+        run("ip", &["netns", "exec", name, "sysctl", "-qw", off[0], off[1]]);
+    }
+}
+
 /// Enters the network namespace `name` on this thread.
 fn enter(name: &str) {
     let file = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
@@ -81,11 +97,29 @@ impl Node {
         let name = format!("pm{}n{index}", std::process::id() % 100_000);
         let subnet = (std::process::id() % 200) as u8 ^ (index as u8);
         run("ip", &["netns", "add", &name]);
+        without_dad(&name);
         run("ip", &["-n", &name, "link", "add", "br0", "type", "bridge"]);
         run("ip", &["-n", &name, "link", "set", "br0", "up"]);
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         run("ip", &["-n", &name, "addr", "add", &format!("{}/24", Self::gateway(subnet)), "dev", "br0"]);
         run("ip", &["netns", "exec", &name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        if ipv6() {
+            run("ip", &["-n", &name, "addr", "add", &format!("{}/64", Self::gateway6(subnet)), "dev", "br0"]);
+            run("ip", &["netns", "exec", &name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &name,
+                    "nft",
+                    "add table ip6 services; \
+                     add chain ip6 services prerouting { type nat hook prerouting priority dstnat; }; \
+                     add chain ip6 services postrouting { type nat hook postrouting priority srcnat; }; \
+                     add rule ip6 services postrouting ct status dnat masquerade",
+                ],
+            );
+        }
         run(
             "ip",
             &[
@@ -104,6 +138,25 @@ impl Node {
 
     fn gateway(subnet: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 213, subnet, 1)
+    }
+
+    fn gateway6(subnet: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x213, subnet.into(), 0, 0, 0, 0, 1)
+    }
+
+    /// As [`Node::service`], on an IPv6 virtual IP to the pods' IPv6 addresses.
+    pub fn service6(&self, port: u16, pods: &[&Pod]) -> SocketAddr {
+        let index = self.services.fetch_add(1, Ordering::Relaxed);
+        let vip = Ipv6Addr::new(0xfd00, 0x96, self.subnet.into(), 0, 0, 0, 0, index as u16 + 10);
+        let targets: Vec<String> =
+            pods.iter().enumerate().map(|(i, pod)| format!("{i} : {}", pod.address6())).collect();
+        let rule = format!(
+            "add rule ip6 services prerouting ip6 daddr {vip} tcp dport {port} dnat to numgen inc mod {} map {{ {} }}",
+            pods.len(),
+            targets.join(", ")
+        );
+        run("ip", &["netns", "exec", &self.name, "nft", &rule]);
+        SocketAddr::from((vip, port))
     }
 
     /// A Service: a virtual IP whose `port` the node sends to the same port
@@ -145,6 +198,7 @@ impl Node {
         let name = format!("{}p{index}", self.name);
         let address = Ipv4Addr::new(10, 213, self.subnet, index as u8 + 1);
         run("ip", &["netns", "add", &name]);
+        without_dad(&name);
         let (outside, inside) = (format!("{name}o"), format!("{name}i"));
         run(
             "ip",
@@ -155,7 +209,14 @@ impl Node {
         run("ip", &["-n", &name, "addr", "add", &format!("{address}/24"), "dev", &inside]);
         run("ip", &["-n", &name, "link", "set", &inside, "up"]);
         run("ip", &["-n", &name, "route", "add", "default", "via", &Self::gateway(self.subnet).to_string()]);
-        Pod { name, address, interface: inside }
+        let pod = Pod { name, address, interface: inside, subnet: self.subnet, index: index as u16 + 1 };
+        if ipv6() {
+            let address6 = format!("{}/64", pod.address6());
+            run("ip", &["-n", &pod.name, "addr", "add", &address6, "dev", &pod.interface]);
+            let gateway = Self::gateway6(self.subnet).to_string();
+            run("ip", &["-n", &pod.name, "-6", "route", "add", "default", "via", &gateway]);
+        }
+        pod
     }
 }
 
@@ -173,9 +234,16 @@ pub struct Pod {
     pub name: String,
     pub address: Ipv4Addr,
     interface: String,
+    subnet: u8,
+    index: u16,
 }
 
 impl Pod {
+    /// The pod's IPv6 address, where the kernel has IPv6.
+    pub fn address6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x213, self.subnet.into(), 0, 0, 0, 0, self.index)
+    }
+
     /// Runs `task` on a thread inside the pod, on a runtime of its own, and
     /// returns what it returns.
     pub fn run<F, T>(&self, task: impl FnOnce() -> F + Send + 'static) -> std::thread::JoinHandle<T>
