@@ -20,7 +20,7 @@ use super::connection::{self, Ended};
 use super::detect::{Prefixed, Protocol, detect};
 use super::opaque;
 use super::open::{OpenConnections, Past};
-use super::routes::{CurrentRoutes, Routes};
+use super::routes::CurrentRoutes;
 use crate::call::{AnswerErrors, CallService, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::capture;
 use crate::config::{Config, MtlsMode};
@@ -102,13 +102,13 @@ pub async fn serve<F, S>(
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let metrics = metrics.clone();
-        let routes = routes.load_full();
+        let (config, routes) = (routes.load().config.clone(), routes.clone());
         workers.spawn(async move {
             let _admitted = admitted;
             let _open = metrics.connection_opened(direction);
             let original_destination = capture::original_destination(&tcp);
             let peer = PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination };
-            let connection = Connection { peer, routes, metrics: metrics.clone(), drain };
+            let connection = Connection { peer, config, routes, metrics: metrics.clone(), drain };
             let ended = match acceptor {
                 None => connection.outbound(tcp, &*new_service).await,
                 Some(acceptor) => connection.inbound(tcp, &acceptor, &*new_service).await,
@@ -131,8 +131,11 @@ pub async fn serve<F, S>(
 /// One accepted connection, and what it is served with.
 struct Connection {
     peer: PeerInfo,
-    /// The routes in force when it was accepted.
-    routes: Arc<Routes>,
+    /// The config in force when it was accepted.
+    config: Arc<Config>,
+    /// The routes, read when the connection needs them; holding a version
+    /// for the connection's life would keep its upstreams alive after a reload.
+    routes: CurrentRoutes,
     metrics: Arc<Metrics>,
     drain: drain::Watch,
 }
@@ -147,12 +150,12 @@ impl Connection {
         S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let Connection { peer, routes, metrics, drain } = self;
-        let limits = &routes.config.limits;
+        let Connection { peer, config, routes, metrics, drain } = self;
+        let limits = &config.limits;
         let Some(original) = peer.original_destination else {
             return Some(connection::serve(tcp, new_service(peer), limits, drain).await);
         };
-        let outbound = &routes.config.outbound;
+        let outbound = &config.outbound;
         let protocol = if outbound.opaque_ports.contains(&original.port()) {
             (Protocol::Opaque, Prefixed::from(tcp))
         } else {
@@ -167,7 +170,8 @@ impl Connection {
         match protocol {
             (Protocol::Http2, io) => Some(connection::serve(io, new_service(peer), limits, drain).await),
             (Protocol::Opaque, io) => {
-                let forwarded = match routes.outbound.opaque_tls(original) {
+                let tls = routes.load().outbound.opaque_tls(original);
+                let forwarded = match tls {
                     Some(tls) => opaque::forward_over_mtls(io, original, outbound.connect_timeout, tls).await,
                     None => opaque::forward(io, original, outbound.connect_timeout).await,
                 };
@@ -191,8 +195,7 @@ impl Connection {
         S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let Connection { mut peer, routes, metrics, drain } = self;
-        let config = &routes.config;
+        let Connection { mut peer, config, metrics, drain, .. } = self;
         let (limits, addr) = (&config.limits, peer.addr);
         let permissive = |port| config.inbound.as_ref().is_some_and(|i| i.mtls.mode_for(port) == MtlsMode::Permissive);
         if let Some(port) = peer.original_destination.map(|original| original.port())
@@ -220,7 +223,7 @@ impl Connection {
             None => Err("no client certificate".into()),
         };
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
-            let app = opaque_app(config, &peer)?;
+            let app = opaque_app(&config, &peer)?;
             let forwarded = opaque::forward(tls, app, config.outbound.connect_timeout).await;
             metrics.opaque_connection(Direction::Inbound, forwarded.as_str());
             return None;
