@@ -11,6 +11,7 @@ use bytesize::ByteSize;
 use serde_json::{Value, json};
 
 use crate::contract::{CallShape, Contracts, Idempotency, MethodInfo};
+use crate::grpc::Code;
 use crate::policy::PolicyConfig;
 use crate::policy::authz::{AuthorizationConfig, MethodAuthz, MethodPattern, Rule};
 use crate::policy::bulkhead::ConcurrencyPolicy;
@@ -28,6 +29,7 @@ pub struct MethodPolicy {
     pub retry: Option<Sourced<RetryPolicy>>,
     pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
     pub max_message_size: Option<Sourced<ByteSize>>,
+    pub endpoint_failure_codes: Option<Sourced<Vec<Code>>>,
 }
 
 fn first<T: Clone>(
@@ -80,6 +82,7 @@ impl MethodPolicy {
             retry,
             concurrency: first(&layers, |f| f.concurrency.as_ref()),
             max_message_size: first(&layers, |f| f.max_message_size.as_ref()),
+            endpoint_failure_codes: first(&layers, |f| f.endpoint_failure_codes.as_ref()),
         }
     }
 
@@ -208,6 +211,10 @@ impl MethodView {
             }),
             field("max_message_size", effective.max_message_size.as_ref(), |size| {
                 (json!(size.as_u64()), size.display().iec().to_string())
+            }),
+            field("endpoint_failure_codes", effective.endpoint_failure_codes.as_ref(), |codes| {
+                let codes: Vec<_> = codes.iter().map(|c| c.name()).collect();
+                (json!(codes), codes.join(", "))
             }),
             field("allowed_callers", method.contract.allowed_callers.as_ref(), |callers| {
                 let callers: Vec<String> = callers.iter().map(ToString::to_string).collect();

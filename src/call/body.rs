@@ -23,12 +23,33 @@ use super::limit::{Carrier, Framing, MessageLimit};
 use super::{Direction, ProxyError, Target};
 use crate::grpc::{self, Code};
 
-/// Work to do once a call is over, with its final status: from the trailers
-/// (or trailers-only response), from a timer that ended it, or `None` when
-/// the peer's stream failed. Dropped without being told, the call was
-/// abandoned by its caller.
+/// Work to do once a call is over, told how it ended. Dropped without being
+/// told, the call was abandoned by its caller.
 pub trait EndOfCall: Send + 'static {
-    fn ended(self: Box<Self>, status: Option<Code>);
+    fn ended(self: Box<Self>, end: CallEnd);
+}
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallEnd {
+    /// With the peer's status, from its trailers (or trailers-only response).
+    Answered(Code),
+    /// The sidecar ended it with this status: a timer ran out, or a message
+    /// was too large.
+    Cut(Code),
+    /// The peer's stream or connection failed; the status the caller got
+    /// for it, if the stream was not reset on.
+    Broken(Option<Code>),
+}
+
+impl CallEnd {
+    /// The status the caller got, if any.
+    pub fn status(self) -> Option<Code> {
+        match self {
+            CallEnd::Answered(code) | CallEnd::Cut(code) => Some(code),
+            CallEnd::Broken(code) => code,
+        }
+    }
 }
 
 /// What a timer does when it fires: end the stream with `error`'s status in
@@ -114,11 +135,11 @@ impl ResponseBody {
         self.guards.push(guard);
     }
 
-    /// Ends the call with `status`: the guards learn it, the peer's stream is
+    /// Ends the call as `end` says: the guards learn it, the peer's stream is
     /// dropped (and so reset if still open) and the timers stop.
-    fn end(&mut self, status: Option<Code>) {
+    fn end(&mut self, end: CallEnd) {
         for guard in self.guards.drain(..) {
-            guard.ended(status);
+            guard.ended(end);
         }
         self.inner = None;
         self.deadline = None;
@@ -144,7 +165,7 @@ impl ResponseBody {
             });
         match expired {
             Some((trailers, code)) => {
-                self.end(Some(code));
+                self.end(CallEnd::Cut(code));
                 Poll::Ready(trailers)
             }
             None => Poll::Pending,
@@ -168,7 +189,10 @@ impl Body for ResponseBody {
                 }
                 if let Some(trailers) = frame.trailers_ref() {
                     // Trailers without grpc-status break the protocol: the peer failed.
-                    this.end(Some(grpc::status_in(trailers).unwrap_or(Code::Internal)));
+                    this.end(match grpc::status_in(trailers) {
+                        Some(code) => CallEnd::Answered(code),
+                        None => CallEnd::Broken(Some(Code::Internal)),
+                    });
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
@@ -177,17 +201,20 @@ impl Body for ResponseBody {
             Poll::Ready(end) => {
                 let inner = this.inner.as_ref().expect("polled above");
                 let ending = match (inner.too_large(this.direction), end) {
-                    (Some(too_large), _) => Ok(too_large),
-                    (None, Some(Err(error))) => inner.broken_off(error, this.direction).map_err(|e| Some(Err(e))),
+                    (Some((code, trailers)), _) => Ok((CallEnd::Cut(code), trailers)),
+                    (None, Some(Err(error))) => match inner.broken_off(error, this.direction) {
+                        Ok((code, trailers)) => Ok((CallEnd::Broken(Some(code)), trailers)),
+                        Err(error) => Err(Some(Err(error))),
+                    },
                     (None, end) => Err(end),
                 };
                 return match ending {
-                    Ok((code, trailers)) => {
-                        this.end(Some(code));
+                    Ok((end, trailers)) => {
+                        this.end(end);
                         Poll::Ready(Some(Ok(trailers)))
                     }
                     Err(end) => {
-                        this.end(None);
+                        this.end(CallEnd::Broken(None));
                         Poll::Ready(end)
                     }
                 };
@@ -381,8 +408,8 @@ mod tests {
     }
 
     impl EndOfCall for Told {
-        fn ended(mut self: Box<Self>, status: Option<Code>) {
-            self.log.lock().unwrap().push(Some(status));
+        fn ended(mut self: Box<Self>, end: CallEnd) {
+            self.log.lock().unwrap().push(Some(end.status()));
             self.told = true;
         }
     }

@@ -153,6 +153,11 @@ impl ProxyError {
         }
     }
 
+    /// The inbound sidecar could not get the call to its app: the pod is unwell.
+    fn app_unreachable(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoApp)
+    }
+
     /// The peer refused the stream without processing it (REFUSED_STREAM,
     /// as for streams beyond a GOAWAY): sending it again is safe.
     pub fn refused_unprocessed(&self) -> bool {
@@ -169,6 +174,9 @@ impl ProxyError {
     pub fn into_response(self, direction: Direction) -> Response<ResponseBody> {
         let mut response = Response::new(ResponseBody::empty());
         *response.headers_mut() = grpc::status_headers(self.code(), &self.message(direction));
+        if direction == Direction::Inbound && self.app_unreachable() {
+            response.headers_mut().insert(super::ENDPOINT_FAILURE, HeaderValue::from_static(self.reason()));
+        }
         if let ProxyError::Policy(error) = &self
             && let Some(pushback) = error.pushback()
         {

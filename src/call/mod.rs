@@ -15,13 +15,17 @@ use http::{HeaderName, Request, Response};
 use tower::Service;
 
 use crate::identity::SpiffeId;
-pub use body::{EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody};
+pub use body::{CallEnd, EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody};
 pub use error::{AnswerErrors, ConnectError, PolicyError, ProxyError, Target, h2_reason};
 pub use limit::{Carrier, Framing, MessageLimit, TooLarge};
 
 /// The header in which the inbound sidecar tells its app who called. The
 /// sidecar always overwrites it, so an app can trust it.
 pub const CALLER_ID_HEADER: HeaderName = HeaderName::from_static("protomesh-caller-id");
+/// On a status an inbound sidecar answers because it could not reach its app:
+/// the calling sidecar counts it against the endpoint, as it would a reset.
+/// The inbound sidecar removes it from the app's own answers.
+pub const ENDPOINT_FAILURE: HeaderName = HeaderName::from_static("protomesh-endpoint-failure");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {

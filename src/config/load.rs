@@ -296,8 +296,15 @@ inbound:
         let start = readme.find("```yaml\n").expect("README has a YAML example") + "```yaml\n".len();
         let example = &readme[start..start + readme[start..].find("```").expect("the example ends")];
         let config = load(Some(file_with(example).path()), env(&[])).unwrap();
-        assert_eq!(config.policy.methods.len(), 3);
-        assert_eq!(config.policy.outlier_detection.consecutive_failures, 5);
+        assert_eq!(config.policy.methods.len(), 4);
+        assert_eq!(
+            config.policy.outlier_detection,
+            crate::policy::outlier::OutlierConfig {
+                failure_rate: config.policy.outlier_detection.failure_rate.clone(),
+                ..Default::default()
+            },
+            "the README shows outlier detection's defaults"
+        );
         assert_eq!(config.limits, super::super::LimitsConfig::default(), "the README shows the limits' defaults");
     }
 

@@ -76,17 +76,21 @@ fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
         retry: option.retry.as_ref().map(retry_policy).transpose()?,
         concurrency: option.concurrency.as_ref().map(concurrency_policy).transpose()?,
         max_message_size: optional_size(&option.max_message_size, "max_message_size")?,
+        endpoint_failure_codes: match option.endpoint_failure_codes.as_slice() {
+            [] => None,
+            names => Some(codes(names, "endpoint_failure_codes")?),
+        },
     };
     fields.validate()?;
     Ok(fields)
 }
 
+fn codes(names: &[String], field: &str) -> Result<Vec<Code>, String> {
+    names.iter().map(|name| Code::parse(name).map_err(|e| format!("{field}: {e}"))).collect()
+}
+
 fn retry_policy(retry: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
-    let retryable_codes = retry
-        .retryable_codes
-        .iter()
-        .map(|name| Code::parse(name).map_err(|e| format!("retry.retryable_codes: {e}")))
-        .collect::<Result<_, _>>()?;
+    let retryable_codes = codes(&retry.retryable_codes, "retry.retryable_codes")?;
     let defaults = RetryPolicy::new(retry.max_attempts, retryable_codes);
     let backoff = |text: &str, name: &str, default| -> Result<Duration, String> {
         Ok(optional_duration(text, &format!("retry.{name}"))?.unwrap_or(default))
@@ -174,5 +178,14 @@ mod tests {
             pb::Policy { retry: Some(pb::RetryPolicy { max_attempts: 3, ..Default::default() }), ..Default::default() };
         let err = ContractPolicy::from_options(Some(&no_codes), None).unwrap_err();
         assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_failure_codes_are_status_names() {
+        let counted = pb::Policy { endpoint_failure_codes: vec!["UNAVAILABLE".into()], ..Default::default() };
+        assert_eq!(policy_fields(&counted).unwrap().endpoint_failure_codes, Some(vec![Code::Unavailable]));
+        assert_eq!(policy_fields(&pb::Policy::default()).unwrap().endpoint_failure_codes, None, "none: the default");
+        let bad = pb::Policy { endpoint_failure_codes: vec!["BROKEN".into()], ..Default::default() };
+        assert!(policy_fields(&bad).unwrap_err().starts_with("endpoint_failure_codes: "));
     }
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
-use crate::call::{CallFuture, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
+use crate::call::{CallEnd, CallFuture, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
 use crate::duration;
 use crate::grpc::Code;
 
@@ -129,7 +129,7 @@ pub struct Place {
 }
 
 impl EndOfCall for Place {
-    fn ended(self: Box<Self>, _: Option<Code>) {}
+    fn ended(self: Box<Self>, _: CallEnd) {}
 }
 
 /// A bulkhead refused the call; `pushback` is the advice to the client.

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::bulkhead::ConcurrencyPolicy;
 use super::retry::RetryPolicy;
 use crate::duration;
+use crate::grpc::Code;
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +31,10 @@ pub struct PolicyFields {
     /// The largest gRPC message either way; a larger one ends the call with RESOURCE_EXHAUSTED.
     #[serde(default)]
     pub max_message_size: Option<ByteSize>,
+    /// Statuses counted against the endpoint that answered them (outlier
+    /// detection); by default `policy.outlier_detection.failure_codes`, none.
+    #[serde(default)]
+    pub endpoint_failure_codes: Option<Vec<Code>>,
 }
 
 impl PolicyFields {

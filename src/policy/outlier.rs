@@ -1,12 +1,17 @@
-//! Outlier detection, the circuit breaker of each endpoint. Failures are the
-//! configured gRPC codes (from trailers-only responses and from trailers),
-//! resets and connect errors. An endpoint is ejected after
+//! Outlier detection, the circuit breaker of each endpoint. An endpoint
+//! fails a call when it cannot be reached (connect errors, resets, no answer
+//! by the deadline, or its sidecar reporting its app unreachable), and when
+//! it answers with a status that the method (or the upstream) counts against
+//! endpoints. By default none does: a status is the app's answer, the same
+//! from every replica, so blaming the endpoint for it would cut off healthy
+//! methods with the failing one. An endpoint is ejected after
 //! `consecutive_failures` in a row, or when its failure rate over a window
 //! reaches the threshold. It stays out for `base_ejection` × times ejected
 //! (at most `max_ejection`), then takes one probe call at a time (half-open):
 //! a success brings it back, a failure ejects it for longer. No more than
 //! `max_ejected_percent` of an upstream's endpoints are out at once, though
-//! one always may be.
+//! one always may be. When fewer than `panic_threshold` percent are left,
+//! calls spread over all of them again but for those that cannot be reached.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,7 +34,9 @@ pub struct OutlierConfig {
     /// Failures in a row that eject an endpoint; 0 turns this trigger off.
     #[serde(default = "defaults::consecutive_failures")]
     pub consecutive_failures: u32,
-    #[serde(default = "defaults::failure_codes")]
+    /// Statuses counted against the endpoint that answered them, for
+    /// methods that choose none (`endpoint_failure_codes`); none by default.
+    #[serde(default)]
     pub failure_codes: Vec<Code>,
     #[serde(default)]
     pub failure_rate: Option<FailureRate>,
@@ -39,17 +46,23 @@ pub struct OutlierConfig {
     pub max_ejection: Duration,
     #[serde(default = "defaults::max_ejected_percent")]
     pub max_ejected_percent: u32,
+    /// Below this percentage of endpoints admitted, balancing ignores
+    /// ejections (of endpoints that answer): an upstream is not cut off for
+    /// statuses alone. 0 turns it off.
+    #[serde(default = "defaults::panic_threshold")]
+    pub panic_threshold: u32,
 }
 
 impl Default for OutlierConfig {
     fn default() -> Self {
         OutlierConfig {
             consecutive_failures: defaults::consecutive_failures(),
-            failure_codes: defaults::failure_codes(),
+            failure_codes: Vec::new(),
             failure_rate: None,
             base_ejection: defaults::base_ejection(),
             max_ejection: defaults::max_ejection(),
             max_ejected_percent: defaults::max_ejected_percent(),
+            panic_threshold: defaults::panic_threshold(),
         }
     }
 }
@@ -71,6 +84,9 @@ impl OutlierConfig {
         if self.max_ejected_percent > 100 {
             return Err("max_ejected_percent: at most 100".into());
         }
+        if self.panic_threshold > 100 {
+            return Err("panic_threshold: a percentage, at most 100".into());
+        }
         if self.max_ejection < self.base_ejection {
             return Err("max_ejection: must not be shorter than base_ejection".into());
         }
@@ -87,12 +103,19 @@ impl OutlierConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Success,
+    /// It answered with a status counted against it.
     Failure,
+    /// It could not be reached, or did not answer in time.
+    Unreachable,
 }
 
 impl OutlierConfig {
-    pub fn outcome_of(&self, code: Code) -> Outcome {
-        if self.failure_codes.contains(&code) { Outcome::Failure } else { Outcome::Success }
+    /// The outcome of a call answered with `code`, counted against the
+    /// endpoint when it is among `method_codes` (the method's choice) or,
+    /// when the method makes none, among `failure_codes`.
+    pub fn outcome_of(&self, code: Code, method_codes: Option<&[Code]>) -> Outcome {
+        let counted = method_codes.unwrap_or(&self.failure_codes);
+        if counted.contains(&code) { Outcome::Failure } else { Outcome::Success }
     }
 }
 
@@ -101,6 +124,8 @@ impl OutlierConfig {
 pub struct OutlierMetrics {
     pub ejections: Counter,
     pub ejected: Gauge,
+    /// Calls sent while below the panic threshold.
+    pub panics: Counter,
 }
 
 /// What an upstream's endpoints share: the config (replaced on reload, the
@@ -158,6 +183,16 @@ impl Outliers {
     pub fn ejected(&self) -> usize {
         self.ejected.load(Ordering::Acquire)
     }
+
+    /// Whether `admitted` of `endpoints` is below the panic threshold.
+    pub fn panics(&self, admitted: usize, endpoints: usize) -> bool {
+        admitted * 100 < endpoints * self.config.load().panic_threshold as usize
+    }
+
+    /// Counts a call sent in panic.
+    pub fn panicked(&self) {
+        self.metrics.panics.inc();
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +216,8 @@ pub struct Health {
 #[derive(Debug)]
 struct HealthState {
     state: State,
+    /// The last failure was a failure to reach it: then it stays out even in panic.
+    unreachable: bool,
     consecutive_failures: u32,
     times_ejected: u32,
     window_start: Instant,
@@ -202,6 +239,7 @@ impl Default for Health {
         Health {
             inner: Mutex::new(HealthState {
                 state: State::Healthy,
+                unreachable: false,
                 consecutive_failures: 0,
                 times_ejected: 0,
                 window_start: Instant::now(),
@@ -254,6 +292,12 @@ impl Health {
         }
     }
 
+    /// Whether a call may go here in panic: it answers, even if ejected.
+    pub fn answers(&self) -> bool {
+        let health = self.lock();
+        health.state == State::Healthy || !health.unreachable
+    }
+
     /// A probe that never reported (the call was cancelled) frees its turn.
     pub fn abandon_probe(&self) {
         let mut health = self.lock();
@@ -276,12 +320,14 @@ impl Health {
         match outcome {
             Outcome::Success => {
                 health.consecutive_failures = 0;
+                health.unreachable = false;
                 if matches!(health.state, State::HalfOpen { .. }) {
                     health.state = State::Healthy;
                     outliers.returned_one();
                 }
             }
-            Outcome::Failure => {
+            Outcome::Failure | Outcome::Unreachable => {
+                health.unreachable = outcome == Outcome::Unreachable;
                 health.consecutive_failures += 1;
                 health.window_failures += 1;
                 match health.state {
@@ -349,13 +395,8 @@ impl PolicyError for CircuitOpen {
 mod defaults {
     use std::time::Duration;
 
-    use crate::grpc::Code;
-
     pub fn consecutive_failures() -> u32 {
         5
-    }
-    pub fn failure_codes() -> Vec<Code> {
-        vec![Code::Unavailable, Code::Internal, Code::Unknown, Code::DeadlineExceeded]
     }
     pub fn base_ejection() -> Duration {
         Duration::from_secs(10)
@@ -364,6 +405,10 @@ mod defaults {
         Duration::from_secs(300)
     }
     pub fn max_ejected_percent() -> u32 {
+        50
+    }
+    /// As Envoy's `healthy_panic_threshold`.
+    pub fn panic_threshold() -> u32 {
         50
     }
     pub fn min_calls() -> u32 {
@@ -468,5 +513,31 @@ mod tests {
         assert_eq!(health.state(), State::Healthy, "fewer than min_calls");
         health.record(Outcome::Failure, Instant::now(), &outliers);
         assert!(matches!(health.state(), State::Ejected { .. }), "6 of 10 failed");
+    }
+
+    #[test]
+    fn statuses_count_against_an_endpoint_only_where_the_method_or_upstream_says() {
+        let quiet = OutlierConfig::default();
+        assert_eq!(quiet.outcome_of(Code::Unavailable, None), Outcome::Success, "by default the app's answer");
+        let method = [Code::Unavailable];
+        assert_eq!(quiet.outcome_of(Code::Unavailable, Some(&method)), Outcome::Failure);
+        assert_eq!(quiet.outcome_of(Code::Internal, Some(&method)), Outcome::Success);
+        let upstream = OutlierConfig { failure_codes: vec![Code::Internal], ..Default::default() };
+        assert_eq!(upstream.outcome_of(Code::Internal, None), Outcome::Failure);
+        assert_eq!(upstream.outcome_of(Code::Internal, Some(&method)), Outcome::Success, "the method's choice wins");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_answers_unless_its_last_failure_was_unreachability() {
+        let outliers = outliers(4);
+        let health = Health::default();
+        fail(&health, 3, &outliers);
+        assert!(health.answers(), "ejected for statuses, it still answers");
+        let unreachable = Health::default();
+        for _ in 0..3 {
+            unreachable.record(Outcome::Unreachable, Instant::now(), &outliers);
+        }
+        assert!(!unreachable.answers());
+        assert!(outliers.panics(1, 4) && !outliers.panics(2, 4), "below half admitted");
     }
 }

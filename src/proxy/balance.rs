@@ -1,6 +1,7 @@
 //! Choosing an endpoint: the power of two choices over peak-EWMA load (the
 //! recent round-trip time, jumping up at once and decaying slowly, times the
-//! calls in flight), among the endpoints that outlier detection admits.
+//! calls in flight), among the endpoints that outlier detection admits; or,
+//! when it admits fewer than the panic threshold, among all that answer.
 //! Hand-written rather than tower::balance: that one needs `&mut` access and
 //! so a buffer task per upstream, an extra hop on every call.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::endpoint::Endpoint;
-use crate::call::EndOfCall;
+use crate::call::{CallEnd, EndOfCall};
 use crate::grpc::Code;
 use crate::policy::outlier::{Admission, Health, Outcome, Outliers};
 
@@ -99,6 +100,17 @@ pub fn choose(
             return Some((endpoint.clone(), Admission::Probe));
         }
     }
+    // Only when something is out: the usual call does no scan.
+    if outliers.ejected() > 0 {
+        let admitted = endpoints.iter().filter(|e| e.health.is_available(now)).count();
+        if outliers.panics(admitted, endpoints.len()) {
+            let answering: Vec<&Arc<Member>> =
+                endpoints.iter().filter(reachable).filter(|e| e.health.answers()).collect();
+            let chosen = lighter(&answering, now)?;
+            outliers.panicked();
+            return Some((chosen.clone(), Admission::Open));
+        }
+    }
     let count = endpoints.len();
     let mut order: [usize; 2] = match count {
         0 => return None,
@@ -122,6 +134,21 @@ pub fn choose(
     })
 }
 
+/// The lighter of two endpoints drawn at random.
+fn lighter<'a>(endpoints: &[&'a Arc<Member>], now: Instant) -> Option<&'a Arc<Member>> {
+    let count = endpoints.len();
+    match count {
+        0 => None,
+        1 => Some(endpoints[0]),
+        _ => {
+            let first = fastrand::usize(..count);
+            let second = (first + 1 + fastrand::usize(..count - 1)) % count;
+            let (a, b) = (endpoints[first], endpoints[second]);
+            Some(if b.load.cost(now) < a.load.cost(now) { b } else { a })
+        }
+    }
+}
+
 /// One call on its way to an endpoint: counts it in flight, and reports its
 /// outcome to outlier detection once known. Dropped without an outcome at or
 /// past the call's deadline, the endpoint kept it waiting until then: that
@@ -130,6 +157,8 @@ pub fn choose(
 pub struct Report {
     endpoint: Arc<Member>,
     outliers: Arc<Outliers>,
+    /// The statuses the call's method counts against the endpoint, if it chose.
+    failure_codes: Option<Arc<[Code]>>,
     probe: bool,
     started: Instant,
     deadline: Option<Instant>,
@@ -139,13 +168,13 @@ pub struct Report {
 impl Report {
     pub fn start(
         endpoint: Arc<Member>,
-        outliers: Arc<Outliers>,
+        (outliers, failure_codes): (Arc<Outliers>, Option<Arc<[Code]>>),
         admission: Admission,
         deadline: Option<Instant>,
     ) -> Report {
         endpoint.load.in_flight.fetch_add(1, Ordering::Relaxed);
         let probe = admission == Admission::Probe;
-        Report { endpoint, outliers, probe, started: Instant::now(), deadline, reported: false }
+        Report { endpoint, outliers, failure_codes, probe, started: Instant::now(), deadline, reported: false }
     }
 
     /// The response headers arrived: the round trip is measured here.
@@ -158,18 +187,30 @@ impl Report {
         self.reported = true;
     }
 
+    /// Reports nothing: the call says nothing about the endpoint. A probe
+    /// frees its turn for a call that will.
+    fn forget(mut self) {
+        if self.probe {
+            self.endpoint.health.abandon_probe();
+        }
+        self.reported = true;
+    }
+
     pub fn finish_with_status(self, code: Code) {
-        let outcome = self.outliers.config().outcome_of(code);
+        let outcome = self.outliers.config().outcome_of(code, self.failure_codes.as_deref());
         self.finish(outcome);
     }
 }
 
 /// A streamed response reports when it ends: its status, or a failure.
 impl EndOfCall for Report {
-    fn ended(self: Box<Self>, status: Option<Code>) {
-        match status {
-            Some(code) => (*self).finish_with_status(code),
-            None => (*self).finish(Outcome::Failure),
+    fn ended(self: Box<Self>, end: CallEnd) {
+        match end {
+            CallEnd::Answered(code) => (*self).finish_with_status(code),
+            // A timer or a size limit of this sidecar: nothing about the endpoint.
+            CallEnd::Cut(_) => (*self).forget(),
+            // A reset, or a lost connection.
+            CallEnd::Broken(_) => (*self).finish(Outcome::Unreachable),
         }
     }
 }
@@ -188,8 +229,7 @@ impl Drop for Report {
         }
         let now = Instant::now();
         if self.deadline.is_some_and(|deadline| now >= deadline) {
-            let outcome = self.outliers.config().outcome_of(Code::DeadlineExceeded);
-            self.endpoint.health.record(outcome, now, &self.outliers);
+            self.endpoint.health.record(Outcome::Unreachable, now, &self.outliers);
         } else if self.probe {
             self.endpoint.health.abandon_probe();
         }
@@ -264,5 +304,42 @@ mod tests {
         assert_eq!((chosen.addr(), admission), (slow.addr(), Admission::Probe), "heavier, but probed first");
         let (chosen, _) = choose(&endpoints, &[], back, &outliers).unwrap();
         assert_eq!(chosen.addr(), fast.addr(), "one probe at a time");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn below_the_panic_threshold_calls_go_to_endpoints_that_answer_but_not_to_unreachable_ones() {
+        use crate::policy::outlier::{OutlierConfig, Outliers};
+        let config = OutlierConfig { consecutive_failures: 1, max_ejected_percent: 100, ..OutlierConfig::default() };
+        let outliers = Outliers::new(config, crate::telemetry::Metrics::default().outliers("u"));
+        outliers.set_endpoint_count(2);
+        let (answering, unreachable) = (member(1), member(2));
+        let now = Instant::now();
+        answering.health.record(Outcome::Failure, now, &outliers);
+        unreachable.health.record(Outcome::Unreachable, now, &outliers);
+        assert_eq!(outliers.ejected(), 2);
+        let endpoints = [answering.clone(), unreachable.clone()];
+        for _ in 0..20 {
+            let (chosen, admission) = choose(&endpoints, &[], now, &outliers).expect("not cut off");
+            assert_eq!((chosen.addr(), admission), (answering.addr(), Admission::Open));
+        }
+        // With the one that answers unreachable as well, nothing is left: the circuit is open.
+        answering.health.record(Outcome::Unreachable, now, &outliers);
+        assert!(choose(&endpoints, &[], now, &outliers).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn above_the_panic_threshold_ejections_hold() {
+        use crate::policy::outlier::{OutlierConfig, Outliers};
+        let config = OutlierConfig { consecutive_failures: 1, ..OutlierConfig::default() };
+        let outliers = Outliers::new(config, crate::telemetry::Metrics::default().outliers("u"));
+        outliers.set_endpoint_count(2);
+        let (healthy, ejected) = (member(1), member(2));
+        let now = Instant::now();
+        ejected.health.record(Outcome::Failure, now, &outliers);
+        let endpoints = [healthy.clone(), ejected];
+        for _ in 0..20 {
+            let (chosen, _) = choose(&endpoints, &[], now, &outliers).unwrap();
+            assert_eq!(chosen.addr(), healthy.addr(), "one of two admitted is 50%: no panic");
+        }
     }
 }

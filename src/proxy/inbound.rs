@@ -13,7 +13,7 @@ use tower::ServiceBuilder;
 
 use super::endpoint::{ConnectSettings, Endpoint};
 use super::registry::{AppPorts, CallerBulkheads, Registries};
-use crate::call::{CallFuture, Direction, ProxyError, RecvBody, RequestBody, ResponseBody};
+use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody, RequestBody, ResponseBody};
 use crate::config::{Config, InboundConfig};
 use crate::contract::{ContractMode, Contracts};
 use crate::effective::{self, MethodPolicy};
@@ -185,7 +185,10 @@ impl tower::Service<Request<RecvBody>> for ForwardToApp {
             let AppTarget(app) = target.ok_or(ProxyError::NoApp)?;
             let mut sender = app.ready().await?;
             let response = app.start(&mut sender, request)?.await?;
-            Ok(response.map(|body| ResponseBody::streamed(body, Direction::Inbound)))
+            let mut response = response.map(|body| ResponseBody::streamed(body, Direction::Inbound));
+            // Only this sidecar says its app is unreachable.
+            response.headers_mut().remove(ENDPOINT_FAILURE);
+            Ok(response)
         })
     }
 }

@@ -19,7 +19,7 @@ use crate::call::{CallFuture, Direction, ProxyError, RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::contract::{ContractMode, Contracts, MethodInfo};
 use crate::effective::MethodPolicy;
-use crate::grpc::split_path;
+use crate::grpc::{Code, split_path};
 use crate::policy::PolicyConfig;
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
@@ -200,7 +200,10 @@ impl Shared {
             .layer_fn(|inner| TraceAttempts::new(self.tracing.clone(), inner))
             .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), route.bulkhead.clone(), inner))
             .layer_fn(ForwardBudget::new)
-            .service(ForwardToUpstream { upstream: upstream.clone() })
+            .service(ForwardToUpstream {
+                upstream: upstream.clone(),
+                failure_codes: effective.endpoint_failure_codes.as_ref().map(|codes| codes.value.as_slice().into()),
+            })
     }
 }
 
@@ -208,6 +211,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct ForwardToUpstream {
     upstream: Arc<Upstream>,
+    /// The statuses the method counts against endpoints, if it chose.
+    failure_codes: Option<Arc<[Code]>>,
 }
 
 impl tower::Service<Request<RequestBody>> for ForwardToUpstream {
@@ -220,6 +225,6 @@ impl tower::Service<Request<RequestBody>> for ForwardToUpstream {
     }
 
     fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
-        Box::pin(self.upstream.clone().send(request))
+        Box::pin(self.upstream.clone().send(request, self.failure_codes.clone()))
     }
 }

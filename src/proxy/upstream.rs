@@ -14,10 +14,10 @@ use tokio::time::Instant;
 
 use super::balance::{self, Member, Report};
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
-use crate::call::{Answered, Direction, ProxyError, RequestBody, ResponseBody, Target};
+use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Target};
 use crate::config::UpstreamConfig;
 use crate::discovery::{self, EndpointSpec};
-use crate::grpc;
+use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
 use crate::policy::deadline::Deadline;
@@ -145,7 +145,13 @@ impl Upstream {
     /// Sends a call to the endpoint the balancer chooses. One that cannot be
     /// connected to is passed over for another: the request has not left the
     /// sidecar, so any call may go elsewhere.
-    pub async fn send(self: Arc<Self>, request: Request<RequestBody>) -> Result<Response<ResponseBody>, ProxyError> {
+    /// `failure_codes` are the statuses the call's method counts against the
+    /// endpoint that answers them, if it chose any.
+    pub async fn send(
+        self: Arc<Self>,
+        request: Request<RequestBody>,
+        failure_codes: Option<Arc<[Code]>>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let members = self.members.load_full();
         if members.is_empty() {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
@@ -161,12 +167,13 @@ impl Upstream {
             else {
                 break;
             };
-            let report = Report::start(member.clone(), self.outliers.clone(), admission, deadline);
+            let outliers = (self.outliers.clone(), failure_codes.clone());
+            let report = Report::start(member.clone(), outliers, admission, deadline);
             let endpoint = &member.endpoint;
             let mut sender = match endpoint.ready().await {
                 Ok(sender) => sender,
                 Err(error) => {
-                    report.finish(Outcome::Failure);
+                    report.finish(Outcome::Unreachable);
                     unreachable.push(endpoint.addr);
                     refused = Some(error);
                     continue;
@@ -180,7 +187,7 @@ impl Upstream {
                 // A refusal says nothing of the endpoint's health.
                 Err(error) if error.refused_unprocessed() => Err(error),
                 Err(error) => {
-                    report.finish(Outcome::Failure);
+                    report.finish(Outcome::Unreachable);
                     Err(error)
                 }
                 Ok(response) => {
@@ -191,6 +198,10 @@ impl Upstream {
                         response.extensions_mut().insert(Answered(endpoint.addr));
                     }
                     match trailers_only {
+                        // The peer's sidecar could not reach its app.
+                        Some(_) if response.headers().contains_key(ENDPOINT_FAILURE) => {
+                            report.finish(Outcome::Unreachable)
+                        }
                         Some(code) => report.finish_with_status(code),
                         None => response.body_mut().on_end(Box::new(report)),
                     }

@@ -101,6 +101,7 @@ pub struct Metrics {
     bulkhead_queue_depth: Family<BulkheadLabels, Gauge>,
     endpoint_ejections: Family<UpstreamLabels, Counter>,
     endpoints_ejected: Family<UpstreamLabels, Gauge>,
+    panic_calls: Family<UpstreamLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     reload_failing: Gauge,
 }
@@ -137,6 +138,7 @@ impl Default for Metrics {
             bulkhead_queue_depth: Family::default(),
             endpoint_ejections: Family::default(),
             endpoints_ejected: Family::default(),
+            panic_calls: Family::default(),
             reloads: Family::default(),
             reload_failing: Gauge::default(),
         };
@@ -187,6 +189,11 @@ impl Default for Metrics {
             m.endpoint_ejections.clone(),
         );
         registry.register("endpoints_ejected", "Endpoints out now (the circuit is open)", m.endpoints_ejected.clone());
+        registry.register(
+            "upstream_panic_calls",
+            "Calls sent to any answering endpoint, ejected or not, while fewer than policy.outlier_detection.panic_threshold percent were admitted",
+            m.panic_calls.clone(),
+        );
         registry.register(
             "config_reloads",
             "Reloads of config, contracts and identity: applied, or failed (the running version stays)",
@@ -282,6 +289,7 @@ impl Metrics {
         OutlierMetrics {
             ejections: self.endpoint_ejections.get_or_create_owned(&labels),
             ejected: self.endpoints_ejected.get_or_create_owned(&labels),
+            panics: self.panic_calls.get_or_create_owned(&labels),
         }
     }
 

@@ -17,7 +17,7 @@ use tower::Service;
 
 use super::metrics::CallMetrics;
 use super::trace::{CallSpan, Tracing};
-use crate::call::{Answered, CallFuture, CallService, Caller, Direction, EndOfCall, ProxyError, ResponseBody};
+use crate::call::{Answered, CallEnd, CallFuture, CallService, Caller, Direction, EndOfCall, ProxyError, ResponseBody};
 use crate::grpc::{self, Code};
 use crate::identity::SpiffeId;
 
@@ -102,8 +102,8 @@ impl CallRecord {
 
 impl EndOfCall for CallRecord {
     /// A stream that failed has no status of its own: UNKNOWN, as a client sees it.
-    fn ended(self: Box<Self>, status: Option<Code>) {
-        self.finish(status.unwrap_or(Code::Unknown));
+    fn ended(self: Box<Self>, end: CallEnd) {
+        self.finish(end.status().unwrap_or(Code::Unknown));
     }
 }
 

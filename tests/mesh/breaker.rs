@@ -1,16 +1,22 @@
-//! Outlier detection and balancing across several servers: a failing
-//! endpoint is ejected, traffic flows to the healthy ones, and the endpoint
-//! returns after recovery; with every endpoint out, calls fail fast.
+//! Outlier detection and balancing across several servers: an endpoint that
+//! fails is ejected, traffic flows to the healthy ones, and the endpoint
+//! returns after recovery. Statuses count against an endpoint only where a
+//! method or the upstream says so, and an upstream is never cut off for
+//! statuses alone; with every endpoint unreachable, calls fail fast.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use protomesh_samples::pb::echo::v1::EchoRequest;
 use tonic::Code;
 
 use crate::harness::{Mesh, MeshOptions, within};
+use crate::telemetry::{admin, sample};
 
-/// Ejections outlast the calls that count failures, even on a loaded machine.
-const EJECT_AFTER_3: &str = "{outlier_detection: {consecutive_failures: 3, base_ejection: 2s}}";
+/// Ejections outlast the calls that count failures, even on a loaded machine;
+/// UNAVAILABLE counts against the endpoint that answers it.
+const EJECT_AFTER_3: &str =
+    "{outlier_detection: {consecutive_failures: 3, base_ejection: 2s, failure_codes: [UNAVAILABLE]}}";
 
 fn served(mesh: &Mesh, server: usize) -> u64 {
     mesh.backends[server].calls.load(Ordering::Relaxed)
@@ -69,15 +75,139 @@ async fn a_failing_endpoint_is_ejected_and_returns_after_recovery() {
 }
 
 #[tokio::test]
-async fn with_every_endpoint_out_calls_fail_fast_naming_the_breaker() {
-    let mesh = Mesh::start_with(MeshOptions { client_policy: EJECT_AFTER_3, ..Default::default() }).await;
+async fn one_failing_method_leaves_its_neighbours_answering() {
+    let mesh = Mesh::start().await;
+    let failing = EchoRequest { status_code: Code::Unavailable as i32, ..Default::default() };
+    for _ in 0..20 {
+        let status = within("failing", mesh.client().unary(failing.clone())).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        let healthy = within("healthy", mesh.client().server_stream(EchoRequest::default())).await;
+        assert!(healthy.is_ok(), "the healthy method answers: {healthy:?}");
+    }
+    let metrics = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    assert_eq!(
+        sample(&metrics, "protomesh_endpoint_ejections_total"),
+        Some(0.0),
+        "the app's answers blame no endpoint"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_is_not_cut_off_for_statuses_alone() {
+    // Unary counts UNAVAILABLE against the endpoint; with one endpoint, ejecting it would cut the service off.
+    let policy = "{methods: {echo.v1.Echo/Unary: {endpoint_failure_codes: [UNAVAILABLE]}}, \
+                  outlier_detection: {consecutive_failures: 3, base_ejection: 10s}}";
+    let mesh = Mesh::start_with(MeshOptions { client_policy: policy, ..Default::default() }).await;
     mesh.backend.failing.store(true, Ordering::Relaxed);
+    for _ in 0..6 {
+        let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
+        assert_eq!(status.message(), "backend failing", "the endpoint is still called");
+    }
+    assert_eq!(mesh.calls(), 6);
+    let healthy = within("stream", mesh.client().server_stream(EchoRequest::default())).await;
+    assert!(healthy.is_ok(), "the other method answers: {healthy:?}");
+    let metrics = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    assert_eq!(sample(&metrics, "protomesh_endpoint_ejections_total"), Some(1.0), "{metrics}");
+    let panicked = sample(&metrics, "protomesh_upstream_panic_calls_total").unwrap_or(0.0);
+    assert!(panicked >= 4.0, "calls past the ejection went out in panic: {panicked}");
+}
+
+#[tokio::test]
+async fn with_every_endpoint_unreachable_calls_fail_fast_naming_the_breaker() {
+    // The server sidecar's app is gone: it answers UNAVAILABLE, marked as its app being unreachable.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let options = MeshOptions { app: Some(gone), client_policy: EJECT_AFTER_3, ..Default::default() };
+    let mesh = Mesh::start_with(options).await;
     for _ in 0..3 {
         let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
-        assert_eq!(status.message(), "backend failing");
+        assert!(status.message().contains("local app at"), "{status:?}");
     }
     let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("circuit open: outlier detection"), "{status:?}");
-    assert_eq!(mesh.calls(), 3, "the ejected endpoint is not called");
+    let server = admin(mesh.server_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    let calls: f64 = server
+        .lines()
+        .filter(|line| line.starts_with("protomesh_requests_total{direction=\"inbound\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(calls, 3.0, "the ejected endpoint is not called: {server}");
+}
+
+#[tokio::test]
+async fn an_endpoint_resetting_connections_is_ejected_and_probed_back_while_calls_succeed() {
+    let flaky = Flaky::start().await;
+    let options = MeshOptions {
+        servers: 2,
+        upstream_endpoint: Some(format!("{{every_server}},{}", flaky.addr)),
+        client_policy: "{outlier_detection: {consecutive_failures: 2, base_ejection: 1s}}",
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    flaky.forward_to(mesh.server_sidecar.inbound_addr.unwrap());
+    // Each round's calls share one connection attempt per endpoint: left in,
+    // the resetting endpoint would be tried about once a round.
+    for _ in 0..20 {
+        assert_eq!(within("calls while it resets", round(&mesh, 6)).await, 0);
+    }
+    let metrics = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    assert!(sample(&metrics, "protomesh_endpoint_ejections_total").unwrap_or(0.0) >= 1.0, "{metrics}");
+    let reset = flaky.accepted.load(Ordering::Relaxed);
+    assert!(reset < 10, "ejected, it was left alone but for probes: {reset} connections");
+
+    flaky.resetting.store(false, Ordering::Relaxed);
+    within("probed back", async {
+        while flaky.forwarded.load(Ordering::Relaxed) == 0 {
+            assert_eq!(round(&mesh, 4).await, 0);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// An endpoint that resets every connection while `resetting`, and
+/// otherwise forwards it to a real one.
+struct Flaky {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    resetting: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
+}
+
+impl Flaky {
+    async fn start() -> Flaky {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let flaky = Flaky {
+            addr: listener.local_addr().unwrap(),
+            target: Arc::default(),
+            resetting: Arc::new(AtomicBool::new(true)),
+            accepted: Arc::default(),
+            forwarded: Arc::default(),
+        };
+        let (target, resetting) = (flaky.target.clone(), flaky.resetting.clone());
+        let (accepted, forwarded) = (flaky.accepted.clone(), flaky.forwarded.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else { continue };
+                if resetting.load(Ordering::Relaxed) {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    // Closed with linger 0: a reset, not an orderly close.
+                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+                    continue;
+                }
+                forwarded.fetch_add(1, Ordering::Relaxed);
+                let target = *target.get().unwrap();
+                tokio::spawn(async move {
+                    let mut server = tokio::net::TcpStream::connect(target).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut server).await;
+                });
+            }
+        });
+        flaky
+    }
+
+    fn forward_to(&self, target: std::net::SocketAddr) {
+        self.target.set(target).unwrap();
+    }
 }

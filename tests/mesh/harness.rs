@@ -37,7 +37,8 @@ pub struct MeshOptions {
     /// Replaces the echo backend, e.g. with a raw HTTP/2 server.
     pub app: Option<SocketAddr>,
     /// Replaces the server sidecar's address in the client's route: a
-    /// comma-separated list where `{server}` stands for its inbound port.
+    /// comma-separated list where `{server}` stands for its inbound port and
+    /// `{every_server}` for every server sidecar's address.
     pub upstream_endpoint: Option<String>,
     /// Each sidecar's `worker_threads`.
     pub worker_threads: usize,
@@ -125,6 +126,7 @@ impl Mesh {
             .upstream_endpoint
             .as_deref()
             .unwrap_or(&every_server)
+            .replace("{every_server}", &every_server)
             .replace("{server}", &server_inbound.port().to_string())
             .split(',')
             .map(|e| format!("'{e}'"))
