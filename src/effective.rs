@@ -17,6 +17,7 @@ use crate::policy::authz::{AuthorizationConfig, MethodAuthz, MethodPattern, Rule
 use crate::policy::bulkhead::ConcurrencyPolicy;
 use crate::policy::deadline::DeadlinePolicy;
 use crate::policy::fields::PolicyFields;
+use crate::policy::rate_limit::RateLimitPolicy;
 use crate::policy::retry::{RetryPolicy, RetrySettings};
 use crate::policy::source::{Source, Sourced};
 
@@ -30,6 +31,8 @@ pub struct MethodPolicy {
     pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
     pub max_message_size: Option<Sourced<ByteSize>>,
     pub endpoint_failure_codes: Option<Sourced<Vec<Code>>>,
+    pub rate_limit: Option<Sourced<RateLimitPolicy>>,
+    pub caller_rate_limit: Option<Sourced<RateLimitPolicy>>,
 }
 
 fn first<T: Clone>(
@@ -83,6 +86,8 @@ impl MethodPolicy {
             concurrency: first(&layers, |f| f.concurrency.as_ref()),
             max_message_size: first(&layers, |f| f.max_message_size.as_ref()),
             endpoint_failure_codes: first(&layers, |f| f.endpoint_failure_codes.as_ref()),
+            rate_limit: first(&layers, |f| f.rate_limit.as_ref()),
+            caller_rate_limit: first(&layers, |f| f.caller_rate_limit.as_ref()),
         }
     }
 
@@ -102,6 +107,10 @@ impl MethodPolicy {
             max_replay_bytes,
         }
     }
+}
+
+fn rate_view(limit: &RateLimitPolicy) -> (Value, String) {
+    (json!({ "per_second": limit.per_second, "burst": limit.burst() }), limit.to_string())
 }
 
 /// The contract's `allowed_callers` of a method, as a rule named after its source.
@@ -216,6 +225,8 @@ impl MethodView {
                 let codes: Vec<_> = codes.iter().map(|c| c.name()).collect();
                 (json!(codes), codes.join(", "))
             }),
+            field("rate_limit", effective.rate_limit.as_ref(), rate_view),
+            field("caller_rate_limit", effective.caller_rate_limit.as_ref(), rate_view),
             field("allowed_callers", method.contract.allowed_callers.as_ref(), |callers| {
                 let callers: Vec<String> = callers.iter().map(ToString::to_string).collect();
                 (json!(callers), callers.join(", "))

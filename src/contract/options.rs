@@ -12,6 +12,7 @@ use crate::pb::protomesh::v1 as pb;
 use crate::policy::authz::CallerPattern;
 use crate::policy::bulkhead::ConcurrencyPolicy;
 use crate::policy::fields::PolicyFields;
+use crate::policy::rate_limit::RateLimitPolicy;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::source::{Source, Sourced};
 
@@ -80,6 +81,8 @@ fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
             [] => None,
             names => Some(codes(names, "endpoint_failure_codes")?),
         },
+        rate_limit: option.rate_limit.as_ref().map(rate_limit),
+        caller_rate_limit: option.caller_rate_limit.as_ref().map(rate_limit),
     };
     fields.validate()?;
     Ok(fields)
@@ -105,6 +108,10 @@ fn retry_policy(retry: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
         },
         ..defaults
     })
+}
+
+fn rate_limit(limit: &pb::RateLimit) -> RateLimitPolicy {
+    RateLimitPolicy::new(limit.per_second, (limit.burst > 0).then_some(limit.burst))
 }
 
 fn concurrency_policy(concurrency: &pb::ConcurrencyPolicy) -> Result<ConcurrencyPolicy, String> {

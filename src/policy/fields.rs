@@ -8,6 +8,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use super::bulkhead::ConcurrencyPolicy;
+use super::rate_limit::RateLimitPolicy;
 use super::retry::RetryPolicy;
 use crate::duration;
 use crate::grpc::Code;
@@ -35,6 +36,12 @@ pub struct PolicyFields {
     /// detection); by default `policy.outlier_detection.failure_codes`, none.
     #[serde(default)]
     pub endpoint_failure_codes: Option<Vec<Code>>,
+    /// Inbound: calls per second for all callers together.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// Inbound: calls per second for each caller identity.
+    #[serde(default)]
+    pub caller_rate_limit: Option<RateLimitPolicy>,
 }
 
 impl PolicyFields {
@@ -45,6 +52,11 @@ impl PolicyFields {
         }
         if let Some(concurrency) = &self.concurrency {
             concurrency.validate().map_err(|e| format!("concurrency.{e}"))?;
+        }
+        for (name, limit) in [("rate_limit", &self.rate_limit), ("caller_rate_limit", &self.caller_rate_limit)] {
+            if let Some(limit) = limit {
+                limit.validate().map_err(|e| format!("{name}.{e}"))?;
+            }
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod fields;
 pub mod message_size;
 pub mod outlier;
+pub mod rate_limit;
 pub mod retry;
 pub mod source;
 

@@ -23,12 +23,14 @@ use crate::policy::authz::{Authorize, MethodAuthz, Rule};
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
 use crate::policy::message_size::MessageSizes;
+use crate::policy::rate_limit::{CallerBuckets, RateLimits, TokenBucket};
 use crate::telemetry::{Metrics, Observe, Observed, Tracing};
 
-/// A call from a peer sidecar, top to bottom: recorded, authorized, its
-/// messages measured, given its deadline, held to its bulkheads (the
-/// method's and its caller's), and sent with the remaining budget to the app.
-pub type InboundStack = Observe<Authorize<MessageSizes<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>>;
+/// A call from a peer sidecar, top to bottom: recorded, authorized, held to
+/// its rate limits (its caller's and the method's), its messages measured,
+/// given its deadline, held to its bulkheads (the method's and its
+/// caller's), and sent with the remaining budget to the app.
+pub type InboundStack = Observe<Authorize<RateLimits<MessageSizes<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>>>;
 
 /// What every inbound stack of one version of the routes shares.
 struct Shared {
@@ -82,12 +84,15 @@ impl InboundRoutes {
                     let name = format!("method {} ({})", method.path, c.source);
                     registries.bulkhead(Direction::Inbound, name, &c.value)
                 });
-                let stack = shared.stack(
-                    &effective,
-                    (&method.service, &method.method),
-                    (&method.service, &method.method),
-                    bulkhead,
-                );
+                let rate = effective.rate_limit.as_ref().map(|limit| {
+                    registries.rate_limit(format!("method {} ({})", method.path, limit.source), &limit.value)
+                });
+                let caller_rate = effective.caller_rate_limit.as_ref().map(|limit| {
+                    let name = format!("method {} per caller ({})", method.path, limit.source);
+                    registries.caller_rate_limits(name, &limit.value)
+                });
+                let names = (method.service.as_str(), method.method.as_str());
+                let stack = shared.stack(&effective, names, names, bulkhead, (rate, caller_rate));
                 (method.path.clone().into_boxed_str(), stack)
             })
             .collect();
@@ -117,10 +122,10 @@ impl InboundRoutes {
         match self.mode {
             ContractMode::Strict => Err(ProxyError::UnknownMethod { path: path.to_string() }),
             // Outside the contracts: counted under `*`, and with no method
-            // bulkhead, as neither can be kept for every path a peer might send.
+            // bulkhead or rate limit, as none can be kept for every path a peer might send.
             ContractMode::Permissive => {
                 let effective = MethodPolicy::resolve(service, method, None, &self.shared.policy);
-                Ok(self.shared.stack(&effective, (service, method), ("*", "*"), None))
+                Ok(self.shared.stack(&effective, (service, method), ("*", "*"), None, (None, None)))
             }
         }
     }
@@ -133,6 +138,7 @@ impl Shared {
         (service, method): (&str, &str),
         labels: (&str, &str),
         bulkhead: Option<Arc<Bulkhead>>,
+        (rate, caller_rate): (Option<Arc<TokenBucket>>, Option<Arc<CallerBuckets>>),
     ) -> InboundStack {
         let direction = Direction::Inbound;
         let metrics = &self.metrics;
@@ -150,6 +156,7 @@ impl Shared {
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
             .layer_fn(|inner| Authorize::new(authz.clone(), inner))
+            .layer_fn(|inner| RateLimits::new(rate.clone(), caller_rate.clone(), inner))
             .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
             .layer_fn(|inner| {
                 let exceeded = metrics.deadline_exceeded(direction, labels.0, labels.1);

@@ -8,7 +8,8 @@
 //!           → attempt spans → bulkheads (method, upstream) → forward budget
 //!           → balancer (P2C, outlier detection) → pooled mTLS h2 connection
 //! inbound:  mTLS h2 (client cert required) → edge (caller, route) → observe
-//!           → authorization → deadline → bulkheads (method, caller)
+//!           → authorization → rate limits (caller, method) → deadline
+//!           → bulkheads (method, caller)
 //!           → forward budget → pooled h2c connection to the app
 
 mod balance;

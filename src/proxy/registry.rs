@@ -19,6 +19,7 @@ use crate::config::UpstreamConfig;
 use crate::identity::{Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
+use crate::policy::rate_limit::{CallerBuckets, RateLimitPolicy, TokenBucket};
 use crate::telemetry::Metrics;
 
 /// Values by key, with the keys the routes being built have asked for.
@@ -78,6 +79,8 @@ pub struct Registries {
     app_ports: Kept<ConnectSettings, Arc<AppPorts>>,
     bulkheads: Kept<(Direction, String, ConcurrencyPolicy), Arc<Bulkhead>>,
     callers: Kept<ConcurrencyPolicy, Arc<CallerBulkheads>>,
+    rate_limits: Kept<(String, (u64, u32)), Arc<TokenBucket>>,
+    caller_rate_limits: Kept<(String, (u64, u32)), Arc<CallerBuckets>>,
     originals: Kept<OriginalKey, Arc<OriginalDestinations>>,
 }
 
@@ -92,6 +95,8 @@ impl Registries {
             app_ports: Kept::default(),
             bulkheads: Kept::default(),
             callers: Kept::default(),
+            rate_limits: Kept::default(),
+            caller_rate_limits: Kept::default(),
             originals: Kept::default(),
         }
     }
@@ -156,6 +161,22 @@ impl Registries {
         })
     }
 
+    /// The token bucket named `name` with `policy`; one whose policy changed starts full.
+    pub fn rate_limit(&mut self, name: String, policy: &RateLimitPolicy) -> Arc<TokenBucket> {
+        let rejected = self.metrics.rate_limited(&name);
+        self.rate_limits.get_or_insert_with((name.clone(), policy.key()), || {
+            Arc::new(TokenBucket::new(name.into(), policy, rejected))
+        })
+    }
+
+    /// The token buckets of each caller of the limit named `name`.
+    pub fn caller_rate_limits(&mut self, name: String, policy: &RateLimitPolicy) -> Arc<CallerBuckets> {
+        let rejected = self.metrics.rate_limited(&name);
+        self.caller_rate_limits.get_or_insert_with((name.clone(), policy.key()), || {
+            Arc::new(CallerBuckets::new(name.into(), policy, rejected))
+        })
+    }
+
     /// The bulkheads of inbound callers, one per identity, under `limits`.
     pub fn callers(&mut self, limits: &ConcurrencyPolicy) -> Arc<CallerBulkheads> {
         let metrics = self.metrics.clone();
@@ -171,6 +192,8 @@ impl Registries {
         self.app_ports.prune();
         self.bulkheads.prune();
         self.callers.prune();
+        self.rate_limits.prune();
+        self.caller_rate_limits.prune();
         self.originals.prune();
     }
 }

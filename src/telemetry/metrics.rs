@@ -74,6 +74,11 @@ struct BulkheadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitLabels {
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
 }
@@ -99,6 +104,7 @@ pub struct Metrics {
     deadline_exceeded: Family<MethodLabels, Counter>,
     bulkhead_rejections: Family<BulkheadLabels, Counter>,
     bulkhead_queue_depth: Family<BulkheadLabels, Gauge>,
+    rate_limited: Family<RateLimitLabels, Counter>,
     endpoint_ejections: Family<UpstreamLabels, Counter>,
     endpoints_ejected: Family<UpstreamLabels, Gauge>,
     panic_calls: Family<UpstreamLabels, Counter>,
@@ -136,6 +142,7 @@ impl Default for Metrics {
             deadline_exceeded: Family::default(),
             bulkhead_rejections: Family::default(),
             bulkhead_queue_depth: Family::default(),
+            rate_limited: Family::default(),
             endpoint_ejections: Family::default(),
             endpoints_ejected: Family::default(),
             panic_calls: Family::default(),
@@ -183,6 +190,7 @@ impl Default for Metrics {
             m.bulkhead_rejections.clone(),
         );
         registry.register("bulkhead_queue_depth", "Calls waiting for a bulkhead place", m.bulkhead_queue_depth.clone());
+        registry.register("rate_limited", "Calls refused by a rate limit, by limit", m.rate_limited.clone());
         registry.register(
             "endpoint_ejections",
             "Times outlier detection ejected an endpoint",
@@ -282,6 +290,12 @@ impl Metrics {
             rejected: self.bulkhead_rejections.get_or_create_owned(&labels),
             queue_depth: self.bulkhead_queue_depth.get_or_create_owned(&labels),
         }
+    }
+
+    /// The count of calls refused by the rate limit `limit` (a caller's
+    /// buckets count under their method's limit).
+    pub fn rate_limited(&self, limit: &str) -> Counter {
+        self.rate_limited.get_or_create_owned(&RateLimitLabels { limit: limit.to_string() })
     }
 
     pub fn outliers(&self, upstream: &str) -> OutlierMetrics {

@@ -356,59 +356,66 @@ async fn a_sidecar_started_as_the_injected_container_becomes_ready_and_carries_a
         .unwrap();
     std::os::unix::fs::symlink("..2026_11_30", contracts.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/echo.proto", contracts.join("echo.proto")).unwrap();
-    // The sidecar's own ports, free on this machine; everything else is as injected.
-    let ports: BTreeMap<u16, u16> = [4140, 4143, 4191].into_iter().map(|p| (p, free_port())).collect();
+    // The sidecar's own ports, free on this machine; everything else is as
+    // injected. Another test may take a port between its pick and the
+    // sidecar's bind: then the sidecar says so, and new ports are picked.
     let config = mount("protomesh-config");
-    std::fs::write(
-        config.join("protomesh.yaml"),
-        format!(
-            "outbound:\n  upstreams:\n    - services: [echo.v1.Echo]\n      endpoints: ['127.0.0.1:{}']\n      identity: {id}\n",
-            ports[&4143]
-        ),
-    )
-    .unwrap();
-
     let downward =
         BTreeMap::from([("metadata.name", "echo-0"), ("metadata.namespace", "shop"), ("spec.nodeName", "node-1")]);
-    let mut env = container_env(sidecar, &downward);
-    for (_, value) in &mut env {
-        if value.starts_with('/') || value.starts_with("[/") {
-            *value = value.replace("/var/run/", &format!("{}/var/run/", root.path().display()));
-            *value = value.replace("/etc/", &format!("{}/etc/", root.path().display()));
-        }
-        for (injected, free) in &ports {
-            *value = value.replace(&format!(":{injected}"), &format!(":{free}"));
-        }
-    }
-    let args: Vec<&str> = sidecar["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    let mut process = tokio::process::Command::new(BIN)
-        .args(&args)
-        .env_clear()
-        .envs(env)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+    let mut attempts = 0;
+    let (ports, _process) = loop {
+        attempts += 1;
+        let ports: BTreeMap<u16, u16> = [4140, 4143, 4191].into_iter().map(|p| (p, free_port())).collect();
+        std::fs::write(
+            config.join("protomesh.yaml"),
+            format!(
+                "outbound:\n  upstreams:\n    - services: [echo.v1.Echo]\n      endpoints: ['127.0.0.1:{}']\n      identity: {id}\n",
+                ports[&4143]
+            ),
+        )
         .unwrap();
-
-    let probe = &sidecar["startupProbe"]["httpGet"];
-    let admin = format!("127.0.0.1:{}", ports[&(probe["port"].as_u64().unwrap() as u16)]).parse().unwrap();
-    let path = probe["path"].as_str().unwrap();
-    let ready = within("the startup probe passes", async {
-        loop {
-            if crate::telemetry::status_of(admin, path).await == Some(200) {
-                return true;
+        let mut env = container_env(sidecar, &downward);
+        for (_, value) in &mut env {
+            if value.starts_with('/') || value.starts_with("[/") {
+                *value = value.replace("/var/run/", &format!("{}/var/run/", root.path().display()));
+                *value = value.replace("/etc/", &format!("{}/etc/", root.path().display()));
             }
-            if process.try_wait().unwrap().is_some() {
-                return false;
+            for (injected, free) in &ports {
+                *value = value.replace(&format!(":{injected}"), &format!(":{free}"));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    })
-    .await;
-    if !ready {
+        let args: Vec<&str> = sidecar["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let mut process = tokio::process::Command::new(BIN)
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+
+        let probe = &sidecar["startupProbe"]["httpGet"];
+        let admin = format!("127.0.0.1:{}", ports[&(probe["port"].as_u64().unwrap() as u16)]).parse().unwrap();
+        let path = probe["path"].as_str().unwrap();
+        let ready = within("the startup probe passes", async {
+            loop {
+                if crate::telemetry::status_of(admin, path).await == Some(200) {
+                    return true;
+                }
+                if process.try_wait().unwrap().is_some() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if ready {
+            break (ports, process);
+        }
         let output = process.wait_with_output().await.unwrap();
-        panic!("the sidecar exited: {}", text(&output.stderr));
-    }
+        let said = text(&output.stderr);
+        assert!(said.contains("cannot listen on") && attempts < 3, "the sidecar exited: {said}");
+    };
     let channel = Channel::from_shared(format!("http://127.0.0.1:{}", ports[&4140])).unwrap().connect_lazy();
     let request = EchoRequest { message: "through the injected sidecar".into(), ..Default::default() };
     let reply = within("a call", EchoClient::new(channel).unary(request)).await.unwrap().into_inner();

@@ -14,6 +14,7 @@ mod isolation;
 mod limits;
 mod passthrough;
 mod pods;
+mod rate_limits;
 mod refusals;
 mod reload;
 mod resets;
