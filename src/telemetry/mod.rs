@@ -1,11 +1,13 @@
 //! What the sidecar tells about itself: Prometheus metrics (served by the
-//! admin server), the `Observe` layer that records every call, and traces
+//! admin server), the `Observe` layer that records every call (and gives it
+//! its request ID), and traces
 //! (a span per call and per attempt, exported over OTLP).
 
 mod attempts;
 pub mod metrics;
 mod observe;
 pub mod process;
+mod request_id;
 pub mod trace;
 
 pub use attempts::TraceAttempts;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanKind, Status};
 use opentelemetry_sdk::trace::Span;
@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::metrics::CallMetrics;
+use super::request_id;
 use super::trace::{CallSpan, Tracing};
 use crate::call::{Answered, CallEnd, CallFuture, CallService, Caller, Direction, EndOfCall, ProxyError, ResponseBody};
 use crate::grpc::{self, Code};
@@ -48,8 +49,8 @@ struct CallRecord {
     started: Instant,
     /// Boxed: it is large, and only traced calls have one.
     span: Option<Box<Span>>,
-    /// The path and the peer, when the access log is on.
-    access: Option<(Box<str>, Peer)>,
+    /// The path, the peer and the request ID, when the access log is on.
+    access: Option<(Box<str>, Peer, HeaderValue)>,
     finished: bool,
 }
 
@@ -62,7 +63,7 @@ impl CallRecord {
         self.finished = true;
         let elapsed = self.started.elapsed();
         self.observed.metrics.record(status, elapsed);
-        if let Some((path, peer)) = &self.access {
+        if let Some((path, peer, request_id)) = &self.access {
             let trace_id = self.span.as_ref().map(|s| s.span_context().trace_id().to_string());
             tracing::info!(
                 target: "protomesh::access",
@@ -73,6 +74,7 @@ impl CallRecord {
                 peer = peer.address.as_deref().unwrap_or(""),
                 peer_identity = peer.identity.as_ref().map_or("", |id| id.as_str()),
                 trace_id = trace_id.as_deref().unwrap_or(""),
+                request_id = request_id.to_str().unwrap_or(""),
             );
         }
         if let Some(span) = &mut self.span {
@@ -182,12 +184,19 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let observed = &self.observed;
-        let span = observed.tracing.as_ref().map(|tracing| Box::new(observed.start_span(tracing, &mut request)));
+        let request_id = request_id::ensure(request.headers_mut());
+        let span = observed.tracing.as_ref().map(|tracing| {
+            let mut span = Box::new(observed.start_span(tracing, &mut request));
+            if let Ok(id) = request_id.to_str() {
+                span.set_attribute(KeyValue::new("protomesh.request_id", id.to_string()));
+            }
+            span
+        });
         let mut record = CallRecord {
             observed: observed.clone(),
             started: Instant::now(),
             span,
-            access: observed.access_log.then(|| (request.uri().path().into(), observed.peer(&request))),
+            access: observed.access_log.then(|| (request.uri().path().into(), observed.peer(&request), request_id)),
             finished: false,
         };
         let call = self.inner.call(request);

@@ -178,3 +178,17 @@ async fn a_request_head_sent_too_slowly_is_dropped() {
     within("the slow request is dropped", tcp.read_to_end(&mut answer)).await.unwrap();
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 }
+
+#[tokio::test]
+async fn a_request_id_is_kept_when_the_app_sends_one_and_made_when_it_does_not() {
+    let mesh = Mesh::start().await;
+    let mut request = tonic::Request::new(EchoRequest { message: "with".into(), ..Default::default() });
+    request.metadata_mut().insert("x-request-id", "order-42".parse().unwrap());
+    within("with an ID", mesh.client().unary(request)).await.unwrap();
+    assert_eq!(mesh.backend.header_of("with", "x-request-id").as_deref(), Some("order-42"));
+
+    let request = EchoRequest { message: "without".into(), ..Default::default() };
+    within("without an ID", mesh.client().unary(request)).await.unwrap();
+    let made = mesh.backend.header_of("without", "x-request-id").expect("one was made and passed on");
+    assert_eq!(made.len(), 36, "a UUID: {made}");
+}

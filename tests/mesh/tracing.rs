@@ -62,6 +62,10 @@ async fn both_sidecars_spans_form_one_trace_under_the_apps_span() {
     assert_eq!(attribute(&client, "protomesh.peer.identity").as_deref(), Some(crate::harness::id("server").as_str()));
     assert_eq!(attribute(&server, "protomesh.peer.identity").as_deref(), Some(crate::harness::id("client").as_str()));
     assert!(attribute(&server, "network.peer.address").is_some_and(|a| a.starts_with("127.0.0.1:")));
+    // The request ID the client sidecar made follows the call to the app.
+    let request_id = attribute(&client, "protomesh.request_id").expect("the client span carries the request ID");
+    assert_eq!(attribute(&server, "protomesh.request_id"), Some(request_id.clone()));
+    assert_eq!(mesh.backend.last_header("x-request-id"), Some(request_id));
 }
 
 #[tokio::test]
