@@ -184,10 +184,13 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let observed = &self.observed;
-        let request_id = request_id::ensure(request.headers_mut());
+        // Made only where this sidecar logs or traces the call: making one
+        // for every call costs more than anything else the sidecar adds to it.
+        let request_id =
+            (observed.access_log || observed.tracing.is_some()).then(|| request_id::ensure(request.headers_mut()));
         let span = observed.tracing.as_ref().map(|tracing| {
             let mut span = Box::new(observed.start_span(tracing, &mut request));
-            if let Ok(id) = request_id.to_str() {
+            if let Some(id) = request_id.as_ref().and_then(|id| id.to_str().ok()) {
                 span.set_attribute(KeyValue::new("protomesh.request_id", id.to_string()));
             }
             span
@@ -196,7 +199,10 @@ where
             observed: observed.clone(),
             started: Instant::now(),
             span,
-            access: observed.access_log.then(|| (request.uri().path().into(), observed.peer(&request), request_id)),
+            access: match (observed.access_log, request_id) {
+                (true, Some(id)) => Some((request.uri().path().into(), observed.peer(&request), id)),
+                _ => None,
+            },
             finished: false,
         };
         let call = self.inner.call(request);

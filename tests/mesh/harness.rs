@@ -53,6 +53,8 @@ pub struct MeshOptions {
     pub reload_interval: &'static str,
     /// YAML for each sidecar's `limits` section.
     pub limits: &'static str,
+    /// Each sidecar's `access_log`.
+    pub access_log: bool,
     /// Each sidecar's `contracts.protos` and `contracts.mode`.
     pub protos: &'static str,
     pub contracts_mode: &'static str,
@@ -75,6 +77,7 @@ impl Default for MeshOptions {
             admin_listen: "127.0.0.1:0",
             reload_interval: "0s",
             limits: "{}",
+            access_log: false,
             protos: "[examples/echo.proto, examples/shop.proto]",
             contracts_mode: "strict",
         }
@@ -221,6 +224,7 @@ async fn sidecar(
         options.reload_interval,
         options.limits,
     );
+    yaml.push_str(&format!("access_log: {}\n", options.access_log));
     if let Some(inbound) = inbound {
         yaml.push_str(&format!("inbound: {inbound}\n"));
     }

@@ -181,7 +181,7 @@ async fn a_request_head_sent_too_slowly_is_dropped() {
 
 #[tokio::test]
 async fn a_request_id_is_kept_when_the_app_sends_one_and_made_when_it_does_not() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start_with(MeshOptions { access_log: true, ..Default::default() }).await;
     let mut request = tonic::Request::new(EchoRequest { message: "with".into(), ..Default::default() });
     request.metadata_mut().insert("x-request-id", "order-42".parse().unwrap());
     within("with an ID", mesh.client().unary(request)).await.unwrap();
@@ -191,4 +191,17 @@ async fn a_request_id_is_kept_when_the_app_sends_one_and_made_when_it_does_not()
     within("without an ID", mesh.client().unary(request)).await.unwrap();
     let made = mesh.backend.header_of("without", "x-request-id").expect("one was made and passed on");
     assert_eq!(made.len(), 36, "a UUID: {made}");
+}
+
+#[tokio::test]
+async fn without_an_access_log_or_traces_no_request_id_is_made_but_one_sent_goes_through() {
+    let mesh = Mesh::start().await;
+    within("without an ID", mesh.client().unary(EchoRequest { message: "none".into(), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(mesh.backend.header_of("none", "x-request-id"), None);
+    let mut request = tonic::Request::new(EchoRequest { message: "sent".into(), ..Default::default() });
+    request.metadata_mut().insert("x-request-id", "order-43".parse().unwrap());
+    within("with an ID", mesh.client().unary(request)).await.unwrap();
+    assert_eq!(mesh.backend.header_of("sent", "x-request-id").as_deref(), Some("order-43"));
 }
