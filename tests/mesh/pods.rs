@@ -15,7 +15,7 @@
 //! tests that use pods skip, saying why.
 
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -62,6 +62,11 @@ pub fn ipv6() -> bool {
     Path::new("/proc/net/if_inet6").exists()
 }
 
+/// The address families pods have.
+fn families() -> &'static [&'static str] {
+    if ipv6() { &["ip", "ip6"] } else { &["ip"] }
+}
+
 /// Turns off IPv6 duplicate address detection for the interfaces made in
 /// namespace `name` from now on: while an interface's link-local address is
 /// tentative, neighbour discovery waits, and a connection's first packets are
@@ -106,33 +111,16 @@ impl Node {
         if ipv6() {
             run("ip", &["-n", &name, "addr", "add", &format!("{}/64", Self::gateway6(subnet)), "dev", "br0"]);
             run("ip", &["netns", "exec", &name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &name,
-                    "nft",
-                    "add table ip6 services; \
-                     add chain ip6 services prerouting { type nat hook prerouting priority dstnat; }; \
-                     add chain ip6 services postrouting { type nat hook postrouting priority srcnat; }; \
-                     add rule ip6 services postrouting ct status dnat masquerade",
-                ],
-            );
         }
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &name,
-                "nft",
-                "add table ip services; \
-                 add chain ip services prerouting { type nat hook prerouting priority dstnat; }; \
-                 add chain ip services postrouting { type nat hook postrouting priority srcnat; }; \
-                 add rule ip services postrouting ct status dnat masquerade",
-            ],
-        );
+        for family in families() {
+            let table = format!(
+                "add table {family} services; \
+                 add chain {family} services prerouting {{ type nat hook prerouting priority dstnat; }}; \
+                 add chain {family} services postrouting {{ type nat hook postrouting priority srcnat; }}; \
+                 add rule {family} services postrouting ct status dnat masquerade"
+            );
+            run("ip", &["netns", "exec", &name, "nft", &table]);
+        }
         Node { name, subnet, pods: AtomicU32::new(0), services: AtomicU32::new(0) }
     }
 
@@ -144,43 +132,31 @@ impl Node {
         Ipv6Addr::new(0xfd00, 0x213, subnet.into(), 0, 0, 0, 0, 1)
     }
 
-    /// As [`Node::service`], on an IPv6 virtual IP to the pods' IPv6 addresses.
-    pub fn service6(&self, port: u16, pods: &[&Pod]) -> SocketAddr {
-        let index = self.services.fetch_add(1, Ordering::Relaxed);
-        let vip = Ipv6Addr::new(0xfd00, 0x96, self.subnet.into(), 0, 0, 0, 0, index as u16 + 10);
-        let targets: Vec<String> =
-            pods.iter().enumerate().map(|(i, pod)| format!("{i} : {}", pod.address6())).collect();
-        let rule = format!(
-            "add rule ip6 services prerouting ip6 daddr {vip} tcp dport {port} dnat to numgen inc mod {} map {{ {} }}",
-            pods.len(),
-            targets.join(", ")
-        );
-        run("ip", &["netns", "exec", &self.name, "nft", &rule]);
-        SocketAddr::from((vip, port))
-    }
-
     /// A Service: a virtual IP whose `port` the node sends to the same port
     /// of one of `pods`, chosen in turn.
     pub fn service(&self, port: u16, pods: &[&Pod]) -> SocketAddr {
         let index = self.services.fetch_add(1, Ordering::Relaxed);
         let vip = Ipv4Addr::new(10, 96, self.subnet, index as u8 + 10);
-        let targets: Vec<String> = pods.iter().enumerate().map(|(i, pod)| format!("{i} : {}", pod.address)).collect();
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "nft",
-                &format!(
-                    "add rule ip services prerouting ip daddr {vip} tcp dport {port} \
+        self.dnat("ip", vip.into(), port, pods.iter().map(|pod| pod.address.into()))
+    }
+
+    /// As [`Node::service`], on an IPv6 virtual IP to the pods' IPv6 addresses.
+    pub fn service6(&self, port: u16, pods: &[&Pod]) -> SocketAddr {
+        let index = self.services.fetch_add(1, Ordering::Relaxed);
+        let vip = Ipv6Addr::new(0xfd00, 0x96, self.subnet.into(), 0, 0, 0, 0, index as u16 + 10);
+        self.dnat("ip6", vip.into(), port, pods.iter().map(|pod| pod.address6().into()))
+    }
+
+    fn dnat(&self, family: &str, vip: IpAddr, port: u16, targets: impl Iterator<Item = IpAddr>) -> SocketAddr {
+        let targets: Vec<String> = targets.enumerate().map(|(i, target)| format!("{i} : {target}")).collect();
+        let rule = format!(
+            "add rule {family} services prerouting {family} daddr {vip} tcp dport {port} \
              dnat to numgen inc mod {} map {{ {} }}",
-                    pods.len(),
-                    targets.join(", ")
-                ),
-            ],
+            targets.len(),
+            targets.join(", ")
         );
-        SocketAddr::V4(SocketAddrV4::new(vip, port))
+        run("ip", &["netns", "exec", &self.name, "nft", &rule]);
+        SocketAddr::new(vip, port)
     }
 
     /// Runs `task` on a thread in the node's namespace, where the bridge is.
