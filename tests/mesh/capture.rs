@@ -271,10 +271,12 @@ fn request(message: &str) -> EchoRequest {
     EchoRequest { message: message.into(), ..Default::default() }
 }
 
-/// Watches every frame in the node's namespace until stopped; returns the bytes seen.
+/// Watches every frame in the node's namespace from when it returns until
+/// stopped, and what is still queued then; returns the bytes seen.
 fn sniff(node: &Node) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u8>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
+    let (listening, ready) = std::sync::mpsc::channel();
     let seen = node.run(move || {
         // SAFETY: plain socket calls on a descriptor this thread owns and closes.
         unsafe {
@@ -284,18 +286,27 @@ fn sniff(node: &Node) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u8>>) {
             let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
             let size = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size);
+            // Room for a burst of frames while this thread is not scheduled.
+            let buffer: libc::c_int = 16 << 20;
+            let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&raw const buffer).cast(), size);
+            listening.send(()).unwrap();
             let mut seen = Vec::new();
             let mut frame = vec![0u8; 65536];
-            while !stopped.load(Ordering::Acquire) && seen.len() < 256 << 20 {
+            while seen.len() < 256 << 20 {
                 let n = libc::recv(fd, frame.as_mut_ptr().cast(), frame.len(), 0);
                 if n > 0 {
                     seen.extend_from_slice(&frame[..n as usize]);
+                } else if stopped.load(Ordering::Acquire) {
+                    // Stopped, and nothing more queued.
+                    break;
                 }
             }
             libc::close(fd);
             seen
         }
     });
+    ready.recv().unwrap();
     (stop, seen)
 }
 
