@@ -17,6 +17,7 @@ use crate::policy::authz::{AuthorizationConfig, MethodAuthz, MethodPattern, Rule
 use crate::policy::bulkhead::ConcurrencyPolicy;
 use crate::policy::deadline::DeadlinePolicy;
 use crate::policy::fields::PolicyFields;
+use crate::policy::hedge::HedgingPolicy;
 use crate::policy::rate_limit::RateLimitPolicy;
 use crate::policy::retry::{RetryPolicy, RetrySettings};
 use crate::policy::source::{Source, Sourced};
@@ -28,6 +29,7 @@ pub struct MethodPolicy {
     pub idle_timeout: Option<Sourced<Duration>>,
     pub stream_timeout: Option<Sourced<Duration>>,
     pub retry: Option<Sourced<RetryPolicy>>,
+    pub hedging: Option<Sourced<HedgingPolicy>>,
     pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
     pub max_message_size: Option<Sourced<ByteSize>>,
     pub endpoint_failure_codes: Option<Sourced<Vec<Code>>>,
@@ -70,9 +72,18 @@ impl MethodPolicy {
         layers.push((&config.defaults, Source::ConfigDefault));
 
         let idempotent = info.is_some_and(|i| i.idempotency != Idempotency::Unknown);
-        let retry = first(&layers, |f| f.retry.as_ref())
+        let mut retry = first(&layers, |f| f.retry.as_ref())
             .filter(|retry| retry.source != Source::ConfigDefault || idempotent)
             .filter(|retry| retry.value.retries());
+        // Only a call that may run twice at once is hedged; the more specific
+        // of `retry` and `hedging` wins.
+        let hedging = first(&layers, |f| f.hedging.as_ref()).filter(|_| idempotent).filter(|hedging| {
+            let precedence = |source: &Source| layers.iter().position(|(_, s)| s == source);
+            retry.as_ref().is_none_or(|retry| precedence(&hedging.source) <= precedence(&retry.source))
+        });
+        if hedging.is_some() {
+            retry = None;
+        }
         let stream_timeout = first(&layers, |f| f.stream_timeout.as_ref());
         let timeout_applies = match info {
             Some(info) => info.shape.one_response(),
@@ -83,6 +94,7 @@ impl MethodPolicy {
             idle_timeout: first(&layers, |f| f.idle_timeout.as_ref()),
             stream_timeout,
             retry,
+            hedging,
             concurrency: first(&layers, |f| f.concurrency.as_ref()),
             max_message_size: first(&layers, |f| f.max_message_size.as_ref()),
             endpoint_failure_codes: first(&layers, |f| f.endpoint_failure_codes.as_ref()),
@@ -103,6 +115,7 @@ impl MethodPolicy {
     pub fn retries(&self, shape: Option<CallShape>, max_replay_bytes: usize) -> RetrySettings {
         RetrySettings {
             policy: self.retry.as_ref().map(|r| r.value.clone()),
+            hedging: self.hedging.as_ref().map(|h| h.value.clone()),
             replayable: shape.is_some_and(CallShape::one_request),
             max_replay_bytes,
         }
@@ -208,6 +221,17 @@ impl MethodView {
                     r.max_backoff,
                     r.backoff_multiplier
                 );
+                (json, text)
+            }),
+            field("hedging", effective.hedging.as_ref(), |h| {
+                let codes: Vec<_> = h.non_fatal_codes.iter().map(|c| c.name()).collect();
+                let json = json!({
+                    "max_attempts": h.max_attempts,
+                    "hedging_delay": format!("{:?}", h.hedging_delay),
+                    "non_fatal_codes": codes,
+                });
+                let text =
+                    format!("{} attempts {:?} apart, non-fatal: {}", h.max_attempts, h.hedging_delay, codes.join(", "));
                 (json, text)
             }),
             field("concurrency", effective.concurrency.as_ref(), |c| {
@@ -346,6 +370,29 @@ mod tests {
         let undeclared = MethodPolicy::resolve("x.X", "Y", None, &with_streams);
         assert!(undeclared.timeout.is_none());
         assert_eq!(undeclared.deadline(Duration::ZERO).limit.unwrap().1.value, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn hedging_applies_to_idempotent_methods_and_the_more_specific_of_it_and_retry_wins() {
+        let hedging =
+            HedgingPolicy { max_attempts: 2, hedging_delay: Duration::from_millis(20), non_fatal_codes: vec![] };
+        let hedged = PolicyFields { hedging: Some(hedging), ..Default::default() };
+        let retried = PolicyFields { retry: Some(retry(3)), ..Default::default() };
+        let config = PolicyConfig { defaults: retried.clone(), ..Default::default() };
+        let resolve = |method: &MethodInfo| MethodPolicy::resolve("s.S", "M", Some(method), &config);
+
+        let plain = info(Idempotency::Unknown, Some(hedged.clone()), None);
+        assert!(resolve(&plain).hedging.is_none(), "a method not marked idempotent is never hedged");
+        let safe = info(Idempotency::Idempotent, Some(hedged.clone()), None);
+        let policy = resolve(&safe);
+        assert_eq!(policy.hedging.unwrap().source, Source::MethodOption);
+        assert!(policy.retry.is_none(), "the method's hedging wins over the default retry");
+        let retried_method = info(Idempotency::Idempotent, Some(retried), Some(hedged));
+        let policy = resolve(&retried_method);
+        assert!(
+            policy.hedging.is_none() && policy.retry.is_some(),
+            "the method's retry wins over its service's hedging"
+        );
     }
 
     #[test]

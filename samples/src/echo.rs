@@ -29,6 +29,8 @@ pub struct EchoStats {
     last_metadata: std::sync::Mutex<MetadataMap>,
     /// While set, every unary call fails with UNAVAILABLE: a backend gone bad.
     pub failing: std::sync::atomic::AtomicBool,
+    /// Every unary call waits this many milliseconds first: a slow replica.
+    pub slow_ms: std::sync::atomic::AtomicU32,
     /// Calls seen so far per `message`, for `fail_first`.
     seen: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// The metadata of the latest unary call per `message`.
@@ -134,6 +136,21 @@ async fn pause(delay_ms: u32) {
     }
 }
 
+/// Counts a unary call dropped while it waits: its caller cancelled it.
+struct Unanswered<'a> {
+    stats: &'a EchoStats,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.stats.cancelled_signal.notify_waiters();
+        }
+    }
+}
+
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -144,7 +161,10 @@ impl Echo for EchoService {
         let received = request.metadata().clone();
         let request = request.into_inner();
         self.stats.metadata_by_message.lock().expect("stats lock").insert(request.message.clone(), received);
+        let mut unanswered = Unanswered { stats: &self.stats, answered: false };
+        pause(self.stats.slow_ms.load(Ordering::Relaxed)).await;
         pause(request.delay_ms).await;
+        unanswered.answered = true;
         if self.stats.failing.load(Ordering::Relaxed) {
             return Err(Status::unavailable("backend failing"));
         }

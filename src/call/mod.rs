@@ -79,3 +79,18 @@ pub struct Attempt(pub u32);
 /// The endpoint that answered, among a response's extensions (traced calls only).
 #[derive(Clone, Copy, Debug)]
 pub struct Answered(pub SocketAddr);
+
+/// The endpoints a hedged call's attempts went to, shared among them, so that
+/// each attempt goes to an endpoint the others have not used while there is one.
+#[derive(Clone, Debug, Default)]
+pub struct Spread(std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>);
+
+impl Spread {
+    pub fn used(&self) -> Vec<SocketAddr> {
+        self.0.lock().expect("spread lock").clone()
+    }
+
+    pub fn use_one(&self, addr: SocketAddr) {
+        self.0.lock().expect("spread lock").push(addr);
+    }
+}

@@ -12,6 +12,7 @@ use crate::pb::protomesh::v1 as pb;
 use crate::policy::authz::CallerPattern;
 use crate::policy::bulkhead::ConcurrencyPolicy;
 use crate::policy::fields::PolicyFields;
+use crate::policy::hedge::HedgingPolicy;
 use crate::policy::rate_limit::RateLimitPolicy;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::source::{Source, Sourced};
@@ -75,6 +76,7 @@ fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
         idle_timeout: optional_duration(&option.idle_timeout, "idle_timeout")?,
         stream_timeout: optional_duration(&option.stream_timeout, "stream_timeout")?,
         retry: option.retry.as_ref().map(retry_policy).transpose()?,
+        hedging: option.hedging.as_ref().map(hedging_policy).transpose()?,
         concurrency: option.concurrency.as_ref().map(concurrency_policy).transpose()?,
         max_message_size: optional_size(&option.max_message_size, "max_message_size")?,
         endpoint_failure_codes: match option.endpoint_failure_codes.as_slice() {
@@ -107,6 +109,14 @@ fn retry_policy(retry: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
             retry.backoff_multiplier
         },
         ..defaults
+    })
+}
+
+fn hedging_policy(hedging: &pb::HedgingPolicy) -> Result<HedgingPolicy, String> {
+    Ok(HedgingPolicy {
+        max_attempts: hedging.max_attempts,
+        hedging_delay: optional_duration(&hedging.hedging_delay, "hedging.hedging_delay")?.unwrap_or_default(),
+        non_fatal_codes: codes(&hedging.non_fatal_codes, "hedging.non_fatal_codes")?,
     })
 }
 

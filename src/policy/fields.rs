@@ -8,6 +8,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use super::bulkhead::ConcurrencyPolicy;
+use super::hedge::HedgingPolicy;
 use super::rate_limit::RateLimitPolicy;
 use super::retry::RetryPolicy;
 use crate::duration;
@@ -27,6 +28,9 @@ pub struct PolicyFields {
     pub stream_timeout: Option<Duration>,
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
+    /// Attempts side by side for an idempotent method, in place of `retry`.
+    #[serde(default)]
+    pub hedging: Option<HedgingPolicy>,
     #[serde(default)]
     pub concurrency: Option<ConcurrencyPolicy>,
     /// The largest gRPC message either way; a larger one ends the call with RESOURCE_EXHAUSTED.
@@ -49,6 +53,14 @@ impl PolicyFields {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(retry) = &self.retry {
             retry.validate().map_err(|e| format!("retry.{e}"))?;
+        }
+        if let Some(hedging) = &self.hedging {
+            if self.retry.is_some() {
+                return Err(
+                    "hedging: a method retries or hedges, not both (gRFC A6); remove `retry` or `hedging`".into()
+                );
+            }
+            hedging.validate().map_err(|e| format!("hedging.{e}"))?;
         }
         if let Some(concurrency) = &self.concurrency {
             concurrency.validate().map_err(|e| format!("concurrency.{e}"))?;

@@ -7,6 +7,7 @@ pub mod authz;
 pub mod bulkhead;
 pub mod deadline;
 pub mod fields;
+pub mod hedge;
 pub mod message_size;
 pub mod outlier;
 pub mod rate_limit;

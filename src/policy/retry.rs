@@ -13,7 +13,8 @@
 //! Calls with one request message (unary, server-streaming) are kept whole,
 //! up to `policy.max_replay_bytes`, so that they can be sent again; larger
 //! ones and request streams go out as they come and are not retried. Each
-//! attempt is marked with its number ([`Attempt`]).
+//! attempt is marked with its number ([`Attempt`]). A method may hedge
+//! instead (`hedge.rs`): the same layer, the same kept request and budget.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -30,6 +31,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 use super::deadline::Deadline;
+use super::hedge::{HedgingPolicy, hedge};
 use crate::call::{Attempt, CallFuture, CallService, ProxyError, RequestBody, ResponseBody};
 use crate::duration;
 use crate::grpc::{self, Code};
@@ -116,6 +118,11 @@ impl RetryBudget {
     pub fn new(config: &RetryBudgetConfig) -> RetryBudget {
         RetryBudget(Arc::new(TpsBudget::new(Duration::from_secs(10), config.min_per_second, config.ratio as f32)))
     }
+
+    /// Takes one retry or hedge from the budget, if it has one.
+    pub(super) fn withdraw(&self) -> bool {
+        self.0.withdraw()
+    }
 }
 
 /// A method's retry settings, resolved once.
@@ -123,6 +130,8 @@ impl RetryBudget {
 pub struct RetrySettings {
     /// `None`: only refused calls are sent again.
     pub policy: Option<RetryPolicy>,
+    /// In place of retries: attempts sent side by side (never with `policy`).
+    pub hedging: Option<HedgingPolicy>,
     /// The method takes one request message (unary, server-streaming), so a
     /// call can be kept and sent again.
     pub replayable: bool,
@@ -133,6 +142,7 @@ pub struct RetrySettings {
 #[derive(Clone, Debug, Default)]
 pub struct RetryMetrics {
     pub retries: Counter,
+    pub hedges: Counter,
     pub budget_exhausted: Counter,
 }
 
@@ -151,7 +161,7 @@ impl<S> Retries<S> {
 }
 
 /// What one attempt's outcome says about another.
-enum Verdict {
+pub(super) enum Verdict {
     Final,
     /// Retry if the policy and budget allow, after the backoff or the server's pushback.
     Retryable {
@@ -161,7 +171,7 @@ enum Verdict {
     Refused,
 }
 
-fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
+pub(super) fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
     match result {
         Ok(response) => {
             let Some(code) = grpc::status_in(response.headers()) else {
@@ -227,7 +237,7 @@ fn joined(mut chunks: Vec<Bytes>) -> Bytes {
 }
 
 /// The request of attempt `number` (1 for the first).
-fn attempt<B>(parts: &http::request::Parts, body: Bytes, number: u32) -> Request<RequestBody<B>> {
+pub(super) fn attempt<B>(parts: &http::request::Parts, body: Bytes, number: u32) -> Request<RequestBody<B>> {
     let mut request = Request::new(RequestBody::Replayed(Some(body)));
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = parts.uri.clone();
@@ -283,6 +293,9 @@ where
                 Ok(kept) => kept,
                 Err(unkept) => return inner.ready().await?.call(Request::from_parts(parts, unkept)).await,
             };
+            if let Some(hedging) = &settings.hedging {
+                return hedge(inner, parts, kept, hedging, (budget, metrics), deadline).await;
+            }
             let policy = settings.policy.as_ref();
             let retryable = policy.map_or(&[][..], |p| &p.retryable_codes);
             let mut backoff = policy.map_or(Duration::ZERO, |p| p.initial_backoff);
@@ -310,7 +323,7 @@ where
                 if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
                     return result;
                 }
-                if !budget.as_ref().is_some_and(|b| b.0.withdraw()) {
+                if !budget.as_ref().is_some_and(RetryBudget::withdraw) {
                     metrics.budget_exhausted.inc();
                     return result;
                 }
@@ -442,7 +455,7 @@ mod tests {
     fn settings(max_attempts: u32) -> Arc<RetrySettings> {
         let mut policy = RetryPolicy::new(max_attempts, vec![Code::Unavailable]);
         policy.initial_backoff = Duration::from_millis(10);
-        Arc::new(RetrySettings { policy: Some(policy), replayable: true, max_replay_bytes: 1024 })
+        Arc::new(RetrySettings { policy: Some(policy), replayable: true, max_replay_bytes: 1024, hedging: None })
     }
 
     fn budget() -> Option<RetryBudget> {

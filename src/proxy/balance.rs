@@ -162,6 +162,7 @@ pub struct Report {
     probe: bool,
     started: Instant,
     deadline: Option<Instant>,
+    responded: bool,
     reported: bool,
 }
 
@@ -174,12 +175,14 @@ impl Report {
     ) -> Report {
         endpoint.load.in_flight.fetch_add(1, Ordering::Relaxed);
         let probe = admission == Admission::Probe;
-        Report { endpoint, outliers, failure_codes, probe, started: Instant::now(), deadline, reported: false }
+        let started = Instant::now();
+        Report { endpoint, outliers, failure_codes, probe, started, deadline, responded: false, reported: false }
     }
 
     /// The response headers arrived: the round trip is measured here.
-    pub fn responded(&self) {
+    pub fn responded(&mut self) {
         self.endpoint.load.observe(self.started.elapsed(), Instant::now());
+        self.responded = true;
     }
 
     pub fn finish(mut self, outcome: Outcome) {
@@ -224,10 +227,16 @@ impl std::fmt::Debug for Report {
 impl Drop for Report {
     fn drop(&mut self) {
         self.endpoint.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = Instant::now();
+        // A call given up unanswered (a losing hedge, a caller gone) took at
+        // least this long: as tower's peak-EWMA does, the load learns it, or
+        // an endpoint whose calls are always given up would look fast.
+        if !self.responded {
+            self.endpoint.load.observe(now.saturating_duration_since(self.started), now);
+        }
         if self.reported {
             return;
         }
-        let now = Instant::now();
         if self.deadline.is_some_and(|deadline| now >= deadline) {
             self.endpoint.health.record(Outcome::Unreachable, now, &self.outliers);
         } else if self.probe {

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::balance::{self, Member, Report};
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
-use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Target};
+use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target};
 use crate::config::UpstreamConfig;
 use crate::discovery::{self, EndpointSpec};
 use crate::grpc::{self, Code};
@@ -159,16 +159,26 @@ impl Upstream {
         // Only a call's span reads which endpoint answered.
         let traced = request.extensions().get::<CallSpan>().is_some();
         let deadline = request.extensions().get::<Deadline>().map(|deadline| deadline.0);
+        let spread = request.extensions().get::<Spread>().cloned();
         let mut refused = None;
         // Endpoints that could not be connected to; empty (and unallocated) on the usual path.
         let mut unreachable = Vec::new();
         for _ in 0..members.len().min(CONNECT_TRIES) {
-            let Some((member, admission)) = balance::choose(&members, &unreachable, Instant::now(), &self.outliers)
-            else {
+            let now = Instant::now();
+            let choose = |passed_over: &[SocketAddr]| balance::choose(&members, passed_over, now, &self.outliers);
+            // A hedge goes to an endpoint its call has not used yet, if one is left.
+            let chosen = match &spread {
+                None => choose(&unreachable),
+                Some(spread) => choose(&[&unreachable[..], &spread.used()].concat()).or_else(|| choose(&unreachable)),
+            };
+            let Some((member, admission)) = chosen else {
                 break;
             };
+            if let Some(spread) = &spread {
+                spread.use_one(member.addr());
+            }
             let outliers = (self.outliers.clone(), failure_codes.clone());
-            let report = Report::start(member.clone(), outliers, admission, deadline);
+            let mut report = Report::start(member.clone(), outliers, admission, deadline);
             let endpoint = &member.endpoint;
             let mut sender = match endpoint.ready().await {
                 Ok(sender) => sender,

@@ -100,6 +100,7 @@ pub struct Metrics {
     closed_at_limit: Family<LimitLabels, Counter>,
     opaque_connections: Family<OpaqueLabels, Counter>,
     retries: Family<MethodLabels, Counter>,
+    hedges: Family<MethodLabels, Counter>,
     retry_budget_exhausted: Family<MethodLabels, Counter>,
     deadline_exceeded: Family<MethodLabels, Counter>,
     bulkhead_rejections: Family<BulkheadLabels, Counter>,
@@ -138,6 +139,7 @@ impl Default for Metrics {
             closed_at_limit: Family::default(),
             opaque_connections: Family::default(),
             retries: Family::default(),
+            hedges: Family::default(),
             retry_budget_exhausted: Family::default(),
             deadline_exceeded: Family::default(),
             bulkhead_rejections: Family::default(),
@@ -174,9 +176,10 @@ impl Default for Metrics {
             m.opaque_connections.clone(),
         );
         registry.register("retries", "Retries sent, after the first attempt", m.retries.clone());
+        registry.register("hedges", "Hedged attempts sent, after the first attempt", m.hedges.clone());
         registry.register(
             "retry_budget_exhausted",
-            "Retries not sent because the upstream's retry budget was spent",
+            "Retries and hedges not sent because the upstream's retry budget was spent",
             m.retry_budget_exhausted.clone(),
         );
         registry.register(
@@ -276,6 +279,7 @@ impl Metrics {
         let labels = Metrics::method_labels(direction, service, method);
         RetryMetrics {
             retries: self.retries.get_or_create_owned(&labels),
+            hedges: self.hedges.get_or_create_owned(&labels),
             budget_exhausted: self.retry_budget_exhausted.get_or_create_owned(&labels),
         }
     }
