@@ -4,19 +4,14 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use prost::Message;
 use tokio::net::TcpStream;
 
 use crate::config::probes::{AppProbe, GrpcCheck, HttpGet};
-use crate::grpc;
-use crate::pb::grpc::health::v1::{HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus};
-
-/// A health answer is a few bytes; an app sending more is not answering it.
-const MAX_ANSWER: usize = 64 << 10;
+use crate::health::{self, ServingStatus};
 
 /// Runs `probe`: what passed, or why it failed, in a few words.
 pub async fn perform(probe: &AppProbe) -> Result<String, String> {
@@ -72,20 +67,9 @@ async fn grpc_check(probe: &GrpcCheck) -> Result<String, String> {
     let (client, connection) = h2::client::handshake(tcp).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let mut client = client.ready().await.map_err(|e| e.to_string())?;
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://127.0.0.1:{}/grpc.health.v1.Health/Check", probe.port))
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let (response, mut send) = client.send_request(request, false).map_err(|e| e.to_string())?;
-    let message = HealthCheckRequest { service: probe.service.clone() }.encode_to_vec();
-    let mut framed = BytesMut::with_capacity(5 + message.len());
-    framed.extend_from_slice(&[0]);
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    send.send_data(framed.freeze(), true).map_err(|e| e.to_string())?;
+    let head = health::check_head(&format!("127.0.0.1:{}", probe.port));
+    let (response, mut send) = client.send_request(head, false).map_err(|e| e.to_string())?;
+    send.send_data(health::check_request(&probe.service), true).map_err(|e| e.to_string())?;
 
     let response = response.await.map_err(|e| e.to_string())?;
     let (head, mut body) = response.into_parts();
@@ -94,26 +78,14 @@ async fn grpc_check(probe: &GrpcCheck) -> Result<String, String> {
         let data = data.map_err(|e| e.to_string())?;
         let _ = body.flow_control().release_capacity(data.len());
         received.extend_from_slice(&data);
-        if received.len() > MAX_ANSWER {
-            return Err(format!("an answer over {MAX_ANSWER} bytes"));
+        if received.len() > health::MAX_MESSAGE {
+            return Err(format!("an answer over {} bytes", health::MAX_MESSAGE));
         }
     }
     let trailers = body.trailers().await.map_err(|e| e.to_string())?;
-    // A trailers-only answer carries its status in the head.
-    let status = trailers.as_ref().unwrap_or(&head.headers).get(grpc::GRPC_STATUS);
-    match status.and_then(|s| s.to_str().ok()) {
-        Some("0") => {}
-        Some(code) => return Err(format!("grpc-status {code}")),
-        None => return Err(format!("no grpc-status (HTTP {})", head.status)),
-    }
-    if received.len() < 5 {
-        return Err("no response message".into());
-    }
-    received.advance(5);
-    let answer = HealthCheckResponse::decode(received).map_err(|e| format!("malformed response: {e}"))?;
-    match ServingStatus::try_from(answer.status) {
+    match health::read_answer(&head.headers, trailers.as_ref(), received.freeze()) {
         Ok(ServingStatus::Serving) => Ok("SERVING".into()),
         Ok(other) => Err(other.as_str_name().into()),
-        Err(_) => Err(format!("unknown status {}", answer.status)),
+        Err(why) => Err(format!("{why} (HTTP {})", head.status)),
     }
 }

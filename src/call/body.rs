@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::task::AbortHandle;
@@ -92,6 +93,14 @@ pub struct ResponseBody {
     deadline: Option<Pin<Box<Timer>>>,
     idle: Option<(Pin<Box<Timer>>, Duration)>,
     guards: Vec<Box<dyn EndOfCall>>,
+    /// The sidecar's own answer with a message: what is left of it.
+    answer: Option<Box<Answer>>,
+}
+
+/// A message and the trailers after it, sent by the sidecar itself.
+struct Answer {
+    message: Option<Bytes>,
+    trailers: HeaderMap,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -104,7 +113,19 @@ impl ResponseBody {
     /// No body: the sidecar's own trailers-only answer, or a test's. It ends
     /// at once, so no status of its own, nor its direction, is ever sent.
     pub fn empty() -> ResponseBody {
-        ResponseBody { inner: None, direction: Direction::Outbound, deadline: None, idle: None, guards: Vec::new() }
+        ResponseBody {
+            inner: None,
+            direction: Direction::Outbound,
+            deadline: None,
+            idle: None,
+            guards: Vec::new(),
+            answer: None,
+        }
+    }
+
+    /// The sidecar's own answer: one message (framed), then `trailers`.
+    pub fn answer(message: Bytes, trailers: HeaderMap) -> ResponseBody {
+        ResponseBody { answer: Some(Box::new(Answer { message: Some(message), trailers })), ..ResponseBody::empty() }
     }
 
     /// The peer's response as the sidecar of `direction` passes it on.
@@ -179,7 +200,16 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let Some(inner) = this.inner.as_mut() else {
+            let Some(answer) = &mut this.answer else { return Poll::Ready(None) };
+            if let Some(message) = answer.message.take() {
+                return Poll::Ready(Some(Ok(Frame::data(message))));
+            }
+            let trailers = std::mem::take(&mut answer.trailers);
+            this.answer = None;
+            this.end(CallEnd::Answered(grpc::status_in(&trailers).unwrap_or(Code::Unknown)));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data()
@@ -226,7 +256,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.as_ref().is_none_or(Body::is_end_stream) && self.answer.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

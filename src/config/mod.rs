@@ -4,6 +4,7 @@
 //! together with the listeners', and says which settings a running sidecar
 //! cannot take without a restart.
 
+pub mod health;
 mod limits;
 mod load;
 pub mod probes;
@@ -19,6 +20,7 @@ use crate::identity::{IdentityConfig, SpiffeId};
 use crate::policy::PolicyConfig;
 use crate::policy::authz::AuthorizationConfig;
 use crate::telemetry::TracingConfig;
+use health::{HealthAnswer, HealthCheckConfig};
 
 pub use limits::{CONNECTION_WINDOW, LimitsConfig};
 pub use load::{ConfigError, load, load_versioned, version_on_disk};
@@ -147,6 +149,9 @@ pub struct UpstreamConfig {
     pub identity: SpiffeId,
     #[serde(default = "defaults::resolve_interval", deserialize_with = "duration::deserialize")]
     pub resolve_interval: Duration,
+    /// Active gRPC health checks of the endpoints; off unless set.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -164,6 +169,9 @@ pub struct InboundConfig {
     /// Whether a captured connection must be mTLS from a peer sidecar.
     #[serde(default)]
     pub mtls: MtlsConfig,
+    /// Who answers peers' `grpc.health.v1.Health/Check` for the app.
+    #[serde(default)]
+    pub health: HealthAnswer,
 }
 
 /// Strict: only mTLS from peer sidecars reaches the app. Permissive: a
@@ -339,6 +347,9 @@ impl Config {
                 if let Err(problem) = crate::discovery::parse_endpoint(endpoint) {
                     return Err((format!("outbound.upstreams[{i}].endpoints[{j}]"), problem));
                 }
+            }
+            if let Some(check) = &upstream.health_check {
+                check.validate().map_err(|problem| (at("health_check"), problem))?;
             }
         }
         if let Some(inbound) = &self.inbound {

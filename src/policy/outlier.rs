@@ -126,6 +126,7 @@ pub struct OutlierMetrics {
     pub ejected: Gauge,
     /// Calls sent while below the panic threshold.
     pub panics: Counter,
+    pub not_serving: Gauge,
 }
 
 /// What an upstream's endpoints share: the config (replaced on reload, the
@@ -136,6 +137,8 @@ pub struct Outliers {
     metrics: OutlierMetrics,
     ejected: AtomicUsize,
     endpoints: AtomicUsize,
+    /// Endpoints that active health checks took out of balancing.
+    not_serving: AtomicUsize,
 }
 
 impl Outliers {
@@ -145,6 +148,7 @@ impl Outliers {
             metrics,
             ejected: AtomicUsize::new(0),
             endpoints: AtomicUsize::new(0),
+            not_serving: AtomicUsize::new(0),
         }
     }
 
@@ -182,6 +186,16 @@ impl Outliers {
 
     pub fn ejected(&self) -> usize {
         self.ejected.load(Ordering::Acquire)
+    }
+
+    /// How many endpoints health checks find not serving.
+    pub fn not_serving(&self) -> usize {
+        self.not_serving.load(Ordering::Acquire)
+    }
+
+    pub fn set_not_serving(&self, count: usize) {
+        self.not_serving.store(count, Ordering::Release);
+        self.metrics.not_serving.set(count as i64);
     }
 
     /// Whether `admitted` of `endpoints` is below the panic threshold.

@@ -1,12 +1,13 @@
 //! Choosing an endpoint: the power of two choices over peak-EWMA load (the
 //! recent round-trip time, jumping up at once and decaying slowly, times the
-//! calls in flight), among the endpoints that outlier detection admits; or,
-//! when it admits fewer than the panic threshold, among all that answer.
+//! calls in flight), among the endpoints that outlier detection admits and
+//! health checks find serving; or, when fewer than the panic threshold are,
+//! among all that answer.
 //! Hand-written rather than tower::balance: that one needs `&mut` access and
 //! so a buffer task per upstream, an extra hop on every call.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,15 +24,30 @@ pub struct Member {
     pub endpoint: Endpoint,
     pub health: Health,
     load: Load,
+    /// What its active health checks say (SERVING unless they say otherwise).
+    serving: AtomicBool,
 }
 
 impl Member {
     pub fn new(endpoint: Endpoint) -> Member {
-        Member { endpoint, health: Health::default(), load: Load::default() }
+        Member { endpoint, health: Health::default(), load: Load::default(), serving: AtomicBool::new(true) }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.endpoint.addr
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Whether outlier detection and health checks let a call go here now.
+    fn admitted(&self, now: Instant) -> bool {
+        self.serving() && self.health.is_available(now)
     }
 }
 
@@ -93,7 +109,7 @@ pub fn choose(
 ) -> Option<(Arc<Member>, Admission)> {
     let reachable = |member: &&Arc<Member>| !unreachable.contains(&member.addr());
     if outliers.ejected() > 0 {
-        let probe = endpoints.iter().filter(reachable).find(|e| e.health.ready_to_probe(now));
+        let probe = endpoints.iter().filter(reachable).find(|e| e.serving() && e.health.ready_to_probe(now));
         if let Some(endpoint) = probe
             && endpoint.health.admit(now) == Admission::Probe
         {
@@ -101,8 +117,8 @@ pub fn choose(
         }
     }
     // Only when something is out: the usual call does no scan.
-    if outliers.ejected() > 0 {
-        let admitted = endpoints.iter().filter(|e| e.health.is_available(now)).count();
+    if outliers.ejected() > 0 || outliers.not_serving() > 0 {
+        let admitted = endpoints.iter().filter(|e| e.admitted(now)).count();
         if outliers.panics(admitted, endpoints.len()) {
             let answering: Vec<&Arc<Member>> =
                 endpoints.iter().filter(reachable).filter(|e| e.health.answers()).collect();
@@ -126,7 +142,7 @@ pub fn choose(
     }
     // The two chosen first, then every endpoint, as a last resort.
     let scan = order.into_iter().chain((0..count).map(|i| (i + order[0]) % count));
-    scan.map(|i| &endpoints[i]).filter(reachable).filter(|e| e.health.is_available(now)).find_map(|endpoint| {
+    scan.map(|i| &endpoints[i]).filter(reachable).filter(|e| e.admitted(now)).find_map(|endpoint| {
         match endpoint.health.admit(now) {
             Admission::Closed => None,
             admission => Some((endpoint.clone(), admission)),

@@ -14,10 +14,12 @@ use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
+use super::health_answer;
 use super::routes::CurrentRoutes;
 use super::server::PeerInfo;
 use super::shed::MemoryBudget;
 use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
+use crate::health;
 use crate::policy::bulkhead::CallerBulkhead;
 use crate::telemetry::Metrics;
 
@@ -119,6 +121,16 @@ impl Service<Request<RecvBody>> for InboundEdge {
             let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
             return refuse(metrics, Direction::Inbound, error);
         };
+        if request.uri().path() == health::CHECK_PATH
+            && let Some(mode) = inbound.health_answer()
+        {
+            return match inbound.app_for(self.captured_port) {
+                Ok(app) => {
+                    Either::Right(Box::pin(health_answer::answer(request, app, mode, inbound.contracts().clone())))
+                }
+                Err(error) => refuse(metrics, Direction::Inbound, error),
+            };
+        }
         let routed =
             inbound.route(request.uri().path()).and_then(|stack| Ok((stack, inbound.app_for(self.captured_port)?)));
         let (mut stack, app) = match routed {

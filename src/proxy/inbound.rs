@@ -14,6 +14,7 @@ use tower::ServiceBuilder;
 use super::endpoint::{ConnectSettings, Endpoint};
 use super::registry::{AppPorts, CallerBulkheads, Registries};
 use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody, RequestBody, ResponseBody};
+use crate::config::health::HealthAnswer;
 use crate::config::{Config, InboundConfig};
 use crate::contract::{ContractMode, Contracts};
 use crate::effective::{self, MethodPolicy};
@@ -112,6 +113,15 @@ impl InboundRoutes {
         Ok(AppTarget(app))
     }
 
+    /// How the sidecar answers peers' health checks, unless they are calls like any other.
+    pub fn health_answer(&self) -> Option<HealthAnswer> {
+        Some(self.shared.inbound.health).filter(|answer| *answer != HealthAnswer::App)
+    }
+
+    pub fn contracts(&self) -> &Arc<Contracts> {
+        &self.shared.contracts
+    }
+
     /// The stack for a call to `path`: precomputed, or in permissive mode
     /// built for this call.
     pub fn route(&self, path: &str) -> Result<InboundStack, ProxyError> {
@@ -172,6 +182,24 @@ impl Shared {
 #[derive(Clone)]
 pub struct AppTarget(Arc<Endpoint>);
 
+impl AppTarget {
+    /// Sends `request` to the app over its pooled connection.
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<ResponseBody>, ProxyError> {
+        let app = &self.0;
+        let mut sender = app.ready().await?;
+        let response = app.start(&mut sender, request)?.await?;
+        let mut response = response.map(|body| ResponseBody::streamed(body, Direction::Inbound));
+        // Only this sidecar says its app is unreachable.
+        response.headers_mut().remove(ENDPOINT_FAILURE);
+        Ok(response)
+    }
+
+    /// Whether the app takes connections.
+    pub async fn reachable(&self) -> bool {
+        self.0.ready().await.is_ok()
+    }
+}
+
 /// The end of the inbound stack: a connection to the app the edge chose.
 #[derive(Clone)]
 pub struct ForwardToApp;
@@ -188,14 +216,6 @@ impl tower::Service<Request<RecvBody>> for ForwardToApp {
     fn call(&mut self, mut request: Request<RecvBody>) -> Self::Future {
         let target = request.extensions_mut().remove::<AppTarget>();
         let request = request.map(RequestBody::Streamed);
-        Box::pin(async move {
-            let AppTarget(app) = target.ok_or(ProxyError::NoApp)?;
-            let mut sender = app.ready().await?;
-            let response = app.start(&mut sender, request)?.await?;
-            let mut response = response.map(|body| ResponseBody::streamed(body, Direction::Inbound));
-            // Only this sidecar says its app is unreachable.
-            response.headers_mut().remove(ENDPOINT_FAILURE);
-            Ok(response)
-        })
+        Box::pin(async move { target.ok_or(ProxyError::NoApp)?.send(request).await })
     }
 }

@@ -18,6 +18,8 @@ mod detect;
 pub mod edge;
 mod endpoint;
 mod exchange;
+mod health_answer;
+mod health_check;
 pub mod inbound;
 mod keepalive;
 mod opaque;

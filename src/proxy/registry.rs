@@ -116,6 +116,7 @@ impl Registries {
         };
         if let Some(upstream) = self.upstreams.get(&key) {
             upstream.outliers.set_config(outliers.clone());
+            upstream.set_health_check(config.health_check.clone());
             return Ok(upstream);
         }
         let metrics = self.metrics.outliers(&Upstream::name_of(config));

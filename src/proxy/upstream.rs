@@ -10,12 +10,15 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::balance::{self, Member, Report};
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
+use super::health_check;
 use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target};
 use crate::config::UpstreamConfig;
+use crate::config::health::HealthCheckConfig;
 use crate::discovery::{self, EndpointSpec};
 use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
@@ -41,6 +44,8 @@ pub struct Upstream {
     /// Workers of the sidecar, each with its own connection to every endpoint.
     workers: usize,
     members: ArcSwap<Vec<Arc<Member>>>,
+    /// The active health checks in force, which the checking task follows.
+    health_check: watch::Sender<Option<HealthCheckConfig>>,
 }
 
 /// An upstream as routes use it: with its bulkhead and the retry budget of
@@ -73,6 +78,13 @@ impl Upstream {
             workers,
         );
         upstream.set_endpoints(&discovery::resolve(&specs).await);
+        upstream.set_health_check(config.health_check.clone());
+        let weak = Arc::downgrade(&upstream);
+        let members: health_check::Members = Box::new(move || {
+            let upstream = weak.upgrade()?;
+            Some((upstream.members.load_full(), upstream.outliers.clone()))
+        });
+        tokio::spawn(health_check::run(upstream.name.clone(), members, upstream.health_check.subscribe()));
         let weak = Arc::downgrade(&upstream);
         discovery::spawn_refresh(specs, config.resolve_interval, move |addrs| match weak.upgrade() {
             Some(upstream) => {
@@ -103,7 +115,17 @@ impl Upstream {
             connect,
             workers,
             members: ArcSwap::from_pointee(Vec::new()),
+            health_check: watch::Sender::new(None),
         })
+    }
+
+    /// Applies `config` to the health checks from their next round.
+    pub fn set_health_check(&self, config: Option<HealthCheckConfig>) {
+        self.health_check.send_if_modified(|current| {
+            let changed = *current != config;
+            *current = config;
+            changed
+        });
     }
 
     /// How an upstream is named in messages and metrics.

@@ -108,6 +108,7 @@ pub struct Metrics {
     rate_limited: Family<RateLimitLabels, Counter>,
     endpoint_ejections: Family<UpstreamLabels, Counter>,
     endpoints_ejected: Family<UpstreamLabels, Gauge>,
+    endpoints_not_serving: Family<UpstreamLabels, Gauge>,
     panic_calls: Family<UpstreamLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     reload_failing: Gauge,
@@ -147,6 +148,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             endpoint_ejections: Family::default(),
             endpoints_ejected: Family::default(),
+            endpoints_not_serving: Family::default(),
             panic_calls: Family::default(),
             reloads: Family::default(),
             reload_failing: Gauge::default(),
@@ -200,6 +202,11 @@ impl Default for Metrics {
             m.endpoint_ejections.clone(),
         );
         registry.register("endpoints_ejected", "Endpoints out now (the circuit is open)", m.endpoints_ejected.clone());
+        registry.register(
+            "endpoints_not_serving",
+            "Endpoints out of balancing now because their health checks failed",
+            m.endpoints_not_serving.clone(),
+        );
         registry.register(
             "upstream_panic_calls",
             "Calls sent to any answering endpoint, ejected or not, while fewer than policy.outlier_detection.panic_threshold percent were admitted",
@@ -308,6 +315,7 @@ impl Metrics {
             ejections: self.endpoint_ejections.get_or_create_owned(&labels),
             ejected: self.endpoints_ejected.get_or_create_owned(&labels),
             panics: self.panic_calls.get_or_create_owned(&labels),
+            not_serving: self.endpoints_not_serving.get_or_create_owned(&labels),
         }
     }
 

@@ -58,6 +58,10 @@ pub struct MeshOptions {
     /// Each sidecar's `contracts.protos` and `contracts.mode`.
     pub protos: &'static str,
     pub contracts_mode: &'static str,
+    /// YAML fields added to the client's upstream, e.g. `health_check: {...}`.
+    pub upstream_settings: &'static str,
+    /// Each echo backend also serves `grpc.health.v1` (see `Mesh::health`).
+    pub app_health: bool,
 }
 
 impl Default for MeshOptions {
@@ -80,6 +84,8 @@ impl Default for MeshOptions {
             access_log: false,
             protos: "[examples/echo.proto, examples/shop.proto]",
             contracts_mode: "strict",
+            upstream_settings: "",
+            app_health: false,
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct Mesh {
     pub backend: Arc<EchoStats>,
     /// Every server's backend, when `MeshOptions::servers` is above one.
     pub backends: Vec<Arc<EchoStats>>,
+    /// Each backend's `grpc.health.v1` status, with `MeshOptions::app_health`.
+    pub health: Vec<tonic_health::server::HealthReporter>,
     pub client_sidecar: Sidecar,
     /// The first server's sidecar.
     pub server_sidecar: Sidecar,
@@ -106,7 +114,7 @@ impl Mesh {
         let named = ["client", "server", "other"].map(|w| (w.to_string(), id(w)));
         write_dev_certs(dir.path(), "test CA", &named).unwrap();
 
-        let mut backends = Vec::new();
+        let (mut backends, mut health) = (Vec::new(), Vec::new());
         let mut servers = Vec::new();
         for _ in 0..options.servers.max(1) {
             let echo = EchoService::default();
@@ -115,7 +123,12 @@ impl Mesh {
                 Some(app) => app,
                 None => {
                     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                    protomesh_samples::serve(Server::builder().add_service(echo.into_server()), listener).await
+                    let (reporter, health_service) = tonic_health::server::health_reporter();
+                    let router = Server::builder()
+                        .add_service(echo.into_server())
+                        .add_optional_service(options.app_health.then_some(health_service));
+                    health.push(reporter);
+                    protomesh_samples::serve(router, listener).await
                 }
             };
             let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
@@ -135,10 +148,13 @@ impl Mesh {
             .map(|e| format!("'{e}'"))
             .collect::<Vec<_>>()
             .join(", ");
-        let upstreams =
-            format!("[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}'}}]", options.expected_server);
+        let upstreams = format!(
+            "[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}', {}}}]",
+            options.expected_server, options.upstream_settings
+        );
         let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy, &options).await;
-        Mesh { dir, backend: backends[0].clone(), backends, client_sidecar, server_sidecar, _other_servers: servers }
+        let backend = backends[0].clone();
+        Mesh { dir, backend, backends, health, client_sidecar, server_sidecar, _other_servers: servers }
     }
 
     /// A channel to the client workload's outbound sidecar, as its app would open it.

@@ -9,6 +9,7 @@ mod cli;
 mod deadlines;
 mod faults;
 mod harness;
+mod health;
 mod hedging;
 mod injection;
 mod isolation;
