@@ -15,6 +15,7 @@ use crate::grpc::Code;
 use crate::policy::PolicyConfig;
 use crate::policy::authz::{AuthorizationConfig, MethodAuthz, MethodPattern, Rule};
 use crate::policy::bulkhead::ConcurrencyPolicy;
+use crate::policy::circuit_breaker::CircuitBreakerPolicy;
 use crate::policy::deadline::DeadlinePolicy;
 use crate::policy::fields::PolicyFields;
 use crate::policy::hedge::HedgingPolicy;
@@ -33,6 +34,7 @@ pub struct MethodPolicy {
     pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
     pub max_message_size: Option<Sourced<ByteSize>>,
     pub endpoint_failure_codes: Option<Sourced<Vec<Code>>>,
+    pub circuit_breaker: Option<Sourced<CircuitBreakerPolicy>>,
     pub rate_limit: Option<Sourced<RateLimitPolicy>>,
     pub caller_rate_limit: Option<Sourced<RateLimitPolicy>>,
 }
@@ -98,6 +100,7 @@ impl MethodPolicy {
             concurrency: first(&layers, |f| f.concurrency.as_ref()),
             max_message_size: first(&layers, |f| f.max_message_size.as_ref()),
             endpoint_failure_codes: first(&layers, |f| f.endpoint_failure_codes.as_ref()),
+            circuit_breaker: first(&layers, |f| f.circuit_breaker.as_ref()),
             rate_limit: first(&layers, |f| f.rate_limit.as_ref()),
             caller_rate_limit: first(&layers, |f| f.caller_rate_limit.as_ref()),
         }
@@ -248,6 +251,16 @@ impl MethodView {
             field("endpoint_failure_codes", effective.endpoint_failure_codes.as_ref(), |codes| {
                 let codes: Vec<_> = codes.iter().map(|c| c.name()).collect();
                 (json!(codes), codes.join(", "))
+            }),
+            field("circuit_breaker", effective.circuit_breaker.as_ref(), |b| {
+                let codes: Vec<_> = b.failure_codes.iter().map(|c| c.name()).collect();
+                let json = json!({
+                    "consecutive_failures": b.consecutive_failures,
+                    "failure_codes": codes,
+                    "open_for": format!("{:?}", b.open_for),
+                    "max_open_for": format!("{:?}", b.max_open_for),
+                });
+                (json, b.to_string())
             }),
             field("rate_limit", effective.rate_limit.as_ref(), rate_view),
             field("caller_rate_limit", effective.caller_rate_limit.as_ref(), rate_view),

@@ -11,6 +11,7 @@ use crate::grpc::Code;
 use crate::pb::protomesh::v1 as pb;
 use crate::policy::authz::CallerPattern;
 use crate::policy::bulkhead::ConcurrencyPolicy;
+use crate::policy::circuit_breaker::CircuitBreakerPolicy;
 use crate::policy::fields::PolicyFields;
 use crate::policy::hedge::HedgingPolicy;
 use crate::policy::rate_limit::RateLimitPolicy;
@@ -77,6 +78,7 @@ fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
         stream_timeout: optional_duration(&option.stream_timeout, "stream_timeout")?,
         retry: option.retry.as_ref().map(retry_policy).transpose()?,
         hedging: option.hedging.as_ref().map(hedging_policy).transpose()?,
+        circuit_breaker: option.circuit_breaker.as_ref().map(circuit_breaker).transpose()?,
         concurrency: option.concurrency.as_ref().map(concurrency_policy).transpose()?,
         max_message_size: optional_size(&option.max_message_size, "max_message_size")?,
         endpoint_failure_codes: match option.endpoint_failure_codes.as_slice() {
@@ -120,6 +122,25 @@ fn hedging_policy(hedging: &pb::HedgingPolicy) -> Result<HedgingPolicy, String> 
     })
 }
 
+fn circuit_breaker(breaker: &pb::CircuitBreaker) -> Result<CircuitBreakerPolicy, String> {
+    let defaults = CircuitBreakerPolicy::default();
+    let open = |text: &str, name: &str, default| -> Result<Duration, String> {
+        Ok(optional_duration(text, &format!("circuit_breaker.{name}"))?.unwrap_or(default))
+    };
+    Ok(CircuitBreakerPolicy {
+        consecutive_failures: match breaker.consecutive_failures {
+            0 => defaults.consecutive_failures,
+            count => count,
+        },
+        failure_codes: match breaker.failure_codes.as_slice() {
+            [] => defaults.failure_codes,
+            names => codes(names, "circuit_breaker.failure_codes")?,
+        },
+        open_for: open(&breaker.open_for, "open_for", defaults.open_for)?,
+        max_open_for: open(&breaker.max_open_for, "max_open_for", defaults.max_open_for)?,
+    })
+}
+
 fn rate_limit(limit: &pb::RateLimit) -> RateLimitPolicy {
     RateLimitPolicy::new(limit.per_second, (limit.burst > 0).then_some(limit.burst))
 }
@@ -137,6 +158,29 @@ fn concurrency_policy(concurrency: &pb::ConcurrencyPolicy) -> Result<Concurrency
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_hedging_and_a_circuit_breaker_with_their_defaults() {
+        let method = pb::Policy {
+            hedging: Some(pb::HedgingPolicy {
+                max_attempts: 3,
+                hedging_delay: "40ms".into(),
+                non_fatal_codes: vec!["UNAVAILABLE".into()],
+            }),
+            circuit_breaker: Some(pb::CircuitBreaker { open_for: "2s".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let fields = ContractPolicy::from_options(Some(&method), None).unwrap().method.unwrap();
+        let hedging = fields.hedging.unwrap();
+        assert_eq!((hedging.max_attempts, hedging.hedging_delay), (3, Duration::from_millis(40)));
+        let breaker = fields.circuit_breaker.unwrap();
+        assert_eq!(breaker.open_for, Duration::from_secs(2));
+        assert_eq!(breaker.consecutive_failures, CircuitBreakerPolicy::default().consecutive_failures);
+
+        let both = pb::Policy { retry: Some(pb::RetryPolicy { max_attempts: 2, ..Default::default() }), ..method };
+        let err = ContractPolicy::from_options(Some(&both), None).unwrap_err();
+        assert!(err.contains("a method retries or hedges, not both"), "{err}");
+    }
 
     #[test]
     fn reads_both_options_and_takes_the_methods_allowed_callers_first() {

@@ -8,6 +8,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use super::bulkhead::ConcurrencyPolicy;
+use super::circuit_breaker::CircuitBreakerPolicy;
 use super::hedge::HedgingPolicy;
 use super::rate_limit::RateLimitPolicy;
 use super::retry::RetryPolicy;
@@ -40,6 +41,9 @@ pub struct PolicyFields {
     /// detection); by default `policy.outlier_detection.failure_codes`, none.
     #[serde(default)]
     pub endpoint_failure_codes: Option<Vec<Code>>,
+    /// Outbound: cuts the method off while its calls keep failing.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
     /// Inbound: calls per second for all callers together.
     #[serde(default)]
     pub rate_limit: Option<RateLimitPolicy>,
@@ -51,9 +55,6 @@ pub struct PolicyFields {
 impl PolicyFields {
     /// Errors are `field: problem`.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(retry) = &self.retry {
-            retry.validate().map_err(|e| format!("retry.{e}"))?;
-        }
         if let Some(hedging) = &self.hedging {
             if self.retry.is_some() {
                 return Err(
@@ -62,8 +63,14 @@ impl PolicyFields {
             }
             hedging.validate().map_err(|e| format!("hedging.{e}"))?;
         }
+        if let Some(retry) = &self.retry {
+            retry.validate().map_err(|e| format!("retry.{e}"))?;
+        }
         if let Some(concurrency) = &self.concurrency {
             concurrency.validate().map_err(|e| format!("concurrency.{e}"))?;
+        }
+        if let Some(breaker) = &self.circuit_breaker {
+            breaker.validate().map_err(|e| format!("circuit_breaker.{e}"))?;
         }
         for (name, limit) in [("rate_limit", &self.rate_limit), ("caller_rate_limit", &self.caller_rate_limit)] {
             if let Some(limit) = limit {

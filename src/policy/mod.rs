@@ -5,6 +5,7 @@
 
 pub mod authz;
 pub mod bulkhead;
+pub mod circuit_breaker;
 pub mod deadline;
 pub mod fields;
 pub mod hedge;

@@ -22,17 +22,23 @@ use crate::effective::MethodPolicy;
 use crate::grpc::{Code, split_path};
 use crate::policy::PolicyConfig;
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
+use crate::policy::circuit_breaker::{Breaker, CircuitBreakers};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::retry::Retries;
 use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
 
 /// A call from the local app, top to bottom: recorded, its messages
-/// measured, given its deadline, retried, each attempt traced, held to its
-/// bulkheads, and sent with the remaining budget to a balanced endpoint of
-/// its upstream.
-pub type OutboundStack =
-    Observe<MessageSizes<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>>;
+/// measured, let through by its method's circuit breaker, given its
+/// deadline, retried or hedged, each attempt traced, held to its bulkheads,
+/// and sent with the remaining budget to a balanced endpoint of its upstream.
+pub type OutboundStack = Observe<
+    MessageSizes<CircuitBreakers<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>>,
+>;
+
+/// A method's bulkhead and circuit breaker, where it has them: kept per
+/// method, not per stack.
+type MethodGuards = (Option<Arc<Bulkhead>>, Option<Arc<Breaker>>);
 
 /// What every outbound stack of one version of the routes shares.
 struct Shared {
@@ -48,9 +54,9 @@ pub struct OutboundRoutes {
     by_service: HashMap<Box<str>, Arc<UpstreamRoute>>,
     /// Where captured calls go that no upstream routes, unless turned off.
     originals: Option<Arc<OriginalDestinations>>,
-    /// The bulkheads of contract methods that no upstream routes, for their
-    /// calls to original destinations.
-    unrouted_bulkheads: HashMap<Box<str>, Arc<Bulkhead>>,
+    /// The bulkheads and circuit breakers of contract methods that no
+    /// upstream routes, for their calls to original destinations.
+    unrouted: HashMap<Box<str>, MethodGuards>,
     contracts: Arc<Contracts>,
     mode: ContractMode,
     shared: Shared,
@@ -86,24 +92,27 @@ impl OutboundRoutes {
             access_log: config.access_log,
             policy: policy.clone(),
         };
-        let (mut by_path, mut unrouted_bulkheads) = (HashMap::new(), HashMap::new());
+        let (mut by_path, mut unrouted) = (HashMap::new(), HashMap::new());
         for method in contracts.methods() {
             let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
             let bulkhead = effective.concurrency.as_ref().map(|c| {
                 let name = format!("method {} ({})", method.path, c.source);
                 registries.bulkhead(Direction::Outbound, name, &c.value)
             });
+            let breaker = effective
+                .circuit_breaker
+                .as_ref()
+                .map(|b| registries.circuit_breaker(format!("method {} ({})", method.path, b.source), &b.value));
             let path = method.path.clone().into_boxed_str();
             match by_service.get(method.service.as_str()) {
                 Some(route) => {
                     let names = (method.service.as_str(), method.method.as_str());
-                    by_path.insert(path, shared.stack(route, &effective, Some(method), names, bulkhead));
+                    by_path.insert(path, shared.stack(route, &effective, Some(method), names, (bulkhead, breaker)));
                 }
-                None => {
-                    if let Some(bulkhead) = bulkhead {
-                        unrouted_bulkheads.insert(path, bulkhead);
-                    }
+                None if bulkhead.is_some() || breaker.is_some() => {
+                    unrouted.insert(path, (bulkhead, breaker));
                 }
+                None => {}
             }
         }
         let original = &config.outbound.original_destination;
@@ -124,7 +133,7 @@ impl OutboundRoutes {
             by_path,
             by_service,
             originals,
-            unrouted_bulkheads,
+            unrouted,
             contracts: contracts.clone(),
             mode: config.contracts.mode,
             shared,
@@ -148,16 +157,18 @@ impl OutboundRoutes {
             return Err(ProxyError::UnknownMethod { path: path.to_string() });
         }
         // Outside the contracts, a method's service override and the defaults
-        // apply, but no method bulkhead, as one cannot be kept for every path
+        // apply, but no method bulkhead or breaker, as none can be kept for every path
         // an app might send; for the same reason its metrics are counted
         // under service and method `*`.
         let names = if info.is_some() { (service, method) } else { ("*", "*") };
         let effective = || MethodPolicy::resolve(service, method, info, &self.shared.policy);
         match (self.by_service.get(service), original, &self.originals) {
-            (Some(route), _, _) if info.is_none() => Ok(self.shared.stack(route, &effective(), None, names, None)),
+            (Some(route), _, _) if info.is_none() => {
+                Ok(self.shared.stack(route, &effective(), None, names, (None, None)))
+            }
             (None, Some(addr), Some(originals)) => {
-                let bulkhead = self.unrouted_bulkheads.get(path).cloned();
-                Ok(self.shared.stack(&originals.route(addr), &effective(), info, names, bulkhead))
+                let guards = self.unrouted.get(path).cloned().unwrap_or_default();
+                Ok(self.shared.stack(&originals.route(addr), &effective(), info, names, guards))
             }
             _ => Err(ProxyError::NoRoute { service: service.to_string() }),
         }
@@ -171,7 +182,7 @@ impl Shared {
         effective: &MethodPolicy,
         method: Option<&MethodInfo>,
         (service, name): (&str, &str),
-        bulkhead: Option<Arc<Bulkhead>>,
+        (bulkhead, breaker): MethodGuards,
     ) -> OutboundStack {
         let direction = Direction::Outbound;
         let metrics = &self.metrics;
@@ -189,6 +200,7 @@ impl Shared {
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
             .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
+            .layer_fn(|inner| CircuitBreakers::new(breaker.clone(), inner))
             .layer_fn(|inner| {
                 let exceeded = metrics.deadline_exceeded(direction, service, name);
                 Deadlines::new(deadline.clone(), exceeded, inner)

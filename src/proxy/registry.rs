@@ -18,6 +18,7 @@ use crate::call::{Direction, Target};
 use crate::config::UpstreamConfig;
 use crate::identity::{Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
+use crate::policy::circuit_breaker::{Breaker, CircuitBreakerPolicy};
 use crate::policy::outlier::OutlierConfig;
 use crate::policy::rate_limit::{CallerBuckets, RateLimitPolicy, TokenBucket};
 use crate::telemetry::Metrics;
@@ -80,6 +81,7 @@ pub struct Registries {
     bulkheads: Kept<(Direction, String, ConcurrencyPolicy), Arc<Bulkhead>>,
     callers: Kept<ConcurrencyPolicy, Arc<CallerBulkheads>>,
     rate_limits: Kept<(String, (u64, u32)), Arc<TokenBucket>>,
+    circuit_breakers: Kept<(String, CircuitBreakerPolicy), Arc<Breaker>>,
     caller_rate_limits: Kept<(String, (u64, u32)), Arc<CallerBuckets>>,
     originals: Kept<OriginalKey, Arc<OriginalDestinations>>,
 }
@@ -96,6 +98,7 @@ impl Registries {
             bulkheads: Kept::default(),
             callers: Kept::default(),
             rate_limits: Kept::default(),
+            circuit_breakers: Kept::default(),
             caller_rate_limits: Kept::default(),
             originals: Kept::default(),
         }
@@ -162,6 +165,13 @@ impl Registries {
         })
     }
 
+    /// The circuit breaker named `name` with `policy`; one whose policy changed starts closed.
+    pub fn circuit_breaker(&mut self, name: String, policy: &CircuitBreakerPolicy) -> Arc<Breaker> {
+        let metrics = self.metrics.circuit_breaker(&name);
+        self.circuit_breakers
+            .get_or_insert_with((name.clone(), policy.clone()), || Arc::new(Breaker::new(name.into(), policy, metrics)))
+    }
+
     /// The token bucket named `name` with `policy`; one whose policy changed starts full.
     pub fn rate_limit(&mut self, name: String, policy: &RateLimitPolicy) -> Arc<TokenBucket> {
         let rejected = self.metrics.rate_limited(&name);
@@ -194,6 +204,7 @@ impl Registries {
         self.bulkheads.prune();
         self.callers.prune();
         self.rate_limits.prune();
+        self.circuit_breakers.prune();
         self.caller_rate_limits.prune();
         self.originals.prune();
     }

@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::call::Direction;
 use crate::grpc::Code;
 use crate::policy::bulkhead::BulkheadMetrics;
+use crate::policy::circuit_breaker::BreakerMetrics;
 use crate::policy::outlier::OutlierMetrics;
 use crate::policy::retry::RetryMetrics;
 
@@ -79,6 +80,11 @@ struct RateLimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    breaker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
 }
@@ -106,6 +112,8 @@ pub struct Metrics {
     bulkhead_rejections: Family<BulkheadLabels, Counter>,
     bulkhead_queue_depth: Family<BulkheadLabels, Gauge>,
     rate_limited: Family<RateLimitLabels, Counter>,
+    circuit_breaker_open: Family<BreakerLabels, Gauge>,
+    circuit_breaker_refused: Family<BreakerLabels, Counter>,
     endpoint_ejections: Family<UpstreamLabels, Counter>,
     endpoints_ejected: Family<UpstreamLabels, Gauge>,
     endpoints_not_serving: Family<UpstreamLabels, Gauge>,
@@ -146,6 +154,8 @@ impl Default for Metrics {
             bulkhead_rejections: Family::default(),
             bulkhead_queue_depth: Family::default(),
             rate_limited: Family::default(),
+            circuit_breaker_open: Family::default(),
+            circuit_breaker_refused: Family::default(),
             endpoint_ejections: Family::default(),
             endpoints_ejected: Family::default(),
             endpoints_not_serving: Family::default(),
@@ -196,6 +206,16 @@ impl Default for Metrics {
         );
         registry.register("bulkhead_queue_depth", "Calls waiting for a bulkhead place", m.bulkhead_queue_depth.clone());
         registry.register("rate_limited", "Calls refused by a rate limit, by limit", m.rate_limited.clone());
+        registry.register(
+            "circuit_breaker_open",
+            "Whether a method's circuit breaker is open (1) or not (0)",
+            m.circuit_breaker_open.clone(),
+        );
+        registry.register(
+            "circuit_breaker_refused",
+            "Calls refused by a method's open circuit breaker",
+            m.circuit_breaker_refused.clone(),
+        );
         registry.register(
             "endpoint_ejections",
             "Times outlier detection ejected an endpoint",
@@ -300,6 +320,14 @@ impl Metrics {
         BulkheadMetrics {
             rejected: self.bulkhead_rejections.get_or_create_owned(&labels),
             queue_depth: self.bulkhead_queue_depth.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn circuit_breaker(&self, breaker: &str) -> BreakerMetrics {
+        let labels = BreakerLabels { breaker: breaker.to_string() };
+        BreakerMetrics {
+            open: self.circuit_breaker_open.get_or_create_owned(&labels),
+            refused: self.circuit_breaker_refused.get_or_create_owned(&labels),
         }
     }
 

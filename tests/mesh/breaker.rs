@@ -2,7 +2,8 @@
 //! fails is ejected, traffic flows to the healthy ones, and the endpoint
 //! returns after recovery. Statuses count against an endpoint only where a
 //! method or the upstream says so, and an upstream is never cut off for
-//! statuses alone; with every endpoint unreachable, calls fail fast.
+//! statuses alone; with every endpoint unreachable, calls fail fast. A
+//! method's own circuit breaker cuts that method off, and only it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -209,5 +210,44 @@ impl Flaky {
 
     fn forward_to(&self, target: std::net::SocketAddr) {
         self.target.set(target).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_method_that_keeps_failing_is_cut_off_by_its_breaker_while_its_neighbours_answer() {
+    let policy = "{methods: {echo.v1.Echo/Unary: {circuit_breaker: {consecutive_failures: 3, open_for: 300ms}}}}";
+    let mesh = Mesh::start_with(MeshOptions { client_policy: policy, ..Default::default() }).await;
+    mesh.backend.failing.store(true, Ordering::Relaxed);
+    for _ in 0..3 {
+        let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
+        assert_eq!(status.message(), "backend failing");
+    }
+    let refused = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(
+        refused.message().starts_with(
+            "protomesh outbound: circuit breaker of method /echo.v1.Echo/Unary \
+             (config policy.methods[\"echo.v1.Echo/Unary\"]) is open after 3 failed calls in a row"
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.metadata().get("grpc-retry-pushback-ms").is_some(), "{refused:?}");
+    assert_eq!(mesh.calls(), 3, "the refused call never left the client's sidecar");
+    let metrics = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    assert!(metrics.contains("protomesh_circuit_breaker_open{breaker=\"method /echo.v1.Echo/Unary"), "{metrics}");
+    let healthy = within("stream", mesh.client().server_stream(EchoRequest::default())).await;
+    assert!(healthy.is_ok(), "the other method answers: {healthy:?}");
+    assert_eq!(sample(&metrics, "protomesh_endpoint_ejections_total"), Some(0.0), "no endpoint was blamed");
+
+    // Healed: once the breaker half-opens, a probe call closes it.
+    mesh.backend.failing.store(false, Ordering::Relaxed);
+    within("the breaker closes", async {
+        while mesh.client().unary(EchoRequest::default()).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for _ in 0..5 {
+        within("unary", mesh.client().unary(EchoRequest::default())).await.expect("closed again");
     }
 }
