@@ -1,6 +1,7 @@
 //! Choosing an endpoint: the power of two choices over peak-EWMA load (the
 //! recent round-trip time, jumping up at once and decaying slowly, times the
-//! calls in flight), among the endpoints that outlier detection admits and
+//! calls in flight, raised by its share of failed calls and while it asks
+//! for a pause with `grpc-retry-pushback-ms`), among the endpoints that outlier detection admits and
 //! health checks find serving; or, when fewer than the panic threshold are,
 //! among all that answer.
 //! Hand-written rather than tower::balance: that one needs `&mut` access and
@@ -45,6 +46,11 @@ impl Member {
         self.serving.store(serving, Ordering::Relaxed);
     }
 
+    /// The endpoint asked for no calls for `wait`: the balancer steers them elsewhere.
+    pub fn push_back(&self, wait: Duration) {
+        self.load.push_back(wait, Instant::now());
+    }
+
     /// Whether outlier detection and health checks let a call go here now.
     fn admitted(&self, now: Instant) -> bool {
         self.serving() && self.health.is_available(now)
@@ -59,13 +65,30 @@ const DEFAULT_RTT: Duration = Duration::from_millis(5);
 #[derive(Debug)]
 struct Load {
     in_flight: AtomicU32,
-    /// Peak-EWMA round-trip time in nanoseconds, and when it was last updated.
-    rtt: Mutex<(f64, Instant)>,
+    estimate: Mutex<Estimate>,
+}
+
+/// What the balancer has learnt of an endpoint from its calls.
+#[derive(Clone, Copy, Debug)]
+struct Estimate {
+    /// Peak-EWMA round-trip time in nanoseconds.
+    rtt: f64,
+    /// When `rtt` was last updated.
+    updated: Instant,
+    /// The share of recent calls that failed (0 to 1), a moving average,
+    /// and when it was last updated.
+    failing: f64,
+    settled: Instant,
+    /// Until when the endpoint asked for no calls (`grpc-retry-pushback-ms`).
+    pushed_back: Option<Instant>,
 }
 
 impl Default for Load {
     fn default() -> Self {
-        Load { in_flight: AtomicU32::new(0), rtt: Mutex::new((DEFAULT_RTT.as_nanos() as f64, Instant::now())) }
+        let now = Instant::now();
+        let rtt = DEFAULT_RTT.as_nanos() as f64;
+        let estimate = Estimate { rtt, updated: now, failing: 0.0, settled: now, pushed_back: None };
+        Load { in_flight: AtomicU32::new(0), estimate: Mutex::new(estimate) }
     }
 }
 
@@ -74,26 +97,51 @@ fn kept_after(elapsed: Duration) -> f64 {
     (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
 }
 
+/// How far one call moves the failing share.
+const FAILURE_STEP: f64 = 0.1;
+/// An endpoint failing every call costs this many times more than a healthy
+/// one: it still takes some calls, and so shows when it is well again.
+const FAILURE_WEIGHT: f64 = 9.0;
+/// An endpoint that pushed back costs this many times more until the time it
+/// named: it is passed over unless every choice pushed back.
+const PUSHBACK_WEIGHT: f64 = 1e3;
+/// The longest an endpoint's pushback steers calls away.
+const MAX_PUSHBACK: Duration = DECAY;
+
 impl Load {
-    /// The estimate fades while nothing is measured, so that an endpoint
-    /// left alone (after a slow spell, or an ejection) is tried again and
-    /// measured anew.
+    /// The estimates fade while nothing is measured, so that an endpoint
+    /// left alone (after a slow or failing spell, or an ejection) is tried
+    /// again and measured anew.
     fn cost(&self, now: Instant) -> f64 {
-        let (rtt, updated) = *self.rtt.lock().expect("load lock");
-        rtt * kept_after(now.saturating_duration_since(updated)) * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
+        let estimate = *self.estimate.lock().expect("load lock");
+        let since = |then: Instant| now.saturating_duration_since(then);
+        let pushed_back = estimate.pushed_back.is_some_and(|until| now < until);
+        estimate.rtt
+            * kept_after(since(estimate.updated))
+            * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
+            * (1.0 + FAILURE_WEIGHT * estimate.failing * kept_after(since(estimate.settled)))
+            * if pushed_back { PUSHBACK_WEIGHT } else { 1.0 }
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let mut average = self.rtt.lock().expect("load lock");
-        let (ewma, updated) = *average;
-        let next = if rtt > ewma {
-            rtt
-        } else {
-            let kept = kept_after(now.saturating_duration_since(updated));
-            ewma * kept + rtt * (1.0 - kept)
-        };
-        *average = (next, now);
+        let mut estimate = self.estimate.lock().expect("load lock");
+        let kept = kept_after(now.saturating_duration_since(estimate.updated));
+        estimate.rtt = if rtt > estimate.rtt { rtt } else { estimate.rtt * kept + rtt * (1.0 - kept) };
+        estimate.updated = now;
+    }
+
+    /// How a call ended, for the failing share.
+    fn settled(&self, failed: bool, now: Instant) {
+        let mut estimate = self.estimate.lock().expect("load lock");
+        let kept = kept_after(now.saturating_duration_since(estimate.settled));
+        let failed = if failed { 1.0 } else { 0.0 };
+        estimate.failing = estimate.failing * kept * (1.0 - FAILURE_STEP) + failed * FAILURE_STEP;
+        estimate.settled = now;
+    }
+
+    fn push_back(&self, wait: Duration, now: Instant) {
+        self.estimate.lock().expect("load lock").pushed_back = Some(now + wait.min(MAX_PUSHBACK));
     }
 }
 
@@ -165,6 +213,9 @@ fn lighter<'a>(endpoints: &[&'a Arc<Member>], now: Instant) -> Option<&'a Arc<Me
     }
 }
 
+/// Statuses a server answers when it, not the request, is at fault.
+const SERVER_FAULTS: [Code; 4] = [Code::Unavailable, Code::Internal, Code::Unknown, Code::DataLoss];
+
 /// One call on its way to an endpoint: counts it in flight, and reports its
 /// outcome to outlier detection once known. Dropped without an outcome at or
 /// past the call's deadline, the endpoint kept it waiting until then: that
@@ -201,8 +252,17 @@ impl Report {
         self.responded = true;
     }
 
-    pub fn finish(mut self, outcome: Outcome) {
-        self.endpoint.health.record(outcome, Instant::now(), &self.outliers);
+    pub fn finish(self, outcome: Outcome) {
+        self.settle(outcome, outcome != Outcome::Success);
+    }
+
+    /// Records the outcome for outlier detection and `failed` for the
+    /// balancer, which also weighs statuses that blame no endpoint: one
+    /// replica answering them more than the others weighs more.
+    fn settle(mut self, outcome: Outcome, failed: bool) {
+        let now = Instant::now();
+        self.endpoint.health.record(outcome, now, &self.outliers);
+        self.endpoint.load.settled(failed, now);
         self.reported = true;
     }
 
@@ -217,7 +277,7 @@ impl Report {
 
     pub fn finish_with_status(self, code: Code) {
         let outcome = self.outliers.config().outcome_of(code, self.failure_codes.as_deref());
-        self.finish(outcome);
+        self.settle(outcome, outcome != Outcome::Success || SERVER_FAULTS.contains(&code));
     }
 }
 
@@ -292,6 +352,47 @@ mod tests {
         let idle = load.cost(now);
         load.in_flight.fetch_add(3, Ordering::Relaxed);
         assert_eq!(load.cost(now), idle * 4.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_calls_raise_the_cost_and_it_fades_when_they_stop() {
+        let load = Load::default();
+        let now = Instant::now();
+        let healthy = load.cost(now);
+        for _ in 0..30 {
+            load.settled(true, now);
+        }
+        let failing = load.cost(now);
+        assert!(failing > healthy * 8.0 && failing <= healthy * 10.0, "{failing} vs {healthy}");
+        for _ in 0..30 {
+            load.settled(false, now);
+        }
+        assert!(load.cost(now) < healthy * 1.5, "successes bring it back");
+        for _ in 0..30 {
+            load.settled(true, now);
+        }
+        let later = now + DECAY * 3;
+        load.observe(DEFAULT_RTT, later);
+        assert!(load.cost(later) < healthy * 1.5, "left alone, the failures are forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_that_pushed_back_is_passed_over_until_the_time_it_named() {
+        use crate::policy::outlier::{OutlierConfig, Outliers};
+        let outliers = Outliers::new(OutlierConfig::default(), crate::telemetry::Metrics::default().outliers("u"));
+        let (busy, free) = (member(1), member(2));
+        let now = Instant::now();
+        busy.push_back(Duration::from_secs(2));
+        let endpoints = [busy.clone(), free.clone()];
+        for _ in 0..20 {
+            assert_eq!(choose(&endpoints, &[], now, &outliers).unwrap().0.addr(), free.addr());
+        }
+        free.push_back(Duration::from_secs(1));
+        let chosen = choose(&endpoints, &[], now, &outliers).expect("every endpoint pushed back: still one is chosen");
+        assert!([busy.addr(), free.addr()].contains(&chosen.0.addr()));
+        let after = now + Duration::from_secs(2);
+        let picks: Vec<_> = (0..20).map(|_| choose(&endpoints, &[], after, &outliers).unwrap().0.addr()).collect();
+        assert!(picks.contains(&busy.addr()), "back in rotation after its pushback");
     }
 
     fn member(port: u16) -> Arc<Member> {

@@ -251,3 +251,39 @@ async fn a_method_that_keeps_failing_is_cut_off_by_its_breaker_while_its_neighbo
         within("unary", mesh.client().unary(EchoRequest::default())).await.expect("closed again");
     }
 }
+
+#[tokio::test]
+async fn a_failing_endpoint_weighs_less_before_anything_ejects_it() {
+    // No status counts against endpoints here, so outlier detection never acts: only the balancer's bias does.
+    let mesh = Mesh::start_with(MeshOptions { servers: 2, ..Default::default() }).await;
+    mesh.backends[0].failing.store(true, Ordering::Relaxed);
+    let mut failed = 0;
+    for _ in 0..25 {
+        failed += within("round", round(&mesh, 8)).await;
+    }
+    // Unbiased, two equal endpoints would each take about half of the 200 calls.
+    assert!(failed < 60, "{failed} of 200 calls went to the failing endpoint");
+    assert!(failed > 0, "it is still tried, so it is seen when it is well again");
+    let metrics = admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    assert_eq!(sample(&metrics, "protomesh_endpoint_ejections_total"), Some(0.0));
+}
+
+#[tokio::test]
+async fn an_endpoint_pushing_back_gets_no_calls_meanwhile() {
+    let mesh = Mesh::start_with(MeshOptions { servers: 2, ..Default::default() }).await;
+    let busy = EchoRequest {
+        message: "busy".into(),
+        status_code: Code::ResourceExhausted as i32,
+        pushback_ms: 60_000,
+        fail_first: 1,
+        ..Default::default()
+    };
+    let status = within("busy", mesh.client().unary(busy)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let pushed = if served(&mesh, 0) == 1 { 0 } else { 1 };
+    for _ in 0..20 {
+        within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap();
+    }
+    assert_eq!(served(&mesh, pushed), 1, "the endpoint that pushed back took no further call");
+    assert_eq!(served(&mesh, 1 - pushed), 20);
+}
