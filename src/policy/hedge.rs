@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::retry::{RetryBudget, RetryMetrics, Verdict, attempt, verdict};
+use super::replay::{RetryBudget, RetryMetrics, Verdict, attempt, verdict};
 use crate::call::{CallService, ProxyError, RequestBody, ResponseBody, Spread};
 use crate::duration;
 use crate::grpc::Code;
@@ -134,7 +134,8 @@ mod tests {
     use super::*;
     use crate::call::Attempt;
     use crate::grpc;
-    use crate::policy::retry::{Retries, RetryBudgetConfig, RetrySettings};
+    use crate::policy::replay::RetryBudgetConfig;
+    use crate::policy::retry::{Retries, RetrySettings};
 
     /// Each attempt answers after its delay with its status (then OK);
     /// records which attempts started and which were dropped unanswered.

@@ -12,6 +12,7 @@ pub mod hedge;
 pub mod message_size;
 pub mod outlier;
 pub mod rate_limit;
+pub mod replay;
 pub mod retry;
 pub mod source;
 
@@ -25,7 +26,7 @@ use authz::MethodPattern;
 use bulkhead::ConcurrencyPolicy;
 use fields::PolicyFields;
 use outlier::OutlierConfig;
-use retry::RetryBudgetConfig;
+use replay::RetryBudgetConfig;
 
 /// The `policy` section of the config.
 #[derive(Clone, Debug, PartialEq, Deserialize)]

@@ -21,20 +21,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 use super::deadline::Deadline;
 use super::hedge::{HedgingPolicy, hedge};
-use crate::call::{Attempt, CallFuture, CallService, ProxyError, RequestBody, ResponseBody};
+use super::replay::{RetryBudget, RetryMetrics, Verdict, attempt, verdict};
+use crate::call::{CallFuture, CallService, ProxyError, RequestBody, ResponseBody};
 use crate::duration;
-use crate::grpc::{self, Code};
+use crate::grpc::Code;
 
 /// Retries, as gRFC A6 describes them.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -85,46 +84,6 @@ impl RetryPolicy {
     }
 }
 
-/// Retries may add at most `ratio` of the calls, plus `min_per_second`.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryBudgetConfig {
-    #[serde(default = "defaults::retry_ratio")]
-    pub ratio: f64,
-    #[serde(default = "defaults::min_retries_per_second")]
-    pub min_per_second: u32,
-}
-
-impl Default for RetryBudgetConfig {
-    fn default() -> Self {
-        RetryBudgetConfig { ratio: defaults::retry_ratio(), min_per_second: defaults::min_retries_per_second() }
-    }
-}
-
-impl RetryBudgetConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(0.0..=10.0).contains(&self.ratio) {
-            return Err("ratio: must be between 0 and 10, e.g. 0.2 for 20%".into());
-        }
-        Ok(())
-    }
-}
-
-/// What the retries of an upstream's calls draw from, over a 10 s window.
-#[derive(Clone, Debug)]
-pub struct RetryBudget(Arc<TpsBudget>);
-
-impl RetryBudget {
-    pub fn new(config: &RetryBudgetConfig) -> RetryBudget {
-        RetryBudget(Arc::new(TpsBudget::new(Duration::from_secs(10), config.min_per_second, config.ratio as f32)))
-    }
-
-    /// Takes one retry or hedge from the budget, if it has one.
-    pub(super) fn withdraw(&self) -> bool {
-        self.0.withdraw()
-    }
-}
-
 /// A method's retry settings, resolved once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RetrySettings {
@@ -138,14 +97,6 @@ pub struct RetrySettings {
     pub max_replay_bytes: usize,
 }
 
-/// What the retries of one method did.
-#[derive(Clone, Debug, Default)]
-pub struct RetryMetrics {
-    pub retries: Counter,
-    pub hedges: Counter,
-    pub budget_exhausted: Counter,
-}
-
 #[derive(Clone)]
 pub struct Retries<S> {
     inner: S,
@@ -157,47 +108,6 @@ pub struct Retries<S> {
 impl<S> Retries<S> {
     pub fn new(settings: Arc<RetrySettings>, budget: Option<RetryBudget>, metrics: RetryMetrics, inner: S) -> Self {
         Retries { inner, settings, budget, metrics }
-    }
-}
-
-/// What one attempt's outcome says about another.
-pub(super) enum Verdict {
-    Final,
-    /// Retry if the policy and budget allow, after the backoff or the server's pushback.
-    Retryable {
-        pushback: Option<Duration>,
-    },
-    /// The peer did not process the call: send it again, whatever the method.
-    Refused,
-}
-
-pub(super) fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
-    match result {
-        Ok(response) => {
-            let Some(code) = grpc::status_in(response.headers()) else {
-                return Verdict::Final;
-            };
-            if !retryable.contains(&code) {
-                return Verdict::Final;
-            }
-            match response
-                .headers()
-                .get(grpc::GRPC_RETRY_PUSHBACK_MS)
-                .map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok()))
-            {
-                None => Verdict::Retryable { pushback: None },
-                Some(Some(ms)) if ms >= 0 => Verdict::Retryable { pushback: Some(Duration::from_millis(ms as u64)) },
-                // Negative or unreadable: the server asks for no retry.
-                Some(_) => Verdict::Final,
-            }
-        }
-        Err(error) if error.refused_unprocessed() => Verdict::Refused,
-        Err(error @ (ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoEndpoints { .. }))
-            if retryable.contains(&error.code()) =>
-        {
-            Verdict::Retryable { pushback: None }
-        }
-        Err(_) => Verdict::Final,
     }
 }
 
@@ -236,21 +146,6 @@ fn joined(mut chunks: Vec<Bytes>) -> Bytes {
     }
 }
 
-/// The request of attempt `number` (1 for the first).
-pub(super) fn attempt<B>(parts: &http::request::Parts, body: Bytes, number: u32) -> Request<RequestBody<B>> {
-    let mut request = Request::new(RequestBody::Replayed(Some(body)));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    *request.extensions_mut() = parts.extensions.clone();
-    request.extensions_mut().insert(Attempt(number));
-    if number > 1 {
-        request.headers_mut().insert(grpc::GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(number - 1));
-    }
-    request
-}
-
 /// Full jitter: a random delay up to the current backoff.
 fn jittered(backoff: Duration) -> Duration {
     backoff.mul_f64(fastrand::f64())
@@ -278,7 +173,7 @@ where
             return Box::pin(self.inner.call(request.map(RequestBody::Streamed)));
         }
         if let Some(budget) = &self.budget {
-            budget.0.deposit();
+            budget.deposit();
         }
         let (settings, budget, metrics) = (self.settings.clone(), self.budget.clone(), self.metrics.clone());
         let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
@@ -348,12 +243,6 @@ mod defaults {
     pub fn backoff_multiplier() -> f64 {
         2.0
     }
-    pub fn retry_ratio() -> f64 {
-        0.2
-    }
-    pub fn min_retries_per_second() -> u32 {
-        10
-    }
 }
 
 #[cfg(test)]
@@ -363,7 +252,10 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
+    use crate::call::Attempt;
+    use crate::grpc;
     use crate::policy::bulkhead::BulkheadFull;
+    use crate::policy::replay::RetryBudgetConfig;
 
     fn trailers_only(code: Code, pushback: Option<&str>) -> Result<Response<ResponseBody>, ProxyError> {
         let mut response = Response::new(ResponseBody::empty());

@@ -16,7 +16,7 @@ use crate::config::OriginalDestinationConfig;
 use crate::identity::{ExpectedPeer, Identity};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
-use crate::policy::retry::RetryBudgetConfig;
+use crate::policy::replay::RetryBudgetConfig;
 use crate::telemetry::Metrics;
 
 /// Destinations kept at once; past it, those no call holds are let go.

@@ -25,7 +25,7 @@ use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
 use crate::policy::deadline::Deadline;
 use crate::policy::outlier::{CircuitOpen, Outcome, OutlierConfig, OutlierMetrics, Outliers};
-use crate::policy::retry::{RetryBudget, RetryBudgetConfig};
+use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::trace::CallSpan;
 
 /// Endpoints a call may try when connecting fails, before it gives up.

@@ -19,7 +19,7 @@ use crate::grpc::Code;
 use crate::policy::bulkhead::BulkheadMetrics;
 use crate::policy::circuit_breaker::BreakerMetrics;
 use crate::policy::outlier::OutlierMetrics;
-use crate::policy::retry::RetryMetrics;
+use crate::policy::replay::RetryMetrics;
 
 /// Latency buckets in seconds: half a millisecond to ten seconds.
 const LATENCY_BUCKETS: [f64; 14] =

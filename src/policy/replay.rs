@@ -1,0 +1,133 @@
+//! What retries and hedging share: the retry budget both draw on, what one
+//! attempt's outcome says about sending another, and each attempt's request,
+//! built from a call kept whole and numbered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::call::{Attempt, ProxyError, RequestBody, ResponseBody};
+use crate::grpc::{self, Code};
+
+/// Retries may add at most `ratio` of the calls, plus `min_per_second`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    #[serde(default = "defaults::retry_ratio")]
+    pub ratio: f64,
+    #[serde(default = "defaults::min_retries_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig { ratio: defaults::retry_ratio(), min_per_second: defaults::min_retries_per_second() }
+    }
+}
+
+impl RetryBudgetConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=10.0).contains(&self.ratio) {
+            return Err("ratio: must be between 0 and 10, e.g. 0.2 for 20%".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the retries of an upstream's calls draw from, over a 10 s window.
+#[derive(Clone, Debug)]
+pub struct RetryBudget(Arc<TpsBudget>);
+
+impl RetryBudget {
+    pub fn new(config: &RetryBudgetConfig) -> RetryBudget {
+        RetryBudget(Arc::new(TpsBudget::new(Duration::from_secs(10), config.min_per_second, config.ratio as f32)))
+    }
+
+    /// Counts a call, which earns its share of retries.
+    pub fn deposit(&self) {
+        self.0.deposit();
+    }
+
+    /// Takes one retry or hedge from the budget, if it has one.
+    pub fn withdraw(&self) -> bool {
+        self.0.withdraw()
+    }
+}
+
+/// What the retries of one method did.
+#[derive(Clone, Debug, Default)]
+pub struct RetryMetrics {
+    pub retries: Counter,
+    pub hedges: Counter,
+    pub budget_exhausted: Counter,
+}
+
+/// What one attempt's outcome says about another.
+pub enum Verdict {
+    Final,
+    /// Retry if the policy and budget allow, after the backoff or the server's pushback.
+    Retryable {
+        pushback: Option<Duration>,
+    },
+    /// The peer did not process the call: send it again, whatever the method.
+    Refused,
+}
+
+pub fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &[Code]) -> Verdict {
+    match result {
+        Ok(response) => {
+            let Some(code) = grpc::status_in(response.headers()) else {
+                return Verdict::Final;
+            };
+            if !retryable.contains(&code) {
+                return Verdict::Final;
+            }
+            match response
+                .headers()
+                .get(grpc::GRPC_RETRY_PUSHBACK_MS)
+                .map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok()))
+            {
+                None => Verdict::Retryable { pushback: None },
+                Some(Some(ms)) if ms >= 0 => Verdict::Retryable { pushback: Some(Duration::from_millis(ms as u64)) },
+                // Negative or unreadable: the server asks for no retry.
+                Some(_) => Verdict::Final,
+            }
+        }
+        Err(error) if error.refused_unprocessed() => Verdict::Refused,
+        Err(error @ (ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoEndpoints { .. }))
+            if retryable.contains(&error.code()) =>
+        {
+            Verdict::Retryable { pushback: None }
+        }
+        Err(_) => Verdict::Final,
+    }
+}
+
+/// The request of attempt `number` (1 for the first).
+pub fn attempt<B>(parts: &http::request::Parts, body: Bytes, number: u32) -> Request<RequestBody<B>> {
+    let mut request = Request::new(RequestBody::Replayed(Some(body)));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    *request.extensions_mut() = parts.extensions.clone();
+    request.extensions_mut().insert(Attempt(number));
+    if number > 1 {
+        request.headers_mut().insert(grpc::GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(number - 1));
+    }
+    request
+}
+
+mod defaults {
+    pub fn retry_ratio() -> f64 {
+        0.2
+    }
+    pub fn min_retries_per_second() -> u32 {
+        10
+    }
+}
