@@ -1,9 +1,9 @@
 //! Choosing an endpoint: the power of two choices over peak-EWMA load (the
 //! recent round-trip time, jumping up at once and decaying slowly, times the
 //! calls in flight, raised by its share of failed calls and while it asks
-//! for a pause with `grpc-retry-pushback-ms`), among the endpoints that outlier detection admits and
-//! health checks find serving; or, when fewer than the panic threshold are,
-//! among all that answer.
+//! for a pause with `grpc-retry-pushback-ms`), among the endpoints that
+//! outlier detection admits and health checks find serving; or, when fewer
+//! than the panic threshold are, among all that answer.
 //! Hand-written rather than tower::balance: that one needs `&mut` access and
 //! so a buffer task per upstream, an extra hop on every call.
 
