@@ -133,7 +133,9 @@ impl Mesh {
             };
             let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
             let policy = options.server_policy;
-            servers.push(sidecar(&dir, "server", "[]", Some(&inbound), policy, &options).await);
+            // Each server's own file: a reload rereads it, so servers sharing one would take the last one's app.
+            let file = if servers.is_empty() { "server".to_string() } else { format!("server-{}", servers.len()) };
+            servers.push(sidecar(&dir, ("server", &file), "[]", Some(&inbound), policy, &options).await);
         }
         let every_server = servers.iter().map(|s| s.inbound_addr.unwrap().to_string()).collect::<Vec<_>>().join(",");
         let server_sidecar = servers.remove(0);
@@ -152,7 +154,8 @@ impl Mesh {
             "[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}', {}}}]",
             options.expected_server, options.upstream_settings
         );
-        let client_sidecar = sidecar(&dir, "client", &upstreams, None, options.client_policy, &options).await;
+        let client_sidecar =
+            sidecar(&dir, ("client", "client"), &upstreams, None, options.client_policy, &options).await;
         let backend = backends[0].clone();
         Mesh { dir, backend, backends, health, client_sidecar, server_sidecar, _other_servers: servers }
     }
@@ -208,10 +211,10 @@ impl Mesh {
     }
 }
 
-/// Starts one sidecar from a YAML config, through the same loader `protomesh run` uses.
+/// Starts one sidecar from a YAML config in `<file>.yaml`, through the same loader `protomesh run` uses.
 async fn sidecar(
     dir: &TempDir,
-    workload: &str,
+    (workload, file): (&str, &str),
     upstreams: &str,
     inbound: Option<&str>,
     policy: &str,
@@ -244,7 +247,7 @@ async fn sidecar(
     if let Some(inbound) = inbound {
         yaml.push_str(&format!("inbound: {inbound}\n"));
     }
-    let path = dir.path().join(format!("{workload}.yaml"));
+    let path = dir.path().join(format!("{file}.yaml"));
     std::fs::write(&path, yaml).unwrap();
     Sidecar::start(ConfigSource::file(path), Options::default()).await.unwrap()
 }

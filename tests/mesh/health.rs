@@ -100,3 +100,17 @@ async fn an_app_that_answers_health_is_asked_and_one_that_is_gone_is_not_serving
     let mesh = Mesh::start_with(MeshOptions { app: Some(gone), ..Default::default() }).await;
     assert_eq!(check(&mesh, "").await, Ok(ServingStatus::NotServing));
 }
+
+#[tokio::test]
+async fn health_checks_turned_on_by_a_reload_apply_to_the_running_upstream() {
+    let options =
+        MeshOptions { servers: 2, app_health: true, upstream_settings: "resolve_interval: 30s", ..Default::default() };
+    let mesh = Mesh::start_with(options).await;
+    mesh.health[0].set_service_status("", AppStatus::NotServing).await;
+    round(&mesh, 8).await;
+    mesh.edit_config("client", "resolve_interval: 30s", &format!("resolve_interval: 30s, {CHECKED}"));
+    not_serving(&mesh, 1.0).await;
+    let before = mesh.backends[0].calls.load(Ordering::Relaxed);
+    round(&mesh, 8).await;
+    assert_eq!(mesh.backends[0].calls.load(Ordering::Relaxed), before, "the endpoint not serving took no call");
+}
