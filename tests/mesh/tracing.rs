@@ -1,6 +1,6 @@
 //! Traces: both sidecars' spans reach an in-process OTLP collector as one
-//! trace that continues the app's, with the RPC attributes and retry
-//! attempts; with the collector gone, calls go on unaffected.
+//! trace that continues the app's, with the RPC attributes and retried or
+//! hedged attempts; with the collector gone, calls go on unaffected.
 
 use protomesh_samples::collector::{Collector, Span, attribute, hex};
 use protomesh_samples::pb::echo::v1::EchoRequest;
@@ -103,6 +103,55 @@ async fn retries_show_as_numbered_attempts_and_refusals_as_events() {
     .await;
     assert!(denied.events.iter().any(|e| e.name == "denied"), "{:?}", denied.events);
     assert_eq!(attribute(&denied, "rpc.grpc.status_code").as_deref(), Some("7"));
+}
+
+#[tokio::test]
+async fn hedged_attempts_are_child_spans_of_their_call() {
+    let (collector, endpoint) = collector().await;
+    let mesh = Mesh::start_with(MeshOptions {
+        tracing: format!("{{otlp_endpoint: '{endpoint}'}}"),
+        client_policy: "{methods: {echo.v1.Echo/Unary: {hedging: {max_attempts: 2, hedging_delay: 20ms}}}}",
+        servers: 2,
+        ..Default::default()
+    })
+    .await;
+    mesh.backends[0].slow_ms.store(3_000, std::sync::atomic::Ordering::Relaxed);
+    // Calls at once load both endpoints, so some go to the slow one first and are hedged.
+    let unary = r#"protomesh_hedges_total{direction="outbound",service="echo.v1.Echo",method="Unary"}"#;
+    for _ in 0..10 {
+        let calls = (0..8).map(|_| {
+            let mut client = mesh.client();
+            async move { client.unary(traced(EchoRequest::default())).await.unwrap() }
+        });
+        within("calls", futures_util::future::join_all(calls)).await;
+        let metrics = crate::telemetry::admin(mesh.client_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+        if crate::telemetry::sample(&metrics, unary).unwrap_or(0.0) > 0.0 {
+            break;
+        }
+    }
+    let (first, second) = within("a hedged call's spans", async {
+        for count in 1.. {
+            let spans = collector.spans(count).await;
+            let attempt = |number: &str, parent: Option<&[u8]>| {
+                spans.iter().map(|(_, s)| s).find(|s| {
+                    s.name.ends_with("attempt")
+                        && attribute(s, "protomesh.attempt").as_deref() == Some(number)
+                        && parent.is_none_or(|parent| s.parent_span_id == parent)
+                })
+            };
+            if let Some(second) = attempt("2", None)
+                && let Some(first) = attempt("1", Some(&second.parent_span_id))
+            {
+                return (first.clone(), second.clone());
+            }
+        }
+        unreachable!("spans keep arriving")
+    })
+    .await;
+    let spans = collector.spans(0).await;
+    let call = spans.iter().map(|(_, s)| s).find(|s| s.span_id == first.parent_span_id).expect("the call's span");
+    assert_eq!(call.kind, 3, "both attempts are children of the call's CLIENT span");
+    assert_ne!(first.span_id, second.span_id);
 }
 
 #[tokio::test]
