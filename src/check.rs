@@ -20,6 +20,14 @@ pub fn report(inputs: &Inputs) -> String {
             upstream.endpoints.join(", "),
             upstream.identity
         );
+        if let Some(check) = &upstream.health_check {
+            let service = if check.service.is_empty() { "the whole server" } else { check.service.as_str() };
+            let _ = writeln!(
+                out,
+                "    health checked every {:?} (timeout {:?}) for {service}: out after {} failed, back after {} SERVING",
+                check.interval, check.timeout, check.unhealthy_threshold, check.healthy_threshold
+            );
+        }
     }
     let original = &config.outbound.original_destination;
     if original.enabled {
@@ -36,12 +44,13 @@ pub fn report(inputs: &Inputs) -> String {
         Some(inbound) => {
             let _ = writeln!(
                 out,
-                "inbound   listen {} -> app {}; mTLS {}; default authorization {}; {} rule(s)",
+                "inbound   listen {} -> app {}; mTLS {}; default authorization {}; {} rule(s); health checks answered by {}",
                 inbound.listen,
                 inbound.app.map_or_else(|| "127.0.0.1:<captured port>".to_string(), |app| app.to_string()),
                 inbound.mtls.mode.as_str(),
                 inbound.authorization.default.as_str(),
-                inbound.authorization.rules.len()
+                inbound.authorization.rules.len(),
+                inbound.health.describe()
             );
         }
     }

@@ -58,6 +58,17 @@ pub enum HealthAnswer {
     App,
 }
 
+impl HealthAnswer {
+    /// Who answers, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            HealthAnswer::Auto => "the app, or the sidecar when the app has no health service",
+            HealthAnswer::Sidecar => "the sidecar",
+            HealthAnswer::App => "the app, as any call",
+        }
+    }
+}
+
 mod defaults {
     use std::time::Duration;
 

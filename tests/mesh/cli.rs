@@ -49,6 +49,27 @@ fn check_prints_the_method_table_with_policy_sources() {
 }
 
 #[test]
+fn check_shows_health_checks_hedging_and_breakers() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "outbound: {upstreams: [{services: [echo.v1.Echo], endpoints: ['127.0.0.1:4143'], \
+                identity: 'spiffe://cluster.local/ns/default/sa/echo', health_check: {interval: 2s}}]}\n\
+                policy: {methods: {echo.v1.Echo/Unary: {hedging: {max_attempts: 2, hedging_delay: 30ms}, \
+                circuit_breaker: {consecutive_failures: 4}}}}\n";
+    let output = protomesh(&["check", "--config", &write_config(&dir, yaml)]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(stdout.contains("health checked every 2s (timeout 1s) for the whole server"), "{stdout}");
+    assert!(stdout.contains("hedging          2 attempts 30ms apart"), "{stdout}");
+    assert!(stdout.contains("circuit_breaker  4 failures in a row"), "{stdout}");
+
+    let bad = yaml.replace("interval: 2s", "interval: 2s, timeout: 3s");
+    let output = protomesh(&["check", "--config", &write_config(&dir, &bad)]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("outbound.upstreams[0].health_check") && stderr.contains("timeout"), "{stderr}");
+}
+
+#[test]
 fn a_bad_config_names_the_file_and_field_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(&dir, "inbound: {app: '127.0.0.1:8080', listen: 'everywhere'}\n");
