@@ -189,7 +189,8 @@ where
                 Err(unkept) => return inner.ready().await?.call(Request::from_parts(parts, unkept)).await,
             };
             if let Some(hedging) = &settings.hedging {
-                return hedge(inner, parts, kept, hedging, (budget, metrics), deadline).await;
+                // Boxed: the future every kept call allocates stays its size.
+                return Box::pin(hedge(inner, parts, kept, hedging, (budget, metrics), deadline)).await;
             }
             let policy = settings.policy.as_ref();
             let retryable = policy.map_or(&[][..], |p| &p.retryable_codes);

@@ -23,16 +23,7 @@ pub async fn answer<F>(call: F, mut respond: SendResponse<Bytes>)
 where
     F: Future<Output = Result<Response<ResponseBody>, ProxyError>>,
 {
-    let mut call = std::pin::pin!(call);
-    let response = poll_fn(|cx| {
-        if let Poll::Ready(result) = call.as_mut().poll(cx) {
-            return Poll::Ready(Some(result));
-        }
-        // A reset stream is a call given up: dropping it cancels it below.
-        respond.poll_reset(cx).map(|_| None)
-    })
-    .await;
-    let (head, mut body) = match response {
+    let (head, mut body) = match response_of(call, &mut respond).await {
         Some(Ok(response)) => response.into_parts(),
         // Only a refusal that should reach the caller as a reset is left as an error.
         Some(Err(error)) => return respond.send_reset(h2_reason(&error).unwrap_or(Reason::INTERNAL_ERROR)),
@@ -44,6 +35,27 @@ where
         let mut held = false;
         poll_fn(|cx| send_body(&mut body, &mut stream, &mut held, cx)).await;
     }
+}
+
+/// The call's response, or `None` if the caller reset the stream first.
+/// The call's future ends here, so what it allocated (each layer's boxed
+/// future) is freed before the body streams, however long that takes.
+async fn response_of<F>(
+    call: F,
+    respond: &mut SendResponse<Bytes>,
+) -> Option<Result<Response<ResponseBody>, ProxyError>>
+where
+    F: Future<Output = Result<Response<ResponseBody>, ProxyError>>,
+{
+    let mut call = std::pin::pin!(call);
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = call.as_mut().poll(cx) {
+            return Poll::Ready(Some(result));
+        }
+        // A reset stream is a call given up: dropping it cancels it below.
+        respond.poll_reset(cx).map(|_| None)
+    })
+    .await
 }
 
 /// Sends `body` on `stream` until it ends, the caller resets the stream or a
