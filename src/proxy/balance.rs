@@ -66,6 +66,9 @@ const DEFAULT_RTT: Duration = Duration::from_millis(5);
 struct Load {
     in_flight: AtomicU32,
     estimate: Mutex<Estimate>,
+    /// Whether the failing share is above zero: while it is not, a call
+    /// that did not fail changes nothing and takes no lock.
+    failing: AtomicBool,
 }
 
 /// What the balancer has learnt of an endpoint from its calls.
@@ -88,7 +91,7 @@ impl Default for Load {
         let now = Instant::now();
         let rtt = DEFAULT_RTT.as_nanos() as f64;
         let estimate = Estimate { rtt, updated: now, failing: 0.0, settled: now, pushed_back: None };
-        Load { in_flight: AtomicU32::new(0), estimate: Mutex::new(estimate) }
+        Load { in_flight: AtomicU32::new(0), estimate: Mutex::new(estimate), failing: AtomicBool::new(false) }
     }
 }
 
@@ -97,6 +100,8 @@ fn kept_after(elapsed: Duration) -> f64 {
     (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
 }
 
+/// A failing share below this is taken as none.
+const FORGOTTEN: f64 = 1e-3;
 /// How far one call moves the failing share.
 const FAILURE_STEP: f64 = 0.1;
 /// An endpoint failing every call costs this many times more than a healthy
@@ -115,12 +120,16 @@ impl Load {
     fn cost(&self, now: Instant) -> f64 {
         let estimate = *self.estimate.lock().expect("load lock");
         let since = |then: Instant| now.saturating_duration_since(then);
-        let pushed_back = estimate.pushed_back.is_some_and(|until| now < until);
-        estimate.rtt
+        let mut cost = estimate.rtt
             * kept_after(since(estimate.updated))
-            * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
-            * (1.0 + FAILURE_WEIGHT * estimate.failing * kept_after(since(estimate.settled)))
-            * if pushed_back { PUSHBACK_WEIGHT } else { 1.0 }
+            * f64::from(self.in_flight.load(Ordering::Relaxed) + 1);
+        if estimate.failing > 0.0 {
+            cost *= 1.0 + FAILURE_WEIGHT * estimate.failing * kept_after(since(estimate.settled));
+        }
+        if estimate.pushed_back.is_some_and(|until| now < until) {
+            cost *= PUSHBACK_WEIGHT;
+        }
+        cost
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {
@@ -133,11 +142,16 @@ impl Load {
 
     /// How a call ended, for the failing share.
     fn settled(&self, failed: bool, now: Instant) {
+        if !failed && !self.failing.load(Ordering::Relaxed) {
+            return;
+        }
         let mut estimate = self.estimate.lock().expect("load lock");
         let kept = kept_after(now.saturating_duration_since(estimate.settled));
-        let failed = if failed { 1.0 } else { 0.0 };
-        estimate.failing = estimate.failing * kept * (1.0 - FAILURE_STEP) + failed * FAILURE_STEP;
+        let share = estimate.failing * kept * (1.0 - FAILURE_STEP) + if failed { FAILURE_STEP } else { 0.0 };
+        // Below this it weighs nothing worth a lock: forgotten.
+        estimate.failing = if share < FORGOTTEN { 0.0 } else { share };
         estimate.settled = now;
+        self.failing.store(estimate.failing > 0.0, Ordering::Relaxed);
     }
 
     fn push_back(&self, wait: Duration, now: Instant) {
