@@ -20,7 +20,8 @@ use crate::contract::Contracts;
 use crate::grpc::{self, Code};
 use crate::health::{self, ServingStatus};
 
-/// The longest the app has to answer, whatever the checker's deadline.
+/// The longest a peer has to send its request, and the app to answer it,
+/// whatever the checker's deadline.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
 pub async fn answer(
@@ -30,9 +31,14 @@ pub async fn answer(
     contracts: Arc<Contracts>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let (parts, body) = request.into_parts();
-    let body: Bytes = match Limited::new(body, health::MAX_MESSAGE).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(error) => return Ok(status(Code::InvalidArgument, &format!("the request could not be read: {error}"))),
+    let body: Bytes = match tokio::time::timeout(MAX_WAIT, Limited::new(body, health::MAX_MESSAGE).collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(error)) => {
+            return Ok(status(Code::InvalidArgument, &format!("the request could not be read: {error}")));
+        }
+        Err(_) => {
+            return Ok(status(Code::DeadlineExceeded, &format!("the request did not arrive within {MAX_WAIT:?}")));
+        }
     };
     let service = match health::service_asked(body.clone()) {
         Ok(service) => service,

@@ -1,9 +1,10 @@
 //! An upstream: the peers serving a set of gRPC services, all expected to
 //! present one SPIFFE ID, with one pooled connection per endpoint and
-//! worker, a balancer over them, outlier detection for each, and a retry
-//! budget for all. It is live state: routes built from a new config find the
-//! same upstream, with its connections and its endpoints' health, as long as
-//! its endpoints and identity stay the same.
+//! worker, a balancer over them, outlier detection for each, active health
+//! checks where configured, and a retry budget for all. It is live state:
+//! routes built from a new config find the same upstream, with its
+//! connections and its endpoints' health, as long as its endpoints and
+//! identity stay the same.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
