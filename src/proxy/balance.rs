@@ -120,9 +120,8 @@ impl Load {
     fn cost(&self, now: Instant) -> f64 {
         let estimate = *self.estimate.lock().expect("load lock");
         let since = |then: Instant| now.saturating_duration_since(then);
-        let mut cost = estimate.rtt
-            * kept_after(since(estimate.updated))
-            * f64::from(self.in_flight.load(Ordering::Relaxed) + 1);
+        let mut cost =
+            estimate.rtt * kept_after(since(estimate.updated)) * f64::from(self.in_flight.load(Ordering::Relaxed) + 1);
         if estimate.failing > 0.0 {
             cost *= 1.0 + FAILURE_WEIGHT * estimate.failing * kept_after(since(estimate.settled));
         }
