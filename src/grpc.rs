@@ -178,6 +178,15 @@ fn round_up_to_three_digits(value: u64) -> u64 {
     }
 }
 
+/// What a response's `grpc-retry-pushback-ms` asks: `None` without one;
+/// `Some(Some(wait))` to wait that long; `Some(None)`, for a negative or
+/// unreadable value, not to retry at all.
+pub fn retry_pushback(headers: &HeaderMap) -> Option<Option<Duration>> {
+    let value = headers.get(GRPC_RETRY_PUSHBACK_MS)?;
+    let millis = value.to_str().ok().and_then(|v| v.parse::<i64>().ok());
+    Some(millis.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis))
+}
+
 /// The headers of a gRPC status: `grpc-status` and a percent-encoded
 /// `grpc-message`. Sent alone with HTTP 200 they are a trailers-only
 /// response, which every gRPC client reads as the call's final status; at the

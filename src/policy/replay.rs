@@ -87,15 +87,11 @@ pub fn verdict(result: &Result<Response<ResponseBody>, ProxyError>, retryable: &
             if !retryable.contains(&code) {
                 return Verdict::Final;
             }
-            match response
-                .headers()
-                .get(grpc::GRPC_RETRY_PUSHBACK_MS)
-                .map(|v| v.to_str().ok().and_then(|v| v.parse::<i64>().ok()))
-            {
+            match grpc::retry_pushback(response.headers()) {
                 None => Verdict::Retryable { pushback: None },
-                Some(Some(ms)) if ms >= 0 => Verdict::Retryable { pushback: Some(Duration::from_millis(ms as u64)) },
+                Some(Some(wait)) => Verdict::Retryable { pushback: Some(wait) },
                 // Negative or unreadable: the server asks for no retry.
-                Some(_) => Verdict::Final,
+                Some(None) => Verdict::Final,
             }
         }
         Err(error) if error.refused_unprocessed() => Verdict::Refused,

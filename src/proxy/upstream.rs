@@ -231,7 +231,7 @@ impl Upstream {
                         response.extensions_mut().insert(Answered(endpoint.addr));
                     }
                     if trailers_only.is_some()
-                        && let Some(wait) = pushback(response.headers())
+                        && let Some(Some(wait)) = grpc::retry_pushback(response.headers())
                     {
                         member.push_back(wait);
                     }
@@ -249,10 +249,4 @@ impl Upstream {
         }
         Err(refused.unwrap_or_else(|| CircuitOpen { upstream: self.name.clone(), endpoints: members.len() }.into()))
     }
-}
-
-/// A `grpc-retry-pushback-ms` asking for a pause (a negative one asks for no retry at all).
-fn pushback(headers: &http::HeaderMap) -> Option<std::time::Duration> {
-    let millis: u64 = headers.get(grpc::GRPC_RETRY_PUSHBACK_MS)?.to_str().ok()?.parse().ok()?;
-    Some(std::time::Duration::from_millis(millis))
 }
