@@ -37,8 +37,12 @@ impl HealthCheckConfig {
         if self.timeout.is_zero() || self.timeout > self.interval {
             return Err(format!("timeout: must be above 0 and at most the interval ({:?})", self.interval));
         }
-        if self.unhealthy_threshold == 0 || self.healthy_threshold == 0 {
-            return Err("unhealthy_threshold, healthy_threshold: at least 1".into());
+        for (field, value) in
+            [("unhealthy_threshold", self.unhealthy_threshold), ("healthy_threshold", self.healthy_threshold)]
+        {
+            if value == 0 {
+                return Err(format!("{field}: at least 1 check in a row"));
+            }
         }
         Ok(())
     }
