@@ -22,7 +22,7 @@ use crate::proxy::registry::Registries;
 use crate::proxy::routes::Routes;
 use crate::proxy::server::{self, PeerInfo, Serving};
 use crate::proxy::shed::MemoryBudget;
-use crate::telemetry::{Metrics, Tracing};
+use crate::telemetry::{LogThrottle, Metrics, Tracing};
 use crate::workers::Workers;
 use admin::{Admin, SetLogLevel};
 use reload::Reloader;
@@ -84,10 +84,16 @@ impl Sidecar {
             Arc::new(Reloader::new(source, routes.clone(), versions, identity.clone(), registries, tracing.clone()));
 
         let (drain, watch) = drain::channel();
-        let serving =
-            Serving { workers: workers.clone(), metrics: metrics.clone(), routes: routes.clone(), drain: watch };
-        let outbound_addr = local_addr(&outbound_listener)?;
         let memory = Arc::new(MemoryBudget::default());
+        let serving = Serving {
+            workers: workers.clone(),
+            metrics: metrics.clone(),
+            routes: routes.clone(),
+            drain: watch,
+            memory: memory.clone(),
+            warnings: Arc::new(LogThrottle::default()),
+        };
+        let outbound_addr = local_addr(&outbound_listener)?;
         let edges = EdgeState { routes: routes.clone(), metrics: metrics.clone(), memory: memory.clone() };
         for listener in std::iter::once(outbound_listener).chain(outbound_v6) {
             let edges = edges.clone();

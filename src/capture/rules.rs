@@ -83,10 +83,22 @@ impl std::fmt::Display for PortRange {
 impl CaptureRules {
     /// The ruleset: one transaction that creates the table if it is missing,
     /// deletes it, and creates it anew with the rules.
+    ///
+    /// The outbound port calls with the workload's identity, so it takes
+    /// only the pod's own connections: one from outside is neither
+    /// redirected (the inbound would hand it to `127.0.0.1:<outbound port>`)
+    /// nor let through, whatever the skip lists say.
     pub fn ruleset(&self) -> String {
-        let mut inbound_kept = vec![PortRange::single(self.inbound_port), PortRange::single(self.admin_port)];
+        let mut inbound_kept = vec![
+            PortRange::single(self.inbound_port),
+            PortRange::single(self.admin_port),
+            PortRange::single(self.outbound_port),
+        ];
         inbound_kept.extend(self.skip_inbound_ports.iter().copied());
         let mut text = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+        text.push_str("\tchain sidecar_only {\n\t\ttype filter hook input priority filter; policy accept;\n");
+        let _ = writeln!(text, "\t\tiifname != \"lo\" tcp dport {} reject with tcp reset", self.outbound_port);
+        text.push_str("\t}\n");
         text.push_str("\tchain inbound {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n");
         text.push_str("\t\tiifname \"lo\" return\n");
         let _ = writeln!(text, "\t\ttcp dport {} return", set(&inbound_kept));
@@ -145,7 +157,11 @@ mod tests {
     fn default_rules_keep_the_sidecars_own_traffic_and_its_ports() {
         let text = rules(&[]).unwrap().ruleset();
         assert!(text.starts_with("table inet protomesh\ndelete table inet protomesh\n"), "{text}");
-        assert!(text.contains("tcp dport { 4143, 4191 } return\n\t\tmeta l4proto tcp redirect to :4143"), "{text}");
+        assert!(
+            text.contains("tcp dport { 4143, 4191, 4140 } return\n\t\tmeta l4proto tcp redirect to :4143"),
+            "{text}"
+        );
+        assert!(text.contains("type filter hook input priority filter; policy accept;\n\t\tiifname != \"lo\" tcp dport 4140 reject with tcp reset\n"), "{text}");
         assert!(text.contains("type nat hook output priority -100; policy accept;\n\t\tmeta skuid 2102 return\n\t\toifname \"lo\" return\n"), "{text}");
         assert!(text.ends_with("\t\tmeta l4proto tcp redirect to :4140\n\t}\n}\n"), "{text}");
     }
@@ -160,7 +176,7 @@ mod tests {
         ])
         .unwrap()
         .ruleset();
-        assert!(text.contains("tcp dport { 4143, 4191, 22, 9000-9100 } return"), "{text}");
+        assert!(text.contains("tcp dport { 4143, 4191, 4140, 22, 9000-9100 } return"), "{text}");
         assert!(text.contains("tcp dport { 5432 } return"), "{text}");
         assert!(text.contains("ip daddr { 10.96.0.0/12, 169.254.169.254/32 } return"), "{text}");
         assert!(text.contains("ip6 daddr { fd00::/8 } return"), "{text}");

@@ -16,8 +16,24 @@ use crate::duration;
 pub struct LimitsConfig {
     /// Connections open at once on each listener; more are closed as they are accepted.
     pub max_connections: usize,
-    /// Connections open at once from one IP address on each listener.
+    /// Connections open at once from one IP address on the inbound listener.
+    /// Not applied outbound: every connection there comes from the pod itself.
     pub max_connections_per_source: usize,
+    /// Opaque TCP connections forwarded at once by each listener. Below
+    /// `max_connections`, so that the app's own TCP (a database pool) always
+    /// leaves room for its gRPC connections.
+    pub max_opaque_connections: usize,
+    /// Opaque TCP connections forwarded at once to one destination (outbound:
+    /// where the app dialled; inbound: an app port), so that one destination
+    /// cannot take every place of `max_opaque_connections`.
+    pub max_opaque_connections_per_destination: usize,
+    /// An opaque TCP connection that carries no byte either way for this long is closed.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub opaque_idle_timeout: Duration,
+    /// Once one side of an opaque TCP connection has finished sending, the
+    /// other must send or close within this long, or both are closed.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub opaque_half_closed_timeout: Duration,
     /// Inbound: from the TCP connection to the end of the TLS handshake.
     #[serde(deserialize_with = "duration::deserialize")]
     pub tls_handshake_timeout: Duration,
@@ -55,6 +71,10 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: 10_000,
             max_connections_per_source: 1_000,
+            max_opaque_connections: 8_000,
+            max_opaque_connections_per_destination: 4_000,
+            opaque_idle_timeout: Duration::from_secs(3600),
+            opaque_half_closed_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
             first_frame_timeout: Duration::from_secs(10),
             max_concurrent_streams: 10_000,
@@ -78,8 +98,14 @@ impl LimitsConfig {
         if self.max_connections == 0 {
             return Err((at("max_connections"), "must be at least 1".into()));
         }
-        if self.max_connections_per_source == 0 {
-            return Err((at("max_connections_per_source"), "must be at least 1".into()));
+        for (field, value) in [
+            ("max_connections_per_source", self.max_connections_per_source),
+            ("max_opaque_connections", self.max_opaque_connections),
+            ("max_opaque_connections_per_destination", self.max_opaque_connections_per_destination),
+        ] {
+            if value == 0 {
+                return Err((at(field), "must be at least 1".into()));
+            }
         }
         if self.max_concurrent_streams == 0 {
             return Err((at("max_concurrent_streams"), "must be at least 1".into()));
@@ -96,6 +122,8 @@ impl LimitsConfig {
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("opaque_idle_timeout", self.opaque_idle_timeout),
+            ("opaque_half_closed_timeout", self.opaque_half_closed_timeout),
         ] {
             if value.is_zero() {
                 return Err((at(field), "must be more than 0s".into()));

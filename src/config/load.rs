@@ -346,6 +346,18 @@ inbound:
     }
 
     #[test]
+    fn nothing_is_sent_to_the_sidecars_own_listeners_as_if_it_were_the_app() {
+        let app_is_outbound = VALID.replace("app: 127.0.0.1:8080", "app: 127.0.0.1:4140");
+        let err = load(Some(file_with(&app_is_outbound).path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("inbound.app") && err.contains("sidecar's own outbound.listen"), "{err}");
+
+        let probe = r#"{"/app-probe/app/readiness": {"grpc": {"port": 4191}}}"#;
+        let err = load(Some(file_with(VALID).path()), env(&[("PROTOMESH_ADMIN__APP_PROBES", probe)]));
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("admin.app_probes./app-probe/app/readiness") && err.contains("admin.listen"), "{err}");
+    }
+
+    #[test]
     fn unreadable_or_non_mapping_files_are_named() {
         let err = load(Some(Path::new("/nonexistent/protomesh.yaml")), env(&[])).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/protomesh.yaml: cannot read"), "{err}");

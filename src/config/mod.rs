@@ -172,6 +172,17 @@ pub struct InboundConfig {
     /// Who answers peers' `grpc.health.v1.Health/Check` for the app.
     #[serde(default)]
     pub health: HealthAnswer,
+    /// How long a captured connection to a permissive port may take to send
+    /// its first byte (a TLS handshake or plaintext); a silent one is closed,
+    /// never handed to the app.
+    #[serde(default = "defaults::inbound_detect_timeout", deserialize_with = "duration::deserialize")]
+    pub detect_timeout: Duration,
+    /// App ports whose servers speak first: on a permissive port, a
+    /// plaintext client waits for the app's greeting, so its connection is
+    /// forwarded at once instead of waiting for its first byte. Such a port
+    /// takes no mTLS while permissive. The default is `outbound.opaque_ports`'.
+    #[serde(default = "defaults::opaque_ports")]
+    pub opaque_ports: Vec<u16>,
 }
 
 /// Strict: only mTLS from peer sidecars reaches the app. Permissive: a
@@ -292,6 +303,11 @@ mod defaults {
     pub fn detect_timeout() -> Duration {
         Duration::from_secs(1)
     }
+    /// A client speaks at once after connecting; 3 s leaves room for its
+    /// first segment to be lost and sent again.
+    pub fn inbound_detect_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(1)
     }
@@ -353,16 +369,41 @@ impl Config {
             }
         }
         if let Some(inbound) = &self.inbound {
-            if inbound.app == Some(inbound.listen) {
-                return Err(("inbound.app".into(), "must differ from inbound.listen".into()));
+            if let Some(app) = inbound.app
+                && let Some(listener) = self.own_listener_at(app)
+            {
+                let problem = format!("{app} is the sidecar's own {listener}; name the app's address");
+                return Err(("inbound.app".into(), problem));
             }
             inbound.authorization.validate()?;
         }
         probes::validate(&self.admin.app_probes)?;
+        for (path, probe) in &self.admin.app_probes {
+            if let Some(listener) = self.own_listener_at(SocketAddr::from(([127, 0, 0, 1], probe.port()))) {
+                let problem = format!("port {} is the sidecar's own {listener}, not the app's", probe.port());
+                return Err((format!("admin.app_probes.{path}"), problem));
+            }
+        }
         self.policy.validate()?;
         self.limits.validate()?;
         self.tracing.validate()?;
         self.contracts.validate()
+    }
+
+    /// Which of the sidecar's listeners takes connections made to `addr`, if
+    /// one does. They act with the sidecar's identity, so nothing a peer sends
+    /// is ever handed to one of them.
+    pub fn own_listener_at(&self, addr: SocketAddr) -> Option<&'static str> {
+        let inbound = self.inbound.as_ref().map(|inbound| ("inbound.listen", inbound.listen));
+        let listeners = [("outbound.listen", self.outbound.listen), ("admin.listen", self.admin.listen)];
+        let takes = |listen: SocketAddr| {
+            let ip = listen.ip().to_canonical();
+            listen.port() == addr.port()
+                && (ip.is_unspecified()
+                    || ip == addr.ip().to_canonical()
+                    || ip.is_loopback() && addr.ip().is_loopback())
+        };
+        listeners.into_iter().chain(inbound).find(|(_, listen)| takes(*listen)).map(|(field, _)| field)
     }
 
     /// Puts back into `new` the settings a running sidecar keeps until it

@@ -66,6 +66,15 @@ pub struct TcpSocket {
     pub port: u16,
 }
 
+impl AppProbe {
+    /// The app port the probe reaches (0 for a probe with no handler, which `validate` refuses).
+    pub fn port(&self) -> u16 {
+        let http = self.http_get.as_ref().map(|h| h.port);
+        let grpc = self.grpc.as_ref().map(|g| g.port);
+        http.or(grpc).or(self.tcp_socket.as_ref().map(|t| t.port)).unwrap_or(0)
+    }
+}
+
 fn default_timeout() -> Duration {
     Duration::from_secs(1)
 }

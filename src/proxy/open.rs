@@ -1,8 +1,10 @@
-//! The connections open on one listener, counted in all and by source
-//! address, so that a listener can refuse a connection past its limits
-//! before it takes any more than a file descriptor.
+//! Connections open at once, counted in all and by a key (a listener's
+//! connections by source address, its opaque TCP by destination), so that a
+//! connection past a limit is refused before it takes any more than a file
+//! descriptor.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -10,50 +12,61 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Past {
     Total,
-    PerSource,
+    PerKey,
 }
 
-#[derive(Clone, Default)]
-pub struct OpenConnections(Arc<Mutex<Counts>>);
+/// Open connections keyed by `K`: by source address unless said otherwise.
+pub struct OpenConnections<K: Hash + Eq + Copy = IpAddr>(Arc<Mutex<Counts<K>>>);
 
-#[derive(Default)]
-struct Counts {
+impl<K: Hash + Eq + Copy> Clone for OpenConnections<K> {
+    fn clone(&self) -> Self {
+        OpenConnections(self.0.clone())
+    }
+}
+
+impl<K: Hash + Eq + Copy> Default for OpenConnections<K> {
+    fn default() -> Self {
+        OpenConnections(Arc::new(Mutex::new(Counts { total: 0, by_key: HashMap::new() })))
+    }
+}
+
+struct Counts<K> {
     total: usize,
-    by_source: HashMap<IpAddr, usize>,
+    by_key: HashMap<K, usize>,
 }
 
-impl OpenConnections {
-    /// Counts a new connection from `source` until the returned value is
+impl<K: Hash + Eq + Copy> OpenConnections<K> {
+    /// Counts a new connection under `key` until the returned value is
     /// dropped, or says which limit it would pass.
-    pub fn admit(&self, source: IpAddr, max: usize, max_per_source: usize) -> Result<Admitted, Past> {
+    pub fn admit(&self, key: K, max: usize, max_per_key: usize) -> Result<Admitted<K>, Past> {
         let mut counts = self.0.lock().expect("connection counts lock");
         if counts.total >= max {
             return Err(Past::Total);
         }
-        let from_source = counts.by_source.entry(source).or_default();
-        if *from_source >= max_per_source {
-            return Err(Past::PerSource);
+        let under_key = counts.by_key.entry(key).or_default();
+        if *under_key >= max_per_key {
+            return Err(Past::PerKey);
         }
-        *from_source += 1;
+        *under_key += 1;
         counts.total += 1;
-        Ok(Admitted { open: self.clone(), source })
+        Ok(Admitted { open: self.clone(), key })
     }
 }
 
 /// One counted connection.
-pub struct Admitted {
-    open: OpenConnections,
-    source: IpAddr,
+pub struct Admitted<K: Hash + Eq + Copy = IpAddr> {
+    open: OpenConnections<K>,
+    key: K,
 }
 
-impl Drop for Admitted {
+impl<K: Hash + Eq + Copy> Drop for Admitted<K> {
     fn drop(&mut self) {
         let mut counts = self.open.0.lock().expect("connection counts lock");
         counts.total -= 1;
-        if let Some(from_source) = counts.by_source.get_mut(&self.source) {
-            *from_source -= 1;
-            if *from_source == 0 {
-                counts.by_source.remove(&self.source);
+        if let Some(under_key) = counts.by_key.get_mut(&self.key) {
+            *under_key -= 1;
+            if *under_key == 0 {
+                counts.by_key.remove(&self.key);
             }
         }
     }
@@ -65,11 +78,11 @@ mod tests {
 
     #[test]
     fn connections_are_counted_until_dropped_in_all_and_by_source() {
-        let open = OpenConnections::default();
+        let open: OpenConnections = OpenConnections::default();
         let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
         let first = open.admit(a, 3, 2).unwrap();
         let _second = open.admit(a, 3, 2).unwrap();
-        assert_eq!(open.admit(a, 3, 2).err(), Some(Past::PerSource));
+        assert_eq!(open.admit(a, 3, 2).err(), Some(Past::PerKey));
         let _third = open.admit(b, 3, 2).unwrap();
         assert_eq!(open.admit(b, 3, 2).err(), Some(Past::Total));
         drop(first);

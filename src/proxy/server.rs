@@ -12,22 +12,23 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use rustls::ServerConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::Service;
 
 use super::connection::{self, Ended};
 use super::detect::{Prefixed, Protocol, detect};
-use super::opaque;
+use super::opaque::{self, Bounds};
 use super::open::{OpenConnections, Past};
 use super::routes::CurrentRoutes;
+use super::shed::MemoryBudget;
 use crate::call::{AnswerErrors, CallService, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::capture;
 use crate::config::{Config, MtlsMode};
 use crate::identity::ALPN_OPAQUE;
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::policy::authz::DefaultAuthorization;
-use crate::telemetry::Metrics;
+use crate::telemetry::{LogThrottle, Metrics};
 use crate::workers::Workers;
 
 /// What the listener learned about the connection before the first request.
@@ -50,6 +51,10 @@ pub struct Serving {
     pub routes: CurrentRoutes,
     /// Signalled when the sidecar drains; each connection holds it until it ends.
     pub drain: drain::Watch,
+    /// Over it, no new opaque TCP is forwarded (calls are shed at the edges).
+    pub memory: Arc<MemoryBudget>,
+    /// Warnings that peers can cause, one line per source and reason per interval.
+    pub warnings: Arc<LogThrottle>,
 }
 
 /// Serves `listener` until the drain starts. Each connection's calls go to
@@ -65,10 +70,11 @@ pub async fn serve<F, S>(
     S: CallService<RecvBody> + Send + 'static,
     S::Future: Send + 'static,
 {
-    let Serving { workers, metrics, routes, drain } = serving;
+    let Serving { workers, metrics, routes, drain, memory, warnings } = serving;
     let new_service = Arc::new(move |peer| AnswerErrors::new(direction, new_service(peer)));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let open = OpenConnections::default();
+    let opaque = OpenConnections::default();
     let draining = drain.clone().signaled();
     tokio::pin!(draining);
     loop {
@@ -77,20 +83,35 @@ pub async fn serve<F, S>(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%direction, %error, "accept failed");
+                    if let Some(unlogged) = warnings.note(std::net::Ipv6Addr::UNSPECIFIED.into(), "accept_failed") {
+                        tracing::warn!(%direction, %error, unlogged, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut draining => break,
         };
+        if direction == Direction::Outbound && !from_this_pod(&tcp, addr) {
+            if let Some(unlogged) = warnings.note(addr.ip(), "not_from_this_pod") {
+                tracing::warn!(%addr, unlogged, "refused a connection to the outbound listener from outside the pod: it calls with this workload's identity");
+            }
+            metrics.connection_refused(direction, "not_from_this_pod");
+            continue;
+        }
         let limits = routes.load().config.limits;
-        let admitted = match open.admit(addr.ip(), limits.max_connections, limits.max_connections_per_source) {
+        // Every outbound connection comes from the pod itself: a limit per
+        // source would be one on everything the app sends.
+        let per_source = match direction {
+            Direction::Inbound => limits.max_connections_per_source,
+            Direction::Outbound => usize::MAX,
+        };
+        let admitted = match open.admit(addr.ip(), limits.max_connections, per_source) {
             Ok(admitted) => admitted,
             Err(past) => {
                 let limit = match past {
                     Past::Total => "max_connections",
-                    Past::PerSource => "max_connections_per_source",
+                    Past::PerKey => "max_connections_per_source",
                 };
                 tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
                 metrics.closed_at_limit(direction, limit);
@@ -98,17 +119,24 @@ pub async fn serve<F, S>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let drain = drain.clone();
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
-        let metrics = metrics.clone();
-        let (config, routes) = (routes.load().config.clone(), routes.clone());
+        let connection = Connection {
+            peer: PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination: None },
+            config: routes.load().config.clone(),
+            routes: routes.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+            opaque: opaque.clone(),
+            memory: memory.clone(),
+            warnings: warnings.clone(),
+        };
         workers.spawn(async move {
             let _admitted = admitted;
+            let metrics = connection.metrics.clone();
             let _open = metrics.connection_opened(direction);
-            let original_destination = capture::original_destination(&tcp);
-            let peer = PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination };
-            let connection = Connection { peer, config, routes, metrics: metrics.clone(), drain };
+            let mut connection = connection;
+            connection.peer.original_destination = capture::original_destination(&tcp);
             let ended = match acceptor {
                 None => connection.outbound(tcp, &*new_service).await,
                 Some(acceptor) => connection.inbound(tcp, &acceptor, &*new_service).await,
@@ -128,6 +156,17 @@ pub async fn serve<F, S>(
     }
 }
 
+/// Whether a connection to the outbound listener was made inside the pod:
+/// to a loopback address (only the pod reaches those, and the capture rules
+/// redirect the app's connections there), or from one of the pod's own
+/// addresses to itself. The kernel drops packets from outside that claim a
+/// local source address, so no peer passes for the pod.
+fn from_this_pod(tcp: &TcpStream, peer: SocketAddr) -> bool {
+    let Ok(local) = tcp.local_addr() else { return false };
+    let (local, peer) = (local.ip().to_canonical(), peer.ip().to_canonical());
+    local.is_loopback() || local == peer
+}
+
 /// One accepted connection, and what it is served with.
 struct Connection {
     peer: PeerInfo,
@@ -138,6 +177,10 @@ struct Connection {
     routes: CurrentRoutes,
     metrics: Arc<Metrics>,
     drain: drain::Watch,
+    /// The listener's opaque TCP connections, by destination.
+    opaque: OpenConnections<SocketAddr>,
+    memory: Arc<MemoryBudget>,
+    warnings: Arc<LogThrottle>,
 }
 
 impl Connection {
@@ -150,32 +193,30 @@ impl Connection {
         S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let Connection { peer, config, routes, metrics, drain } = self;
-        let limits = &config.limits;
-        let Some(original) = peer.original_destination else {
-            return Some(connection::serve(tcp, new_service(peer), limits, drain).await);
+        let Some(original) = self.peer.original_destination else {
+            return Some(connection::serve(tcp, new_service(self.peer), &self.config.limits, self.drain).await);
         };
-        let outbound = &config.outbound;
+        let outbound = &self.config.outbound;
         let protocol = if outbound.opaque_ports.contains(&original.port()) {
             (Protocol::Opaque, Prefixed::from(tcp))
         } else {
             match detect(tcp, outbound.detect_timeout).await {
                 Ok(detected) => detected,
                 Err(error) => {
-                    tracing::debug!(addr = %peer.addr, %original, %error, "captured connection failed before it was detected");
+                    let addr = self.peer.addr;
+                    tracing::debug!(%addr, %original, %error, "captured connection failed before it was detected");
                     return None;
                 }
             }
         };
         match protocol {
-            (Protocol::Http2, io) => Some(connection::serve(io, new_service(peer), limits, drain).await),
+            (Protocol::Http2, io) => {
+                let limits = &self.config.limits;
+                Some(connection::serve(io, new_service(self.peer.clone()), limits, self.drain.clone()).await)
+            }
             (Protocol::Opaque, io) => {
-                let tls = routes.load().outbound.opaque_tls(original);
-                let forwarded = match tls {
-                    Some(tls) => opaque::forward_over_mtls(io, original, outbound.connect_timeout, tls).await,
-                    None => opaque::forward(io, original, outbound.connect_timeout).await,
-                };
-                metrics.opaque_connection(Direction::Outbound, forwarded.as_str());
+                let tls = self.routes.load().outbound.opaque_tls(original);
+                self.forward(Direction::Outbound, io, original, tls).await;
                 None
             }
         }
@@ -184,7 +225,8 @@ impl Connection {
     /// From a peer sidecar: mTLS, then gRPC, or opaque TCP for the app when
     /// the peer asked for it by ALPN. A plaintext client is refused, unless
     /// the capture rules brought it from an app port in permissive mode: then
-    /// it is forwarded to the app as opaque TCP.
+    /// it is forwarded to the app as opaque TCP. A connection captured on its
+    /// way to one of the sidecar's own ports is refused whatever it speaks.
     async fn inbound<S>(
         self,
         tcp: TcpStream,
@@ -195,76 +237,156 @@ impl Connection {
         S: Service<Request<RecvBody>, Response = Response<ResponseBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let Connection { mut peer, config, metrics, drain, .. } = self;
-        let (limits, addr) = (&config.limits, peer.addr);
-        let permissive = |port| config.inbound.as_ref().is_some_and(|i| i.mtls.mode_for(port) == MtlsMode::Permissive);
-        if let Some(port) = peer.original_destination.map(|original| original.port())
-            && permissive(port)
-            && !sends_tls(&tcp, limits.tls_handshake_timeout).await
-        {
+        let addr = self.peer.addr;
+        let inbound = self.config.inbound.as_ref()?;
+        if let Some(port) = self.peer.original_destination.map(|original| original.port()) {
             let app = SocketAddr::from(([127, 0, 0, 1], port));
-            tracing::info!(%addr, %app, "plaintext connection forwarded to the app (inbound.mtls: permissive)");
-            let forwarded = opaque::forward(tcp, app, config.outbound.connect_timeout).await;
-            metrics.opaque_connection(Direction::Inbound, forwarded.as_str());
-            return None;
+            if let Some(listener) = self.config.own_listener_at(app) {
+                if let Some(unlogged) = self.warnings.note(addr.ip(), "sidecar_port") {
+                    tracing::warn!(%addr, port, listener, unlogged, "refused a connection to the sidecar's own port: it would act with this workload's identity");
+                }
+                self.metrics.connection_refused(Direction::Inbound, "sidecar_port");
+                return None;
+            }
+            if inbound.mtls.mode_for(port) == MtlsMode::Permissive {
+                let plaintext = inbound.opaque_ports.contains(&port)
+                    || match first_byte(&tcp, inbound.detect_timeout).await {
+                        FirstByte::Tls => false,
+                        FirstByte::Other => true,
+                        FirstByte::Closed => return None,
+                        FirstByte::Silent => {
+                            tracing::debug!(%addr, port, "closed a silent connection (inbound.detect_timeout)");
+                            self.metrics.closed_at_limit(Direction::Inbound, "detect_timeout");
+                            return None;
+                        }
+                    };
+                if plaintext {
+                    if let Some(unlogged) = self.warnings.note(addr.ip(), "plaintext_forwarded") {
+                        tracing::info!(%addr, %app, unlogged, "plaintext connection forwarded to the app (inbound.mtls: permissive)");
+                    }
+                    self.forward(Direction::Inbound, tcp, app, None).await;
+                    return None;
+                }
+            }
         }
-        let tls = match accept_tls(acceptor, tcp, addr, limits.tls_handshake_timeout).await {
+        let limits = &self.config.limits;
+        let tls = match accept_tls(acceptor, tcp, addr, limits.tls_handshake_timeout, &self.warnings).await {
             Ok(tls) => {
-                metrics.tls_handshake(Direction::Inbound, "ok".into());
+                self.metrics.tls_handshake(Direction::Inbound, "ok".into());
                 tls
             }
             Err(result) => {
-                metrics.tls_handshake(Direction::Inbound, result);
+                self.metrics.tls_handshake(Direction::Inbound, result);
                 return None;
             }
         };
+        let mut peer = self.peer.clone();
         peer.identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
             Some(leaf) => spiffe_id_of(leaf),
             None => Err("no client certificate".into()),
         };
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
-            let app = opaque_app(&config, &peer)?;
-            let forwarded = opaque::forward(tls, app, config.outbound.connect_timeout).await;
-            metrics.opaque_connection(Direction::Inbound, forwarded.as_str());
+            let app = self.opaque_app(&peer)?;
+            self.forward(Direction::Inbound, tls, app, None).await;
             return None;
         }
-        Some(connection::serve(tls, new_service(peer), limits, drain).await)
+        Some(connection::serve(tls, new_service(peer), limits, self.drain.clone()).await)
+    }
+
+    /// Forwards `io` to `target` as opaque TCP (over mTLS with `tls`) within
+    /// the listener's limits on opaque TCP and the memory budget.
+    async fn forward<IO>(
+        &self,
+        direction: Direction,
+        io: IO,
+        target: SocketAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let limits = &self.config.limits;
+        let per_destination = limits.max_opaque_connections_per_destination;
+        let admitted = match self.opaque.admit(target, limits.max_opaque_connections, per_destination) {
+            Ok(admitted) => admitted,
+            Err(past) => {
+                let limit = match past {
+                    Past::Total => "max_opaque_connections",
+                    Past::PerKey => "max_opaque_connections_per_destination",
+                };
+                if let Some(unlogged) = self.warnings.note(target.ip(), limit) {
+                    tracing::warn!(%direction, %target, limit, unlogged, "opaque TCP refused at a limit");
+                }
+                return self.metrics.closed_at_limit(direction, limit);
+            }
+        };
+        if let Err(over) = self.memory.admit() {
+            if let Some(unlogged) = self.warnings.note(target.ip(), "memory_budget") {
+                tracing::warn!(%direction, %target, unlogged, "opaque TCP refused: {over}");
+            }
+            return self.metrics.closed_at_limit(direction, "memory_budget");
+        }
+        let bounds = Bounds::of(limits, self.config.outbound.connect_timeout);
+        let forwarded = match tls {
+            Some(tls) => opaque::forward_over_mtls(io, target, bounds, tls).await,
+            None => opaque::forward(io, target, bounds).await,
+        };
+        drop(admitted);
+        self.metrics.opaque_connection(direction, forwarded.as_str());
+        if let Some(limit) = forwarded.limit() {
+            self.metrics.closed_at_limit(direction, limit);
+        }
+    }
+
+    /// Where opaque TCP from a peer sidecar goes: the app port it was made
+    /// to, or `inbound.app`; `None` (and logged) when the caller may not send
+    /// it. Authorization rules name gRPC methods, so opaque TCP takes
+    /// `authorization.default`: any authenticated caller, or none.
+    fn opaque_app(&self, peer: &PeerInfo) -> Option<SocketAddr> {
+        let inbound = self.config.inbound.as_ref()?;
+        let addr = peer.addr;
+        let refused = |reason: &'static str, why: &dyn std::fmt::Display| {
+            if let Some(unlogged) = self.warnings.note(addr.ip(), reason) {
+                tracing::warn!(%addr, unlogged, "opaque TCP refused: {why}");
+            }
+            None
+        };
+        let caller = match &peer.identity {
+            Ok(caller) => caller,
+            Err(why) => {
+                return refused("opaque_no_identity", &format!("the caller's certificate proves no SPIFFE ID: {why}"));
+            }
+        };
+        if inbound.authorization.default == DefaultAuthorization::Deny {
+            return refused("opaque_denied", &format!("{caller} by inbound.authorization.default: deny"));
+        }
+        match peer.original_destination {
+            Some(original) => Some(SocketAddr::from(([127, 0, 0, 1], original.port()))),
+            None => inbound
+                .app
+                .or_else(|| refused("opaque_no_app", &"made to inbound.listen itself, and inbound.app is not set")),
+        }
     }
 }
 
-/// Where opaque TCP from a peer sidecar goes: the app port it was made to,
-/// or `inbound.app`; `None` (and logged) when the caller may not send it.
-/// Authorization rules name gRPC methods, so opaque TCP takes
-/// `authorization.default`: any authenticated caller, or none.
-fn opaque_app(config: &Config, peer: &PeerInfo) -> Option<SocketAddr> {
-    let inbound = config.inbound.as_ref()?;
-    let addr = peer.addr;
-    let caller = match &peer.identity {
-        Ok(caller) => caller,
-        Err(why) => {
-            tracing::warn!(%addr, %why, "opaque TCP refused: the caller's certificate proves no SPIFFE ID");
-            return None;
-        }
-    };
-    if inbound.authorization.default == DefaultAuthorization::Deny {
-        tracing::warn!(%addr, %caller, "opaque TCP refused by inbound.authorization.default: deny");
-        return None;
-    }
-    let app = match peer.original_destination {
-        Some(original) => Some(SocketAddr::from(([127, 0, 0, 1], original.port()))),
-        None => inbound.app,
-    };
-    if app.is_none() {
-        tracing::warn!(%addr, %caller, "opaque TCP refused: made to inbound.listen itself, and inbound.app is not set");
-    }
-    app
+/// What a captured client on a permissive port sent first.
+enum FirstByte {
+    /// A TLS handshake record (0x16).
+    Tls,
+    Other,
+    /// Nothing in time.
+    Silent,
+    Closed,
 }
 
-/// Whether the client's first byte opens a TLS handshake record (0x16),
-/// waiting for it at most `timeout`.
-async fn sends_tls(tcp: &TcpStream, timeout: Duration) -> bool {
+/// Waits at most `timeout` for the client's first byte, and reads what it says.
+async fn first_byte(tcp: &TcpStream, timeout: Duration) -> FirstByte {
     let mut first = [0u8; 1];
-    matches!(tokio::time::timeout(timeout, tcp.peek(&mut first)).await, Ok(Ok(1))) && first[0] == 0x16
+    match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+        Err(_) => FirstByte::Silent,
+        Ok(Ok(1)) if first[0] == 0x16 => FirstByte::Tls,
+        Ok(Ok(1)) => FirstByte::Other,
+        Ok(_) => FirstByte::Closed,
+    }
 }
 
 /// Completes a TLS handshake, or says why it failed in a few words fit for a
@@ -274,20 +396,27 @@ async fn accept_tls(
     tcp: TcpStream,
     addr: SocketAddr,
     timeout: Duration,
+    warnings: &LogThrottle,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
     let handshake = async {
         if sent_plaintext_http2(&tcp).await {
-            tracing::warn!(%addr, "refused plaintext HTTP/2 on the mTLS listener");
+            if let Some(unlogged) = warnings.note(addr.ip(), "plaintext_http2") {
+                tracing::warn!(%addr, unlogged, "refused plaintext HTTP/2 on the mTLS listener");
+            }
             refuse_plaintext(tcp).await;
             return Err("plaintext_http2".to_string());
         }
         acceptor.accept(tcp).await.map_err(|error| {
-            tracing::warn!(%addr, %error, "TLS handshake failed");
+            if let Some(unlogged) = warnings.note(addr.ip(), "tls_failed") {
+                tracing::warn!(%addr, %error, unlogged, "TLS handshake failed");
+            }
             handshake_failure(&error)
         })
     };
     tokio::time::timeout(timeout, handshake).await.unwrap_or_else(|_| {
-        tracing::warn!(%addr, ?timeout, "TLS handshake timed out (limits.tls_handshake_timeout)");
+        if let Some(unlogged) = warnings.note(addr.ip(), "tls_timeout") {
+            tracing::warn!(%addr, ?timeout, unlogged, "TLS handshake timed out (limits.tls_handshake_timeout)");
+        }
         Err("timeout".into())
     })
 }

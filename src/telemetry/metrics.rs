@@ -104,6 +104,7 @@ pub struct Metrics {
     tls_handshakes: Family<HandshakeLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
     closed_at_limit: Family<LimitLabels, Counter>,
+    connections_refused: Family<RefusalLabels, Counter>,
     opaque_connections: Family<OpaqueLabels, Counter>,
     retries: Family<MethodLabels, Counter>,
     hedges: Family<MethodLabels, Counter>,
@@ -146,6 +147,7 @@ impl Default for Metrics {
             tls_handshakes: Family::default(),
             open_connections: Family::default(),
             closed_at_limit: Family::default(),
+            connections_refused: Family::default(),
             opaque_connections: Family::default(),
             retries: Family::default(),
             hedges: Family::default(),
@@ -181,6 +183,12 @@ impl Default for Metrics {
             "connections_closed_at_limit",
             "Connections refused or closed by a limit, by the `limits` setting that acted",
             m.closed_at_limit.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused because of where they come from or go: \
+             to the outbound listener from outside the pod, to the sidecar's own port by capture",
+            m.connections_refused.clone(),
         );
         registry.register(
             "opaque_connections",
@@ -273,6 +281,11 @@ impl Metrics {
     /// Counts a connection refused or closed by the setting `limit`.
     pub fn closed_at_limit(&self, direction: Direction, limit: &'static str) {
         self.closed_at_limit.get_or_create(&LimitLabels { direction: direction.as_str(), limit }).inc();
+    }
+
+    /// Counts a connection refused for `reason`, before it carried anything.
+    pub fn connection_refused(&self, direction: Direction, reason: &'static str) {
+        self.connections_refused.get_or_create(&RefusalLabels { direction: direction.as_str(), reason }).inc();
     }
 
     /// Counts a captured connection carried as opaque TCP, once it has ended.

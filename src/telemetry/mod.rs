@@ -4,6 +4,7 @@
 //! (a span per call and per attempt, exported over OTLP).
 
 mod attempts;
+pub mod log_throttle;
 pub mod metrics;
 mod observe;
 pub mod process;
@@ -11,6 +12,7 @@ mod request_id;
 pub mod trace;
 
 pub use attempts::TraceAttempts;
+pub use log_throttle::LogThrottle;
 pub use metrics::{CallMetrics, Metrics};
 pub use observe::{Observe, Observed, Peer};
 pub use trace::{Tracing, TracingConfig};

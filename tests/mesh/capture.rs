@@ -666,7 +666,7 @@ fn protomesh_init_is_idempotent_and_names_what_it_lacks() {
     let first = pod.init(&args);
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let installed = pod.ruleset();
-    assert!(installed.contains("tcp dport { 22, 4143, 4191, 9000-9100 } return"), "{installed}");
+    assert!(installed.contains("tcp dport { 22, 4140, 4143, 4191, 9000-9100 } return"), "{installed}");
     assert!(pod.init(&args).status.success());
     assert_eq!(pod.ruleset(), installed, "a second run leaves the same rules");
 
