@@ -279,6 +279,21 @@ impl Pod {
             .unwrap()
     }
 
+    /// Runs `script` through `nft -f` in the pod: rules other than those
+    /// `protomesh init` installs.
+    pub fn install_ruleset(&self, script: &str) {
+        use std::io::Write;
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        nft.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let output = nft.wait_with_output().unwrap();
+        assert!(output.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&output.stderr));
+    }
+
     fn nft(&self, script: &str) {
         run("ip", &["netns", "exec", &self.name, "nft", script]);
     }
