@@ -168,6 +168,7 @@ pub async fn run(source: ConfigSource, options: Options) -> Result<(), String> {
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
     let sidecar = Sidecar::start(source, options).await?;
+    raise_open_files_limit(&sidecar.reloader.routes().config.limits);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -181,6 +182,26 @@ pub async fn run(source: ConfigSource, options: Options) -> Result<(), String> {
     tracing::info!(drain = ?sidecar.reloader.routes().config.drain_timeout, "shutting down");
     sidecar.shutdown().await;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does
+/// for every Go program: a container's soft limit is often 1024, and each
+/// forwarded connection takes two descriptors. Warns when even the hard limit
+/// is below what `limits` let both listeners hold.
+fn raise_open_files_limit(limits: &crate::config::LimitsConfig) {
+    let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(open_files) => open_files,
+        Err(error) => return tracing::warn!(%error, "cannot read or raise the limit on open files"),
+    };
+    let needed = 2 * (limits.max_connections + limits.max_opaque_connections) as u64;
+    if open_files < needed {
+        tracing::warn!(
+            open_files,
+            needed,
+            "the process may open fewer files than limits.max_connections and limits.max_opaque_connections \
+             allow both listeners; past it, connections fail to be accepted"
+        );
+    }
 }
 
 async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {

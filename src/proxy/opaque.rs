@@ -21,6 +21,7 @@ use rustls::pki_types::ServerName;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
@@ -159,6 +160,8 @@ where
                     Forwarded::Broken
                 }
             },
+            // A side finishing sending shortens the bound: take it up now.
+            _ = activity.half_closed.notified() => {}
             _ = tokio::time::sleep(bound.saturating_sub(rested)) => {
                 let (rested, bound) = activity.rest(bounds);
                 if rested >= bound {
@@ -178,11 +181,13 @@ struct Activity {
     /// Milliseconds from `start` to the last byte read either way.
     last: AtomicU64,
     finished: AtomicU8,
+    half_closed: Notify,
 }
 
 impl Activity {
     fn new() -> Activity {
-        Activity { start: Instant::now(), last: AtomicU64::new(0), finished: AtomicU8::new(0) }
+        let (last, finished) = (AtomicU64::new(0), AtomicU8::new(0));
+        Activity { start: Instant::now(), last, finished, half_closed: Notify::new() }
     }
 
     fn moved(&self) {
@@ -212,6 +217,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<'_, IO> {
         if let Poll::Ready(Ok(())) = polled {
             if buf.filled().len() == before && buf.remaining() > 0 {
                 self.activity.finished.fetch_add(1, Ordering::Relaxed);
+                self.activity.half_closed.notify_one();
             }
             self.activity.moved();
         }
@@ -273,8 +279,9 @@ mod tests {
             far.write_all(b"pong").await.unwrap();
             app.read_exact(&mut read).await.unwrap();
         }
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        let resting = Instant::now();
         assert!(matches!(carried.await.unwrap(), Forwarded::HalfClosed));
+        assert_eq!(resting.elapsed().as_secs(), 5, "closed at the half-closed bound, not the idle one");
     }
 
     #[tokio::test(start_paused = true)]

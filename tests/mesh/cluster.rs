@@ -192,12 +192,13 @@ impl Cluster {
     /// Waits until `series` of `pod`'s sidecar reads `expected`: a
     /// connection is counted once both its sides have closed, just after the
     /// client has seen its end.
-    pub fn await_metric(&self, pod: &Pod, series: &'static str, expected: f64) {
+    pub fn await_metric(&self, pod: &Pod, series: &str, expected: f64) {
+        let wanted = series.to_string();
         let read = pod.run(move || async move {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 let (_, metrics) = admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await;
-                let value = sample(&metrics, series).unwrap_or(0.0);
+                let value = sample(&metrics, &wanted).unwrap_or(0.0);
                 if value == expected || Instant::now() > deadline {
                     return value;
                 }

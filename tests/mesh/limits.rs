@@ -76,24 +76,41 @@ async fn metric(addr: SocketAddr, series: &str) -> f64 {
 
 #[tokio::test]
 async fn connections_past_the_listeners_limits_are_closed_and_the_others_served() {
-    let limits = "{max_connections: 3, max_connections_per_source: 2}";
+    // A long handshake timeout: a connection held in its handshake is not closed by it during the test.
+    let limits = "{max_connections: 3, max_connections_per_source: 2, tls_handshake_timeout: 60s}";
     let mesh = Mesh::start_with(MeshOptions { limits, ..Default::default() }).await;
     let outbound = mesh.client_sidecar.outbound_addr;
 
+    // Inbound, one source holds two at most; other sources are served.
+    let inbound = mesh.server_sidecar.inbound_addr.unwrap();
+    let _held = [connect_from("127.0.0.2", inbound).await, connect_from("127.0.0.2", inbound).await];
+    closed(connect_from("127.0.0.2", inbound).await).await;
+    let reply = mesh.client().unary(EchoRequest::default()).await.expect("another source is served");
+    assert_eq!(reply.into_inner().caller, crate::harness::id("client").as_str());
+    let client_admin = mesh.client_sidecar.admin_addr;
+    within("the app's connection closed", async {
+        while metric(client_admin, "protomesh_open_connections{direction=\"outbound\"}").await > 0.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // Outbound, every connection comes from the pod itself: no limit per source.
     let first = http2(connect_from("127.0.0.1", outbound).await).await.unwrap();
     let second = http2(connect_from("127.0.0.1", outbound).await).await.unwrap();
-    assert!(refused(connect_from("127.0.0.1", outbound).await).await, "a third connection from one address is closed");
-    let other_source = http2(connect_from("127.0.0.2", outbound).await).await.unwrap();
-    assert!(refused(connect_from("127.0.0.3", outbound).await).await, "a fourth connection to the listener is closed");
-    for sender in [&first, &second, &other_source] {
+    let third = http2(connect_from("127.0.0.1", outbound).await).await.unwrap();
+    assert!(refused(connect_from("127.0.0.2", outbound).await).await, "a fourth connection to the listener is closed");
+    for sender in [&first, &second, &third] {
         assert_eq!(unary(sender).await.unwrap(), Code::Ok);
     }
 
-    let admin_addr = mesh.client_sidecar.admin_addr;
-    let series =
-        |limit| format!("protomesh_connections_closed_at_limit_total{{direction=\"outbound\",limit=\"{limit}\"}}");
-    assert_eq!(metric(admin_addr, &series("max_connections_per_source")).await, 1.0);
-    assert_eq!(metric(admin_addr, &series("max_connections")).await, 1.0);
+    let series = |direction, limit| {
+        format!("protomesh_connections_closed_at_limit_total{{direction=\"{direction}\",limit=\"{limit}\"}}")
+    };
+    let server_admin = mesh.server_sidecar.admin_addr;
+    assert_eq!(metric(client_admin, &series("outbound", "max_connections")).await, 1.0);
+    assert_eq!(metric(client_admin, &series("outbound", "max_connections_per_source")).await, 0.0);
+    assert_eq!(metric(server_admin, &series("inbound", "max_connections_per_source")).await, 1.0);
 
     // A closed connection gives its place back.
     drop(first);

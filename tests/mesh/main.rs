@@ -23,6 +23,7 @@ mod relay;
 mod reload;
 mod resets;
 mod retries;
+mod tcp_bounds;
 mod telemetry;
 mod tracing;
 mod webhook;
