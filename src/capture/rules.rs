@@ -183,6 +183,13 @@ mod tests {
     }
 
     #[test]
+    fn no_skip_list_opens_the_outbound_port_to_the_network() {
+        let text = rules(&["--skip-inbound-ports=4000-4200", "--outbound-port=15001"]).unwrap().ruleset();
+        assert!(text.contains("iifname != \"lo\" tcp dport 15001 reject with tcp reset"), "{text}");
+        assert!(text.contains("tcp dport { 4143, 4191, 15001, 4000-4200 } return"), "never redirected: {text}");
+    }
+
+    #[test]
     fn bad_ports_and_networks_are_named() {
         let error = rules(&["--skip-inbound-ports=22,http"]).unwrap_err();
         assert!(error.contains("`http` is not a port"), "{error}");
