@@ -142,17 +142,9 @@ fn no_peer_relays_opaque_tcp_over_mtls_through_the_outbound_port() {
 #[test]
 fn the_inbound_refuses_what_capture_brings_for_a_sidecar_port() {
     let Some(cluster) = start("{mode: permissive}", false) else { return };
-    let redirecting = cluster
-        .client
-        .ruleset()
-        .replace(REJECT_FROM_OUTSIDE, "")
-        .replace("tcp dport { 4140, 4143, 4191 } return", "tcp dport { 4143, 4191 } return");
-    cluster.client.install_ruleset(&format!("delete table inet protomesh\n{redirecting}"));
-    assert!(!cluster.client.ruleset().contains("4140,"), "{}", cluster.client.ruleset());
+    b_rules_with(&cluster, &[("tcp dport { 4140, 4143, 4191 } return", "tcp dport { 4143, 4191 } return")]);
     relays_fail(&cluster);
-    let refused = "protomesh_connections_refused_total{direction=\"inbound\",reason=\"sidecar_port\"}";
-    let count = b_metric(&cluster, refused);
-    assert!(count >= 2.0, "{refused}: {count}; {}", cluster.logs());
+    refused_by_b(&cluster, "{direction=\"inbound\",reason=\"sidecar_port\"}");
 }
 
 /// An outbound listener on every address, with no rule in the way: it takes
@@ -167,13 +159,9 @@ fn an_outbound_listener_open_to_the_network_refuses_peers() {
     }) else {
         return;
     };
-    let open = cluster.client.ruleset().replace(REJECT_FROM_OUTSIDE, "");
-    cluster.client.install_ruleset(&format!("delete table inet protomesh\n{open}"));
-    assert!(!cluster.client.ruleset().contains("reject"), "{}", cluster.client.ruleset());
+    b_rules_with(&cluster, &[]);
     relays_fail(&cluster);
-    let refused = "protomesh_connections_refused_total{direction=\"outbound\",reason=\"not_from_this_pod\"}";
-    let count = b_metric(&cluster, refused);
-    assert!(count >= 2.0, "{refused}: {count}; {}", cluster.logs());
+    refused_by_b(&cluster, "{direction=\"outbound\",reason=\"not_from_this_pod\"}");
     // The app in the pod still dials its sidecar on the pod's own address.
     let own = SocketAddr::from((IpAddr::from(cluster.client.address), OUTBOUND_PORT));
     let reply = cluster.in_client(move || async move {
@@ -182,10 +170,24 @@ fn an_outbound_listener_open_to_the_network_refuses_peers() {
     assert_eq!(reply.caller, id("client").as_str(), "the pod's own call goes through");
 }
 
-/// The rule that keeps the outbound port from the network, as nft lists it.
-const REJECT_FROM_OUTSIDE: &str = "\t\tiifname != \"lo\" tcp dport 4140 reject with tcp reset\n";
+/// Replaces B's rules with what older versions installed: without the rule
+/// that resets its outbound port from the network, and with `edits` (each
+/// rule as nft lists it, and what it becomes).
+fn b_rules_with(cluster: &Cluster, edits: &[(&str, &str)]) {
+    let mut rules =
+        cluster.client.ruleset().replace("\t\tiifname != \"lo\" tcp dport 4140 reject with tcp reset\n", "");
+    for (rule, older) in edits {
+        rules = rules.replace(rule, older);
+    }
+    cluster.client.install_ruleset(&format!("delete table inet protomesh\n{rules}"));
+    let installed = cluster.client.ruleset();
+    assert!(!installed.contains("reject") && edits.iter().all(|(_, older)| installed.contains(older)), "{installed}");
+}
 
-fn b_metric(cluster: &Cluster, series: &'static str) -> f64 {
+/// B's sidecar refused the relay attempts (two, or four with IPv6), counted under `labels`.
+fn refused_by_b(cluster: &Cluster, labels: &str) {
+    let series = format!("protomesh_connections_refused_total{labels}");
     let metrics = cluster.client.run(|| async { admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await.1 });
-    sample(&metrics.join().unwrap(), series).unwrap_or(0.0)
+    let count = sample(&metrics.join().unwrap(), &series).unwrap_or(0.0);
+    assert!(count >= 2.0, "{series}: {count}; {}", cluster.logs());
 }
