@@ -99,7 +99,8 @@ pub async fn serve<F, S>(
             metrics.connection_refused(direction, "not_from_this_pod");
             continue;
         }
-        let limits = routes.load().config.limits;
+        let config = routes.load().config.clone();
+        let limits = &config.limits;
         // Every outbound connection comes from the pod itself: a limit per
         // source would be one on everything the app sends.
         let per_source = match direction {
@@ -121,9 +122,9 @@ pub async fn serve<F, S>(
         let _ = tcp.set_nodelay(true);
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
-        let connection = Connection {
+        let mut connection = Connection {
             peer: PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination: None },
-            config: routes.load().config.clone(),
+            config,
             routes: routes.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),
@@ -135,7 +136,6 @@ pub async fn serve<F, S>(
             let _admitted = admitted;
             let metrics = connection.metrics.clone();
             let _open = metrics.connection_opened(direction);
-            let mut connection = connection;
             connection.peer.original_destination = capture::original_destination(&tcp);
             let ended = match acceptor {
                 None => connection.outbound(tcp, &*new_service).await,
