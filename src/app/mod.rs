@@ -69,7 +69,7 @@ impl Sidecar {
         let identity = Arc::new(Identity::new(credentials)?);
         let mut registries = Registries::new(identity.clone(), metrics.clone(), workers.count());
         let routes = Routes::build(config.clone(), Arc::new(contracts), &mut registries, tracing.clone()).await?;
-        registries.prune();
+        registries.commit();
         let routes = Arc::new(ArcSwap::from_pointee(routes));
 
         let outbound_listener = bind("outbound.listen", config.outbound.listen).await?;

@@ -224,11 +224,20 @@ impl Reloader {
             ));
         }
         self.identity.check(&credentials)?;
-        let routes = Routes::build(Arc::new(config), Arc::new(contracts), registries, self.tracing.clone()).await?;
-        let versions = (routes.contracts.version().to_string(), credentials.version.clone());
-        self.identity.renew(credentials)?;
+        let versions = (contracts.version().to_string(), credentials.version.clone());
+        // Building stages its changes to live state; they apply only once
+        // every step that can fail has passed.
+        let built = Routes::build(Arc::new(config), Arc::new(contracts), registries, self.tracing.clone()).await;
+        let accepted = built.and_then(|routes| Ok((routes, self.identity.renew(credentials)?)));
+        let routes = match accepted {
+            Ok((routes, ())) => routes,
+            Err(error) => {
+                registries.abort();
+                return Err(error);
+            }
+        };
+        registries.commit();
         self.routes.store(Arc::new(routes));
-        registries.prune();
         let mut running = self.running.lock().expect("reload state lock");
         running.config = Loaded::now(&config_version);
         running.contracts = Loaded::now(&versions.0);

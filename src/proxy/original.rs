@@ -114,7 +114,8 @@ impl OriginalDestinations {
                 self.metrics.bulkhead(label),
             ))
         });
-        let budget = upstream.retry_budget(&policy.retry_budget);
+        let (budget, _) = upstream.retry_budget(&policy.retry_budget);
+        upstream.keep_retry_budget(policy.retry_budget, budget.clone());
         UpstreamRoute { upstream, bulkhead, budget }
     }
 }

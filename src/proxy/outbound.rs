@@ -80,7 +80,7 @@ impl OutboundRoutes {
                 let name = format!("upstream {} (config policy.upstream_concurrency)", upstream.name);
                 registries.bulkhead(Direction::Outbound, name, limits)
             });
-            let budget = upstream.retry_budget(&policy.retry_budget);
+            let budget = registries.retry_budget(&upstream, &policy.retry_budget);
             let route = Arc::new(UpstreamRoute { upstream, bulkhead, budget });
             for service in &upstream_config.services {
                 by_service.insert(Box::from(service.as_str()), route.clone());

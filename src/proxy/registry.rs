@@ -4,6 +4,11 @@
 //! ask for each by what defines it; what they ask for again is handed over,
 //! and what no route asks for any more is dropped once the last call that
 //! holds it ends.
+//!
+//! Building routes changes nothing running: new settings for what is kept,
+//! and the background tasks of new upstreams, are staged, and applied by
+//! [`Registries::commit`] once the version is accepted. A refused version is
+//! undone by [`Registries::abort`], as if it had never been built.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -21,12 +26,15 @@ use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::circuit_breaker::{Breaker, CircuitBreakerPolicy};
 use crate::policy::outlier::OutlierConfig;
 use crate::policy::rate_limit::{CallerBuckets, RateLimitPolicy, TokenBucket};
+use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::Metrics;
 
-/// Values by key, with the keys the routes being built have asked for.
+/// Values by key, with the keys the routes being built have asked for and
+/// those they added.
 struct Kept<K, V> {
     values: HashMap<K, V>,
     asked: HashSet<K>,
+    added: HashSet<K>,
 }
 
 impl<K: Clone + Eq + Hash, V: Clone> Kept<K, V> {
@@ -38,6 +46,7 @@ impl<K: Clone + Eq + Hash, V: Clone> Kept<K, V> {
 
     fn insert(&mut self, key: K, value: V) -> V {
         self.asked.insert(key.clone());
+        self.added.insert(key.clone());
         self.values.insert(key, value.clone());
         value
     }
@@ -53,14 +62,26 @@ impl<K: Clone + Eq + Hash, V: Clone> Kept<K, V> {
     fn prune(&mut self) {
         let asked = std::mem::take(&mut self.asked);
         self.values.retain(|key, _| asked.contains(key));
+        self.added.clear();
+    }
+
+    /// Forgets what was added and asked for since the last time, keeping the rest as it was.
+    fn abort(&mut self) {
+        for key in self.added.drain() {
+            self.values.remove(&key);
+        }
+        self.asked.clear();
     }
 }
 
 impl<K, V> Default for Kept<K, V> {
     fn default() -> Self {
-        Kept { values: HashMap::new(), asked: HashSet::new() }
+        Kept { values: HashMap::new(), asked: HashSet::new(), added: HashSet::new() }
     }
 }
+
+/// A change to live state that waits for its version to be accepted.
+type Staged = Box<dyn FnOnce() + Send>;
 
 /// What defines an upstream's live state; the services routed to it do not.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -84,6 +105,7 @@ pub struct Registries {
     circuit_breakers: Kept<(String, CircuitBreakerPolicy), Arc<Breaker>>,
     caller_rate_limits: Kept<(String, (u64, u32)), Arc<CallerBuckets>>,
     originals: Kept<OriginalKey, Arc<OriginalDestinations>>,
+    staged: Vec<Staged>,
 }
 
 impl Registries {
@@ -101,6 +123,7 @@ impl Registries {
             circuit_breakers: Kept::default(),
             caller_rate_limits: Kept::default(),
             originals: Kept::default(),
+            staged: Vec::new(),
         }
     }
 
@@ -118,14 +141,29 @@ impl Registries {
             connect,
         };
         if let Some(upstream) = self.upstreams.get(&key) {
-            upstream.outliers.set_config(outliers.clone());
-            upstream.set_health_check(config.health_check.clone());
+            let (kept, outliers, health_check) = (upstream.clone(), outliers.clone(), config.health_check.clone());
+            self.staged.push(Box::new(move || {
+                kept.outliers.set_config(outliers);
+                kept.set_health_check(health_check);
+            }));
             return Ok(upstream);
         }
         let metrics = self.metrics.outliers(&Upstream::name_of(config));
-        let upstream =
-            Upstream::start(config, &self.identity, connect, (outliers.clone(), metrics), self.workers).await?;
+        let (upstream, start) =
+            Upstream::build(config, &self.identity, connect, (outliers.clone(), metrics), self.workers).await?;
+        self.staged.push(start);
         Ok(self.upstreams.insert(key, upstream))
+    }
+
+    /// `upstream`'s retry budget under `config`: the one in use while the
+    /// config stays the same, or a new one, in use once the version is accepted.
+    pub fn retry_budget(&mut self, upstream: &Arc<Upstream>, config: &RetryBudgetConfig) -> RetryBudget {
+        let (budget, changed) = upstream.retry_budget(config);
+        if changed {
+            let (upstream, config, kept) = (upstream.clone(), config.clone(), budget.clone());
+            self.staged.push(Box::new(move || upstream.keep_retry_budget(config, kept)));
+        }
+        budget
     }
 
     /// The pooled connections to the local app at `addr`.
@@ -148,7 +186,8 @@ impl Registries {
         policy: OriginalPolicy,
     ) -> Result<Arc<OriginalDestinations>, String> {
         if let Some(originals) = self.originals.get(&key) {
-            originals.set_policy(policy);
+            let kept = originals.clone();
+            self.staged.push(Box::new(move || kept.set_policy(policy)));
             return Ok(originals);
         }
         let originals =
@@ -196,8 +235,12 @@ impl Registries {
         })
     }
 
-    /// Drops what the routes built since the last prune did not ask for.
-    pub fn prune(&mut self) {
+    /// The routes built since the last commit are in service: applies what
+    /// they staged, and drops what they did not ask for.
+    pub fn commit(&mut self) {
+        for change in self.staged.drain(..) {
+            change();
+        }
         self.upstreams.prune();
         self.apps.prune();
         self.app_ports.prune();
@@ -207,6 +250,21 @@ impl Registries {
         self.circuit_breakers.prune();
         self.caller_rate_limits.prune();
         self.originals.prune();
+    }
+
+    /// The routes built since the last commit were refused: live state stays
+    /// as it was, and what they added is dropped.
+    pub fn abort(&mut self) {
+        self.staged.clear();
+        self.upstreams.abort();
+        self.apps.abort();
+        self.app_ports.abort();
+        self.bulkheads.abort();
+        self.callers.abort();
+        self.rate_limits.abort();
+        self.circuit_breakers.abort();
+        self.caller_rate_limits.abort();
+        self.originals.abort();
     }
 }
 
@@ -252,7 +310,113 @@ impl CallerBulkheads {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::config::Config;
+    use crate::contract::Contracts;
+    use crate::identity::Credentials;
+    use crate::identity::certs::write_dev_certs;
+    use crate::proxy::endpoint::ConnectSettings;
+    use crate::proxy::routes::Routes;
+
+    /// A listener that counts the connections made to it.
+    async fn counting_listener() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, accepted) = (listener.local_addr().unwrap(), Arc::new(AtomicUsize::new(0)));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::AcqRel);
+                held.push(tcp);
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn config(dir: &std::path::Path, rest: &str) -> Config {
+        let certs = dir.display();
+        let proto = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+        let yaml = format!(
+            "identity: {{cert: {certs}/client.pem, key: {certs}/client-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+             contracts: {{protos: [examples/echo.proto], include: ['{}']}}\n{rest}",
+            proto.display()
+        );
+        let file = dir.join("config.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        crate::config::load(Some(&file), Vec::new()).unwrap()
+    }
+
+    async fn build(config: &Config, contracts: &Arc<Contracts>, registries: &mut Registries) -> Routes {
+        Routes::build(Arc::new(config.clone()), contracts.clone(), registries, None).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_version_changes_nothing_running_and_an_accepted_one_applies_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = SpiffeId::parse("spiffe://td/ns/t/sa/client").unwrap();
+        write_dev_certs(dir.path(), "test CA", &[("client".into(), client)]).unwrap();
+        let ((kept_addr, kept_accepted), (new_addr, new_accepted)) =
+            (counting_listener().await, counting_listener().await);
+        let upstream = |addr, rest: &str| {
+            format!("{{services: [echo.v1.Echo], endpoints: ['{addr}'], identity: 'spiffe://td/ns/t/sa/server'{rest}}}")
+        };
+        let running = config(dir.path(), &format!("outbound: {{upstreams: [{}]}}\n", upstream(kept_addr, "")));
+        let checks = ", health_check: {interval: 20ms, timeout: 20ms}";
+        let changed = config(
+            dir.path(),
+            &format!(
+                "outbound: {{upstreams: [{}, {}]}}\n\
+                 policy: {{outlier_detection: {{consecutive_failures: 9}}, retry_budget: {{ratio: 0.5}}}}\n",
+                upstream(kept_addr, checks),
+                upstream(new_addr, checks).replace("echo.v1.Echo", "other.v1.Other"),
+            ),
+        );
+        let contracts = Arc::new(Contracts::load(&running.contracts).unwrap());
+        let identity = Arc::new(Identity::new(Credentials::read(&running.identity).unwrap()).unwrap());
+        let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1);
+        let _in_service = build(&running, &contracts, &mut registries).await;
+        registries.commit();
+        let kept = |registries: &mut Registries, config: &Config| {
+            let upstream = &config.outbound.upstreams[0];
+            let key = UpstreamKey {
+                endpoints: upstream.endpoints.clone(),
+                identity: upstream.identity.clone(),
+                resolve_interval: upstream.resolve_interval,
+                connect: ConnectSettings::of(config),
+            };
+            registries.upstreams.values.get(&key).cloned().expect("the running upstream is kept")
+        };
+        let before = kept(&mut registries, &running);
+
+        // Built, then refused: nothing applies, nothing starts, nothing stays.
+        drop(build(&changed, &contracts, &mut registries).await);
+        registries.abort();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(kept_accepted.load(Ordering::Acquire), 0, "the kept upstream's health checks turned on");
+        assert_eq!(new_accepted.load(Ordering::Acquire), 0, "the new upstream's health checks started");
+        assert_eq!(
+            before.outliers.config().consecutive_failures,
+            running.policy.outlier_detection.consecutive_failures
+        );
+        assert!(!before.retry_budget(&running.policy.retry_budget).1, "the retry budget changed");
+        assert_eq!(registries.upstreams.values.len(), 1, "the new upstream is kept");
+        assert!(Arc::ptr_eq(&before, &kept(&mut registries, &running)));
+
+        // Built, then accepted: all of it applies.
+        let _in_service = build(&changed, &contracts, &mut registries).await;
+        registries.commit();
+        assert_eq!(before.outliers.config().consecutive_failures, 9);
+        assert!(!before.retry_budget(&changed.policy.retry_budget).1, "the new retry budget is in use");
+        let checked = async {
+            while kept_accepted.load(Ordering::Acquire) == 0 || new_accepted.load(Ordering::Acquire) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), checked).await.expect("both upstreams are health-checked");
+        assert_eq!(registries.upstreams.values.len(), 2);
+    }
 
     #[test]
     fn what_is_asked_for_again_is_kept_and_the_rest_pruned() {

@@ -58,15 +58,16 @@ pub struct UpstreamRoute {
 }
 
 impl Upstream {
-    /// Resolves the endpoints once and keeps DNS names re-resolving in the
-    /// background while the upstream lives.
-    pub async fn start(
+    /// Resolves the endpoints once; the returned start, once run, keeps DNS
+    /// names re-resolving and the health checks running in the background
+    /// while the upstream lives.
+    pub async fn build(
         config: &UpstreamConfig,
         identity: &Identity,
         connect: ConnectSettings,
         outliers: (OutlierConfig, OutlierMetrics),
         workers: usize,
-    ) -> Result<Arc<Upstream>, String> {
+    ) -> Result<(Arc<Upstream>, Box<dyn FnOnce() + Send>), String> {
         let specs: Vec<EndpointSpec> =
             config.endpoints.iter().map(|e| discovery::parse_endpoint(e)).collect::<Result<_, _>>()?;
         let transport = Transport::Mtls(identity.client_config(ExpectedPeer::Id(config.identity.clone()))?);
@@ -80,21 +81,24 @@ impl Upstream {
         );
         upstream.set_endpoints(&discovery::resolve(&specs).await);
         upstream.set_health_check(config.health_check.clone());
-        let weak = Arc::downgrade(&upstream);
-        let members: health_check::Members = Box::new(move || {
-            let upstream = weak.upgrade()?;
-            Some((upstream.members.load_full(), upstream.outliers.clone()))
-        });
-        tokio::spawn(health_check::run(upstream.name.clone(), members, upstream.health_check.subscribe()));
-        let weak = Arc::downgrade(&upstream);
-        discovery::spawn_refresh(specs, config.resolve_interval, move |addrs| match weak.upgrade() {
-            Some(upstream) => {
-                upstream.set_endpoints(addrs);
-                true
-            }
-            None => false,
-        });
-        Ok(upstream)
+        let (weak, resolve_interval) = (Arc::downgrade(&upstream), config.resolve_interval);
+        let start = move || {
+            let Some(upstream) = weak.upgrade() else { return };
+            let checked = weak.clone();
+            let members: health_check::Members = Box::new(move || {
+                let upstream = checked.upgrade()?;
+                Some((upstream.members.load_full(), upstream.outliers.clone()))
+            });
+            tokio::spawn(health_check::run(upstream.name.clone(), members, upstream.health_check.subscribe()));
+            discovery::spawn_refresh(specs, resolve_interval, move |addrs| match weak.upgrade() {
+                Some(upstream) => {
+                    upstream.set_endpoints(addrs);
+                    true
+                }
+                None => false,
+            });
+        };
+        Ok((upstream, Box::new(start)))
     }
 
     /// An upstream whose endpoints are set by its owner.
@@ -134,13 +138,19 @@ impl Upstream {
         config.endpoints.join(",").into()
     }
 
-    /// The retry budget for `config`: the one in use while the config stays the same.
-    pub fn retry_budget(&self, config: &RetryBudgetConfig) -> RetryBudget {
-        let mut current = self.retry_budget.lock().expect("retry budget lock");
-        if current.0 != *config {
-            *current = (config.clone(), RetryBudget::new(config));
+    /// The retry budget for `config`: the one in use while the config stays
+    /// the same (`false`), or a new one (`true`), not in use until kept.
+    pub fn retry_budget(&self, config: &RetryBudgetConfig) -> (RetryBudget, bool) {
+        let current = self.retry_budget.lock().expect("retry budget lock");
+        match current.0 == *config {
+            true => (current.1.clone(), false),
+            false => (RetryBudget::new(config), true),
         }
-        current.1.clone()
+    }
+
+    /// Puts `budget`, made for `config`, in use.
+    pub fn keep_retry_budget(&self, config: RetryBudgetConfig, budget: RetryBudget) {
+        *self.retry_budget.lock().expect("retry budget lock") = (config, budget);
     }
 
     /// Replaces the endpoint set, keeping the connections (and health) of
