@@ -292,3 +292,104 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+    use bytes::Bytes;
+
+    use crate::call::testing::received;
+    use crate::call::{CallFuture, ENDPOINT_FAILURE};
+
+    fn app() -> Target {
+        Target::App("127.0.0.1:8080".parse().unwrap())
+    }
+
+    fn reset(reason: h2::Reason) -> ProxyError {
+        ProxyError::Upstream { target: app(), error: h2::Error::from(reason) }
+    }
+
+    #[test]
+    fn each_failure_has_its_status_and_reason() {
+        let connect = ProxyError::Connect { target: app(), error: Arc::new(ConnectError::Timeout) };
+        let cases = [
+            (ProxyError::NotGrpc { path: "/x".into() }, Code::Unimplemented, "not_grpc"),
+            (ProxyError::UnknownMethod { path: "/p.S/M".into() }, Code::Unimplemented, "unknown_method"),
+            (ProxyError::NoRoute { service: "p.S".into() }, Code::Unimplemented, "no_route"),
+            (ProxyError::NoEndpoints { upstream: "u".into() }, Code::Unavailable, "no_endpoints"),
+            (ProxyError::NoApp, Code::Unavailable, "no_app"),
+            (connect, Code::Unavailable, "connect"),
+            (reset(h2::Reason::REFUSED_STREAM), Code::Unavailable, "upstream"),
+            (reset(h2::Reason::CANCEL), Code::Cancelled, "upstream"),
+            (reset(h2::Reason::ENHANCE_YOUR_CALM), Code::ResourceExhausted, "upstream"),
+            (reset(h2::Reason::INADEQUATE_SECURITY), Code::PermissionDenied, "upstream"),
+            (reset(h2::Reason::PROTOCOL_ERROR), Code::Internal, "upstream"),
+            (ProxyError::NoCallerIdentity { why: "no URI SAN".into() }, Code::Unauthenticated, "no_caller_identity"),
+            (ProxyError::from(Limited), Code::ResourceExhausted, "limited"),
+        ];
+        for (error, code, reason) in cases {
+            assert_eq!((error.code(), error.reason()), (code, reason), "{error}");
+        }
+        assert!(reset(h2::Reason::REFUSED_STREAM).refused_unprocessed());
+        assert!(!reset(h2::Reason::CANCEL).refused_unprocessed());
+    }
+
+    #[derive(Debug)]
+    struct Limited;
+
+    impl fmt::Display for Limited {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("rate limit test exceeded")
+        }
+    }
+
+    impl std::error::Error for Limited {}
+
+    impl PolicyError for Limited {
+        fn code(&self) -> Code {
+            Code::ResourceExhausted
+        }
+        fn reason(&self) -> &'static str {
+            "limited"
+        }
+        fn pushback(&self) -> Option<Duration> {
+            Some(Duration::from_millis(250))
+        }
+    }
+
+    #[test]
+    fn the_answer_is_trailers_only_naming_the_sidecar_with_pushback_and_failure_marks() {
+        let answer = ProxyError::from(Limited).into_response(Direction::Outbound);
+        assert_eq!(grpc::status_in(answer.headers()), Some(Code::ResourceExhausted));
+        assert_eq!(answer.headers()[grpc::GRPC_MESSAGE], "protomesh outbound: rate limit test exceeded");
+        assert_eq!(answer.headers()[grpc::GRPC_RETRY_PUSHBACK_MS], "250");
+        assert!(ProxyError::from(Limited).policy::<Limited>().is_some());
+        assert!(ProxyError::NoApp.policy::<Limited>().is_none());
+
+        // Only the inbound sidecar says its app could not be reached.
+        let inbound = ProxyError::NoApp.into_response(Direction::Inbound);
+        assert_eq!(inbound.headers()[ENDPOINT_FAILURE], "no_app");
+        assert!(!ProxyError::NoApp.into_response(Direction::Outbound).headers().contains_key(ENDPOINT_FAILURE));
+        let refused = ProxyError::NoRoute { service: "p.S".into() }.into_response(Direction::Inbound);
+        assert!(!refused.headers().contains_key(ENDPOINT_FAILURE), "a refusal is not the app's failure");
+    }
+
+    fn failing(error: fn() -> ProxyError) -> impl CallService<RecvBody> {
+        tower::service_fn(move |_: Request<RecvBody>| -> CallFuture { Box::pin(async move { Err(error()) }) })
+    }
+
+    #[tokio::test]
+    async fn the_edge_answers_errors_as_statuses_but_passes_an_unprocessed_refusal_on() {
+        let (request, _peer) = received("/p.S/M", Bytes::new()).await;
+        let no_route = || ProxyError::NoRoute { service: "p.S".into() };
+        let answer = AnswerErrors::new(Direction::Outbound, failing(no_route)).oneshot(request).await.unwrap();
+        assert_eq!(grpc::status_in(answer.headers()), Some(Code::Unimplemented));
+
+        let (request, _peer) = received("/p.S/M", Bytes::new()).await;
+        let refused = AnswerErrors::new(Direction::Outbound, failing(|| reset(h2::Reason::REFUSED_STREAM)));
+        let error = refused.oneshot(request).await.unwrap_err();
+        assert!(error.refused_unprocessed(), "goes on as REFUSED_STREAM, so that a hop that kept the call resends it");
+    }
+}

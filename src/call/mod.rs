@@ -8,6 +8,8 @@
 mod body;
 mod error;
 mod limit;
+#[cfg(test)]
+pub mod testing;
 
 use std::net::SocketAddr;
 

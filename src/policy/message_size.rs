@@ -96,3 +96,73 @@ where
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::call::ResponseBody;
+    use crate::call::testing::{answered, message, received};
+    use crate::policy::source::Source;
+
+    fn limit(bytes: u64) -> Option<Sourced<ByteSize>> {
+        Some(Sourced { value: ByteSize::b(bytes), source: Source::MethodOption })
+    }
+
+    /// An app that reads the whole request, then answers `answer`, a gRPC
+    /// message, over HTTP/2.
+    fn app(answer: Bytes) -> impl CallService<RecvBody> + Clone {
+        tower::service_fn(move |request: Request<RecvBody>| -> CallFuture {
+            let answer = answer.clone();
+            Box::pin(async move {
+                if request.into_body().collect().await.is_err() {
+                    return Err(ProxyError::NoApp);
+                }
+                Ok(Response::new(answered(answer).await))
+            })
+        })
+    }
+
+    async fn response_status(response: Response<ResponseBody>) -> Option<Code> {
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(trailers) = frame.unwrap().into_trailers() {
+                return crate::grpc::status_in(&trailers);
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn a_request_message_over_the_limit_ends_the_call_naming_the_limit_and_its_source() {
+        let (request, _peer) = received("/t.T/M", message(65)).await;
+        let error = MessageSizes::new(limit(64), app(message(1))).oneshot(request).await.unwrap_err();
+        assert_eq!(error.code(), Code::ResourceExhausted);
+        let too_large = error.policy::<MessageTooLarge>().expect("the message size policy acted");
+        assert_eq!((too_large.size, too_large.carrier), (65, Carrier::Request));
+        assert_eq!(
+            error.to_string(),
+            "a request message of 65 bytes exceeds max_message_size 64 B ((protomesh.v1.method))"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_message_over_the_limit_ends_the_response_with_resource_exhausted() {
+        let (request, _peer) = received("/t.T/M", message(64)).await;
+        let response = MessageSizes::new(limit(64), app(message(100))).oneshot(request).await.unwrap();
+        assert_eq!(response_status(response).await, Some(Code::ResourceExhausted));
+    }
+
+    #[tokio::test]
+    async fn messages_at_the_limit_or_without_one_pass() {
+        let (request, _peer) = received("/t.T/M", message(64)).await;
+        let response = MessageSizes::new(limit(64), app(message(64))).oneshot(request).await.unwrap();
+        assert_eq!(response_status(response).await, Some(Code::Ok));
+        let (request, _peer) = received("/t.T/M", message(100_000)).await;
+        let response = MessageSizes::new(None, app(message(100_000))).oneshot(request).await.unwrap();
+        assert_eq!(response_status(response).await, Some(Code::Ok));
+    }
+}

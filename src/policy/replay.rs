@@ -127,3 +127,73 @@ mod defaults {
         10
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::Target;
+
+    fn answered(code: Code, pushback: Option<&str>) -> Result<Response<ResponseBody>, ProxyError> {
+        let mut response = Response::new(ResponseBody::empty());
+        *response.headers_mut() = grpc::status_headers(code, "");
+        if let Some(millis) = pushback {
+            response.headers_mut().insert(grpc::GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_str(millis).unwrap());
+        }
+        Ok(response)
+    }
+
+    fn upstream_failed(reason: h2::Reason) -> Result<Response<ResponseBody>, ProxyError> {
+        let target = Target::App("127.0.0.1:1".parse().unwrap());
+        Err(ProxyError::Upstream { target, error: h2::Error::from(reason) })
+    }
+
+    #[test]
+    fn an_attempts_outcome_says_whether_another_may_follow() {
+        let retryable = [Code::Unavailable];
+        let verdict = |result| match verdict(&result, &retryable) {
+            Verdict::Final => "final".to_string(),
+            Verdict::Retryable { pushback } => format!("retryable after {pushback:?}"),
+            Verdict::Refused => "refused".to_string(),
+        };
+        let headers_only = Ok(Response::new(ResponseBody::empty()));
+        assert_eq!(verdict(headers_only), "final", "no status in the head: the response streams");
+        assert_eq!(verdict(answered(Code::Ok, None)), "final");
+        assert_eq!(verdict(answered(Code::Internal, None)), "final", "not a retryable code");
+        assert_eq!(verdict(answered(Code::Unavailable, None)), "retryable after None");
+        assert_eq!(verdict(answered(Code::Unavailable, Some("250"))), "retryable after Some(250ms)");
+        assert_eq!(verdict(answered(Code::Unavailable, Some("-1"))), "final", "the server asks for no retry");
+        assert_eq!(verdict(upstream_failed(h2::Reason::REFUSED_STREAM)), "refused", "unprocessed: whatever the method");
+        assert_eq!(verdict(upstream_failed(h2::Reason::PROTOCOL_ERROR)), "final", "INTERNAL is not retryable here");
+        let no_endpoints = Err(ProxyError::NoEndpoints { upstream: "u".into() });
+        assert_eq!(verdict(no_endpoints), "retryable after None");
+        assert_eq!(verdict(Err(ProxyError::NoApp)), "final", "only failures reaching the peer are retried");
+    }
+
+    #[test]
+    fn each_attempt_is_the_same_request_numbered() {
+        let mut original = Request::post("http://t/p.S/M").body(()).unwrap();
+        original.headers_mut().insert("x-request-id", HeaderValue::from_static("abc"));
+        let (parts, ()) = original.into_parts();
+        let first: Request<RequestBody<()>> = attempt(&parts, Bytes::from_static(b"call"), 1);
+        assert_eq!(first.extensions().get::<Attempt>().map(|a| a.0), Some(1));
+        assert!(!first.headers().contains_key(grpc::GRPC_PREVIOUS_RPC_ATTEMPTS));
+        let third: Request<RequestBody<()>> = attempt(&parts, Bytes::from_static(b"call"), 3);
+        assert_eq!(third.headers()[grpc::GRPC_PREVIOUS_RPC_ATTEMPTS], "2");
+        assert_eq!(third.headers()["x-request-id"], "abc");
+        assert_eq!((third.method(), third.uri()), (&parts.method, &parts.uri));
+        assert!(matches!(third.body(), RequestBody::Replayed(Some(body)) if body == "call"));
+    }
+
+    #[test]
+    fn the_budget_gives_its_floor_then_its_share_of_calls() {
+        let budget = RetryBudget::new(&RetryBudgetConfig { ratio: 0.5, min_per_second: 1 });
+        let floor = (0..100).take_while(|_| budget.withdraw()).count();
+        assert_eq!(floor, 10, "the floor: 1 per second over the 10 s window");
+        assert!(!budget.withdraw());
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        let earned = (0..100).take_while(|_| budget.withdraw()).count();
+        assert_eq!(earned, 5, "half of ten calls");
+    }
+}
