@@ -7,6 +7,8 @@
 //! for each method; `proxy` composes the stacks and carries the calls; `app`
 //! wires a running sidecar; `check` is the command that reports.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod call;
 pub mod capture;
