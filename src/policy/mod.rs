@@ -1,7 +1,10 @@
-//! Per-call policies. Each file is one policy whole: its config types, the
-//! tower layer that enforces it (built with its settings for one method, so
-//! it can be tested against any plain service), and the error it answers
-//! with. The stacks that put them in order are composed in `proxy`.
+//! Per-call policies. Each policy's file holds it whole: its config types,
+//! the tower layer that enforces it (built with its settings for one method,
+//! so it can be tested against any plain service), and the error it answers
+//! with. Beside them: `replay.rs`, what retries and hedging share; `fields.rs`,
+//! the fields any source of policy writes; `source.rs`, where a value came
+//! from; and here, the config's `policy` section. The stacks that put the
+//! layers in order are composed in `proxy`.
 
 pub mod authz;
 pub mod bulkhead;

@@ -211,7 +211,7 @@ impl Outliers {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
-    Healthy,
+    Admitted,
     Ejected {
         until: Instant,
     },
@@ -223,12 +223,12 @@ pub enum State {
 
 /// One endpoint's breaker. Its lock is held only for a few arithmetic steps.
 #[derive(Debug)]
-pub struct Health {
-    inner: Mutex<HealthState>,
+pub struct Ejection {
+    inner: Mutex<EjectionState>,
 }
 
 #[derive(Debug)]
-struct HealthState {
+struct EjectionState {
     state: State,
     /// The last failure was a failure to reach it: then it stays out even in panic.
     unreachable: bool,
@@ -242,17 +242,17 @@ struct HealthState {
 /// Whether an endpoint may take a call now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
-    Open,
+    Admitted,
     /// Admitted as the half-open probe.
     Probe,
-    Closed,
+    Ejected,
 }
 
-impl Default for Health {
+impl Default for Ejection {
     fn default() -> Self {
-        Health {
-            inner: Mutex::new(HealthState {
-                state: State::Healthy,
+        Ejection {
+            inner: Mutex::new(EjectionState {
+                state: State::Admitted,
                 unreachable: false,
                 consecutive_failures: 0,
                 times_ejected: 0,
@@ -264,27 +264,27 @@ impl Default for Health {
     }
 }
 
-impl Health {
+impl Ejection {
     pub fn state(&self) -> State {
         self.lock().state
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
-        self.inner.lock().expect("endpoint health lock")
+    fn lock(&self) -> std::sync::MutexGuard<'_, EjectionState> {
+        self.inner.lock().expect("endpoint ejection lock")
     }
 
     /// Whether a call may go here now; an expired ejection turns half-open
     /// and the first call to ask becomes its probe.
     pub fn admit(&self, now: Instant) -> Admission {
-        let mut health = self.lock();
-        match health.state {
-            State::Healthy => Admission::Open,
-            State::Ejected { until } if now < until => Admission::Closed,
+        let mut ejection = self.lock();
+        match ejection.state {
+            State::Admitted => Admission::Admitted,
+            State::Ejected { until } if now < until => Admission::Ejected,
             State::Ejected { .. } | State::HalfOpen { probing: false } => {
-                health.state = State::HalfOpen { probing: true };
+                ejection.state = State::HalfOpen { probing: true };
                 Admission::Probe
             }
-            State::HalfOpen { probing: true } => Admission::Closed,
+            State::HalfOpen { probing: true } => Admission::Ejected,
         }
     }
 
@@ -293,14 +293,14 @@ impl Health {
         match self.lock().state {
             State::Ejected { until } => now >= until,
             State::HalfOpen { probing } => !probing,
-            State::Healthy => false,
+            State::Admitted => false,
         }
     }
 
     /// Whether `admit` would let a call through, without claiming a probe.
     pub fn is_available(&self, now: Instant) -> bool {
         match self.lock().state {
-            State::Healthy | State::HalfOpen { probing: false } => true,
+            State::Admitted | State::HalfOpen { probing: false } => true,
             State::Ejected { until } => now >= until,
             State::HalfOpen { probing: true } => false,
         }
@@ -308,55 +308,55 @@ impl Health {
 
     /// Whether a call may go here in panic: it answers, even if ejected.
     pub fn answers(&self) -> bool {
-        let health = self.lock();
-        health.state == State::Healthy || !health.unreachable
+        let ejection = self.lock();
+        ejection.state == State::Admitted || !ejection.unreachable
     }
 
     /// A probe that never reported (the call was cancelled) frees its turn.
     pub fn abandon_probe(&self) {
-        let mut health = self.lock();
-        if health.state == (State::HalfOpen { probing: true }) {
-            health.state = State::HalfOpen { probing: false };
+        let mut ejection = self.lock();
+        if ejection.state == (State::HalfOpen { probing: true }) {
+            ejection.state = State::HalfOpen { probing: false };
         }
     }
 
     pub fn record(&self, outcome: Outcome, now: Instant, outliers: &Outliers) {
         let config = outliers.config.load();
-        let mut health = self.lock();
+        let mut ejection = self.lock();
         if let Some(rate) = &config.failure_rate
-            && now.duration_since(health.window_start) >= rate.window
+            && now.duration_since(ejection.window_start) >= rate.window
         {
-            health.window_start = now;
-            health.window_calls = 0;
-            health.window_failures = 0;
+            ejection.window_start = now;
+            ejection.window_calls = 0;
+            ejection.window_failures = 0;
         }
-        health.window_calls += 1;
+        ejection.window_calls += 1;
         match outcome {
             Outcome::Success => {
-                health.consecutive_failures = 0;
-                health.unreachable = false;
-                if matches!(health.state, State::HalfOpen { .. }) {
-                    health.state = State::Healthy;
+                ejection.consecutive_failures = 0;
+                ejection.unreachable = false;
+                if matches!(ejection.state, State::HalfOpen { .. }) {
+                    ejection.state = State::Admitted;
                     outliers.returned_one();
                 }
             }
             Outcome::Failure | Outcome::Unreachable => {
-                health.unreachable = outcome == Outcome::Unreachable;
-                health.consecutive_failures += 1;
-                health.window_failures += 1;
-                match health.state {
+                ejection.unreachable = outcome == Outcome::Unreachable;
+                ejection.consecutive_failures += 1;
+                ejection.window_failures += 1;
+                match ejection.state {
                     State::HalfOpen { .. } => {}
-                    State::Healthy if health.tripped(&config) && outliers.may_eject() => outliers.ejected_one_more(),
+                    State::Admitted if ejection.tripped(&config) && outliers.may_eject() => outliers.ejected_one_more(),
                     _ => return,
                 }
                 outliers.metrics.ejections.inc();
-                health.eject(now, &config);
+                ejection.eject(now, &config);
             }
         }
     }
 }
 
-impl HealthState {
+impl EjectionState {
     fn tripped(&self, config: &OutlierConfig) -> bool {
         let consecutive = config.consecutive_failures > 0 && self.consecutive_failures >= config.consecutive_failures;
         let rate = config.failure_rate.as_ref().is_some_and(|rate| {
@@ -379,24 +379,24 @@ impl HealthState {
 
 /// Outlier detection has every endpoint of an upstream out.
 #[derive(Debug, PartialEq, Eq)]
-pub struct CircuitOpen {
+pub struct AllEjected {
     pub upstream: Arc<str>,
     pub endpoints: usize,
 }
 
-impl fmt::Display for CircuitOpen {
+impl fmt::Display for AllEjected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "circuit open: outlier detection (policy.outlier_detection) has ejected all {} endpoint(s) of upstream {}",
+            "all endpoints ejected: outlier detection (policy.outlier_detection) has ejected all {} endpoint(s) of upstream {}",
             self.endpoints, self.upstream
         )
     }
 }
 
-impl std::error::Error for CircuitOpen {}
+impl std::error::Error for AllEjected {}
 
-impl PolicyError for CircuitOpen {
+impl PolicyError for AllEjected {
     fn code(&self) -> Code {
         Code::Unavailable
     }
@@ -445,41 +445,41 @@ mod tests {
         outliers
     }
 
-    fn fail(health: &Health, times: u32, outliers: &Outliers) {
+    fn fail(ejection: &Ejection, times: u32, outliers: &Outliers) {
         for _ in 0..times {
-            health.record(Outcome::Failure, Instant::now(), outliers);
+            ejection.record(Outcome::Failure, Instant::now(), outliers);
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_eject_and_a_success_in_between_resets_the_count() {
         let outliers = outliers(4);
-        let health = Health::default();
-        fail(&health, 2, &outliers);
-        health.record(Outcome::Success, Instant::now(), &outliers);
-        fail(&health, 2, &outliers);
-        assert_eq!(health.state(), State::Healthy);
-        fail(&health, 1, &outliers);
-        assert!(matches!(health.state(), State::Ejected { .. }));
-        assert_eq!(health.admit(Instant::now()), Admission::Closed);
+        let ejection = Ejection::default();
+        fail(&ejection, 2, &outliers);
+        ejection.record(Outcome::Success, Instant::now(), &outliers);
+        fail(&ejection, 2, &outliers);
+        assert_eq!(ejection.state(), State::Admitted);
+        fail(&ejection, 1, &outliers);
+        assert!(matches!(ejection.state(), State::Ejected { .. }));
+        assert_eq!(ejection.admit(Instant::now()), Admission::Ejected);
         assert_eq!(outliers.ejected(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn after_ejection_one_probe_decides_and_failures_eject_for_longer() {
         let outliers = outliers(4);
-        let health = Health::default();
-        fail(&health, 3, &outliers);
+        let ejection = Ejection::default();
+        fail(&ejection, 3, &outliers);
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(health.admit(Instant::now()), Admission::Probe);
-        assert_eq!(health.admit(Instant::now()), Admission::Closed, "one probe at a time");
-        health.record(Outcome::Failure, Instant::now(), &outliers);
+        assert_eq!(ejection.admit(Instant::now()), Admission::Probe);
+        assert_eq!(ejection.admit(Instant::now()), Admission::Ejected, "one probe at a time");
+        ejection.record(Outcome::Failure, Instant::now(), &outliers);
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(health.admit(Instant::now()), Admission::Closed, "ejected twice: 20 s");
+        assert_eq!(ejection.admit(Instant::now()), Admission::Ejected, "ejected twice: 20 s");
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(health.admit(Instant::now()), Admission::Probe);
-        health.record(Outcome::Success, Instant::now(), &outliers);
-        assert_eq!(health.state(), State::Healthy);
+        assert_eq!(ejection.admit(Instant::now()), Admission::Probe);
+        ejection.record(Outcome::Success, Instant::now(), &outliers);
+        assert_eq!(ejection.state(), State::Admitted);
         assert_eq!(outliers.ejected(), 0);
         assert_eq!((outliers.metrics.ejections.get(), outliers.metrics.ejected.get()), (2, 0));
     }
@@ -487,27 +487,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_probe_frees_the_turn() {
         let outliers = outliers(4);
-        let health = Health::default();
-        fail(&health, 3, &outliers);
+        let ejection = Ejection::default();
+        fail(&ejection, 3, &outliers);
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(health.admit(Instant::now()), Admission::Probe);
-        health.abandon_probe();
-        assert_eq!(health.admit(Instant::now()), Admission::Probe);
+        assert_eq!(ejection.admit(Instant::now()), Admission::Probe);
+        ejection.abandon_probe();
+        assert_eq!(ejection.admit(Instant::now()), Admission::Probe);
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_more_than_the_maximum_share_is_ejected_but_one_always_may_be() {
         let outliers = outliers(4);
-        let endpoints: Vec<Health> = (0..4).map(|_| Health::default()).collect();
-        for health in &endpoints {
-            fail(health, 3, &outliers);
+        let endpoints: Vec<Ejection> = (0..4).map(|_| Ejection::default()).collect();
+        for ejection in &endpoints {
+            fail(ejection, 3, &outliers);
         }
         assert_eq!(outliers.ejected(), 2, "50% of 4");
 
         let single = self::outliers(1);
-        let health = Health::default();
-        fail(&health, 3, &single);
-        assert!(matches!(health.state(), State::Ejected { .. }), "a lone endpoint can still be ejected");
+        let ejection = Ejection::default();
+        fail(&ejection, 3, &single);
+        assert!(matches!(ejection.state(), State::Ejected { .. }), "a lone endpoint can still be ejected");
     }
 
     #[tokio::test(start_paused = true)]
@@ -519,14 +519,14 @@ mod tests {
         };
         let outliers = Outliers::new(config, OutlierMetrics::default());
         outliers.set_endpoint_count(2);
-        let health = Health::default();
+        let ejection = Ejection::default();
         for i in 0..9 {
             let outcome = if i % 2 == 0 { Outcome::Failure } else { Outcome::Success };
-            health.record(outcome, Instant::now(), &outliers);
+            ejection.record(outcome, Instant::now(), &outliers);
         }
-        assert_eq!(health.state(), State::Healthy, "fewer than min_calls");
-        health.record(Outcome::Failure, Instant::now(), &outliers);
-        assert!(matches!(health.state(), State::Ejected { .. }), "6 of 10 failed");
+        assert_eq!(ejection.state(), State::Admitted, "fewer than min_calls");
+        ejection.record(Outcome::Failure, Instant::now(), &outliers);
+        assert!(matches!(ejection.state(), State::Ejected { .. }), "6 of 10 failed");
     }
 
     #[test]
@@ -544,10 +544,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_answers_unless_its_last_failure_was_unreachability() {
         let outliers = outliers(4);
-        let health = Health::default();
-        fail(&health, 3, &outliers);
-        assert!(health.answers(), "ejected for statuses, it still answers");
-        let unreachable = Health::default();
+        let ejection = Ejection::default();
+        fail(&ejection, 3, &outliers);
+        assert!(ejection.answers(), "ejected for statuses, it still answers");
+        let unreachable = Ejection::default();
         for _ in 0..3 {
             unreachable.record(Outcome::Unreachable, Instant::now(), &outliers);
         }

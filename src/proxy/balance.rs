@@ -17,13 +17,13 @@ use tokio::time::Instant;
 use super::endpoint::Endpoint;
 use crate::call::{CallEnd, EndOfCall};
 use crate::grpc::Code;
-use crate::policy::outlier::{Admission, Health, Outcome, Outliers};
+use crate::policy::outlier::{Admission, Ejection, Outcome, Outliers};
 
 /// One endpoint of an upstream, as the balancer sees it: its connections,
 /// outlier detection's view of it, and its load.
 pub struct Member {
     pub endpoint: Endpoint,
-    pub health: Health,
+    pub ejection: Ejection,
     load: Load,
     /// What its active health checks say (SERVING unless they say otherwise).
     serving: AtomicBool,
@@ -31,7 +31,7 @@ pub struct Member {
 
 impl Member {
     pub fn new(endpoint: Endpoint) -> Member {
-        Member { endpoint, health: Health::default(), load: Load::default(), serving: AtomicBool::new(true) }
+        Member { endpoint, ejection: Ejection::default(), load: Load::default(), serving: AtomicBool::new(true) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -53,7 +53,7 @@ impl Member {
 
     /// Whether outlier detection and health checks let a call go here now.
     fn admitted(&self, now: Instant) -> bool {
-        self.serving() && self.health.is_available(now)
+        self.serving() && self.ejection.is_available(now)
     }
 }
 
@@ -170,9 +170,9 @@ pub fn choose(
 ) -> Option<(Arc<Member>, Admission)> {
     let reachable = |member: &&Arc<Member>| !unreachable.contains(&member.addr());
     if outliers.ejected() > 0 {
-        let probe = endpoints.iter().filter(reachable).find(|e| e.serving() && e.health.ready_to_probe(now));
+        let probe = endpoints.iter().filter(reachable).find(|e| e.serving() && e.ejection.ready_to_probe(now));
         if let Some(endpoint) = probe
-            && endpoint.health.admit(now) == Admission::Probe
+            && endpoint.ejection.admit(now) == Admission::Probe
         {
             return Some((endpoint.clone(), Admission::Probe));
         }
@@ -182,10 +182,10 @@ pub fn choose(
         let admitted = endpoints.iter().filter(|e| e.admitted(now)).count();
         if outliers.panics(admitted, endpoints.len()) {
             let answering: Vec<&Arc<Member>> =
-                endpoints.iter().filter(reachable).filter(|e| e.health.answers()).collect();
+                endpoints.iter().filter(reachable).filter(|e| e.ejection.answers()).collect();
             let chosen = lighter(&answering, now)?;
             outliers.panicked();
-            return Some((chosen.clone(), Admission::Open));
+            return Some((chosen.clone(), Admission::Admitted));
         }
     }
     let count = endpoints.len();
@@ -204,8 +204,8 @@ pub fn choose(
     // The two chosen first, then every endpoint, as a last resort.
     let scan = order.into_iter().chain((0..count).map(|i| (i + order[0]) % count));
     scan.map(|i| &endpoints[i]).filter(reachable).filter(|e| e.admitted(now)).find_map(|endpoint| {
-        match endpoint.health.admit(now) {
-            Admission::Closed => None,
+        match endpoint.ejection.admit(now) {
+            Admission::Ejected => None,
             admission => Some((endpoint.clone(), admission)),
         }
     })
@@ -274,7 +274,7 @@ impl Report {
     /// replica answering them more than the others weighs more.
     fn settle(mut self, outcome: Outcome, failed: bool) {
         let now = Instant::now();
-        self.endpoint.health.record(outcome, now, &self.outliers);
+        self.endpoint.ejection.record(outcome, now, &self.outliers);
         self.endpoint.load.settled(failed, now);
         self.reported = true;
     }
@@ -283,7 +283,7 @@ impl Report {
     /// frees its turn for a call that will.
     fn forget(mut self) {
         if self.probe {
-            self.endpoint.health.abandon_probe();
+            self.endpoint.ejection.abandon_probe();
         }
         self.reported = true;
     }
@@ -327,9 +327,9 @@ impl Drop for Report {
             return;
         }
         if self.deadline.is_some_and(|deadline| now >= deadline) {
-            self.endpoint.health.record(Outcome::Unreachable, now, &self.outliers);
+            self.endpoint.ejection.record(Outcome::Unreachable, now, &self.outliers);
         } else if self.probe {
-            self.endpoint.health.abandon_probe();
+            self.endpoint.ejection.abandon_probe();
         }
     }
 }
@@ -432,7 +432,7 @@ mod tests {
         let now = Instant::now();
         fast.load.observe(Duration::from_millis(1), now);
         slow.load.observe(Duration::from_secs(1), now);
-        slow.health.record(Outcome::Failure, now, &outliers);
+        slow.ejection.record(Outcome::Failure, now, &outliers);
         let endpoints = [fast.clone(), slow.clone()];
         for _ in 0..20 {
             let (chosen, _) = choose(&endpoints, &[], now, &outliers).unwrap();
@@ -453,16 +453,16 @@ mod tests {
         outliers.set_endpoint_count(2);
         let (answering, unreachable) = (member(1), member(2));
         let now = Instant::now();
-        answering.health.record(Outcome::Failure, now, &outliers);
-        unreachable.health.record(Outcome::Unreachable, now, &outliers);
+        answering.ejection.record(Outcome::Failure, now, &outliers);
+        unreachable.ejection.record(Outcome::Unreachable, now, &outliers);
         assert_eq!(outliers.ejected(), 2);
         let endpoints = [answering.clone(), unreachable.clone()];
         for _ in 0..20 {
             let (chosen, admission) = choose(&endpoints, &[], now, &outliers).expect("not cut off");
-            assert_eq!((chosen.addr(), admission), (answering.addr(), Admission::Open));
+            assert_eq!((chosen.addr(), admission), (answering.addr(), Admission::Admitted));
         }
         // With the one that answers unreachable as well, nothing is left: the circuit is open.
-        answering.health.record(Outcome::Unreachable, now, &outliers);
+        answering.ejection.record(Outcome::Unreachable, now, &outliers);
         assert!(choose(&endpoints, &[], now, &outliers).is_none());
     }
 
@@ -474,7 +474,7 @@ mod tests {
         outliers.set_endpoint_count(2);
         let (healthy, ejected) = (member(1), member(2));
         let now = Instant::now();
-        ejected.health.record(Outcome::Failure, now, &outliers);
+        ejected.ejection.record(Outcome::Failure, now, &outliers);
         let endpoints = [healthy.clone(), ejected];
         for _ in 0..20 {
             let (chosen, _) = choose(&endpoints, &[], now, &outliers).unwrap();

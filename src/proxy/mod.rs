@@ -4,13 +4,17 @@
 //! [`upstream`] (balanced endpoints over mTLS) or at the local app. Live
 //! state that outlasts a version of the routes is kept in [`registry`].
 //!
-//! outbound: app h2c → edge (route by `:path`) → observe → deadline → retries
+//! outbound: app h2c (or a captured connection: detected, else opaque TCP)
+//!           → edge (memory budget, route by `:path`) → observe → message
+//!           sizes → circuit breaker → deadline → retries or hedging
 //!           → attempt spans → bulkheads (method, upstream) → forward budget
-//!           → balancer (P2C, outlier detection) → pooled mTLS h2 connection
-//! inbound:  mTLS h2 (client cert required) → edge (caller, route) → observe
-//!           → authorization → rate limits (caller, method) → deadline
-//!           → bulkheads (method, caller)
-//!           → forward budget → pooled h2c connection to the app
+//!           → balancer (P2C, outlier detection, health checks) → pooled
+//!           mTLS h2 connection
+//! inbound:  mTLS h2 (client cert required; permissive ports also take
+//!           plaintext, as opaque TCP) → edge (caller, route) → observe
+//!           → authorization → rate limits (caller, method) → message sizes
+//!           → deadline → bulkheads (method, caller) → forward budget
+//!           → pooled h2c connection to the app
 
 mod balance;
 mod connection;

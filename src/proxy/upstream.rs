@@ -25,7 +25,7 @@ use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
 use crate::policy::deadline::Deadline;
-use crate::policy::outlier::{CircuitOpen, Outcome, OutlierConfig, OutlierMetrics, Outliers};
+use crate::policy::outlier::{AllEjected, Outcome, OutlierConfig, OutlierMetrics, Outliers};
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::trace::CallSpan;
 
@@ -257,6 +257,6 @@ impl Upstream {
                 }
             };
         }
-        Err(refused.unwrap_or_else(|| CircuitOpen { upstream: self.name.clone(), endpoints: members.len() }.into()))
+        Err(refused.unwrap_or_else(|| AllEjected { upstream: self.name.clone(), endpoints: members.len() }.into()))
     }
 }

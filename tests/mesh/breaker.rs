@@ -125,7 +125,7 @@ async fn with_every_endpoint_unreachable_calls_fail_fast_naming_the_breaker() {
     }
     let status = within("unary", mesh.client().unary(EchoRequest::default())).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("circuit open: outlier detection"), "{status:?}");
+    assert!(status.message().contains("all endpoints ejected: outlier detection"), "{status:?}");
     let server = admin(mesh.server_sidecar.admin_addr, "GET", "/metrics", "").await.1;
     let calls: f64 = server
         .lines()
