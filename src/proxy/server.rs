@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tower::Service;
 
@@ -270,7 +270,15 @@ impl Connection {
             }
         }
         let limits = &self.config.limits;
-        let tls = match accept_tls(acceptor, tcp, addr, limits.tls_handshake_timeout, &self.warnings).await {
+        let refusal = match self.peer.original_destination {
+            Some(original) => format!(
+                "port {} takes only mTLS from meshed workloads (inbound.mtls: strict); plaintext refused",
+                original.port()
+            ),
+            None => "the inbound listener takes only mTLS from meshed workloads; plaintext refused".into(),
+        };
+        let handshake = (limits.tls_handshake_timeout, refusal.as_str());
+        let tls = match accept_tls(acceptor, tcp, addr, handshake, &self.warnings).await {
             Ok(tls) => {
                 self.metrics.tls_handshake(Direction::Inbound, "ok".into());
                 tls
@@ -391,11 +399,12 @@ async fn first_byte(tcp: &TcpStream, timeout: Duration) -> FirstByte {
 
 /// Completes a TLS handshake, or says why it failed in a few words fit for a
 /// metric label: `plaintext_http2`, `timeout`, or the kind of TLS error.
+/// `refusal` is what a plaintext HTTP/2 client is told.
 async fn accept_tls(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
-    timeout: Duration,
+    (timeout, refusal): (Duration, &str),
     warnings: &LogThrottle,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
     let handshake = async {
@@ -403,7 +412,7 @@ async fn accept_tls(
             if let Some(unlogged) = warnings.note(addr.ip(), "plaintext_http2") {
                 tracing::warn!(%addr, unlogged, "refused plaintext HTTP/2 on the mTLS listener");
             }
-            refuse_plaintext(tcp).await;
+            refuse_plaintext(tcp, refusal).await;
             return Err("plaintext_http2".to_string());
         }
         acceptor.accept(tcp).await.map_err(|error| {
@@ -435,28 +444,33 @@ async fn sent_plaintext_http2(tcp: &TcpStream) -> bool {
     matches!(tcp.peek(&mut first).await, Ok(3)) && &first == b"PRI"
 }
 
-/// Answers a plaintext HTTP/2 client in its own protocol, so that it reports a
-/// readable reason: an empty SETTINGS frame, then GOAWAY(INADEQUATE_SECURITY).
-async fn refuse_plaintext(mut tcp: TcpStream) {
-    const DEBUG: &[u8] = b"protomesh inbound accepts only mTLS connections";
-    let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
-    let length = (8 + DEBUG.len()) as u32;
-    frames.extend_from_slice(&length.to_be_bytes()[1..]);
-    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
-    frames.extend_from_slice(&0u32.to_be_bytes());
-    frames.extend_from_slice(&u32::from(h2::Reason::INADEQUATE_SECURITY).to_be_bytes());
-    frames.extend_from_slice(DEBUG);
-    let _ = tcp.write_all(&frames).await;
-    let _ = tcp.shutdown().await;
-    // Read what the client still sends, for a moment: closing with its bytes
-    // unread would reset the connection, and the client could lose the reason.
-    let mut sink = [0u8; 4096];
-    let lingering = async {
-        for _ in 0..16 {
-            if matches!(tcp.read(&mut sink).await, Ok(0) | Err(_)) {
-                break;
-            }
+/// Streams a refused plaintext client may open before its connection closes.
+const REFUSED_STREAMS: usize = 8;
+
+/// Answers a plaintext HTTP/2 client in its own protocol, so that its calls
+/// fail at once with a status that says why: each stream it opens gets a
+/// trailers-only PERMISSION_DENIED naming the setting, and the connection is
+/// closed (GOAWAY) after the first answer, within a second in all. A GOAWAY
+/// before any stream would read to a gRPC client as "try again", and it
+/// would reconnect until its deadline.
+async fn refuse_plaintext(tcp: TcpStream, refusal: &str) {
+    let message = format!("protomesh inbound: {refusal}");
+    let refusing = async {
+        let mut connection = h2::server::Builder::new()
+            .max_concurrent_streams(REFUSED_STREAMS as u32)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await?;
+        let mut answered = 0;
+        while answered < REFUSED_STREAMS {
+            let Some(stream) = connection.accept().await else { return Ok(()) };
+            let (_, mut respond) = stream?;
+            let mut response = Response::new(());
+            *response.headers_mut() = crate::grpc::status_headers(crate::grpc::Code::PermissionDenied, &message);
+            respond.send_response(response, true)?;
+            answered += 1;
+            connection.graceful_shutdown();
         }
+        std::future::poll_fn(|cx| connection.poll_closed(cx)).await
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), lingering).await;
+    let _: Result<Result<(), h2::Error>, _> = tokio::time::timeout(Duration::from_secs(1), refusing).await;
 }

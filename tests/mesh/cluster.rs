@@ -340,11 +340,9 @@ pub const INBOUND_OPAQUE: &str = "protomesh_opaque_connections_total{direction=\
 
 pub const PLAINTEXT_REFUSED: &str = "protomesh_tls_handshakes_total{direction=\"inbound\",result=\"plaintext_http2\"}";
 
-/// A plaintext client refused by a strict sidecar, which answers its HTTP/2
-/// preface with GOAWAY(INADEQUATE_SECURITY) before any stream: clients
-/// report PERMISSION_DENIED, or, when the connection closed before they
-/// read the GOAWAY, UNAVAILABLE or CANCELLED.
+/// A plaintext client refused by a strict sidecar, which answers its call
+/// with PERMISSION_DENIED naming the port's mode.
 pub fn assert_refused(status: tonic::Status) {
-    use tonic::Code::{Cancelled, PermissionDenied, Unavailable};
-    assert!(matches!(status.code(), PermissionDenied | Unavailable | Cancelled), "{status:?}");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("takes only mTLS from meshed workloads (inbound.mtls: strict)"), "{status:?}");
 }

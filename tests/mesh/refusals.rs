@@ -17,6 +17,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::harness::{Mesh, MeshOptions, id, within};
+use crate::telemetry::{admin, sample};
 
 async fn raw_unary(channel: Channel, path: &'static str) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel);
@@ -95,24 +96,30 @@ async fn an_unreachable_upstream_is_unavailable_naming_the_endpoint() {
 }
 
 #[tokio::test]
-async fn plaintext_http2_to_the_inbound_port_is_refused() {
+async fn plaintext_http2_to_the_inbound_port_is_refused_with_a_status_that_says_why() {
     let mesh = Mesh::start().await;
     let inbound = mesh.server_sidecar.inbound_addr.unwrap();
     let channel = Channel::from_shared(format!("http://{inbound}")).unwrap().connect_lazy();
-    let status = raw_unary(channel, "/echo.v1.Echo/Unary").await;
-    assert_ne!(status.code(), Code::Ok);
+    for _ in 0..3 {
+        let status = raw_unary(channel.clone(), "/echo.v1.Echo/Unary").await;
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "protomesh inbound: the inbound listener takes only mTLS from meshed workloads; plaintext refused"
+        );
+    }
     assert_eq!(mesh.calls(), 0);
+    let metrics = admin(mesh.server_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    let refused = "protomesh_tls_handshakes_total{direction=\"inbound\",result=\"plaintext_http2\"}";
+    assert_eq!(sample(&metrics, refused), Some(3.0), "one connection per call: the client did not reconnect in a loop");
 
-    // On the wire: SETTINGS, then GOAWAY(INADEQUATE_SECURITY) with a readable reason.
+    // A client that opens no stream is let go within a second.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
     tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
     within("refusal", tcp.read_to_end(&mut answer)).await.unwrap();
-    let goaway = &answer[9..];
-    assert_eq!(goaway[3], 0x7, "frame type GOAWAY: {answer:?}");
-    assert_eq!(u32::from_be_bytes(goaway[13..17].try_into().unwrap()), 0xc, "INADEQUATE_SECURITY");
-    assert_eq!(&goaway[17..], b"protomesh inbound accepts only mTLS connections");
+    assert_eq!(answer[3], 0x4, "the server's SETTINGS first: {answer:?}");
 }
 
 #[tokio::test]

@@ -104,8 +104,9 @@ def mesh(stubs, tmp_path_factory):
         certs = work / "certs"
         return f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
 
+    server_admin = free_port()
     (work / "server.yaml").write_text(
-        identity("server") + common + admin() +
+        identity("server") + common + f"admin: {{listen: '127.0.0.1:{server_admin}'}}\n" +
         f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
         f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
     (work / "client.yaml").write_text(
@@ -117,7 +118,8 @@ def mesh(stubs, tmp_path_factory):
     channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=[
         ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     yield {"stub": echo_pb2_grpc.EchoStub(channel), "pb": echo_pb2, "backend": backend, "channel": channel,
-           "sidecars": sidecars, "client_log": work / "client.log"}
+           "sidecars": sidecars, "client_log": work / "client.log", "inbound": inbound,
+           "server_admin": server_admin}
     channel.close()
     for process, log in sidecars:
         process.send_signal(signal.SIGTERM)

@@ -113,3 +113,27 @@ def test_the_access_log_names_each_call(mesh):
     mesh["stub"].Unary(mesh["pb"].EchoRequest(message="logged"), timeout=10)
     lines = [line for line in mesh["client_log"].read_text().splitlines() if "protomesh::access" in line]
     assert any("/echo.v1.Echo/Unary" in line and 'grpc_status="OK"' in line for line in lines), lines[-3:]
+
+
+def metric(admin_port, series):
+    """The value of `series` (name and labels) on an admin server, 0 if absent."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(series)]
+    return float(values[0]) if values else 0.0
+
+
+def test_a_plaintext_client_of_the_mtls_port_is_told_why_at_once(mesh):
+    refused = 'protomesh_tls_handshakes_total{direction="inbound",result="plaintext_http2"}'
+    before = metric(mesh["server_admin"], refused)
+    calls_before = mesh["backend"].calls
+    channel = grpc.insecure_channel(f"127.0.0.1:{mesh['inbound']}")
+    stub = mesh["stub"].__class__(channel)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Unary(mesh["pb"].EchoRequest(message="plaintext"), timeout=10)
+    channel.close()
+    # Not a reconnect loop until the deadline: the reason, on the first connection.
+    assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED, failure.value
+    assert "takes only mTLS from meshed workloads" in failure.value.details()
+    assert metric(mesh["server_admin"], refused) - before == 1
+    assert mesh["backend"].calls == calls_before
