@@ -123,6 +123,30 @@ async fn plaintext_http2_to_the_inbound_port_is_refused_with_a_status_that_says_
 }
 
 #[tokio::test]
+async fn a_grpc_js_client_in_plaintext_is_told_why_on_its_first_connection() {
+    let node_tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        node_tests.join("node_modules/@grpc/grpc-js").exists(),
+        "the grpc-js client needs its package: npm ci --prefix tests/node"
+    );
+    let mesh = Mesh::start().await;
+    let inbound = mesh.server_sidecar.inbound_addr.unwrap();
+    let called = tokio::process::Command::new("node")
+        .arg(node_tests.join("plaintext_call.js"))
+        .args([inbound.to_string().as_str(), "/echo.v1.Echo/Unary"])
+        .output();
+    let output = within("the grpc-js call", called).await.expect("node runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let status: serde_json::Value = serde_json::from_str(printed.trim())
+        .unwrap_or_else(|e| panic!("{e}: {printed}{}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(status["code"], 7, "PERMISSION_DENIED, not a retry until the deadline: {status}");
+    assert!(status["details"].as_str().unwrap().contains("takes only mTLS from meshed workloads"), "{status}");
+    let metrics = admin(mesh.server_sidecar.admin_addr, "GET", "/metrics", "").await.1;
+    let refused = "protomesh_tls_handshakes_total{direction=\"inbound\",result=\"plaintext_http2\"}";
+    assert_eq!(sample(&metrics, refused), Some(1.0), "one connection");
+}
+
+#[tokio::test]
 async fn a_client_without_a_certificate_is_refused() {
     let mesh = Mesh::start().await;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
