@@ -164,9 +164,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             }
         };
         let settings = admin.reloader.routes().config.admin.clone();
-        // One limit in all: the kubelet and Prometheus share an address or two.
-        let Ok(admitted) = open.admit(peer.ip(), settings.max_connections, settings.max_connections) else {
-            tracing::debug!(%peer, max = settings.max_connections, "admin connections at admin.max_connections; closed");
+        let per_source = settings.max_connections_per_source;
+        let Ok(admitted) = open.admit(peer.ip(), settings.max_connections, per_source) else {
+            tracing::debug!(%peer, "admin connections at admin.max_connections or max_connections_per_source; closed");
             continue;
         };
         let admin = admin.clone();

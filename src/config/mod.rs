@@ -235,6 +235,10 @@ pub struct AdminConfig {
     /// server never takes the file descriptors the data plane needs.
     #[serde(default = "defaults::admin_connections")]
     pub max_connections: usize,
+    /// Connections open at once from one address, so that a flood from one
+    /// address leaves room for the kubelet's probes and Prometheus.
+    #[serde(default = "defaults::admin_connections_per_source")]
+    pub max_connections_per_source: usize,
     /// How long a client may take to send a request's head.
     #[serde(default = "defaults::header_read_timeout", deserialize_with = "duration::deserialize")]
     pub header_read_timeout: Duration,
@@ -250,6 +254,7 @@ impl Default for AdminConfig {
             listen: defaults::admin_listen(),
             allow_remote: false,
             max_connections: defaults::admin_connections(),
+            max_connections_per_source: defaults::admin_connections_per_source(),
             header_read_timeout: defaults::header_read_timeout(),
             app_probes: probes::AppProbes::new(),
         }
@@ -290,6 +295,9 @@ mod defaults {
     }
     pub fn admin_connections() -> usize {
         32
+    }
+    pub fn admin_connections_per_source() -> usize {
+        8
     }
     pub fn header_read_timeout() -> Duration {
         Duration::from_secs(5)
@@ -376,6 +384,14 @@ impl Config {
                 return Err(("inbound.app".into(), problem));
             }
             inbound.authorization.validate()?;
+        }
+        for (field, value) in [
+            ("max_connections", self.admin.max_connections),
+            ("max_connections_per_source", self.admin.max_connections_per_source),
+        ] {
+            if value == 0 {
+                return Err((format!("admin.{field}"), "must be at least 1: the kubelet probes here".into()));
+            }
         }
         probes::validate(&self.admin.app_probes)?;
         for (path, probe) in &self.admin.app_probes {

@@ -186,7 +186,7 @@ fn worker_threads(pid: u32) -> usize {
 }
 
 #[tokio::test]
-async fn half_sent_admin_requests_cannot_take_the_data_planes_descriptors() {
+async fn half_sent_admin_requests_take_neither_the_data_planes_descriptors_nor_the_kubelets_place() {
     let dir = tempfile::tempdir().unwrap();
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let (outbound, admin_addr) = (free(), free());
@@ -211,12 +211,17 @@ async fn half_sent_admin_requests_cannot_take_the_data_planes_descriptors() {
 
     use tokio::io::AsyncWriteExt;
     let mut held = Vec::new();
-    for _ in 0..200 {
-        if let Ok(mut tcp) = tokio::net::TcpStream::connect(admin_addr).await {
+    for i in 0..200 {
+        // From two addresses, neither the kubelet's.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("127.0.0.{}:0", 2 + i % 2).parse().unwrap()).unwrap();
+        if let Ok(mut tcp) = socket.connect(admin_addr).await {
             let _ = tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\n").await;
             held.push(tcp);
         }
     }
+    // The kubelet, from its own address, is still answered.
+    assert_eq!(crate::telemetry::status_of(admin_addr, "/ready").await, Some(200), "/ready under the flood");
     // The admin server keeps admin.max_connections of them at most.
     let open = std::fs::read_dir(format!("/proc/{}/fd", sidecar.id().unwrap())).unwrap().count();
     assert!(open < 64 - 8, "{open} descriptors open of 64");
