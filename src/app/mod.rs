@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::call::Direction;
+use crate::discovery::kubernetes::Cluster;
 use crate::identity::{Identity, SpiffeId};
 use crate::proxy::edge::{EdgeState, InboundEdge, OutboundEdge};
 use crate::proxy::registry::Registries;
@@ -67,7 +68,8 @@ impl Sidecar {
             metrics.register_collector(Box::new(tracing.counts()));
         }
         let identity = Arc::new(Identity::new(credentials)?);
-        let mut registries = Registries::new(identity.clone(), metrics.clone(), workers.count());
+        let cluster = Cluster::find(&config.kubernetes).await?;
+        let mut registries = Registries::new(identity.clone(), metrics.clone(), workers.count(), cluster);
         let routes = Routes::build(config.clone(), Arc::new(contracts), &mut registries, tracing.clone()).await?;
         registries.commit();
         let routes = Arc::new(ArcSwap::from_pointee(routes));

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::contract::ContractsConfig;
+use crate::discovery::kubernetes::KubernetesConfig;
 use crate::duration;
 use crate::identity::{IdentityConfig, SpiffeId};
 use crate::policy::PolicyConfig;
@@ -59,6 +60,9 @@ pub struct Config {
     /// On SIGTERM: how long in-flight calls may finish after GOAWAY.
     #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
     pub drain_timeout: Duration,
+    /// How the Kubernetes API is reached, for `k8s://` endpoints; read at start.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
     /// Threads that carry traffic, each an event loop with its own
     /// connections. One suits a sidecar: the proxy stays off the app's cores;
     /// raise it for a pod whose traffic needs more than one core.
@@ -448,6 +452,10 @@ impl Config {
         }
         keep("admin.listen", self.admin.listen.to_string(), new.admin.listen.to_string());
         new.admin.listen = self.admin.listen;
+        if self.kubernetes != new.kubernetes {
+            keep("kubernetes", "the running settings".into(), "changed settings".into());
+            new.kubernetes = self.kubernetes.clone();
+        }
         keep("worker_threads", self.worker_threads.to_string(), new.worker_threads.to_string());
         new.worker_threads = self.worker_threads;
         let name = |c: &Config| c.service_name.clone().unwrap_or_default();

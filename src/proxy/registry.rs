@@ -21,6 +21,7 @@ use super::original::{OriginalDestinations, OriginalKey, OriginalPolicy};
 use super::upstream::Upstream;
 use crate::call::{Direction, Target};
 use crate::config::UpstreamConfig;
+use crate::discovery::kubernetes::Cluster;
 use crate::identity::{Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::circuit_breaker::{Breaker, CircuitBreakerPolicy};
@@ -95,6 +96,8 @@ struct UpstreamKey {
 pub struct Registries {
     pub identity: Arc<Identity>,
     pub metrics: Arc<Metrics>,
+    /// The Kubernetes API server, where one was found at start.
+    pub cluster: Option<Cluster>,
     workers: usize,
     upstreams: Kept<UpstreamKey, Arc<Upstream>>,
     apps: Kept<(SocketAddr, ConnectSettings), Arc<Endpoint>>,
@@ -109,10 +112,11 @@ pub struct Registries {
 }
 
 impl Registries {
-    pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>, workers: usize) -> Registries {
+    pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>, workers: usize, cluster: Option<Cluster>) -> Registries {
         Registries {
             identity,
             metrics,
+            cluster,
             workers,
             upstreams: Kept::default(),
             apps: Kept::default(),
@@ -149,8 +153,10 @@ impl Registries {
             return Ok(upstream);
         }
         let metrics = self.metrics.outliers(&Upstream::name_of(config));
+        let outliers = (outliers.clone(), metrics);
+        let cluster = self.cluster.as_ref();
         let (upstream, start) =
-            Upstream::build(config, &self.identity, connect, (outliers.clone(), metrics), self.workers).await?;
+            Upstream::build(config, &self.identity, connect, outliers, self.workers, cluster).await?;
         self.staged.push(start);
         Ok(self.upstreams.insert(key, upstream))
     }
@@ -375,7 +381,7 @@ mod tests {
         );
         let contracts = Arc::new(Contracts::load(&running.contracts).unwrap());
         let identity = Arc::new(Identity::new(Credentials::read(&running.identity).unwrap()).unwrap());
-        let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1);
+        let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1, None);
         let _in_service = build(&running, &contracts, &mut registries).await;
         registries.commit();
         let kept = |registries: &mut Registries, config: &Config| {

@@ -20,6 +20,7 @@ use super::health_check;
 use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target};
 use crate::config::UpstreamConfig;
 use crate::config::health::HealthCheckConfig;
+use crate::discovery::kubernetes::Cluster;
 use crate::discovery::{self, EndpointSpec};
 use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
@@ -67,9 +68,19 @@ impl Upstream {
         connect: ConnectSettings,
         outliers: (OutlierConfig, OutlierMetrics),
         workers: usize,
+        cluster: Option<&Cluster>,
     ) -> Result<(Arc<Upstream>, Box<dyn FnOnce() + Send>), String> {
         let specs: Vec<EndpointSpec> =
             config.endpoints.iter().map(|e| discovery::parse_endpoint(e)).collect::<Result<_, _>>()?;
+        if cluster.is_none()
+            && let Some(EndpointSpec::Kubernetes(service)) =
+                specs.iter().find(|spec| matches!(spec, EndpointSpec::Kubernetes(_)))
+        {
+            return Err(format!(
+                "{service}: no Kubernetes API server was found (the pod's service account, KUBECONFIG or \
+                 kubernetes.kubeconfig), or kubernetes.discovery is off"
+            ));
+        }
         let transport = Transport::Mtls(identity.client_config(ExpectedPeer::Id(config.identity.clone()))?);
         let upstream = Upstream::new(
             Upstream::name_of(config),
@@ -79,9 +90,10 @@ impl Upstream {
             outliers,
             workers,
         );
-        upstream.set_endpoints(&discovery::resolve(&specs).await);
+        let known = discovery::resolve(&specs, cluster).await;
+        upstream.set_endpoints(&known);
         upstream.set_health_check(config.health_check.clone());
-        let (weak, resolve_interval) = (Arc::downgrade(&upstream), config.resolve_interval);
+        let (weak, resolve_interval, cluster) = (Arc::downgrade(&upstream), config.resolve_interval, cluster.cloned());
         let start = move || {
             let Some(upstream) = weak.upgrade() else { return };
             let checked = weak.clone();
@@ -90,7 +102,7 @@ impl Upstream {
                 Some((upstream.members.load_full(), upstream.outliers.clone()))
             });
             tokio::spawn(health_check::run(upstream.name.clone(), members, upstream.health_check.subscribe()));
-            discovery::spawn_refresh(specs, resolve_interval, move |addrs| match weak.upgrade() {
+            discovery::spawn_refresh(specs, resolve_interval, cluster, known, move |addrs| match weak.upgrade() {
                 Some(upstream) => {
                     upstream.set_endpoints(addrs);
                     true

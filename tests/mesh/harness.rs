@@ -62,6 +62,8 @@ pub struct MeshOptions {
     pub upstream_settings: &'static str,
     /// Each echo backend also serves `grpc.health.v1` (see `Mesh::health`).
     pub app_health: bool,
+    /// More of the client sidecar's config, e.g. a `kubernetes` section.
+    pub client_config: String,
 }
 
 impl Default for MeshOptions {
@@ -86,6 +88,7 @@ impl Default for MeshOptions {
             contracts_mode: "strict",
             upstream_settings: "",
             app_health: false,
+            client_config: String::new(),
         }
     }
 }
@@ -158,6 +161,12 @@ impl Mesh {
             sidecar(&dir, ("client", "client"), &upstreams, None, options.client_policy, &options).await;
         let backend = backends[0].clone();
         Mesh { dir, backend, backends, health, client_sidecar, server_sidecar, _other_servers: servers }
+    }
+
+    /// Every server sidecar's inbound address, the first server's first.
+    pub fn server_inbounds(&self) -> Vec<SocketAddr> {
+        let servers = std::iter::once(&self.server_sidecar).chain(&self._other_servers);
+        servers.map(|server| server.inbound_addr.unwrap()).collect()
     }
 
     /// A channel to the client workload's outbound sidecar, as its app would open it.
@@ -246,6 +255,9 @@ async fn sidecar(
     yaml.push_str(&format!("access_log: {}\n", options.access_log));
     if let Some(inbound) = inbound {
         yaml.push_str(&format!("inbound: {inbound}\n"));
+    }
+    if workload == "client" {
+        yaml.push_str(&options.client_config);
     }
     let path = dir.path().join(format!("{file}.yaml"));
     std::fs::write(&path, yaml).unwrap();

@@ -2,6 +2,7 @@
 //! running in parallel), the binary as users run it, and its Kubernetes
 //! front ends; one test binary.
 
+mod apiserver;
 mod breaker;
 mod bulkheads;
 mod capture;
@@ -14,6 +15,7 @@ mod health;
 mod hedging;
 mod injection;
 mod isolation;
+mod kubernetes;
 mod limits;
 mod passthrough;
 mod pods;

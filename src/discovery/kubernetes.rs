@@ -1,0 +1,421 @@
+//! Endpoints from the Kubernetes API: a Service's ready endpoints, read from
+//! its EndpointSlices and watched while an upstream names the Service
+//! (`k8s://name.namespace:port`). Only the Services the sidecar calls are
+//! watched, each by a label selector in its own namespace, never every
+//! EndpointSlice of the cluster; a watch ends with the upstream that needs it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+/// How an upstream endpoint names a Kubernetes Service.
+pub const SCHEME: &str = "k8s://";
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The most endpoints taken from one Service: a hostile or broken object
+/// cannot make the sidecar hold more.
+const MAX_ENDPOINTS: usize = 10_000;
+
+/// The `kubernetes` section of the config, read at start.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Off: `k8s://` endpoints are refused, and the API is never asked.
+    #[serde(default = "yes")]
+    pub discovery: bool,
+    /// A kubeconfig file to reach the API server with; by default the pod's
+    /// service account, else `KUBECONFIG` or `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig { discovery: true, kubeconfig: None }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A Service port of a Kubernetes Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    pub name: String,
+    pub namespace: String,
+    pub port: ServicePort,
+}
+
+/// A Service's port by number (`spec.ports[].port`) or by name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ServicePort {
+    Number(u16),
+    Name(String),
+}
+
+impl ServiceRef {
+    /// `k8s://name.namespace:port`, where the port is the Service port's
+    /// number or its name.
+    pub fn parse(text: &str) -> Result<ServiceRef, String> {
+        let invalid =
+            |why: &str| format!("`{text}`: {why}; write k8s://<service>.<namespace>:<port>, e.g. k8s://cart.shop:7070");
+        let rest = text.strip_prefix(SCHEME).ok_or_else(|| invalid("not a k8s:// endpoint"))?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| invalid("no port"))?;
+        let (name, namespace) = host.split_once('.').ok_or_else(|| invalid("no namespace"))?;
+        for label in [name, namespace] {
+            if !is_dns_label(label) {
+                return Err(invalid(&format!("`{label}` is not a Kubernetes name (lower-case letters, digits, '-')")));
+            }
+        }
+        let port = match port.parse::<u16>() {
+            Ok(0) => return Err(invalid("port 0")),
+            Ok(number) => ServicePort::Number(number),
+            Err(_) if is_dns_label(port) => ServicePort::Name(port.to_string()),
+            Err(_) => return Err(invalid(&format!("`{port}` is neither a port number nor a port name"))),
+        };
+        Ok(ServiceRef { name: name.into(), namespace: namespace.into(), port })
+    }
+
+    fn selector(&self) -> String {
+        format!("{SERVICE_NAME_LABEL}={}", self.name)
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = match &self.port {
+            ServicePort::Number(number) => number.to_string(),
+            ServicePort::Name(name) => name.clone(),
+        };
+        write!(f, "{SCHEME}{}.{}:{port}", self.name, self.namespace)
+    }
+}
+
+/// An RFC 1123 label, as Kubernetes names Services, namespaces and ports.
+fn is_dns_label(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+/// The cluster's API server, as a client of it.
+#[derive(Clone)]
+pub struct Cluster {
+    client: kube::Client,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cluster")
+    }
+}
+
+impl Cluster {
+    /// The API server, found as every Kubernetes client finds it:
+    /// `config.kubeconfig` if set, else the pod's service account, else
+    /// `KUBECONFIG` or `~/.kube/config`. `None` when discovery is off or no
+    /// API server is found; an error when the named kubeconfig cannot be used.
+    pub async fn find(config: &KubernetesConfig) -> Result<Option<Cluster>, String> {
+        if !config.discovery {
+            return Ok(None);
+        }
+        let found = match &config.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubernetes.kubeconfig: {}: {e}", path.display()))?;
+                let options = kube::config::KubeConfigOptions::default();
+                kube::Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| format!("kubernetes.kubeconfig: {}: {e}", path.display()))?
+            }
+            None => match kube::Config::infer().await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::info!(%error, "no Kubernetes API server found: k8s:// endpoints are unavailable");
+                    return Ok(None);
+                }
+            },
+        };
+        tracing::info!(server = %found.cluster_url, "Kubernetes API server found");
+        let client = kube::Client::try_from(found).map_err(|e| format!("kubernetes: cannot make a client: {e}"))?;
+        Ok(Some(Cluster { client }))
+    }
+
+    /// The Service's ready endpoints now.
+    pub async fn endpoints(&self, service: &ServiceRef) -> Result<Vec<SocketAddr>, String> {
+        let port = self.port_name(service).await?;
+        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace)
+            .list(&ListParams::default().labels(&service.selector()))
+            .await
+            .map_err(|e| format!("{service}: listing its EndpointSlices: {}", api_error(&e)))?;
+        Ok(ready_endpoints(slices.items.iter(), &port, service))
+    }
+
+    /// Watches the Service's EndpointSlices, sending its ready endpoints at
+    /// each change, starting from `known`, until the receiver is dropped. The
+    /// watch reconnects with backoff, and relists when its history is gone;
+    /// meanwhile the last endpoints stay.
+    pub fn watch(&self, service: ServiceRef, known: Vec<SocketAddr>) -> watch::Receiver<Vec<SocketAddr>> {
+        let (sender, receiver) = watch::channel(known);
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cluster.follow(&service, &sender) => {}
+                _ = sender.closed() => {}
+            }
+        });
+        receiver
+    }
+
+    async fn follow(&self, service: &ServiceRef, sender: &watch::Sender<Vec<SocketAddr>>) {
+        let port = loop {
+            match self.port_name(service).await {
+                Ok(port) => break port,
+                Err(error) => {
+                    tracing::warn!(%error, "Kubernetes Service port not known yet; asking again in 5s");
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+            }
+        };
+        let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace);
+        let events =
+            watcher::watcher(api, watcher::Config::default().labels(&service.selector())).backoff(Reconnect::default());
+        tokio::pin!(events);
+        let (mut slices, mut listing) = (BTreeMap::new(), BTreeMap::new());
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Init) => listing.clear(),
+                Ok(Event::InitApply(slice)) => {
+                    listing.insert(slice.metadata.name.clone().unwrap_or_default(), slice);
+                }
+                Ok(Event::InitDone) => slices = std::mem::take(&mut listing),
+                Ok(Event::Apply(slice)) => {
+                    slices.insert(slice.metadata.name.clone().unwrap_or_default(), slice);
+                }
+                Ok(Event::Delete(slice)) => {
+                    slices.remove(&slice.metadata.name.clone().unwrap_or_default());
+                }
+                Err(error) => {
+                    tracing::warn!(%service, %error, "watching EndpointSlices failed; keeping the last endpoints");
+                    continue;
+                }
+            }
+            if !listing.is_empty() {
+                continue;
+            }
+            let endpoints = ready_endpoints(slices.values(), &port, service);
+            sender.send_if_modified(|current| {
+                let changed = *current != endpoints;
+                if changed {
+                    tracing::info!(%service, ?endpoints, "Kubernetes endpoints changed");
+                    *current = endpoints;
+                }
+                changed
+            });
+        }
+    }
+
+    /// The name of the Service port that `service` names: EndpointSlices
+    /// carry the target port under the Service port's name.
+    async fn port_name(&self, service: &ServiceRef) -> Result<String, String> {
+        let number = match &service.port {
+            ServicePort::Name(name) => return Ok(name.clone()),
+            ServicePort::Number(number) => i32::from(*number),
+        };
+        let found = Api::<Service>::namespaced(self.client.clone(), &service.namespace)
+            .get(&service.name)
+            .await
+            .map_err(|e| format!("{service}: reading the Service: {}", api_error(&e)))?;
+        let ports = found.spec.and_then(|spec| spec.ports).unwrap_or_default();
+        let port = ports.into_iter().find(|p| p.port == number);
+        let port = port.ok_or_else(|| format!("{service}: the Service has no port {number}"))?;
+        Ok(port.name.unwrap_or_default())
+    }
+}
+
+/// How long a watch waits before it asks again after a failure: doubling
+/// from 200 ms up to 3 s, each wait drawn from its upper half, and back to
+/// the start as soon as the API server answers. kube-rs's default backoff
+/// resets only after two minutes, so a watch that failed while the server
+/// was down would wait up to 30 s after it is back; this one converges
+/// within seconds. For N pods each watching M Services, a server that is
+/// down gets at most N·M requests every 1.5 s.
+#[derive(Debug)]
+struct Reconnect {
+    next: std::time::Duration,
+}
+
+const FIRST_RECONNECT: std::time::Duration = std::time::Duration::from_millis(200);
+const LONGEST_RECONNECT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect { next: FIRST_RECONNECT }
+    }
+}
+
+impl Iterator for Reconnect {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let wait = self.next.mul_f64(0.5 + fastrand::f64() / 2.0);
+        self.next = (self.next * 2).min(LONGEST_RECONNECT);
+        Some(wait)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Reconnect {
+    fn reset(&mut self) {
+        self.next = FIRST_RECONNECT;
+    }
+}
+
+/// What an API error means to whoever reads the log: a denied request names
+/// the permission it needed.
+fn api_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if status.code == 403 => {
+            format!(
+                "forbidden by RBAC: {} (grant get, list and watch on it to the pod's service account)",
+                status.message
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The addresses of the ready endpoints of `slices` at the Service port
+/// named `port`, sorted, at most [`MAX_ENDPOINTS`].
+fn ready_endpoints<'a>(
+    slices: impl Iterator<Item = &'a EndpointSlice>,
+    port: &str,
+    service: &ServiceRef,
+) -> Vec<SocketAddr> {
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        let ports = slice.ports.iter().flatten();
+        let Some(number) = ports.filter(|p| p.name.as_deref().unwrap_or("") == port).find_map(|p| p.port) else {
+            continue;
+        };
+        let Ok(number) = u16::try_from(number) else { continue };
+        for endpoint in &slice.endpoints {
+            // An unknown readiness is ready, as the API says.
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            // Every address of an endpoint is the same pod: the first will do.
+            let address = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok());
+            if let (true, Some(address)) = (ready, address) {
+                endpoints.push(SocketAddr::new(address, number));
+            }
+        }
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    if endpoints.len() > MAX_ENDPOINTS {
+        tracing::warn!(%service, found = endpoints.len(), kept = MAX_ENDPOINTS, "too many endpoints; the rest are ignored");
+        endpoints.truncate(MAX_ENDPOINTS);
+    }
+    endpoints
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+
+    use super::*;
+
+    #[test]
+    fn services_are_named_by_name_namespace_and_port() {
+        let parsed = ServiceRef::parse("k8s://cart.shop:7070").unwrap();
+        assert_eq!(
+            parsed,
+            ServiceRef { name: "cart".into(), namespace: "shop".into(), port: ServicePort::Number(7070) }
+        );
+        assert_eq!(ServiceRef::parse("k8s://cart.shop:grpc").unwrap().port, ServicePort::Name("grpc".into()));
+        assert_eq!(parsed.to_string(), "k8s://cart.shop:7070");
+        for bad in [
+            "k8s://cart:7070",
+            "k8s://cart.shop",
+            "k8s://Cart.shop:1",
+            "k8s://cart.shop:0",
+            "k8s://c.s:-x",
+            "cart.shop:1",
+        ] {
+            let error = ServiceRef::parse(bad).unwrap_err();
+            assert!(error.contains("k8s://<service>.<namespace>:<port>"), "{bad}: {error}");
+        }
+    }
+
+    fn slice(port: Option<&str>, number: i32, endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort { name: port.map(Into::into), port: Some(number), ..Default::default() }]),
+            endpoints: endpoints
+                .iter()
+                .map(|(address, ready)| Endpoint {
+                    addresses: vec![address.to_string()],
+                    conditions: Some(EndpointConditions { ready: *ready, ..Default::default() }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ready_endpoints_at_the_named_port_are_taken_and_the_rest_left() {
+        let service = ServiceRef::parse("k8s://echo.test:grpc").unwrap();
+        let slices = [
+            slice(Some("grpc"), 8080, &[("10.0.0.1", Some(true)), ("10.0.0.2", Some(false)), ("10.0.0.3", None)]),
+            slice(Some("grpc"), 9090, &[("10.0.0.4", Some(true)), ("not an address", Some(true))]),
+            slice(Some("metrics"), 9100, &[("10.0.0.5", Some(true))]),
+            slice(None, 7000, &[("10.0.0.6", Some(true))]),
+        ];
+        let endpoints = ready_endpoints(slices.iter(), "grpc", &service);
+        let expected: Vec<SocketAddr> =
+            ["10.0.0.1:8080", "10.0.0.3:8080", "10.0.0.4:9090"].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(endpoints, expected);
+        let unnamed = ready_endpoints(slices.iter(), "", &service);
+        assert_eq!(
+            unnamed,
+            vec!["10.0.0.6:7000".parse::<SocketAddr>().unwrap()],
+            "a one-port Service's port has no name"
+        );
+    }
+
+    #[test]
+    fn reconnects_back_off_to_a_bound_with_jitter_and_start_over_once_answered() {
+        use kube::runtime::utils::Backoff;
+        let mut reconnect = Reconnect::default();
+        let waits: Vec<_> = (&mut reconnect).take(8).collect();
+        assert!(waits[0] >= FIRST_RECONNECT / 2 && waits[0] <= FIRST_RECONNECT, "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= LONGEST_RECONNECT), "{waits:?}");
+        assert!(waits[7] >= LONGEST_RECONNECT / 2, "{waits:?}");
+        reconnect.reset();
+        assert!(reconnect.next().unwrap() <= FIRST_RECONNECT);
+    }
+
+    #[test]
+    fn a_service_with_too_many_endpoints_is_cut_to_the_bound() {
+        let service = ServiceRef::parse("k8s://big.test:grpc").unwrap();
+        let addresses: Vec<String> =
+            (0..MAX_ENDPOINTS + 10).map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)).collect();
+        let endpoints: Vec<(&str, Option<bool>)> = addresses.iter().map(|a| (a.as_str(), Some(true))).collect();
+        let slices = [slice(Some("grpc"), 80, &endpoints)];
+        assert_eq!(ready_endpoints(slices.iter(), "grpc", &service).len(), MAX_ENDPOINTS);
+    }
+}

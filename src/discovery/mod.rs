@@ -1,0 +1,154 @@
+//! Where an upstream's endpoints come from: `ip:port` entries as written,
+//! `name:port` entries from DNS, re-resolved periodically (a headless
+//! Kubernetes Service answers with one A record per ready pod), and
+//! `k8s://service.namespace:port` entries from the Kubernetes API, watched
+//! ([`kubernetes`]).
+
+pub mod kubernetes;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kubernetes::{Cluster, ServiceRef};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointSpec {
+    Static(SocketAddr),
+    Dns { host: String, port: u16 },
+    Kubernetes(ServiceRef),
+}
+
+pub fn parse_endpoint(text: &str) -> Result<EndpointSpec, String> {
+    if text.starts_with(kubernetes::SCHEME) {
+        return ServiceRef::parse(text).map(EndpointSpec::Kubernetes);
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(EndpointSpec::Static(addr));
+    }
+    let invalid = || {
+        format!(
+            "`{text}` is not host:port, e.g. 10.0.0.7:4143 or inventory.shop.svc.cluster.local:4143, \
+             nor k8s://<service>.<namespace>:<port>"
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    let valid_host = !host.is_empty()
+        && host
+            .split('.')
+            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid_host || port == 0 {
+        return Err(invalid());
+    }
+    Ok(EndpointSpec::Dns { host: host.to_string(), port })
+}
+
+/// Resolves every spec once: `cluster` answers for Kubernetes Services.
+/// What fails to resolve is reported and skipped.
+pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for spec in specs {
+        match spec {
+            EndpointSpec::Static(addr) => addrs.push(*addr),
+            EndpointSpec::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(found) => addrs.extend(found),
+                Err(error) => tracing::warn!(%host, %error, "endpoint name did not resolve"),
+            },
+            EndpointSpec::Kubernetes(service) => match cluster {
+                Some(cluster) => match cluster.endpoints(service).await {
+                    Ok(found) => addrs.extend(found),
+                    Err(error) => tracing::warn!(%error, "Kubernetes endpoints not read yet; the watch goes on"),
+                },
+                None => tracing::warn!(%service, "no Kubernetes API server: the Service has no endpoints"),
+            },
+        }
+    }
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// Keeps the specs' addresses current, handing them to `update` at each
+/// change until it returns false (its owner is gone): DNS names resolved
+/// again every `every`, Kubernetes Services watched (from `known`, the
+/// addresses resolved last). Nothing to do when every spec is a static address.
+pub fn spawn_refresh(
+    specs: Vec<EndpointSpec>,
+    every: Duration,
+    cluster: Option<Cluster>,
+    known: Vec<SocketAddr>,
+    mut update: impl FnMut(&[SocketAddr]) -> bool + Send + 'static,
+) {
+    if specs.iter().all(|s| matches!(s, EndpointSpec::Static(_))) {
+        return;
+    }
+    let services = specs.iter().filter_map(|spec| match spec {
+        EndpointSpec::Kubernetes(service) => Some(service.clone()),
+        _ => None,
+    });
+    let mut watched: Vec<_> = match &cluster {
+        Some(cluster) => services.map(|service| cluster.watch(service, known.clone())).collect(),
+        None => Vec::new(),
+    };
+    let polled = specs.iter().any(|s| matches!(s, EndpointSpec::Dns { .. }));
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        let mut resolved: Vec<SocketAddr> = Vec::new();
+        let watching = !watched.is_empty();
+        loop {
+            let changed = async {
+                match watching {
+                    true => futures_util::future::select_all(watched.iter_mut().map(|w| Box::pin(w.changed()))).await.0,
+                    false => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = ticks.tick(), if polled => {
+                    let polled: Vec<EndpointSpec> =
+                        specs.iter().filter(|s| !matches!(s, EndpointSpec::Kubernetes(_))).cloned().collect();
+                    resolved = resolve(&polled, None).await;
+                }
+                watched_changed = changed => {
+                    if watched_changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            let mut addrs = resolved.clone();
+            addrs.extend(watched.iter().flat_map(|w| w.borrow().clone()));
+            addrs.sort();
+            addrs.dedup();
+            if !update(&addrs) {
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_and_names() {
+        assert_eq!(parse_endpoint("127.0.0.1:4143"), Ok(EndpointSpec::Static("127.0.0.1:4143".parse().unwrap())));
+        assert_eq!(parse_endpoint("[::1]:4143"), Ok(EndpointSpec::Static("[::1]:4143".parse().unwrap())));
+        assert_eq!(
+            parse_endpoint("inventory.shop.svc.cluster.local:4143"),
+            Ok(EndpointSpec::Dns { host: "inventory.shop.svc.cluster.local".into(), port: 4143 })
+        );
+        for bad in ["inventory", "inventory:", "inventory:http", ":4143", "a..b:1", "a b:1", "x:0", "x:70000"] {
+            assert!(parse_endpoint(bad).unwrap_err().contains("host:port"), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn resolves_localhost_and_keeps_static_addresses() {
+        let specs = [parse_endpoint("localhost:4143").unwrap(), parse_endpoint("10.0.0.1:1").unwrap()];
+        let addrs = resolve(&specs, None).await;
+        assert!(addrs.contains(&"10.0.0.1:1".parse().unwrap()));
+        assert!(addrs.iter().any(|a| a.ip().is_loopback() && a.port() == 4143), "{addrs:?}");
+    }
+}

@@ -1,0 +1,430 @@
+//! A Kubernetes API server of the test suite's own, for the sidecar's real
+//! client code (kube-rs), since no kube-apiserver can be installed here. It
+//! behaves as the real one does for what the sidecar asks: HTTPS with a
+//! bearer token, Services read by name, EndpointSlices listed by label
+//! selector with `limit`/`continue` pages and a `resourceVersion`, and
+//! watched from a `resourceVersion` with bookmarks and `timeoutSeconds`. A
+//! watch from a version older than its history is answered as the real one
+//! answers it: HTTP 200 and an ERROR event carrying a 410 Status. Objects
+//! are k8s-openapi's types, serialized as the API serves them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+const TOKEN: &str = "test-service-account-token";
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// One change, as a watch reports it.
+#[derive(Clone)]
+struct Change {
+    version: u64,
+    kind: &'static str,
+    slice: Value,
+}
+
+#[derive(Default)]
+struct Store {
+    version: u64,
+    services: BTreeMap<(String, String), Value>,
+    slices: BTreeMap<(String, String), Value>,
+    /// Changes still known, oldest first; a watch from before the first is too old.
+    history: Vec<Change>,
+    /// The version before which the history is gone.
+    compacted: u64,
+}
+
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    store: Arc<Mutex<Store>>,
+    changes: broadcast::Sender<Change>,
+    /// Requests served, by kind: `list`, `watch`, `get`.
+    pub requests: Arc<Mutex<BTreeMap<&'static str, usize>>>,
+    ca_pem: String,
+    /// The accepting task and each connection's, aborted by `stop`.
+    server: Mutex<Vec<tokio::task::AbortHandle>>,
+    tls: tokio_rustls::TlsAcceptor,
+    watches: Arc<AtomicUsize>,
+}
+
+impl ApiServer {
+    pub async fn start() -> Arc<ApiServer> {
+        let (tls, ca_pem) = tls();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = Arc::new(ApiServer {
+            addr: listener.local_addr().unwrap(),
+            store: Arc::default(),
+            changes: broadcast::channel(1024).0,
+            requests: Arc::default(),
+            ca_pem,
+            server: Mutex::default(),
+            tls,
+            watches: Arc::default(),
+        });
+        api.serve(listener);
+        api
+    }
+
+    fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener) {
+        let api = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let served = api.clone();
+                let connection = tokio::spawn(async move {
+                    let api = served;
+                    let Ok(tls) = api.tls.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |request| {
+                        let api = api.clone();
+                        async move { Ok::<_, std::convert::Infallible>(api.answer(request)) }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                });
+                api.server.lock().unwrap().push(connection.abort_handle());
+            }
+        });
+        self.server.lock().unwrap().push(task.abort_handle());
+    }
+
+    /// Stops answering, as a server that went down: open connections and
+    /// their watches end.
+    pub fn stop(&self) {
+        for task in self.server.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Answers again on the same address, with its history gone: a watch
+    /// from before now gets 410 Gone and must list again.
+    pub async fn restart(self: &Arc<Self>) {
+        {
+            let mut store = self.store.lock().unwrap();
+            store.history.clear();
+            store.version += 100;
+            store.compacted = store.version;
+        }
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        self.serve(listener);
+    }
+
+    /// A kubeconfig for this server, written into `dir`.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: 'https://{}', certificate-authority-data: {ca}}}}}]\n\
+             users: [{{name: test, user: {{token: {TOKEN}}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test, namespace: test}}}}]\n",
+            self.addr
+        );
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Creates or replaces the Service `name` in `namespace` with one TCP port.
+    pub fn service(&self, namespace: &str, name: &str, port: i32, port_name: &str) {
+        let service = Service {
+            metadata: meta(namespace, name, 0),
+            spec: Some(ServiceSpec {
+                ports: Some(vec![ServicePort { name: Some(port_name.into()), port, ..Default::default() }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(service).unwrap();
+        value["apiVersion"] = json!("v1");
+        value["kind"] = json!("Service");
+        self.store.lock().unwrap().services.insert((namespace.into(), name.into()), value);
+    }
+
+    /// Creates or replaces an EndpointSlice of Service `service`: its
+    /// endpoints (address, ready) at `port_name` = `port`.
+    pub fn slice(
+        &self,
+        namespace: &str,
+        name: &str,
+        service: &str,
+        (port_name, port): (&str, u16),
+        endpoints: &[(&str, bool)],
+    ) {
+        let mut store = self.store.lock().unwrap();
+        store.version += 1;
+        let version = store.version;
+        let mut metadata = meta(namespace, name, version);
+        metadata.labels = Some([("kubernetes.io/service-name".to_string(), service.to_string())].into());
+        let slice = EndpointSlice {
+            metadata,
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                name: Some(port_name.into()),
+                port: Some(port.into()),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            endpoints: endpoints
+                .iter()
+                .map(|(address, ready)| Endpoint {
+                    addresses: vec![address.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*ready),
+                        serving: Some(*ready),
+                        terminating: Some(false),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let mut value = serde_json::to_value(slice).unwrap();
+        value["apiVersion"] = json!("discovery.k8s.io/v1");
+        value["kind"] = json!("EndpointSlice");
+        let key = (namespace.to_string(), name.to_string());
+        let kind = if store.slices.insert(key, value.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(&mut store, Change { version, kind, slice: value });
+    }
+
+    /// Deletes an EndpointSlice.
+    pub fn delete_slice(&self, namespace: &str, name: &str) {
+        let mut store = self.store.lock().unwrap();
+        let Some(mut value) = store.slices.remove(&(namespace.to_string(), name.to_string())) else { return };
+        store.version += 1;
+        let version = store.version;
+        value["metadata"]["resourceVersion"] = json!(version.to_string());
+        self.record(&mut store, Change { version, kind: "DELETED", slice: value });
+    }
+
+    fn record(&self, store: &mut Store, change: Change) {
+        store.history.push(change.clone());
+        let _ = self.changes.send(change);
+    }
+
+    pub fn requests(&self, kind: &'static str) -> usize {
+        self.requests.lock().unwrap().get(kind).copied().unwrap_or(0)
+    }
+
+    fn answer(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let authorized = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+        if authorized != Some(&format!("Bearer {TOKEN}")) {
+            return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no valid bearer token");
+        }
+        let path = request.uri().path().to_string();
+        let query = query(request.uri().query().unwrap_or(""));
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match segments[..] {
+            ["api", "v1", "namespaces", namespace, "services", name] => {
+                self.count("get");
+                let store = self.store.lock().unwrap();
+                match store.services.get(&(namespace.to_string(), name.to_string())) {
+                    Some(service) => json_response(service),
+                    None => status(StatusCode::NOT_FOUND, "NotFound", &format!("services \"{name}\" not found")),
+                }
+            }
+            ["apis", "discovery.k8s.io", "v1", "namespaces", namespace, "endpointslices"] => {
+                let selected = query.get("labelSelector").cloned().unwrap_or_default();
+                let selector = selected.strip_prefix("kubernetes.io/service-name=").map(str::to_string);
+                if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                    self.count("watch");
+                    self.watch(namespace, selector, &query)
+                } else {
+                    self.count("list");
+                    self.list(namespace, selector.as_deref(), &query)
+                }
+            }
+            _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find {path}")),
+        }
+    }
+
+    fn count(&self, kind: &'static str) {
+        *self.requests.lock().unwrap().entry(kind).or_default() += 1;
+    }
+
+    fn list(&self, namespace: &str, selector: Option<&str>, query: &BTreeMap<String, String>) -> Response<Body> {
+        let store = self.store.lock().unwrap();
+        let selected: Vec<&Value> = store
+            .slices
+            .iter()
+            .filter(|((ns, _), slice)| ns == namespace && selects(selector, slice))
+            .map(|(_, slice)| slice)
+            .collect();
+        let start: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+        let limit = query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let page: Vec<Value> = selected.iter().skip(start).take(limit).map(|slice| (*slice).clone()).collect();
+        let mut metadata = json!({ "resourceVersion": store.version.to_string() });
+        if start + page.len() < selected.len() {
+            metadata["continue"] = json!((start + page.len()).to_string());
+        }
+        json_response(&json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSliceList",
+            "metadata": metadata,
+            "items": page,
+        }))
+    }
+
+    fn watch(&self, namespace: &str, selector: Option<String>, query: &BTreeMap<String, String>) -> Response<Body> {
+        let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+        let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(300u64);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(1024);
+        let (backlog, mut changes, gone, version) = {
+            let store = self.store.lock().unwrap();
+            let gone = from < store.compacted;
+            let backlog: Vec<Change> = store.history.iter().filter(|c| c.version > from).cloned().collect();
+            (backlog, self.changes.subscribe(), gone, store.version)
+        };
+        let (namespace, watches) = (namespace.to_string(), self.watches.clone());
+        tokio::spawn(async move {
+            watches.fetch_add(1, Ordering::AcqRel);
+            let send = |event: Value| {
+                let mut line = serde_json::to_vec(&event).unwrap();
+                line.push(b'\n');
+                sender.try_send(Bytes::from(line)).is_ok()
+            };
+            let selected = |change: &Change| {
+                change.slice["metadata"]["namespace"] == namespace.as_str()
+                    && selects(selector.as_deref(), &change.slice)
+            };
+            if gone {
+                let status = json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {from} ({version})"), "reason": "Expired", "code": 410,
+                });
+                send(json!({ "type": "ERROR", "object": status }));
+                return watches.fetch_sub(1, Ordering::AcqRel);
+            }
+            for change in backlog.iter().filter(|c| selected(c)) {
+                send(json!({ "type": change.kind, "object": change.slice }));
+            }
+            let ends = tokio::time::sleep(std::time::Duration::from_secs(timeout));
+            tokio::pin!(ends);
+            let mut ticks = tokio::time::interval(std::time::Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = &mut ends => break,
+                    _ = sender.closed() => break,
+                    _ = ticks.tick(), if bookmarks => {
+                        let bookmark = json!({ "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+                            "metadata": { "resourceVersion": version.to_string() } });
+                        send(json!({ "type": "BOOKMARK", "object": bookmark }));
+                    }
+                    change = changes.recv() => match change {
+                        Ok(change) if selected(&change) => {
+                            if !send(json!({ "type": change.kind, "object": change.slice })) {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    },
+                }
+            }
+            watches.fetch_sub(1, Ordering::AcqRel)
+        });
+        let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let bytes = receiver.recv().await?;
+            Some((Ok(Frame::data(bytes)), receiver))
+        });
+        let mut response = Response::new(StreamBody::new(frames).boxed());
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        response
+    }
+}
+
+fn meta(namespace: &str, name: &str, version: u64) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        resource_version: Some(version.to_string()),
+        uid: Some(format!("{namespace}-{name}")),
+        ..Default::default()
+    }
+}
+
+fn selects(selector: Option<&str>, slice: &Value) -> bool {
+    selector.is_none_or(|service| slice["metadata"]["labels"]["kubernetes.io/service-name"] == service)
+}
+
+fn json_response(value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(serde_json::to_vec(value).unwrap())).boxed());
+    response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    response
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    let mut response = json_response(&status);
+    *response.status_mut() = code;
+    response
+}
+
+/// A query string's parameters, percent-decoded.
+fn query(text: &str) -> BTreeMap<String, String> {
+    text.split('&').filter_map(|pair| pair.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
+}
+
+fn decode(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let (mut out, mut i) = (Vec::with_capacity(bytes.len()), 0);
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A CA, and a server certificate for 127.0.0.1 it signed.
+fn tls() -> (tokio_rustls::TlsAcceptor, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let chain = vec![leaf.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
+}

@@ -1,0 +1,136 @@
+//! Upstreams that name a Kubernetes Service (`k8s://service.namespace:port`):
+//! the sidecar's kube-rs client against the suite's own API server
+//! (`apiserver.rs`), which stands in for kube-apiserver. Calls follow the
+//! Service's ready endpoints as its EndpointSlices change, keep flowing while
+//! the API server is down, and converge once it is back without its history.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protomesh_samples::pb::echo::v1::EchoRequest;
+
+use crate::apiserver::ApiServer;
+use crate::harness::{Mesh, MeshOptions, within};
+
+/// Calls, ten at a time, until `served` holds of the backends' counts of
+/// the last ten, or 10 s pass.
+/// Calls may fail only while the first endpoints are on their way.
+async fn calls_until(mesh: &Mesh, what: &str, served: impl Fn(&[u64]) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(status) = within("a call", mesh.client().unary(EchoRequest::default())).await {
+        assert!(status.message().contains("has no resolved endpoints"), "{status:?}");
+        assert!(tokio::time::Instant::now() < deadline, "{what}: no endpoint known");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loop {
+        let before: Vec<u64> =
+            mesh.backends.iter().map(|b| b.calls.load(std::sync::atomic::Ordering::Acquire)).collect();
+        // Ten at once, so that the balancer's count of calls in flight spreads them.
+        let calls = (0..10).map(|_| async { mesh.client().unary(EchoRequest::default()).await });
+        for result in within("ten calls", futures_util::future::join_all(calls)).await {
+            result.expect("calls keep succeeding");
+        }
+        let during: Vec<u64> = mesh
+            .backends
+            .iter()
+            .zip(&before)
+            .map(|(b, before)| b.calls.load(std::sync::atomic::Ordering::Acquire) - before)
+            .collect();
+        if served(&during) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: the last 10 calls went {during:?}");
+    }
+}
+
+/// EndpointSlices of Service `echo` in namespace `test`, one per server sidecar.
+fn slices(api: &ApiServer, servers: &[SocketAddr], ready: &[bool]) {
+    for (i, (server, ready)) in servers.iter().zip(ready).enumerate() {
+        let address = server.ip().to_string();
+        api.slice("test", &format!("echo-{i}"), "echo", ("grpc", server.port()), &[(&address, *ready)]);
+    }
+}
+
+async fn mesh(api: &Arc<ApiServer>, endpoint: &str) -> (Mesh, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let options = MeshOptions {
+        servers: 2,
+        upstream_endpoint: Some(endpoint.into()),
+        client_config: format!("kubernetes: {{kubeconfig: '{}'}}\n", kubeconfig.display()),
+        ..Default::default()
+    };
+    (Mesh::start_with(options).await, dir)
+}
+
+#[tokio::test]
+async fn an_upstream_naming_a_service_follows_its_ready_endpoints() {
+    let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
+    let (mesh, _dir) = mesh(&api, "k8s://echo.test:50051").await;
+    let servers = mesh.server_inbounds();
+
+    slices(&api, &servers, &[true, true]);
+    calls_until(&mesh, "both ready endpoints take calls", |d| d.iter().all(|n| *n > 0)).await;
+    slices(&api, &servers, &[true, false]);
+    calls_until(&mesh, "a not-ready endpoint takes none", |d| d[1] == 0).await;
+    api.delete_slice("test", "echo-0");
+    slices(&api, &servers[1..], &[true]);
+    calls_until(&mesh, "a deleted slice's endpoint takes none", |d| d[0] == 0 && d[1] > 0).await;
+
+    // The API server goes down: the last endpoints stay.
+    api.stop();
+    calls_until(&mesh, "calls go on without the API server", |d| d[1] == 10).await;
+    // Back, with its history gone: the client's watch is refused (410 Gone),
+    // and it lists again and converges.
+    let listed = api.requests("list");
+    api.restart().await;
+    slices(&api, &servers, &[true, true]);
+    calls_until(&mesh, "after the restart, both again", |d| d.iter().all(|n| *n > 0)).await;
+    assert!(api.requests("list") > listed, "listed again: {:?}", api.requests.lock().unwrap());
+    assert!(api.requests("get") >= 1, "the Service was read for its port's name");
+}
+
+#[tokio::test]
+async fn a_service_port_may_be_named_and_only_its_endpoints_are_taken() {
+    let api = ApiServer::start().await;
+    let (mesh, _dir) = mesh(&api, "k8s://echo.test:grpc").await;
+    let servers = mesh.server_inbounds();
+    // The second server's slice is of another port of the Service: not ours.
+    api.slice("test", "echo-0", "echo", ("grpc", servers[0].port()), &[(&servers[0].ip().to_string(), true)]);
+    api.slice("test", "echo-1", "echo", ("metrics", servers[1].port()), &[(&servers[1].ip().to_string(), true)]);
+    api.slice("test", "other-0", "other", ("grpc", servers[1].port()), &[(&servers[1].ip().to_string(), true)]);
+    calls_until(&mesh, "only the named port's endpoints", |d| d[0] == 10 && d[1] == 0).await;
+    assert_eq!(api.requests("get"), 0, "a named port needs no Service read");
+}
+
+#[test]
+fn a_k8s_endpoint_without_an_api_server_is_refused_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = [("client".to_string(), crate::harness::id("client"))];
+    protomesh::identity::certs::write_dev_certs(dir.path(), "test CA", &names).unwrap();
+    let certs = dir.path().display();
+    let config = dir.path().join("client.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity: {{cert: {certs}/client.pem, key: {certs}/client-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+             contracts: {{protos: [examples/echo.proto], include: ['{}/proto']}}\n\
+             outbound: {{listen: '127.0.0.1:0', upstreams: [{{services: [echo.v1.Echo], \
+             endpoints: ['k8s://echo.test:50051'], identity: 'spiffe://td/ns/test/sa/echo'}}]}}\n\
+             admin: {{listen: '127.0.0.1:0'}}\nkubernetes: {{discovery: false}}\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_protomesh"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("outbound.upstreams[0]: k8s://echo.test:50051: no Kubernetes API server"), "{stderr}");
+    assert!(stderr.contains("kubernetes.discovery is off"), "{stderr}");
+}
