@@ -20,7 +20,7 @@ pub mod discovery;
 pub mod duration;
 pub mod effective;
 pub mod grpc;
-pub mod health;
+pub mod grpc_health;
 pub mod identity;
 pub mod kube;
 pub mod policy;

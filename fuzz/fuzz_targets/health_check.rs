@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use protomesh::grpc::{Code, status_headers};
-use protomesh::health::{ServingStatus, check_answer, check_request, read_answer, service_asked};
+use protomesh::grpc_health::{ServingStatus, check_answer, check_request, read_answer, service_asked};
 
 fuzz_target!(|data: &[u8]| {
     let body = Bytes::copy_from_slice(data);

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::probes::{AppProbe, GrpcCheck, HttpGet};
-use crate::health::{self, ServingStatus};
+use crate::grpc_health::{self, ServingStatus};
 
 /// Runs `probe`: what passed, or why it failed, in a few words.
 pub async fn perform(probe: &AppProbe) -> Result<String, String> {
@@ -67,9 +67,9 @@ async fn grpc_check(probe: &GrpcCheck) -> Result<String, String> {
     let (client, connection) = h2::client::handshake(tcp).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let mut client = client.ready().await.map_err(|e| e.to_string())?;
-    let head = health::check_head(&format!("127.0.0.1:{}", probe.port));
+    let head = grpc_health::check_head(&format!("127.0.0.1:{}", probe.port));
     let (response, mut send) = client.send_request(head, false).map_err(|e| e.to_string())?;
-    send.send_data(health::check_request(&probe.service), true).map_err(|e| e.to_string())?;
+    send.send_data(grpc_health::check_request(&probe.service), true).map_err(|e| e.to_string())?;
 
     let response = response.await.map_err(|e| e.to_string())?;
     let (head, mut body) = response.into_parts();
@@ -78,12 +78,12 @@ async fn grpc_check(probe: &GrpcCheck) -> Result<String, String> {
         let data = data.map_err(|e| e.to_string())?;
         let _ = body.flow_control().release_capacity(data.len());
         received.extend_from_slice(&data);
-        if received.len() > health::MAX_MESSAGE {
-            return Err(format!("an answer over {} bytes", health::MAX_MESSAGE));
+        if received.len() > grpc_health::MAX_MESSAGE {
+            return Err(format!("an answer over {} bytes", grpc_health::MAX_MESSAGE));
         }
     }
     let trailers = body.trailers().await.map_err(|e| e.to_string())?;
-    match health::read_answer(&head.headers, trailers.as_ref(), received.freeze()) {
+    match grpc_health::read_answer(&head.headers, trailers.as_ref(), received.freeze()) {
         Ok(ServingStatus::Serving) => Ok("SERVING".into()),
         Ok(other) => Err(other.as_str_name().into()),
         Err(why) => Err(format!("{why} (HTTP {})", head.status)),

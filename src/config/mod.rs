@@ -4,7 +4,7 @@
 //! together with the listeners', and says which settings a running sidecar
 //! cannot take without a restart.
 
-pub mod health;
+pub mod health_checks;
 mod limits;
 mod load;
 pub mod probes;
@@ -21,7 +21,7 @@ use crate::identity::{IdentityConfig, SpiffeId};
 use crate::policy::PolicyConfig;
 use crate::policy::authz::AuthorizationConfig;
 use crate::telemetry::TracingConfig;
-use health::{HealthAnswer, HealthCheckConfig};
+use health_checks::{HealthAnswer, HealthCheckConfig};
 
 pub use limits::{CONNECTION_WINDOW, LimitsConfig};
 pub use load::{ConfigError, load, load_versioned, version_on_disk};

@@ -19,7 +19,7 @@ use super::routes::CurrentRoutes;
 use super::server::PeerInfo;
 use super::shed::MemoryBudget;
 use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
-use crate::health;
+use crate::grpc_health;
 use crate::policy::bulkhead::CallerBulkhead;
 use crate::telemetry::Metrics;
 
@@ -121,7 +121,7 @@ impl Service<Request<RecvBody>> for InboundEdge {
             let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
             return refuse(metrics, Direction::Inbound, error);
         };
-        if request.uri().path() == health::CHECK_PATH
+        if request.uri().path() == grpc_health::CHECK_PATH
             && let Some(mode) = inbound.health_answer()
         {
             return match inbound.app_for(self.captured_port) {

@@ -15,10 +15,10 @@ use http_body_util::{BodyExt, Limited};
 
 use super::inbound::AppTarget;
 use crate::call::{ProxyError, RecvBody, RequestBody, ResponseBody};
-use crate::config::health::HealthAnswer;
+use crate::config::health_checks::HealthAnswer;
 use crate::contract::Contracts;
 use crate::grpc::{self, Code};
-use crate::health::{self, ServingStatus};
+use crate::grpc_health::{self, ServingStatus};
 
 /// The longest a peer has to send its request, and the app to answer it,
 /// whatever the checker's deadline.
@@ -31,7 +31,8 @@ pub async fn answer(
     contracts: Arc<Contracts>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let (parts, body) = request.into_parts();
-    let body: Bytes = match tokio::time::timeout(MAX_WAIT, Limited::new(body, health::MAX_MESSAGE).collect()).await {
+    let body: Bytes = match tokio::time::timeout(MAX_WAIT, Limited::new(body, grpc_health::MAX_MESSAGE).collect()).await
+    {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(error)) => {
             return Ok(status(Code::InvalidArgument, &format!("the request could not be read: {error}")));
@@ -40,7 +41,7 @@ pub async fn answer(
             return Ok(status(Code::DeadlineExceeded, &format!("the request did not arrive within {MAX_WAIT:?}")));
         }
     };
-    let service = match health::service_asked(body.clone()) {
+    let service = match grpc_health::service_asked(body.clone()) {
         Ok(service) => service,
         Err(why) => return Ok(status(Code::InvalidArgument, &why)),
     };
@@ -66,7 +67,7 @@ pub async fn answer(
 
 fn serving(status: ServingStatus) -> Response<ResponseBody> {
     let mut response =
-        Response::new(ResponseBody::answer(health::check_answer(status), grpc::status_headers(Code::Ok, "")));
+        Response::new(ResponseBody::answer(grpc_health::check_answer(status), grpc::status_headers(Code::Ok, "")));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     response
 }

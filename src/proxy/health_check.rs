@@ -15,9 +15,9 @@ use tokio::sync::watch;
 
 use super::balance::Member;
 use crate::call::RequestBody;
-use crate::config::health::HealthCheckConfig;
+use crate::config::health_checks::HealthCheckConfig;
 use crate::grpc;
-use crate::health::{self, ServingStatus};
+use crate::grpc_health::{self, ServingStatus};
 use crate::policy::outlier::Outliers;
 
 /// The upstream's endpoints now, or `None` once it is gone.
@@ -85,16 +85,16 @@ async fn check_one(member: &Member, check: &HealthCheckConfig) -> Result<Serving
     let endpoint = &member.endpoint;
     let call = async {
         let mut sender = endpoint.ready().await.map_err(|e| e.to_string())?;
-        let mut request = health::check_head(&endpoint.addr.to_string())
-            .map(|()| RequestBody::Replayed(Some(health::check_request(&check.service))));
+        let mut request = grpc_health::check_head(&endpoint.addr.to_string())
+            .map(|()| RequestBody::Replayed(Some(grpc_health::check_request(&check.service))));
         request.headers_mut().insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(check.timeout));
         let response =
             endpoint.start(&mut sender, request).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         let (head, body) = response.into_parts();
-        let answer = Limited::new(body, health::MAX_MESSAGE).collect().await.map_err(|e| e.to_string())?;
+        let answer = Limited::new(body, grpc_health::MAX_MESSAGE).collect().await.map_err(|e| e.to_string())?;
         let trailers = answer.trailers().cloned();
         let message: Bytes = answer.to_bytes();
-        health::read_answer(&head.headers, trailers.as_ref(), message)
+        grpc_health::read_answer(&head.headers, trailers.as_ref(), message)
     };
     tokio::time::timeout(check.timeout, call)
         .await

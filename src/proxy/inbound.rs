@@ -14,7 +14,7 @@ use tower::ServiceBuilder;
 use super::endpoint::{ConnectSettings, Endpoint};
 use super::registry::{AppPorts, CallerBulkheads, Registries};
 use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody, RequestBody, ResponseBody};
-use crate::config::health::HealthAnswer;
+use crate::config::health_checks::HealthAnswer;
 use crate::config::{Config, InboundConfig};
 use crate::contract::{ContractMode, Contracts};
 use crate::effective::{self, MethodPolicy};

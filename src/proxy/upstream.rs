@@ -19,7 +19,7 @@ use super::endpoint::{ConnectSettings, Endpoint, Transport};
 use super::health_check;
 use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target};
 use crate::config::UpstreamConfig;
-use crate::config::health::HealthCheckConfig;
+use crate::config::health_checks::HealthCheckConfig;
 use crate::discovery::kubernetes::Cluster;
 use crate::discovery::{self, EndpointSpec};
 use crate::grpc::{self, Code};

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use protomesh::health::{self, ServingStatus};
+use protomesh::grpc_health::{self, ServingStatus};
 use protomesh_samples::pb::echo::v1::EchoRequest;
 use tonic_health::ServingStatus as AppStatus;
 
@@ -69,15 +69,15 @@ async fn check(mesh: &Mesh, service: &str) -> Result<ServingStatus, String> {
     let (client, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
-    let (response, mut send) = client.send_request(health::check_head("server"), false).unwrap();
-    send.send_data(health::check_request(service), true).unwrap();
+    let (response, mut send) = client.send_request(grpc_health::check_head("server"), false).unwrap();
+    send.send_data(grpc_health::check_request(service), true).unwrap();
     let (head, mut body) = within("the answer", response).await.unwrap().into_parts();
     let mut message = BytesMut::new();
     while let Some(data) = body.data().await {
         message.extend_from_slice(&data.unwrap());
     }
     let trailers = body.trailers().await.unwrap();
-    health::read_answer(&head.headers, trailers.as_ref(), Bytes::from(message))
+    grpc_health::read_answer(&head.headers, trailers.as_ref(), Bytes::from(message))
 }
 
 #[tokio::test]
