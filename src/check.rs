@@ -18,7 +18,7 @@ pub fn report(inputs: &Inputs) -> String {
             "  {} -> {} (must present {})",
             upstream.services.join(", "),
             upstream.endpoints.join(", "),
-            upstream.identity
+            upstream.identity.as_ref().map_or("each its pod's service account".to_string(), ToString::to_string)
         );
         if let Some(check) = &upstream.health_check {
             let service = if check.service.is_empty() { "the whole server" } else { check.service.as_str() };

@@ -340,6 +340,13 @@ inbound:
         let err = load(Some(file_with(&twice).path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("outbound.upstreams[0].services[1]") && err.contains("already routed"), "{err}");
 
+        let no_identity = VALID.replace("      identity: spiffe://td/ns/default/sa/echo\n", "");
+        let err = load(Some(file_with(&no_identity).path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("outbound.upstreams[0].identity") && err.contains("not a k8s:// Service"), "{err}");
+        let services = no_identity
+            .replace("['127.0.0.1:4143', 'echo.default.svc.cluster.local:4143']", "['k8s://echo.default:4143']");
+        load(Some(file_with(&services).path()), env(&[])).expect("k8s:// endpoints need no identity for all");
+
         let no_port = VALID.replace("'127.0.0.1:4143'", "'127.0.0.1'");
         let err = load(Some(file_with(&no_port).path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("outbound.upstreams[0].endpoints[0]") && err.contains("port"), "{err}");

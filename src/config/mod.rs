@@ -149,8 +149,11 @@ pub struct UpstreamConfig {
     /// `ip:port` or `dns-name:port` of the peers' inbound sidecars; names are
     /// re-resolved every `resolve_interval` (a headless Service gives one A record per pod).
     pub endpoints: Vec<String>,
-    /// The SPIFFE ID every endpoint must present.
-    pub identity: SpiffeId,
+    /// The SPIFFE ID every endpoint must present. Optional when every
+    /// endpoint is a `k8s://` Service: each endpoint must then present its
+    /// own pod's service account (`spiffe://<trust domain>/ns/<ns>/sa/<account>`).
+    #[serde(default)]
+    pub identity: Option<SpiffeId>,
     #[serde(default = "defaults::resolve_interval", deserialize_with = "duration::deserialize")]
     pub resolve_interval: Duration,
     /// Active gRPC health checks of the endpoints; off unless set.
@@ -372,8 +375,17 @@ impl Config {
                 }
             }
             for (j, endpoint) in upstream.endpoints.iter().enumerate() {
-                if let Err(problem) = crate::discovery::parse_endpoint(endpoint) {
-                    return Err((format!("outbound.upstreams[{i}].endpoints[{j}]"), problem));
+                match crate::discovery::parse_endpoint(endpoint) {
+                    Err(problem) => return Err((format!("outbound.upstreams[{i}].endpoints[{j}]"), problem)),
+                    Ok(crate::discovery::EndpointSpec::Kubernetes(_)) => {}
+                    Ok(_) if upstream.identity.is_none() => {
+                        let problem = format!(
+                            "name the SPIFFE ID its endpoints present: `{endpoint}` is not a k8s:// Service, whose pods' \
+                             service accounts would say"
+                        );
+                        return Err((at("identity"), problem));
+                    }
+                    Ok(_) => {}
                 }
             }
             if let Some(check) = &upstream.health_check {

@@ -10,13 +10,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
 use tokio::sync::watch;
+
+use super::Found;
 
 /// How an upstream endpoint names a Kubernetes Service.
 pub const SCHEME: &str = "k8s://";
@@ -47,6 +49,20 @@ impl Default for KubernetesConfig {
 
 fn yes() -> bool {
     true
+}
+
+/// The service account a pod runs as: its workload's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What the sidecar reads of a Service: the name its port has in the
+/// EndpointSlices, and the selector of its pods, if it has one.
+struct ServiceInfo {
+    port: String,
+    pods: Option<String>,
 }
 
 /// A Service port of a Kubernetes Service.
@@ -153,21 +169,29 @@ impl Cluster {
         Ok(Some(Cluster { client }))
     }
 
-    /// The Service's ready endpoints now.
-    pub async fn endpoints(&self, service: &ServiceRef) -> Result<Vec<SocketAddr>, String> {
-        let port = self.port_name(service).await?;
+    /// The Service's ready endpoints now, each with its pod's service account.
+    pub async fn endpoints(&self, service: &ServiceRef) -> Result<Vec<Found>, String> {
+        let info = self.read_service(service).await?;
         let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace)
             .list(&ListParams::default().labels(&service.selector()))
             .await
             .map_err(|e| format!("{service}: listing its EndpointSlices: {}", api_error(&e)))?;
-        Ok(ready_endpoints(slices.items.iter(), &port, service))
+        let mut pods = BTreeMap::new();
+        if let Some(selector) = &info.pods {
+            let listed = Api::<Pod>::namespaced(self.client.clone(), &service.namespace)
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map_err(|e| format!("{service}: listing its pods: {}", api_error(&e)))?;
+            pods.extend(listed.items.into_iter().map(|pod| (name_of(&pod.metadata), pod)));
+        }
+        Ok(ready_endpoints(slices.items.iter(), &pods, &info.port, service))
     }
 
-    /// Watches the Service's EndpointSlices, sending its ready endpoints at
-    /// each change, starting from `known`, until the receiver is dropped. The
-    /// watch reconnects with backoff, and relists when its history is gone;
-    /// meanwhile the last endpoints stay.
-    pub fn watch(&self, service: ServiceRef, known: Vec<SocketAddr>) -> watch::Receiver<Vec<SocketAddr>> {
+    /// Watches the Service's EndpointSlices and pods, sending its ready
+    /// endpoints at each change, starting from `known`, until the receiver
+    /// is dropped. The watches reconnect with backoff, and relist when their
+    /// history is gone; meanwhile the last endpoints stay.
+    pub fn watch(&self, service: ServiceRef, known: Vec<Found>) -> watch::Receiver<Vec<Found>> {
         let (sender, receiver) = watch::channel(known);
         let cluster = self.clone();
         tokio::spawn(async move {
@@ -179,43 +203,44 @@ impl Cluster {
         receiver
     }
 
-    async fn follow(&self, service: &ServiceRef, sender: &watch::Sender<Vec<SocketAddr>>) {
-        let port = loop {
-            match self.port_name(service).await {
-                Ok(port) => break port,
+    async fn follow(&self, service: &ServiceRef, sender: &watch::Sender<Vec<Found>>) {
+        let info = loop {
+            match self.read_service(service).await {
+                Ok(info) => break info,
                 Err(error) => {
-                    tracing::warn!(%error, "Kubernetes Service port not known yet; asking again in 5s");
+                    tracing::warn!(%error, "Kubernetes Service not read yet; asking again in 5s");
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
             }
         };
-        let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace);
-        let events =
-            watcher::watcher(api, watcher::Config::default().labels(&service.selector())).backoff(Reconnect::default());
-        tokio::pin!(events);
-        let (mut slices, mut listing) = (BTreeMap::new(), BTreeMap::new());
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(Event::Init) => listing.clear(),
-                Ok(Event::InitApply(slice)) => {
-                    listing.insert(slice.metadata.name.clone().unwrap_or_default(), slice);
-                }
-                Ok(Event::InitDone) => slices = std::mem::take(&mut listing),
-                Ok(Event::Apply(slice)) => {
-                    slices.insert(slice.metadata.name.clone().unwrap_or_default(), slice);
-                }
-                Ok(Event::Delete(slice)) => {
-                    slices.remove(&slice.metadata.name.clone().unwrap_or_default());
-                }
-                Err(error) => {
-                    tracing::warn!(%service, %error, "watching EndpointSlices failed; keeping the last endpoints");
-                    continue;
-                }
+        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace);
+        let slices = watcher::watcher(slices, watcher::Config::default().labels(&service.selector()))
+            .backoff(Reconnect::default())
+            .map(|event| Change::Slice(Box::new(event)));
+        let pods = match &info.pods {
+            Some(selector) => {
+                let pods = Api::<Pod>::namespaced(self.client.clone(), &service.namespace);
+                let pods = watcher::watcher(pods, watcher::Config::default().labels(selector));
+                pods.backoff(Reconnect::default()).map(|event| Change::Pod(Box::new(event))).boxed()
             }
-            if !listing.is_empty() {
+            None => futures_util::stream::pending().boxed(),
+        };
+        let events = futures_util::stream::select(slices, pods);
+        tokio::pin!(events);
+        let (mut slices, mut pods) = (Known::default(), Known::default());
+        while let Some(change) = events.next().await {
+            let failed = |error: watcher::Error| {
+                tracing::warn!(%service, %error, "watching the Service failed; keeping the last endpoints");
+                false
+            };
+            let changed = match change {
+                Change::Slice(event) => event.map_or_else(failed, |event| slices.apply(event)),
+                Change::Pod(event) => event.map_or_else(failed, |event| pods.apply(event)),
+            };
+            if !changed {
                 continue;
             }
-            let endpoints = ready_endpoints(slices.values(), &port, service);
+            let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info.port, service);
             sender.send_if_modified(|current| {
                 let changed = *current != endpoints;
                 if changed {
@@ -227,22 +252,81 @@ impl Cluster {
         }
     }
 
-    /// The name of the Service port that `service` names: EndpointSlices
-    /// carry the target port under the Service port's name.
-    async fn port_name(&self, service: &ServiceRef) -> Result<String, String> {
-        let number = match &service.port {
-            ServicePort::Name(name) => return Ok(name.clone()),
-            ServicePort::Number(number) => i32::from(*number),
-        };
+    /// The name of the Service port that `service` names (EndpointSlices
+    /// carry the target port under it) and the selector of its pods.
+    async fn read_service(&self, service: &ServiceRef) -> Result<ServiceInfo, String> {
         let found = Api::<Service>::namespaced(self.client.clone(), &service.namespace)
             .get(&service.name)
             .await
             .map_err(|e| format!("{service}: reading the Service: {}", api_error(&e)))?;
-        let ports = found.spec.and_then(|spec| spec.ports).unwrap_or_default();
-        let port = ports.into_iter().find(|p| p.port == number);
-        let port = port.ok_or_else(|| format!("{service}: the Service has no port {number}"))?;
-        Ok(port.name.unwrap_or_default())
+        let spec = found.spec.unwrap_or_default();
+        let port = match &service.port {
+            ServicePort::Name(name) => name.clone(),
+            ServicePort::Number(number) => {
+                let ports = spec.ports.iter().flatten();
+                let port = ports.into_iter().find(|p| p.port == i32::from(*number));
+                let port = port.ok_or_else(|| format!("{service}: the Service has no port {number}"))?;
+                port.name.clone().unwrap_or_default()
+            }
+        };
+        let selector = spec.selector.filter(|labels| !labels.is_empty());
+        let pods = selector.map(|labels| labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
+        Ok(ServiceInfo { port, pods })
     }
+}
+
+/// An event of either watch of a Service.
+enum Change {
+    // Boxed: objects are large, and of different sizes.
+    Slice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
+    Pod(Box<Result<Event<Pod>, watcher::Error>>),
+}
+
+/// The objects of one kind a watch has reported, by name; a relist replaces
+/// them whole once it is done.
+struct Known<K> {
+    current: BTreeMap<String, K>,
+    listing: Option<BTreeMap<String, K>>,
+}
+
+impl<K> Default for Known<K> {
+    fn default() -> Self {
+        Known { current: BTreeMap::new(), listing: None }
+    }
+}
+
+impl<K: kube::Resource> Known<K> {
+    /// Takes `event` in; whether the objects in force changed.
+    fn apply(&mut self, event: Event<K>) -> bool {
+        match event {
+            Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(object) => {
+                if let Some(listing) = &mut self.listing {
+                    listing.insert(name_of(object.meta()), object);
+                }
+                false
+            }
+            Event::InitDone => {
+                self.current = self.listing.take().unwrap_or_default();
+                true
+            }
+            Event::Apply(object) => {
+                self.current.insert(name_of(object.meta()), object);
+                true
+            }
+            Event::Delete(object) => {
+                self.current.remove(&name_of(object.meta()));
+                true
+            }
+        }
+    }
+}
+
+fn name_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    metadata.name.clone().unwrap_or_default()
 }
 
 /// How long a watch waits before it asks again after a failure: doubling
@@ -296,13 +380,15 @@ fn api_error(error: &kube::Error) -> String {
     }
 }
 
-/// The addresses of the ready endpoints of `slices` at the Service port
-/// named `port`, sorted, at most [`MAX_ENDPOINTS`].
+/// The ready endpoints of `slices` at the Service port named `port`, each
+/// with the service account of its pod when `pods` knows the pod, sorted, at
+/// most [`MAX_ENDPOINTS`].
 fn ready_endpoints<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
+    pods: &BTreeMap<String, Pod>,
     port: &str,
     service: &ServiceRef,
-) -> Vec<SocketAddr> {
+) -> Vec<Found> {
     let mut endpoints = Vec::new();
     for slice in slices {
         if slice.address_type == "FQDN" {
@@ -318,9 +404,19 @@ fn ready_endpoints<'a>(
             let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             // Every address of an endpoint is the same pod: the first will do.
             let address = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok());
-            if let (true, Some(address)) = (ready, address) {
-                endpoints.push(SocketAddr::new(address, number));
-            }
+            let (true, Some(address)) = (ready, address) else { continue };
+            let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
+            let pod = pod.and_then(|r| pods.get(r.name.as_deref()?));
+            // A pod without a service account named runs as `default`.
+            let account = pod.map(|pod| ServiceAccount {
+                namespace: service.namespace.clone(),
+                name: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into()),
+            });
+            endpoints.push(Found { addr: SocketAddr::new(address, number), account });
         }
     }
     endpoints.sort();
@@ -334,6 +430,7 @@ fn ready_endpoints<'a>(
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::{ObjectReference, PodSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
     use super::*;
@@ -369,6 +466,11 @@ mod tests {
                 .map(|(address, ready)| Endpoint {
                     addresses: vec![address.to_string()],
                     conditions: Some(EndpointConditions { ready: *ready, ..Default::default() }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(format!("pod-{address}")),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })
                 .collect(),
@@ -385,13 +487,24 @@ mod tests {
             slice(Some("metrics"), 9100, &[("10.0.0.5", Some(true))]),
             slice(None, 7000, &[("10.0.0.6", Some(true))]),
         ];
-        let endpoints = ready_endpoints(slices.iter(), "grpc", &service);
-        let expected: Vec<SocketAddr> =
-            ["10.0.0.1:8080", "10.0.0.3:8080", "10.0.0.4:9090"].iter().map(|a| a.parse().unwrap()).collect();
-        assert_eq!(endpoints, expected);
-        let unnamed = ready_endpoints(slices.iter(), "", &service);
+        // Pods known for two of the endpoints: one names its account, one runs as `default`.
+        let pod = |name: &str, account: Option<&str>| {
+            let spec = PodSpec { service_account_name: account.map(Into::into), ..Default::default() };
+            (name.to_string(), Pod { spec: Some(spec), ..Default::default() })
+        };
+        let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
+        let endpoints = ready_endpoints(slices.iter(), &pods, "grpc", &service);
+        let account = |name: &str| Some(ServiceAccount { namespace: "test".into(), name: name.into() });
+        let expected = vec![
+            Found { addr: "10.0.0.1:8080".parse().unwrap(), account: account("cart") },
+            Found { addr: "10.0.0.3:8080".parse().unwrap(), account: None },
+            Found { addr: "10.0.0.4:9090".parse().unwrap(), account: account("default") },
+        ];
+        assert_eq!(endpoints, expected, "a pod not known has no account");
+        let unnamed = ready_endpoints(slices.iter(), &pods, "", &service);
+        let addrs: Vec<SocketAddr> = unnamed.iter().map(|found| found.addr).collect();
         assert_eq!(
-            unnamed,
+            addrs,
             vec!["10.0.0.6:7000".parse::<SocketAddr>().unwrap()],
             "a one-port Service's port has no name"
         );
@@ -416,6 +529,6 @@ mod tests {
             (0..MAX_ENDPOINTS + 10).map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)).collect();
         let endpoints: Vec<(&str, Option<bool>)> = addresses.iter().map(|a| (a.as_str(), Some(true))).collect();
         let slices = [slice(Some("grpc"), 80, &endpoints)];
-        assert_eq!(ready_endpoints(slices.iter(), "grpc", &service).len(), MAX_ENDPOINTS);
+        assert_eq!(ready_endpoints(slices.iter(), &BTreeMap::new(), "grpc", &service).len(), MAX_ENDPOINTS);
     }
 }

@@ -9,7 +9,21 @@ pub mod kubernetes;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kubernetes::{Cluster, ServiceRef};
+use kubernetes::{Cluster, ServiceAccount, ServiceRef};
+
+/// An endpoint found, with the service account of its pod when Kubernetes
+/// said which pod it is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Found {
+    pub addr: SocketAddr,
+    pub account: Option<ServiceAccount>,
+}
+
+impl From<SocketAddr> for Found {
+    fn from(addr: SocketAddr) -> Found {
+        Found { addr, account: None }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointSpec {
@@ -45,13 +59,13 @@ pub fn parse_endpoint(text: &str) -> Result<EndpointSpec, String> {
 
 /// Resolves every spec once: `cluster` answers for Kubernetes Services.
 /// What fails to resolve is reported and skipped.
-pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<SocketAddr> {
+pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<Found> {
     let mut addrs = Vec::new();
     for spec in specs {
         match spec {
-            EndpointSpec::Static(addr) => addrs.push(*addr),
+            EndpointSpec::Static(addr) => addrs.push(Found::from(*addr)),
             EndpointSpec::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                Ok(found) => addrs.extend(found),
+                Ok(found) => addrs.extend(found.map(Found::from)),
                 Err(error) => tracing::warn!(%host, %error, "endpoint name did not resolve"),
             },
             EndpointSpec::Kubernetes(service) => match cluster {
@@ -76,8 +90,8 @@ pub fn spawn_refresh(
     specs: Vec<EndpointSpec>,
     every: Duration,
     cluster: Option<Cluster>,
-    known: Vec<SocketAddr>,
-    mut update: impl FnMut(&[SocketAddr]) -> bool + Send + 'static,
+    known: Vec<Found>,
+    mut update: impl FnMut(&[Found]) -> bool + Send + 'static,
 ) {
     if specs.iter().all(|s| matches!(s, EndpointSpec::Static(_))) {
         return;
@@ -95,7 +109,7 @@ pub fn spawn_refresh(
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
-        let mut resolved: Vec<SocketAddr> = Vec::new();
+        let mut resolved: Vec<Found> = Vec::new();
         let watching = !watched.is_empty();
         loop {
             let changed = async {
@@ -148,7 +162,7 @@ mod tests {
     async fn resolves_localhost_and_keeps_static_addresses() {
         let specs = [parse_endpoint("localhost:4143").unwrap(), parse_endpoint("10.0.0.1:1").unwrap()];
         let addrs = resolve(&specs, None).await;
-        assert!(addrs.contains(&"10.0.0.1:1".parse().unwrap()));
-        assert!(addrs.iter().any(|a| a.ip().is_loopback() && a.port() == 4143), "{addrs:?}");
+        assert!(addrs.contains(&Found::from("10.0.0.1:1".parse::<SocketAddr>().unwrap())));
+        assert!(addrs.iter().any(|a| a.addr.ip().is_loopback() && a.addr.port() == 4143), "{addrs:?}");
     }
 }

@@ -17,12 +17,15 @@ use tokio::time::Instant;
 use super::endpoint::Endpoint;
 use crate::call::{CallEnd, EndOfCall};
 use crate::grpc::Code;
+use crate::identity::SpiffeId;
 use crate::policy::outlier::{Admission, Ejection, Outcome, Outliers};
 
 /// One endpoint of an upstream, as the balancer sees it: its connections,
 /// outlier detection's view of it, and its load.
 pub struct Member {
     pub endpoint: Endpoint,
+    /// The identity it must present, when it is its own rather than its upstream's.
+    pub expected: Option<SpiffeId>,
     pub ejection: Ejection,
     load: Load,
     /// What its active health checks say (SERVING unless they say otherwise).
@@ -30,8 +33,10 @@ pub struct Member {
 }
 
 impl Member {
-    pub fn new(endpoint: Endpoint) -> Member {
-        Member { endpoint, ejection: Ejection::default(), load: Load::default(), serving: AtomicBool::new(true) }
+    /// A member that must present `expected`.
+    pub fn expecting(endpoint: Endpoint, expected: Option<SpiffeId>) -> Member {
+        let (ejection, load, serving) = (Ejection::default(), Load::default(), AtomicBool::new(true));
+        Member { endpoint, expected, ejection, load, serving }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -419,7 +424,7 @@ mod tests {
             keepalive_timeout: Duration::from_secs(20),
         };
         let endpoint = Endpoint::new(addr, crate::call::Target::App(addr), Arc::new(Transport::Plaintext), settings, 1);
-        Arc::new(Member::new(endpoint))
+        Arc::new(Member::expecting(endpoint, None))
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use super::endpoint::{ConnectSettings, Transport};
 use super::upstream::{Upstream, UpstreamRoute};
 use crate::config::OriginalDestinationConfig;
+use crate::discovery::Found;
 use crate::identity::{ExpectedPeer, Identity};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
@@ -103,7 +104,7 @@ impl OriginalDestinations {
         let name: Arc<str> = name.into();
         let outliers = (policy.outliers, self.metrics.outliers("original destinations"));
         let upstream = Upstream::new(name.clone(), None, transport, self.key.connect, outliers, self.workers);
-        upstream.set_endpoints(&[addr]);
+        upstream.set_endpoints(&[Found::from(addr)]);
         // Each destination has its own places, and all count under one label:
         // a label per address would grow without bound as destinations come and go.
         let bulkhead = policy.concurrency.as_ref().map(|limits| {

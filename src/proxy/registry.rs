@@ -88,7 +88,7 @@ type Staged = Box<dyn FnOnce() + Send>;
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct UpstreamKey {
     endpoints: Vec<String>,
-    identity: SpiffeId,
+    identity: Option<SpiffeId>,
     resolve_interval: Duration,
     connect: ConnectSettings,
 }

@@ -6,6 +6,7 @@
 //! connections and its endpoints' health, as long as its endpoints and
 //! identity stay the same.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -20,8 +21,8 @@ use super::health_check;
 use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target};
 use crate::config::UpstreamConfig;
 use crate::config::health_checks::HealthCheckConfig;
-use crate::discovery::kubernetes::Cluster;
-use crate::discovery::{self, EndpointSpec};
+use crate::discovery::kubernetes::{Cluster, ServiceAccount};
+use crate::discovery::{self, EndpointSpec, Found};
 use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
@@ -48,6 +49,35 @@ pub struct Upstream {
     members: ArcSwap<Vec<Arc<Member>>>,
     /// The active health checks in force, which the checking task follows.
     health_check: watch::Sender<Option<HealthCheckConfig>>,
+    /// When the upstream names no identity for all: each endpoint's, from
+    /// its pod's service account.
+    accounts: Option<Accounts>,
+}
+
+/// Each endpoint's expected identity, from its pod's service account in
+/// this workload's trust domain, and a TLS config per identity.
+struct Accounts {
+    identity: Arc<Identity>,
+    transports: Mutex<HashMap<SpiffeId, Arc<Transport>>>,
+}
+
+impl Accounts {
+    fn new(identity: Arc<Identity>) -> Accounts {
+        Accounts { identity, transports: Mutex::default() }
+    }
+
+    /// What an endpoint of `account` must present, and the transport that checks it.
+    fn transport(&self, account: &ServiceAccount) -> Result<(SpiffeId, Arc<Transport>), String> {
+        let (domain, namespace, name) = (self.identity.id.trust_domain(), &account.namespace, &account.name);
+        let id = SpiffeId::parse(&format!("spiffe://{domain}/ns/{namespace}/sa/{name}"))?;
+        let mut transports = self.transports.lock().expect("transports lock");
+        if let Some(transport) = transports.get(&id) {
+            return Ok((id, transport.clone()));
+        }
+        let transport = Arc::new(Transport::Mtls(self.identity.client_config(ExpectedPeer::Id(id.clone()))?));
+        transports.insert(id.clone(), transport.clone());
+        Ok((id, transport))
+    }
 }
 
 /// An upstream as routes use it: with its bulkhead and the retry budget of
@@ -64,7 +94,7 @@ impl Upstream {
     /// while the upstream lives.
     pub async fn build(
         config: &UpstreamConfig,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         connect: ConnectSettings,
         outliers: (OutlierConfig, OutlierMetrics),
         workers: usize,
@@ -81,15 +111,19 @@ impl Upstream {
                  kubernetes.kubeconfig), or kubernetes.discovery is off"
             ));
         }
-        let transport = Transport::Mtls(identity.client_config(ExpectedPeer::Id(config.identity.clone()))?);
-        let upstream = Upstream::new(
-            Upstream::name_of(config),
-            Some(config.identity.clone()),
-            transport,
-            connect,
-            outliers,
-            workers,
-        );
+        // Without an identity for all, each endpoint must present its own
+        // pod's service account (validation allows that for k8s:// only).
+        let expected = match &config.identity {
+            Some(id) => ExpectedPeer::Id(id.clone()),
+            None => ExpectedPeer::TrustDomain(identity.id.trust_domain().to_string().into()),
+        };
+        let transport = Transport::Mtls(identity.client_config(expected)?);
+        let name = Upstream::name_of(config);
+        let mut upstream = Upstream::new(name, config.identity.clone(), transport, connect, outliers, workers);
+        if config.identity.is_none() {
+            Arc::get_mut(&mut upstream).expect("an upstream just made").accounts =
+                Some(Accounts::new(identity.clone()));
+        }
         let known = discovery::resolve(&specs, cluster).await;
         upstream.set_endpoints(&known);
         upstream.set_health_check(config.health_check.clone());
@@ -133,6 +167,7 @@ impl Upstream {
             workers,
             members: ArcSwap::from_pointee(Vec::new()),
             health_check: watch::Sender::new(None),
+            accounts: None,
         })
     }
 
@@ -166,24 +201,53 @@ impl Upstream {
     }
 
     /// Replaces the endpoint set, keeping the connections (and health) of
-    /// addresses that stay.
-    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+    /// endpoints that stay: the same address, expected to be the same workload.
+    /// An endpoint whose identity cannot be known yet is left out.
+    pub fn set_endpoints(&self, found: &[Found]) {
+        let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> = found
+            .iter()
+            .filter_map(|found| match (&self.accounts, &found.account) {
+                (None, _) => Some((found.addr, None, self.transport.clone())),
+                (Some(accounts), Some(account)) => match accounts.transport(account) {
+                    Ok((id, transport)) => Some((found.addr, Some(id), transport)),
+                    Err(error) => {
+                        tracing::warn!(upstream = %self.name, addr = %found.addr, %error, "endpoint left out");
+                        None
+                    }
+                },
+                (Some(_), None) => {
+                    let addr = found.addr;
+                    tracing::debug!(upstream = %self.name, %addr, "endpoint left out until its pod is known");
+                    None
+                }
+            })
+            .collect();
         let current = self.members.load();
-        if current.len() == addrs.len() && current.iter().zip(addrs).all(|(m, a)| m.addr() == *a) {
+        let same = |member: &Member, (addr, expected): (SocketAddr, &Option<SpiffeId>)| {
+            member.addr() == addr && member.expected == *expected
+        };
+        if current.len() == wanted.len() && current.iter().zip(&wanted).all(|(m, (a, e, _))| same(m, (*a, e))) {
             return;
         }
-        let members = addrs
-            .iter()
-            .map(|&addr| {
-                current.iter().find(|m| m.addr() == addr).cloned().unwrap_or_else(|| {
+        let members = wanted
+            .into_iter()
+            .map(|(addr, expected, transport)| {
+                current.iter().find(|m| same(m, (addr, &expected))).cloned().unwrap_or_else(|| {
                     let target = Target::Upstream { name: self.name.clone(), addr };
-                    let transport = self.transport.clone();
-                    Arc::new(Member::new(Endpoint::new(addr, target, transport, self.connect, self.workers)))
+                    let endpoint = Endpoint::new(addr, target, transport, self.connect, self.workers);
+                    Arc::new(Member::expecting(endpoint, expected))
                 })
+            })
+            .collect::<Vec<_>>();
+        let addrs: Vec<String> = members
+            .iter()
+            .map(|m| match &m.expected {
+                Some(id) => format!("{} ({id})", m.addr()),
+                None => m.addr().to_string(),
             })
             .collect();
         tracing::info!(upstream = %self.name, endpoints = ?addrs, "endpoints updated");
-        self.outliers.set_endpoint_count(addrs.len());
+        self.outliers.set_endpoint_count(members.len());
         self.members.store(Arc::new(members));
     }
 

@@ -1,8 +1,8 @@
 //! A Kubernetes API server of the test suite's own, for the sidecar's real
 //! client code (kube-rs), since no kube-apiserver can be installed here. It
 //! behaves as the real one does for what the sidecar asks: HTTPS with a
-//! bearer token, Services read by name, EndpointSlices listed by label
-//! selector with `limit`/`continue` pages and a `resourceVersion`, and
+//! bearer token, Services read by name, EndpointSlices and Pods listed by
+//! label selector with `limit`/`continue` pages and a `resourceVersion`, and
 //! watched from a `resourceVersion` with bookmarks and `timeoutSeconds`. A
 //! watch from a version older than its history is answered as the real one
 //! answers it: HTTP 200 and an ERROR event carrying a 410 Status. Objects
@@ -19,7 +19,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
@@ -29,19 +29,25 @@ const TOKEN: &str = "test-service-account-token";
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
+/// The resources listed and watched: EndpointSlices and Pods.
+const SLICES: &str = "endpointslices";
+const PODS: &str = "pods";
+
 /// One change, as a watch reports it.
 #[derive(Clone)]
 struct Change {
     version: u64,
+    resource: &'static str,
     kind: &'static str,
-    slice: Value,
+    object: Value,
 }
 
 #[derive(Default)]
 struct Store {
     version: u64,
     services: BTreeMap<(String, String), Value>,
-    slices: BTreeMap<(String, String), Value>,
+    /// EndpointSlices and Pods, by resource, namespace and name.
+    objects: BTreeMap<(&'static str, String, String), Value>,
     /// Changes still known, oldest first; a watch from before the first is too old.
     history: Vec<Change>,
     /// The version before which the history is gone.
@@ -143,12 +149,14 @@ impl ApiServer {
         path
     }
 
-    /// Creates or replaces the Service `name` in `namespace` with one TCP port.
+    /// Creates or replaces the Service `name` in `namespace` with one TCP
+    /// port, selecting the pods labelled `app: <name>`.
     pub fn service(&self, namespace: &str, name: &str, port: i32, port_name: &str) {
         let service = Service {
             metadata: meta(namespace, name, 0),
             spec: Some(ServiceSpec {
                 ports: Some(vec![ServicePort { name: Some(port_name.into()), port, ..Default::default() }]),
+                selector: Some([("app".to_string(), name.to_string())].into()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -159,20 +167,32 @@ impl ApiServer {
         self.store.lock().unwrap().services.insert((namespace.into(), name.into()), value);
     }
 
+    /// Creates or replaces the pod `name`, labelled `app: <app>`, running as `account`.
+    pub fn pod(&self, namespace: &str, name: &str, app: &str, account: &str) {
+        let mut metadata = meta(namespace, name, 0);
+        metadata.labels = Some([("app".to_string(), app.to_string())].into());
+        let pod = Pod {
+            metadata,
+            spec: Some(PodSpec { service_account_name: Some(account.into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(pod).unwrap();
+        value["apiVersion"] = json!("v1");
+        value["kind"] = json!("Pod");
+        self.put(PODS, namespace, name, value);
+    }
+
     /// Creates or replaces an EndpointSlice of Service `service`: its
-    /// endpoints (address, ready) at `port_name` = `port`.
+    /// endpoints (address, ready, pod) at `port_name` = `port`.
     pub fn slice(
         &self,
         namespace: &str,
         name: &str,
         service: &str,
         (port_name, port): (&str, u16),
-        endpoints: &[(&str, bool)],
+        endpoints: &[(&str, bool, &str)],
     ) {
-        let mut store = self.store.lock().unwrap();
-        store.version += 1;
-        let version = store.version;
-        let mut metadata = meta(namespace, name, version);
+        let mut metadata = meta(namespace, name, 0);
         metadata.labels = Some([("kubernetes.io/service-name".to_string(), service.to_string())].into());
         let slice = EndpointSlice {
             metadata,
@@ -185,12 +205,18 @@ impl ApiServer {
             }]),
             endpoints: endpoints
                 .iter()
-                .map(|(address, ready)| Endpoint {
+                .map(|(address, ready, pod)| Endpoint {
                     addresses: vec![address.to_string()],
                     conditions: Some(EndpointConditions {
                         ready: Some(*ready),
                         serving: Some(*ready),
                         terminating: Some(false),
+                    }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(pod.to_string()),
+                        namespace: Some(namespace.into()),
+                        ..Default::default()
                     }),
                     ..Default::default()
                 })
@@ -199,19 +225,28 @@ impl ApiServer {
         let mut value = serde_json::to_value(slice).unwrap();
         value["apiVersion"] = json!("discovery.k8s.io/v1");
         value["kind"] = json!("EndpointSlice");
-        let key = (namespace.to_string(), name.to_string());
-        let kind = if store.slices.insert(key, value.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-        self.record(&mut store, Change { version, kind, slice: value });
+        self.put(SLICES, namespace, name, value);
+    }
+
+    /// Stores `value` under a new resource version, as an ADDED or MODIFIED change.
+    fn put(&self, resource: &'static str, namespace: &str, name: &str, mut value: Value) {
+        let mut store = self.store.lock().unwrap();
+        store.version += 1;
+        let version = store.version;
+        value["metadata"]["resourceVersion"] = json!(version.to_string());
+        let key = (resource, namespace.to_string(), name.to_string());
+        let kind = if store.objects.insert(key, value.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(&mut store, Change { version, resource, kind, object: value });
     }
 
     /// Deletes an EndpointSlice.
     pub fn delete_slice(&self, namespace: &str, name: &str) {
         let mut store = self.store.lock().unwrap();
-        let Some(mut value) = store.slices.remove(&(namespace.to_string(), name.to_string())) else { return };
+        let Some(mut value) = store.objects.remove(&(SLICES, namespace.to_string(), name.to_string())) else { return };
         store.version += 1;
         let version = store.version;
         value["metadata"]["resourceVersion"] = json!(version.to_string());
-        self.record(&mut store, Change { version, kind: "DELETED", slice: value });
+        self.record(&mut store, Change { version, resource: SLICES, kind: "DELETED", object: value });
     }
 
     fn record(&self, store: &mut Store, change: Change) {
@@ -240,15 +275,16 @@ impl ApiServer {
                     None => status(StatusCode::NOT_FOUND, "NotFound", &format!("services \"{name}\" not found")),
                 }
             }
-            ["apis", "discovery.k8s.io", "v1", "namespaces", namespace, "endpointslices"] => {
-                let selected = query.get("labelSelector").cloned().unwrap_or_default();
-                let selector = selected.strip_prefix("kubernetes.io/service-name=").map(str::to_string);
+            ["apis", "discovery.k8s.io", "v1", "namespaces", namespace, "endpointslices"]
+            | ["api", "v1", "namespaces", namespace, "pods"] => {
+                let resource = if segments[0] == "api" { PODS } else { SLICES };
+                let selector = query.get("labelSelector").cloned();
                 if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                     self.count("watch");
-                    self.watch(namespace, selector, &query)
+                    self.watch(resource, namespace, selector, &query)
                 } else {
                     self.count("list");
-                    self.list(namespace, selector.as_deref(), &query)
+                    self.list(resource, namespace, selector.as_deref(), &query)
                 }
             }
             _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find {path}")),
@@ -259,13 +295,19 @@ impl ApiServer {
         *self.requests.lock().unwrap().entry(kind).or_default() += 1;
     }
 
-    fn list(&self, namespace: &str, selector: Option<&str>, query: &BTreeMap<String, String>) -> Response<Body> {
+    fn list(
+        &self,
+        resource: &'static str,
+        namespace: &str,
+        selector: Option<&str>,
+        query: &BTreeMap<String, String>,
+    ) -> Response<Body> {
         let store = self.store.lock().unwrap();
         let selected: Vec<&Value> = store
-            .slices
+            .objects
             .iter()
-            .filter(|((ns, _), slice)| ns == namespace && selects(selector, slice))
-            .map(|(_, slice)| slice)
+            .filter(|((kind, ns, _), object)| *kind == resource && ns == namespace && selects(selector, object))
+            .map(|(_, object)| object)
             .collect();
         let start: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
         let limit = query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
@@ -274,15 +316,22 @@ impl ApiServer {
         if start + page.len() < selected.len() {
             metadata["continue"] = json!((start + page.len()).to_string());
         }
+        let (api_version, kind) = type_of(resource);
         json_response(&json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSliceList",
+            "apiVersion": api_version,
+            "kind": format!("{kind}List"),
             "metadata": metadata,
             "items": page,
         }))
     }
 
-    fn watch(&self, namespace: &str, selector: Option<String>, query: &BTreeMap<String, String>) -> Response<Body> {
+    fn watch(
+        &self,
+        resource: &'static str,
+        namespace: &str,
+        selector: Option<String>,
+        query: &BTreeMap<String, String>,
+    ) -> Response<Body> {
         let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
         let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(300u64);
@@ -302,8 +351,9 @@ impl ApiServer {
                 sender.try_send(Bytes::from(line)).is_ok()
             };
             let selected = |change: &Change| {
-                change.slice["metadata"]["namespace"] == namespace.as_str()
-                    && selects(selector.as_deref(), &change.slice)
+                change.resource == resource
+                    && change.object["metadata"]["namespace"] == namespace.as_str()
+                    && selects(selector.as_deref(), &change.object)
             };
             if gone {
                 let status = json!({
@@ -314,7 +364,7 @@ impl ApiServer {
                 return watches.fetch_sub(1, Ordering::AcqRel);
             }
             for change in backlog.iter().filter(|c| selected(c)) {
-                send(json!({ "type": change.kind, "object": change.slice }));
+                send(json!({ "type": change.kind, "object": change.object }));
             }
             let ends = tokio::time::sleep(std::time::Duration::from_secs(timeout));
             tokio::pin!(ends);
@@ -324,13 +374,14 @@ impl ApiServer {
                     _ = &mut ends => break,
                     _ = sender.closed() => break,
                     _ = ticks.tick(), if bookmarks => {
-                        let bookmark = json!({ "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+                        let (api_version, kind) = type_of(resource);
+                        let bookmark = json!({ "kind": kind, "apiVersion": api_version,
                             "metadata": { "resourceVersion": version.to_string() } });
                         send(json!({ "type": "BOOKMARK", "object": bookmark }));
                     }
                     change = changes.recv() => match change {
                         Ok(change) if selected(&change) => {
-                            if !send(json!({ "type": change.kind, "object": change.slice })) {
+                            if !send(json!({ "type": change.kind, "object": change.object })) {
                                 break;
                             }
                         }
@@ -361,8 +412,17 @@ fn meta(namespace: &str, name: &str, version: u64) -> ObjectMeta {
     }
 }
 
-fn selects(selector: Option<&str>, slice: &Value) -> bool {
-    selector.is_none_or(|service| slice["metadata"]["labels"]["kubernetes.io/service-name"] == service)
+/// Whether `object`'s labels match a selector of `key=value` terms.
+fn selects(selector: Option<&str>, object: &Value) -> bool {
+    let mut terms = selector.into_iter().flat_map(|s| s.split(',')).filter(|t| !t.is_empty());
+    terms.all(|term| match term.split_once('=') {
+        Some((key, value)) => object["metadata"]["labels"][key] == value,
+        None => false,
+    })
+}
+
+fn type_of(resource: &str) -> (&'static str, &'static str) {
+    if resource == PODS { ("v1", "Pod") } else { ("discovery.k8s.io/v1", "EndpointSlice") }
 }
 
 fn json_response(value: &Value) -> Response<Body> {

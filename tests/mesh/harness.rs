@@ -64,6 +64,10 @@ pub struct MeshOptions {
     pub app_health: bool,
     /// More of the client sidecar's config, e.g. a `kubernetes` section.
     pub client_config: String,
+    /// Each server's workload, whose certificate it presents (past the list: `server`).
+    pub server_workloads: &'static [&'static str],
+    /// Whether the client's upstream names the identity every endpoint presents.
+    pub upstream_identity: bool,
 }
 
 impl Default for MeshOptions {
@@ -89,6 +93,8 @@ impl Default for MeshOptions {
             upstream_settings: "",
             app_health: false,
             client_config: String::new(),
+            server_workloads: &["server"],
+            upstream_identity: true,
         }
     }
 }
@@ -138,7 +144,8 @@ impl Mesh {
             let policy = options.server_policy;
             // Each server's own file: a reload rereads it, so servers sharing one would take the last one's app.
             let file = if servers.is_empty() { "server".to_string() } else { format!("server-{}", servers.len()) };
-            servers.push(sidecar(&dir, ("server", &file), "[]", Some(&inbound), policy, &options).await);
+            let workload = options.server_workloads.get(servers.len()).copied().unwrap_or("server");
+            servers.push(sidecar(&dir, (workload, &file), "[]", Some(&inbound), policy, &options).await);
         }
         let every_server = servers.iter().map(|s| s.inbound_addr.unwrap().to_string()).collect::<Vec<_>>().join(",");
         let server_sidecar = servers.remove(0);
@@ -153,10 +160,12 @@ impl Mesh {
             .map(|e| format!("'{e}'"))
             .collect::<Vec<_>>()
             .join(", ");
-        let upstreams = format!(
-            "[{{services: [echo.v1.Echo], endpoints: [{endpoint}], identity: '{}', {}}}]",
-            options.expected_server, options.upstream_settings
-        );
+        let identity = match options.upstream_identity {
+            true => format!("identity: '{}', ", options.expected_server),
+            false => String::new(),
+        };
+        let upstreams =
+            format!("[{{services: [echo.v1.Echo], endpoints: [{endpoint}], {identity}{}}}]", options.upstream_settings);
         let client_sidecar =
             sidecar(&dir, ("client", "client"), &upstreams, None, options.client_policy, &options).await;
         let backend = backends[0].clone();

@@ -48,20 +48,46 @@ async fn calls_until(mesh: &Mesh, what: &str, served: impl Fn(&[u64]) -> bool) {
 fn slices(api: &ApiServer, servers: &[SocketAddr], ready: &[bool]) {
     for (i, (server, ready)) in servers.iter().zip(ready).enumerate() {
         let address = server.ip().to_string();
-        api.slice("test", &format!("echo-{i}"), "echo", ("grpc", server.port()), &[(&address, *ready)]);
+        let pod = format!("pod-{i}");
+        api.slice("test", &format!("echo-{i}"), "echo", ("grpc", server.port()), &[(&address, *ready, &pod)]);
     }
 }
 
 async fn mesh(api: &Arc<ApiServer>, endpoint: &str) -> (Mesh, tempfile::TempDir) {
+    mesh_with(api, endpoint, MeshOptions::default()).await
+}
+
+async fn mesh_with(api: &Arc<ApiServer>, endpoint: &str, options: MeshOptions) -> (Mesh, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
     let options = MeshOptions {
         servers: 2,
         upstream_endpoint: Some(endpoint.into()),
         client_config: format!("kubernetes: {{kubeconfig: '{}'}}\n", kubeconfig.display()),
-        ..Default::default()
+        ..options
     };
     (Mesh::start_with(options).await, dir)
+}
+
+#[tokio::test]
+async fn without_an_identity_for_all_each_endpoint_must_present_its_pods_service_account() {
+    let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
+    // The second server's certificate names another service account than its pod runs as.
+    let options =
+        MeshOptions { server_workloads: &["server", "other"], upstream_identity: false, ..Default::default() };
+    let (mesh, _dir) = mesh_with(&api, "k8s://echo.test:50051", options).await;
+    let servers = mesh.server_inbounds();
+    api.pod("test", "pod-0", "echo", "server");
+    api.pod("test", "pod-1", "echo", "server");
+    slices(&api, &servers, &[true, true]);
+    calls_until(&mesh, "the endpoint presenting the wrong identity takes no call", |d| d[0] == 10 && d[1] == 0).await;
+    for _ in 0..3 {
+        calls_until(&mesh, "it never does", |d| d[1] == 0).await;
+    }
+    // Its pod runs as the account it presents: now it is who it must be.
+    api.pod("test", "pod-1", "echo", "other");
+    calls_until(&mesh, "the same endpoint, expected as its pod's account", |d| d[1] > 0).await;
 }
 
 #[tokio::test]
@@ -95,14 +121,26 @@ async fn an_upstream_naming_a_service_follows_its_ready_endpoints() {
 #[tokio::test]
 async fn a_service_port_may_be_named_and_only_its_endpoints_are_taken() {
     let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
     let (mesh, _dir) = mesh(&api, "k8s://echo.test:grpc").await;
     let servers = mesh.server_inbounds();
     // The second server's slice is of another port of the Service: not ours.
-    api.slice("test", "echo-0", "echo", ("grpc", servers[0].port()), &[(&servers[0].ip().to_string(), true)]);
-    api.slice("test", "echo-1", "echo", ("metrics", servers[1].port()), &[(&servers[1].ip().to_string(), true)]);
-    api.slice("test", "other-0", "other", ("grpc", servers[1].port()), &[(&servers[1].ip().to_string(), true)]);
+    api.slice("test", "echo-0", "echo", ("grpc", servers[0].port()), &[(&servers[0].ip().to_string(), true, "pod-0")]);
+    api.slice(
+        "test",
+        "echo-1",
+        "echo",
+        ("metrics", servers[1].port()),
+        &[(&servers[1].ip().to_string(), true, "pod-1")],
+    );
+    api.slice(
+        "test",
+        "other-0",
+        "other",
+        ("grpc", servers[1].port()),
+        &[(&servers[1].ip().to_string(), true, "pod-1")],
+    );
     calls_until(&mesh, "only the named port's endpoints", |d| d[0] == 10 && d[1] == 0).await;
-    assert_eq!(api.requests("get"), 0, "a named port needs no Service read");
 }
 
 #[test]
