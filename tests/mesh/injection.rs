@@ -243,7 +243,7 @@ fn injected_manifests_and_the_kubernetes_bases_validate_against_the_schemas() {
         std::fs::write(&file, rendered).unwrap();
         file
     };
-    for base in ["injector", "identity", "sample", "jaeger"] {
+    for base in ["injector", "identity", "discovery", "sample", "jaeger"] {
         let objects = kustomize(&Path::new(REPO).join("k8s").join(base));
         let (crds, core): (Vec<Value>, Vec<Value>) =
             objects.into_iter().partition(|o| o["apiVersion"].as_str().unwrap().starts_with("cert-manager.io/"));
