@@ -26,7 +26,7 @@ pub const SCHEME: &str = "k8s://";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The most endpoints taken from one Service: a hostile or broken object
 /// cannot make the sidecar hold more.
-const MAX_ENDPOINTS: usize = 10_000;
+pub const MAX_ENDPOINTS: usize = 10_000;
 
 /// The `kubernetes` section of the config, read at start.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -383,7 +383,7 @@ fn api_error(error: &kube::Error) -> String {
 /// The ready endpoints of `slices` at the Service port named `port`, each
 /// with the service account of its pod when `pods` knows the pod, sorted, at
 /// most [`MAX_ENDPOINTS`].
-fn ready_endpoints<'a>(
+pub fn ready_endpoints<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
     pods: &BTreeMap<String, Pod>,
     port: &str,
