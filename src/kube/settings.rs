@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{ADMIN_PORT, VERSION};
+use super::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, VERSION};
 use crate::capture::PortRange;
 
 /// The label (or namespace label) that opts a pod in (`enabled`) or out (`disabled`).
@@ -125,10 +125,17 @@ impl Settings {
             Some("classic") => Mode::Classic,
             Some(other) => return Err(invalid(MODE, other, "`native` (Kubernetes 1.29 and later) or `classic`")),
         };
-        let app_port = match get(APP_PORT) {
+        // The sidecar's own ports are never the app's: its inbound would hand
+        // peers' calls to a listener that acts with the workload's identity.
+        let app_port = match get(APP_PORT).as_deref() {
+            Some("none") => None,
             Some(port) => match port.parse::<u16>() {
-                Ok(port) if port > 0 && port != ADMIN_PORT => Some(port),
-                _ => return Err(invalid(APP_PORT, &port, "a port number from 1 to 65535, not the sidecar's")),
+                Ok(port) if port > 0 && ![OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT].contains(&port) => Some(port),
+                _ => {
+                    let valid =
+                        "a port number from 1 to 65535 other than the sidecar's own (4140, 4143, 4191), or `none`";
+                    return Err(invalid(APP_PORT, port, valid));
+                }
             },
             None => first_container_port(spec),
         };
@@ -284,8 +291,15 @@ mod tests {
         let err = Settings::read(&template(json!({"protomesh.io/app-port": "http"})), "w", &Defaults::default());
         assert_eq!(
             err.unwrap_err(),
-            "annotation protomesh.io/app-port: `http` is not valid; write a port number from 1 to 65535, not the sidecar's"
+            "annotation protomesh.io/app-port: `http` is not valid; write a port number from 1 to 65535 other than \
+             the sidecar's own (4140, 4143, 4191), or `none`"
         );
+        for own in ["4140", "4143", "4191"] {
+            let err = Settings::read(&template(json!({"protomesh.io/app-port": own})), "w", &Defaults::default());
+            assert!(err.unwrap_err().contains("other than the sidecar's own"), "{own}");
+        }
+        let none = Settings::read(&template(json!({"protomesh.io/app-port": "none"})), "w", &Defaults::default());
+        assert_eq!(none.unwrap().app_port, None, "`none`, as the README says: no inbound listener");
         let err =
             Settings::read(&template(json!({"protomesh.io/proxy-memory-limit": "lots"})), "w", &Defaults::default());
         assert!(err.unwrap_err().starts_with("annotation protomesh.io/proxy-memory-limit: `lots`"));
