@@ -211,8 +211,7 @@ impl Connection {
         };
         match protocol {
             (Protocol::Http2, io) => {
-                let limits = &self.config.limits;
-                Some(connection::serve(io, new_service(self.peer.clone()), limits, self.drain.clone()).await)
+                Some(connection::serve(io, new_service(self.peer), &self.config.limits, self.drain).await)
             }
             (Protocol::Opaque, io) => {
                 let tls = self.routes.load().outbound.opaque_tls(original);
@@ -228,7 +227,7 @@ impl Connection {
     /// it is forwarded to the app as opaque TCP. A connection captured on its
     /// way to one of the sidecar's own ports is refused whatever it speaks.
     async fn inbound<S>(
-        self,
+        mut self,
         tcp: TcpStream,
         acceptor: &tokio_rustls::TlsAcceptor,
         new_service: &impl Fn(PeerInfo) -> S,
@@ -269,15 +268,8 @@ impl Connection {
                 }
             }
         }
-        let limits = &self.config.limits;
-        let refusal = match self.peer.original_destination {
-            Some(original) => format!(
-                "port {} takes only mTLS from meshed workloads (inbound.mtls: strict); plaintext refused",
-                original.port()
-            ),
-            None => "the inbound listener takes only mTLS from meshed workloads; plaintext refused".into(),
-        };
-        let handshake = (limits.tls_handshake_timeout, refusal.as_str());
+        let port = self.peer.original_destination.map(|original| original.port());
+        let handshake = (self.config.limits.tls_handshake_timeout, port);
         let tls = match accept_tls(acceptor, tcp, addr, handshake, &self.warnings).await {
             Ok(tls) => {
                 self.metrics.tls_handshake(Direction::Inbound, "ok".into());
@@ -288,17 +280,16 @@ impl Connection {
                 return None;
             }
         };
-        let mut peer = self.peer.clone();
-        peer.identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        self.peer.identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
             Some(leaf) => spiffe_id_of(leaf),
             None => Err("no client certificate".into()),
         };
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
-            let app = self.opaque_app(&peer)?;
+            let app = self.opaque_app(&self.peer)?;
             self.forward(Direction::Inbound, tls, app, None).await;
             return None;
         }
-        Some(connection::serve(tls, new_service(peer), limits, self.drain.clone()).await)
+        Some(connection::serve(tls, new_service(self.peer), &self.config.limits, self.drain).await)
     }
 
     /// Forwards `io` to `target` as opaque TCP (over mTLS with `tls`) within
@@ -399,12 +390,12 @@ async fn first_byte(tcp: &TcpStream, timeout: Duration) -> FirstByte {
 
 /// Completes a TLS handshake, or says why it failed in a few words fit for a
 /// metric label: `plaintext_http2`, `timeout`, or the kind of TLS error.
-/// `refusal` is what a plaintext HTTP/2 client is told.
+/// A plaintext HTTP/2 client is told which `port` refused it, if it was captured.
 async fn accept_tls(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
-    (timeout, refusal): (Duration, &str),
+    (timeout, port): (Duration, Option<u16>),
     warnings: &LogThrottle,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
     let handshake = async {
@@ -412,7 +403,7 @@ async fn accept_tls(
             if let Some(unlogged) = warnings.note(addr.ip(), "plaintext_http2") {
                 tracing::warn!(%addr, unlogged, "refused plaintext HTTP/2 on the mTLS listener");
             }
-            refuse_plaintext(tcp, refusal).await;
+            refuse_plaintext(tcp, port).await;
             return Err("plaintext_http2".to_string());
         }
         acceptor.accept(tcp).await.map_err(|error| {
@@ -453,8 +444,15 @@ const REFUSED_STREAMS: usize = 8;
 /// closed (GOAWAY) after the first answer, within a second in all. A GOAWAY
 /// before any stream would read to a gRPC client as "try again", and it
 /// would reconnect until its deadline.
-async fn refuse_plaintext(tcp: TcpStream, refusal: &str) {
-    let message = format!("protomesh inbound: {refusal}");
+async fn refuse_plaintext(tcp: TcpStream, port: Option<u16>) {
+    let message = match port {
+        Some(port) => format!(
+            "protomesh inbound: port {port} takes only mTLS from meshed workloads (inbound.mtls: strict); plaintext refused"
+        ),
+        None => {
+            "protomesh inbound: the inbound listener takes only mTLS from meshed workloads; plaintext refused".into()
+        }
+    };
     let refusing = async {
         let mut connection = h2::server::Builder::new()
             .max_concurrent_streams(REFUSED_STREAMS as u32)
