@@ -104,12 +104,15 @@ pub fn spawn_refresh(
         Some(cluster) => services.map(|service| cluster.watch(service, known.clone())).collect(),
         None => Vec::new(),
     };
-    let polled = specs.iter().any(|s| matches!(s, EndpointSpec::Dns { .. }));
+    // Addresses and DNS names, kept apart from the watched Services' endpoints.
+    let resolvable: Vec<EndpointSpec> =
+        specs.into_iter().filter(|s| !matches!(s, EndpointSpec::Kubernetes(_))).collect();
+    let polled = resolvable.iter().any(|s| matches!(s, EndpointSpec::Dns { .. }));
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
-        let mut resolved: Vec<Found> = Vec::new();
+        let mut resolved = resolve(&resolvable, None).await;
         let watching = !watched.is_empty();
         loop {
             let changed = async {
@@ -119,11 +122,7 @@ pub fn spawn_refresh(
                 }
             };
             tokio::select! {
-                _ = ticks.tick(), if polled => {
-                    let polled: Vec<EndpointSpec> =
-                        specs.iter().filter(|s| !matches!(s, EndpointSpec::Kubernetes(_))).cloned().collect();
-                    resolved = resolve(&polled, None).await;
-                }
+                _ = ticks.tick(), if polled => resolved = resolve(&resolvable, None).await,
                 watched_changed = changed => {
                     if watched_changed.is_err() {
                         return;

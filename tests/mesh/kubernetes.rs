@@ -172,3 +172,17 @@ fn a_k8s_endpoint_without_an_api_server_is_refused_at_start_naming_it() {
     assert!(stderr.contains("outbound.upstreams[0]: k8s://echo.test:50051: no Kubernetes API server"), "{stderr}");
     assert!(stderr.contains("kubernetes.discovery is off"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_service_and_an_address_in_one_upstream_are_both_kept_as_the_service_changes() {
+    let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
+    // The first server by its address, the second through the Service.
+    let (mesh, _dir) = mesh(&api, "127.0.0.1:{server},k8s://echo.test:grpc").await;
+    let servers = mesh.server_inbounds();
+    let second = servers[1].ip().to_string();
+    api.slice("test", "echo-1", "echo", ("grpc", servers[1].port()), &[(&second, true, "pod-1")]);
+    calls_until(&mesh, "both, the address and the Service's endpoint", |d| d.iter().all(|n| *n > 0)).await;
+    api.slice("test", "echo-1", "echo", ("grpc", servers[1].port()), &[(&second, false, "pod-1")]);
+    calls_until(&mesh, "the address stays when the Service changes", |d| d[0] == 10).await;
+}
