@@ -229,13 +229,16 @@ impl Cluster {
         tokio::pin!(events);
         let (mut slices, mut pods) = (Known::default(), Known::default());
         while let Some(change) = events.next().await {
-            let failed = |error: watcher::Error| {
-                tracing::warn!(%service, %error, "watching the Service failed; keeping the last endpoints");
-                false
+            let failed = |watched: &'static str| {
+                move |error: watcher::Error| {
+                    let error = watch_error(&error);
+                    tracing::warn!(%service, %error, "watching its {watched} failed; keeping the last endpoints");
+                    false
+                }
             };
             let changed = match change {
-                Change::Slice(event) => event.map_or_else(failed, |event| slices.apply(event)),
-                Change::Pod(event) => event.map_or_else(failed, |event| pods.apply(event)),
+                Change::Slice(event) => event.map_or_else(failed("EndpointSlices"), |event| slices.apply(event)),
+                Change::Pod(event) => event.map_or_else(failed("pods"), |event| pods.apply(event)),
             };
             if !changed {
                 continue;
@@ -366,16 +369,26 @@ impl kube::runtime::utils::Backoff for Reconnect {
     }
 }
 
-/// What an API error means to whoever reads the log: a denied request names
-/// the permission it needed.
+/// What an API error means to whoever reads the log. A denied request says
+/// what was denied (the API server's message names the verb, the resource
+/// and the namespace) and what grants it.
 fn api_error(error: &kube::Error) -> String {
     match error {
-        kube::Error::Api(status) if status.code == 403 => {
-            format!(
-                "forbidden by RBAC: {} (grant get, list and watch on it to the pod's service account)",
-                status.message
-            )
-        }
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "forbidden by RBAC: {} (bind the ClusterRole protomesh-discovery of k8s/discovery to the pod's service \
+             account in that namespace)",
+            status.message
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// A watch's failure, told as [`api_error`] tells the API's own.
+fn watch_error(error: &watcher::Error) -> String {
+    match error {
+        watcher::Error::InitialListFailed(error)
+        | watcher::Error::WatchStartFailed(error)
+        | watcher::Error::WatchFailed(error) => api_error(error),
         other => other.to_string(),
     }
 }
@@ -520,6 +533,17 @@ mod tests {
         assert!(waits[7] >= LONGEST_RECONNECT / 2, "{waits:?}");
         reconnect.reset();
         assert!(reconnect.next().unwrap() <= FIRST_RECONNECT);
+    }
+
+    #[test]
+    fn a_denied_list_or_watch_names_what_was_denied_and_what_grants_it() {
+        let denied = "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:shop:cart\" \
+                      cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"shop\"";
+        let forbidden = || kube::Error::Api(Box::new(kube::core::Status::failure(denied, "Forbidden").with_code(403)));
+        for error in [watch_error(&watcher::Error::InitialListFailed(forbidden())), api_error(&forbidden())] {
+            assert!(error.starts_with("forbidden by RBAC: endpointslices.discovery.k8s.io is forbidden"), "{error}");
+            assert!(error.contains("ClusterRole protomesh-discovery of k8s/discovery"), "{error}");
+        }
     }
 
     #[test]
