@@ -17,7 +17,7 @@ use crate::discovery::Found;
 use crate::identity::{ExpectedPeer, Identity};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
-use crate::policy::replay::RetryBudgetConfig;
+use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::Metrics;
 
 /// Destinations kept at once; past it, those no call holds are let go.
@@ -115,7 +115,7 @@ impl OriginalDestinations {
                 self.metrics.bulkhead(label),
             ))
         });
-        let (budget, _) = upstream.retry_budget(&policy.retry_budget);
+        let budget = RetryBudget::new(&policy.retry_budget);
         upstream.keep_retry_budget(policy.retry_budget, budget.clone());
         UpstreamRoute { upstream, bulkhead, budget }
     }

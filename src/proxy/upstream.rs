@@ -118,12 +118,10 @@ impl Upstream {
             None => ExpectedPeer::TrustDomain(identity.id.trust_domain().to_string().into()),
         };
         let transport = Transport::Mtls(identity.client_config(expected)?);
+        let accounts = config.identity.is_none().then(|| Accounts::new(identity.clone()));
         let name = Upstream::name_of(config);
-        let mut upstream = Upstream::new(name, config.identity.clone(), transport, connect, outliers, workers);
-        if config.identity.is_none() {
-            Arc::get_mut(&mut upstream).expect("an upstream just made").accounts =
-                Some(Accounts::new(identity.clone()));
-        }
+        let upstream =
+            Upstream::with_accounts(name, config.identity.clone(), transport, connect, outliers, workers, accounts);
         let known = discovery::resolve(&specs, cluster).await;
         upstream.set_endpoints(&known);
         upstream.set_health_check(config.health_check.clone());
@@ -156,6 +154,18 @@ impl Upstream {
         outliers: (OutlierConfig, OutlierMetrics),
         workers: usize,
     ) -> Arc<Upstream> {
+        Upstream::with_accounts(name, identity, transport, connect, outliers, workers, None)
+    }
+
+    fn with_accounts(
+        name: Arc<str>,
+        identity: Option<SpiffeId>,
+        transport: Transport,
+        connect: ConnectSettings,
+        outliers: (OutlierConfig, OutlierMetrics),
+        workers: usize,
+        accounts: Option<Accounts>,
+    ) -> Arc<Upstream> {
         let budget = RetryBudgetConfig::default();
         Arc::new(Upstream {
             name,
@@ -167,7 +177,7 @@ impl Upstream {
             workers,
             members: ArcSwap::from_pointee(Vec::new()),
             health_check: watch::Sender::new(None),
-            accounts: None,
+            accounts,
         })
     }
 
