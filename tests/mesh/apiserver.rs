@@ -124,11 +124,15 @@ impl ApiServer {
             store.version += 100;
             store.compacted = store.version;
         }
+        // The old listener closes as its task is aborted: a few tries at most.
+        let mut tries = 0;
         let listener = loop {
             match tokio::net::TcpListener::bind(self.addr).await {
                 Ok(listener) => break listener,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                Err(error) if tries == 100 => panic!("the API server's address stays taken: {error}"),
+                Err(_) => tries += 1,
             }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         };
         self.serve(listener);
     }
