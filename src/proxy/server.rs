@@ -268,14 +268,20 @@ impl Connection {
                 }
             }
         }
-        let port = self.peer.original_destination.map(|original| original.port());
-        let handshake = (self.config.limits.tls_handshake_timeout, port);
-        let tls = match accept_tls(acceptor, tcp, addr, handshake, &self.warnings).await {
+        let timeout = self.config.limits.tls_handshake_timeout;
+        let tls = match accept_tls(acceptor, tcp, addr, timeout, &self.warnings).await {
             Ok(tls) => {
                 self.metrics.tls_handshake(Direction::Inbound, "ok".into());
                 tls
             }
-            Err(result) => {
+            Err(NotTls::Plaintext(tcp)) => {
+                // Counted before the answer, so that a client told why has been counted.
+                self.metrics.tls_handshake(Direction::Inbound, "plaintext_http2".into());
+                let port = self.peer.original_destination.map(|original| original.port());
+                refuse_plaintext(tcp, port).await;
+                return None;
+            }
+            Err(NotTls::Failed(result)) => {
                 self.metrics.tls_handshake(Direction::Inbound, result);
                 return None;
             }
@@ -388,36 +394,42 @@ async fn first_byte(tcp: &TcpStream, timeout: Duration) -> FirstByte {
     }
 }
 
-/// Completes a TLS handshake, or says why it failed in a few words fit for a
-/// metric label: `plaintext_http2`, `timeout`, or the kind of TLS error.
-/// A plaintext HTTP/2 client is told which `port` refused it, if it was captured.
+/// Why an inbound connection did not become a TLS stream.
+enum NotTls {
+    /// The client spoke plaintext HTTP/2: it is answered in kind (`refuse_plaintext`).
+    Plaintext(TcpStream),
+    /// The handshake failed, in a few words fit for a metric label:
+    /// `timeout`, or the kind of TLS error.
+    Failed(String),
+}
+
+/// Completes a TLS handshake within `timeout`, or says why not.
 async fn accept_tls(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
-    (timeout, port): (Duration, Option<u16>),
+    timeout: Duration,
     warnings: &LogThrottle,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, NotTls> {
     let handshake = async {
         if sent_plaintext_http2(&tcp).await {
             if let Some(unlogged) = warnings.note(addr.ip(), "plaintext_http2") {
                 tracing::warn!(%addr, unlogged, "refused plaintext HTTP/2 on the mTLS listener");
             }
-            refuse_plaintext(tcp, port).await;
-            return Err("plaintext_http2".to_string());
+            return Err(NotTls::Plaintext(tcp));
         }
         acceptor.accept(tcp).await.map_err(|error| {
             if let Some(unlogged) = warnings.note(addr.ip(), "tls_failed") {
                 tracing::warn!(%addr, %error, unlogged, "TLS handshake failed");
             }
-            handshake_failure(&error)
+            NotTls::Failed(handshake_failure(&error))
         })
     };
     tokio::time::timeout(timeout, handshake).await.unwrap_or_else(|_| {
         if let Some(unlogged) = warnings.note(addr.ip(), "tls_timeout") {
             tracing::warn!(%addr, ?timeout, unlogged, "TLS handshake timed out (limits.tls_handshake_timeout)");
         }
-        Err("timeout".into())
+        Err(NotTls::Failed("timeout".into()))
     })
 }
 
