@@ -89,23 +89,7 @@ impl Cluster {
         let service = node.service(APP_PORT, &[&server]);
         let tcp_service = node.service(TCP_PORT, &[&server]);
         let files = tempfile::tempdir().unwrap();
-        let named = ["client", "server", "peer"].map(|w| (w.to_string(), id(w)));
-        write_dev_certs(files.path(), "capture CA", &named).unwrap();
-        // The sidecars run as their own user, which must read these, and
-        // may not reach into the checkout.
-        for proto in ["examples/echo.proto", "protomesh/v1/options.proto"] {
-            let to = files.path().join("proto").join(proto);
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("proto").join(proto), to).unwrap();
-        }
-        let sidecar = files.path().join("protomesh");
-        if !pods::proxy_user_can_run(Path::new(env!("CARGO_BIN_EXE_protomesh"))) {
-            std::fs::hard_link(env!("CARGO_BIN_EXE_protomesh"), &sidecar)
-                .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_protomesh"), &sidecar).map(drop))
-                .unwrap();
-        }
-        make_readable(files.path());
-
+        let sidecar = sidecar_files(files.path(), &["client", "server", "peer"]);
         let (health, reported) = std::sync::mpsc::channel();
         server.run(move || async move {
             let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -156,26 +140,12 @@ impl Cluster {
             meshed.push((peer, config, &[][..], &no_env));
         }
         for (pod, config, init, env) in meshed {
-            let output = pod.init(init);
-            assert!(output.status.success(), "protomesh init: {}", String::from_utf8_lossy(&output.stderr));
-            let log = files.path().join(format!("{}.log", pod.name));
-            let binary = if sidecar.exists() { sidecar.as_path() } else { Path::new(env!("CARGO_BIN_EXE_protomesh")) };
-            sidecars.push((pod.sidecar(binary, config, env, &log), log));
+            sidecars.push(start_sidecar(pod, &sidecar, config, init, env, files.path()));
         }
         let cluster = Cluster { node, client, server, outside, peer, service, tcp_service, sidecars, health, files };
         let meshed = [Some(&cluster.server), Some(&cluster.client), cluster.peer.as_ref()];
         for (pod, (_, log)) in meshed.into_iter().flatten().zip(&cluster.sidecars) {
-            let log = log.clone();
-            let ready = pod.run(|| async move {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while TcpStream::connect(ADMIN).await.is_err() {
-                    let log = std::fs::read_to_string(&log).unwrap_or_default();
-                    assert!(Instant::now() < deadline, "the sidecar did not start; its log:\n{log}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                assert_eq!(admin(ADMIN.parse().unwrap(), "GET", "/ready", "").await.0, 200);
-            });
-            ready.join().expect("the sidecar becomes ready");
+            await_ready(pod, log);
         }
         Some(cluster)
     }
@@ -221,6 +191,60 @@ impl Drop for Cluster {
             let _ = sidecar.wait();
         }
     }
+}
+
+/// Writes into `dir` what meshed pods' sidecars read (the `workloads`'
+/// certificates, the protos), readable by the sidecar's user; returns the
+/// binary that user can run.
+pub fn sidecar_files(dir: &Path, workloads: &[&str]) -> PathBuf {
+    let named: Vec<_> = workloads.iter().map(|w| (w.to_string(), id(w))).collect();
+    write_dev_certs(dir, "capture CA", &named).unwrap();
+    // The sidecars run as their own user, which must read these, and
+    // may not reach into the checkout.
+    for proto in ["examples/echo.proto", "protomesh/v1/options.proto"] {
+        let to = dir.join("proto").join(proto);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("proto").join(proto), to).unwrap();
+    }
+    let sidecar = dir.join("protomesh");
+    if !pods::proxy_user_can_run(Path::new(env!("CARGO_BIN_EXE_protomesh"))) {
+        std::fs::hard_link(env!("CARGO_BIN_EXE_protomesh"), &sidecar)
+            .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_protomesh"), &sidecar).map(drop))
+            .unwrap();
+    }
+    make_readable(dir);
+    if sidecar.exists() { sidecar } else { PathBuf::from(env!("CARGO_BIN_EXE_protomesh")) }
+}
+
+/// Installs `protomesh init`'s rules (with `init`) in `pod` and starts its
+/// sidecar with `config` and `env`; returns it and its log, in `dir`.
+pub fn start_sidecar(
+    pod: &Pod,
+    binary: &Path,
+    config: &Path,
+    init: &[&str],
+    env: &[(String, String)],
+    dir: &Path,
+) -> (Child, PathBuf) {
+    let output = pod.init(init);
+    assert!(output.status.success(), "protomesh init: {}", String::from_utf8_lossy(&output.stderr));
+    let log = dir.join(format!("{}.log", pod.name));
+    (pod.sidecar(binary, config, env, &log), log)
+}
+
+/// Waits until the sidecar of `pod` answers ready, failing with its log if it does not start.
+pub fn await_ready(pod: &Pod, log: &Path) {
+    let log = log.to_path_buf();
+    let ready = pod.run(|| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(ADMIN).await.is_err() {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(Instant::now() < deadline, "the sidecar did not start; its log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(admin(ADMIN.parse().unwrap(), "GET", "/ready", "").await.0, 200);
+    });
+    ready.join().expect("the sidecar becomes ready");
 }
 
 pub fn config(dir: &Path, workload: &str, rest: &str) -> PathBuf {
