@@ -18,7 +18,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::Found;
+use super::{Found, Workload};
 
 /// How an upstream endpoint names a Kubernetes Service.
 pub const SCHEME: &str = "k8s://";
@@ -169,19 +169,43 @@ impl Cluster {
         Ok(Some(Cluster { client }))
     }
 
+    /// The Service whose cluster IP and TCP port `addr` is, as a captured
+    /// connection to it names it; `None` when the API knows of none. One
+    /// request, selected by the API server (`spec.clusterIP`, a Service's
+    /// primary cluster IP): nothing of the cluster is watched to answer it.
+    pub async fn service_at(&self, addr: SocketAddr) -> Result<Option<ServiceRef>, String> {
+        let selected = ListParams::default().fields(&format!("spec.clusterIP={}", addr.ip()));
+        let found = Api::<Service>::all(self.client.clone())
+            .list(&selected)
+            .await
+            .map_err(|e| format!("finding the Service at {addr}: {}", api_error(&e, Grant::Lookup)))?;
+        let port = i32::from(addr.port());
+        let at_port = found.items.into_iter().find(|service| {
+            let ports = service.spec.as_ref().and_then(|spec| spec.ports.as_ref());
+            ports.is_some_and(|ports| {
+                ports.iter().any(|p| p.port == port && p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            })
+        });
+        Ok(at_port.map(|service| ServiceRef {
+            name: name_of(&service.metadata),
+            namespace: service.metadata.namespace.unwrap_or_default(),
+            port: ServicePort::Number(addr.port()),
+        }))
+    }
+
     /// The Service's ready endpoints now, each with its pod's service account.
     pub async fn endpoints(&self, service: &ServiceRef) -> Result<Vec<Found>, String> {
         let info = self.read_service(service).await?;
         let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace)
             .list(&ListParams::default().labels(&service.selector()))
             .await
-            .map_err(|e| format!("{service}: listing its EndpointSlices: {}", api_error(&e)))?;
+            .map_err(|e| format!("{service}: listing its EndpointSlices: {}", api_error(&e, Grant::Endpoints)))?;
         let mut pods = BTreeMap::new();
         if let Some(selector) = &info.pods {
             let listed = Api::<Pod>::namespaced(self.client.clone(), &service.namespace)
                 .list(&ListParams::default().labels(selector))
                 .await
-                .map_err(|e| format!("{service}: listing its pods: {}", api_error(&e)))?;
+                .map_err(|e| format!("{service}: listing its pods: {}", api_error(&e, Grant::Endpoints)))?;
             pods.extend(listed.items.into_iter().map(|pod| (name_of(&pod.metadata), pod)));
         }
         Ok(ready_endpoints(slices.items.iter(), &pods, &info.port, service))
@@ -240,7 +264,8 @@ impl Cluster {
                 Change::Slice(event) => event.map_or_else(failed("EndpointSlices"), |event| slices.apply(event)),
                 Change::Pod(event) => event.map_or_else(failed("pods"), |event| pods.apply(event)),
             };
-            if !changed {
+            // Until both lists are in, endpoints would lack their pods: they are not sent half-known.
+            if !changed || !slices.listed || (info.pods.is_some() && !pods.listed) {
                 continue;
             }
             let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info.port, service);
@@ -261,7 +286,7 @@ impl Cluster {
         let found = Api::<Service>::namespaced(self.client.clone(), &service.namespace)
             .get(&service.name)
             .await
-            .map_err(|e| format!("{service}: reading the Service: {}", api_error(&e)))?;
+            .map_err(|e| format!("{service}: reading the Service: {}", api_error(&e, Grant::Endpoints)))?;
         let spec = found.spec.unwrap_or_default();
         let port = match &service.port {
             ServicePort::Name(name) => name.clone(),
@@ -290,11 +315,13 @@ enum Change {
 struct Known<K> {
     current: BTreeMap<String, K>,
     listing: Option<BTreeMap<String, K>>,
+    /// Whether a first list is done.
+    listed: bool,
 }
 
 impl<K> Default for Known<K> {
     fn default() -> Self {
-        Known { current: BTreeMap::new(), listing: None }
+        Known { current: BTreeMap::new(), listing: None, listed: false }
     }
 }
 
@@ -314,6 +341,7 @@ impl<K: kube::Resource> Known<K> {
             }
             Event::InitDone => {
                 self.current = self.listing.take().unwrap_or_default();
+                self.listed = true;
                 true
             }
             Event::Apply(object) => {
@@ -340,7 +368,7 @@ fn name_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
 /// within seconds. For N pods each watching M Services, a server that is
 /// down gets at most N·M requests every 1.5 s.
 #[derive(Debug)]
-struct Reconnect {
+pub struct Reconnect {
     next: std::time::Duration,
 }
 
@@ -372,14 +400,36 @@ impl kube::runtime::utils::Backoff for Reconnect {
 /// What an API error means to whoever reads the log. A denied request says
 /// what was denied (the API server's message names the verb, the resource
 /// and the namespace) and what grants it.
-fn api_error(error: &kube::Error) -> String {
+fn api_error(error: &kube::Error, grant: Grant) -> String {
     match error {
-        kube::Error::Api(status) if status.code == 403 => format!(
-            "forbidden by RBAC: {} (bind the ClusterRole protomesh-discovery of k8s/discovery to the pod's service \
-             account in that namespace)",
-            status.message
-        ),
+        kube::Error::Api(status) if status.code == 403 => {
+            format!("forbidden by RBAC: {} ({})", status.message, grant.fix())
+        }
         other => other.to_string(),
+    }
+}
+
+/// Which of k8s/discovery's ClusterRoles grants a request.
+#[derive(Clone, Copy)]
+enum Grant {
+    /// A Service's EndpointSlices and pods, in its namespace.
+    Endpoints,
+    /// Finding the Service at a cluster IP, in any namespace.
+    Lookup,
+}
+
+impl Grant {
+    fn fix(self) -> &'static str {
+        match self {
+            Grant::Endpoints => {
+                "bind the ClusterRole protomesh-discovery of k8s/discovery to the pod's service account in that \
+                 namespace"
+            }
+            Grant::Lookup => {
+                "bind the ClusterRole protomesh-service-lookup of k8s/discovery to the pod's service account with \
+                 a ClusterRoleBinding"
+            }
+        }
     }
 }
 
@@ -388,7 +438,7 @@ fn watch_error(error: &watcher::Error) -> String {
     match error {
         watcher::Error::InitialListFailed(error)
         | watcher::Error::WatchStartFailed(error)
-        | watcher::Error::WatchFailed(error) => api_error(error),
+        | watcher::Error::WatchFailed(error) => api_error(error, Grant::Endpoints),
         other => other.to_string(),
     }
 }
@@ -421,15 +471,18 @@ pub fn ready_endpoints<'a>(
             let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
             let pod = pod.and_then(|r| pods.get(r.name.as_deref()?));
             // A pod without a service account named runs as `default`.
-            let account = pod.map(|pod| ServiceAccount {
-                namespace: service.namespace.clone(),
-                name: pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_else(|| "default".into()),
-            });
-            endpoints.push(Found { addr: SocketAddr::new(address, number), account });
+            let workload = match pod {
+                Some(pod) => Workload::Pod(ServiceAccount {
+                    namespace: service.namespace.clone(),
+                    name: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_else(|| "default".into()),
+                }),
+                None => Workload::PodNotKnown,
+            };
+            endpoints.push(Found { addr: SocketAddr::new(address, number), workload });
         }
     }
     endpoints.sort();
@@ -507,11 +560,11 @@ mod tests {
         };
         let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
         let endpoints = ready_endpoints(slices.iter(), &pods, "grpc", &service);
-        let account = |name: &str| Some(ServiceAccount { namespace: "test".into(), name: name.into() });
+        let pod = |name: &str| Workload::Pod(ServiceAccount { namespace: "test".into(), name: name.into() });
         let expected = vec![
-            Found { addr: "10.0.0.1:8080".parse().unwrap(), account: account("cart") },
-            Found { addr: "10.0.0.3:8080".parse().unwrap(), account: None },
-            Found { addr: "10.0.0.4:9090".parse().unwrap(), account: account("default") },
+            Found { addr: "10.0.0.1:8080".parse().unwrap(), workload: pod("cart") },
+            Found { addr: "10.0.0.3:8080".parse().unwrap(), workload: Workload::PodNotKnown },
+            Found { addr: "10.0.0.4:9090".parse().unwrap(), workload: pod("default") },
         ];
         assert_eq!(endpoints, expected, "a pod not known has no account");
         let unnamed = ready_endpoints(slices.iter(), &pods, "", &service);
@@ -540,7 +593,9 @@ mod tests {
         let denied = "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:shop:cart\" \
                       cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"shop\"";
         let forbidden = || kube::Error::Api(Box::new(kube::core::Status::failure(denied, "Forbidden").with_code(403)));
-        for error in [watch_error(&watcher::Error::InitialListFailed(forbidden())), api_error(&forbidden())] {
+        for error in
+            [watch_error(&watcher::Error::InitialListFailed(forbidden())), api_error(&forbidden(), Grant::Endpoints)]
+        {
             assert!(error.starts_with("forbidden by RBAC: endpointslices.discovery.k8s.io is forbidden"), "{error}");
             assert!(error.contains("ClusterRole protomesh-discovery of k8s/discovery"), "{error}");
         }

@@ -11,17 +11,29 @@ use std::time::Duration;
 
 use kubernetes::{Cluster, ServiceAccount, ServiceRef};
 
-/// An endpoint found, with the service account of its pod when Kubernetes
-/// said which pod it is.
+/// An endpoint found, and what is known of the workload behind it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Found {
     pub addr: SocketAddr,
-    pub account: Option<ServiceAccount>,
+    pub workload: Workload,
+}
+
+/// Who must answer at an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Workload {
+    /// Whoever the upstream expects of all its endpoints: an address or a
+    /// name as written, or a destination the Kubernetes API does not know.
+    AsConfigured,
+    /// A Kubernetes pod running as this service account.
+    Pod(ServiceAccount),
+    /// A Kubernetes endpoint whose pod is not known yet: where each endpoint
+    /// must present its own pod's identity, it gets no call until it is.
+    PodNotKnown,
 }
 
 impl From<SocketAddr> for Found {
     fn from(addr: SocketAddr) -> Found {
-        Found { addr, account: None }
+        Found { addr, workload: Workload::AsConfigured }
     }
 }
 
@@ -83,7 +95,7 @@ pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<F
 }
 
 /// Keeps the specs' addresses current, handing them to `update` at each
-/// change until it returns false (its owner is gone): DNS names resolved
+/// change until `dropped` resolves (their owner is gone): DNS names resolved
 /// again every `every`, Kubernetes Services watched (from `known`, the
 /// addresses resolved last). Nothing to do when every spec is a static address.
 pub fn spawn_refresh(
@@ -91,7 +103,8 @@ pub fn spawn_refresh(
     every: Duration,
     cluster: Option<Cluster>,
     known: Vec<Found>,
-    mut update: impl FnMut(&[Found]) -> bool + Send + 'static,
+    dropped: impl Future<Output = ()> + Send + 'static,
+    mut update: impl FnMut(&[Found]) + Send + 'static,
 ) {
     if specs.iter().all(|s| matches!(s, EndpointSpec::Static(_))) {
         return;
@@ -109,6 +122,7 @@ pub fn spawn_refresh(
         specs.into_iter().filter(|s| !matches!(s, EndpointSpec::Kubernetes(_))).collect();
     let polled = resolvable.iter().any(|s| matches!(s, EndpointSpec::Dns { .. }));
     tokio::spawn(async move {
+        tokio::pin!(dropped);
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
@@ -122,6 +136,7 @@ pub fn spawn_refresh(
                 }
             };
             tokio::select! {
+                _ = &mut dropped => return,
                 _ = ticks.tick(), if polled => resolved = resolve(&resolvable, None).await,
                 watched_changed = changed => {
                     if watched_changed.is_err() {
@@ -133,9 +148,7 @@ pub fn spawn_refresh(
             addrs.extend(watched.iter().flat_map(|w| w.borrow().clone()));
             addrs.sort();
             addrs.dedup();
-            if !update(&addrs) {
-                return;
-            }
+            update(&addrs);
         }
     });
 }

@@ -127,6 +127,9 @@ pub struct OutlierMetrics {
     /// Calls sent while below the panic threshold.
     pub panics: Counter,
     pub not_serving: Gauge,
+    /// Connections refused because the endpoint presented another identity
+    /// than expected: counted by the upstream, which checks identities.
+    pub identity_mismatches: Counter,
 }
 
 /// What an upstream's endpoints share: the config (replaced on reload, the

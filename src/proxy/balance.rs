@@ -30,13 +30,15 @@ pub struct Member {
     load: Load,
     /// What its active health checks say (SERVING unless they say otherwise).
     serving: AtomicBool,
+    /// Whether it has been logged presenting another identity than expected.
+    pub mismatch_logged: AtomicBool,
 }
 
 impl Member {
     /// A member that must present `expected`.
     pub fn expecting(endpoint: Endpoint, expected: Option<SpiffeId>) -> Member {
         let (ejection, load, serving) = (Ejection::default(), Load::default(), AtomicBool::new(true));
-        Member { endpoint, expected, ejection, load, serving }
+        Member { endpoint, expected, ejection, load, serving, mismatch_logged: AtomicBool::new(false) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -262,6 +264,13 @@ impl Report {
         let probe = admission == Admission::Probe;
         let started = Instant::now();
         Report { endpoint, outliers, failure_codes, probe, started, deadline, responded: false, reported: false }
+    }
+
+    /// The call's connection is ready: its round trip is measured from here,
+    /// so that a new connection's handshakes do not count as the endpoint's
+    /// latency (a peak that would keep calls off it for many seconds).
+    pub fn connected(&mut self) {
+        self.started = Instant::now();
     }
 
     /// The response headers arrived: the round trip is measured here.

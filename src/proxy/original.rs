@@ -2,18 +2,33 @@
 //! configured upstream routes goes where the app dialled. Each destination
 //! address becomes an upstream of its own, made on its first call and kept
 //! while calls use it (up to a bound, beyond which idle ones are let go).
-//! Over mTLS the destination's workload is not known, only its address, so
-//! any workload of the expected trust domain may answer; networks outside
-//! the mesh are called in plaintext.
+//!
+//! Where the Kubernetes API is reachable, a destination that is a Service's
+//! cluster IP is looked up once (`Cluster::service_at`), and its calls are
+//! balanced per call over the Service's ready pods, each pod expected to
+//! present its own service account's identity, rather than sent to the
+//! virtual IP, where the node would pin each connection to one pod. Calls
+//! wait for the lookup, up to [`LOOKUP_WAIT`]; past it, or when the API does
+//! not answer, they go to the address as below until it does. The Service is
+//! watched while the pod calls it, and let go after [`IDLE`] without calls.
+//!
+//! Otherwise only the address is known, so any workload of the expected
+//! trust domain may answer over mTLS, and networks outside the mesh are
+//! called in plaintext. Each call is counted by which of these answers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::endpoint::{ConnectSettings, Transport};
 use super::upstream::{Upstream, UpstreamRoute};
 use crate::config::OriginalDestinationConfig;
 use crate::discovery::Found;
+use crate::discovery::kubernetes::{Cluster, Reconnect, ServiceRef};
 use crate::identity::{ExpectedPeer, Identity};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
@@ -22,6 +37,11 @@ use crate::telemetry::Metrics;
 
 /// Destinations kept at once; past it, those no call holds are let go.
 const KEPT: usize = 1024;
+/// How long calls to a new destination wait for its Service to be looked
+/// up before they go to the address meanwhile.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(1);
+/// A Service the pod has not called for this long is no longer watched.
+pub const IDLE: Duration = Duration::from_secs(60);
 
 /// What defines the original destinations' live state.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -40,19 +60,64 @@ pub struct OriginalPolicy {
 
 pub struct OriginalDestinations {
     key: OriginalKey,
+    identity: Arc<Identity>,
+    /// Where captured destinations are looked up, if anywhere.
+    cluster: Option<Cluster>,
     mtls: Arc<rustls::ClientConfig>,
     /// For opaque TCP to `opaque_mtls_networks`.
     opaque: Arc<rustls::ClientConfig>,
     metrics: Arc<Metrics>,
+    /// Calls counted by who answers them, by [`Peer`].
+    calls: [Counter; 4],
     workers: usize,
     policy: Mutex<OriginalPolicy>,
-    by_addr: Mutex<HashMap<SocketAddr, Arc<UpstreamRoute>>>,
+    by_addr: Arc<Mutex<HashMap<SocketAddr, Destination>>>,
+}
+
+/// Who answers a destination's calls; its lookup may change it.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Peer {
+    /// Its lookup has not answered yet: calls wait for it.
+    Lookup,
+    /// The pods of the Service at that address.
+    Service,
+    /// Whoever answers at the address, in the trust domain.
+    Address,
+    Plaintext,
+}
+
+impl Peer {
+    const ALL: [Peer; 4] = [Peer::Lookup, Peer::Service, Peer::Address, Peer::Plaintext];
+
+    fn label(self) -> &'static str {
+        match self {
+            Peer::Lookup => "lookup",
+            Peer::Service => "service",
+            Peer::Address => "address",
+            Peer::Plaintext => "plaintext",
+        }
+    }
+}
+
+struct Destination {
+    route: Arc<UpstreamRoute>,
+    peer: Arc<AtomicU8>,
+    used: Instant,
+}
+
+impl Destination {
+    /// Whether a call still holds its upstream.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.route.upstream) > 1
+    }
 }
 
 impl OriginalDestinations {
     pub fn new(
         key: OriginalKey,
-        identity: &Identity,
+        identity: &Arc<Identity>,
+        cluster: Option<Cluster>,
         metrics: Arc<Metrics>,
         workers: usize,
         policy: OriginalPolicy,
@@ -61,14 +126,16 @@ impl OriginalDestinations {
         let expected = ExpectedPeer::TrustDomain(domain.into());
         let mtls = identity.client_config(expected.clone())?;
         let opaque = identity.opaque_client_config(expected)?;
-        let (policy, by_addr) = (Mutex::new(policy), Mutex::default());
-        Ok(OriginalDestinations { key, mtls, opaque, metrics, workers, policy, by_addr })
+        let calls = Peer::ALL.map(|peer| metrics.original_destination_calls(peer.label()));
+        let (policy, by_addr) = (Mutex::new(policy), Arc::default());
+        let identity = identity.clone();
+        Ok(OriginalDestinations { key, identity, cluster, mtls, opaque, metrics, calls, workers, policy, by_addr })
     }
 
     /// Applies the policy of a new config: to the destinations kept, and to those to come.
     pub fn set_policy(&self, policy: OriginalPolicy) {
-        for route in self.by_addr.lock().expect("original destinations lock").values() {
-            route.upstream.outliers.set_config(policy.outliers.clone());
+        for destination in self.by_addr.lock().expect("original destinations lock").values() {
+            destination.route.upstream.outliers.set_config(policy.outliers.clone());
         }
         *self.policy.lock().expect("original destinations policy lock") = policy;
     }
@@ -79,32 +146,63 @@ impl OriginalDestinations {
         meshed.then(|| self.opaque.clone())
     }
 
-    /// The route to `addr`, made on its first call.
+    /// The route to `addr`, made on its first call; the call is counted by who answers it.
     pub fn route(&self, addr: SocketAddr) -> Arc<UpstreamRoute> {
         let mut by_addr = self.by_addr.lock().expect("original destinations lock");
-        if let Some(route) = by_addr.get(&addr) {
-            return route.clone();
-        }
-        if by_addr.len() >= KEPT {
-            by_addr.retain(|_, route| Arc::strong_count(route) > 1);
-        }
-        let route = Arc::new(self.make(addr));
-        by_addr.insert(addr, route.clone());
-        route
+        let destination = match by_addr.get_mut(&addr) {
+            Some(destination) => {
+                destination.used = Instant::now();
+                destination
+            }
+            None => {
+                if by_addr.len() >= KEPT {
+                    by_addr.retain(|_, destination| destination.in_use());
+                }
+                by_addr.entry(addr).or_insert(self.make(addr))
+            }
+        };
+        self.calls[usize::from(destination.peer.load(Ordering::Relaxed))].inc();
+        destination.route.clone()
     }
 
-    fn make(&self, addr: SocketAddr) -> UpstreamRoute {
+    fn make(&self, addr: SocketAddr) -> Destination {
         let policy = self.policy.lock().expect("original destinations policy lock").clone();
         let plaintext = self.key.config.plaintext_networks.iter().any(|net| net.contains(&addr.ip()));
-        let (transport, name) = if plaintext {
-            (Transport::Plaintext, format!("original destination {addr} (plaintext)"))
-        } else {
-            (Transport::Mtls(self.mtls.clone()), format!("original destination {addr}"))
+        let name: Arc<str> = match plaintext {
+            true => format!("original destination {addr} (plaintext)").into(),
+            false => format!("original destination {addr}").into(),
         };
-        let name: Arc<str> = name.into();
         let outliers = (policy.outliers, self.metrics.outliers("original destinations"));
-        let upstream = Upstream::new(name.clone(), None, transport, self.key.connect, outliers, self.workers);
-        upstream.set_endpoints(&[Found::from(addr)]);
+        let (connect, workers) = (self.key.connect, self.workers);
+        let (upstream, peer) = match (plaintext, &self.cluster) {
+            (true, _) => {
+                (Upstream::new(name.clone(), None, Transport::Plaintext, connect, outliers, workers), Peer::Plaintext)
+            }
+            (false, None) => {
+                let transport = Transport::Mtls(self.mtls.clone());
+                (Upstream::new(name.clone(), None, transport, connect, outliers, workers), Peer::Address)
+            }
+            (false, Some(_)) => {
+                let transport = Transport::Mtls(self.mtls.clone());
+                let identity = &self.identity;
+                (Upstream::of_pods(name.clone(), transport, identity, connect, outliers, workers), Peer::Lookup)
+            }
+        };
+        let peer = Arc::new(AtomicU8::new(peer as u8));
+        match &self.cluster {
+            Some(cluster) if !plaintext => {
+                let lookup = Lookup {
+                    cluster: cluster.clone(),
+                    addr,
+                    upstream: Arc::downgrade(&upstream),
+                    peer: peer.clone(),
+                    metrics: self.metrics.clone(),
+                    destinations: Arc::downgrade(&self.by_addr),
+                };
+                tokio::spawn(lookup.run());
+            }
+            _ => upstream.set_endpoints(&[Found::from(addr)]),
+        }
         // Each destination has its own places, and all count under one label:
         // a label per address would grow without bound as destinations come and go.
         let bulkhead = policy.concurrency.as_ref().map(|limits| {
@@ -117,6 +215,119 @@ impl OriginalDestinations {
         });
         let budget = RetryBudget::new(&policy.retry_budget);
         upstream.keep_retry_budget(policy.retry_budget, budget.clone());
-        UpstreamRoute { upstream, bulkhead, budget }
+        Destination { route: Arc::new(UpstreamRoute { upstream, bulkhead, budget }), peer, used: Instant::now() }
+    }
+}
+
+/// Finds the Service at a captured destination and keeps its upstream's
+/// endpoints those of the Service, until the upstream is gone or idle.
+struct Lookup {
+    cluster: Cluster,
+    addr: SocketAddr,
+    upstream: Weak<Upstream>,
+    peer: Arc<AtomicU8>,
+    metrics: Arc<Metrics>,
+    destinations: Weak<Mutex<HashMap<SocketAddr, Destination>>>,
+}
+
+impl Lookup {
+    async fn run(self) {
+        let Some(dropped) = self.upstream.upgrade().map(|upstream| upstream.dropped()) else { return };
+        tokio::pin!(dropped);
+        tokio::select! {
+            _ = &mut dropped => {}
+            _ = self.follow() => {}
+        }
+    }
+
+    async fn follow(&self) {
+        let addr = self.addr;
+        let mut retries = Reconnect::default();
+        let (service, endpoints) = loop {
+            let found = self.find();
+            tokio::pin!(found);
+            let looking = self.peer.load(Ordering::Relaxed) == Peer::Lookup as u8;
+            let found = tokio::select! {
+                found = &mut found => found,
+                _ = tokio::time::sleep(LOOKUP_WAIT), if looking => {
+                    tracing::warn!(%addr, wait = ?LOOKUP_WAIT, "the Kubernetes API has not said what is at this captured \
+                        destination yet: its calls go to the address meanwhile");
+                    self.to_address();
+                    found.await
+                }
+            };
+            match found {
+                Ok(Some(found)) => break found,
+                Ok(None) => {
+                    self.metrics.service_lookup("no_service");
+                    tracing::info!(%addr, "no Kubernetes Service has this cluster IP and port: calls go to the address");
+                    return self.to_address();
+                }
+                Err(error) => {
+                    self.metrics.service_lookup("failed");
+                    tracing::warn!(%addr, %error, "Kubernetes Service lookup failed: calls go to the address until it answers");
+                    self.to_address();
+                    tokio::time::sleep(retries.next().unwrap_or(IDLE)).await;
+                }
+            }
+        };
+        self.metrics.service_lookup("service");
+        tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
+        let Some(upstream) = self.upstream.upgrade() else { return };
+        upstream.set_endpoints(&endpoints);
+        self.peer.store(Peer::Service as u8, Ordering::Relaxed);
+        let mut watched = self.cluster.watch(service, endpoints);
+        drop(upstream);
+        let mut idle_check = tokio::time::interval(IDLE / 2);
+        loop {
+            tokio::select! {
+                changed = watched.changed() => {
+                    let Some(upstream) = self.upstream.upgrade() else { return };
+                    if changed.is_err() {
+                        return;
+                    }
+                    upstream.set_endpoints(&watched.borrow_and_update());
+                }
+                _ = idle_check.tick() => {
+                    if self.let_go_if_idle() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Service at the address, and its ready endpoints now.
+    async fn find(&self) -> Result<Option<(ServiceRef, Vec<Found>)>, String> {
+        match self.cluster.service_at(self.addr).await? {
+            Some(service) => {
+                let endpoints = self.cluster.endpoints(&service).await?;
+                Ok(Some((service, endpoints)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Sends calls to the address itself, if they do not go to a Service's pods already.
+    fn to_address(&self) {
+        let Some(upstream) = self.upstream.upgrade() else { return };
+        let looking = Peer::Lookup as u8;
+        if self.peer.compare_exchange(looking, Peer::Address as u8, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            upstream.set_endpoints(&[Found::from(self.addr)]);
+        }
+    }
+
+    /// Drops the destination, and so its watch, once no call has used it for [`IDLE`].
+    fn let_go_if_idle(&self) -> bool {
+        let Some(destinations) = self.destinations.upgrade() else { return true };
+        let mut destinations = destinations.lock().expect("original destinations lock");
+        let ours = |d: &Destination| std::ptr::eq(Arc::as_ptr(&d.route.upstream), self.upstream.as_ptr());
+        let Some(destination) = destinations.get(&self.addr).filter(|d| ours(d)) else { return true };
+        let idle = destination.used.elapsed() >= IDLE && !destination.in_use();
+        if idle {
+            destinations.remove(&self.addr);
+            tracing::debug!(addr = %self.addr, "no calls for {IDLE:?}: the Service is no longer watched");
+        }
+        idle
     }
 }

@@ -196,8 +196,8 @@ impl Registries {
             self.staged.push(Box::new(move || kept.set_policy(policy)));
             return Ok(originals);
         }
-        let originals =
-            OriginalDestinations::new(key.clone(), &self.identity, self.metrics.clone(), self.workers, policy)?;
+        let (identity, cluster, metrics) = (&self.identity, self.cluster.clone(), self.metrics.clone());
+        let originals = OriginalDestinations::new(key.clone(), identity, cluster, metrics, self.workers, policy)?;
         Ok(self.originals.insert(key, Arc::new(originals)))
     }
 

@@ -18,11 +18,13 @@ use tokio::time::Instant;
 use super::balance::{self, Member, Report};
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
 use super::health_check;
-use crate::call::{Answered, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target};
+use crate::call::{
+    Answered, ConnectError, Direction, ENDPOINT_FAILURE, ProxyError, RequestBody, ResponseBody, Spread, Target,
+};
 use crate::config::UpstreamConfig;
 use crate::config::health_checks::HealthCheckConfig;
 use crate::discovery::kubernetes::{Cluster, ServiceAccount};
-use crate::discovery::{self, EndpointSpec, Found};
+use crate::discovery::{self, EndpointSpec, Found, Workload};
 use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
@@ -33,6 +35,9 @@ use crate::telemetry::trace::CallSpan;
 
 /// Endpoints a call may try when connecting fails, before it gives up.
 const CONNECT_TRIES: usize = 3;
+/// How long a call waits for an upstream's endpoints to be found the first
+/// time, before it fails for want of them.
+const FIRST_ENDPOINTS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct Upstream {
     /// A label for messages and metrics: the endpoints as configured.
@@ -52,6 +57,10 @@ pub struct Upstream {
     /// When the upstream names no identity for all: each endpoint's, from
     /// its pod's service account.
     accounts: Option<Accounts>,
+    /// Whether its endpoints have been found once; until then its calls wait
+    /// for them. Its receivers also learn when the upstream is dropped.
+    found: watch::Sender<bool>,
+    identity_mismatches: prometheus_client::metrics::counter::Counter,
 }
 
 /// Each endpoint's expected identity, from its pod's service account in
@@ -134,12 +143,11 @@ impl Upstream {
                 Some((upstream.members.load_full(), upstream.outliers.clone()))
             });
             tokio::spawn(health_check::run(upstream.name.clone(), members, upstream.health_check.subscribe()));
-            discovery::spawn_refresh(specs, resolve_interval, cluster, known, move |addrs| match weak.upgrade() {
-                Some(upstream) => {
+            let dropped = upstream.dropped();
+            discovery::spawn_refresh(specs, resolve_interval, cluster, known, dropped, move |addrs| {
+                if let Some(upstream) = weak.upgrade() {
                     upstream.set_endpoints(addrs);
-                    true
                 }
-                None => false,
             });
         };
         Ok((upstream, Box::new(start)))
@@ -157,6 +165,29 @@ impl Upstream {
         Upstream::with_accounts(name, identity, transport, connect, outliers, workers, None)
     }
 
+    /// An upstream whose endpoints its owner finds later, each expected to
+    /// present its own pod's service account (`Workload::Pod`), others what
+    /// `transport` checks. Until the first are found, its calls wait.
+    pub fn of_pods(
+        name: Arc<str>,
+        transport: Transport,
+        identity: &Arc<Identity>,
+        connect: ConnectSettings,
+        outliers: (OutlierConfig, OutlierMetrics),
+        workers: usize,
+    ) -> Arc<Upstream> {
+        let accounts = Some(Accounts::new(identity.clone()));
+        let upstream = Upstream::with_accounts(name, None, transport, connect, outliers, workers, accounts);
+        upstream.found.send_replace(false);
+        upstream
+    }
+
+    /// Resolves once the upstream is dropped: what finds its endpoints ends with it.
+    pub fn dropped(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut found = self.found.subscribe();
+        async move { while found.changed().await.is_ok() {} }
+    }
+
     fn with_accounts(
         name: Arc<str>,
         identity: Option<SpiffeId>,
@@ -167,6 +198,7 @@ impl Upstream {
         accounts: Option<Accounts>,
     ) -> Arc<Upstream> {
         let budget = RetryBudgetConfig::default();
+        let identity_mismatches = outliers.1.identity_mismatches.clone();
         Arc::new(Upstream {
             name,
             identity,
@@ -178,6 +210,8 @@ impl Upstream {
             members: ArcSwap::from_pointee(Vec::new()),
             health_check: watch::Sender::new(None),
             accounts,
+            found: watch::Sender::new(true),
+            identity_mismatches,
         })
     }
 
@@ -214,22 +248,23 @@ impl Upstream {
     /// endpoints that stay: the same address, expected to be the same workload.
     /// An endpoint whose identity cannot be known yet is left out.
     pub fn set_endpoints(&self, found: &[Found]) {
+        self.found.send_if_modified(|once| !std::mem::replace(once, true));
         let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> = found
             .iter()
-            .filter_map(|found| match (&self.accounts, &found.account) {
-                (None, _) => Some((found.addr, None, self.transport.clone())),
-                (Some(accounts), Some(account)) => match accounts.transport(account) {
+            .filter_map(|found| match (&self.accounts, &found.workload) {
+                (Some(accounts), Workload::Pod(account)) => match accounts.transport(account) {
                     Ok((id, transport)) => Some((found.addr, Some(id), transport)),
                     Err(error) => {
                         tracing::warn!(upstream = %self.name, addr = %found.addr, %error, "endpoint left out");
                         None
                     }
                 },
-                (Some(_), None) => {
+                (Some(_), Workload::PodNotKnown) => {
                     let addr = found.addr;
                     tracing::debug!(upstream = %self.name, %addr, "endpoint left out until its pod is known");
                     None
                 }
+                _ => Some((found.addr, None, self.transport.clone())),
             })
             .collect();
         let current = self.members.load();
@@ -261,6 +296,18 @@ impl Upstream {
         self.members.store(Arc::new(members));
     }
 
+    /// Counts an endpoint that presented another identity than it must, and
+    /// logs it once per endpoint: a wrong workload, or a certificate that
+    /// follows another naming scheme.
+    fn note_mismatch(&self, member: &Member, error: &ProxyError) {
+        let ProxyError::Connect { error, .. } = error else { return };
+        let ConnectError::IdentityMismatch(mismatch) = &**error else { return };
+        self.identity_mismatches.inc();
+        if !member.mismatch_logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(upstream = %self.name, addr = %member.addr(), %mismatch, "endpoint presented another identity: it gets no call");
+        }
+    }
+
     /// Sends a call to the endpoint the balancer chooses. One that cannot be
     /// connected to is passed over for another: the request has not left the
     /// sidecar, so any call may go elsewhere.
@@ -271,7 +318,12 @@ impl Upstream {
         request: Request<RequestBody>,
         failure_codes: Option<Arc<[Code]>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let members = self.members.load_full();
+        let mut members = self.members.load_full();
+        if members.is_empty() && !*self.found.borrow() {
+            let mut found = self.found.subscribe();
+            let _ = tokio::time::timeout(FIRST_ENDPOINTS_WAIT, found.wait_for(|found| *found)).await;
+            members = self.members.load_full();
+        }
         if members.is_empty() {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
@@ -300,10 +352,14 @@ impl Upstream {
             let mut report = Report::start(member.clone(), outliers, admission, deadline);
             let endpoint = &member.endpoint;
             let mut sender = match endpoint.ready().await {
-                Ok(sender) => sender,
+                Ok(sender) => {
+                    report.connected();
+                    sender
+                }
                 Err(error) => {
                     report.finish(Outcome::Unreachable);
                     unreachable.push(endpoint.addr);
+                    self.note_mismatch(&member, &error);
                     refused = Some(error);
                     continue;
                 }

@@ -94,6 +94,16 @@ struct ReloadLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 type Latency = Family<CallLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -118,9 +128,12 @@ pub struct Metrics {
     endpoint_ejections: Family<UpstreamLabels, Counter>,
     endpoints_ejected: Family<UpstreamLabels, Gauge>,
     endpoints_not_serving: Family<UpstreamLabels, Gauge>,
+    identity_mismatches: Family<UpstreamLabels, Counter>,
     panic_calls: Family<UpstreamLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     reload_failing: Gauge,
+    original_destination_calls: Family<PeerLabels, Counter>,
+    service_lookups: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -164,6 +177,9 @@ impl Default for Metrics {
             panic_calls: Family::default(),
             reloads: Family::default(),
             reload_failing: Gauge::default(),
+            original_destination_calls: Family::default(),
+            identity_mismatches: Family::default(),
+            service_lookups: Family::default(),
         };
         let m = &metrics;
         registry.register("requests", "Calls carried, by direction, method and final gRPC status", m.requests.clone());
@@ -249,6 +265,25 @@ impl Default for Metrics {
             "config_reload_failing",
             "1 while the newest config, contracts or identity files fail to load",
             m.reload_failing.clone(),
+        );
+        registry.register(
+            "endpoint_identity_mismatches",
+            "Connections to an endpoint that presented another identity than it must (its upstream's, or its pod's \
+             service account's): it gets no call",
+            m.identity_mismatches.clone(),
+        );
+        registry.register(
+            "original_destination_calls",
+            "Captured calls that no upstream routes, by who answers: peer=service (a Kubernetes Service's pods, \
+             balanced per call, each pod's identity checked), address (the address dialled, any workload of the \
+             trust domain), plaintext (outbound.original_destination.plaintext_networks)",
+            m.original_destination_calls.clone(),
+        );
+        registry.register(
+            "kubernetes_service_lookups",
+            "Lookups of the Kubernetes Service at a captured destination: result=service, no_service (the API \
+             knows none there), failed (the API did not answer; calls go to the address meanwhile)",
+            m.service_lookups.clone(),
         );
         *metrics.registry.lock().expect("metrics registry lock") = root;
         metrics
@@ -357,6 +392,7 @@ impl Metrics {
             ejected: self.endpoints_ejected.get_or_create_owned(&labels),
             panics: self.panic_calls.get_or_create_owned(&labels),
             not_serving: self.endpoints_not_serving.get_or_create_owned(&labels),
+            identity_mismatches: self.identity_mismatches.get_or_create_owned(&labels),
         }
     }
 
@@ -368,6 +404,15 @@ impl Metrics {
     /// Whether the files as they read now fail to load.
     pub fn reload_failing(&self, failing: bool) {
         self.reload_failing.set(i64::from(failing));
+    }
+
+    /// The counter of captured calls to original destinations whose peer is known as `peer`.
+    pub fn original_destination_calls(&self, peer: &'static str) -> Counter {
+        self.original_destination_calls.get_or_create(&PeerLabels { peer }).clone()
+    }
+
+    pub fn service_lookup(&self, result: &'static str) {
+        self.service_lookups.get_or_create(&ResultLabels { result }).inc();
     }
 }
 

@@ -1,7 +1,9 @@
 //! A Kubernetes API server of the test suite's own, for the sidecar's real
 //! client code (kube-rs), since no kube-apiserver can be installed here. It
 //! behaves as the real one does for what the sidecar asks: HTTPS with a
-//! bearer token, Services read by name, EndpointSlices and Pods listed by
+//! bearer token, Services read by name or listed across namespaces by
+//! `spec.clusterIP` field selector (others refused as the real one refuses
+//! them: 400, naming the fields it knows), EndpointSlices and Pods listed by
 //! label selector with `limit`/`continue` pages and a `resourceVersion`, and
 //! watched from a `resourceVersion` with bookmarks and `timeoutSeconds`. A
 //! watch from a version older than its history is answered as the real one
@@ -9,7 +11,7 @@
 //! are k8s-openapi's types, serialized as the API serves them.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,8 +71,13 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub async fn start() -> Arc<ApiServer> {
-        let (tls, ca_pem) = tls();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ApiServer::start_at("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A server listening at `addr`, its certificate naming that address.
+    pub async fn start_at(addr: SocketAddr) -> Arc<ApiServer> {
+        let (tls, ca_pem) = tls(addr.ip());
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let api = Arc::new(ApiServer {
             addr: listener.local_addr().unwrap(),
             store: Arc::default(),
@@ -156,11 +163,24 @@ impl ApiServer {
     /// Creates or replaces the Service `name` in `namespace` with one TCP
     /// port, selecting the pods labelled `app: <name>`.
     pub fn service(&self, namespace: &str, name: &str, port: i32, port_name: &str) {
+        self.service_at(namespace, name, None, port, port_name)
+    }
+
+    /// As [`ApiServer::service`], with `cluster_ip`.
+    pub fn service_at(&self, namespace: &str, name: &str, cluster_ip: Option<IpAddr>, port: i32, port_name: &str) {
         let service = Service {
             metadata: meta(namespace, name, 0),
             spec: Some(ServiceSpec {
-                ports: Some(vec![ServicePort { name: Some(port_name.into()), port, ..Default::default() }]),
+                cluster_ip: cluster_ip.map(|ip| ip.to_string()),
+                cluster_ips: cluster_ip.map(|ip| vec![ip.to_string()]),
+                ports: Some(vec![ServicePort {
+                    name: Some(port_name.into()),
+                    port,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
                 selector: Some([("app".to_string(), name.to_string())].into()),
+                type_: Some("ClusterIP".into()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -271,6 +291,10 @@ impl ApiServer {
         let query = query(request.uri().query().unwrap_or(""));
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match segments[..] {
+            ["api", "v1", "services"] => {
+                self.count("list");
+                self.list_services(query.get("fieldSelector").map(String::as_str))
+            }
             ["api", "v1", "namespaces", namespace, "services", name] => {
                 self.count("get");
                 let store = self.store.lock().unwrap();
@@ -293,6 +317,37 @@ impl ApiServer {
             }
             _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find {path}")),
         }
+    }
+
+    /// Services of every namespace, selected by `spec.clusterIP=<ip>` if asked.
+    fn list_services(&self, fields: Option<&str>) -> Response<Body> {
+        let mut cluster_ip = None;
+        for term in fields.into_iter().flat_map(|f| f.split(',')).filter(|t| !t.is_empty()) {
+            match term.split_once('=') {
+                Some(("spec.clusterIP", ip)) => cluster_ip = Some(ip.to_string()),
+                _ => {
+                    let field = term.split(['=', '!']).next().unwrap_or(term);
+                    let message = format!(
+                        "Unable to find \"services\" that match label selector \"\", field selector \"{term}\": \
+                         \"{field}\" is not a known field selector: only \"metadata.name\", \"metadata.namespace\", \
+                         \"spec.clusterIP\", \"spec.type\""
+                    );
+                    return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
+                }
+            }
+        }
+        let store = self.store.lock().unwrap();
+        let items: Vec<&Value> = store
+            .services
+            .values()
+            .filter(|service| cluster_ip.as_ref().is_none_or(|ip| service["spec"]["clusterIP"] == ip.as_str()))
+            .collect();
+        json_response(&json!({
+            "apiVersion": "v1",
+            "kind": "ServiceList",
+            "metadata": { "resourceVersion": store.version.to_string() },
+            "items": items,
+        }))
     }
 
     fn count(&self, kind: &'static str) {
@@ -473,14 +528,14 @@ fn decode(part: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A CA, and a server certificate for 127.0.0.1 it signed.
-fn tls() -> (tokio_rustls::TlsAcceptor, String) {
+/// A CA, and a server certificate for `ip` it signed.
+fn tls(ip: IpAddr) -> (tokio_rustls::TlsAcceptor, String) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let leaf = CertificateParams::new(vec![ip.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
     let chain = vec![leaf.der().clone()];
     let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -8,6 +8,7 @@ mod bulkheads;
 mod capture;
 mod cli;
 mod cluster;
+mod cluster_ip;
 mod deadlines;
 mod faults;
 mod harness;

@@ -124,6 +124,11 @@ impl Node {
         Node { name, subnet, pods: AtomicU32::new(0), services: AtomicU32::new(0) }
     }
 
+    /// The node's address on its bridge, which its pods reach.
+    pub fn address(&self) -> Ipv4Addr {
+        Self::gateway(self.subnet)
+    }
+
     fn gateway(subnet: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 213, subnet, 1)
     }

@@ -1,0 +1,283 @@
+//! Captured calls to a ClusterIP Service, with no upstream written: the
+//! client pod's sidecar asks the API server (`apiserver.rs`, reached from
+//! the pods at the node's address) which Service the virtual IP is, and
+//! balances each call over the Service's ready pods, each expected to
+//! present its pod's service account. The node DNATs the virtual IP to one
+//! pod per connection, as kube-proxy does, so without the sidecar every call
+//! of a connection would land on one pod. Needs network namespaces (root).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use protomesh_samples::echo::{EchoService, EchoStats};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Server};
+
+use crate::apiserver::ApiServer;
+use crate::cluster::{ADMIN, APP_PORT, await_ready, config, request, sidecar_files, start_sidecar};
+use crate::pods::{self, Node, Pod};
+use crate::telemetry::{admin, sample};
+
+/// Replicas behind the Service, and the last one's certificate names
+/// another service account than the API says its pod runs as.
+const REPLICAS: usize = 4;
+const IMPOSTOR: usize = REPLICAS - 1;
+
+struct Replicated {
+    node: Node,
+    client: Pod,
+    /// Each replica's count of calls served.
+    served: Vec<Arc<EchoStats>>,
+    vip: SocketAddr,
+    api: Arc<ApiServer>,
+    /// Each replica's address and pod name, as its EndpointSlice lists it.
+    endpoints: Vec<(String, String)>,
+    /// Ends the API server's runtime in the node.
+    _api_running: tokio::sync::oneshot::Sender<()>,
+    sidecars: Vec<(Child, PathBuf)>,
+    _files: tempfile::TempDir,
+}
+
+impl Replicated {
+    fn start() -> Option<Replicated> {
+        if let Some(why) = pods::unavailable() {
+            eprintln!("skipped: capture needs network namespaces: {why}");
+            return None;
+        }
+        let node = Node::new();
+        let client = node.pod();
+        let replicas: Vec<Pod> = (0..REPLICAS).map(|_| node.pod()).collect();
+        let vip = node.service(APP_PORT, &replicas.iter().collect::<Vec<_>>());
+
+        let (started, api) = std::sync::mpsc::channel();
+        let (running, stopped) = tokio::sync::oneshot::channel::<()>();
+        let at = SocketAddr::from((node.address(), 0));
+        node.run(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let api = ApiServer::start_at(at).await;
+                started.send(api.clone()).unwrap();
+                let _ = stopped.await;
+                api.stop();
+            })
+        });
+        let api = api.recv().unwrap();
+        api.service_at("test", "echo", Some(vip.ip()), APP_PORT.into(), "grpc");
+        let mut endpoints = Vec::new();
+        for (i, replica) in replicas.iter().enumerate() {
+            api.pod("test", &format!("echo-{i}"), "echo", "server");
+            endpoints.push((replica.address.to_string(), format!("echo-{i}")));
+        }
+
+        let files = tempfile::tempdir().unwrap();
+        let binary = sidecar_files(files.path(), &["client", "server", "other"]);
+        let kubeconfig = api.kubeconfig(files.path());
+        crate::cluster::make_readable(files.path());
+        let client_config = config(
+            files.path(),
+            "client",
+            &format!(
+                "outbound: {{listen: '127.0.0.1:4140'}}\nkubernetes: {{kubeconfig: '{}'}}\n",
+                kubeconfig.display()
+            ),
+        );
+        let inbound = "inbound: {listen: '0.0.0.0:4143'}\n";
+        let (server, other) = (config(files.path(), "server", inbound), config(files.path(), "other", inbound));
+
+        let mut served = Vec::new();
+        for replica in &replicas {
+            let echo = EchoService::default();
+            served.push(echo.stats.clone());
+            replica.run(move || async move {
+                let listener = TcpListener::bind(("0.0.0.0", APP_PORT)).await.unwrap();
+                protomesh_samples::serve(Server::builder().add_service(echo.into_server()), listener).await;
+                std::future::pending::<()>().await
+            });
+        }
+        let mut sidecars = Vec::new();
+        for (i, replica) in replicas.iter().enumerate() {
+            let config = if i == IMPOSTOR { &other } else { &server };
+            sidecars.push(start_sidecar(replica, &binary, config, &[], &[], files.path()));
+        }
+        sidecars.push(start_sidecar(&client, &binary, &client_config, &[], &[], files.path()));
+        let meshed = replicas.iter().chain([&client]);
+        for (pod, (_, log)) in meshed.zip(&sidecars) {
+            await_ready(pod, log);
+        }
+        let cluster =
+            Replicated { node, client, served, vip, api, endpoints, _api_running: running, sidecars, _files: files };
+        cluster.set_ready(&[true; REPLICAS]);
+        Some(cluster)
+    }
+
+    /// Sets the Service's EndpointSlice: each replica ready or not, as
+    /// `ready` says, and left out past its end.
+    fn set_ready(&self, ready: &[bool]) {
+        let endpoints: Vec<(&str, bool, &str)> =
+            self.endpoints.iter().zip(ready).map(|((a, pod), ready)| (a.as_str(), *ready, pod.as_str())).collect();
+        self.api.slice("test", "echo-a1b2c", "echo", ("grpc", APP_PORT), &endpoints);
+    }
+
+    /// Calls from the client pod's app, four at a time on one connection,
+    /// until told to stop; returns the failed calls' statuses.
+    fn steady_calls(&self) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<String>>) {
+        let (stop, stopped) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (vip, stopping) = (self.vip, stop.clone());
+        let calls = self.client.run(move || async move {
+            let channel = Channel::from_shared(format!("http://{vip}")).unwrap().connect().await.unwrap();
+            let client = protomesh_samples::pb::echo::v1::echo_client::EchoClient::new(channel);
+            let mut failed = Vec::new();
+            // Bounded: 60 s of calls at most.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !stopping.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+                let four = (0..4).map(|_| {
+                    let mut client = client.clone();
+                    async move { client.unary(served_in_20ms("steady")).await }
+                });
+                let results = futures_util::future::join_all(four).await;
+                failed.extend(results.into_iter().filter_map(Result::err).map(|status| format!("{status:?}")));
+            }
+            stopped.store(true, Ordering::Release);
+            failed
+        });
+        (stop, calls)
+    }
+
+    /// Waits until `replica` has served another call, up to `bound`; whether it did.
+    fn serves_within(&self, replica: usize, bound: Duration) -> bool {
+        let (start, before) = (Instant::now(), self.served()[replica]);
+        while start.elapsed() < bound {
+            if self.served()[replica] > before {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    fn served(&self) -> Vec<u64> {
+        self.served.iter().map(|stats| stats.calls.load(Ordering::Acquire)).collect()
+    }
+
+    /// Makes `calls` calls from the client pod's app on one connection to
+    /// the virtual IP, `in_flight` at a time; all must succeed. Returns how
+    /// many each replica served.
+    fn calls(&self, calls: usize, in_flight: usize) -> Vec<u64> {
+        let before = self.served();
+        let vip = self.vip;
+        let made = self.client.run(move || async move {
+            let channel = Channel::from_shared(format!("http://{vip}")).unwrap().connect().await.unwrap();
+            let client = protomesh_samples::pb::echo::v1::echo_client::EchoClient::new(channel);
+            let calls = futures_util::stream::iter(0..calls).map(|i| {
+                let mut client = client.clone();
+                async move { client.unary(served_in_20ms(&format!("call {i}"))).await }
+            });
+            let results: Vec<_> =
+                tokio::time::timeout(Duration::from_secs(30), calls.buffer_unordered(in_flight).collect())
+                    .await
+                    .expect("calls end within 30 s");
+            results.into_iter().filter_map(Result::err).map(|status| format!("{status:?}")).collect::<Vec<_>>()
+        });
+        let failed = made.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} calls failed: {:?}; {}",
+            failed.len(),
+            &failed[..failed.len().min(3)],
+            self.logs()
+        );
+        self.served().iter().zip(before).map(|(now, before)| now - before).collect()
+    }
+
+    fn metrics(&self) -> String {
+        self.client.run(|| async { admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await.1 }).join().unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let logs = self.sidecars.iter().map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default());
+        format!("the sidecars' logs:\n{}", logs.collect::<Vec<_>>().join("\n---\n"))
+    }
+}
+
+/// A call its server takes 20 ms to answer, as a real one takes some time:
+/// the sidecars' own latency (milliseconds here, in debug builds sharing two
+/// cores with five sidecars) is then a small part of what the balancer
+/// measures, and its noise does not decide where calls go.
+fn served_in_20ms(message: &str) -> protomesh_samples::pb::echo::v1::EchoRequest {
+    protomesh_samples::pb::echo::v1::EchoRequest { delay_ms: 20, ..request(message) }
+}
+
+impl Drop for Replicated {
+    fn drop(&mut self) {
+        for (sidecar, _) in &mut self.sidecars {
+            let _ = sidecar.kill();
+            let _ = sidecar.wait();
+        }
+        let _ = &self.node;
+    }
+}
+
+#[test]
+fn calls_on_one_connection_to_a_cluster_ip_spread_over_its_ready_pods_and_none_reaches_an_impostor() {
+    let Some(cluster) = Replicated::start() else { return };
+    let served = cluster.calls(300, 8);
+    let total: u64 = served.iter().sum();
+    assert_eq!(total, 300, "{served:?}");
+    assert_eq!(served[IMPOSTOR], 0, "the pod whose certificate names another account served calls: {served:?}");
+    for (replica, calls) in served[..IMPOSTOR].iter().enumerate() {
+        let share = *calls as f64 * 100.0 / total as f64;
+        assert!(
+            (share - 100.0 / 3.0).abs() <= 12.0,
+            "replica {replica} served {share:.0}% of calls: {served:?}; {}",
+            cluster.logs()
+        );
+    }
+    let metrics = cluster.metrics();
+    let lookups = sample(&metrics, "protomesh_kubernetes_service_lookups_total{result=\"service\"}");
+    assert_eq!(lookups, Some(1.0), "one lookup for the destination; {}", cluster.logs());
+    let to_address = sample(&metrics, "protomesh_original_destination_calls_total{peer=\"address\"}");
+    assert_eq!(to_address.unwrap_or(0.0), 0.0, "no call went to the virtual IP");
+    let to_pods = sample(&metrics, "protomesh_original_destination_calls_total{peer=\"service\"}").unwrap_or(0.0);
+    let waited = sample(&metrics, "protomesh_original_destination_calls_total{peer=\"lookup\"}").unwrap_or(0.0);
+    assert_eq!(to_pods + waited, 300.0, "every call counted by who answered it");
+    let mismatches = "protomesh_endpoint_identity_mismatches_total{upstream=\"original destinations\"}";
+    assert!(sample(&metrics, mismatches).unwrap_or(0.0) >= 1.0, "the impostor's handshakes are counted");
+    let client_log = std::fs::read_to_string(&cluster.sidecars[REPLICAS].1).unwrap();
+    let told = client_log.lines().filter(|l| l.contains("endpoint presented another identity")).collect::<Vec<_>>();
+    assert_eq!(told.len(), 1, "the impostor is logged once: {told:?}");
+    assert!(told[0].contains("/sa/other") && told[0].contains("/sa/server"), "{}", told[0]);
+}
+
+#[test]
+fn a_pod_taken_out_gets_no_new_call_within_a_second_one_put_back_gets_calls_and_no_call_fails() {
+    let Some(cluster) = Replicated::start() else { return };
+    let (stop, calls) = cluster.steady_calls();
+    let bound = Duration::from_secs(1);
+    assert!(cluster.serves_within(1, Duration::from_secs(10)), "replica 1 serves calls; {}", cluster.logs());
+    // Not ready (a failing readiness probe, or terminating).
+    cluster.set_ready(&[true, false, true, true]);
+    std::thread::sleep(bound);
+    assert!(!cluster.serves_within(1, bound), "a pod not ready still got calls a second on; {}", cluster.logs());
+    // Ready again, then gone from the Service.
+    cluster.set_ready(&[true, true, true, true]);
+    assert!(cluster.serves_within(1, bound), "a pod ready again got no call within a second; {}", cluster.logs());
+    cluster.set_ready(&[true, true]);
+    std::thread::sleep(bound);
+    assert!(!cluster.serves_within(2, bound), "a pod gone from the Service still got calls; {}", cluster.logs());
+    let before = cluster.served();
+    let rest = cluster.serves_within(0, bound) && cluster.serves_within(1, bound);
+    assert!(rest, "the rest still serve: {before:?} then {:?}; {}", cluster.served(), cluster.logs());
+    stop.store(true, Ordering::Release);
+    let failed = calls.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} calls failed through the changes: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+}
