@@ -18,7 +18,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{Found, Workload};
+use super::{Found, Sidecar, Workload};
 
 /// How an upstream endpoint names a Kubernetes Service.
 pub const SCHEME: &str = "k8s://";
@@ -27,6 +27,13 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The most endpoints taken from one Service: a hostile or broken object
 /// cannot make the sidecar hold more.
 pub const MAX_ENDPOINTS: usize = 10_000;
+/// The sidecar container the injector adds (`kube/`): a pod with it is meshed.
+pub const SIDECAR: &str = "protomesh-proxy";
+/// The init container that installs the capture rules: with it, connections
+/// to the pod's app ports reach its sidecar.
+pub const INIT: &str = "protomesh-init";
+/// The sidecar container's port that takes mTLS for the app in explicit mode.
+const INBOUND_PORT_NAME: &str = "protomesh-in";
 
 /// The `kubernetes` section of the config, read at start.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -443,6 +450,24 @@ fn watch_error(error: &watcher::Error) -> String {
     }
 }
 
+/// How a pod takes calls from the mesh, read from the containers the
+/// injector added.
+fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar {
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    let Some(sidecar) = containers.clone().find(|c| c.name == SIDECAR) else { return Sidecar::None };
+    if containers.clone().any(|c| c.name == INIT) {
+        return Sidecar::Captured;
+    }
+    let ports = sidecar.ports.iter().flatten();
+    let inbound = ports
+        .filter(|p| p.name.as_deref() == Some(INBOUND_PORT_NAME))
+        .find_map(|p| u16::try_from(p.container_port).ok());
+    match inbound {
+        Some(port) => Sidecar::Listening(port),
+        None => Sidecar::None,
+    }
+}
+
 /// The ready endpoints of `slices` at the Service port named `port`, each
 /// with the service account of its pod when `pods` knows the pod, sorted, at
 /// most [`MAX_ENDPOINTS`].
@@ -471,15 +496,14 @@ pub fn ready_endpoints<'a>(
             let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
             let pod = pod.and_then(|r| pods.get(r.name.as_deref()?));
             // A pod without a service account named runs as `default`.
-            let workload = match pod {
-                Some(pod) => Workload::Pod(ServiceAccount {
-                    namespace: service.namespace.clone(),
-                    name: pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.service_account_name.clone())
-                        .unwrap_or_else(|| "default".into()),
-                }),
+            let workload = match pod.and_then(|pod| pod.spec.as_ref()) {
+                Some(spec) => Workload::Pod {
+                    account: ServiceAccount {
+                        namespace: service.namespace.clone(),
+                        name: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+                    },
+                    sidecar: sidecar_of(spec),
+                },
                 None => Workload::PodNotKnown,
             };
             endpoints.push(Found { addr: SocketAddr::new(address, number), workload });
@@ -560,7 +584,10 @@ mod tests {
         };
         let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
         let endpoints = ready_endpoints(slices.iter(), &pods, "grpc", &service);
-        let pod = |name: &str| Workload::Pod(ServiceAccount { namespace: "test".into(), name: name.into() });
+        let pod = |name: &str| Workload::Pod {
+            account: ServiceAccount { namespace: "test".into(), name: name.into() },
+            sidecar: Sidecar::None,
+        };
         let expected = vec![
             Found { addr: "10.0.0.1:8080".parse().unwrap(), workload: pod("cart") },
             Found { addr: "10.0.0.3:8080".parse().unwrap(), workload: Workload::PodNotKnown },
@@ -574,6 +601,34 @@ mod tests {
             vec!["10.0.0.6:7000".parse::<SocketAddr>().unwrap()],
             "a one-port Service's port has no name"
         );
+    }
+
+    #[test]
+    fn a_pod_is_meshed_when_it_has_the_sidecar_and_captured_when_it_has_the_init_container() {
+        use k8s_openapi::api::core::v1::{Container, ContainerPort};
+        let container = |name: &str, port: Option<i32>| Container {
+            name: name.into(),
+            ports: port.map(|port| {
+                vec![ContainerPort { name: Some("protomesh-in".into()), container_port: port, ..Default::default() }]
+            }),
+            ..Default::default()
+        };
+        let spec = |containers: Vec<Container>, init: Vec<Container>| PodSpec {
+            containers,
+            init_containers: Some(init),
+            ..Default::default()
+        };
+        let app = || container("app", None);
+        assert_eq!(sidecar_of(&spec(vec![app()], vec![])), Sidecar::None);
+        let captured = spec(vec![app(), container(SIDECAR, Some(4143))], vec![container(INIT, None)]);
+        assert_eq!(sidecar_of(&captured), Sidecar::Captured);
+        // A native sidecar is an init container too.
+        let native = spec(vec![app()], vec![container(INIT, None), container(SIDECAR, Some(4143))]);
+        assert_eq!(sidecar_of(&native), Sidecar::Captured);
+        let explicit = spec(vec![app(), container(SIDECAR, Some(4143))], vec![]);
+        assert_eq!(sidecar_of(&explicit), Sidecar::Listening(4143));
+        let outbound_only = spec(vec![app(), container(SIDECAR, None)], vec![]);
+        assert_eq!(sidecar_of(&outbound_only), Sidecar::None, "no inbound: its app is called as it is");
     }
 
     #[test]

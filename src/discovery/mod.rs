@@ -25,10 +25,21 @@ pub enum Workload {
     /// name as written, or a destination the Kubernetes API does not know.
     AsConfigured,
     /// A Kubernetes pod running as this service account.
-    Pod(ServiceAccount),
+    Pod { account: ServiceAccount, sidecar: Sidecar },
     /// A Kubernetes endpoint whose pod is not known yet: where each endpoint
     /// must present its own pod's identity, it gets no call until it is.
     PodNotKnown,
+}
+
+/// How a pod takes calls from the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Sidecar {
+    /// Its capture hands connections made to its app ports to its sidecar.
+    Captured,
+    /// Its sidecar takes mTLS for its app on this port only.
+    Listening(u16),
+    /// It has no sidecar: calls go to its app as they are, in plaintext.
+    None,
 }
 
 impl From<SocketAddr> for Found {

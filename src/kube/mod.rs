@@ -14,10 +14,9 @@ pub mod webhook;
 
 /// The version injected sidecars and the injector report.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The sidecar container's name.
-pub const SIDECAR: &str = "protomesh-proxy";
-/// The init container that installs the capture rules.
-pub const INIT: &str = "protomesh-init";
+/// The sidecar container's and the capture rules' init container's names,
+/// which discovery reads back from the pods it finds.
+pub use crate::discovery::kubernetes::{INIT, SIDECAR};
 /// The user and group the sidecar runs as.
 pub const SIDECAR_UID: u32 = 2102;
 pub const OUTBOUND_PORT: u16 = 4140;

@@ -24,7 +24,7 @@ use crate::call::{
 use crate::config::UpstreamConfig;
 use crate::config::health_checks::HealthCheckConfig;
 use crate::discovery::kubernetes::{Cluster, ServiceAccount};
-use crate::discovery::{self, EndpointSpec, Found, Workload};
+use crate::discovery::{self, EndpointSpec, Found, Sidecar, Workload};
 use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
@@ -64,15 +64,17 @@ pub struct Upstream {
 }
 
 /// Each endpoint's expected identity, from its pod's service account in
-/// this workload's trust domain, and a TLS config per identity.
+/// this workload's trust domain, and a TLS config per identity; pods
+/// without a sidecar are called in plaintext.
 struct Accounts {
     identity: Arc<Identity>,
     transports: Mutex<HashMap<SpiffeId, Arc<Transport>>>,
+    plaintext: Arc<Transport>,
 }
 
 impl Accounts {
     fn new(identity: Arc<Identity>) -> Accounts {
-        Accounts { identity, transports: Mutex::default() }
+        Accounts { identity, transports: Mutex::default(), plaintext: Arc::new(Transport::Plaintext) }
     }
 
     /// What an endpoint of `account` must present, and the transport that checks it.
@@ -166,7 +168,8 @@ impl Upstream {
     }
 
     /// An upstream whose endpoints its owner finds later, each expected to
-    /// present its own pod's service account (`Workload::Pod`), others what
+    /// present its own pod's service account (`Workload::Pod`; a pod without
+    /// a sidecar is called in plaintext), others what
     /// `transport` checks. Until the first are found, its calls wait.
     pub fn of_pods(
         name: Arc<str>,
@@ -252,8 +255,17 @@ impl Upstream {
         let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> = found
             .iter()
             .filter_map(|found| match (&self.accounts, &found.workload) {
-                (Some(accounts), Workload::Pod(account)) => match accounts.transport(account) {
-                    Ok((id, transport)) => Some((found.addr, Some(id), transport)),
+                (Some(accounts), Workload::Pod { sidecar: Sidecar::None, .. }) => {
+                    Some((found.addr, None, accounts.plaintext.clone()))
+                }
+                (Some(accounts), Workload::Pod { account, sidecar }) => match accounts.transport(account) {
+                    Ok((id, transport)) => {
+                        let addr = match sidecar {
+                            Sidecar::Listening(port) => SocketAddr::new(found.addr.ip(), *port),
+                            _ => found.addr,
+                        };
+                        Some((addr, Some(id), transport))
+                    }
                     Err(error) => {
                         tracing::warn!(upstream = %self.name, addr = %found.addr, %error, "endpoint left out");
                         None

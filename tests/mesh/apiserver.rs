@@ -21,7 +21,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodSpec, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, ObjectReference, Pod, PodSpec, Service, ServicePort, ServiceSpec,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
@@ -191,13 +193,49 @@ impl ApiServer {
         self.store.lock().unwrap().services.insert((namespace.into(), name.into()), value);
     }
 
-    /// Creates or replaces the pod `name`, labelled `app: <app>`, running as `account`.
+    /// Creates or replaces the pod `name`, labelled `app: <app>`, running as
+    /// `account`, injected with capture: its app, the sidecar and the
+    /// capture rules' init container, as `protomesh inject` makes them.
     pub fn pod(&self, namespace: &str, name: &str, app: &str, account: &str) {
+        let sidecar = Container {
+            name: "protomesh-proxy".into(),
+            ports: Some(vec![ContainerPort {
+                name: Some("protomesh-in".into()),
+                container_port: 4143,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let init = Container { name: "protomesh-init".into(), ..Default::default() };
+        self.put_pod(namespace, name, app, account, vec![sidecar], vec![init]);
+    }
+
+    /// As [`ApiServer::pod`], not injected: no sidecar.
+    pub fn unmeshed_pod(&self, namespace: &str, name: &str, app: &str, account: &str) {
+        self.put_pod(namespace, name, app, account, Vec::new(), Vec::new());
+    }
+
+    fn put_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        app: &str,
+        account: &str,
+        added: Vec<Container>,
+        init_containers: Vec<Container>,
+    ) {
         let mut metadata = meta(namespace, name, 0);
         metadata.labels = Some([("app".to_string(), app.to_string())].into());
+        let app = Container { name: "app".into(), image: Some("example/app:1".into()), ..Default::default() };
         let pod = Pod {
             metadata,
-            spec: Some(PodSpec { service_account_name: Some(account.into()), ..Default::default() }),
+            spec: Some(PodSpec {
+                service_account_name: Some(account.into()),
+                containers: [vec![app], added].concat(),
+                init_containers: (!init_containers.is_empty()).then_some(init_containers),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let mut value = serde_json::to_value(pod).unwrap();

@@ -23,10 +23,18 @@ use crate::cluster::{ADMIN, APP_PORT, await_ready, config, request, sidecar_file
 use crate::pods::{self, Node, Pod};
 use crate::telemetry::{admin, sample};
 
-/// Replicas behind the Service, and the last one's certificate names
-/// another service account than the API says its pod runs as.
+/// Replicas behind the Service; the last one is [`Last`].
 const REPLICAS: usize = 4;
 const IMPOSTOR: usize = REPLICAS - 1;
+
+/// What the last replica is.
+#[derive(Clone, Copy, PartialEq)]
+enum Last {
+    /// Its certificate names another service account than the API says its pod runs as.
+    Impostor,
+    /// It has no sidecar, and the API says so.
+    Unmeshed,
+}
 
 struct Replicated {
     node: Node,
@@ -44,7 +52,7 @@ struct Replicated {
 }
 
 impl Replicated {
-    fn start() -> Option<Replicated> {
+    fn start(last: Last) -> Option<Replicated> {
         if let Some(why) = pods::unavailable() {
             eprintln!("skipped: capture needs network namespaces: {why}");
             return None;
@@ -70,7 +78,10 @@ impl Replicated {
         api.service_at("test", "echo", Some(vip.ip()), APP_PORT.into(), "grpc");
         let mut endpoints = Vec::new();
         for (i, replica) in replicas.iter().enumerate() {
-            api.pod("test", &format!("echo-{i}"), "echo", "server");
+            match (i, last) {
+                (IMPOSTOR, Last::Unmeshed) => api.unmeshed_pod("test", &format!("echo-{i}"), "echo", "server"),
+                _ => api.pod("test", &format!("echo-{i}"), "echo", "server"),
+            }
             endpoints.push((replica.address.to_string(), format!("echo-{i}")));
         }
 
@@ -100,12 +111,16 @@ impl Replicated {
             });
         }
         let mut sidecars = Vec::new();
-        for (i, replica) in replicas.iter().enumerate() {
+        let meshed: Vec<&Pod> = match last {
+            Last::Impostor => replicas.iter().collect(),
+            Last::Unmeshed => replicas[..IMPOSTOR].iter().collect(),
+        };
+        for (i, replica) in meshed.iter().enumerate() {
             let config = if i == IMPOSTOR { &other } else { &server };
             sidecars.push(start_sidecar(replica, &binary, config, &[], &[], files.path()));
         }
         sidecars.push(start_sidecar(&client, &binary, &client_config, &[], &[], files.path()));
-        let meshed = replicas.iter().chain([&client]);
+        let meshed = meshed.into_iter().chain([&client]);
         for (pod, (_, log)) in meshed.zip(&sidecars) {
             await_ready(pod, log);
         }
@@ -198,6 +213,10 @@ impl Replicated {
         self.client.run(|| async { admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await.1 }).join().unwrap()
     }
 
+    fn client_log(&self) -> String {
+        std::fs::read_to_string(&self.sidecars.last().unwrap().1).unwrap()
+    }
+
     fn logs(&self) -> String {
         let logs = self.sidecars.iter().map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default());
         format!("the sidecars' logs:\n{}", logs.collect::<Vec<_>>().join("\n---\n"))
@@ -224,7 +243,7 @@ impl Drop for Replicated {
 
 #[test]
 fn calls_on_one_connection_to_a_cluster_ip_spread_over_its_ready_pods_and_none_reaches_an_impostor() {
-    let Some(cluster) = Replicated::start() else { return };
+    let Some(cluster) = Replicated::start(Last::Impostor) else { return };
     let served = cluster.calls(300, 8);
     let total: u64 = served.iter().sum();
     assert_eq!(total, 300, "{served:?}");
@@ -247,7 +266,7 @@ fn calls_on_one_connection_to_a_cluster_ip_spread_over_its_ready_pods_and_none_r
     assert_eq!(to_pods + waited, 300.0, "every call counted by who answered it");
     let mismatches = "protomesh_endpoint_identity_mismatches_total{upstream=\"original destinations\"}";
     assert!(sample(&metrics, mismatches).unwrap_or(0.0) >= 1.0, "the impostor's handshakes are counted");
-    let client_log = std::fs::read_to_string(&cluster.sidecars[REPLICAS].1).unwrap();
+    let client_log = cluster.client_log();
     let told = client_log.lines().filter(|l| l.contains("endpoint presented another identity")).collect::<Vec<_>>();
     assert_eq!(told.len(), 1, "the impostor is logged once: {told:?}");
     assert!(told[0].contains("/sa/other") && told[0].contains("/sa/server"), "{}", told[0]);
@@ -255,7 +274,7 @@ fn calls_on_one_connection_to_a_cluster_ip_spread_over_its_ready_pods_and_none_r
 
 #[test]
 fn a_pod_taken_out_gets_no_new_call_within_a_second_one_put_back_gets_calls_and_no_call_fails() {
-    let Some(cluster) = Replicated::start() else { return };
+    let Some(cluster) = Replicated::start(Last::Impostor) else { return };
     let (stop, calls) = cluster.steady_calls();
     let bound = Duration::from_secs(1);
     assert!(cluster.serves_within(1, Duration::from_secs(10)), "replica 1 serves calls; {}", cluster.logs());
@@ -280,4 +299,14 @@ fn a_pod_taken_out_gets_no_new_call_within_a_second_one_put_back_gets_calls_and_
         failed.len(),
         &failed[..failed.len().min(3)]
     );
+}
+
+#[test]
+fn a_pod_of_the_service_without_a_sidecar_is_called_in_plaintext_with_the_rest() {
+    let Some(cluster) = Replicated::start(Last::Unmeshed) else { return };
+    let served = cluster.calls(200, 8);
+    assert!(served.iter().all(|calls| *calls > 0), "every replica served calls: {served:?}; {}", cluster.logs());
+    let unmeshed = cluster.endpoints[IMPOSTOR].0.clone();
+    let updated = cluster.client_log().lines().rev().find(|l| l.contains("endpoints updated")).unwrap().to_string();
+    assert!(updated.contains(&format!("\"{unmeshed}:{APP_PORT}\"")), "called with no identity expected: {updated}");
 }
