@@ -75,48 +75,58 @@ impl Bounds {
     }
 }
 
-/// Connects to `target` and carries bytes between it and `client` until both
-/// sides have closed, or it rests past `bounds`.
-pub async fn forward<IO>(client: IO, target: SocketAddr, bounds: Bounds) -> Forwarded
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
-    let connect = async {
-        let tcp = TcpStream::connect(target).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
-    };
-    match connected(target, bounds.connect, connect).await {
-        Some(server) => carry(client, server, target, bounds).await,
-        None => Forwarded::ConnectFailed,
-    }
+/// Where a forwarded connection may go: an address, over mTLS to the
+/// sidecar that its capture hands the connection to when `tls` is set.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// As [`forward`], over mTLS to the sidecar that `target`'s capture hands
-/// the connection to.
-pub async fn forward_over_mtls<IO>(
-    client: IO,
-    target: SocketAddr,
-    bounds: Bounds,
-    tls: Arc<rustls::ClientConfig>,
-) -> Forwarded
+/// Targets a connection tries before it fails.
+const CONNECT_TRIES: usize = 3;
+
+/// Connects to the first of `targets` that answers (of the first three),
+/// and carries bytes between it and `client` until both sides have closed,
+/// or it rests past `bounds`.
+pub async fn forward<IO>(client: IO, targets: &[Target], bounds: Bounds) -> Forwarded
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let connect = async {
-        let tcp = TcpStream::connect(target).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let server = tokio_rustls::TlsConnector::from(tls).connect(ServerName::from(target.ip()), tcp).await;
-        let server = server.map_err(|e| format!("TLS handshake failed: {e}"))?;
-        match server.get_ref().1.alpn_protocol() {
-            Some(ALPN_OPAQUE) => Ok(server),
-            _ => Err("the peer is not a protomesh sidecar that takes opaque TCP (no ALPN protomesh-opaque/1)".into()),
+    for target in targets.iter().take(CONNECT_TRIES) {
+        let addr = target.addr;
+        let tcp = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            Ok::<_, String>(tcp)
+        };
+        match &target.tls {
+            None => {
+                if let Some(server) = connected(addr, bounds.connect, tcp).await {
+                    return carry(client, server, addr, bounds).await;
+                }
+            }
+            Some(tls) => {
+                let mtls = async {
+                    let server = tokio_rustls::TlsConnector::from(tls.clone())
+                        .connect(ServerName::from(addr.ip()), tcp.await?)
+                        .await
+                        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                    match server.get_ref().1.alpn_protocol() {
+                        Some(ALPN_OPAQUE) => Ok(server),
+                        _ => Err(
+                            "the peer is not a protomesh sidecar that takes opaque TCP (no ALPN protomesh-opaque/1)"
+                                .to_string(),
+                        ),
+                    }
+                };
+                if let Some(server) = connected(addr, bounds.connect, mtls).await {
+                    return carry(client, server, addr, bounds).await;
+                }
+            }
         }
-    };
-    match connected(target, bounds.connect, connect).await {
-        Some(server) => carry(client, server, target, bounds).await,
-        None => Forwarded::ConnectFailed,
     }
+    Forwarded::ConnectFailed
 }
 
 async fn connected<S>(

@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 
 use super::endpoint::{ConnectSettings, Transport};
+use super::opaque::Target;
 use super::upstream::{Upstream, UpstreamRoute};
 use crate::config::OriginalDestinationConfig;
 use crate::discovery::Found;
 use crate::discovery::kubernetes::{Cluster, Reconnect, ServiceRef};
-use crate::identity::{ExpectedPeer, Identity};
+use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
@@ -66,6 +67,8 @@ pub struct OriginalDestinations {
     mtls: Arc<rustls::ClientConfig>,
     /// For opaque TCP to `opaque_mtls_networks`.
     opaque: Arc<rustls::ClientConfig>,
+    /// For opaque TCP to a Service's meshed pods, by the identity they present.
+    opaque_by_id: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
     metrics: Arc<Metrics>,
     /// Calls counted by who answers them, by [`Peer`].
     calls: [Counter; 4],
@@ -129,7 +132,19 @@ impl OriginalDestinations {
         let calls = Peer::ALL.map(|peer| metrics.original_destination_calls(peer.label()));
         let (policy, by_addr) = (Mutex::new(policy), Arc::default());
         let identity = identity.clone();
-        Ok(OriginalDestinations { key, identity, cluster, mtls, opaque, metrics, calls, workers, policy, by_addr })
+        Ok(OriginalDestinations {
+            key,
+            identity,
+            cluster,
+            mtls,
+            opaque,
+            opaque_by_id: Mutex::default(),
+            metrics,
+            calls,
+            workers,
+            policy,
+            by_addr,
+        })
     }
 
     /// Applies the policy of a new config: to the destinations kept, and to those to come.
@@ -141,7 +156,7 @@ impl OriginalDestinations {
     }
 
     /// How to reach `addr` with opaque TCP over mTLS, if its network is meshed.
-    pub fn opaque_tls(&self, addr: SocketAddr) -> Option<Arc<rustls::ClientConfig>> {
+    fn opaque_tls(&self, addr: SocketAddr) -> Option<Arc<rustls::ClientConfig>> {
         let meshed = self.key.config.opaque_mtls_networks.iter().any(|net| net.contains(&addr.ip()));
         meshed.then(|| self.opaque.clone())
     }
@@ -149,20 +164,68 @@ impl OriginalDestinations {
     /// The route to `addr`, made on its first call; the call is counted by who answers it.
     pub fn route(&self, addr: SocketAddr) -> Arc<UpstreamRoute> {
         let mut by_addr = self.by_addr.lock().expect("original destinations lock");
-        let destination = match by_addr.get_mut(&addr) {
-            Some(destination) => {
-                destination.used = Instant::now();
-                destination
-            }
-            None => {
-                if by_addr.len() >= KEPT {
-                    by_addr.retain(|_, destination| destination.in_use());
-                }
-                by_addr.entry(addr).or_insert(self.make(addr))
-            }
-        };
-        self.calls[usize::from(destination.peer.load(Ordering::Relaxed))].inc();
+        let destination = self.used(&mut by_addr, addr);
+        self.calls[usize::from(destination.peer.load(Ordering::Acquire))].inc();
         destination.route.clone()
+    }
+
+    /// The destination at `addr`, made on first use, marked used now.
+    fn used<'a>(&self, by_addr: &'a mut HashMap<SocketAddr, Destination>, addr: SocketAddr) -> &'a mut Destination {
+        if by_addr.len() >= KEPT && !by_addr.contains_key(&addr) {
+            by_addr.retain(|_, destination| destination.in_use());
+        }
+        let destination = by_addr.entry(addr).or_insert_with(|| self.make(addr));
+        destination.used = Instant::now();
+        destination
+    }
+
+    /// The TLS config of opaque TCP to a pod that must present `id`, made once per identity.
+    fn opaque_to(&self, id: SpiffeId) -> Result<Arc<rustls::ClientConfig>, String> {
+        let mut by_id = self.opaque_by_id.lock().expect("opaque configs lock");
+        if let Some(tls) = by_id.get(&id) {
+            return Ok(tls.clone());
+        }
+        let tls = self.identity.opaque_client_config(ExpectedPeer::Id(id.clone()))?;
+        by_id.insert(id, tls.clone());
+        Ok(tls)
+    }
+
+    /// Where opaque TCP the app sent to `addr` goes, in the order to try: a
+    /// Service's ready pods in random order, one per connection as the node
+    /// would pick, each over mTLS checking its pod's identity when it has a
+    /// sidecar; else the address, over mTLS if its network is meshed.
+    pub async fn opaque_targets(&self, addr: SocketAddr) -> Vec<Target> {
+        let as_addressed = || vec![Target { addr, tls: self.opaque_tls(addr) }];
+        let plaintext = self.key.config.plaintext_networks.iter().any(|net| net.contains(&addr.ip()));
+        if self.cluster.is_none() || plaintext {
+            return as_addressed();
+        }
+        let (upstream, peer) = {
+            let mut by_addr = self.by_addr.lock().expect("original destinations lock");
+            let destination = self.used(&mut by_addr, addr);
+            (destination.route.upstream.clone(), destination.peer.clone())
+        };
+        upstream.await_endpoints().await;
+        // Read before the endpoints: once it says Service, they are the Service's.
+        if peer.load(Ordering::Acquire) != Peer::Service as u8 {
+            return as_addressed();
+        }
+        let mut targets: Vec<Target> = upstream
+            .endpoints()
+            .into_iter()
+            .filter_map(|(addr, expected)| match expected {
+                None => Some(Target { addr, tls: None }),
+                Some(id) => match self.opaque_to(id) {
+                    Ok(tls) => Some(Target { addr, tls: Some(tls) }),
+                    Err(error) => {
+                        tracing::warn!(%addr, %error, "opaque TCP cannot go to this endpoint");
+                        None
+                    }
+                },
+            })
+            .collect();
+        fastrand::shuffle(&mut targets);
+        targets
     }
 
     fn make(&self, addr: SocketAddr) -> Destination {
@@ -246,7 +309,7 @@ impl Lookup {
         let (service, endpoints) = loop {
             let found = self.find();
             tokio::pin!(found);
-            let looking = self.peer.load(Ordering::Relaxed) == Peer::Lookup as u8;
+            let looking = self.peer.load(Ordering::Acquire) == Peer::Lookup as u8;
             let found = tokio::select! {
                 found = &mut found => found,
                 _ = tokio::time::sleep(LOOKUP_WAIT), if looking => {
@@ -275,7 +338,7 @@ impl Lookup {
         tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
         let Some(upstream) = self.upstream.upgrade() else { return };
         upstream.set_endpoints(&endpoints);
-        self.peer.store(Peer::Service as u8, Ordering::Relaxed);
+        self.peer.store(Peer::Service as u8, Ordering::Release);
         let mut watched = self.cluster.watch(service, endpoints);
         drop(upstream);
         let mut idle_check = tokio::time::interval(IDLE / 2);
@@ -312,7 +375,7 @@ impl Lookup {
     fn to_address(&self) {
         let Some(upstream) = self.upstream.upgrade() else { return };
         let looking = Peer::Lookup as u8;
-        if self.peer.compare_exchange(looking, Peer::Address as u8, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if self.peer.compare_exchange(looking, Peer::Address as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             upstream.set_endpoints(&[Found::from(self.addr)]);
         }
     }

@@ -140,9 +140,9 @@ impl OutboundRoutes {
         })
     }
 
-    /// How opaque TCP the app sent to `addr` goes over mTLS, if it does.
-    pub fn opaque_tls(&self, addr: SocketAddr) -> Option<Arc<rustls::ClientConfig>> {
-        self.originals.as_ref()?.opaque_tls(addr)
+    /// Where captured calls and connections go that no upstream routes, unless turned off.
+    pub fn original_destinations(&self) -> Option<Arc<OriginalDestinations>> {
+        self.originals.clone()
     }
 
     /// The stack that carries a call to `path`, made on a connection to

@@ -18,7 +18,7 @@ use tower::Service;
 
 use super::connection::{self, Ended};
 use super::detect::{Prefixed, Protocol, detect};
-use super::opaque::{self, Bounds};
+use super::opaque::{self, Bounds, Target};
 use super::open::{OpenConnections, Past};
 use super::routes::CurrentRoutes;
 use super::shed::MemoryBudget;
@@ -214,8 +214,12 @@ impl Connection {
                 Some(connection::serve(io, new_service(self.peer), &self.config.limits, self.drain).await)
             }
             (Protocol::Opaque, io) => {
-                let tls = self.routes.load().outbound.opaque_tls(original);
-                self.forward(Direction::Outbound, io, original, tls).await;
+                let originals = self.routes.load().outbound.original_destinations();
+                let targets = match originals {
+                    Some(originals) => originals.opaque_targets(original).await,
+                    None => vec![Target { addr: original, tls: None }],
+                };
+                self.forward(Direction::Outbound, io, original, &targets).await;
                 None
             }
         }
@@ -263,7 +267,7 @@ impl Connection {
                     if let Some(unlogged) = self.warnings.note(addr.ip(), "plaintext_forwarded") {
                         tracing::info!(%addr, %app, unlogged, "plaintext connection forwarded to the app (inbound.mtls: permissive)");
                     }
-                    self.forward(Direction::Inbound, tcp, app, None).await;
+                    self.forward(Direction::Inbound, tcp, app, &[Target { addr: app, tls: None }]).await;
                     return None;
                 }
             }
@@ -292,21 +296,17 @@ impl Connection {
         };
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
             let app = self.opaque_app(&self.peer)?;
-            self.forward(Direction::Inbound, tls, app, None).await;
+            self.forward(Direction::Inbound, tls, app, &[Target { addr: app, tls: None }]).await;
             return None;
         }
         Some(connection::serve(tls, new_service(self.peer), &self.config.limits, self.drain).await)
     }
 
-    /// Forwards `io` to `target` as opaque TCP (over mTLS with `tls`) within
-    /// the listener's limits on opaque TCP and the memory budget.
-    async fn forward<IO>(
-        &self,
-        direction: Direction,
-        io: IO,
-        target: SocketAddr,
-        tls: Option<Arc<rustls::ClientConfig>>,
-    ) where
+    /// Forwards `io`, made to `target`, as opaque TCP to the first of
+    /// `targets` that answers, within the listener's limits on opaque TCP
+    /// (counted by `target`) and the memory budget.
+    async fn forward<IO>(&self, direction: Direction, io: IO, target: SocketAddr, targets: &[Target])
+    where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let limits = &self.config.limits;
@@ -331,10 +331,7 @@ impl Connection {
             return self.metrics.closed_at_limit(direction, "memory_budget");
         }
         let bounds = Bounds::of(limits, self.config.outbound.connect_timeout);
-        let forwarded = match tls {
-            Some(tls) => opaque::forward_over_mtls(io, target, bounds, tls).await,
-            None => opaque::forward(io, target, bounds).await,
-        };
+        let forwarded = opaque::forward(io, targets, bounds).await;
         drop(admitted);
         self.metrics.opaque_connection(direction, forwarded.as_str());
         if let Some(limit) = forwarded.limit() {

@@ -185,6 +185,17 @@ impl Upstream {
         upstream
     }
 
+    /// Waits until its endpoints have been found once, up to [`FIRST_ENDPOINTS_WAIT`].
+    pub async fn await_endpoints(&self) {
+        let mut found = self.found.subscribe();
+        let _ = tokio::time::timeout(FIRST_ENDPOINTS_WAIT, found.wait_for(|found| *found)).await;
+    }
+
+    /// Its endpoints now, each with the identity it must present when it has one of its own.
+    pub fn endpoints(&self) -> Vec<(SocketAddr, Option<SpiffeId>)> {
+        self.members.load().iter().map(|member| (member.addr(), member.expected.clone())).collect()
+    }
+
     /// Resolves once the upstream is dropped: what finds its endpoints ends with it.
     pub fn dropped(&self) -> impl Future<Output = ()> + Send + use<> {
         let mut found = self.found.subscribe();
@@ -332,8 +343,7 @@ impl Upstream {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let mut members = self.members.load_full();
         if members.is_empty() && !*self.found.borrow() {
-            let mut found = self.found.subscribe();
-            let _ = tokio::time::timeout(FIRST_ENDPOINTS_WAIT, found.wait_for(|found| *found)).await;
+            self.await_endpoints().await;
             members = self.members.load_full();
         }
         if members.is_empty() {

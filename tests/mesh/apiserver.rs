@@ -165,11 +165,18 @@ impl ApiServer {
     /// Creates or replaces the Service `name` in `namespace` with one TCP
     /// port, selecting the pods labelled `app: <name>`.
     pub fn service(&self, namespace: &str, name: &str, port: i32, port_name: &str) {
-        self.service_at(namespace, name, None, port, port_name)
+        self.service_at(namespace, (name, name), None, port, port_name)
     }
 
-    /// As [`ApiServer::service`], with `cluster_ip`.
-    pub fn service_at(&self, namespace: &str, name: &str, cluster_ip: Option<IpAddr>, port: i32, port_name: &str) {
+    /// As [`ApiServer::service`], with `cluster_ip`, selecting the pods labelled `app: <app>`.
+    pub fn service_at(
+        &self,
+        namespace: &str,
+        (name, app): (&str, &str),
+        cluster_ip: Option<IpAddr>,
+        port: i32,
+        port_name: &str,
+    ) {
         let service = Service {
             metadata: meta(namespace, name, 0),
             spec: Some(ServiceSpec {
@@ -181,7 +188,7 @@ impl ApiServer {
                     protocol: Some("TCP".into()),
                     ..Default::default()
                 }]),
-                selector: Some([("app".to_string(), name.to_string())].into()),
+                selector: Some([("app".to_string(), app.to_string())].into()),
                 type_: Some("ClusterIP".into()),
                 ..Default::default()
             }),

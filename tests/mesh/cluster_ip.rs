@@ -19,7 +19,9 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
 
 use crate::apiserver::ApiServer;
-use crate::cluster::{ADMIN, APP_PORT, await_ready, config, request, sidecar_files, start_sidecar};
+use crate::cluster::{
+    ADMIN, APP_PORT, INBOUND_OPAQUE, TCP_PORT, await_ready, config, request, sidecar_files, start_sidecar, tcp_echo,
+};
 use crate::pods::{self, Node, Pod};
 use crate::telemetry::{admin, sample};
 
@@ -39,9 +41,12 @@ enum Last {
 struct Replicated {
     node: Node,
     client: Pod,
+    replicas: Vec<Pod>,
     /// Each replica's count of calls served.
     served: Vec<Arc<EchoStats>>,
     vip: SocketAddr,
+    /// A Service of the same pods' TCP echo.
+    tcp_vip: SocketAddr,
     api: Arc<ApiServer>,
     /// Each replica's address and pod name, as its EndpointSlice lists it.
     endpoints: Vec<(String, String)>,
@@ -75,7 +80,9 @@ impl Replicated {
             })
         });
         let api = api.recv().unwrap();
-        api.service_at("test", "echo", Some(vip.ip()), APP_PORT.into(), "grpc");
+        let tcp_vip = node.service(TCP_PORT, &replicas.iter().collect::<Vec<_>>());
+        api.service_at("test", ("echo", "echo"), Some(vip.ip()), APP_PORT.into(), "grpc");
+        api.service_at("test", ("echo-tcp", "echo"), Some(tcp_vip.ip()), TCP_PORT.into(), "tcp");
         let mut endpoints = Vec::new();
         for (i, replica) in replicas.iter().enumerate() {
             match (i, last) {
@@ -105,6 +112,7 @@ impl Replicated {
             let echo = EchoService::default();
             served.push(echo.stats.clone());
             replica.run(move || async move {
+                tokio::spawn(tcp_echo(TcpListener::bind(("0.0.0.0", TCP_PORT)).await.unwrap()));
                 let listener = TcpListener::bind(("0.0.0.0", APP_PORT)).await.unwrap();
                 protomesh_samples::serve(Server::builder().add_service(echo.into_server()), listener).await;
                 std::future::pending::<()>().await
@@ -124,8 +132,19 @@ impl Replicated {
         for (pod, (_, log)) in meshed.zip(&sidecars) {
             await_ready(pod, log);
         }
-        let cluster =
-            Replicated { node, client, served, vip, api, endpoints, _api_running: running, sidecars, _files: files };
+        let cluster = Replicated {
+            node,
+            client,
+            replicas,
+            served,
+            vip,
+            tcp_vip,
+            api,
+            endpoints,
+            _api_running: running,
+            sidecars,
+            _files: files,
+        };
         cluster.set_ready(&[true; REPLICAS]);
         Some(cluster)
     }
@@ -136,6 +155,7 @@ impl Replicated {
         let endpoints: Vec<(&str, bool, &str)> =
             self.endpoints.iter().zip(ready).map(|((a, pod), ready)| (a.as_str(), *ready, pod.as_str())).collect();
         self.api.slice("test", "echo-a1b2c", "echo", ("grpc", APP_PORT), &endpoints);
+        self.api.slice("test", "echo-tcp-d3e4f", "echo-tcp", ("tcp", TCP_PORT), &endpoints);
     }
 
     /// Calls from the client pod's app, four at a time on one connection,
@@ -309,4 +329,47 @@ fn a_pod_of_the_service_without_a_sidecar_is_called_in_plaintext_with_the_rest()
     let unmeshed = cluster.endpoints[IMPOSTOR].0.clone();
     let updated = cluster.client_log().lines().rev().find(|l| l.contains("endpoints updated")).unwrap().to_string();
     assert!(updated.contains(&format!("\"{unmeshed}:{APP_PORT}\"")), "called with no identity expected: {updated}");
+}
+
+#[test]
+fn opaque_tcp_to_a_cluster_ip_goes_to_one_ready_pod_per_connection_over_mtls() {
+    let Some(cluster) = Replicated::start(Last::Impostor) else { return };
+    let tcp_vip = cluster.tcp_vip;
+    let connections = 12;
+    let answers = cluster.client.run(move || async move {
+        let mut answers = Vec::new();
+        for i in 0..connections {
+            let mut tcp = tokio::net::TcpStream::connect(tcp_vip).await.unwrap();
+            let sent = format!("connection {i}");
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, sent.as_bytes()).await.unwrap();
+            tokio::io::AsyncWriteExt::shutdown(&mut tcp).await.unwrap();
+            let mut answer = String::new();
+            let read = tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut answer);
+            tokio::time::timeout(Duration::from_secs(10), read).await.expect("an answer within 10 s").unwrap();
+            answers.push((sent, answer));
+        }
+        answers
+    });
+    for (sent, answer) in answers.join().unwrap() {
+        assert_eq!(answer, format!("{sent}bytes={}", sent.len()), "{}", cluster.logs());
+    }
+    // Each connection reached a replica's sidecar over mTLS, none the impostor's.
+    let carried = |replica: &Pod| {
+        replica
+            .run(|| async { sample(&admin(ADMIN.parse().unwrap(), "GET", "/metrics", "").await.1, INBOUND_OPAQUE) })
+            .join()
+            .unwrap()
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let by_replica = loop {
+        let by_replica: Vec<f64> = cluster.replicas.iter().map(carried).collect();
+        if by_replica.iter().sum::<f64>() == connections as f64 || Instant::now() > deadline {
+            break by_replica;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(by_replica.iter().sum::<f64>(), connections as f64, "{by_replica:?}; {}", cluster.logs());
+    assert_eq!(by_replica[IMPOSTOR], 0.0, "{by_replica:?}");
+    assert!(by_replica.iter().filter(|n| **n > 0.0).count() >= 2, "connections spread over pods: {by_replica:?}");
 }
