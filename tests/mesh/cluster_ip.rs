@@ -29,6 +29,12 @@ use crate::telemetry::{admin, sample};
 const REPLICAS: usize = 4;
 const IMPOSTOR: usize = REPLICAS - 1;
 
+enum Outage {
+    Stop,
+    /// Back on the same address, with its history gone.
+    Restart,
+}
+
 /// What the last replica is.
 #[derive(Clone, Copy, PartialEq)]
 enum Last {
@@ -50,8 +56,8 @@ struct Replicated {
     api: Arc<ApiServer>,
     /// Each replica's address and pod name, as its EndpointSlice lists it.
     endpoints: Vec<(String, String)>,
-    /// Ends the API server's runtime in the node.
-    _api_running: tokio::sync::oneshot::Sender<()>,
+    /// Stops and restarts the API server; dropped, ends its runtime in the node.
+    api_control: tokio::sync::mpsc::UnboundedSender<(Outage, std::sync::mpsc::Sender<()>)>,
     sidecars: Vec<(Child, PathBuf)>,
     _files: tempfile::TempDir,
 }
@@ -68,14 +74,21 @@ impl Replicated {
         let vip = node.service(APP_PORT, &replicas.iter().collect::<Vec<_>>());
 
         let (started, api) = std::sync::mpsc::channel();
-        let (running, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (control, mut told) = tokio::sync::mpsc::unbounded_channel::<(Outage, std::sync::mpsc::Sender<()>)>();
         let at = SocketAddr::from((node.address(), 0));
+        // The API server runs in the node, where its address is, until the cluster is dropped.
         node.run(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
                 let api = ApiServer::start_at(at).await;
                 started.send(api.clone()).unwrap();
-                let _ = stopped.await;
+                while let Some((outage, done)) = told.recv().await {
+                    match outage {
+                        Outage::Stop => api.stop(),
+                        Outage::Restart => api.restart().await,
+                    }
+                    let _ = done.send(());
+                }
                 api.stop();
             })
         });
@@ -141,7 +154,7 @@ impl Replicated {
             tcp_vip,
             api,
             endpoints,
-            _api_running: running,
+            api_control: control,
             sidecars,
             _files: files,
         };
@@ -193,6 +206,25 @@ impl Replicated {
             std::thread::sleep(Duration::from_millis(10));
         }
         false
+    }
+
+    /// Stops or restarts the API server, as its outage goes.
+    fn api(&self, outage: Outage) {
+        let (done, finished) = std::sync::mpsc::channel();
+        self.api_control.send((outage, done)).unwrap();
+        finished.recv().unwrap();
+    }
+
+    /// Waits up to `bound` until the client sidecar's `series` reads `expected`; what it read last.
+    fn await_metric(&self, series: &str, expected: f64, bound: Duration) -> f64 {
+        let deadline = Instant::now() + bound;
+        loop {
+            let value = sample(&self.metrics(), series).unwrap_or(0.0);
+            if value == expected || Instant::now() > deadline {
+                return value;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn served(&self) -> Vec<u64> {
@@ -372,4 +404,28 @@ fn opaque_tcp_to_a_cluster_ip_goes_to_one_ready_pod_per_connection_over_mtls() {
     assert_eq!(by_replica.iter().sum::<f64>(), connections as f64, "{by_replica:?}; {}", cluster.logs());
     assert_eq!(by_replica[IMPOSTOR], 0.0, "{by_replica:?}");
     assert!(by_replica.iter().filter(|n| **n > 0.0).count() >= 2, "connections spread over pods: {by_replica:?}");
+}
+
+#[test]
+fn with_the_api_server_down_calls_go_to_the_cluster_ip_and_to_the_pods_once_it_is_back() {
+    let Some(cluster) = Replicated::start(Last::Impostor) else { return };
+    cluster.api(Outage::Stop);
+    // Down from the start: the lookup fails, and the calls go to the address.
+    cluster.calls(20, 4);
+    let metrics = cluster.metrics();
+    let calls = |peer: &str| {
+        sample(&metrics, &format!("protomesh_original_destination_calls_total{{peer=\"{peer}\"}}")).unwrap_or(0.0)
+    };
+    // The first calls, made at once, waited for the lookup.
+    assert_eq!(calls("address") + calls("lookup"), 20.0, "{}", cluster.logs());
+    assert!(calls("address") >= 1.0 && calls("service") == 0.0, "{}", cluster.logs());
+    let failed = sample(&cluster.metrics(), "protomesh_kubernetes_service_lookups_total{result=\"failed\"}");
+    assert!(failed.unwrap_or(0.0) >= 1.0, "the failed lookup is counted");
+    // Back, its history gone: the lookup is tried again within its backoff (at most 3 s).
+    cluster.api(Outage::Restart);
+    let found = "protomesh_kubernetes_service_lookups_total{result=\"service\"}";
+    assert_eq!(cluster.await_metric(found, 1.0, Duration::from_secs(5)), 1.0, "{}", cluster.logs());
+    let served = cluster.calls(90, 8);
+    assert_eq!(served[IMPOSTOR], 0, "{served:?}");
+    assert!(served.iter().filter(|n| **n > 0).count() >= 2, "calls spread over the pods again: {served:?}");
 }
