@@ -125,6 +125,7 @@ impl Admin {
             .collect();
         let mut config = self.reloader.status();
         config["methods"] = json!(methods);
+        config["outbound"] = routes.outbound.describe();
         config
     }
 

@@ -88,6 +88,10 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    pub fn is_mtls(&self) -> bool {
+        matches!(*self.transport, Transport::Mtls(_))
+    }
+
     pub fn new(
         addr: SocketAddr,
         target: Target,

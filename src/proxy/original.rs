@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -106,6 +106,8 @@ impl Peer {
 struct Destination {
     route: Arc<UpstreamRoute>,
     peer: Arc<AtomicU8>,
+    /// The Service at the address, once its lookup found it.
+    service: Arc<OnceLock<ServiceRef>>,
     used: Instant,
 }
 
@@ -177,6 +179,26 @@ impl OriginalDestinations {
         let destination = by_addr.entry(addr).or_insert_with(|| self.make(addr));
         destination.used = Instant::now();
         destination
+    }
+
+    /// The destinations kept, as `/config` shows them: each address, who
+    /// answers there (and the Service, when it is one), and its endpoints.
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        let by_addr = self.by_addr.lock().expect("original destinations lock");
+        let mut described: Vec<(SocketAddr, serde_json::Value)> = by_addr
+            .iter()
+            .map(|(addr, destination)| {
+                let mut described = destination.route.upstream.describe();
+                described["address"] = serde_json::json!(addr.to_string());
+                let peer = Peer::ALL[usize::from(destination.peer.load(Ordering::Acquire))];
+                described["peer"] = serde_json::json!(peer.label());
+                described["service"] = serde_json::json!(destination.service.get().map(|s| s.to_string()));
+                described["idle_seconds"] = serde_json::json!(destination.used.elapsed().as_secs());
+                (*addr, described)
+            })
+            .collect();
+        described.sort_by_key(|(addr, _)| *addr);
+        described.into_iter().map(|(_, described)| described).collect()
     }
 
     /// The TLS config of opaque TCP to a pod that must present `id`, made once per identity.
@@ -252,6 +274,7 @@ impl OriginalDestinations {
             }
         };
         let peer = Arc::new(AtomicU8::new(peer as u8));
+        let service = Arc::new(OnceLock::new());
         match &self.cluster {
             Some(cluster) if !plaintext => {
                 let lookup = Lookup {
@@ -259,6 +282,7 @@ impl OriginalDestinations {
                     addr,
                     upstream: Arc::downgrade(&upstream),
                     peer: peer.clone(),
+                    service: service.clone(),
                     metrics: self.metrics.clone(),
                     destinations: Arc::downgrade(&self.by_addr),
                 };
@@ -278,7 +302,8 @@ impl OriginalDestinations {
         });
         let budget = RetryBudget::new(&policy.retry_budget);
         upstream.keep_retry_budget(policy.retry_budget, budget.clone());
-        Destination { route: Arc::new(UpstreamRoute { upstream, bulkhead, budget }), peer, used: Instant::now() }
+        let route = Arc::new(UpstreamRoute { upstream, bulkhead, budget });
+        Destination { route, peer, service, used: Instant::now() }
     }
 }
 
@@ -289,6 +314,7 @@ struct Lookup {
     addr: SocketAddr,
     upstream: Weak<Upstream>,
     peer: Arc<AtomicU8>,
+    service: Arc<OnceLock<ServiceRef>>,
     metrics: Arc<Metrics>,
     destinations: Weak<Mutex<HashMap<SocketAddr, Destination>>>,
 }
@@ -338,6 +364,7 @@ impl Lookup {
         tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
         let Some(upstream) = self.upstream.upgrade() else { return };
         upstream.set_endpoints(&endpoints);
+        let _ = self.service.set(service.clone());
         self.peer.store(Peer::Service as u8, Ordering::Release);
         let mut watched = self.cluster.watch(service, endpoints);
         drop(upstream);

@@ -140,6 +140,17 @@ impl OutboundRoutes {
         })
     }
 
+    /// The upstreams and the original destinations kept, as `/config` shows them.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut upstreams: Vec<&Arc<UpstreamRoute>> = self.by_service.values().collect();
+        upstreams.sort_by_key(|route| Arc::as_ptr(&route.upstream));
+        upstreams.dedup_by_key(|route| Arc::as_ptr(&route.upstream));
+        let mut upstreams: Vec<serde_json::Value> = upstreams.iter().map(|route| route.upstream.describe()).collect();
+        upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let originals = self.originals.as_ref().map(|originals| originals.describe());
+        serde_json::json!({ "upstreams": upstreams, "original_destinations": originals })
+    }
+
     /// Where captured calls and connections go that no upstream routes, unless turned off.
     pub fn original_destinations(&self) -> Option<Arc<OriginalDestinations>> {
         self.originals.clone()

@@ -196,6 +196,33 @@ impl Upstream {
         self.members.load().iter().map(|member| (member.addr(), member.expected.clone())).collect()
     }
 
+    /// The upstream as `/config` shows it: its endpoints, each with the
+    /// identity it must present, whether outlier detection admits it, and
+    /// what its health checks say.
+    pub fn describe(&self) -> serde_json::Value {
+        use crate::policy::outlier::State;
+        let endpoints: Vec<serde_json::Value> = self
+            .members
+            .load()
+            .iter()
+            .map(|member| {
+                let outlier = match member.ejection.state() {
+                    State::Admitted => "admitted",
+                    State::Ejected { .. } => "ejected",
+                    State::HalfOpen { .. } => "probing",
+                };
+                serde_json::json!({
+                    "address": member.addr().to_string(),
+                    "identity": member.expected.as_ref().or(self.identity.as_ref()).map(|id| id.as_str()),
+                    "mtls": member.endpoint.is_mtls(),
+                    "outlier": outlier,
+                    "serving": member.serving(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "name": &*self.name, "endpoints": endpoints })
+    }
+
     /// Resolves once the upstream is dropped: what finds its endpoints ends with it.
     pub fn dropped(&self) -> impl Future<Output = ()> + Send + use<> {
         let mut found = self.found.subscribe();

@@ -316,6 +316,23 @@ fn calls_on_one_connection_to_a_cluster_ip_spread_over_its_ready_pods_and_none_r
     let to_pods = sample(&metrics, "protomesh_original_destination_calls_total{peer=\"service\"}").unwrap_or(0.0);
     let waited = sample(&metrics, "protomesh_original_destination_calls_total{peer=\"lookup\"}").unwrap_or(0.0);
     assert_eq!(to_pods + waited, 300.0, "every call counted by who answered it");
+    // /config shows the destination as the Service, with each pod's identity and state.
+    let config = cluster.client.run(|| async { admin(ADMIN.parse().unwrap(), "GET", "/config", "").await.1 });
+    let config: serde_json::Value = serde_json::from_str(&config.join().unwrap()).unwrap();
+    let destination = &config["outbound"]["original_destinations"][0];
+    assert_eq!(destination["address"], cluster.vip.to_string(), "{config:#}");
+    assert_eq!(destination["peer"], "service");
+    assert_eq!(destination["service"], "k8s://echo.test:50051");
+    let endpoints = destination["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), REPLICAS, "{destination:#}");
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e["identity"] == "spiffe://test.protomesh.local/ns/test/sa/server" && e["mtls"] == true)
+    );
+    let impostor = format!("{}:{APP_PORT}", cluster.endpoints[IMPOSTOR].0);
+    let impostor = endpoints.iter().find(|e| e["address"] == impostor.as_str()).unwrap();
+    assert_eq!(impostor["outlier"], "ejected", "{destination:#}");
     let mismatches = "protomesh_endpoint_identity_mismatches_total{upstream=\"original destinations\"}";
     assert!(sample(&metrics, mismatches).unwrap_or(0.0) >= 1.0, "the impostor's handshakes are counted");
     let client_log = cluster.client_log();
