@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use libfuzzer_sys::fuzz_target;
-use protomesh::discovery::kubernetes::{MAX_ENDPOINTS, ServiceRef, ready_endpoints};
+use protomesh::discovery::kubernetes::{MAX_ENDPOINTS, ServiceInfo, ServiceRef, ready_endpoints};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte says where the slice's JSON ends and the pod's begins.
@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let service = ServiceRef::parse("k8s://fuzz.test:grpc").unwrap();
     for port in ["grpc", ""] {
-        let found = ready_endpoints(std::iter::once(&slice), &pods, port, &service);
+        let info = ServiceInfo { port: port.into(), ..Default::default() };
+        let found = ready_endpoints(std::iter::once(&slice), &pods, &info, &service);
         assert!(found.len() <= MAX_ENDPOINTS);
         assert!(found.windows(2).all(|pair| pair[0] < pair[1]), "sorted and distinct");
     }

@@ -18,7 +18,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{Found, Sidecar, Workload};
+use super::{Found, PodIdentity, Sidecar, Workload};
 
 /// How an upstream endpoint names a Kubernetes Service.
 pub const SCHEME: &str = "k8s://";
@@ -65,11 +65,22 @@ pub struct ServiceAccount {
     pub name: String,
 }
 
-/// What the sidecar reads of a Service: the name its port has in the
-/// EndpointSlices, and the selector of its pods, if it has one.
-struct ServiceInfo {
-    port: String,
-    pods: Option<String>,
+/// The Service annotation that names the SPIFFE ID all its endpoints must
+/// present, for workloads whose certificates follow another scheme than
+/// their service accounts.
+pub const EXPECTED_IDENTITY: &str = "protomesh.io/expected-identity";
+/// The longest annotation value taken: a SPIFFE ID is at most 2048 bytes.
+const MAX_IDENTITY_LEN: usize = 2048;
+
+/// What the sidecar reads of a Service.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceInfo {
+    /// The name its port has in the EndpointSlices.
+    pub port: String,
+    /// The selector of its pods, if it has one.
+    pub pods: Option<String>,
+    /// What its `protomesh.io/expected-identity` annotation names.
+    pub expected: Option<String>,
 }
 
 /// A Service port of a Kubernetes Service.
@@ -215,7 +226,7 @@ impl Cluster {
                 .map_err(|e| format!("{service}: listing its pods: {}", api_error(&e, Grant::Endpoints)))?;
             pods.extend(listed.items.into_iter().map(|pod| (name_of(&pod.metadata), pod)));
         }
-        Ok(ready_endpoints(slices.items.iter(), &pods, &info.port, service))
+        Ok(ready_endpoints(slices.items.iter(), &pods, &info, service))
     }
 
     /// Watches the Service's EndpointSlices and pods, sending its ready
@@ -275,7 +286,7 @@ impl Cluster {
             if !changed || !slices.listed || (info.pods.is_some() && !pods.listed) {
                 continue;
             }
-            let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info.port, service);
+            let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info, service);
             sender.send_if_modified(|current| {
                 let changed = *current != endpoints;
                 if changed {
@@ -306,7 +317,17 @@ impl Cluster {
         };
         let selector = spec.selector.filter(|labels| !labels.is_empty());
         let pods = selector.map(|labels| labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
-        Ok(ServiceInfo { port, pods })
+        let annotations = found.metadata.annotations.unwrap_or_default();
+        let expected = annotations.get(EXPECTED_IDENTITY).map(|id| id.trim().to_string());
+        if let Some(id) = &expected
+            && (id.len() > MAX_IDENTITY_LEN || !id.starts_with("spiffe://"))
+        {
+            return Err(format!(
+                "{service}: annotation {EXPECTED_IDENTITY} is not a SPIFFE ID (spiffe://<trust domain>/<path>, at \
+                 most {MAX_IDENTITY_LEN} bytes)"
+            ));
+        }
+        Ok(ServiceInfo { port, pods, expected })
     }
 }
 
@@ -468,15 +489,17 @@ fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar {
     }
 }
 
-/// The ready endpoints of `slices` at the Service port named `port`, each
-/// with the service account of its pod when `pods` knows the pod, sorted, at
-/// most [`MAX_ENDPOINTS`].
+/// The ready endpoints of `slices` at the Service port that `info` names,
+/// each with the identity it must present (its pod's service account, or
+/// the Service's expected identity) and its sidecar when `pods` knows the
+/// pod, sorted, at most [`MAX_ENDPOINTS`].
 pub fn ready_endpoints<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
     pods: &BTreeMap<String, Pod>,
-    port: &str,
+    info: &ServiceInfo,
     service: &ServiceRef,
 ) -> Vec<Found> {
+    let port = info.port.as_str();
     let mut endpoints = Vec::new();
     for slice in slices {
         if slice.address_type == "FQDN" {
@@ -498,9 +521,12 @@ pub fn ready_endpoints<'a>(
             // A pod without a service account named runs as `default`.
             let workload = match pod.and_then(|pod| pod.spec.as_ref()) {
                 Some(spec) => Workload::Pod {
-                    account: ServiceAccount {
-                        namespace: service.namespace.clone(),
-                        name: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+                    identity: match &info.expected {
+                        Some(id) => PodIdentity::Named(id.clone()),
+                        None => PodIdentity::Account(ServiceAccount {
+                            namespace: service.namespace.clone(),
+                            name: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+                        }),
                     },
                     sidecar: sidecar_of(spec),
                 },
@@ -547,6 +573,10 @@ mod tests {
         }
     }
 
+    fn named(port: &str) -> ServiceInfo {
+        ServiceInfo { port: port.into(), ..Default::default() }
+    }
+
     fn slice(port: Option<&str>, number: i32, endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
         EndpointSlice {
             address_type: "IPv4".into(),
@@ -583,9 +613,9 @@ mod tests {
             (name.to_string(), Pod { spec: Some(spec), ..Default::default() })
         };
         let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
-        let endpoints = ready_endpoints(slices.iter(), &pods, "grpc", &service);
+        let endpoints = ready_endpoints(slices.iter(), &pods, &named("grpc"), &service);
         let pod = |name: &str| Workload::Pod {
-            account: ServiceAccount { namespace: "test".into(), name: name.into() },
+            identity: PodIdentity::Account(ServiceAccount { namespace: "test".into(), name: name.into() }),
             sidecar: Sidecar::None,
         };
         let expected = vec![
@@ -594,7 +624,7 @@ mod tests {
             Found { addr: "10.0.0.4:9090".parse().unwrap(), workload: pod("default") },
         ];
         assert_eq!(endpoints, expected, "a pod not known has no account");
-        let unnamed = ready_endpoints(slices.iter(), &pods, "", &service);
+        let unnamed = ready_endpoints(slices.iter(), &pods, &named(""), &service);
         let addrs: Vec<SocketAddr> = unnamed.iter().map(|found| found.addr).collect();
         assert_eq!(
             addrs,
@@ -663,6 +693,6 @@ mod tests {
             (0..MAX_ENDPOINTS + 10).map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)).collect();
         let endpoints: Vec<(&str, Option<bool>)> = addresses.iter().map(|a| (a.as_str(), Some(true))).collect();
         let slices = [slice(Some("grpc"), 80, &endpoints)];
-        assert_eq!(ready_endpoints(slices.iter(), &BTreeMap::new(), "grpc", &service).len(), MAX_ENDPOINTS);
+        assert_eq!(ready_endpoints(slices.iter(), &BTreeMap::new(), &named("grpc"), &service).len(), MAX_ENDPOINTS);
     }
 }

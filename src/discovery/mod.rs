@@ -24,11 +24,20 @@ pub enum Workload {
     /// Whoever the upstream expects of all its endpoints: an address or a
     /// name as written, or a destination the Kubernetes API does not know.
     AsConfigured,
-    /// A Kubernetes pod running as this service account.
-    Pod { account: ServiceAccount, sidecar: Sidecar },
+    /// A Kubernetes pod, which must present `identity`.
+    Pod { identity: PodIdentity, sidecar: Sidecar },
     /// A Kubernetes endpoint whose pod is not known yet: where each endpoint
     /// must present its own pod's identity, it gets no call until it is.
     PodNotKnown,
+}
+
+/// The identity a pod must present.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PodIdentity {
+    /// Its service account's SPIFFE ID, in this workload's trust domain.
+    Account(ServiceAccount),
+    /// The SPIFFE ID its Service names (`protomesh.io/expected-identity`).
+    Named(String),
 }
 
 /// How a pod takes calls from the mesh.

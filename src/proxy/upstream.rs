@@ -23,8 +23,8 @@ use crate::call::{
 };
 use crate::config::UpstreamConfig;
 use crate::config::health_checks::HealthCheckConfig;
-use crate::discovery::kubernetes::{Cluster, ServiceAccount};
-use crate::discovery::{self, EndpointSpec, Found, Sidecar, Workload};
+use crate::discovery::kubernetes::Cluster;
+use crate::discovery::{self, EndpointSpec, Found, PodIdentity, Sidecar, Workload};
 use crate::grpc::{self, Code};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::Bulkhead;
@@ -77,10 +77,15 @@ impl Accounts {
         Accounts { identity, transports: Mutex::default(), plaintext: Arc::new(Transport::Plaintext) }
     }
 
-    /// What an endpoint of `account` must present, and the transport that checks it.
-    fn transport(&self, account: &ServiceAccount) -> Result<(SpiffeId, Arc<Transport>), String> {
-        let (domain, namespace, name) = (self.identity.id.trust_domain(), &account.namespace, &account.name);
-        let id = SpiffeId::parse(&format!("spiffe://{domain}/ns/{namespace}/sa/{name}"))?;
+    /// What an endpoint must present, and the transport that checks it.
+    fn transport(&self, identity: &PodIdentity) -> Result<(SpiffeId, Arc<Transport>), String> {
+        let id = match identity {
+            PodIdentity::Account(account) => {
+                let (domain, namespace, name) = (self.identity.id.trust_domain(), &account.namespace, &account.name);
+                SpiffeId::parse(&format!("spiffe://{domain}/ns/{namespace}/sa/{name}"))?
+            }
+            PodIdentity::Named(id) => SpiffeId::parse(id)?,
+        };
         let mut transports = self.transports.lock().expect("transports lock");
         if let Some(transport) = transports.get(&id) {
             return Ok((id, transport.clone()));
@@ -296,7 +301,7 @@ impl Upstream {
                 (Some(accounts), Workload::Pod { sidecar: Sidecar::None, .. }) => {
                     Some((found.addr, None, accounts.plaintext.clone()))
                 }
-                (Some(accounts), Workload::Pod { account, sidecar }) => match accounts.transport(account) {
+                (Some(accounts), Workload::Pod { identity, sidecar }) => match accounts.transport(identity) {
                     Ok((id, transport)) => {
                         let addr = match sidecar {
                             Sidecar::Listening(port) => SocketAddr::new(found.addr.ip(), *port),

@@ -200,6 +200,13 @@ impl ApiServer {
         self.store.lock().unwrap().services.insert((namespace.into(), name.into()), value);
     }
 
+    /// Sets an annotation of the Service `name`.
+    pub fn annotate_service(&self, namespace: &str, name: &str, key: &str, value: &str) {
+        let mut store = self.store.lock().unwrap();
+        let service = store.services.get_mut(&(namespace.into(), name.into())).expect("the Service exists");
+        service["metadata"]["annotations"][key] = json!(value);
+    }
+
     /// Creates or replaces the pod `name`, labelled `app: <app>`, running as
     /// `account`, injected with capture: its app, the sidecar and the
     /// capture rules' init container, as `protomesh inject` makes them.

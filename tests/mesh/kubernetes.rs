@@ -70,6 +70,24 @@ async fn mesh_with(api: &Arc<ApiServer>, endpoint: &str, options: MeshOptions) -
 }
 
 #[tokio::test]
+async fn a_service_may_name_the_identity_its_endpoints_present_instead_of_their_accounts() {
+    let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
+    let other = "spiffe://test.protomesh.local/ns/test/sa/other";
+    api.annotate_service("test", "echo", "protomesh.io/expected-identity", other);
+    // Both pods run as `server`; only the second server's certificate names `other`.
+    let options =
+        MeshOptions { server_workloads: &["server", "other"], upstream_identity: false, ..Default::default() };
+    let (mesh, _dir) = mesh_with(&api, "k8s://echo.test:50051", options).await;
+    let servers = mesh.server_inbounds();
+    api.pod("test", "pod-0", "echo", "server");
+    api.pod("test", "pod-1", "echo", "server");
+    slices(&api, &servers, &[true, true]);
+    calls_until(&mesh, "only the endpoint presenting the named identity takes calls", |d| d[0] == 0 && d[1] == 10)
+        .await;
+}
+
+#[tokio::test]
 async fn without_an_identity_for_all_each_endpoint_must_present_its_pods_service_account() {
     let api = ApiServer::start().await;
     api.service("test", "echo", 50051, "grpc");
