@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let service = ServiceRef::parse("k8s://fuzz.test:grpc").unwrap();
     for port in ["grpc", ""] {
         let info = ServiceInfo { port: port.into(), ..Default::default() };
-        let found = ready_endpoints(std::iter::once(&slice), &pods, &info, &service);
+        let found = ready_endpoints(std::iter::once(&slice), &pods, &info, &service, Some("zone-a"));
         assert!(found.len() <= MAX_ENDPOINTS);
         assert!(found.windows(2).all(|pair| pair[0] < pair[1]), "sorted and distinct");
     }

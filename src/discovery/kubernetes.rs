@@ -46,13 +46,21 @@ pub struct KubernetesConfig {
     /// service account, else `KUBECONFIG` or `~/.kube/config`.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// The pod's zone, for topology-aware routing; by default its node's
+    /// `topology.kubernetes.io/zone` label, read from the node that
+    /// `NODE_NAME` names (the injector sets it).
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
-        KubernetesConfig { discovery: true, kubeconfig: None }
+        KubernetesConfig { discovery: true, kubeconfig: None, zone: None }
     }
 }
+
+/// The node label that names its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 fn yes() -> bool {
     true
@@ -148,6 +156,8 @@ fn is_dns_label(text: &str) -> bool {
 #[derive(Clone)]
 pub struct Cluster {
     client: kube::Client,
+    /// This pod's zone, when known: endpoints hinted for it are preferred.
+    zone: Option<String>,
 }
 
 impl fmt::Debug for Cluster {
@@ -184,7 +194,11 @@ impl Cluster {
         };
         tracing::info!(server = %found.cluster_url, "Kubernetes API server found");
         let client = kube::Client::try_from(found).map_err(|e| format!("kubernetes: cannot make a client: {e}"))?;
-        Ok(Some(Cluster { client }))
+        let zone = match &config.zone {
+            Some(zone) => Some(zone.clone()),
+            None => zone_of_node(&client).await,
+        };
+        Ok(Some(Cluster { client, zone }))
     }
 
     /// The Service whose cluster IP and TCP port `addr` is, as a captured
@@ -226,7 +240,7 @@ impl Cluster {
                 .map_err(|e| format!("{service}: listing its pods: {}", api_error(&e, Grant::Endpoints)))?;
             pods.extend(listed.items.into_iter().map(|pod| (name_of(&pod.metadata), pod)));
         }
-        Ok(ready_endpoints(slices.items.iter(), &pods, &info, service))
+        Ok(ready_endpoints(slices.items.iter(), &pods, &info, service, self.zone.as_deref()))
     }
 
     /// Watches the Service's EndpointSlices and pods, sending its ready
@@ -286,7 +300,8 @@ impl Cluster {
             if !changed || !slices.listed || (info.pods.is_some() && !pods.listed) {
                 continue;
             }
-            let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info, service);
+            let zone = self.zone.as_deref();
+            let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info, service, zone);
             sender.send_if_modified(|current| {
                 let changed = *current != endpoints;
                 if changed {
@@ -328,6 +343,24 @@ impl Cluster {
             ));
         }
         Ok(ServiceInfo { port, pods, expected })
+    }
+}
+
+/// The zone of the node `NODE_NAME` names, from its label; `None` (and
+/// logged) when it cannot be read: topology hints are then not followed.
+async fn zone_of_node(client: &kube::Client) -> Option<String> {
+    let node = std::env::var("NODE_NAME").ok().filter(|name| !name.is_empty())?;
+    match Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get(&node).await {
+        Ok(found) => {
+            let zone = found.metadata.labels.unwrap_or_default().remove(ZONE_LABEL);
+            tracing::info!(%node, zone = zone.as_deref().unwrap_or("none"), "this pod's zone, for topology hints");
+            zone
+        }
+        Err(error) => {
+            let error = api_error(&error, Grant::Lookup);
+            tracing::warn!(%node, %error, "the node's zone was not read: topology hints are not followed");
+            None
+        }
     }
 }
 
@@ -492,15 +525,19 @@ fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar {
 /// The ready endpoints of `slices` at the Service port that `info` names,
 /// each with the identity it must present (its pod's service account, or
 /// the Service's expected identity) and its sidecar when `pods` knows the
-/// pod, sorted, at most [`MAX_ENDPOINTS`].
+/// pod, sorted, at most [`MAX_ENDPOINTS`]. Where every one has topology
+/// hints (`hints.forZones`), those hinted for `zone` are marked to be
+/// preferred, as kube-proxy does; otherwise none is.
 pub fn ready_endpoints<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
     pods: &BTreeMap<String, Pod>,
     info: &ServiceInfo,
     service: &ServiceRef,
+    zone: Option<&str>,
 ) -> Vec<Found> {
     let port = info.port.as_str();
     let mut endpoints = Vec::new();
+    let mut all_hinted = true;
     for slice in slices {
         if slice.address_type == "FQDN" {
             continue;
@@ -532,8 +569,14 @@ pub fn ready_endpoints<'a>(
                 },
                 None => Workload::PodNotKnown,
             };
-            endpoints.push(Found { addr: SocketAddr::new(address, number), workload });
+            let zones = endpoint.hints.as_ref().and_then(|hints| hints.for_zones.as_ref());
+            all_hinted &= zones.is_some();
+            let in_zone = zones.is_some_and(|zones| zones.iter().any(|hinted| Some(hinted.name.as_str()) == zone));
+            endpoints.push(Found { addr: SocketAddr::new(address, number), workload, in_zone });
         }
+    }
+    if !all_hinted {
+        endpoints.iter_mut().for_each(|found| found.in_zone = false);
     }
     endpoints.sort();
     endpoints.dedup();
@@ -613,24 +656,50 @@ mod tests {
             (name.to_string(), Pod { spec: Some(spec), ..Default::default() })
         };
         let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
-        let endpoints = ready_endpoints(slices.iter(), &pods, &named("grpc"), &service);
+        let endpoints = ready_endpoints(slices.iter(), &pods, &named("grpc"), &service, None);
         let pod = |name: &str| Workload::Pod {
             identity: PodIdentity::Account(ServiceAccount { namespace: "test".into(), name: name.into() }),
             sidecar: Sidecar::None,
         };
         let expected = vec![
-            Found { addr: "10.0.0.1:8080".parse().unwrap(), workload: pod("cart") },
-            Found { addr: "10.0.0.3:8080".parse().unwrap(), workload: Workload::PodNotKnown },
-            Found { addr: "10.0.0.4:9090".parse().unwrap(), workload: pod("default") },
+            Found { addr: "10.0.0.1:8080".parse().unwrap(), workload: pod("cart"), in_zone: false },
+            Found { addr: "10.0.0.3:8080".parse().unwrap(), workload: Workload::PodNotKnown, in_zone: false },
+            Found { addr: "10.0.0.4:9090".parse().unwrap(), workload: pod("default"), in_zone: false },
         ];
         assert_eq!(endpoints, expected, "a pod not known has no account");
-        let unnamed = ready_endpoints(slices.iter(), &pods, &named(""), &service);
+        let unnamed = ready_endpoints(slices.iter(), &pods, &named(""), &service, None);
         let addrs: Vec<SocketAddr> = unnamed.iter().map(|found| found.addr).collect();
         assert_eq!(
             addrs,
             vec!["10.0.0.6:7000".parse::<SocketAddr>().unwrap()],
             "a one-port Service's port has no name"
         );
+    }
+
+    #[test]
+    fn endpoints_hinted_for_this_zone_are_marked_only_when_every_endpoint_has_hints() {
+        use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
+        let service = ServiceRef::parse("k8s://echo.test:grpc").unwrap();
+        let hinted = |mut slice: EndpointSlice, zones: &[Option<&str>]| {
+            for (endpoint, zone) in slice.endpoints.iter_mut().zip(zones) {
+                endpoint.hints = zone.map(|zone| EndpointHints {
+                    for_zones: Some(vec![ForZone { name: zone.into() }]),
+                    ..Default::default()
+                });
+            }
+            slice
+        };
+        let two = || slice(Some("grpc"), 80, &[("10.0.0.1", Some(true)), ("10.0.0.2", Some(true))]);
+        let in_zone = |slices: &[EndpointSlice], zone| {
+            let found = ready_endpoints(slices.iter(), &BTreeMap::new(), &named("grpc"), &service, zone);
+            found.iter().map(|found| found.in_zone).collect::<Vec<_>>()
+        };
+        let all = [hinted(two(), &[Some("a"), Some("b")])];
+        assert_eq!(in_zone(&all, Some("a")), [true, false]);
+        assert_eq!(in_zone(&all, Some("c")), [false, false], "none for this zone: no preference");
+        assert_eq!(in_zone(&all, None), [false, false], "a pod whose zone is not known prefers none");
+        let some = [hinted(two(), &[Some("a"), None])];
+        assert_eq!(in_zone(&some, Some("a")), [false, false], "hints on some endpoints only are not followed");
     }
 
     #[test]
@@ -693,6 +762,9 @@ mod tests {
             (0..MAX_ENDPOINTS + 10).map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)).collect();
         let endpoints: Vec<(&str, Option<bool>)> = addresses.iter().map(|a| (a.as_str(), Some(true))).collect();
         let slices = [slice(Some("grpc"), 80, &endpoints)];
-        assert_eq!(ready_endpoints(slices.iter(), &BTreeMap::new(), &named("grpc"), &service).len(), MAX_ENDPOINTS);
+        assert_eq!(
+            ready_endpoints(slices.iter(), &BTreeMap::new(), &named("grpc"), &service, None).len(),
+            MAX_ENDPOINTS
+        );
     }
 }

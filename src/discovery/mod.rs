@@ -16,6 +16,8 @@ use kubernetes::{Cluster, ServiceAccount, ServiceRef};
 pub struct Found {
     pub addr: SocketAddr,
     pub workload: Workload,
+    /// Topology hints name this pod's zone: calls prefer it.
+    pub in_zone: bool,
 }
 
 /// Who must answer at an endpoint.
@@ -53,7 +55,7 @@ pub enum Sidecar {
 
 impl From<SocketAddr> for Found {
     fn from(addr: SocketAddr) -> Found {
-        Found { addr, workload: Workload::AsConfigured }
+        Found { addr, workload: Workload::AsConfigured, in_zone: false }
     }
 }
 

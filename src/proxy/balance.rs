@@ -165,6 +165,11 @@ impl Load {
     }
 }
 
+/// Whether any of `endpoints`, but the `unreachable`, is admitted now.
+pub fn any_admitted(endpoints: &[Arc<Member>], unreachable: &[SocketAddr], now: Instant) -> bool {
+    endpoints.iter().any(|e| e.admitted(now) && !unreachable.contains(&e.addr()))
+}
+
 /// Picks an endpoint for one call: two at random, the lighter one that is
 /// admitted, leaving out the `unreachable`. An endpoint whose ejection is
 /// over comes first, as the probe that decides whether it is back: left to

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{Request, Response};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -52,6 +52,9 @@ pub struct Upstream {
     /// Workers of the sidecar, each with its own connection to every endpoint.
     workers: usize,
     members: ArcSwap<Vec<Arc<Member>>>,
+    /// The members topology hints give this pod's zone, when any: calls go
+    /// to them while one is admitted, and spill over to the rest otherwise.
+    local: ArcSwapOption<Vec<Arc<Member>>>,
     /// The active health checks in force, which the checking task follows.
     health_check: watch::Sender<Option<HealthCheckConfig>>,
     /// When the upstream names no identity for all: each endpoint's, from
@@ -206,6 +209,7 @@ impl Upstream {
     /// what its health checks say.
     pub fn describe(&self) -> serde_json::Value {
         use crate::policy::outlier::State;
+        let local = self.local.load_full();
         let endpoints: Vec<serde_json::Value> = self
             .members
             .load()
@@ -222,6 +226,7 @@ impl Upstream {
                     "mtls": member.endpoint.is_mtls(),
                     "outlier": outlier,
                     "serving": member.serving(),
+                    "in_zone": local.as_ref().is_some_and(|local| local.iter().any(|m| Arc::ptr_eq(m, member))),
                 })
             })
             .collect();
@@ -254,6 +259,7 @@ impl Upstream {
             connect,
             workers,
             members: ArcSwap::from_pointee(Vec::new()),
+            local: ArcSwapOption::empty(),
             health_check: watch::Sender::new(None),
             accounts,
             found: watch::Sender::new(true),
@@ -295,38 +301,20 @@ impl Upstream {
     /// An endpoint whose identity cannot be known yet is left out.
     pub fn set_endpoints(&self, found: &[Found]) {
         self.found.send_if_modified(|once| !std::mem::replace(once, true));
-        let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> = found
-            .iter()
-            .filter_map(|found| match (&self.accounts, &found.workload) {
-                (Some(accounts), Workload::Pod { sidecar: Sidecar::None, .. }) => {
-                    Some((found.addr, None, accounts.plaintext.clone()))
-                }
-                (Some(accounts), Workload::Pod { identity, sidecar }) => match accounts.transport(identity) {
-                    Ok((id, transport)) => {
-                        let addr = match sidecar {
-                            Sidecar::Listening(port) => SocketAddr::new(found.addr.ip(), *port),
-                            _ => found.addr,
-                        };
-                        Some((addr, Some(id), transport))
-                    }
-                    Err(error) => {
-                        tracing::warn!(upstream = %self.name, addr = %found.addr, %error, "endpoint left out");
-                        None
-                    }
-                },
-                (Some(_), Workload::PodNotKnown) => {
-                    let addr = found.addr;
-                    tracing::debug!(upstream = %self.name, %addr, "endpoint left out until its pod is known");
-                    None
-                }
-                _ => Some((found.addr, None, self.transport.clone())),
-            })
-            .collect();
+        let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> =
+            found.iter().filter_map(|found| self.member_for(found)).collect();
+        let in_zone: Vec<SocketAddr> =
+            found.iter().filter(|found| found.in_zone).filter_map(|found| Some(self.member_for(found)?.0)).collect();
         let current = self.members.load();
         let same = |member: &Member, (addr, expected): (SocketAddr, &Option<SpiffeId>)| {
             member.addr() == addr && member.expected == *expected
         };
-        if current.len() == wanted.len() && current.iter().zip(&wanted).all(|(m, (a, e, _))| same(m, (*a, e))) {
+        let local_now: Vec<SocketAddr> =
+            self.local.load().iter().flat_map(|local| local.iter().map(|m| m.addr())).collect();
+        if current.len() == wanted.len()
+            && current.iter().zip(&wanted).all(|(m, (a, e, _))| same(m, (*a, e)))
+            && local_now == in_zone
+        {
             return;
         }
         let members = wanted
@@ -346,9 +334,40 @@ impl Upstream {
                 None => m.addr().to_string(),
             })
             .collect();
-        tracing::info!(upstream = %self.name, endpoints = ?addrs, "endpoints updated");
+        tracing::info!(upstream = %self.name, endpoints = ?addrs, in_zone = ?in_zone, "endpoints updated");
         self.outliers.set_endpoint_count(members.len());
+        let local: Vec<Arc<Member>> = members.iter().filter(|m| in_zone.contains(&m.addr())).cloned().collect();
+        self.local.store((!local.is_empty()).then(|| Arc::new(local)));
         self.members.store(Arc::new(members));
+    }
+
+    /// The member an endpoint found makes: its address, the identity it must
+    /// present, and how to reach it; `None` when it cannot be called yet.
+    fn member_for(&self, found: &Found) -> Option<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> {
+        match (&self.accounts, &found.workload) {
+            (Some(accounts), Workload::Pod { sidecar: Sidecar::None, .. }) => {
+                Some((found.addr, None, accounts.plaintext.clone()))
+            }
+            (Some(accounts), Workload::Pod { identity, sidecar }) => match accounts.transport(identity) {
+                Ok((id, transport)) => {
+                    let addr = match sidecar {
+                        Sidecar::Listening(port) => SocketAddr::new(found.addr.ip(), *port),
+                        _ => found.addr,
+                    };
+                    Some((addr, Some(id), transport))
+                }
+                Err(error) => {
+                    tracing::warn!(upstream = %self.name, addr = %found.addr, %error, "endpoint left out");
+                    None
+                }
+            },
+            (Some(_), Workload::PodNotKnown) => {
+                let addr = found.addr;
+                tracing::debug!(upstream = %self.name, %addr, "endpoint left out until its pod is known");
+                None
+            }
+            _ => Some((found.addr, None, self.transport.clone())),
+        }
     }
 
     /// Counts an endpoint that presented another identity than it must, and
@@ -381,6 +400,7 @@ impl Upstream {
         if members.is_empty() {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
+        let local = self.local.load_full();
         // Only a call's span reads which endpoint answered.
         let traced = request.extensions().get::<CallSpan>().is_some();
         let deadline = request.extensions().get::<Deadline>().map(|deadline| deadline.0);
@@ -390,7 +410,11 @@ impl Upstream {
         let mut unreachable = Vec::new();
         for _ in 0..members.len().min(CONNECT_TRIES) {
             let now = Instant::now();
-            let choose = |passed_over: &[SocketAddr]| balance::choose(&members, passed_over, now, &self.outliers);
+            let choose = |passed_over: &[SocketAddr]| {
+                let pick = |set: &[Arc<Member>]| balance::choose(set, passed_over, now, &self.outliers);
+                let local = local.as_deref().filter(|local| balance::any_admitted(local, passed_over, now));
+                local.and_then(|local| pick(local)).or_else(|| pick(&members))
+            };
             // A hedge goes to an endpoint its call has not used yet, if one is left.
             let chosen = match &spread {
                 None => choose(&unreachable),

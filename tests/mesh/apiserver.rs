@@ -315,6 +315,17 @@ impl ApiServer {
         self.record(&mut store, Change { version, resource, kind, object: value });
     }
 
+    /// Gives every endpoint of an EndpointSlice the topology hint `for_zones`.
+    pub fn hint(&self, namespace: &str, name: &str, for_zones: &[&str]) {
+        let key = (SLICES, namespace.to_string(), name.to_string());
+        let mut slice = self.store.lock().unwrap().objects.get(&key).cloned().expect("the EndpointSlice exists");
+        let zones: Vec<Value> = for_zones.iter().map(|zone| json!({ "name": zone })).collect();
+        for endpoint in slice["endpoints"].as_array_mut().unwrap() {
+            endpoint["hints"] = json!({ "forZones": zones });
+        }
+        self.put(SLICES, namespace, name, slice);
+    }
+
     /// Deletes an EndpointSlice.
     pub fn delete_slice(&self, namespace: &str, name: &str) {
         let mut store = self.store.lock().unwrap();

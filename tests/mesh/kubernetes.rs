@@ -88,6 +88,37 @@ async fn a_service_may_name_the_identity_its_endpoints_present_instead_of_their_
 }
 
 #[tokio::test]
+async fn endpoints_hinted_for_this_pods_zone_take_its_calls_and_the_rest_take_them_when_those_are_out() {
+    let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let options = MeshOptions {
+        servers: 2,
+        upstream_endpoint: Some("k8s://echo.test:50051".into()),
+        client_config: format!("kubernetes: {{kubeconfig: '{}', zone: zone-a}}\n", kubeconfig.display()),
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let servers = mesh.server_inbounds();
+    api.pod("test", "pod-0", "echo", "server");
+    api.pod("test", "pod-1", "echo", "server");
+    slices(&api, &servers, &[true, true]);
+    calls_until(&mesh, "without hints, both take calls", |d| d[0] > 0 && d[1] > 0).await;
+    // Hints on one slice only: kube-proxy ignores them unless every endpoint has them.
+    api.hint("test", "echo-1", &["zone-a"]);
+    calls_until(&mesh, "hints on some endpoints only are not followed", |d| d[0] > 0 && d[1] > 0).await;
+    api.hint("test", "echo-0", &["zone-b"]);
+    calls_until(&mesh, "the endpoint hinted for this zone takes every call", |d| d[0] == 0 && d[1] == 10).await;
+    // The zone's only endpoint cannot be reached: calls spill over to the others.
+    api.pod("test", "pod-2", "echo", "server");
+    api.slice("test", "echo-2", "echo", ("grpc", 1), &[("127.0.0.1", true, "pod-2")]);
+    api.hint("test", "echo-2", &["zone-a"]);
+    api.hint("test", "echo-1", &["zone-b"]);
+    calls_until(&mesh, "the other zone takes the calls while this one's are out", |d| d[0] > 0 && d[1] > 0).await;
+}
+
+#[tokio::test]
 async fn without_an_identity_for_all_each_endpoint_must_present_its_pods_service_account() {
     let api = ApiServer::start().await;
     api.service("test", "echo", 50051, "grpc");
