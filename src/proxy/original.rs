@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -106,8 +106,6 @@ impl Peer {
 struct Destination {
     route: Arc<UpstreamRoute>,
     peer: Arc<AtomicU8>,
-    /// The Service at the address, once its lookup found it.
-    service: Arc<OnceLock<ServiceRef>>,
     used: Instant,
 }
 
@@ -192,7 +190,7 @@ impl OriginalDestinations {
                 described["address"] = serde_json::json!(addr.to_string());
                 let peer = Peer::ALL[usize::from(destination.peer.load(Ordering::Acquire))];
                 described["peer"] = serde_json::json!(peer.label());
-                described["service"] = serde_json::json!(destination.service.get().map(|s| s.to_string()));
+                described["service"] = serde_json::json!(destination.route.upstream.service.get().map(|s| &**s));
                 described["idle_seconds"] = serde_json::json!(destination.used.elapsed().as_secs());
                 (*addr, described)
             })
@@ -274,7 +272,6 @@ impl OriginalDestinations {
             }
         };
         let peer = Arc::new(AtomicU8::new(peer as u8));
-        let service = Arc::new(OnceLock::new());
         match &self.cluster {
             Some(cluster) if !plaintext => {
                 let lookup = Lookup {
@@ -282,7 +279,6 @@ impl OriginalDestinations {
                     addr,
                     upstream: Arc::downgrade(&upstream),
                     peer: peer.clone(),
-                    service: service.clone(),
                     metrics: self.metrics.clone(),
                     destinations: Arc::downgrade(&self.by_addr),
                 };
@@ -303,7 +299,7 @@ impl OriginalDestinations {
         let budget = RetryBudget::new(&policy.retry_budget);
         upstream.keep_retry_budget(policy.retry_budget, budget.clone());
         let route = Arc::new(UpstreamRoute { upstream, bulkhead, budget });
-        Destination { route, peer, service, used: Instant::now() }
+        Destination { route, peer, used: Instant::now() }
     }
 }
 
@@ -314,7 +310,6 @@ struct Lookup {
     addr: SocketAddr,
     upstream: Weak<Upstream>,
     peer: Arc<AtomicU8>,
-    service: Arc<OnceLock<ServiceRef>>,
     metrics: Arc<Metrics>,
     destinations: Weak<Mutex<HashMap<SocketAddr, Destination>>>,
 }
@@ -364,7 +359,7 @@ impl Lookup {
         tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
         let Some(upstream) = self.upstream.upgrade() else { return };
         upstream.set_endpoints(&endpoints);
-        let _ = self.service.set(service.clone());
+        let _ = upstream.service.set(service.to_string().into());
         self.peer.store(Peer::Service as u8, Ordering::Release);
         let mut watched = self.cluster.watch(service, endpoints);
         drop(upstream);

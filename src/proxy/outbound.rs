@@ -198,7 +198,8 @@ impl Shared {
         let direction = Direction::Outbound;
         let metrics = &self.metrics;
         let upstream = &route.upstream;
-        let peer = Peer { identity: upstream.identity.clone(), address: Some(upstream.name.clone()) };
+        let peer_name = upstream.service.get().unwrap_or(&upstream.name);
+        let peer = Peer { identity: upstream.identity.clone(), address: Some(peer_name.clone()) };
         let observed = Arc::new(Observed {
             direction,
             metrics: metrics.calls(direction, service, name),

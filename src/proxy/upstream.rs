@@ -31,6 +31,7 @@ use crate::policy::bulkhead::Bulkhead;
 use crate::policy::deadline::Deadline;
 use crate::policy::outlier::{AllEjected, Outcome, OutlierConfig, OutlierMetrics, Outliers};
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
+use crate::telemetry::Logged;
 use crate::telemetry::trace::CallSpan;
 
 /// Endpoints a call may try when connecting fails, before it gives up.
@@ -44,6 +45,9 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// The SPIFFE ID every endpoint presents, when one workload serves them all.
     pub identity: Option<SpiffeId>,
+    /// The Kubernetes Service its endpoints were found to be, once known
+    /// (an original destination's), which traces and access logs name.
+    pub service: std::sync::OnceLock<Arc<str>>,
     pub outliers: Arc<Outliers>,
     /// What retries to this upstream may add to its calls, and its config.
     retry_budget: Mutex<(RetryBudgetConfig, RetryBudget)>,
@@ -253,6 +257,7 @@ impl Upstream {
         Arc::new(Upstream {
             name,
             identity,
+            service: std::sync::OnceLock::new(),
             outliers: Arc::new(Outliers::new(outliers.0, outliers.1)),
             retry_budget: Mutex::new((budget.clone(), RetryBudget::new(&budget))),
             transport: Arc::new(transport),
@@ -401,8 +406,8 @@ impl Upstream {
             return Err(ProxyError::NoEndpoints { upstream: self.name.clone() });
         }
         let local = self.local.load_full();
-        // Only a call's span reads which endpoint answered.
-        let traced = request.extensions().get::<CallSpan>().is_some();
+        // Only a call's span and access log line read which endpoint answered.
+        let traced = request.extensions().get::<CallSpan>().is_some() || request.extensions().get::<Logged>().is_some();
         let deadline = request.extensions().get::<Deadline>().map(|deadline| deadline.0);
         let spread = request.extensions().get::<Spread>().cloned();
         let mut refused = None;

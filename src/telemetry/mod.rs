@@ -14,5 +14,5 @@ pub mod trace;
 pub use attempts::TraceAttempts;
 pub use log_throttle::LogThrottle;
 pub use metrics::{CallMetrics, Metrics};
-pub use observe::{Observe, Observed, Peer};
+pub use observe::{Logged, Observe, Observed, Peer};
 pub use trace::{Tracing, TracingConfig};

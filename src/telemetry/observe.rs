@@ -31,6 +31,11 @@ pub struct Peer {
     pub address: Option<Arc<str>>,
 }
 
+/// Marks a call whose access log line is written: the upstream then says
+/// which endpoint answered it ([`Answered`]), as it does for a traced call.
+#[derive(Clone, Copy, Debug)]
+pub struct Logged;
+
 /// What the layer records for one method in one direction.
 #[derive(Debug)]
 pub struct Observed {
@@ -51,6 +56,8 @@ struct CallRecord {
     span: Option<Box<Span>>,
     /// The path, the peer and the request ID, when the access log is on.
     access: Option<(Box<str>, Peer, HeaderValue)>,
+    /// The endpoint that answered, when the call is logged or traced.
+    answered: Option<std::net::SocketAddr>,
     finished: bool,
 }
 
@@ -73,6 +80,7 @@ impl CallRecord {
                 duration_ms = elapsed.as_secs_f64() * 1e3,
                 peer = peer.address.as_deref().unwrap_or(""),
                 peer_identity = peer.identity.as_ref().map_or("", |id| id.as_str()),
+                endpoint = self.answered.map(|addr| addr.to_string()).unwrap_or_default(),
                 trace_id = trace_id.as_deref().unwrap_or(""),
                 request_id = request_id.to_str().unwrap_or(""),
             );
@@ -88,6 +96,7 @@ impl CallRecord {
 
     /// The endpoint that answered, on the span.
     fn answered_by(&mut self, endpoint: Option<&Answered>) {
+        self.answered = endpoint.map(|Answered(addr)| *addr);
         if let (Some(span), Some(Answered(addr))) = (&mut self.span, endpoint) {
             span.set_attribute(KeyValue::new("server.address", addr.ip().to_string()));
             span.set_attribute(KeyValue::new("server.port", i64::from(addr.port())));
@@ -200,9 +209,13 @@ where
             started: Instant::now(),
             span,
             access: match (observed.access_log, request_id) {
-                (true, Some(id)) => Some((request.uri().path().into(), observed.peer(&request), id)),
+                (true, Some(id)) => {
+                    request.extensions_mut().insert(Logged);
+                    Some((request.uri().path().into(), observed.peer(&request), id))
+                }
                 _ => None,
             },
+            answered: None,
             finished: false,
         };
         let call = self.inner.call(request);
