@@ -68,7 +68,7 @@ impl Sidecar {
             metrics.register_collector(Box::new(tracing.counts()));
         }
         let identity = Arc::new(Identity::new(credentials)?);
-        let cluster = Cluster::find(&config.kubernetes).await?;
+        let cluster = Cluster::find(&config.kubernetes, metrics.discovery.clone()).await?;
         let mut registries = Registries::new(identity.clone(), metrics.clone(), workers.count(), cluster);
         let routes = Routes::build(config.clone(), Arc::new(contracts), &mut registries, tracing.clone()).await?;
         registries.commit();

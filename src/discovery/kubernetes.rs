@@ -15,6 +15,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -152,10 +157,59 @@ fn is_dns_label(text: &str) -> bool {
         && !text.ends_with('-')
 }
 
+/// What the watches of each Service count, by Service (`namespace/name`):
+/// registered with the sidecar's other metrics (`telemetry/`).
+#[derive(Clone, Debug)]
+pub struct DiscoveryMetrics {
+    /// Watch events taken in, by `kind` (`endpointslices`, `pods`).
+    pub events: Family<WatchLabels, Counter>,
+    /// Watches that failed and started again.
+    pub restarts: Family<ServiceLabels, Counter>,
+    /// Endpoints by `state`: `ready`, `terminating` (still serving, taking
+    /// no new calls), `not_ready`.
+    pub endpoints: Family<StateLabels, Gauge>,
+    /// From an EndpointSlice change (its `endpoints.kubernetes.io/last-change-trigger-time`)
+    /// to the sidecar routing by it.
+    pub change_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    service: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    service: String,
+    state: &'static str,
+}
+
+impl Default for DiscoveryMetrics {
+    fn default() -> Self {
+        DiscoveryMetrics {
+            events: Family::default(),
+            restarts: Family::default(),
+            endpoints: Family::default(),
+            change_seconds: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        }
+    }
+}
+
+/// The annotation the EndpointSlice controller sets to when the change that
+/// a slice carries was triggered (kube-proxy measures the same delay by it).
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 /// The cluster's API server, as a client of it.
 #[derive(Clone)]
 pub struct Cluster {
     client: kube::Client,
+    metrics: DiscoveryMetrics,
     /// This pod's zone, when known: endpoints hinted for it are preferred.
     zone: Option<String>,
 }
@@ -171,7 +225,7 @@ impl Cluster {
     /// `config.kubeconfig` if set, else the pod's service account, else
     /// `KUBECONFIG` or `~/.kube/config`. `None` when discovery is off or no
     /// API server is found; an error when the named kubeconfig cannot be used.
-    pub async fn find(config: &KubernetesConfig) -> Result<Option<Cluster>, String> {
+    pub async fn find(config: &KubernetesConfig, metrics: DiscoveryMetrics) -> Result<Option<Cluster>, String> {
         if !config.discovery {
             return Ok(None);
         }
@@ -198,7 +252,7 @@ impl Cluster {
             Some(zone) => Some(zone.clone()),
             None => zone_of_node(&client).await,
         };
-        Ok(Some(Cluster { client, zone }))
+        Ok(Some(Cluster { client, metrics, zone }))
     }
 
     /// The Service whose cluster IP and TCP port `addr` is, as a captured
@@ -284,17 +338,31 @@ impl Cluster {
         let events = futures_util::stream::select(slices, pods);
         tokio::pin!(events);
         let (mut slices, mut pods) = (Known::default(), Known::default());
+        let labels = ServiceLabels { service: format!("{}/{}", service.namespace, service.name) };
+        let events_of =
+            |kind| self.metrics.events.get_or_create_owned(&WatchLabels { service: labels.service.clone(), kind });
+        let (slice_events, pod_events) = (events_of("endpointslices"), events_of("pods"));
+        let restarts = self.metrics.restarts.get_or_create_owned(&labels);
         while let Some(change) = events.next().await {
             let failed = |watched: &'static str| {
+                let restarts = &restarts;
                 move |error: watcher::Error| {
                     let error = watch_error(&error);
                     tracing::warn!(%service, %error, "watching its {watched} failed; keeping the last endpoints");
+                    restarts.inc();
                     false
                 }
             };
+            let from_slices = matches!(change, Change::Slice(_));
             let changed = match change {
-                Change::Slice(event) => event.map_or_else(failed("EndpointSlices"), |event| slices.apply(event)),
-                Change::Pod(event) => event.map_or_else(failed("pods"), |event| pods.apply(event)),
+                Change::Slice(event) => {
+                    slice_events.inc();
+                    event.map_or_else(failed("EndpointSlices"), |event| slices.apply(event))
+                }
+                Change::Pod(event) => {
+                    pod_events.inc();
+                    event.map_or_else(failed("pods"), |event| pods.apply(event))
+                }
             };
             // Until both lists are in, endpoints would lack their pods: they are not sent half-known.
             if !changed || !slices.listed || (info.pods.is_some() && !pods.listed) {
@@ -302,6 +370,7 @@ impl Cluster {
             }
             let zone = self.zone.as_deref();
             let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info, service, zone);
+            self.count_states(&labels.service, slices.current.values());
             sender.send_if_modified(|current| {
                 let changed = *current != endpoints;
                 if changed {
@@ -310,6 +379,28 @@ impl Cluster {
                 }
                 changed
             });
+            // The routes took the change as it was sent: the delay ends here.
+            if let Some(delay) = slices.current.values().filter_map(since_triggered).min().filter(|_| from_slices) {
+                self.metrics.change_seconds.observe(delay.as_secs_f64());
+            }
+        }
+    }
+
+    /// Sets the Service's endpoint gauges from its EndpointSlices.
+    fn count_states<'a>(&self, service: &str, slices: impl Iterator<Item = &'a EndpointSlice>) {
+        let mut counts = [("ready", 0), ("terminating", 0), ("not_ready", 0)];
+        for endpoint in slices.flat_map(|slice| &slice.endpoints) {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let state = match (conditions.ready.unwrap_or(true), conditions.terminating.unwrap_or(false)) {
+                (true, _) => 0,
+                (false, true) => 1,
+                (false, false) => 2,
+            };
+            counts[state].1 += 1;
+        }
+        for (state, count) in counts {
+            let labels = StateLabels { service: service.to_string(), state };
+            self.metrics.endpoints.get_or_create(&labels).set(count);
         }
     }
 
@@ -362,6 +453,15 @@ async fn zone_of_node(client: &kube::Client) -> Option<String> {
             None
         }
     }
+}
+
+/// How long ago the change a slice carries was triggered, if it says; none
+/// when the controller's clock is ahead of this node's.
+fn since_triggered(slice: &EndpointSlice) -> Option<std::time::Duration> {
+    let annotations = slice.metadata.annotations.as_ref()?;
+    let triggered: k8s_openapi::jiff::Timestamp = annotations.get(TRIGGER_TIME)?.parse().ok()?;
+    let since = k8s_openapi::jiff::Timestamp::now().duration_since(triggered);
+    Some(since.try_into().unwrap_or_default())
 }
 
 /// An event of either watch of a Service.

@@ -15,6 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::call::Direction;
+use crate::discovery::kubernetes::DiscoveryMetrics;
 use crate::grpc::Code;
 use crate::policy::bulkhead::BulkheadMetrics;
 use crate::policy::circuit_breaker::BreakerMetrics;
@@ -134,6 +135,8 @@ pub struct Metrics {
     reload_failing: Gauge,
     original_destination_calls: Family<PeerLabels, Counter>,
     service_lookups: Family<ResultLabels, Counter>,
+    /// What the Kubernetes watches count, handed to discovery.
+    pub discovery: DiscoveryMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -180,6 +183,7 @@ impl Default for Metrics {
             original_destination_calls: Family::default(),
             identity_mismatches: Family::default(),
             service_lookups: Family::default(),
+            discovery: DiscoveryMetrics::default(),
         };
         let m = &metrics;
         registry.register("requests", "Calls carried, by direction, method and final gRPC status", m.requests.clone());
@@ -278,6 +282,28 @@ impl Default for Metrics {
              balanced per call, each pod's identity checked), address (the address dialled, any workload of the \
              trust domain), plaintext (outbound.original_destination.plaintext_networks)",
             m.original_destination_calls.clone(),
+        );
+        let discovery = &m.discovery;
+        registry.register(
+            "kubernetes_watch_events",
+            "Events of the watches of each Service called, by kind (endpointslices, pods)",
+            discovery.events.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_restarts",
+            "Watches of each Service called that failed and started again (the last endpoints stay meanwhile)",
+            discovery.restarts.clone(),
+        );
+        registry.register(
+            "kubernetes_endpoints",
+            "Endpoints of each Service called, by state: ready, terminating (no new calls), not_ready",
+            discovery.endpoints.clone(),
+        );
+        registry.register(
+            "kubernetes_endpoints_change_seconds",
+            "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the sidecar \
+             routing by it",
+            discovery.change_seconds.clone(),
         );
         registry.register(
             "kubernetes_service_lookups",

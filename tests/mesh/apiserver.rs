@@ -270,6 +270,11 @@ impl ApiServer {
     ) {
         let mut metadata = meta(namespace, name, 0);
         metadata.labels = Some([("kubernetes.io/service-name".to_string(), service.to_string())].into());
+        // As the EndpointSlice controller marks when the change was triggered.
+        use k8s_openapi::jiff::{RoundMode, Timestamp, TimestampRound, Unit};
+        let now = Timestamp::now().round(TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Trunc)).unwrap();
+        metadata.annotations =
+            Some([("endpoints.kubernetes.io/last-change-trigger-time".to_string(), now.to_string())].into());
         let slice = EndpointSlice {
             metadata,
             address_type: "IPv4".into(),

@@ -360,6 +360,15 @@ fn a_pod_taken_out_gets_no_new_call_within_a_second_one_put_back_gets_calls_and_
     cluster.set_ready(&[true, false, true, true]);
     std::thread::sleep(bound);
     assert!(!cluster.serves_within(1, bound), "a pod not ready still got calls a second on; {}", cluster.logs());
+    let metrics = cluster.metrics();
+    let endpoints = |state: &str| {
+        sample(&metrics, &format!("protomesh_kubernetes_endpoints{{service=\"test/echo\",state=\"{state}\"}}"))
+    };
+    assert_eq!((endpoints("ready"), endpoints("not_ready")), (Some(3.0), Some(1.0)), "{metrics}");
+    let changes = sample(&metrics, "protomesh_kubernetes_endpoints_change_seconds_count").unwrap_or(0.0);
+    assert!(changes >= 2.0, "each change's delay is measured: {changes}");
+    let events = "protomesh_kubernetes_watch_events_total{service=\"test/echo\",kind=\"endpointslices\"}";
+    assert!(sample(&metrics, events).unwrap_or(0.0) >= 2.0, "{metrics}");
     // Ready again, then gone from the Service.
     cluster.set_ready(&[true, true, true, true]);
     assert!(cluster.serves_within(1, bound), "a pod ready again got no call within a second; {}", cluster.logs());
