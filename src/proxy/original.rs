@@ -29,7 +29,7 @@ use super::opaque::Target;
 use super::upstream::{Upstream, UpstreamRoute};
 use crate::config::OriginalDestinationConfig;
 use crate::discovery::Found;
-use crate::discovery::kubernetes::{Cluster, Reconnect, ServiceRef};
+use crate::discovery::kubernetes::{Cluster, Reconnect};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
@@ -327,16 +327,16 @@ impl Lookup {
     async fn follow(&self) {
         let addr = self.addr;
         let mut retries = Reconnect::default();
-        let (service, endpoints) = loop {
-            let found = self.find();
+        // Calls wait this long in all for the Service and its first endpoints.
+        let waited = tokio::time::sleep(LOOKUP_WAIT);
+        tokio::pin!(waited);
+        let service = loop {
+            let found = self.cluster.service_at(addr);
             tokio::pin!(found);
-            let looking = self.peer.load(Ordering::Acquire) == Peer::Lookup as u8;
             let found = tokio::select! {
                 found = &mut found => found,
-                _ = tokio::time::sleep(LOOKUP_WAIT), if looking => {
-                    tracing::warn!(%addr, wait = ?LOOKUP_WAIT, "the Kubernetes API has not said what is at this captured \
-                        destination yet: its calls go to the address meanwhile");
-                    self.to_address();
+                _ = &mut waited, if self.looking() => {
+                    self.waited_long_enough();
                     found.await
                 }
             };
@@ -357,11 +357,21 @@ impl Lookup {
         };
         self.metrics.service_lookup("service");
         tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
+        // The watch's first lists give the first endpoints: nothing is read twice.
+        let mut watched = self.cluster.watch(service.clone(), Vec::new());
+        loop {
+            tokio::select! {
+                changed = watched.changed() => match changed {
+                    Ok(()) => break,
+                    Err(_) => return,
+                },
+                _ = &mut waited, if self.looking() => self.waited_long_enough(),
+            }
+        }
         let Some(upstream) = self.upstream.upgrade() else { return };
-        upstream.set_endpoints(&endpoints);
+        upstream.set_endpoints(&watched.borrow_and_update());
         let _ = upstream.service.set(service.to_string().into());
         self.peer.store(Peer::Service as u8, Ordering::Release);
-        let mut watched = self.cluster.watch(service, endpoints);
         drop(upstream);
         let mut idle_check = tokio::time::interval(IDLE / 2);
         loop {
@@ -382,15 +392,16 @@ impl Lookup {
         }
     }
 
-    /// The Service at the address, and its ready endpoints now.
-    async fn find(&self) -> Result<Option<(ServiceRef, Vec<Found>)>, String> {
-        match self.cluster.service_at(self.addr).await? {
-            Some(service) => {
-                let endpoints = self.cluster.endpoints(&service).await?;
-                Ok(Some((service, endpoints)))
-            }
-            None => Ok(None),
-        }
+    /// Whether calls still wait for the lookup.
+    fn looking(&self) -> bool {
+        self.peer.load(Ordering::Acquire) == Peer::Lookup as u8
+    }
+
+    fn waited_long_enough(&self) {
+        let (addr, wait) = (self.addr, LOOKUP_WAIT);
+        tracing::warn!(%addr, ?wait, "the Kubernetes API has not said what is at this captured destination yet: its \
+            calls go to the address meanwhile");
+        self.to_address();
     }
 
     /// Sends calls to the address itself, if they do not go to a Service's pods already.

@@ -266,6 +266,8 @@ impl Cluster {
         let events = futures_util::stream::select(slices, pods);
         tokio::pin!(events);
         let (mut slices, mut pods) = (Known::default(), Known::default());
+        // The first endpoints are sent even when they are what the receiver knows.
+        let mut first = true;
         let labels = ServiceLabels { service: format!("{}/{}", service.namespace, service.name) };
         let events_of =
             |kind| self.metrics.events.get_or_create_owned(&WatchLabels { service: labels.service.clone(), kind });
@@ -300,7 +302,7 @@ impl Cluster {
             let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info, service, zone);
             self.metrics.count_states(&labels.service, slices.current.values());
             sender.send_if_modified(|current| {
-                let changed = *current != endpoints;
+                let changed = std::mem::take(&mut first) || *current != endpoints;
                 if changed {
                     tracing::info!(%service, ?endpoints, "Kubernetes endpoints changed");
                     *current = endpoints;
