@@ -91,9 +91,10 @@ pub fn parse_endpoint(text: &str) -> Result<EndpointSpec, String> {
     Ok(EndpointSpec::Dns { host: host.to_string(), port })
 }
 
-/// Resolves every spec once: `cluster` answers for Kubernetes Services.
-/// What fails to resolve is reported and skipped.
-pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<Found> {
+/// Resolves the addresses and DNS names once; Kubernetes Services are left
+/// to their watches, whose first lists give their endpoints. What fails to
+/// resolve is reported and skipped.
+pub async fn resolve(specs: &[EndpointSpec]) -> Vec<Found> {
     let mut addrs = Vec::new();
     for spec in specs {
         match spec {
@@ -102,13 +103,7 @@ pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<F
                 Ok(found) => addrs.extend(found.map(Found::from)),
                 Err(error) => tracing::warn!(%host, %error, "endpoint name did not resolve"),
             },
-            EndpointSpec::Kubernetes(service) => match cluster {
-                Some(cluster) => match cluster.endpoints(service).await {
-                    Ok(found) => addrs.extend(found),
-                    Err(error) => tracing::warn!(%error, "Kubernetes endpoints not read yet; the watch goes on"),
-                },
-                None => tracing::warn!(%service, "no Kubernetes API server: the Service has no endpoints"),
-            },
+            EndpointSpec::Kubernetes(_) => {}
         }
     }
     addrs.sort();
@@ -118,13 +113,13 @@ pub async fn resolve(specs: &[EndpointSpec], cluster: Option<&Cluster>) -> Vec<F
 
 /// Keeps the specs' addresses current, handing them to `update` at each
 /// change until `dropped` resolves (their owner is gone): DNS names resolved
-/// again every `every`, Kubernetes Services watched (from `known`, the
-/// addresses resolved last). Nothing to do when every spec is a static address.
+/// again every `every`, Kubernetes Services watched, their first endpoints
+/// sent once their watches have listed them. Nothing to do when every spec
+/// is a static address.
 pub fn spawn_refresh(
     specs: Vec<EndpointSpec>,
     every: Duration,
     cluster: Option<Cluster>,
-    known: Vec<Found>,
     dropped: impl Future<Output = ()> + Send + 'static,
     mut update: impl FnMut(&[Found]) + Send + 'static,
 ) {
@@ -136,7 +131,7 @@ pub fn spawn_refresh(
         _ => None,
     });
     let mut watched: Vec<_> = match &cluster {
-        Some(cluster) => services.map(|service| cluster.watch(service, known.clone())).collect(),
+        Some(cluster) => services.map(|service| cluster.watch(service)).collect(),
         None => Vec::new(),
     };
     // Addresses and DNS names, kept apart from the watched Services' endpoints.
@@ -148,7 +143,7 @@ pub fn spawn_refresh(
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
-        let mut resolved = resolve(&resolvable, None).await;
+        let mut resolved = resolve(&resolvable).await;
         let watching = !watched.is_empty();
         loop {
             let changed = async {
@@ -159,7 +154,7 @@ pub fn spawn_refresh(
             };
             tokio::select! {
                 _ = &mut dropped => return,
-                _ = ticks.tick(), if polled => resolved = resolve(&resolvable, None).await,
+                _ = ticks.tick(), if polled => resolved = resolve(&resolvable).await,
                 watched_changed = changed => {
                     if watched_changed.is_err() {
                         return;
@@ -195,7 +190,7 @@ mod tests {
     #[tokio::test]
     async fn resolves_localhost_and_keeps_static_addresses() {
         let specs = [parse_endpoint("localhost:4143").unwrap(), parse_endpoint("10.0.0.1:1").unwrap()];
-        let addrs = resolve(&specs, None).await;
+        let addrs = resolve(&specs).await;
         assert!(addrs.contains(&Found::from("10.0.0.1:1".parse::<SocketAddr>().unwrap())));
         assert!(addrs.iter().any(|a| a.addr.ip().is_loopback() && a.addr.port() == 4143), "{addrs:?}");
     }

@@ -358,7 +358,7 @@ impl Lookup {
         self.metrics.service_lookup("service");
         tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
         // The watch's first lists give the first endpoints: nothing is read twice.
-        let mut watched = self.cluster.watch(service.clone(), Vec::new());
+        let mut watched = self.cluster.watch(service.clone());
         loop {
             tokio::select! {
                 changed = watched.changed() => match changed {

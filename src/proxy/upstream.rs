@@ -145,8 +145,13 @@ impl Upstream {
         let name = Upstream::name_of(config);
         let upstream =
             Upstream::with_accounts(name, config.identity.clone(), transport, connect, outliers, workers, accounts);
-        let known = discovery::resolve(&specs, cluster).await;
-        upstream.set_endpoints(&known);
+        let known = discovery::resolve(&specs).await;
+        let watched = specs.iter().any(|spec| matches!(spec, EndpointSpec::Kubernetes(_)));
+        match known.is_empty() && watched {
+            // Its Services' watches start with its version: calls wait for their first lists.
+            true => drop(upstream.found.send_replace(false)),
+            false => upstream.set_endpoints(&known),
+        }
         upstream.set_health_check(config.health_check.clone());
         let (weak, resolve_interval, cluster) = (Arc::downgrade(&upstream), config.resolve_interval, cluster.cloned());
         let start = move || {
@@ -158,7 +163,7 @@ impl Upstream {
             });
             tokio::spawn(health_check::run(upstream.name.clone(), members, upstream.health_check.subscribe()));
             let dropped = upstream.dropped();
-            discovery::spawn_refresh(specs, resolve_interval, cluster, known, dropped, move |addrs| {
+            discovery::spawn_refresh(specs, resolve_interval, cluster, dropped, move |addrs| {
                 if let Some(upstream) = weak.upgrade() {
                     upstream.set_endpoints(addrs);
                 }

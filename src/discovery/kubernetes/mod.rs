@@ -207,30 +207,12 @@ impl Cluster {
         }))
     }
 
-    /// The Service's ready endpoints now, each with its pod's service account.
-    pub async fn endpoints(&self, service: &ServiceRef) -> Result<Vec<Found>, String> {
-        let info = self.read_service(service).await?;
-        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &service.namespace)
-            .list(&ListParams::default().labels(&service.selector()))
-            .await
-            .map_err(|e| format!("{service}: listing its EndpointSlices: {}", api_error(&e, Grant::Endpoints)))?;
-        let mut pods = BTreeMap::new();
-        if let Some(selector) = &info.pods {
-            let listed = Api::<Pod>::namespaced(self.client.clone(), &service.namespace)
-                .list(&ListParams::default().labels(selector))
-                .await
-                .map_err(|e| format!("{service}: listing its pods: {}", api_error(&e, Grant::Endpoints)))?;
-            pods.extend(listed.items.into_iter().map(|pod| (name_of(&pod.metadata), pod)));
-        }
-        Ok(ready_endpoints(slices.items.iter(), &pods, &info, service, self.zone.as_deref()))
-    }
-
     /// Watches the Service's EndpointSlices and pods, sending its ready
-    /// endpoints at each change, starting from `known`, until the receiver
-    /// is dropped. The watches reconnect with backoff, and relist when their
-    /// history is gone; meanwhile the last endpoints stay.
-    pub fn watch(&self, service: ServiceRef, known: Vec<Found>) -> watch::Receiver<Vec<Found>> {
-        let (sender, receiver) = watch::channel(known);
+    /// endpoints once both are listed, then at each change, until the
+    /// receiver is dropped. The watches reconnect with backoff, and relist
+    /// when their history is gone; meanwhile the last endpoints stay.
+    pub fn watch(&self, service: ServiceRef) -> watch::Receiver<Vec<Found>> {
+        let (sender, receiver) = watch::channel(Vec::new());
         let cluster = self.clone();
         tokio::spawn(async move {
             tokio::select! {
