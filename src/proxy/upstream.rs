@@ -149,7 +149,7 @@ impl Upstream {
         let watched = specs.iter().any(|spec| matches!(spec, EndpointSpec::Kubernetes(_)));
         match known.is_empty() && watched {
             // Its Services' watches start with its version: calls wait for their first lists.
-            true => drop(upstream.found.send_replace(false)),
+            true => upstream.await_discovery(),
             false => upstream.set_endpoints(&known),
         }
         upstream.set_health_check(config.health_check.clone());
@@ -198,8 +198,13 @@ impl Upstream {
     ) -> Arc<Upstream> {
         let accounts = Some(Accounts::new(identity.clone()));
         let upstream = Upstream::with_accounts(name, None, transport, connect, outliers, workers, accounts);
-        upstream.found.send_replace(false);
+        upstream.await_discovery();
         upstream
+    }
+
+    /// Marks its endpoints as not found yet: calls wait for the first set.
+    fn await_discovery(&self) {
+        self.found.send_replace(false);
     }
 
     /// Waits until its endpoints have been found once, up to [`FIRST_ENDPOINTS_WAIT`].

@@ -69,6 +69,19 @@ async fn mesh_with(api: &Arc<ApiServer>, endpoint: &str, options: MeshOptions) -
     (Mesh::start_with(options).await, dir)
 }
 
+/// Two servers behind Service `echo` with no identity for all: both pods
+/// run as `server`, and the second server's certificate names `other`.
+async fn server_and_other(api: &Arc<ApiServer>) -> (Mesh, tempfile::TempDir) {
+    let options =
+        MeshOptions { server_workloads: &["server", "other"], upstream_identity: false, ..Default::default() };
+    let (mesh, dir) = mesh_with(api, "k8s://echo.test:50051", options).await;
+    let servers = mesh.server_inbounds();
+    api.pod("test", "pod-0", "echo", "server");
+    api.pod("test", "pod-1", "echo", "server");
+    slices(api, &servers, &[true, true]);
+    (mesh, dir)
+}
+
 #[tokio::test]
 async fn a_service_may_name_the_identity_its_endpoints_present_instead_of_their_accounts() {
     let api = ApiServer::start().await;
@@ -76,13 +89,7 @@ async fn a_service_may_name_the_identity_its_endpoints_present_instead_of_their_
     let other = "spiffe://test.protomesh.local/ns/test/sa/other";
     api.annotate_service("test", "echo", "protomesh.io/expected-identity", other);
     // Both pods run as `server`; only the second server's certificate names `other`.
-    let options =
-        MeshOptions { server_workloads: &["server", "other"], upstream_identity: false, ..Default::default() };
-    let (mesh, _dir) = mesh_with(&api, "k8s://echo.test:50051", options).await;
-    let servers = mesh.server_inbounds();
-    api.pod("test", "pod-0", "echo", "server");
-    api.pod("test", "pod-1", "echo", "server");
-    slices(&api, &servers, &[true, true]);
+    let (mesh, _dir) = server_and_other(&api).await;
     calls_until(&mesh, "only the endpoint presenting the named identity takes calls", |d| d[0] == 0 && d[1] == 10)
         .await;
 }
@@ -123,13 +130,7 @@ async fn without_an_identity_for_all_each_endpoint_must_present_its_pods_service
     let api = ApiServer::start().await;
     api.service("test", "echo", 50051, "grpc");
     // The second server's certificate names another service account than its pod runs as.
-    let options =
-        MeshOptions { server_workloads: &["server", "other"], upstream_identity: false, ..Default::default() };
-    let (mesh, _dir) = mesh_with(&api, "k8s://echo.test:50051", options).await;
-    let servers = mesh.server_inbounds();
-    api.pod("test", "pod-0", "echo", "server");
-    api.pod("test", "pod-1", "echo", "server");
-    slices(&api, &servers, &[true, true]);
+    let (mesh, _dir) = server_and_other(&api).await;
     calls_until(&mesh, "the endpoint presenting the wrong identity takes no call", |d| d[0] == 10 && d[1] == 0).await;
     for _ in 0..3 {
         calls_until(&mesh, "it never does", |d| d[1] == 0).await;
