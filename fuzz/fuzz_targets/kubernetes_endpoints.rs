@@ -1,6 +1,6 @@
 //! An EndpointSlice and a Pod as an API server serves them, or anything in
 //! their place: turned into endpoints without panicking, sorted and distinct,
-//! and within the bound.
+//! and within the bound; the pod alone, as the endpoint at its own address.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use libfuzzer_sys::fuzz_target;
-use protomesh::discovery::kubernetes::{MAX_ENDPOINTS, ServiceInfo, ServiceRef, ready_endpoints};
+use protomesh::discovery::kubernetes::{MAX_ENDPOINTS, ServiceInfo, ServiceRef, endpoint_of, ready_endpoints};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte says where the slice's JSON ends and the pod's begins.
@@ -26,5 +26,11 @@ fuzz_target!(|data: &[u8]| {
         let found = ready_endpoints(std::iter::once(&slice), &pods, &info, &service, Some("zone-a"));
         assert!(found.len() <= MAX_ENDPOINTS);
         assert!(found.windows(2).all(|pair| pair[0] < pair[1]), "sorted and distinct");
+    }
+    for pod in pods.values() {
+        let addr = "10.0.0.1:8080".parse().unwrap();
+        if let Some(found) = endpoint_of(pod, addr) {
+            assert_eq!(found.addr, addr, "the endpoint is at the address asked about");
+        }
     }
 });

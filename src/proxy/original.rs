@@ -11,6 +11,10 @@
 //! wait for the lookup, up to [`LOOKUP_WAIT`]; past it, or when the API does
 //! not answer, they go to the address as below until it does. The Service is
 //! watched while the pod calls it, and let go after [`IDLE`] without calls.
+//! A destination that is a pod's own address (a headless Service's, a
+//! StatefulSet peer's) is that pod's (`Cluster::pod_at`): its calls go there,
+//! and it must present its service account's identity; once the pod is gone
+//! from the address, the destination is forgotten and looked up again.
 //!
 //! Otherwise only the address is known, so any workload of the expected
 //! trust domain may answer over mTLS, and networks outside the mesh are
@@ -29,7 +33,7 @@ use super::opaque::Target;
 use super::upstream::{Upstream, UpstreamRoute};
 use crate::config::OriginalDestinationConfig;
 use crate::discovery::Found;
-use crate::discovery::kubernetes::{Cluster, Reconnect};
+use crate::discovery::kubernetes::{Cluster, PodRef, Reconnect, ServiceRef};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 use crate::policy::outlier::OutlierConfig;
@@ -71,7 +75,7 @@ pub struct OriginalDestinations {
     opaque_by_id: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
     metrics: Arc<Metrics>,
     /// Calls counted by who answers them, by [`Peer`].
-    calls: [Counter; 4],
+    calls: [Counter; 5],
     workers: usize,
     policy: Mutex<OriginalPolicy>,
     by_addr: Arc<Mutex<HashMap<SocketAddr, Destination>>>,
@@ -88,10 +92,12 @@ enum Peer {
     /// Whoever answers at the address, in the trust domain.
     Address,
     Plaintext,
+    /// The pod whose own address it is (a headless Service's, a StatefulSet peer).
+    Pod,
 }
 
 impl Peer {
-    const ALL: [Peer; 4] = [Peer::Lookup, Peer::Service, Peer::Address, Peer::Plaintext];
+    const ALL: [Peer; 5] = [Peer::Lookup, Peer::Service, Peer::Address, Peer::Plaintext, Peer::Pod];
 
     fn label(self) -> &'static str {
         match self {
@@ -99,6 +105,7 @@ impl Peer {
             Peer::Service => "service",
             Peer::Address => "address",
             Peer::Plaintext => "plaintext",
+            Peer::Pod => "pod",
         }
     }
 }
@@ -226,8 +233,9 @@ impl OriginalDestinations {
             (destination.route.upstream.clone(), destination.peer.clone())
         };
         upstream.await_endpoints().await;
-        // Read before the endpoints: once it says Service, they are the Service's.
-        if peer.load(Ordering::Acquire) != Peer::Service as u8 {
+        // Read before the endpoints: once it says Service or pod, they are its.
+        let peer = peer.load(Ordering::Acquire);
+        if peer != Peer::Service as u8 && peer != Peer::Pod as u8 {
             return as_addressed();
         }
         let mut targets: Vec<Target> = upstream
@@ -303,8 +311,14 @@ impl OriginalDestinations {
     }
 }
 
-/// Finds the Service at a captured destination and keeps its upstream's
-/// endpoints those of the Service, until the upstream is gone or idle.
+/// What the Kubernetes API says is at a captured destination.
+enum Owner {
+    Service(ServiceRef),
+    Pod(PodRef),
+}
+
+/// Finds the Service or pod at a captured destination and keeps its
+/// upstream's endpoints its own, until the upstream is gone or idle.
 struct Lookup {
     cluster: Cluster,
     addr: SocketAddr,
@@ -330,8 +344,8 @@ impl Lookup {
         // Calls wait this long in all for the Service and its first endpoints.
         let waited = tokio::time::sleep(LOOKUP_WAIT);
         tokio::pin!(waited);
-        let service = loop {
-            let found = self.cluster.service_at(addr);
+        let owner = loop {
+            let found = self.owner();
             tokio::pin!(found);
             let found = tokio::select! {
                 found = &mut found => found,
@@ -341,37 +355,51 @@ impl Lookup {
                 }
             };
             match found {
-                Ok(Some(found)) => break found,
+                Ok(Some(owner)) => break owner,
                 Ok(None) => {
                     self.metrics.service_lookup("no_service");
-                    tracing::info!(%addr, "no Kubernetes Service has this cluster IP and port: calls go to the address");
+                    tracing::info!(%addr, "no Kubernetes Service or pod the sidecar may read has this address: \
+                        calls go to the address");
                     return self.to_address();
                 }
                 Err(error) => {
                     self.metrics.service_lookup("failed");
-                    tracing::warn!(%addr, %error, "Kubernetes Service lookup failed: calls go to the address until it answers");
+                    tracing::warn!(%addr, %error, "Kubernetes lookup failed: calls go to the address until it answers");
                     self.to_address();
                     tokio::time::sleep(retries.next().unwrap_or(IDLE)).await;
                 }
             }
         };
-        self.metrics.service_lookup("service");
-        tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are balanced over its ready pods");
         // The watch's first lists give the first endpoints: nothing is read twice.
-        let mut watched = self.cluster.watch(service.clone());
+        let (mut watched, peer) = match &owner {
+            Owner::Service(service) => {
+                self.metrics.service_lookup("service");
+                tracing::info!(%addr, %service, "captured destination is a Kubernetes Service: its calls are \
+                    balanced over its ready pods");
+                (self.cluster.watch(service.clone()), Peer::Service)
+            }
+            Owner::Pod(pod) => {
+                self.metrics.service_lookup("pod");
+                tracing::info!(%addr, %pod, "captured destination is a pod's address: its calls go to that pod, \
+                    which must present its service account's identity");
+                (self.cluster.watch_pod(pod.clone(), addr), Peer::Pod)
+            }
+        };
         loop {
             tokio::select! {
                 changed = watched.changed() => match changed {
                     Ok(()) => break,
-                    Err(_) => return,
+                    Err(_) => return self.forget(),
                 },
                 _ = &mut waited, if self.looking() => self.waited_long_enough(),
             }
         }
         let Some(upstream) = self.upstream.upgrade() else { return };
         upstream.set_endpoints(&watched.borrow_and_update());
-        let _ = upstream.service.set(service.to_string().into());
-        self.peer.store(Peer::Service as u8, Ordering::Release);
+        if let Owner::Service(service) = &owner {
+            let _ = upstream.service.set(service.to_string().into());
+        }
+        self.peer.store(peer as u8, Ordering::Release);
         drop(upstream);
         let mut idle_check = tokio::time::interval(IDLE / 2);
         loop {
@@ -379,7 +407,8 @@ impl Lookup {
                 changed = watched.changed() => {
                     let Some(upstream) = self.upstream.upgrade() else { return };
                     if changed.is_err() {
-                        return;
+                        // The pod is gone: the next call looks the address up again.
+                        return self.forget();
                     }
                     upstream.set_endpoints(&watched.borrow_and_update());
                 }
@@ -390,6 +419,14 @@ impl Lookup {
                 }
             }
         }
+    }
+
+    /// What the API says is at the address: a Service's cluster IP, else a pod's own address.
+    async fn owner(&self) -> Result<Option<Owner>, String> {
+        if let Some(service) = self.cluster.service_at(self.addr).await? {
+            return Ok(Some(Owner::Service(service)));
+        }
+        Ok(self.cluster.pod_at(self.addr).await?.map(Owner::Pod))
     }
 
     /// Whether calls still wait for the lookup.
@@ -415,15 +452,33 @@ impl Lookup {
 
     /// Drops the destination, and so its watch, once no call has used it for [`IDLE`].
     fn let_go_if_idle(&self) -> bool {
+        let idle = |destination: &Destination| destination.used.elapsed() >= IDLE && !destination.in_use();
+        let let_go = self.remove_if(idle);
+        if let_go {
+            tracing::debug!(addr = %self.addr, "no calls for {IDLE:?}: its Service or pod is no longer watched");
+        }
+        let_go
+    }
+
+    /// Drops the destination, whose pod is gone: calls that hold it get no
+    /// endpoint, and the next call makes a new one, looked up afresh.
+    fn forget(&self) {
+        if let Some(upstream) = self.upstream.upgrade() {
+            upstream.set_endpoints(&[]);
+        }
+        self.remove_if(|_| true);
+    }
+
+    /// Removes this lookup's destination if `now` says so; whether it is gone.
+    fn remove_if(&self, now: impl FnOnce(&Destination) -> bool) -> bool {
         let Some(destinations) = self.destinations.upgrade() else { return true };
         let mut destinations = destinations.lock().expect("original destinations lock");
         let ours = |d: &Destination| std::ptr::eq(Arc::as_ptr(&d.route.upstream), self.upstream.as_ptr());
         let Some(destination) = destinations.get(&self.addr).filter(|d| ours(d)) else { return true };
-        let idle = destination.used.elapsed() >= IDLE && !destination.in_use();
-        if idle {
+        let gone = now(destination);
+        if gone {
             destinations.remove(&self.addr);
-            tracing::debug!(addr = %self.addr, "no calls for {IDLE:?}: the Service is no longer watched");
         }
-        idle
+        gone
     }
 }

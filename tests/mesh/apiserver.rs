@@ -1,11 +1,13 @@
 //! A Kubernetes API server of the test suite's own, for the sidecar's real
 //! client code (kube-rs), since no kube-apiserver can be installed here. It
 //! behaves as the real one does for what the sidecar asks: HTTPS with a
-//! bearer token, Services read by name or listed across namespaces by
-//! `spec.clusterIP` field selector (others refused as the real one refuses
-//! them: 400, naming the fields it knows), EndpointSlices and Pods listed by
-//! label selector with `limit`/`continue` pages and a `resourceVersion`, and
-//! watched from a `resourceVersion` with bookmarks and `timeoutSeconds`. A
+//! bearer token, Services read by name or listed across namespaces,
+//! EndpointSlices and Pods listed (Pods in a namespace or in all) by label
+//! and field selector (`spec.clusterIP` of Services, `status.podIP` and
+//! `metadata.name` of Pods; fields it does not know refused as the real one
+//! refuses them: 400, naming those it knows) with `limit`/`continue` pages
+//! and a `resourceVersion`, and watched from a `resourceVersion` with
+//! bookmarks and `timeoutSeconds`. A
 //! watch from a version older than its history is answered as the real one
 //! answers it: HTTP 200 and an ERROR event carrying a 410 Status. Objects
 //! are k8s-openapi's types, serialized as the API serves them.
@@ -333,12 +335,31 @@ impl ApiServer {
 
     /// Deletes an EndpointSlice.
     pub fn delete_slice(&self, namespace: &str, name: &str) {
+        self.delete(SLICES, namespace, name);
+    }
+
+    /// Deletes a pod.
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        self.delete(PODS, namespace, name);
+    }
+
+    fn delete(&self, resource: &'static str, namespace: &str, name: &str) {
         let mut store = self.store.lock().unwrap();
-        let Some(mut value) = store.objects.remove(&(SLICES, namespace.to_string(), name.to_string())) else { return };
+        let Some(mut value) = store.objects.remove(&(resource, namespace.to_string(), name.to_string())) else {
+            return;
+        };
         store.version += 1;
         let version = store.version;
         value["metadata"]["resourceVersion"] = json!(version.to_string());
-        self.record(&mut store, Change { version, resource: SLICES, kind: "DELETED", object: value });
+        self.record(&mut store, Change { version, resource, kind: "DELETED", object: value });
+    }
+
+    /// Reports the pod running at `ip`, as its kubelet does once its sandbox is up.
+    pub fn running_at(&self, namespace: &str, name: &str, ip: IpAddr) {
+        let key = (PODS, namespace.to_string(), name.to_string());
+        let mut pod = self.store.lock().unwrap().objects.get(&key).cloned().expect("the pod exists");
+        pod["status"] = json!({ "phase": "Running", "podIP": ip.to_string(), "podIPs": [{ "ip": ip.to_string() }] });
+        self.put(PODS, namespace, name, pod);
     }
 
     fn record(&self, store: &mut Store, change: Change) {
@@ -361,7 +382,10 @@ impl ApiServer {
         match segments[..] {
             ["api", "v1", "services"] => {
                 self.count("list");
-                self.list_services(query.get("fieldSelector").map(String::as_str))
+                match Fields::parse("services", query.get("fieldSelector")) {
+                    Ok(fields) => self.list_services(&fields),
+                    Err(message) => status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+                }
             }
             ["api", "v1", "namespaces", namespace, "services", name] => {
                 self.count("get");
@@ -371,45 +395,34 @@ impl ApiServer {
                     None => status(StatusCode::NOT_FOUND, "NotFound", &format!("services \"{name}\" not found")),
                 }
             }
-            ["apis", "discovery.k8s.io", "v1", "namespaces", namespace, "endpointslices"]
-            | ["api", "v1", "namespaces", namespace, "pods"] => {
+            ["apis", "discovery.k8s.io", "v1", "namespaces", _, "endpointslices"]
+            | ["api", "v1", "namespaces", _, "pods"]
+            | ["api", "v1", "pods"] => {
                 let resource = if segments[0] == "api" { PODS } else { SLICES };
-                let selector = query.get("labelSelector").cloned();
+                // Namespaced: `namespaces/<namespace>/<resource>`; else every namespace.
+                let namespace = segments.len().checked_sub(2).filter(|_| segments.len() > 3).map(|i| segments[i]);
+                let namespace = namespace.map(str::to_string);
+                let fields = match Fields::parse(resource, query.get("fieldSelector")) {
+                    Ok(fields) => fields,
+                    Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+                };
+                let selector = Selector { namespace, labels: query.get("labelSelector").cloned(), fields };
                 if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                     self.count("watch");
-                    self.watch(resource, namespace, selector, &query)
+                    self.watch(resource, selector, &query)
                 } else {
                     self.count("list");
-                    self.list(resource, namespace, selector.as_deref(), &query)
+                    self.list(resource, &selector, &query)
                 }
             }
             _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find {path}")),
         }
     }
 
-    /// Services of every namespace, selected by `spec.clusterIP=<ip>` if asked.
-    fn list_services(&self, fields: Option<&str>) -> Response<Body> {
-        let mut cluster_ip = None;
-        for term in fields.into_iter().flat_map(|f| f.split(',')).filter(|t| !t.is_empty()) {
-            match term.split_once('=') {
-                Some(("spec.clusterIP", ip)) => cluster_ip = Some(ip.to_string()),
-                _ => {
-                    let field = term.split(['=', '!']).next().unwrap_or(term);
-                    let message = format!(
-                        "Unable to find \"services\" that match label selector \"\", field selector \"{term}\": \
-                         \"{field}\" is not a known field selector: only \"metadata.name\", \"metadata.namespace\", \
-                         \"spec.clusterIP\", \"spec.type\""
-                    );
-                    return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
-                }
-            }
-        }
+    /// Services of every namespace, selected by their fields.
+    fn list_services(&self, fields: &Fields) -> Response<Body> {
         let store = self.store.lock().unwrap();
-        let items: Vec<&Value> = store
-            .services
-            .values()
-            .filter(|service| cluster_ip.as_ref().is_none_or(|ip| service["spec"]["clusterIP"] == ip.as_str()))
-            .collect();
+        let items: Vec<&Value> = store.services.values().filter(|service| fields.select(service)).collect();
         json_response(&json!({
             "apiVersion": "v1",
             "kind": "ServiceList",
@@ -422,18 +435,12 @@ impl ApiServer {
         *self.requests.lock().unwrap().entry(kind).or_default() += 1;
     }
 
-    fn list(
-        &self,
-        resource: &'static str,
-        namespace: &str,
-        selector: Option<&str>,
-        query: &BTreeMap<String, String>,
-    ) -> Response<Body> {
+    fn list(&self, resource: &'static str, selector: &Selector, query: &BTreeMap<String, String>) -> Response<Body> {
         let store = self.store.lock().unwrap();
         let selected: Vec<&Value> = store
             .objects
             .iter()
-            .filter(|((kind, ns, _), object)| *kind == resource && ns == namespace && selects(selector, object))
+            .filter(|((kind, _, _), object)| *kind == resource && selector.select(object))
             .map(|(_, object)| object)
             .collect();
         let start: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -452,13 +459,7 @@ impl ApiServer {
         }))
     }
 
-    fn watch(
-        &self,
-        resource: &'static str,
-        namespace: &str,
-        selector: Option<String>,
-        query: &BTreeMap<String, String>,
-    ) -> Response<Body> {
+    fn watch(&self, resource: &'static str, selector: Selector, query: &BTreeMap<String, String>) -> Response<Body> {
         let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
         let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(300u64);
@@ -469,7 +470,7 @@ impl ApiServer {
             let backlog: Vec<Change> = store.history.iter().filter(|c| c.version > from).cloned().collect();
             (backlog, self.changes.subscribe(), gone, store.version)
         };
-        let (namespace, watches) = (namespace.to_string(), self.watches.clone());
+        let watches = self.watches.clone();
         tokio::spawn(async move {
             watches.fetch_add(1, Ordering::AcqRel);
             let send = |event: Value| {
@@ -477,11 +478,7 @@ impl ApiServer {
                 line.push(b'\n');
                 sender.try_send(Bytes::from(line)).is_ok()
             };
-            let selected = |change: &Change| {
-                change.resource == resource
-                    && change.object["metadata"]["namespace"] == namespace.as_str()
-                    && selects(selector.as_deref(), &change.object)
-            };
+            let selected = |change: &Change| change.resource == resource && selector.select(&change.object);
             if gone {
                 let status = json!({
                     "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -539,13 +536,62 @@ fn meta(namespace: &str, name: &str, version: u64) -> ObjectMeta {
     }
 }
 
-/// Whether `object`'s labels match a selector of `key=value` terms.
-fn selects(selector: Option<&str>, object: &Value) -> bool {
-    let mut terms = selector.into_iter().flat_map(|s| s.split(',')).filter(|t| !t.is_empty());
-    terms.all(|term| match term.split_once('=') {
-        Some((key, value)) => object["metadata"]["labels"][key] == value,
-        None => false,
-    })
+/// Which objects a list or watch asks for.
+struct Selector {
+    /// `None`: every namespace.
+    namespace: Option<String>,
+    /// `key=value` terms on labels.
+    labels: Option<String>,
+    fields: Fields,
+}
+
+impl Selector {
+    fn select(&self, object: &Value) -> bool {
+        let in_namespace = self.namespace.as_ref().is_none_or(|ns| object["metadata"]["namespace"] == ns.as_str());
+        let mut terms = self.labels.iter().flat_map(|s| s.split(',')).filter(|t| !t.is_empty());
+        let labelled = terms.all(|term| match term.split_once('=') {
+            Some((key, value)) => object["metadata"]["labels"][key] == value,
+            None => false,
+        });
+        in_namespace && labelled && self.fields.select(object)
+    }
+}
+
+/// A field selector's `field=value` terms, each a path into the object.
+struct Fields(Vec<(Vec<String>, String)>);
+
+impl Fields {
+    /// The terms, if the real API server knows each field for `resource`;
+    /// else its message, naming the fields it knows (answered with a 400).
+    fn parse(resource: &str, selector: Option<&String>) -> Result<Fields, String> {
+        let known: &[&str] = match resource {
+            "services" => &["metadata.name", "metadata.namespace", "spec.clusterIP", "spec.type"],
+            PODS => &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"],
+            _ => &["metadata.name", "metadata.namespace"],
+        };
+        let mut terms = Vec::new();
+        for term in selector.into_iter().flat_map(|f| f.split(',')).filter(|t| !t.is_empty()) {
+            match term.split_once('=') {
+                Some((field, value)) if known.contains(&field) => {
+                    terms.push((field.split('.').map(str::to_string).collect(), value.to_string()))
+                }
+                _ => {
+                    let field = term.split(['=', '!']).next().unwrap_or(term);
+                    let known = known.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
+                    let message = format!(
+                        "Unable to find \"{resource}\" that match label selector \"\", field selector \"{term}\": \
+                         \"{field}\" is not a known field selector: only {known}"
+                    );
+                    return Err(message);
+                }
+            }
+        }
+        Ok(Fields(terms))
+    }
+
+    fn select(&self, object: &Value) -> bool {
+        self.0.iter().all(|(path, value)| path.iter().fold(object, |node, key| &node[key]) == value.as_str())
+    }
 }
 
 fn type_of(resource: &str) -> (&'static str, &'static str) {

@@ -104,6 +104,7 @@ impl Replicated {
                 (IMPOSTOR, Last::Unmeshed) => api.unmeshed_pod("test", &format!("echo-{i}"), "echo", "server"),
                 _ => api.pod("test", &format!("echo-{i}"), "echo", "server"),
             }
+            api.running_at("test", &format!("echo-{i}"), replica.address.into());
             endpoints.push((replica.address.to_string(), format!("echo-{i}")));
         }
 
@@ -187,6 +188,7 @@ impl Replicated {
         let index = self.endpoints.len();
         let pod = format!("echo-{index}");
         self.api.pod("test", &pod, "echo", "server");
+        self.api.running_at("test", &pod, replica.address.into());
         self.endpoints.push((replica.address.to_string(), pod));
         // The client's sidecar stays last.
         self.sidecars.insert(self.sidecars.len() - 1, sidecar);
@@ -267,10 +269,14 @@ impl Replicated {
     /// the virtual IP, `in_flight` at a time; all must succeed. Returns how
     /// many each replica served.
     fn calls(&self, calls: usize, in_flight: usize) -> Vec<u64> {
+        self.calls_to(self.vip, calls, in_flight)
+    }
+
+    /// As [`Replicated::calls`], to `addr`.
+    fn calls_to(&self, addr: SocketAddr, calls: usize, in_flight: usize) -> Vec<u64> {
         let before = self.served();
-        let vip = self.vip;
         let made = self.client.run(move || async move {
-            let channel = Channel::from_shared(format!("http://{vip}")).unwrap().connect().await.unwrap();
+            let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
             let client = protomesh_samples::pb::echo::v1::echo_client::EchoClient::new(channel);
             let calls = futures_util::stream::iter(0..calls).map(|i| {
                 let mut client = client.clone();
@@ -546,4 +552,56 @@ fn a_rolling_update_of_every_replica_under_steady_calls_fails_no_call() {
         cluster.logs()
     );
     assert_eq!(cluster.served()[IMPOSTOR], 0);
+}
+
+#[test]
+fn a_call_to_a_pods_own_address_goes_to_that_pod_which_must_present_its_service_account() {
+    let Some(cluster) = Replicated::start(Last::Impostor) else { return };
+    // As a headless Service's DNS answers, or a StatefulSet peer is named: one pod's address.
+    let first = SocketAddr::from((cluster.replicas[0].address, APP_PORT));
+    let served = cluster.calls_to(first, 40, 4);
+    assert_eq!(served, [40, 0, 0, 0], "every call went to the pod dialled; {}", cluster.logs());
+    let metrics = cluster.metrics();
+    let found = sample(&metrics, "protomesh_kubernetes_service_lookups_total{result=\"pod\"}");
+    assert_eq!(found, Some(1.0), "{}", cluster.logs());
+    let calls = |metrics: &str, peer: &str| {
+        sample(metrics, &format!("protomesh_original_destination_calls_total{{peer=\"{peer}\"}}")).unwrap_or(0.0)
+    };
+    assert_eq!(calls(&metrics, "pod") + calls(&metrics, "lookup"), 40.0, "{}", cluster.logs());
+    let config = cluster.client.run(|| async { admin(ADMIN.parse().unwrap(), "GET", "/config", "").await.1 });
+    let config: serde_json::Value = serde_json::from_str(&config.join().unwrap()).unwrap();
+    let destination = &config["outbound"]["original_destinations"][0];
+    assert_eq!((&destination["address"], &destination["peer"]), (&first.to_string().into(), &"pod".into()));
+    assert_eq!(destination["endpoints"][0]["identity"], "spiffe://test.protomesh.local/ns/test/sa/server");
+
+    // The impostor's own address: its certificate names another account than its pod runs as.
+    let impostor = SocketAddr::from((cluster.replicas[IMPOSTOR].address, APP_PORT));
+    let refused = cluster.client.run(move || async move {
+        let channel = Channel::from_shared(format!("http://{impostor}")).unwrap().connect().await.unwrap();
+        let mut client = protomesh_samples::pb::echo::v1::echo_client::EchoClient::new(channel);
+        client.unary(request("to the impostor")).await.unwrap_err()
+    });
+    let refused = refused.join().unwrap();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(cluster.served()[IMPOSTOR], 0);
+    let log = cluster.client_log();
+    assert!(log.contains("endpoint presented another identity") && log.contains("/sa/other"), "{log}");
+
+    // Gone from the API: its watch ends, and the next call looks the address up again.
+    cluster.api.delete_pod("test", "echo-0");
+    let none = "protomesh_kubernetes_service_lookups_total{result=\"no_service\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(&cluster.metrics(), none).unwrap_or(0.0) == 0.0 && Instant::now() < deadline {
+        // Calls fail while the pod is forgotten and looked up again: only what follows counts.
+        let _ = cluster.client.run(move || async move {
+            let channel = Channel::from_shared(format!("http://{first}")).unwrap().connect().await.unwrap();
+            let mut client = protomesh_samples::pb::echo::v1::echo_client::EchoClient::new(channel);
+            client.unary(request("after")).await
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sample(&cluster.metrics(), none), Some(1.0), "looked up again once gone; {}", cluster.logs());
+    // Unknown to the API now: any workload of the trust domain may answer, and it is counted.
+    cluster.calls_to(first, 5, 1);
+    assert!(calls(&cluster.metrics(), "address") >= 5.0, "{}", cluster.logs());
 }

@@ -3,13 +3,16 @@
 //! (`k8s://name.namespace:port`). Only the Services the sidecar calls are
 //! watched, each by a label selector in its own namespace, never every
 //! EndpointSlice of the cluster; a watch ends with the upstream that needs it.
-//! A captured destination's Service is found by its cluster IP. `slices.rs`
-//! turns what the API says into endpoints; `metrics.rs` counts the watches.
+//! A captured destination's Service is found by its cluster IP; a pod's own
+//! address, by `pods.rs`. `slices.rs` turns what the API says into
+//! endpoints; `metrics.rs` counts the watches.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -21,10 +24,12 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 mod metrics;
+mod pods;
 mod slices;
 
 pub use metrics::DiscoveryMetrics;
 use metrics::{ServiceLabels, WatchLabels, since_triggered};
+pub use pods::{PodRef, endpoint_of};
 use slices::MAX_IDENTITY_LEN;
 pub use slices::{EXPECTED_IDENTITY, INIT, MAX_ENDPOINTS, SIDECAR, ServiceInfo, ready_endpoints};
 
@@ -140,6 +145,8 @@ pub struct Cluster {
     metrics: DiscoveryMetrics,
     /// This pod's zone, when known: endpoints hinted for it are preferred.
     zone: Option<String>,
+    /// Whether a pod lookup across namespaces was refused: said once, not per address.
+    pod_lookup_refused: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Cluster {
@@ -180,7 +187,7 @@ impl Cluster {
             Some(zone) => Some(zone.clone()),
             None => zone_of_node(&client).await,
         };
-        Ok(Some(Cluster { client, metrics, zone }))
+        Ok(Some(Cluster { client, metrics, zone, pod_lookup_refused: Arc::default() }))
     }
 
     /// The Service whose cluster IP and TCP port `addr` is, as a captured
@@ -462,6 +469,8 @@ enum Grant {
     Endpoints,
     /// Finding the Service at a cluster IP, in any namespace.
     Lookup,
+    /// Finding the pod at an address, in any namespace.
+    PodLookup,
 }
 
 impl Grant {
@@ -474,6 +483,10 @@ impl Grant {
             Grant::Lookup => {
                 "bind the ClusterRole protomesh-service-lookup of k8s/discovery to the pod's service account with \
                  a ClusterRoleBinding"
+            }
+            Grant::PodLookup => {
+                "bind the ClusterRole protomesh-pod-lookup of k8s/discovery to the pod's service account with a \
+                 ClusterRoleBinding"
             }
         }
     }
