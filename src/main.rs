@@ -71,6 +71,9 @@ enum Command {
         /// The sidecar image, unless a pod's protomesh.io/image says otherwise.
         #[arg(long, env = "PROTOMESH_IMAGE")]
         image: Option<String>,
+        /// Add no RoleBindings or ClusterRoleBindings for the injected pods' service accounts.
+        #[arg(long)]
+        no_rbac: bool,
     },
     /// Take the sidecar out of injected manifests again (written to stdout).
     Uninject {
@@ -126,9 +129,10 @@ fn main() -> ExitCode {
         Command::Certs { out, trust_domain, namespace, workloads } => {
             write_certs(&out, &trust_domain, &namespace, &workloads)
         }
-        Command::Inject { input, all, namespace, enabled_namespaces, image } => {
+        Command::Inject { input, all, namespace, enabled_namespaces, image, no_rbac } => {
             let namespace_labels = enabled_namespaces.into_iter().map(|ns| (ns, "enabled".to_string())).collect();
-            let options = manifest::Options { all, namespace, namespace_labels, defaults: Defaults { image } };
+            let defaults = Defaults { image };
+            let options = manifest::Options { all, namespace, namespace_labels, defaults, rbac: !no_rbac };
             transform(&input, |manifests| manifest::inject(manifests, &options))
         }
         Command::Uninject { input } => transform(&input, manifest::uninject),

@@ -2,8 +2,9 @@
 //! YAML or JSON, `kind: List` included, written back in the form they came
 //! in. Every object with a pod template (Pod, Deployment, StatefulSet,
 //! DaemonSet, ReplicaSet, ReplicationController, Job, CronJob) goes through
-//! the one mutation; every other object passes through as it was. Each
-//! object gets a line in the report.
+//! the one mutation; every other object passes through as it was. `inject`
+//! adds the bindings the injected pods' service accounts need ([`rbac`]),
+//! `uninject` takes them out. Each object gets a line in the report.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::inject::{self, Context, Verdict};
+use super::rbac::{self, Account};
 use super::settings::{self, Defaults};
 
 /// How the input was written, and so how the output is.
@@ -37,6 +39,8 @@ pub struct Options {
     /// Namespaces labelled `protomesh.io/inject` outside the input, and their value.
     pub namespace_labels: HashMap<String, String>,
     pub defaults: Defaults,
+    /// Add the bindings the injected pods' service accounts need ([`rbac`]).
+    pub rbac: bool,
 }
 
 /// Reads a file, every `.yaml`, `.yml` and `.json` file under a directory
@@ -138,7 +142,9 @@ impl std::fmt::Display for Line {
     }
 }
 
-/// Injects every pod template in `manifests`; one report line per object.
+/// Injects every pod template in `manifests`, and adds the bindings their
+/// service accounts need that the manifests do not hold yet; one report
+/// line per object.
 pub fn inject(manifests: &mut Manifests, options: &Options) -> Result<Vec<Line>, String> {
     let mut labels = options.namespace_labels.clone();
     for object in objects(&manifests.documents) {
@@ -149,7 +155,8 @@ pub fn inject(manifests: &mut Manifests, options: &Options) -> Result<Vec<Line>,
             labels.insert(name.to_string(), label.to_string());
         }
     }
-    each_template(manifests, |template, object| {
+    let (mut accounts, mut unplaced) = (Vec::new(), Vec::new());
+    let mut lines = each_template(manifests, |template, object| {
         let namespace = object.namespace.as_deref().or(options.namespace.as_deref());
         let context = Context {
             namespace,
@@ -159,21 +166,82 @@ pub fn inject(manifests: &mut Manifests, options: &Options) -> Result<Vec<Line>,
             defaults: options.defaults.clone(),
         };
         Ok(match inject::inject(template, &context)? {
-            Verdict::Injected(injected) => (Some(injected), "injected".to_string()),
+            Verdict::Injected(injected) => {
+                match namespace {
+                    Some(namespace) => accounts.push(Account::of(template, namespace)),
+                    None => unplaced.push(object.label.clone()),
+                }
+                (Some(injected), "injected".to_string())
+            }
             Verdict::Unchanged => (None, "unchanged (already injected)".to_string()),
             Verdict::Skipped(why) => (None, format!("skipped: {why}")),
         })
-    })
+    })?;
+    if options.rbac {
+        lines.extend(add_bindings(manifests, accounts, &unplaced));
+    }
+    Ok(lines)
 }
 
-/// Takes the sidecar out of every injected pod template in `manifests`.
+/// Adds the bindings of each account that the manifests do not hold; the
+/// report names each one added, and the workloads whose namespace is not known.
+fn add_bindings(manifests: &mut Manifests, mut accounts: Vec<Account>, unplaced: &[String]) -> Vec<Line> {
+    accounts.sort();
+    accounts.dedup();
+    let held: Vec<String> = objects(&manifests.documents).map(rbac::described).collect();
+    let mut lines = Vec::new();
+    let mut added = Vec::new();
+    for account in &accounts {
+        for binding in rbac::bindings(account) {
+            let object = rbac::described(&binding);
+            if held.contains(&object) {
+                continue;
+            }
+            let outcome =
+                format!("added: grants service account {}/{} what its sidecar needs", account.namespace, account.name);
+            lines.push(Line { object, outcome });
+            added.push(binding);
+        }
+    }
+    for workload in unplaced {
+        let outcome = "no bindings added for its service account: its namespace is not known (give --namespace)";
+        lines.push(Line { object: workload.clone(), outcome: outcome.into() });
+    }
+    // A single List takes them as items, so the output stays one document.
+    match &mut manifests.documents[..] {
+        [list] if list["kind"] == "List" && list["items"].is_array() => {
+            list["items"].as_array_mut().expect("checked to be a list").extend(added)
+        }
+        _ => manifests.documents.extend(added),
+    }
+    lines
+}
+
+/// Takes the sidecar out of every injected pod template in `manifests`, and
+/// the bindings `inject` added.
 pub fn uninject(manifests: &mut Manifests) -> Result<Vec<Line>, String> {
-    each_template(manifests, |template, _| {
+    let mut removed = Vec::new();
+    let mut keep = |object: &Value| {
+        let added = rbac::added(object);
+        if added {
+            removed.push(Line { object: rbac::described(object), outcome: "removed (added by inject)".into() });
+        }
+        !added
+    };
+    manifests.documents.retain(|document| keep(document));
+    for document in manifests.documents.iter_mut().filter(|d| d["kind"] == "List") {
+        if let Some(items) = document["items"].as_array_mut() {
+            items.retain(|item| keep(item));
+        }
+    }
+    let mut lines = each_template(manifests, |template, _| {
         Ok(match inject::uninject(template)? {
             Some(original) => (Some(original), "uninjected".to_string()),
             None => (None, "unchanged (not injected)".to_string()),
         })
-    })
+    })?;
+    lines.extend(removed);
+    Ok(lines)
 }
 
 /// The objects of the documents, with the items of `kind: List` in place of the list.
@@ -188,6 +256,8 @@ fn objects(documents: &[Value]) -> impl Iterator<Item = &Value> {
 struct Object {
     namespace: Option<String>,
     workload: String,
+    /// `deployment/checkout`, as the report names it.
+    label: String,
 }
 
 type Change = (Option<Value>, String);
@@ -229,8 +299,9 @@ fn each_template(
                 .try_fold(&mut *object, |node, key| node.get_mut(*key))
                 .ok_or_else(|| format!("{at} ({label}): {field}: missing; a {kind} needs a pod template there"))?;
             let prefix = if field.is_empty() { String::new() } else { format!("{field}.") };
-            let (replacement, outcome) = change(template, &Object { namespace, workload })
-                .map_err(|e| format!("{at} ({label}): {prefix}{e}"))?;
+            let object = Object { namespace, workload, label: label.clone() };
+            let (replacement, outcome) =
+                change(template, &object).map_err(|e| format!("{at} ({label}): {prefix}{e}"))?;
             if let Some(replacement) = replacement {
                 *template = replacement;
             }

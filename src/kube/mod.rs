@@ -2,12 +2,14 @@
 //! pod template into the injected one; `protomesh inject` applies it to
 //! manifests ([`manifest`]) and `protomesh webhook` to pods as they are
 //! created ([`webhook`]). [`settings`] reads what a pod's annotations ask
-//! for, [`sidecar`] is what gets added, and [`probes`] moves the app's
-//! probes to the sidecar when its traffic is captured.
+//! for, [`sidecar`] is what gets added, [`probes`] moves the app's probes
+//! to the sidecar when its traffic is captured, and [`rbac`] is what the
+//! pods' service accounts must be granted.
 
 pub mod inject;
 pub mod manifest;
 pub mod probes;
+pub mod rbac;
 pub mod settings;
 pub mod sidecar;
 pub mod webhook;

@@ -113,9 +113,21 @@ fn the_namespace_flags_and_all_decide_for_pods_that_say_nothing() {
     let skipped = protomesh(&["inject", file]);
     assert!(text(&skipped.stderr).starts_with("pod/quiet: skipped: not opted in"), "{}", text(&skipped.stderr));
     let by_flag = protomesh(&["inject", file, "--namespace", "team", "--enabled-namespace", "team"]);
-    assert_eq!(text(&by_flag.stderr), "pod/quiet: injected\n");
+    let report = text(&by_flag.stderr);
+    assert!(
+        report.starts_with("pod/quiet: injected\nrolebinding/protomesh-identity:default (team): added"),
+        "{report}"
+    );
+    assert!(report.contains("\nclusterrolebinding/protomesh-service-lookup:team:default: added"), "{report}");
+    let no_rbac = protomesh(&["inject", file, "--namespace", "team", "--enabled-namespace", "team", "--no-rbac"]);
+    assert_eq!(text(&no_rbac.stderr), "pod/quiet: injected\n");
+    assert!(!text(&no_rbac.stdout).contains("RoleBinding"));
     let all = protomesh(&["inject", file, "--all"]);
-    assert_eq!(text(&all.stderr), "pod/quiet: injected\n");
+    assert_eq!(
+        text(&all.stderr),
+        "pod/quiet: injected\npod/quiet: no bindings added for its service account: its namespace is not known \
+         (give --namespace)\n"
+    );
     assert!(text(&all.stdout).contains("name: protomesh-proxy"));
     let system = protomesh(&["inject", file, "--all", "--namespace", "kube-system"]);
     assert_eq!(text(&system.stderr), "pod/quiet: skipped: in namespace kube-system\n");

@@ -1,0 +1,140 @@
+//! What an injected pod's service account must be granted for its sidecar
+//! to start and to find what it calls: bindings to the ClusterRoles that
+//! `k8s/identity` (`protomesh-identity`: csi-driver-spiffe asks for the
+//! pod's certificate as its service account) and `k8s/discovery`
+//! (`protomesh-discovery` in its namespace, `protomesh-service-lookup`
+//! cluster-wide) install once per cluster. One binding per service account
+//! and role, named after both, so that manifests injected apart (one app at
+//! a time) add to each other's grants and never replace them, and injecting
+//! again adds nothing. `protomesh-pod-lookup` is left to bind by hand: it
+//! reads every pod of the cluster, more than most apps need.
+
+use serde_json::{Value, json};
+
+use super::settings;
+
+/// The value of [`settings::CREATED_BY`] on the objects added here, by
+/// which `uninject` knows them.
+pub const ADDED_BY: &str = "protomesh inject";
+
+/// A service account that injected pods run as.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Account {
+    pub namespace: String,
+    pub name: String,
+    /// Whether csi-driver-spiffe requests its pods' certificates (not when
+    /// they come from a Secret, `protomesh.io/identity: secret`).
+    pub requests_certificates: bool,
+}
+
+impl Account {
+    /// The service account a pod template runs as in `namespace`.
+    pub fn of(template: &Value, namespace: &str) -> Account {
+        let spec = &template["spec"];
+        // `serviceAccount` is the deprecated spelling the API still takes.
+        let name = spec["serviceAccountName"].as_str().or(spec["serviceAccount"].as_str());
+        let name = name.filter(|n| !n.is_empty()).unwrap_or("default");
+        let identity = template["metadata"]["annotations"][settings::IDENTITY].as_str();
+        Account { namespace: namespace.into(), name: name.into(), requests_certificates: identity != Some("secret") }
+    }
+}
+
+/// The bindings `account` needs: in its namespace, to `protomesh-identity`
+/// (when its certificates are requested) and `protomesh-discovery`;
+/// cluster-wide, to `protomesh-service-lookup`.
+pub fn bindings(account: &Account) -> Vec<Value> {
+    let Account { namespace, name, requests_certificates } = account;
+    let subject = json!([{ "kind": "ServiceAccount", "name": name, "namespace": namespace }]);
+    let binding = |kind: &str, role: &str, binding_name: String, namespace: Option<&str>| {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("name".into(), json!(binding_name));
+        if let Some(namespace) = namespace {
+            metadata.insert("namespace".into(), json!(namespace));
+        }
+        metadata.insert("labels".into(), json!({ "app.kubernetes.io/part-of": "protomesh" }));
+        metadata.insert("annotations".into(), json!({ settings::CREATED_BY: ADDED_BY }));
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": kind,
+            "metadata": metadata,
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+            "subjects": subject,
+        })
+    };
+    // Colons as Kubernetes' own bindings use them: neither a namespace nor a
+    // service account name has one, so no two accounts share a name.
+    let identity = binding("RoleBinding", "protomesh-identity", format!("protomesh-identity:{name}"), Some(namespace));
+    let discovery =
+        binding("RoleBinding", "protomesh-discovery", format!("protomesh-discovery:{name}"), Some(namespace));
+    let lookup = binding(
+        "ClusterRoleBinding",
+        "protomesh-service-lookup",
+        format!("protomesh-service-lookup:{namespace}:{name}"),
+        None,
+    );
+    let identity = requests_certificates.then_some(identity);
+    identity.into_iter().chain([discovery, lookup]).collect()
+}
+
+/// Whether `object` is one that [`bindings`] made.
+pub fn added(object: &Value) -> bool {
+    object["metadata"]["annotations"][settings::CREATED_BY] == ADDED_BY
+}
+
+/// `kind/name`, and ` (namespace)` for a namespaced object: how reports name it.
+pub fn described(object: &Value) -> String {
+    let kind = object["kind"].as_str().unwrap_or_default().to_lowercase();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    match object["metadata"]["namespace"].as_str() {
+        Some(namespace) => format!("{kind}/{name} ({namespace})"),
+        None => format!("{kind}/{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_runs_as_its_named_service_account_or_default() {
+        let of = |spec: Value| Account::of(&json!({ "spec": spec }), "shop").name;
+        assert_eq!(of(json!({ "serviceAccountName": "cart" })), "cart");
+        assert_eq!(of(json!({ "serviceAccount": "legacy" })), "legacy");
+        assert_eq!(of(json!({})), "default");
+    }
+
+    #[test]
+    fn certificates_from_a_secret_need_no_grant_to_request_them() {
+        let template = json!({ "metadata": { "annotations": { settings::IDENTITY: "secret" } }, "spec": {} });
+        let account = Account::of(&template, "shop");
+        assert!(!account.requests_certificates);
+        let kinds: Vec<String> = bindings(&account).iter().map(described).collect();
+        assert_eq!(
+            kinds,
+            [
+                "rolebinding/protomesh-discovery:default (shop)",
+                "clusterrolebinding/protomesh-service-lookup:shop:default"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_account_gets_its_own_bindings_to_the_three_roles() {
+        let account = Account { namespace: "shop".into(), name: "cart".into(), requests_certificates: true };
+        let made = bindings(&account);
+        let named: Vec<String> = made.iter().map(described).collect();
+        assert_eq!(
+            named,
+            [
+                "rolebinding/protomesh-identity:cart (shop)",
+                "rolebinding/protomesh-discovery:cart (shop)",
+                "clusterrolebinding/protomesh-service-lookup:shop:cart",
+            ]
+        );
+        for binding in &made {
+            assert!(added(binding));
+            assert_eq!(binding["subjects"], json!([{ "kind": "ServiceAccount", "name": "cart", "namespace": "shop" }]));
+            assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+        }
+    }
+}
