@@ -1,5 +1,6 @@
 //! The admin server (HTTP/1.1, default :4191): `/live`, `/ready` (true once
-//! certificates, contracts and listeners are up; false again while draining),
+//! certificates, contracts and listeners are up; false again while draining;
+//! its body says what the Kubernetes API server fails to answer, if anything),
 //! `/metrics` (Prometheus), `/config` (the versions in service, the last
 //! reload, and every method's effective policy and its sources, as JSON),
 //! `PUT /log-level`, which changes the log filter, and `POST /reload`, which
@@ -45,11 +46,26 @@ impl Admin {
         Admin { ready: AtomicBool::new(false), metrics, reloader, set_log_level }
     }
 
+    /// `ready`, and what the Kubernetes API server fails to answer, if
+    /// anything: calls go on meanwhile, so the sidecar stays ready.
+    fn ready_body(&self) -> String {
+        let failing = self.metrics.discovery.trouble.failing();
+        if failing.is_empty() {
+            return "ready\n".into();
+        }
+        let mut body =
+            "ready; the Kubernetes API server is failing (calls go on with the endpoints last known):\n".to_string();
+        for (what, since, error) in failing {
+            body.push_str(&format!("  {what}, for {}s: {error}\n", since.as_secs()));
+        }
+        body
+    }
+
     async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         match (request.method().clone(), path.as_str()) {
             (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-            (Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+            (Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, &self.ready_body()),
             (Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             (Method::GET, "/metrics") => {
                 let mut response = text(StatusCode::OK, &self.metrics.encode());

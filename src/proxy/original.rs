@@ -340,6 +340,7 @@ impl Lookup {
 
     async fn follow(&self) {
         let addr = self.addr;
+        let trouble = self.metrics.discovery.trouble.slot(format!("the lookup of captured destination {addr}"));
         let mut retries = Reconnect::default();
         // Calls wait this long in all for the Service and its first endpoints.
         let waited = tokio::time::sleep(LOOKUP_WAIT);
@@ -355,7 +356,10 @@ impl Lookup {
                 }
             };
             match found {
-                Ok(Some(owner)) => break owner,
+                Ok(Some(owner)) => {
+                    trouble.answered();
+                    break owner;
+                }
                 Ok(None) => {
                     self.metrics.service_lookup("no_service");
                     tracing::info!(%addr, "no Kubernetes Service or pod the sidecar may read has this address: \
@@ -363,6 +367,7 @@ impl Lookup {
                     return self.to_address();
                 }
                 Err(error) => {
+                    trouble.failed(&error);
                     self.metrics.service_lookup("failed");
                     tracing::warn!(%addr, %error, "Kubernetes lookup failed: calls go to the address until it answers");
                     self.to_address();

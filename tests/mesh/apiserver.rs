@@ -9,8 +9,10 @@
 //! and a `resourceVersion`, and watched from a `resourceVersion` with
 //! bookmarks and `timeoutSeconds`. A
 //! watch from a version older than its history is answered as the real one
-//! answers it: HTTP 200 and an ERROR event carrying a 410 Status. Objects
-//! are k8s-openapi's types, serialized as the API serves them.
+//! answers it: HTTP 200 and an ERROR event carrying a 410 Status. Once told
+//! the roles and bindings in force, it authorizes as RBAC does, and a denial
+//! is its 403 with the real server's message. Objects are k8s-openapi's
+//! types, serialized as the API serves them.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -71,6 +73,8 @@ pub struct ApiServer {
     server: Mutex<Vec<tokio::task::AbortHandle>>,
     tls: tokio_rustls::TlsAcceptor,
     watches: Arc<AtomicUsize>,
+    /// RBAC, once [`ApiServer::authorize`] turns it on: until then every request is allowed.
+    rbac: Mutex<Option<Rbac>>,
 }
 
 impl ApiServer {
@@ -91,6 +95,7 @@ impl ApiServer {
             server: Mutex::default(),
             tls,
             watches: Arc::default(),
+            rbac: Mutex::default(),
         });
         api.serve(listener);
         api
@@ -367,6 +372,20 @@ impl ApiServer {
         let _ = self.changes.send(change);
     }
 
+    /// Authorizes as the real server's RBAC does, the token being
+    /// `account`'s (`namespace`, `name`): by the ClusterRoles, RoleBindings
+    /// and ClusterRoleBindings among `objects` (others are ignored).
+    pub fn authorize(&self, (namespace, name): (&str, &str), objects: &[Value]) {
+        let of = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).cloned().collect::<Vec<_>>();
+        let roles = of("ClusterRole").into_iter().map(|r| (r["metadata"]["name"].as_str().unwrap().to_string(), r));
+        let rbac = Rbac {
+            account: (namespace.into(), name.into()),
+            roles: roles.collect(),
+            bindings: [of("RoleBinding"), of("ClusterRoleBinding")].concat(),
+        };
+        *self.rbac.lock().unwrap() = Some(rbac);
+    }
+
     pub fn requests(&self, kind: &'static str) -> usize {
         self.requests.lock().unwrap().get(kind).copied().unwrap_or(0)
     }
@@ -379,6 +398,13 @@ impl ApiServer {
         let path = request.uri().path().to_string();
         let query = query(request.uri().query().unwrap_or(""));
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        if let Some(rbac) = &*self.rbac.lock().unwrap()
+            && let Some(asked) = Asked::of(&segments, watching)
+            && let Err(denied) = rbac.allows(&asked)
+        {
+            return status(StatusCode::FORBIDDEN, "Forbidden", &denied);
+        }
         match segments[..] {
             ["api", "v1", "services"] => {
                 self.count("list");
@@ -407,7 +433,7 @@ impl ApiServer {
                     Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
                 };
                 let selector = Selector { namespace, labels: query.get("labelSelector").cloned(), fields };
-                if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                if watching {
                     self.count("watch");
                     self.watch(resource, selector, &query)
                 } else {
@@ -533,6 +559,112 @@ fn meta(namespace: &str, name: &str, version: u64) -> ObjectMeta {
         resource_version: Some(version.to_string()),
         uid: Some(format!("{namespace}-{name}")),
         ..Default::default()
+    }
+}
+
+/// The ClusterRoles of `k8s/`, and the bindings `protomesh inject` adds for
+/// a Deployment in namespace `test` running as `client`, but `left_out`.
+pub fn inject_grants(left_out: Option<&str>) -> Vec<Value> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut objects = Vec::new();
+    for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml"] {
+        objects.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
+    }
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: client, namespace: test}\n\
+        spec: {template: {metadata: {labels: {protomesh.io/inject: enabled}},\n\
+        spec: {serviceAccountName: client, containers: [{name: app, image: example/app:1}]}}}\n";
+    let mut manifests = protomesh::kube::manifest::parse(deployment, "deployment").unwrap();
+    protomesh::kube::manifest::inject(
+        &mut manifests,
+        &protomesh::kube::manifest::Options { rbac: true, ..Default::default() },
+    )
+    .unwrap();
+    let bindings = manifests.documents.into_iter().filter(|o| o["kind"].as_str().unwrap().ends_with("Binding"));
+    objects.extend(bindings.filter(|b| Some(b["roleRef"]["name"].as_str().unwrap()) != left_out));
+    objects
+}
+
+/// What a request asks to do, as RBAC sees it.
+struct Asked<'a> {
+    verb: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+}
+
+impl<'a> Asked<'a> {
+    fn of(segments: &[&'a str], watching: bool) -> Option<Asked<'a>> {
+        let collection = if watching { "watch" } else { "list" };
+        let (verb, group, resource, namespace, name) = match *segments {
+            ["api", "v1", "services"] => (collection, "", "services", None, None),
+            ["api", "v1", "pods"] => (collection, "", "pods", None, None),
+            ["api", "v1", "nodes", name] => ("get", "", "nodes", None, Some(name)),
+            ["api", "v1", "namespaces", ns, "services", name] => ("get", "", "services", Some(ns), Some(name)),
+            ["api", "v1", "namespaces", ns, "pods"] => (collection, "", "pods", Some(ns), None),
+            ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => {
+                (collection, "discovery.k8s.io", "endpointslices", Some(ns), None)
+            }
+            _ => return None,
+        };
+        Some(Asked { verb, group, resource, namespace, name })
+    }
+}
+
+/// The RBAC authorizer, for one service account.
+struct Rbac {
+    account: (String, String),
+    roles: BTreeMap<String, Value>,
+    bindings: Vec<Value>,
+}
+
+impl Rbac {
+    /// Allowed, or the real server's message for the denial.
+    fn allows(&self, asked: &Asked) -> Result<(), String> {
+        let (namespace, name) = &self.account;
+        let groups = ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")];
+        let names_us = |subject: &Value| match subject["kind"].as_str() {
+            Some("ServiceAccount") => subject["namespace"] == namespace.as_str() && subject["name"] == name.as_str(),
+            Some("Group") => groups.iter().any(|g| subject["name"] == g.as_str()),
+            _ => false,
+        };
+        let listed =
+            |list: &Value, value: &str| list.as_array().is_some_and(|l| l.iter().any(|v| v == value || v == "*"));
+        let granted = self.bindings.iter().any(|binding| {
+            let in_scope = binding["kind"] == "ClusterRoleBinding"
+                || asked.namespace.is_some_and(|ns| binding["metadata"]["namespace"] == ns);
+            let ours = binding["subjects"].as_array().is_some_and(|s| s.iter().any(names_us));
+            let role = binding["roleRef"]["name"].as_str().and_then(|r| self.roles.get(r));
+            in_scope
+                && ours
+                && role.is_some_and(|role| {
+                    role["rules"].as_array().into_iter().flatten().any(|rule| {
+                        listed(&rule["apiGroups"], asked.group)
+                            && listed(&rule["resources"], asked.resource)
+                            && listed(&rule["verbs"], asked.verb)
+                    })
+                })
+        });
+        if granted {
+            return Ok(());
+        }
+        let resource = match asked.group {
+            "" => asked.resource.to_string(),
+            group => format!("{}.{group}", asked.resource),
+        };
+        let object = match asked.name {
+            Some(object) => format!("{resource} \"{object}\""),
+            None => resource,
+        };
+        let scope = match asked.namespace {
+            Some(ns) => format!("in the namespace \"{ns}\""),
+            None => "at the cluster scope".into(),
+        };
+        Err(format!(
+            "{object} is forbidden: User \"system:serviceaccount:{namespace}:{name}\" cannot {} resource \"{}\" in API \
+             group \"{}\" {scope}",
+            asked.verb, asked.resource, asked.group
+        ))
     }
 }
 

@@ -18,7 +18,7 @@ use protomesh_samples::echo::{EchoService, EchoStats};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
 
-use crate::apiserver::ApiServer;
+use crate::apiserver::{ApiServer, inject_grants};
 use crate::cluster::{
     ADMIN, APP_PORT, INBOUND_OPAQUE, TCP_PORT, await_ready, config, request, sidecar_files, start_sidecar, tcp_echo,
 };
@@ -95,6 +95,8 @@ impl Replicated {
             })
         });
         let api = api.recv().unwrap();
+        // The client pod's service account holds what `protomesh inject` grants it, no more.
+        api.authorize(("test", "client"), &inject_grants(None));
         let tcp_vip = node.service(TCP_PORT, &replicas.iter().collect::<Vec<_>>());
         api.service_at("test", ("echo", "echo"), Some(vip.ip()), APP_PORT.into(), "grpc");
         api.service_at("test", ("echo-tcp", "echo"), Some(tcp_vip.ip()), TCP_PORT.into(), "tcp");
@@ -601,6 +603,16 @@ fn a_call_to_a_pods_own_address_goes_to_that_pod_which_must_present_its_service_
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(sample(&cluster.metrics(), none), Some(1.0), "looked up again once gone; {}", cluster.logs());
+    // Not in its own namespace, and not granted protomesh-pod-lookup (inject does not add it): said once.
+    let log = cluster.client_log();
+    let refused = log.lines().filter(|l| l.contains("pod addresses outside this pod's namespace are not looked up"));
+    let refused: Vec<&str> = refused.collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(
+        refused[0].contains("protomesh-pod-lookup") && refused[0].contains("cannot list resource"),
+        "{}",
+        refused[0]
+    );
     // Unknown to the API now: any workload of the trust domain may answer, and it is counted.
     cluster.calls_to(first, 5, 1);
     assert!(calls(&cluster.metrics(), "address") >= 5.0, "{}", cluster.logs());

@@ -2,7 +2,9 @@
 //! the sidecar's kube-rs client against the suite's own API server
 //! (`apiserver.rs`), which stands in for kube-apiserver. Calls follow the
 //! Service's ready endpoints as its EndpointSlices change, keep flowing while
-//! the API server is down, and converge once it is back without its history.
+//! the API server is down (which `/ready`'s body says), and converge once it
+//! is back without its history. Under RBAC, what `protomesh inject` grants
+//! is enough, and a denial names what to grant.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +12,9 @@ use std::time::Duration;
 
 use protomesh_samples::pb::echo::v1::EchoRequest;
 
-use crate::apiserver::ApiServer;
+use crate::apiserver::{ApiServer, inject_grants};
 use crate::harness::{Mesh, MeshOptions, within};
+use crate::telemetry::admin;
 
 /// Calls, ten at a time, until `served` holds of the backends' counts of
 /// the last ten, or 10 s pass.
@@ -42,6 +45,47 @@ async fn calls_until(mesh: &Mesh, what: &str, served: impl Fn(&[u64]) -> bool) {
         }
         assert!(tokio::time::Instant::now() < deadline, "{what}: the last 10 calls went {during:?}");
     }
+}
+
+/// The client sidecar's `/ready` body once `wanted` holds of it (the status
+/// always 200: the sidecar stays ready), or the last one after 5 s.
+async fn ready_until(mesh: &Mesh, wanted: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = admin(mesh.client_sidecar.admin_addr, "GET", "/ready", "").await;
+        assert_eq!(status, 200, "{body}");
+        if wanted(&body) || tokio::time::Instant::now() > deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn what_inject_grants_is_enough_and_a_denial_on_ready_names_what_to_grant() {
+    let api = ApiServer::start().await;
+    api.authorize(("test", "client"), &inject_grants(None));
+    api.service("test", "echo", 50051, "grpc");
+    let (granted, _dir) = mesh(&api, "k8s://echo.test:50051").await;
+    slices(&api, &granted.server_inbounds(), &[true, true]);
+    calls_until(&granted, "granted, both endpoints take calls", |d| d.iter().all(|n| *n > 0)).await;
+    assert_eq!(ready_until(&granted, |body| body == "ready\n").await, "ready\n");
+
+    let api = ApiServer::start().await;
+    api.authorize(("test", "client"), &inject_grants(Some("protomesh-discovery")));
+    api.service("test", "echo", 50051, "grpc");
+    let (refused, _dir) = mesh(&api, "k8s://echo.test:50051").await;
+    let denied = ready_until(&refused, |body| body.contains("forbidden")).await;
+    assert!(denied.contains("\n  k8s://echo.test:50051, for "), "{denied}");
+    assert!(
+        denied.contains(
+            ": k8s://echo.test:50051: reading the Service: forbidden by RBAC: services \"echo\" is forbidden: User \
+             \"system:serviceaccount:test:client\" cannot get resource \"services\" in API group \"\" in the namespace \
+             \"test\" (bind the ClusterRole protomesh-discovery of k8s/discovery to the pod's service account in that \
+             namespace)"
+        ),
+        "{denied}"
+    );
 }
 
 /// EndpointSlices of Service `echo` in namespace `test`, one per server sidecar.
@@ -155,15 +199,18 @@ async fn an_upstream_naming_a_service_follows_its_ready_endpoints() {
     slices(&api, &servers[1..], &[true]);
     calls_until(&mesh, "a deleted slice's endpoint takes none", |d| d[0] == 0 && d[1] > 0).await;
 
-    // The API server goes down: the last endpoints stay.
+    // The API server goes down: the last endpoints stay, and /ready says so, still ready.
     api.stop();
     calls_until(&mesh, "calls go on without the API server", |d| d[1] == 10).await;
+    let down = ready_until(&mesh, |body| body.contains("k8s://echo.test:50051, for ")).await;
+    assert!(down.starts_with("ready; the Kubernetes API server is failing"), "{down}");
     // Back, with its history gone: the client's watch is refused (410 Gone),
     // and it lists again and converges.
     let listed = api.requests("list");
     api.restart().await;
     slices(&api, &servers, &[true, true]);
     calls_until(&mesh, "after the restart, both again", |d| d.iter().all(|n| *n > 0)).await;
+    assert_eq!(ready_until(&mesh, |body| body == "ready\n").await, "ready\n");
     assert!(api.requests("list") > listed, "listed again: {:?}", api.requests.lock().unwrap());
     assert!(api.requests("get") >= 1, "the Service was read for its port's name");
 }

@@ -8,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
+use super::trouble::ApiTrouble;
+
 /// What the watches of each Service count, by Service (`namespace/name`):
 /// registered with the sidecar's other metrics (`telemetry/`).
 #[derive(Clone, Debug)]
@@ -22,6 +24,9 @@ pub struct DiscoveryMetrics {
     /// From an EndpointSlice change (its `endpoints.kubernetes.io/last-change-trigger-time`)
     /// to the sidecar routing by it.
     pub change_seconds: Histogram,
+    /// Not a count: the failures in force, which `/ready`'s body tells, kept
+    /// with the counts because both are handed to discovery together.
+    pub trouble: ApiTrouble,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,6 +53,7 @@ impl Default for DiscoveryMetrics {
             restarts: Family::default(),
             endpoints: Family::default(),
             change_seconds: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            trouble: ApiTrouble::default(),
         }
     }
 }

@@ -26,12 +26,14 @@ use tokio::sync::watch;
 mod metrics;
 mod pods;
 mod slices;
+mod trouble;
 
 pub use metrics::DiscoveryMetrics;
 use metrics::{ServiceLabels, WatchLabels, since_triggered};
 pub use pods::{PodRef, endpoint_of};
 use slices::MAX_IDENTITY_LEN;
 pub use slices::{EXPECTED_IDENTITY, INIT, MAX_ENDPOINTS, SIDECAR, ServiceInfo, ready_endpoints};
+pub use trouble::{ApiTrouble, TroubleSlot};
 
 use super::Found;
 
@@ -231,11 +233,13 @@ impl Cluster {
     }
 
     async fn follow(&self, service: &ServiceRef, sender: &watch::Sender<Vec<Found>>) {
+        let trouble = self.metrics.trouble.slot(service.to_string());
         let info = loop {
             match self.read_service(service).await {
                 Ok(info) => break info,
                 Err(error) => {
                     tracing::warn!(%error, "Kubernetes Service not read yet; asking again in 5s");
+                    trouble.failed(&error);
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
             }
@@ -264,14 +268,18 @@ impl Cluster {
         let restarts = self.metrics.restarts.get_or_create_owned(&labels);
         while let Some(change) = events.next().await {
             let failed = |watched: &'static str| {
-                let restarts = &restarts;
+                let (restarts, trouble) = (&restarts, &trouble);
                 move |error: watcher::Error| {
                     let error = watch_error(&error);
                     tracing::warn!(%service, %error, "watching its {watched} failed; keeping the last endpoints");
+                    trouble.failed(&format!("watching its {watched}: {error}"));
                     restarts.inc();
                     false
                 }
             };
+            if change.answered() {
+                trouble.answered();
+            }
             let from_slices = matches!(change, Change::Slice(_));
             let changed = match change {
                 Change::Slice(event) => {
@@ -361,6 +369,16 @@ enum Change {
     // Boxed: objects are large, and of different sizes.
     Slice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
     Pod(Box<Result<Event<Pod>, watcher::Error>>),
+}
+
+impl Change {
+    /// Whether the API server answered, rather than failed.
+    fn answered(&self) -> bool {
+        match self {
+            Change::Slice(event) => event.is_ok(),
+            Change::Pod(event) => event.is_ok(),
+        }
+    }
 }
 
 /// The objects of one kind a watch has reported, by name; a relist replaces

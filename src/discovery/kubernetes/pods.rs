@@ -72,10 +72,10 @@ impl Cluster {
     /// sender gone) once the pod is gone or has another address.
     pub fn watch_pod(&self, pod: PodRef, addr: SocketAddr) -> watch::Receiver<Vec<Found>> {
         let (sender, receiver) = watch::channel(Vec::new());
-        let client = self.client.clone();
+        let cluster = self.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = follow(client, &pod, addr, &sender) => {}
+                _ = follow(&cluster, &pod, addr, &sender) => {}
                 _ = sender.closed() => {}
             }
         });
@@ -83,7 +83,9 @@ impl Cluster {
     }
 }
 
-async fn follow(client: kube::Client, pod: &PodRef, addr: SocketAddr, sender: &watch::Sender<Vec<Found>>) {
+async fn follow(cluster: &Cluster, pod: &PodRef, addr: SocketAddr, sender: &watch::Sender<Vec<Found>>) {
+    let client = cluster.client.clone();
+    let trouble = cluster.metrics.trouble.slot(pod.to_string());
     let pods = Api::<Pod>::namespaced(client, &pod.namespace);
     let by_name = watcher::Config::default().fields(&format!("metadata.name={}", pod.name));
     let events = watcher::watcher(pods, by_name).backoff(Reconnect::default());
@@ -92,10 +94,14 @@ async fn follow(client: kube::Client, pod: &PodRef, addr: SocketAddr, sender: &w
     let mut first = true;
     while let Some(event) = events.next().await {
         let changed = match event {
-            Ok(event) => known.apply(event),
+            Ok(event) => {
+                trouble.answered();
+                known.apply(event)
+            }
             Err(error) => {
                 let error = watch_error(&error);
                 tracing::warn!(%pod, %error, "watching the pod failed; keeping what was known of it");
+                trouble.failed(&format!("watching it: {error}"));
                 false
             }
         };
