@@ -371,6 +371,10 @@ def main():
     finally:
         backend.stop()
         shutil.rmtree(work, ignore_errors=True)
+    print("Kubernetes discovery", flush=True)
+    extra["discovery"] = subprocess.run(
+        [str(RELEASE / "examples" / "discovery"), str(RELEASE / "protomesh"), str(REPO)],
+        check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
     report(results, extra, options)
 
 
@@ -448,7 +452,7 @@ def report(results, extra, options):
         f"- 10,000 streams held at once: memory per stream {fmt_kib(extra['protomesh held'])} KiB "
         f"per protomesh sidecar, {fmt_kib(extra['envoy held'])} KiB per Envoy",
     ]
-    text = "\n".join(line for line in lines) + "\n"
+    text = "\n".join(line for line in lines) + "\n\n" + extra["discovery"]
     options.out.write_text(text)
     print(text)
 

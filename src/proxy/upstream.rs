@@ -6,7 +6,7 @@
 //! connections and its endpoints' health, as long as its endpoints and
 //! identity stay the same.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +39,8 @@ const CONNECT_TRIES: usize = 3;
 /// How long a call waits for an upstream's endpoints to be found the first
 /// time, before it fails for want of them.
 const FIRST_ENDPOINTS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Endpoints named in the log line of a change; the rest are counted.
+const LOGGED_ENDPOINTS: usize = 20;
 
 pub struct Upstream {
     /// A label for messages and metrics: the endpoints as configured.
@@ -318,13 +320,13 @@ impl Upstream {
         self.found.send_if_modified(|once| !std::mem::replace(once, true));
         let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> =
             found.iter().filter_map(|found| self.member_for(found)).collect();
-        let in_zone: Vec<SocketAddr> =
+        let in_zone: HashSet<SocketAddr> =
             found.iter().filter(|found| found.in_zone).filter_map(|found| Some(self.member_for(found)?.0)).collect();
         let current = self.members.load();
         let same = |member: &Member, (addr, expected): (SocketAddr, &Option<SpiffeId>)| {
             member.addr() == addr && member.expected == *expected
         };
-        let local_now: Vec<SocketAddr> =
+        let local_now: HashSet<SocketAddr> =
             self.local.load().iter().flat_map(|local| local.iter().map(|m| m.addr())).collect();
         if current.len() == wanted.len()
             && current.iter().zip(&wanted).all(|(m, (a, e, _))| same(m, (*a, e)))
@@ -332,24 +334,36 @@ impl Upstream {
         {
             return;
         }
+        // By address and identity: a Service may have thousands of endpoints.
+        let kept: HashMap<(SocketAddr, Option<&SpiffeId>), &Arc<Member>> =
+            current.iter().map(|m| ((m.addr(), m.expected.as_ref()), m)).collect();
         let members = wanted
-            .into_iter()
-            .map(|(addr, expected, transport)| {
-                current.iter().find(|m| same(m, (addr, &expected))).cloned().unwrap_or_else(|| {
-                    let target = Target::Upstream { name: self.name.clone(), addr };
-                    let endpoint = Endpoint::new(addr, target, transport, self.connect, self.workers);
-                    Arc::new(Member::expecting(endpoint, expected))
-                })
+            .iter()
+            .map(|(addr, expected, transport)| match kept.get(&(*addr, expected.as_ref())) {
+                Some(member) => Arc::clone(member),
+                None => {
+                    let target = Target::Upstream { name: self.name.clone(), addr: *addr };
+                    let endpoint = Endpoint::new(*addr, target, transport.clone(), self.connect, self.workers);
+                    Arc::new(Member::expecting(endpoint, expected.clone()))
+                }
             })
             .collect::<Vec<_>>();
-        let addrs: Vec<String> = members
-            .iter()
-            .map(|m| match &m.expected {
-                Some(id) => format!("{} ({id})", m.addr()),
-                None => m.addr().to_string(),
-            })
-            .collect();
-        tracing::info!(upstream = %self.name, endpoints = ?addrs, in_zone = ?in_zone, "endpoints updated");
+        if tracing::enabled!(tracing::Level::INFO) {
+            // The first endpoints by name; a line per change must stay a line.
+            let mut addrs: Vec<String> = members
+                .iter()
+                .take(LOGGED_ENDPOINTS)
+                .map(|m| match &m.expected {
+                    Some(id) => format!("{} ({id})", m.addr()),
+                    None => m.addr().to_string(),
+                })
+                .collect();
+            if members.len() > LOGGED_ENDPOINTS {
+                addrs.push(format!("and {} more", members.len() - LOGGED_ENDPOINTS));
+            }
+            let in_zone = in_zone.len();
+            tracing::info!(upstream = %self.name, count = members.len(), endpoints = ?addrs, in_zone, "endpoints updated");
+        }
         self.outliers.set_endpoint_count(members.len());
         let local: Vec<Arc<Member>> = members.iter().filter(|m| in_zone.contains(&m.addr())).cloned().collect();
         self.local.store((!local.is_empty()).then(|| Arc::new(local)));

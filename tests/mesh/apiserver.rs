@@ -386,6 +386,11 @@ impl ApiServer {
         *self.rbac.lock().unwrap() = Some(rbac);
     }
 
+    /// Watches open now.
+    pub fn open_watches(&self) -> usize {
+        self.watches.load(Ordering::Acquire)
+    }
+
     pub fn requests(&self, kind: &'static str) -> usize {
         self.requests.lock().unwrap().get(kind).copied().unwrap_or(0)
     }

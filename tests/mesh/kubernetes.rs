@@ -193,6 +193,12 @@ async fn an_upstream_naming_a_service_follows_its_ready_endpoints() {
 
     slices(&api, &servers, &[true, true]);
     calls_until(&mesh, "both ready endpoints take calls", |d| d.iter().all(|n| *n > 0)).await;
+    // The watches start once their lists are in, so they may not be open yet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while api.open_watches() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(api.open_watches(), 2, "the Service's EndpointSlices and its pods, one watch each");
     slices(&api, &servers, &[true, false]);
     calls_until(&mesh, "a not-ready endpoint takes none", |d| d[1] == 0).await;
     api.delete_slice("test", "echo-0");

@@ -32,7 +32,7 @@ pub use metrics::DiscoveryMetrics;
 use metrics::{ServiceLabels, WatchLabels, since_triggered};
 pub use pods::{PodRef, endpoint_of};
 use slices::MAX_IDENTITY_LEN;
-pub use slices::{EXPECTED_IDENTITY, INIT, MAX_ENDPOINTS, SIDECAR, ServiceInfo, ready_endpoints};
+pub use slices::{EXPECTED_IDENTITY, INIT, MAX_ENDPOINTS, PodFacts, SIDECAR, ServiceInfo, ready_endpoints};
 pub use trouble::{ApiTrouble, TroubleSlot};
 
 use super::Found;
@@ -284,11 +284,11 @@ impl Cluster {
             let changed = match change {
                 Change::Slice(event) => {
                     slice_events.inc();
-                    event.map_or_else(failed("EndpointSlices"), |event| slices.apply(event))
+                    event.map_or_else(failed("EndpointSlices"), |event| slices.apply(event, Some))
                 }
                 Change::Pod(event) => {
                     pod_events.inc();
-                    event.map_or_else(failed("pods"), |event| pods.apply(event))
+                    event.map_or_else(failed("pods"), |event| pods.apply(event, |pod| PodFacts::of(&pod)))
                 }
             };
             // Until both lists are in, endpoints would lack their pods: they are not sent half-known.
@@ -381,24 +381,32 @@ impl Change {
     }
 }
 
-/// The objects of one kind a watch has reported, by name; a relist replaces
-/// them whole once it is done.
-struct Known<K> {
-    current: BTreeMap<String, K>,
-    listing: Option<BTreeMap<String, K>>,
+/// What a watch has reported of each object, by name (`T`: what is kept of
+/// a `K`); a relist replaces it whole once it is done.
+struct Known<T> {
+    current: BTreeMap<String, T>,
+    listing: Option<BTreeMap<String, T>>,
     /// Whether a first list is done.
     listed: bool,
 }
 
-impl<K> Default for Known<K> {
+impl<T> Default for Known<T> {
     fn default() -> Self {
         Known { current: BTreeMap::new(), listing: None, listed: false }
     }
 }
 
-impl<K: kube::Resource> Known<K> {
-    /// Takes `event` in; whether the objects in force changed.
-    fn apply(&mut self, event: Event<K>) -> bool {
+impl<T> Known<T> {
+    /// Takes `event` in, keeping what `keep` takes of each object (nothing
+    /// where it says `None`); whether what is kept changed.
+    fn apply<K: kube::Resource>(&mut self, event: Event<K>, keep: impl Fn(K) -> Option<T>) -> bool {
+        let put = |map: &mut BTreeMap<String, T>, object: K| {
+            let name = name_of(object.meta());
+            match keep(object) {
+                Some(kept) => map.insert(name, kept),
+                None => map.remove(&name),
+            };
+        };
         match event {
             Event::Init => {
                 self.listing = Some(BTreeMap::new());
@@ -406,7 +414,7 @@ impl<K: kube::Resource> Known<K> {
             }
             Event::InitApply(object) => {
                 if let Some(listing) = &mut self.listing {
-                    listing.insert(name_of(object.meta()), object);
+                    put(listing, object);
                 }
                 false
             }
@@ -416,7 +424,7 @@ impl<K: kube::Resource> Known<K> {
                 true
             }
             Event::Apply(object) => {
-                self.current.insert(name_of(object.meta()), object);
+                put(&mut self.current, object);
                 true
             }
             Event::Delete(object) => {

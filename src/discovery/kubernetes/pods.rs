@@ -96,7 +96,7 @@ async fn follow(cluster: &Cluster, pod: &PodRef, addr: SocketAddr, sender: &watc
         let changed = match event {
             Ok(event) => {
                 trouble.answered();
-                known.apply(event)
+                known.apply(event, Some)
             }
             Err(error) => {
                 let error = watch_error(&error);

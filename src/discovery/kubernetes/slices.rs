@@ -40,6 +40,24 @@ pub struct ServiceInfo {
     pub expected: Option<String>,
 }
 
+/// What is kept of each pod of a Service: who it runs as and how it takes
+/// calls. The rest of the object (often kilobytes) is dropped as it arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    pub account: String,
+    pub sidecar: Sidecar,
+}
+
+impl PodFacts {
+    /// `None` for a pod without a spec, which the API never serves.
+    pub fn of(pod: &Pod) -> Option<PodFacts> {
+        let spec = pod.spec.as_ref()?;
+        // A pod without a service account named runs as `default`.
+        let account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+        Some(PodFacts { account, sidecar: sidecar_of(spec) })
+    }
+}
+
 /// How a pod takes calls from the mesh, read from the containers the
 /// injector added.
 pub(super) fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar {
@@ -66,7 +84,7 @@ pub(super) fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar 
 /// preferred, as kube-proxy does; otherwise none is.
 pub fn ready_endpoints<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
-    pods: &BTreeMap<String, Pod>,
+    pods: &BTreeMap<String, PodFacts>,
     info: &ServiceInfo,
     service: &ServiceRef,
     zone: Option<&str>,
@@ -91,17 +109,16 @@ pub fn ready_endpoints<'a>(
             let (true, Some(address)) = (ready, address) else { continue };
             let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
             let pod = pod.and_then(|r| pods.get(r.name.as_deref()?));
-            // A pod without a service account named runs as `default`.
-            let workload = match pod.and_then(|pod| pod.spec.as_ref()) {
-                Some(spec) => Workload::Pod {
+            let workload = match pod {
+                Some(pod) => Workload::Pod {
                     identity: match &info.expected {
                         Some(id) => PodIdentity::Named(id.clone()),
                         None => PodIdentity::Account(ServiceAccount {
                             namespace: service.namespace.clone(),
-                            name: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+                            name: pod.account.clone(),
                         }),
                     },
-                    sidecar: sidecar_of(spec),
+                    sidecar: pod.sidecar,
                 },
                 None => Workload::PodNotKnown,
             };
@@ -166,7 +183,7 @@ mod tests {
         // Pods known for two of the endpoints: one names its account, one runs as `default`.
         let pod = |name: &str, account: Option<&str>| {
             let spec = PodSpec { service_account_name: account.map(Into::into), ..Default::default() };
-            (name.to_string(), Pod { spec: Some(spec), ..Default::default() })
+            (name.to_string(), PodFacts::of(&Pod { spec: Some(spec), ..Default::default() }).unwrap())
         };
         let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
         let endpoints = ready_endpoints(slices.iter(), &pods, &named("grpc"), &service, None);
