@@ -78,9 +78,13 @@ pub struct Caller {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempt(pub u32);
 
-/// The endpoint that answered, among a response's extensions (traced calls only).
-#[derive(Clone, Copy, Debug)]
-pub struct Answered(pub SocketAddr);
+/// The endpoint that answered, and its Kubernetes pod when known, among a
+/// response's extensions (traced and logged calls only).
+#[derive(Clone, Debug)]
+pub struct Answered {
+    pub addr: SocketAddr,
+    pub pod: Option<std::sync::Arc<str>>,
+}
 
 /// The endpoints a hedged call's attempts went to, shared among them, so that
 /// each attempt goes to an endpoint the others have not used while there is one.

@@ -26,8 +26,8 @@ pub enum Workload {
     /// Whoever the upstream expects of all its endpoints: an address or a
     /// name as written, or a destination the Kubernetes API does not know.
     AsConfigured,
-    /// A Kubernetes pod, which must present `identity`.
-    Pod { identity: PodIdentity, sidecar: Sidecar },
+    /// A Kubernetes pod (`name` in its namespace), which must present `identity`.
+    Pod { name: String, identity: PodIdentity, sidecar: Sidecar },
     /// A Kubernetes endpoint whose pod is not known yet: where each endpoint
     /// must present its own pod's identity, it gets no call until it is.
     PodNotKnown,

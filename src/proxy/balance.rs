@@ -32,13 +32,15 @@ pub struct Member {
     serving: AtomicBool,
     /// Whether it has been logged presenting another identity than expected.
     pub mismatch_logged: AtomicBool,
+    /// Its Kubernetes pod's name, when known: access logs and traces name it.
+    pub pod: Option<Arc<str>>,
 }
 
 impl Member {
     /// A member that must present `expected`.
-    pub fn expecting(endpoint: Endpoint, expected: Option<SpiffeId>) -> Member {
+    pub fn expecting(endpoint: Endpoint, expected: Option<SpiffeId>, pod: Option<Arc<str>>) -> Member {
         let (ejection, load, serving) = (Ejection::default(), Load::default(), AtomicBool::new(true));
-        Member { endpoint, expected, ejection, load, serving, mismatch_logged: AtomicBool::new(false) }
+        Member { endpoint, expected, ejection, load, serving, mismatch_logged: AtomicBool::new(false), pod }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -438,7 +440,7 @@ mod tests {
             keepalive_timeout: Duration::from_secs(20),
         };
         let endpoint = Endpoint::new(addr, crate::call::Target::App(addr), Arc::new(Transport::Plaintext), settings, 1);
-        Arc::new(Member::expecting(endpoint, None))
+        Arc::new(Member::expecting(endpoint, None, None))
     }
 
     #[tokio::test(start_paused = true)]

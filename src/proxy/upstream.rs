@@ -42,6 +42,27 @@ const FIRST_ENDPOINTS_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// Endpoints named in the log line of a change; the rest are counted.
 const LOGGED_ENDPOINTS: usize = 20;
 
+/// What an endpoint found asks of its member.
+struct Wanted {
+    addr: SocketAddr,
+    /// The identity it must present, when it is its own rather than the upstream's.
+    expected: Option<SpiffeId>,
+    transport: Arc<Transport>,
+    /// Its Kubernetes pod's name, when known.
+    pod: Option<Arc<str>>,
+}
+
+impl Wanted {
+    /// What makes a kept member the same as this one.
+    fn key(&self) -> (SocketAddr, Option<&SpiffeId>, Option<&str>) {
+        (self.addr, self.expected.as_ref(), self.pod.as_deref())
+    }
+}
+
+fn member_key(member: &Member) -> (SocketAddr, Option<&SpiffeId>, Option<&str>) {
+    (member.addr(), member.expected.as_ref(), member.pod.as_deref())
+}
+
 pub struct Upstream {
     /// A label for messages and metrics: the endpoints as configured.
     pub name: Arc<str>,
@@ -238,6 +259,7 @@ impl Upstream {
                 };
                 serde_json::json!({
                     "address": member.addr().to_string(),
+                    "pod": member.pod.as_deref(),
                     "identity": member.expected.as_ref().or(self.identity.as_ref()).map(|id| id.as_str()),
                     "mtls": member.endpoint.is_mtls(),
                     "outlier": outlier,
@@ -318,33 +340,29 @@ impl Upstream {
     /// An endpoint whose identity cannot be known yet is left out.
     pub fn set_endpoints(&self, found: &[Found]) {
         self.found.send_if_modified(|once| !std::mem::replace(once, true));
-        let wanted: Vec<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> =
-            found.iter().filter_map(|found| self.member_for(found)).collect();
+        let wanted: Vec<Wanted> = found.iter().filter_map(|found| self.member_for(found)).collect();
         let in_zone: HashSet<SocketAddr> =
-            found.iter().filter(|found| found.in_zone).filter_map(|found| Some(self.member_for(found)?.0)).collect();
+            found.iter().filter(|found| found.in_zone).filter_map(|found| Some(self.member_for(found)?.addr)).collect();
         let current = self.members.load();
-        let same = |member: &Member, (addr, expected): (SocketAddr, &Option<SpiffeId>)| {
-            member.addr() == addr && member.expected == *expected
-        };
         let local_now: HashSet<SocketAddr> =
             self.local.load().iter().flat_map(|local| local.iter().map(|m| m.addr())).collect();
         if current.len() == wanted.len()
-            && current.iter().zip(&wanted).all(|(m, (a, e, _))| same(m, (*a, e)))
+            && current.iter().zip(&wanted).all(|(member, wanted)| wanted.key() == member_key(member))
             && local_now == in_zone
         {
             return;
         }
-        // By address and identity: a Service may have thousands of endpoints.
-        let kept: HashMap<(SocketAddr, Option<&SpiffeId>), &Arc<Member>> =
-            current.iter().map(|m| ((m.addr(), m.expected.as_ref()), m)).collect();
+        // By key: a Service may have thousands of endpoints.
+        let kept: HashMap<_, &Arc<Member>> = current.iter().map(|m| (member_key(m), m)).collect();
         let members = wanted
-            .iter()
-            .map(|(addr, expected, transport)| match kept.get(&(*addr, expected.as_ref())) {
+            .into_iter()
+            .map(|wanted| match kept.get(&wanted.key()) {
                 Some(member) => Arc::clone(member),
                 None => {
-                    let target = Target::Upstream { name: self.name.clone(), addr: *addr };
-                    let endpoint = Endpoint::new(*addr, target, transport.clone(), self.connect, self.workers);
-                    Arc::new(Member::expecting(endpoint, expected.clone()))
+                    let Wanted { addr, expected, transport, pod } = wanted;
+                    let target = Target::Upstream { name: self.name.clone(), addr };
+                    let endpoint = Endpoint::new(addr, target, transport, self.connect, self.workers);
+                    Arc::new(Member::expecting(endpoint, expected, pod))
                 }
             })
             .collect::<Vec<_>>();
@@ -372,18 +390,23 @@ impl Upstream {
 
     /// The member an endpoint found makes: its address, the identity it must
     /// present, and how to reach it; `None` when it cannot be called yet.
-    fn member_for(&self, found: &Found) -> Option<(SocketAddr, Option<SpiffeId>, Arc<Transport>)> {
+    fn member_for(&self, found: &Found) -> Option<Wanted> {
+        let pod = match &found.workload {
+            Workload::Pod { name, .. } => Some(Arc::from(name.as_str())),
+            _ => None,
+        };
+        let wanted = |addr, expected, transport| Some(Wanted { addr, expected, transport, pod: pod.clone() });
         match (&self.accounts, &found.workload) {
             (Some(accounts), Workload::Pod { sidecar: Sidecar::None, .. }) => {
-                Some((found.addr, None, accounts.plaintext.clone()))
+                wanted(found.addr, None, accounts.plaintext.clone())
             }
-            (Some(accounts), Workload::Pod { identity, sidecar }) => match accounts.transport(identity) {
+            (Some(accounts), Workload::Pod { identity, sidecar, .. }) => match accounts.transport(identity) {
                 Ok((id, transport)) => {
                     let addr = match sidecar {
                         Sidecar::Listening(port) => SocketAddr::new(found.addr.ip(), *port),
                         _ => found.addr,
                     };
-                    Some((addr, Some(id), transport))
+                    wanted(addr, Some(id), transport)
                 }
                 Err(error) => {
                     tracing::warn!(upstream = %self.name, addr = %found.addr, %error, "endpoint left out");
@@ -395,7 +418,7 @@ impl Upstream {
                 tracing::debug!(upstream = %self.name, %addr, "endpoint left out until its pod is known");
                 None
             }
-            _ => Some((found.addr, None, self.transport.clone())),
+            _ => wanted(found.addr, None, self.transport.clone()),
         }
     }
 
@@ -487,7 +510,7 @@ impl Upstream {
                     let trailers_only = grpc::status_in(response.headers());
                     let mut response = response.map(|body| ResponseBody::streamed(body, Direction::Outbound));
                     if traced {
-                        response.extensions_mut().insert(Answered(endpoint.addr));
+                        response.extensions_mut().insert(Answered { addr: endpoint.addr, pod: member.pod.clone() });
                     }
                     if trailers_only.is_some()
                         && let Some(Some(wait)) = grpc::retry_pushback(response.headers())

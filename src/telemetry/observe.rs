@@ -57,7 +57,7 @@ struct CallRecord {
     /// The path, the peer and the request ID, when the access log is on.
     access: Option<(Box<str>, Peer, HeaderValue)>,
     /// The endpoint that answered, when the call is logged or traced.
-    answered: Option<std::net::SocketAddr>,
+    answered: Option<Answered>,
     finished: bool,
 }
 
@@ -80,7 +80,8 @@ impl CallRecord {
                 duration_ms = elapsed.as_secs_f64() * 1e3,
                 peer = peer.address.as_deref().unwrap_or(""),
                 peer_identity = peer.identity.as_ref().map_or("", |id| id.as_str()),
-                endpoint = self.answered.map(|addr| addr.to_string()).unwrap_or_default(),
+                endpoint = self.answered.as_ref().map(|answered| answered.addr.to_string()).unwrap_or_default(),
+                endpoint_pod = self.answered.as_ref().and_then(|answered| answered.pod.as_deref()).unwrap_or(""),
                 trace_id = trace_id.as_deref().unwrap_or(""),
                 request_id = request_id.to_str().unwrap_or(""),
             );
@@ -94,12 +95,15 @@ impl CallRecord {
         }
     }
 
-    /// The endpoint that answered, on the span.
+    /// The endpoint that answered (and its pod, when known), on the span.
     fn answered_by(&mut self, endpoint: Option<&Answered>) {
-        self.answered = endpoint.map(|Answered(addr)| *addr);
-        if let (Some(span), Some(Answered(addr))) = (&mut self.span, endpoint) {
+        self.answered = endpoint.cloned();
+        if let (Some(span), Some(Answered { addr, pod })) = (&mut self.span, endpoint) {
             span.set_attribute(KeyValue::new("server.address", addr.ip().to_string()));
             span.set_attribute(KeyValue::new("server.port", i64::from(addr.port())));
+            if let Some(pod) = pod {
+                span.set_attribute(KeyValue::new("protomesh.server.pod", pod.to_string()));
+            }
         }
     }
 

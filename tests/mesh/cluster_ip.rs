@@ -386,13 +386,14 @@ fn calls_on_one_connection_to_a_cluster_ip_spread_over_its_ready_pods_and_none_r
     let impostor = format!("{}:{APP_PORT}", cluster.endpoints[IMPOSTOR].0);
     let impostor = endpoints.iter().find(|e| e["address"] == impostor.as_str()).unwrap();
     assert_eq!(impostor["outlier"], "ejected", "{destination:#}");
+    assert_eq!(impostor["pod"], cluster.endpoints[IMPOSTOR].1.as_str(), "{destination:#}");
     // Access log lines name the Service and the pod that answered.
     let client_log = cluster.client_log();
     let logged: Vec<&str> = client_log.lines().filter(|l| l.contains("protomesh::access")).collect();
     let by_pod = logged.iter().filter(|l| l.contains("peer=\"k8s://echo.test:50051\"")).count();
     assert!(by_pod >= 290, "{by_pod} of {} lines name the Service: {:?}", logged.len(), logged.last());
-    for (i, (address, _)) in cluster.endpoints.iter().enumerate().take(IMPOSTOR) {
-        let endpoint = format!("endpoint=\"{address}:{APP_PORT}\"");
+    for (i, (address, pod)) in cluster.endpoints.iter().enumerate().take(IMPOSTOR) {
+        let endpoint = format!("endpoint=\"{address}:{APP_PORT}\" endpoint_pod=\"{pod}\"");
         assert!(logged.iter().any(|l| l.contains(&endpoint)), "no line names replica {i}: {:?}", logged.last());
     }
     let mismatches = "protomesh_endpoint_identity_mismatches_total{upstream=\"original destinations\"}";

@@ -141,7 +141,8 @@ pub fn endpoint_of(pod: &Pod, addr: SocketAddr) -> Option<Found> {
         // A pod without a service account named runs as `default`.
         name: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
     };
-    let workload = Workload::Pod { identity: PodIdentity::Account(account), sidecar: sidecar_of(spec) };
+    let name = name_of(&pod.metadata);
+    let workload = Workload::Pod { name, identity: PodIdentity::Account(account), sidecar: sidecar_of(spec) };
     Some(Found { addr, workload, in_zone: false })
 }
 
@@ -175,7 +176,8 @@ mod tests {
         let addr: SocketAddr = "10.1.0.7:5432".parse().unwrap();
         let found = endpoint_of(&pod(&["10.1.0.7"], "Running", false), addr).unwrap();
         let account = ServiceAccount { namespace: "shop".into(), name: "db".into() };
-        let expected = Workload::Pod { identity: PodIdentity::Account(account), sidecar: Sidecar::None };
+        let expected =
+            Workload::Pod { name: "db-0".into(), identity: PodIdentity::Account(account), sidecar: Sidecar::None };
         assert_eq!(found, Found { addr, workload: expected, in_zone: false });
         // Its second address (dual-stack) is its own too.
         let v6: SocketAddr = "[fd00::7]:5432".parse().unwrap();

@@ -108,9 +108,10 @@ pub fn ready_endpoints<'a>(
             let address = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok());
             let (true, Some(address)) = (ready, address) else { continue };
             let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
-            let pod = pod.and_then(|r| pods.get(r.name.as_deref()?));
+            let pod = pod.and_then(|r| Some((r.name.as_deref()?, pods.get(r.name.as_deref()?)?)));
             let workload = match pod {
-                Some(pod) => Workload::Pod {
+                Some((name, pod)) => Workload::Pod {
+                    name: name.to_string(),
                     identity: match &info.expected {
                         Some(id) => PodIdentity::Named(id.clone()),
                         None => PodIdentity::Account(ServiceAccount {
@@ -187,14 +188,15 @@ mod tests {
         };
         let pods = BTreeMap::from([pod("pod-10.0.0.1", Some("cart")), pod("pod-10.0.0.4", None)]);
         let endpoints = ready_endpoints(slices.iter(), &pods, &named("grpc"), &service, None);
-        let pod = |name: &str| Workload::Pod {
+        let pod = |pod: &str, name: &str| Workload::Pod {
+            name: pod.into(),
             identity: PodIdentity::Account(ServiceAccount { namespace: "test".into(), name: name.into() }),
             sidecar: Sidecar::None,
         };
         let expected = vec![
-            Found { addr: "10.0.0.1:8080".parse().unwrap(), workload: pod("cart"), in_zone: false },
+            Found { addr: "10.0.0.1:8080".parse().unwrap(), workload: pod("pod-10.0.0.1", "cart"), in_zone: false },
             Found { addr: "10.0.0.3:8080".parse().unwrap(), workload: Workload::PodNotKnown, in_zone: false },
-            Found { addr: "10.0.0.4:9090".parse().unwrap(), workload: pod("default"), in_zone: false },
+            Found { addr: "10.0.0.4:9090".parse().unwrap(), workload: pod("pod-10.0.0.4", "default"), in_zone: false },
         ];
         assert_eq!(endpoints, expected, "a pod not known has no account");
         let unnamed = ready_endpoints(slices.iter(), &pods, &named(""), &service, None);
