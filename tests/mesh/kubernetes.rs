@@ -222,6 +222,21 @@ async fn an_upstream_naming_a_service_follows_its_ready_endpoints() {
 }
 
 #[tokio::test]
+async fn a_service_named_twice_is_read_listed_and_watched_once() {
+    let api = ApiServer::start().await;
+    api.service("test", "echo", 50051, "grpc");
+    let (mesh, _dir) = mesh(&api, "k8s://echo.test:50051,k8s://echo.test:50051").await;
+    slices(&api, &mesh.server_inbounds(), &[true, true]);
+    calls_until(&mesh, "both ready endpoints take calls", |d| d.iter().all(|n| *n > 0)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while api.open_watches() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = (api.requests("get"), api.requests("list"), api.requests("watch"), api.open_watches());
+    assert_eq!(asked, (1, 2, 2, 2), "one read, two lists and two watches, shared: {:?}", api.requests.lock().unwrap());
+}
+
+#[tokio::test]
 async fn a_service_port_may_be_named_and_only_its_endpoints_are_taken() {
     let api = ApiServer::start().await;
     api.service("test", "echo", 50051, "grpc");

@@ -7,12 +7,12 @@
 //! address, by `pods.rs`. `slices.rs` turns what the API says into
 //! endpoints; `metrics.rs` counts the watches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, Weak};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -149,6 +149,57 @@ pub struct Cluster {
     zone: Option<String>,
     /// Whether a pod lookup across namespaces was refused: said once, not per address.
     pod_lookup_refused: Arc<AtomicBool>,
+    /// The Services watched now, each once however many upstreams and
+    /// captured destinations follow it.
+    watches: Arc<Mutex<HashMap<ServiceRef, Weak<WatchTask>>>>,
+}
+
+/// Endpoints as a watch sends them (a [`watch::Receiver`]); the watch ends
+/// once the last of its receivers is dropped.
+pub struct Watched {
+    receiver: watch::Receiver<Vec<Found>>,
+    task: Arc<WatchTask>,
+}
+
+impl std::ops::Deref for Watched {
+    type Target = watch::Receiver<Vec<Found>>;
+    fn deref(&self) -> &Self::Target {
+        &self.receiver
+    }
+}
+
+impl std::ops::DerefMut for Watched {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.receiver
+    }
+}
+
+/// A watch's task, stopped when the last [`Watched`] of it is dropped.
+struct WatchTask {
+    /// Never read: a clone of it is a new receiver that has missed nothing
+    /// (its first endpoints, once sent, read as a change).
+    unread: watch::Receiver<Vec<Found>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl WatchTask {
+    /// Runs `follow` until the last receiver is gone, or it ends.
+    fn spawn<F: Future<Output = ()> + Send + 'static>(follow: impl FnOnce(watch::Sender<Vec<Found>>) -> F) -> Watched {
+        let (sender, unread) = watch::channel(Vec::new());
+        let task = tokio::spawn(follow(sender)).abort_handle();
+        let task = Arc::new(WatchTask { unread, task });
+        Watched { receiver: task.unread.clone(), task }
+    }
+
+    fn watched(self: &Arc<Self>) -> Watched {
+        Watched { receiver: self.unread.clone(), task: self.clone() }
+    }
+}
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl fmt::Debug for Cluster {
@@ -189,7 +240,7 @@ impl Cluster {
             Some(zone) => Some(zone.clone()),
             None => zone_of_node(&client).await,
         };
-        Ok(Some(Cluster { client, metrics, zone, pod_lookup_refused: Arc::default() }))
+        Ok(Some(Cluster { client, metrics, zone, pod_lookup_refused: Arc::default(), watches: Arc::default() }))
     }
 
     /// The Service whose cluster IP and TCP port `addr` is, as a captured
@@ -217,19 +268,21 @@ impl Cluster {
     }
 
     /// Watches the Service's EndpointSlices and pods, sending its ready
-    /// endpoints once both are listed, then at each change, until the
+    /// endpoints once both are listed, then at each change, until the last
     /// receiver is dropped. The watches reconnect with backoff, and relist
-    /// when their history is gone; meanwhile the last endpoints stay.
-    pub fn watch(&self, service: ServiceRef) -> watch::Receiver<Vec<Found>> {
-        let (sender, receiver) = watch::channel(Vec::new());
+    /// when their history is gone; meanwhile the last endpoints stay. A
+    /// Service watched already is not watched twice: its receivers share it.
+    pub fn watch(&self, service: ServiceRef) -> Watched {
+        let mut watches = self.watches.lock().expect("watches lock");
+        if let Some(task) = watches.get(&service).and_then(Weak::upgrade) {
+            return task.watched();
+        }
+        watches.retain(|_, task| task.strong_count() > 0);
         let cluster = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cluster.follow(&service, &sender) => {}
-                _ = sender.closed() => {}
-            }
-        });
-        receiver
+        let followed = service.clone();
+        let watched = WatchTask::spawn(|sender| async move { cluster.follow(&followed, &sender).await });
+        watches.insert(service, Arc::downgrade(&watched.task));
+        watched
     }
 
     async fn follow(&self, service: &ServiceRef, sender: &watch::Sender<Vec<Found>>) {

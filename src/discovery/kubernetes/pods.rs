@@ -21,7 +21,7 @@ use kube::runtime::watcher;
 use tokio::sync::watch;
 
 use super::slices::sidecar_of;
-use super::{Cluster, Grant, Known, Reconnect, ServiceAccount, api_error, name_of, watch_error};
+use super::{Cluster, Grant, Known, Reconnect, ServiceAccount, WatchTask, Watched, api_error, name_of, watch_error};
 use crate::discovery::{Found, PodIdentity, Workload};
 
 /// A pod, by namespace and name.
@@ -70,16 +70,9 @@ impl Cluster {
     /// Watches `pod` while it is at `addr`: sends it as the one endpoint
     /// there once listed, then at each change; ends (the receiver sees the
     /// sender gone) once the pod is gone or has another address.
-    pub fn watch_pod(&self, pod: PodRef, addr: SocketAddr) -> watch::Receiver<Vec<Found>> {
-        let (sender, receiver) = watch::channel(Vec::new());
+    pub fn watch_pod(&self, pod: PodRef, addr: SocketAddr) -> Watched {
         let cluster = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = follow(&cluster, &pod, addr, &sender) => {}
-                _ = sender.closed() => {}
-            }
-        });
-        receiver
+        WatchTask::spawn(|sender| async move { follow(&cluster, &pod, addr, &sender).await })
     }
 }
 
