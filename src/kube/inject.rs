@@ -160,8 +160,9 @@ fn skipped(template: &Value, context: &Context) -> Option<String> {
     if label == Some("disabled") {
         return Some(format!("opted out with label {}=disabled", settings::INJECT));
     }
-    if context.namespace == Some("kube-system") {
-        return Some("in namespace kube-system".into());
+    // As the webhook configuration of k8s/injector never sends them.
+    if let Some(namespace @ ("kube-system" | "protomesh-system")) = context.namespace {
+        return Some(format!("in namespace {namespace}"));
     }
     if template["spec"]["hostNetwork"] == true {
         return Some("uses the host's network (hostNetwork), which a sidecar cannot take over".into());

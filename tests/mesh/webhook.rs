@@ -4,6 +4,7 @@
 //! gets a plain refusal, and what cannot be injected an allowed answer with
 //! a warning; a renewed serving certificate is used without a restart.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use protomesh::kube::inject::{self, Context, Verdict};
+use protomesh::kube::manifest;
 use protomesh::kube::settings::Defaults;
 use protomesh::kube::webhook::{self, WebhookConfig};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
@@ -136,6 +138,10 @@ fn controller_pod() -> Value {
 }
 
 fn review(uid: &str, kind: &str, object: Value) -> Vec<u8> {
+    review_in("shop", uid, kind, object)
+}
+
+fn review_in(namespace: &str, uid: &str, kind: &str, object: Value) -> Vec<u8> {
     let group = if kind == "Pod" || kind == "ConfigMap" { "" } else { "apps" };
     let resource = format!("{}s", kind.to_lowercase());
     serde_json::to_vec(&json!({
@@ -147,7 +153,7 @@ fn review(uid: &str, kind: &str, object: Value) -> Vec<u8> {
             "resource": { "group": group, "version": "v1", "resource": resource },
             "requestKind": { "group": group, "version": "v1", "kind": kind },
             "requestResource": { "group": group, "version": "v1", "resource": resource },
-            "namespace": "shop",
+            "namespace": namespace,
             "operation": "CREATE",
             "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller", "groups": ["system:serviceaccounts"] },
             "object": object,
@@ -271,4 +277,79 @@ async fn a_renewed_serving_certificate_is_used_without_a_restart() {
     })
     .await;
     assert_eq!(request(&webhook, &renewed, "GET", "/readyz", Vec::new()).await.0, 200);
+}
+
+/// Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`.
+fn selects(selector: &Value, labels: &BTreeMap<&str, &str>) -> bool {
+    let matched = selector["matchLabels"].as_object().into_iter().flatten();
+    let matched = matched.clone().all(|(key, value)| labels.get(key.as_str()).is_some_and(|v| value == v));
+    let expressions = selector["matchExpressions"].as_array().into_iter().flatten();
+    matched
+        && expressions.clone().all(|expression| {
+            let value = labels.get(expression["key"].as_str().unwrap());
+            let listed = |v: &&str| expression["values"].as_array().unwrap().iter().any(|listed| listed == *v);
+            match expression["operator"].as_str().unwrap() {
+                "In" => value.is_some_and(listed),
+                "NotIn" => !value.is_some_and(listed),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                other => panic!("operator {other}"),
+            }
+        })
+}
+
+#[tokio::test]
+async fn the_webhook_configuration_and_inject_decide_every_combination_of_labels_alike() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let configuration = manifest::read(&root.join("k8s/injector/webhook.yaml")).unwrap().documents.remove(0);
+    let webhooks = configuration["webhooks"].as_array().unwrap();
+    let tls = Tls::new();
+    let webhook = start(&tls).await;
+    let mut uid = 0;
+    for namespace in ["shop", "kube-system", "protomesh-system"] {
+        for namespace_label in [None, Some("enabled"), Some("disabled")] {
+            for pod_label in [None, Some("enabled"), Some("disabled"), Some("yes")] {
+                let case = format!("namespace {namespace} labelled {namespace_label:?}, pod labelled {pod_label:?}");
+                let mut namespace_labels = BTreeMap::from([("kubernetes.io/metadata.name", namespace)]);
+                namespace_labels.extend(namespace_label.map(|label| ("protomesh.io/inject", label)));
+                let pod_labels: BTreeMap<&str, &str> =
+                    pod_label.map(|l| ("protomesh.io/inject", l)).into_iter().collect();
+                // As the API server calls them: each webhook whose selectors match.
+                let called: Vec<&str> = webhooks
+                    .iter()
+                    .filter(|w| selects(&w["namespaceSelector"], &namespace_labels))
+                    .filter(|w| selects(&w["objectSelector"], &pod_labels))
+                    .map(|w| w["clientConfig"]["service"]["path"].as_str().unwrap())
+                    .collect();
+                assert!(called.len() <= 1, "{case}: both webhooks called");
+                let mut pod = controller_pod();
+                pod["metadata"]["labels"]["protomesh.io/inject"] = json!(pod_label);
+                if pod_label.is_none() {
+                    pod["metadata"]["labels"].as_object_mut().unwrap().remove("protomesh.io/inject");
+                }
+                let by_webhook = match called.first() {
+                    None => false,
+                    Some(path) => {
+                        uid += 1;
+                        let review = review_in(namespace, &uid.to_string(), "Pod", pod.clone());
+                        let (status, body) = request(&webhook, &tls, "POST", path, review).await;
+                        assert_eq!(status, 200, "{case}: {body}");
+                        !response(&body)["patch"].is_null()
+                    }
+                };
+                let mut manifests = manifest::Manifests { format: manifest::Format::Json, documents: vec![pod] };
+                let options = manifest::Options {
+                    namespace: Some(namespace.into()),
+                    namespace_labels: namespace_label
+                        .map(|l| (namespace.to_string(), l.to_string()))
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                };
+                let report = manifest::inject(&mut manifests, &options).unwrap();
+                let by_inject = report[0].outcome == "injected";
+                assert_eq!(by_webhook, by_inject, "{case}: the webhook says {by_webhook}, inject says {}", report[0]);
+            }
+        }
+    }
 }
