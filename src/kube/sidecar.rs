@@ -15,9 +15,13 @@ pub const CONFIG_VOLUME: &str = "protomesh-config";
 const IDENTITY_DIR: &str = "/var/run/protomesh/identity";
 const CONTRACTS_DIR: &str = "/var/run/protomesh/contracts";
 const CONFIG_DIR: &str = "/etc/protomesh";
-/// The drain ends this long before the pod's grace period does, so that the
-/// sidecar exits on its own rather than being killed.
+/// A classic sidecar's drain ends this long before the pod's grace period
+/// does, so that the sidecar exits on its own rather than being killed.
 const DRAIN_MARGIN_SECONDS: u64 = 5;
+/// A native sidecar is stopped only once the app's containers have exited,
+/// with what is left of the grace period but at least the kubelet's minimum
+/// of 2 s: its drain fits in that, and has little left to wait for.
+const NATIVE_DRAIN_SECONDS: u64 = 1;
 
 fn env(name: &str, value: impl Into<String>) -> Value {
     json!({ "name": name, "value": value.into() })
@@ -30,7 +34,10 @@ fn field_env(name: &str, path: &str) -> Value {
 /// The sidecar's container; `app_probes` are the app's probes it runs for
 /// the kubelet (see `probes.rs`).
 pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value {
-    let drain = settings.grace_seconds.saturating_sub(DRAIN_MARGIN_SECONDS).max(1);
+    let drain = match settings.mode {
+        Mode::Native => NATIVE_DRAIN_SECONDS,
+        Mode::Classic => settings.grace_seconds.saturating_sub(DRAIN_MARGIN_SECONDS).max(1),
+    };
     let mut vars = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -197,4 +204,27 @@ pub fn volumes(settings: &Settings) -> Vec<Value> {
         volumes.push(json!({ "name": CONFIG_VOLUME, "configMap": { "name": config } }));
     }
     volumes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::settings::Defaults;
+
+    fn drain_of(annotations: Value) -> Value {
+        let template = json!({
+            "metadata": { "annotations": annotations },
+            "spec": { "terminationGracePeriodSeconds": 60, "containers": [{ "name": "app", "ports": [{ "containerPort": 8080 }] }] },
+        });
+        let settings = Settings::read(&template, "web", &Defaults::default()).unwrap();
+        let sidecar = container(&settings, &Map::new());
+        let vars = sidecar["env"].as_array().unwrap();
+        vars.iter().find(|v| v["name"] == "PROTOMESH_DRAIN_TIMEOUT").unwrap()["value"].clone()
+    }
+
+    #[test]
+    fn a_native_sidecar_drains_within_what_the_kubelet_leaves_it_after_the_app_and_a_classic_one_with_the_app() {
+        assert_eq!(drain_of(json!({})), "1s");
+        assert_eq!(drain_of(json!({ "protomesh.io/sidecar-mode": "classic" })), "55s");
+    }
 }
