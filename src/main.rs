@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use protomesh::app::admin::{self, SetLogLevel};
+use protomesh::app::admin::SetLogLevel;
+use protomesh::app::awaiting;
 use protomesh::app::{self, ConfigSource, Inputs, Options};
 use protomesh::capture::{self, CaptureRules};
 use protomesh::duration;
@@ -109,12 +110,19 @@ enum Command {
         #[arg(long, env = "PROTOMESH_NFT", default_value = "nft")]
         nft: PathBuf,
     },
-    /// Wait until a sidecar's admin server says it is ready (a classic sidecar's postStart hook).
+    /// Wait until a sidecar's admin server says it is ready (a classic sidecar's postStart hook), then
+    /// run the app's COMMAND if given.
     Await {
         #[arg(long, default_value = "127.0.0.1:4191")]
         admin: std::net::SocketAddr,
         #[arg(long, default_value = "120s", value_parser = duration::parse)]
         timeout: std::time::Duration,
+        /// Once COMMAND exits, tell the sidecar to exit too (POST /shutdown), so that a Job's pod completes.
+        #[arg(long, requires = "command")]
+        shutdown: bool,
+        /// The app to run once the sidecar is ready; its exit code is await's.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
 }
 
@@ -146,7 +154,15 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Init { rules, nft, .. } => capture::install(&rules, &nft).map_err(|e| format!("protomesh init: {e}")),
-        Command::Await { admin, timeout } => runtime().block_on(admin::wait_until_ready(admin, timeout)),
+        Command::Await { admin, timeout, shutdown: _, command } if command.is_empty() => {
+            runtime().block_on(awaiting::wait_until_ready(admin, timeout))
+        }
+        Command::Await { admin, timeout, shutdown, command } => {
+            match runtime().block_on(awaiting::run_app(admin, timeout, &command, shutdown)) {
+                Ok(code) => return ExitCode::from(code),
+                Err(error) => Err(error),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

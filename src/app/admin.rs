@@ -3,10 +3,11 @@
 //! its body says what the Kubernetes API server fails to answer, if anything),
 //! `/metrics` (Prometheus), `/config` (the versions in service, the last
 //! reload, and every method's effective policy and its sources, as JSON),
-//! `PUT /log-level`, which changes the log filter, and `POST /reload`, which
-//! reads the config, contracts and identity files again. The last three
-//! reveal or change state: they are answered only on localhost unless
-//! `admin.allow_remote` is set. `/app-probe/...` runs one of the app's probes
+//! `PUT /log-level`, which changes the log filter, `POST /reload`, which
+//! reads the config, contracts and identity files again, and `POST
+//! /shutdown`, which drains and exits as SIGTERM does (`protomesh await
+//! --shutdown`, `awaiting.rs`). The last four reveal or change state: they
+//! are answered only on localhost unless `admin.allow_remote` is set. `/app-probe/...` runs one of the app's probes
 //! for the kubelet (`probe.rs`). Connections are capped and must send their
 //! request's head in time, so that the admin port never holds the file
 //! descriptors the data plane needs.
@@ -36,6 +37,8 @@ pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 pub struct Admin {
     pub ready: AtomicBool,
+    /// Told by `POST /shutdown`: the sidecar drains and exits, as on SIGTERM.
+    pub shutdown: tokio::sync::Notify,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     set_log_level: Option<SetLogLevel>,
@@ -43,7 +46,7 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(metrics: Arc<Metrics>, reloader: Arc<Reloader>, set_log_level: Option<SetLogLevel>) -> Admin {
-        Admin { ready: AtomicBool::new(false), metrics, reloader, set_log_level }
+        Admin { ready: AtomicBool::new(false), shutdown: tokio::sync::Notify::new(), metrics, reloader, set_log_level }
     }
 
     /// `ready`, and what the Kubernetes API server fails to answer, if
@@ -98,13 +101,21 @@ impl Admin {
                     ),
                 },
             },
+            (Method::POST, "/shutdown") => match self.refuse_remote(peer, "shutdowns") {
+                Some(refusal) => refusal,
+                None => {
+                    tracing::info!("POST /shutdown: draining and exiting");
+                    self.shutdown.notify_one();
+                    text(StatusCode::ACCEPTED, "shutting down\n")
+                }
+            },
             (Method::GET, path) if path.starts_with(APP_PROBE_PREFIX) => self.app_probe(path).await,
-            (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/reload") => {
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/reload" | "/shutdown") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready, /metrics, /config, PUT /log-level or POST /reload\n",
+                "not found; try /live, /ready, /metrics, /config, PUT /log-level, POST /reload or POST /shutdown\n",
             ),
         }
     }
@@ -202,29 +213,4 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             }
         });
     }
-}
-
-/// Waits until the admin server at `addr` answers `/ready` with 200, for at
-/// most `timeout`: what `protomesh await` does for a classic sidecar's
-/// postStart hook, so that the app starts after its sidecar is ready.
-pub async fn wait_until_ready(addr: SocketAddr, timeout: std::time::Duration) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ready = async {
-        loop {
-            let answer = async {
-                let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await?;
-                let mut head = [0u8; 12];
-                tcp.read_exact(&mut head).await?;
-                Ok::<_, std::io::Error>(head)
-            };
-            if answer.await.is_ok_and(|head| &head[9..12] == b"200") {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(timeout, ready)
-        .await
-        .map_err(|_| format!("{addr}/ready did not answer 200 within {timeout:?}"))
 }

@@ -3,6 +3,7 @@
 //! stacks themselves are composed in `proxy`.
 
 pub mod admin;
+pub mod awaiting;
 mod probe;
 pub mod reload;
 mod watch;
@@ -175,6 +176,7 @@ pub async fn run(source: ConfigSource, options: Options) -> Result<(), String> {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = sidecar.admin.shutdown.notified() => break,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 sidecar.reload().await;

@@ -239,3 +239,56 @@ async fn half_sent_admin_requests_take_neither_the_data_planes_descriptors_nor_t
     drop(held);
     sidecar.kill().await.unwrap();
 }
+
+/// A sidecar process with its admin server on a port of its own; its address.
+async fn sidecar_process(dir: &tempfile::TempDir) -> (tokio::process::Child, std::net::SocketAddr) {
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = write_config(
+        dir,
+        &format!("outbound: {{listen: '127.0.0.1:0'}}\nadmin: {{listen: '127.0.0.1:{admin_port}'}}\n"),
+    );
+    let sidecar = tokio::process::Command::new(BIN)
+        .args(["run", "--config", &config])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (sidecar, format!("127.0.0.1:{admin_port}").parse().unwrap())
+}
+
+#[tokio::test]
+async fn await_runs_the_app_once_the_sidecar_is_ready_passes_it_signals_and_with_shutdown_stops_the_sidecar_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sidecar, admin) = sidecar_process(&dir).await;
+    let admin = admin.to_string();
+    // As a classic sidecar's app runs it: the app's command after `--`, its exit code await's own.
+    let app = ["await", "--admin", &admin, "--shutdown", "--", "sh", "-c", "echo ready then ran; exit 3"];
+    let ran =
+        crate::harness::within("the app runs", tokio::process::Command::new(BIN).args(app).output()).await.unwrap();
+    assert_eq!(ran.status.code(), Some(3), "{}", text(&ran.stderr));
+    assert_eq!(text(&ran.stdout), "ready then ran\n");
+    let exit = crate::harness::within("the sidecar exits after the app", sidecar.wait()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+
+    // SIGTERM to await (the container's first process) reaches the app.
+    let (sidecar, admin) = sidecar_process(&dir).await;
+    let admin = admin.to_string();
+    let trapping = "trap 'echo told; exit 7' TERM; echo started; while :; do sleep 0.05; done";
+    let mut app = tokio::process::Command::new(BIN)
+        .args(["await", "--admin", &admin, "--", "sh", "-c", trapping])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(app.stdout.take().unwrap());
+    let mut line = String::new();
+    crate::harness::within("the app starts", tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line))
+        .await
+        .unwrap();
+    assert_eq!(line, "started\n");
+    assert!(Command::new("kill").args(["-TERM", &app.id().unwrap().to_string()]).status().unwrap().success());
+    let exit = crate::harness::within("the app exits on SIGTERM", app.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(7), "the app's trap ran: {exit:?}");
+    // Without --shutdown, the sidecar stays.
+    assert_eq!(crate::telemetry::admin(admin.parse().unwrap(), "GET", "/ready", "").await.0, 200);
+    drop(sidecar);
+}
