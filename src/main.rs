@@ -36,6 +36,9 @@ enum Command {
         /// YAML config; every field can also be set by a PROTOMESH_* variable.
         #[arg(long, env = "PROTOMESH_CONFIG")]
         config: Option<PathBuf>,
+        /// A missing --config file reads as empty, and is read once it appears.
+        #[arg(long, env = "PROTOMESH_CONFIG_OPTIONAL")]
+        config_optional: bool,
     },
     /// Validate the config, identity and contracts, and print every method's policy.
     Check {
@@ -129,9 +132,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, config_optional } => {
             let options = Options { set_log_level: Some(init_logging()) };
-            runtime().block_on(app::run(ConfigSource::process(config), options))
+            runtime().block_on(app::run(ConfigSource::process(config, config_optional), options))
         }
         Command::Check { config } => check(config),
         Command::Certs { out, trust_domain, namespace, workloads } => {
@@ -202,7 +205,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn check(config: Option<PathBuf>) -> Result<(), String> {
-    let inputs = Inputs::read(&ConfigSource::process(config))?;
+    let inputs = Inputs::read(&ConfigSource::process(config, false))?;
     print!("{}", protomesh::check::report(&inputs));
     Ok(())
 }

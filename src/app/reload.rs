@@ -24,6 +24,9 @@ use crate::telemetry::Tracing;
 #[derive(Clone, Debug, Default)]
 pub struct ConfigSource {
     pub file: Option<PathBuf>,
+    /// A missing `file` reads as empty, and is read once it appears (the
+    /// injector's default ConfigMap, which a namespace may not have).
+    pub file_optional: bool,
     /// The process's environment, of which the `PROTOMESH_*` variables count.
     pub env: Vec<(String, String)>,
 }
@@ -31,12 +34,12 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// A config file and no variables.
     pub fn file(path: impl Into<PathBuf>) -> ConfigSource {
-        ConfigSource { file: Some(path.into()), env: Vec::new() }
+        ConfigSource { file: Some(path.into()), file_optional: false, env: Vec::new() }
     }
 
     /// As `protomesh run` reads it: the file, if any, and this process's environment.
-    pub fn process(file: Option<PathBuf>) -> ConfigSource {
-        ConfigSource { file, env: std::env::vars().collect() }
+    pub fn process(file: Option<PathBuf>, file_optional: bool) -> ConfigSource {
+        ConfigSource { file, file_optional, env: std::env::vars().collect() }
     }
 }
 
@@ -51,8 +54,9 @@ pub struct Inputs {
 impl Inputs {
     /// Errors name the file, the field and, where one is known, the fix.
     pub fn read(source: &ConfigSource) -> Result<Inputs, String> {
+        let file = source.file.as_deref().filter(|file| !source.file_optional || file.exists());
         let (config, config_version) =
-            config::load_versioned(source.file.as_deref(), source.env.iter().cloned()).map_err(|e| e.to_string())?;
+            config::load_versioned(file, source.env.iter().cloned()).map_err(|e| e.to_string())?;
         let contracts = Contracts::load(&config.contracts).map_err(|e| format!("contracts: {e}"))?;
         let credentials = Credentials::read(&config.identity)?;
         Ok(Inputs { config, contracts, credentials, config_version })
@@ -259,9 +263,13 @@ impl Reloader {
         identity["cert"] = json!(routes.config.identity.cert.display().to_string());
         let mut config = running.config.json();
         config["file"] = json!(file);
+        // An optional file that is not there (yet) is read as empty.
+        config["file_present"] = json!(self.source.file.as_ref().map(|f| f.exists()));
         let mut contracts = running.contracts.json();
         contracts["files"] =
             json!(routes.contracts.files().iter().map(|f| f.display().to_string()).collect::<Vec<_>>());
+        // Permissive: methods outside the contracts are forwarded, counted under method `*`.
+        contracts["mode"] = json!(routes.config.contracts.mode.as_str());
         json!({
             "identity": identity,
             "config": config,

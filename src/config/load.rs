@@ -10,7 +10,8 @@ use super::Config;
 use crate::digest::Digest;
 
 /// Environment variables read for something other than a config field.
-const RESERVED_ENV: &[&str] = &["PROTOMESH_CONFIG", "PROTOMESH_LOG", "PROTOMESH_LOG_FORMAT"];
+const RESERVED_ENV: &[&str] =
+    &["PROTOMESH_CONFIG", "PROTOMESH_CONFIG_OPTIONAL", "PROTOMESH_LOG", "PROTOMESH_LOG_FORMAT"];
 const ENV_PREFIX: &str = "PROTOMESH_";
 
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,8 @@ use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MethodD
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 
 use super::{
-    CallShape, ContractPolicy, Contracts, ContractsConfig, Idempotency, MethodInfo, OPTIONS_PROTO, OPTIONS_PROTO_NAME,
+    CallShape, ContractMode, ContractPolicy, Contracts, ContractsConfig, Idempotency, MethodInfo, OPTIONS_PROTO,
+    OPTIONS_PROTO_NAME,
 };
 use crate::digest::Digest;
 use crate::pb::protomesh::v1 as pb;
@@ -78,7 +79,7 @@ fn descriptor_pool(config: &ContractsConfig) -> Result<(DescriptorPool, FilesRea
     let mut compiler = protox::Compiler::with_file_resolver(SharedResolver(resolver.clone()));
     compiler.include_imports(true);
     compiler.open_file(OPTIONS_PROTO_NAME).map_err(|e| ContractError(format!("built-in {OPTIONS_PROTO_NAME}: {e}")))?;
-    for proto in expand(&config.protos, &includes)? {
+    for proto in expand(&config.protos, &includes, config.mode)? {
         compiler.open_file(&proto).map_err(|e| compile_error(&proto, &includes, e))?;
     }
     let mut read: FilesRead =
@@ -112,8 +113,11 @@ impl<R: FileResolver> FileResolver for SharedResolver<R> {
 /// The `.proto` files named, with patterns (`*.proto`, `shop/*.proto`)
 /// expanded against the include paths, so that a ConfigMap of contracts can
 /// be loaded whole without listing its keys. Names starting with `.` (a
-/// volume's `..data`) are never matched.
-fn expand(protos: &[PathBuf], includes: &[PathBuf]) -> Result<Vec<PathBuf>, ContractError> {
+/// volume's `..data`) are never matched. A pattern that matches nothing is
+/// an error when the contracts are strict (every call would be refused), and
+/// allowed when they are permissive: a pod whose contracts are not written
+/// yet forwards every call by service name.
+fn expand(protos: &[PathBuf], includes: &[PathBuf], mode: ContractMode) -> Result<Vec<PathBuf>, ContractError> {
     let options = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
     let mut expanded = Vec::new();
     for proto in protos {
@@ -131,8 +135,14 @@ fn expand(protos: &[PathBuf], includes: &[PathBuf]) -> Result<Vec<PathBuf>, Cont
         }
         if matched.is_empty() {
             let includes = includes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            if mode == ContractMode::Permissive {
+                tracing::warn!(%pattern, %includes, "contracts.protos matches no file: with contracts.mode permissive, \
+                    every call is forwarded by service name with the default policy");
+                continue;
+            }
             return Err(ContractError(format!(
-                "contracts.protos: `{pattern}` matches no file in contracts.include ({includes})"
+                "contracts.protos: `{pattern}` matches no file in contracts.include ({includes}); write the \
+                 contracts there, or set contracts.mode: permissive to forward every call by service name"
             )));
         }
         matched.sort();
@@ -311,6 +321,15 @@ mod tests {
         assert!(contracts.method("/c.S/M").is_none());
         let err = load(&config(&["*.protobuf"], &[dir.path()])).unwrap_err().to_string();
         assert!(err.starts_with("contracts.protos: `*.protobuf` matches no file in contracts.include"), "{err}");
+        assert!(err.ends_with("or set contracts.mode: permissive to forward every call by service name"), "{err}");
+    }
+
+    #[test]
+    fn permissive_contracts_may_be_none_yet() {
+        let empty = tempfile::tempdir().unwrap();
+        let config = ContractsConfig { mode: ContractMode::Permissive, ..config(&["*.proto"], &[empty.path()]) };
+        let contracts = load(&config).expect("no contracts: every call forwarded by service name");
+        assert!(contracts.method("/a.S/M").is_none());
     }
 
     #[test]

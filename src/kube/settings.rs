@@ -20,6 +20,7 @@ pub const IMAGE: &str = "protomesh.io/image";
 pub const APP_PORT: &str = "protomesh.io/app-port";
 pub const CONTRACTS: &str = "protomesh.io/contracts";
 pub const CONTRACTS_PROTOS: &str = "protomesh.io/contracts-protos";
+pub const CONTRACTS_MODE: &str = "protomesh.io/contracts-mode";
 pub const CONFIG: &str = "protomesh.io/config";
 pub const IDENTITY: &str = "protomesh.io/identity";
 pub const IDENTITY_SECRET: &str = "protomesh.io/identity-secret";
@@ -84,8 +85,14 @@ pub struct Settings {
     pub app_port: Option<u16>,
     pub contracts: String,
     pub contracts_protos: String,
+    /// `contracts.mode`: `permissive` unless the pod says otherwise, so that
+    /// a pod whose contracts are not written yet still starts and forwards.
+    pub contracts_mode: String,
     /// The ConfigMap holding `protomesh.yaml`; `None`: the environment alone.
     pub config: Option<String>,
+    /// Whether the pod named `config` itself (else it is the default, which
+    /// its namespace may not have: then the sidecar starts without it).
+    pub config_named: bool,
     pub identity: IdentitySource,
     pub service_name: String,
     pub otlp_endpoint: Option<String>,
@@ -189,6 +196,11 @@ impl Settings {
             }
             Some(other) => return Err(invalid(CAPTURE, other, "`enabled` or `disabled`")),
         };
+        let contracts_mode = match get(CONTRACTS_MODE).as_deref() {
+            None => "permissive".to_string(),
+            Some(mode @ ("strict" | "permissive")) => mode.to_string(),
+            Some(other) => return Err(invalid(CONTRACTS_MODE, other, "`strict` or `permissive`")),
+        };
         let inbound_mtls = match get(INBOUND_MTLS).as_deref() {
             None => None,
             Some(mode @ ("strict" | "permissive")) => Some(mode.to_string()),
@@ -200,6 +212,8 @@ impl Settings {
             app_port,
             contracts: or(CONTRACTS, "protomesh-contracts"),
             contracts_protos: or(CONTRACTS_PROTOS, "*.proto"),
+            contracts_mode,
+            config_named: get(CONFIG).is_some(),
             config: match get(CONFIG).as_deref() {
                 Some("none") => None,
                 Some(name) => Some(name.to_string()),
@@ -279,6 +293,8 @@ mod tests {
         assert_eq!(settings.service_name, "shop", "the app label, before the workload's name");
         assert_eq!(settings.image, default_image());
         assert_eq!(settings.config.as_deref(), Some("protomesh-config"));
+        assert!(!settings.config_named, "the default ConfigMap, which the namespace may not have");
+        assert_eq!(settings.contracts_mode, "permissive", "a pod with no contracts yet still forwards");
         assert_eq!(settings.grace_seconds, 30);
         let secret = json!({"protomesh.io/identity": "secret", "protomesh.io/config": "none"});
         let settings = Settings::read(&template(secret), "checkout", &Defaults::default()).unwrap();
@@ -315,6 +331,7 @@ mod tests {
         assert!(err.starts_with("annotation protomesh.io/skip-outbound-cidrs: `10.0.0.0/33`"), "{err}");
         assert!(read(json!({"protomesh.io/capture": "yes"})).contains("`enabled` or `disabled`"));
         assert!(read(json!({"protomesh.io/inbound-mtls": "loose"})).contains("`strict` or `permissive`"));
+        assert!(read(json!({"protomesh.io/contracts-mode": "open"})).contains("`strict` or `permissive`"));
     }
 
     #[test]

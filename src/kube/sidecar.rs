@@ -53,12 +53,16 @@ pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value 
         env("PROTOMESH_IDENTITY__TRUST_BUNDLE", format!("{IDENTITY_DIR}/ca.crt")),
         env("PROTOMESH_CONTRACTS__INCLUDE", format!("[{CONTRACTS_DIR}]")),
         env("PROTOMESH_CONTRACTS__PROTOS", format!("['{}']", settings.contracts_protos)),
+        env("PROTOMESH_CONTRACTS__MODE", settings.contracts_mode.clone()),
         env("PROTOMESH_OUTBOUND__LISTEN", format!("127.0.0.1:{OUTBOUND_PORT}")),
         env("PROTOMESH_ADMIN__LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
         env("PROTOMESH_DRAIN_TIMEOUT", format!("{drain}s")),
     ];
     if settings.config.is_some() {
         vars.push(env("PROTOMESH_CONFIG", format!("{CONFIG_DIR}/protomesh.yaml")));
+        if !settings.config_named {
+            vars.push(env("PROTOMESH_CONFIG_OPTIONAL", "true"));
+        }
     }
     if let Some(port) = settings.app_port {
         vars.push(env("PROTOMESH_INBOUND__LISTEN", format!("0.0.0.0:{INBOUND_PORT}")));
@@ -199,9 +203,14 @@ pub fn volumes(settings: &Settings) -> Vec<Value> {
             "secret": { "secretName": name, "defaultMode": 0o444 },
         }),
     };
-    let mut volumes = vec![identity, json!({ "name": CONTRACTS_VOLUME, "configMap": { "name": settings.contracts } })];
+    // A namespace without the contracts' ConfigMap does not keep its pods
+    // from starting: with permissive contracts, the sidecar forwards every
+    // call. Nor without the default config's; one the pod names must be there.
+    let contracts = json!({ "name": CONTRACTS_VOLUME, "configMap": { "name": settings.contracts, "optional": true } });
+    let mut volumes = vec![identity, contracts];
     if let Some(config) = &settings.config {
-        volumes.push(json!({ "name": CONFIG_VOLUME, "configMap": { "name": config } }));
+        let optional = !settings.config_named;
+        volumes.push(json!({ "name": CONFIG_VOLUME, "configMap": { "name": config, "optional": optional } }));
     }
     volumes
 }

@@ -328,6 +328,18 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn a_sidecar_started_as_the_injected_container_becomes_ready_and_carries_a_call() {
+    injected_sidecar_carries_a_call(true).await;
+}
+
+#[tokio::test]
+async fn without_its_contracts_and_config_maps_an_injected_sidecar_still_starts_and_forwards_by_service_name() {
+    injected_sidecar_carries_a_call(false).await;
+}
+
+/// Starts a sidecar as the injected container (its volumes, with or without
+/// the contracts' and config's ConfigMaps, as the kubelet mounts them) and
+/// calls the app through it and back in over mTLS.
+async fn injected_sidecar_carries_a_call(config_maps: bool) {
     let echo = EchoService::default();
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_port = app.local_addr().unwrap().port();
@@ -362,12 +374,15 @@ async fn a_sidecar_started_as_the_injected_container_becomes_ready_and_carries_a
     {
         std::fs::write(identity.join(file), pem).unwrap();
     }
+    // An optional ConfigMap that does not exist is mounted as an empty directory.
     let contracts = mount("protomesh-contracts");
-    std::fs::create_dir(contracts.join("..2026_11_30")).unwrap();
-    std::fs::copy(Path::new(REPO).join("proto/examples/echo.proto"), contracts.join("..2026_11_30/echo.proto"))
-        .unwrap();
-    std::os::unix::fs::symlink("..2026_11_30", contracts.join("..data")).unwrap();
-    std::os::unix::fs::symlink("..data/echo.proto", contracts.join("echo.proto")).unwrap();
+    if config_maps {
+        std::fs::create_dir(contracts.join("..2026_11_30")).unwrap();
+        std::fs::copy(Path::new(REPO).join("proto/examples/echo.proto"), contracts.join("..2026_11_30/echo.proto"))
+            .unwrap();
+        std::os::unix::fs::symlink("..2026_11_30", contracts.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/echo.proto", contracts.join("echo.proto")).unwrap();
+    }
     // The sidecar's own ports, free on this machine; everything else is as
     // injected. Another test may take a port between its pick and the
     // sidecar's bind: then the sidecar says so, and new ports are picked.
@@ -378,15 +393,15 @@ async fn a_sidecar_started_as_the_injected_container_becomes_ready_and_carries_a
     let (ports, _process) = loop {
         attempts += 1;
         let ports: BTreeMap<u16, u16> = [4140, 4143, 4191].into_iter().map(|p| (p, free_port())).collect();
-        std::fs::write(
-            config.join("protomesh.yaml"),
-            format!(
-                "outbound:\n  upstreams:\n    - services: [echo.v1.Echo]\n      endpoints: ['127.0.0.1:{}']\n      identity: {id}\n",
-                ports[&4143]
-            ),
-        )
-        .unwrap();
+        let upstreams =
+            format!("[{{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{}'], identity: '{id}'}}]", ports[&4143]);
         let mut env = container_env(sidecar, &downward);
+        match config_maps {
+            true => std::fs::write(config.join("protomesh.yaml"), format!("outbound: {{upstreams: {upstreams}}}\n"))
+                .unwrap(),
+            // With no config file, the route is the environment's.
+            false => env.push(("PROTOMESH_OUTBOUND__UPSTREAMS".into(), upstreams)),
+        }
         for (_, value) in &mut env {
             if value.starts_with('/') || value.starts_with("[/") {
                 *value = value.replace("/var/run/", &format!("{}/var/run/", root.path().display()));
@@ -433,6 +448,18 @@ async fn a_sidecar_started_as_the_injected_container_becomes_ready_and_carries_a
     let reply = within("a call", EchoClient::new(channel).unary(request)).await.unwrap().into_inner();
     assert_eq!(reply.message, "through the injected sidecar");
     assert_eq!(reply.caller, id.as_str(), "over mTLS, as the workload's own identity");
+    let admin = format!("127.0.0.1:{}", ports[&4191]).parse().unwrap();
+    let config: Value = serde_json::from_str(&crate::telemetry::admin(admin, "GET", "/config", "").await.1).unwrap();
+    assert_eq!(config["contracts"]["mode"], "permissive");
+    assert_eq!(config["config"]["file_present"], config_maps, "{:#}", config["config"]);
+    if !config_maps {
+        let metrics = crate::telemetry::admin(admin, "GET", "/metrics", "").await.1;
+        let outside = metrics.lines().find(|l| l.starts_with("protomesh_requests_total") && l.contains("method=\"*\""));
+        assert!(
+            outside.is_some_and(|l| l.ends_with(" 1")),
+            "calls outside the contracts are counted under `*`: {metrics}"
+        );
+    }
 }
 
 #[test]
