@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::inject::{self, Context, Verdict};
 use super::rbac::{self, Account};
-use super::settings::{self, Defaults};
+use super::settings::{self, Defaults, Settings};
 
 /// How the input was written, and so how the output is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +171,8 @@ pub fn inject(manifests: &mut Manifests, options: &Options) -> Result<Vec<Line>,
                     Some(namespace) => accounts.push(Account::of(template, namespace)),
                     None => unplaced.push(object.label.clone()),
                 }
-                (Some(injected), "injected".to_string())
+                let settings = Settings::read(template, &object.workload, &options.defaults)?;
+                (Some(injected), format!("injected; {}", settings.plaintext_ports(template)))
             }
             Verdict::Unchanged => (None, "unchanged (already injected)".to_string()),
             Verdict::Skipped(why) => (None, format!("skipped: {why}")),

@@ -144,7 +144,7 @@ impl Settings {
                     return Err(invalid(APP_PORT, port, valid));
                 }
             },
-            None => first_container_port(spec),
+            None => declared_ports(spec).first().copied(),
         };
         let identity = match get(IDENTITY).as_deref() {
             None | Some("csi") => IdentitySource::Csi,
@@ -234,17 +234,53 @@ impl Settings {
     }
 }
 
-fn label(labels: Option<&Map<String, Value>>, name: &str) -> Option<String> {
-    labels?.get(name)?.as_str().map(str::to_string)
+impl Settings {
+    /// Which of the pod's declared ports other pods can still reach in
+    /// plaintext once it is injected, as `inject`'s report tells per workload.
+    pub fn plaintext_ports(&self, template: &Value) -> String {
+        let ports = declared_ports(template.get("spec"));
+        let list = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let Some(capture) = &self.capture else {
+            return match ports.is_empty() {
+                true => "plaintext: no port declared".into(),
+                false => format!(
+                    "plaintext: {} (not captured: the app's own ports stay open to any client; \
+                     protomesh.io/capture: enabled puts them behind mTLS)",
+                    list(&ports)
+                ),
+            };
+        };
+        let skipped: Vec<PortRange> = capture
+            .skip_inbound_ports
+            .iter()
+            .flat_map(|ports| ports.split(','))
+            .filter_map(|item| item.trim().parse().ok())
+            .collect();
+        let (skipped, captured): (Vec<u16>, Vec<u16>) =
+            ports.into_iter().partition(|port| skipped.iter().any(|range| range.contains(*port)));
+        let permissive = self.inbound_mtls.as_deref() == Some("permissive");
+        match (permissive, &captured[..], &skipped[..]) {
+            (true, [_, ..], _) => {
+                format!("plaintext: {} (protomesh.io/inbound-mtls: permissive)", list(&[captured, skipped].concat()))
+            }
+            (_, _, [_, ..]) => format!("plaintext: {} (protomesh.io/skip-inbound-ports)", list(&skipped)),
+            _ => "plaintext: none (every captured port takes mTLS only)".into(),
+        }
+    }
 }
 
-/// The first TCP port the containers declare, in their order.
-fn first_container_port(spec: Option<&Value>) -> Option<u16> {
-    let containers = spec?.get("containers")?.as_array()?;
-    let ports = containers.iter().filter_map(|c| c.get("ports")?.as_array()).flatten();
-    ports
-        .filter(|port| port.get("protocol").and_then(Value::as_str).is_none_or(|p| p == "TCP"))
-        .find_map(|port| port.get("containerPort")?.as_u64().and_then(|p| u16::try_from(p).ok()))
+/// The TCP ports the pod's containers declare, in their order.
+fn declared_ports(spec: Option<&Value>) -> Vec<u16> {
+    let containers = spec.and_then(|spec| spec.get("containers")?.as_array()).into_iter().flatten();
+    let ports = containers.filter_map(|c| c.get("ports")?.as_array()).flatten();
+    let tcp = ports.filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP");
+    let mut declared: Vec<u16> = tcp.filter_map(|p| u16::try_from(p.get("containerPort")?.as_u64()?).ok()).collect();
+    declared.dedup();
+    declared
+}
+
+fn label(labels: Option<&Map<String, Value>>, name: &str) -> Option<String> {
+    labels?.get(name)?.as_str().map(str::to_string)
 }
 
 fn invalid(annotation: &str, value: &str, valid: &str) -> String {
@@ -332,6 +368,22 @@ mod tests {
         assert!(read(json!({"protomesh.io/capture": "yes"})).contains("`enabled` or `disabled`"));
         assert!(read(json!({"protomesh.io/inbound-mtls": "loose"})).contains("`strict` or `permissive`"));
         assert!(read(json!({"protomesh.io/contracts-mode": "open"})).contains("`strict` or `permissive`"));
+    }
+
+    #[test]
+    fn the_report_says_which_ports_still_take_plaintext() {
+        let said = |annotations: Value| {
+            let mut pod = template(annotations);
+            pod["spec"]["containers"][0]["ports"] = json!([{"containerPort": 9090}, {"containerPort": 9100}]);
+            Settings::read(&pod, "w", &Defaults::default()).unwrap().plaintext_ports(&pod)
+        };
+        assert!(said(json!({})).starts_with("plaintext: 9090, 9100 (not captured"));
+        let captured = json!({"protomesh.io/capture": "enabled"});
+        assert_eq!(said(captured), "plaintext: none (every captured port takes mTLS only)");
+        let skipped = json!({"protomesh.io/capture": "enabled", "protomesh.io/skip-inbound-ports": "9100-9200"});
+        assert_eq!(said(skipped), "plaintext: 9100 (protomesh.io/skip-inbound-ports)");
+        let permissive = json!({"protomesh.io/capture": "enabled", "protomesh.io/inbound-mtls": "permissive"});
+        assert_eq!(said(permissive), "plaintext: 9090, 9100 (protomesh.io/inbound-mtls: permissive)");
     }
 
     #[test]

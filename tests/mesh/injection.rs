@@ -115,17 +115,19 @@ fn the_namespace_flags_and_all_decide_for_pods_that_say_nothing() {
     let by_flag = protomesh(&["inject", file, "--namespace", "team", "--enabled-namespace", "team"]);
     let report = text(&by_flag.stderr);
     assert!(
-        report.starts_with("pod/quiet: injected\nrolebinding/protomesh-identity:default (team): added"),
+        report.starts_with(
+            "pod/quiet: injected; plaintext: no port declared\nrolebinding/protomesh-identity:default (team): added"
+        ),
         "{report}"
     );
     assert!(report.contains("\nclusterrolebinding/protomesh-service-lookup:team:default: added"), "{report}");
     let no_rbac = protomesh(&["inject", file, "--namespace", "team", "--enabled-namespace", "team", "--no-rbac"]);
-    assert_eq!(text(&no_rbac.stderr), "pod/quiet: injected\n");
+    assert_eq!(text(&no_rbac.stderr), "pod/quiet: injected; plaintext: no port declared\n");
     assert!(!text(&no_rbac.stdout).contains("RoleBinding"));
     let all = protomesh(&["inject", file, "--all"]);
     assert_eq!(
         text(&all.stderr),
-        "pod/quiet: injected\npod/quiet: no bindings added for its service account: its namespace is not known \
+        "pod/quiet: injected; plaintext: no port declared\npod/quiet: no bindings added for its service account: its namespace is not known \
          (give --namespace)\n"
     );
     assert!(text(&all.stdout).contains("name: protomesh-proxy"));
@@ -265,7 +267,7 @@ fn injected_manifests_and_the_kubernetes_bases_validate_against_the_schemas() {
         if base == "sample" {
             let mut manifests = manifest::Manifests { format: Format::Yaml, documents: core };
             let report = manifest::inject(&mut manifests, &manifest::Options::default()).unwrap();
-            assert_eq!(report.iter().filter(|l| l.outcome == "injected").count(), 4, "{report:?}");
+            assert_eq!(report.iter().filter(|l| l.outcome.starts_with("injected;")).count(), 4, "{report:?}");
             files.push(write("sample-injected.yaml".into(), &manifests.documents));
         }
     }
