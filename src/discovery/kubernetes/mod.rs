@@ -21,7 +21,6 @@ use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
-use tokio::sync::watch;
 
 mod metrics;
 mod pods;
@@ -35,10 +34,8 @@ pub use pods::{PodRef, endpoint_of};
 use slices::MAX_IDENTITY_LEN;
 pub use slices::{EXPECTED_IDENTITY, INIT, MAX_ENDPOINTS, PodFacts, SIDECAR, ServiceInfo, ready_endpoints};
 pub use trouble::{ApiTrouble, TroubleSlot};
-use watches::{Known, WatchTask};
+use watches::{EndpointsSender, Known, WatchTask};
 pub use watches::{Reconnect, Watched};
-
-use super::Found;
 
 /// How an upstream endpoint names a Kubernetes Service.
 pub const SCHEME: &str = "k8s://";
@@ -235,12 +232,12 @@ impl Cluster {
         watches.retain(|_, task| task.strong_count() > 0);
         let cluster = self.clone();
         let followed = service.clone();
-        let watched = WatchTask::spawn(|sender| async move { cluster.follow(&followed, &sender).await });
+        let watched = WatchTask::spawn(|mut sender| async move { cluster.follow(&followed, &mut sender).await });
         watches.insert(service, Arc::downgrade(&watched.task));
         watched
     }
 
-    async fn follow(&self, service: &ServiceRef, sender: &watch::Sender<Vec<Found>>) {
+    async fn follow(&self, service: &ServiceRef, sender: &mut EndpointsSender) {
         let trouble = self.metrics.trouble.slot(service.to_string());
         let info = loop {
             match self.read_service(service).await {
@@ -267,8 +264,6 @@ impl Cluster {
         let events = futures_util::stream::select(slices, pods);
         tokio::pin!(events);
         let (mut slices, mut pods) = (Known::default(), Known::default());
-        // The first endpoints are sent even when they are what the receiver knows.
-        let mut first = true;
         let labels = ServiceLabels { service: format!("{}/{}", service.namespace, service.name) };
         let events_of =
             |kind| self.metrics.events.get_or_create_owned(&WatchLabels { service: labels.service.clone(), kind });
@@ -306,14 +301,11 @@ impl Cluster {
             let zone = self.zone.as_deref();
             let endpoints = ready_endpoints(slices.current.values(), &pods.current, &info, service, zone);
             self.metrics.count_states(&labels.service, slices.current.values());
-            sender.send_if_modified(|current| {
-                let changed = std::mem::take(&mut first) || *current != endpoints;
-                if changed {
-                    tracing::info!(%service, ?endpoints, "Kubernetes endpoints changed");
-                    *current = endpoints;
-                }
-                changed
-            });
+            // The upstreams that follow the Service log what they route to.
+            let count = endpoints.len();
+            if sender.send(endpoints) {
+                tracing::debug!(%service, count, "Kubernetes endpoints changed");
+            }
             // The routes took the change as it was sent: the delay ends here.
             if let Some(delay) = slices.current.values().filter_map(since_triggered).min().filter(|_| from_slices) {
                 self.metrics.change_seconds.observe(delay.as_secs_f64());

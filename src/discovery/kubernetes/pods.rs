@@ -18,10 +18,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
-use tokio::sync::watch;
 
-use super::slices::sidecar_of;
-use super::{Cluster, Grant, Known, Reconnect, ServiceAccount, WatchTask, Watched, api_error, name_of, watch_error};
+use super::slices::PodFacts;
+use super::{
+    Cluster, EndpointsSender, Grant, Known, Reconnect, ServiceAccount, WatchTask, Watched, api_error, name_of,
+    watch_error,
+};
 use crate::discovery::{Found, PodIdentity, Workload};
 
 /// A pod, by namespace and name.
@@ -47,11 +49,11 @@ impl Cluster {
             let namespace = self.client.default_namespace();
             format!("finding the pod at {addr} in namespace {namespace}: {}", api_error(&e, Grant::Endpoints))
         })?;
-        if let Some(pod) = found.items.iter().find(|pod| endpoint_of(pod, addr).is_some()) {
+        if let Some(pod) = found.items.iter().find(|pod| runs_at(pod, addr)) {
             return Ok(Some(pod_ref(pod)));
         }
         match Api::<Pod>::all(self.client.clone()).list(&selected).await {
-            Ok(found) => Ok(found.items.iter().find(|pod| endpoint_of(pod, addr).is_some()).map(pod_ref)),
+            Ok(found) => Ok(found.items.iter().find(|pod| runs_at(pod, addr)).map(pod_ref)),
             Err(kube::Error::Api(status)) if status.code == 403 => {
                 if !self.pod_lookup_refused.swap(true, Ordering::Relaxed) {
                     tracing::info!(
@@ -72,11 +74,11 @@ impl Cluster {
     /// sender gone) once the pod is gone or has another address.
     pub fn watch_pod(&self, pod: PodRef, addr: SocketAddr) -> Watched {
         let cluster = self.clone();
-        WatchTask::spawn(|sender| async move { follow(&cluster, &pod, addr, &sender).await })
+        WatchTask::spawn(|mut sender| async move { follow(&cluster, &pod, addr, &mut sender).await })
     }
 }
 
-async fn follow(cluster: &Cluster, pod: &PodRef, addr: SocketAddr, sender: &watch::Sender<Vec<Found>>) {
+async fn follow(cluster: &Cluster, pod: &PodRef, addr: SocketAddr, sender: &mut EndpointsSender) {
     let client = cluster.client.clone();
     let trouble = cluster.metrics.trouble.slot(pod.to_string());
     let pods = Api::<Pod>::namespaced(client, &pod.namespace);
@@ -84,7 +86,6 @@ async fn follow(cluster: &Cluster, pod: &PodRef, addr: SocketAddr, sender: &watc
     let events = watcher::watcher(pods, by_name).backoff(Reconnect::default());
     tokio::pin!(events);
     let mut known = Known::default();
-    let mut first = true;
     while let Some(event) = events.next().await {
         let changed = match event {
             Ok(event) => {
@@ -105,13 +106,7 @@ async fn follow(cluster: &Cluster, pod: &PodRef, addr: SocketAddr, sender: &watc
             tracing::info!(%pod, %addr, "the pod is gone from this address");
             return;
         };
-        sender.send_if_modified(|current| {
-            let changed = std::mem::take(&mut first) || *current != [found.clone()];
-            if changed {
-                *current = vec![found];
-            }
-            changed
-        });
+        sender.send(vec![found]);
     }
 }
 
@@ -122,21 +117,22 @@ fn pod_ref(pod: &Pod) -> PodRef {
 /// The pod as the endpoint at `addr`: `None` unless the pod has that
 /// address of its own and still runs (not ended, not on its node's network).
 pub fn endpoint_of(pod: &Pod, addr: SocketAddr) -> Option<Found> {
-    let (spec, status) = (pod.spec.as_ref()?, pod.status.as_ref()?);
-    let ip = addr.ip().to_string();
-    let addresses = status.pod_ips.iter().flatten().map(|a| &a.ip).chain(status.pod_ip.as_ref());
-    let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
-    if ended || spec.host_network == Some(true) || !addresses.into_iter().any(|a| *a == ip) {
+    if !runs_at(pod, addr) {
         return None;
     }
-    let account = ServiceAccount {
-        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-        // A pod without a service account named runs as `default`.
-        name: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
-    };
-    let name = name_of(&pod.metadata);
-    let workload = Workload::Pod { name, identity: PodIdentity::Account(account), sidecar: sidecar_of(spec) };
+    let PodFacts { account, sidecar } = PodFacts::of(pod)?;
+    let account = ServiceAccount { namespace: pod.metadata.namespace.clone().unwrap_or_default(), name: account };
+    let workload = Workload::Pod { name: name_of(&pod.metadata), identity: PodIdentity::Account(account), sidecar };
     Some(Found { addr, workload, in_zone: false })
+}
+
+/// Whether the pod has `addr`'s IP of its own and still runs.
+fn runs_at(pod: &Pod, addr: SocketAddr) -> bool {
+    let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else { return false };
+    let ip = addr.ip().to_string();
+    let mut addresses = status.pod_ips.iter().flatten().map(|a| &a.ip).chain(status.pod_ip.as_ref());
+    let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    !ended && spec.host_network != Some(true) && addresses.any(|a| *a == ip)
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ impl PodFacts {
 
 /// How a pod takes calls from the mesh, read from the containers the
 /// injector added.
-pub(super) fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar {
+fn sidecar_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Sidecar {
     let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
     let Some(sidecar) = containers.clone().find(|c| c.name == SIDECAR) else { return Sidecar::None };
     if containers.clone().any(|c| c.name == INIT) {

@@ -39,13 +39,32 @@ pub(super) struct WatchTask {
     task: tokio::task::AbortHandle,
 }
 
+/// Sends a watch's endpoints: its first set always, since those who follow
+/// it wait for that one even when it is empty; then only changes.
+pub(super) struct EndpointsSender {
+    sender: watch::Sender<Vec<Found>>,
+    sent: bool,
+}
+
+impl EndpointsSender {
+    /// Sends `endpoints` unless they are what was sent last; whether it did.
+    pub(super) fn send(&mut self, endpoints: Vec<Found>) -> bool {
+        let first = !std::mem::replace(&mut self.sent, true);
+        self.sender.send_if_modified(|current| {
+            let changed = first || *current != endpoints;
+            if changed {
+                *current = endpoints;
+            }
+            changed
+        })
+    }
+}
+
 impl WatchTask {
     /// Runs `follow` until the last receiver is gone, or it ends.
-    pub(super) fn spawn<F: Future<Output = ()> + Send + 'static>(
-        follow: impl FnOnce(watch::Sender<Vec<Found>>) -> F,
-    ) -> Watched {
+    pub(super) fn spawn<F: Future<Output = ()> + Send + 'static>(follow: impl FnOnce(EndpointsSender) -> F) -> Watched {
         let (sender, unread) = watch::channel(Vec::new());
-        let task = tokio::spawn(follow(sender)).abort_handle();
+        let task = tokio::spawn(follow(EndpointsSender { sender, sent: false })).abort_handle();
         let task = Arc::new(WatchTask { unread, task });
         Watched { receiver: task.unread.clone(), task }
     }
