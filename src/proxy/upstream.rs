@@ -43,19 +43,21 @@ const FIRST_ENDPOINTS_WAIT: std::time::Duration = std::time::Duration::from_secs
 const LOGGED_ENDPOINTS: usize = 20;
 
 /// What an endpoint found asks of its member.
-struct Wanted {
+struct Wanted<'a> {
     addr: SocketAddr,
     /// The identity it must present, when it is its own rather than the upstream's.
     expected: Option<SpiffeId>,
     transport: Arc<Transport>,
     /// Its Kubernetes pod's name, when known.
-    pod: Option<Arc<str>>,
+    pod: Option<&'a str>,
+    /// Topology hints prefer it.
+    in_zone: bool,
 }
 
-impl Wanted {
+impl Wanted<'_> {
     /// What makes a kept member the same as this one.
     fn key(&self) -> (SocketAddr, Option<&SpiffeId>, Option<&str>) {
-        (self.addr, self.expected.as_ref(), self.pod.as_deref())
+        (self.addr, self.expected.as_ref(), self.pod)
     }
 }
 
@@ -341,8 +343,7 @@ impl Upstream {
     pub fn set_endpoints(&self, found: &[Found]) {
         self.found.send_if_modified(|once| !std::mem::replace(once, true));
         let wanted: Vec<Wanted> = found.iter().filter_map(|found| self.member_for(found)).collect();
-        let in_zone: HashSet<SocketAddr> =
-            found.iter().filter(|found| found.in_zone).filter_map(|found| Some(self.member_for(found)?.addr)).collect();
+        let in_zone: HashSet<SocketAddr> = wanted.iter().filter(|wanted| wanted.in_zone).map(|w| w.addr).collect();
         let current = self.members.load();
         let local_now: HashSet<SocketAddr> =
             self.local.load().iter().flat_map(|local| local.iter().map(|m| m.addr())).collect();
@@ -359,10 +360,10 @@ impl Upstream {
             .map(|wanted| match kept.get(&wanted.key()) {
                 Some(member) => Arc::clone(member),
                 None => {
-                    let Wanted { addr, expected, transport, pod } = wanted;
+                    let Wanted { addr, expected, transport, pod, .. } = wanted;
                     let target = Target::Upstream { name: self.name.clone(), addr };
                     let endpoint = Endpoint::new(addr, target, transport, self.connect, self.workers);
-                    Arc::new(Member::expecting(endpoint, expected, pod))
+                    Arc::new(Member::expecting(endpoint, expected, pod.map(Arc::from)))
                 }
             })
             .collect::<Vec<_>>();
@@ -390,12 +391,13 @@ impl Upstream {
 
     /// The member an endpoint found makes: its address, the identity it must
     /// present, and how to reach it; `None` when it cannot be called yet.
-    fn member_for(&self, found: &Found) -> Option<Wanted> {
+    fn member_for<'a>(&self, found: &'a Found) -> Option<Wanted<'a>> {
         let pod = match &found.workload {
-            Workload::Pod { name, .. } => Some(Arc::from(name.as_str())),
+            Workload::Pod { name, .. } => Some(name.as_str()),
             _ => None,
         };
-        let wanted = |addr, expected, transport| Some(Wanted { addr, expected, transport, pod: pod.clone() });
+        let in_zone = found.in_zone;
+        let wanted = |addr, expected, transport| Some(Wanted { addr, expected, transport, pod, in_zone });
         match (&self.accounts, &found.workload) {
             (Some(accounts), Workload::Pod { sidecar: Sidecar::None, .. }) => {
                 wanted(found.addr, None, accounts.plaintext.clone())
