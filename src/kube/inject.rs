@@ -29,7 +29,8 @@ pub struct Context<'a> {
 
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
-    Injected(Value),
+    /// The injected pod template, and what its annotations asked for.
+    Injected(Value, Box<Settings>),
     /// Already injected: nothing to do.
     Unchanged,
     /// Not injected, and why.
@@ -115,7 +116,7 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
     };
     let record = serde_json::to_string(&status).expect("the status serializes");
     annotations.insert(settings::STATUS.into(), json!(record));
-    Ok(Verdict::Injected(pod))
+    Ok(Verdict::Injected(pod, Box::new(settings)))
 }
 
 /// Takes out what [`inject`] added; `None` when the template is not injected.

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::inject::{self, Context, Verdict};
 use super::rbac::{self, Account};
-use super::settings::{self, Defaults, Settings};
+use super::settings::{self, Defaults};
 
 /// How the input was written, and so how the output is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,12 +166,11 @@ pub fn inject(manifests: &mut Manifests, options: &Options) -> Result<Vec<Line>,
             defaults: options.defaults.clone(),
         };
         Ok(match inject::inject(template, &context)? {
-            Verdict::Injected(injected) => {
+            Verdict::Injected(injected, settings) => {
                 match namespace {
-                    Some(namespace) => accounts.push(Account::of(template, namespace)),
+                    Some(namespace) => accounts.push(Account::of(&settings, namespace)),
                     None => unplaced.push(object.label.clone()),
                 }
-                let settings = Settings::read(template, &object.workload, &options.defaults)?;
                 (Some(injected), format!("injected; {}", settings.plaintext_ports(template)))
             }
             Verdict::Unchanged => (None, "unchanged (already injected)".to_string()),

@@ -11,7 +11,7 @@
 
 use serde_json::{Value, json};
 
-use super::settings;
+use super::settings::{self, IdentitySource, Settings};
 
 /// The value of [`settings::CREATED_BY`] on the objects added here, by
 /// which `uninject` knows them.
@@ -28,14 +28,10 @@ pub struct Account {
 }
 
 impl Account {
-    /// The service account a pod template runs as in `namespace`.
-    pub fn of(template: &Value, namespace: &str) -> Account {
-        let spec = &template["spec"];
-        // `serviceAccount` is the deprecated spelling the API still takes.
-        let name = spec["serviceAccountName"].as_str().or(spec["serviceAccount"].as_str());
-        let name = name.filter(|n| !n.is_empty()).unwrap_or("default");
-        let identity = template["metadata"]["annotations"][settings::IDENTITY].as_str();
-        Account { namespace: namespace.into(), name: name.into(), requests_certificates: identity != Some("secret") }
+    /// The service account of a pod injected with `settings`, in `namespace`.
+    pub fn of(settings: &Settings, namespace: &str) -> Account {
+        let requests_certificates = settings.identity == IdentitySource::Csi;
+        Account { namespace: namespace.into(), name: settings.service_account.clone(), requests_certificates }
     }
 }
 
@@ -94,10 +90,17 @@ pub fn described(object: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::settings::Defaults;
+
+    /// The account of a pod template with `annotations` and `spec`, in namespace `shop`.
+    fn account_of(annotations: Value, spec: Value) -> Account {
+        let template = json!({ "metadata": { "annotations": annotations }, "spec": spec });
+        Account::of(&Settings::read(&template, "w", &Defaults::default()).unwrap(), "shop")
+    }
 
     #[test]
     fn a_pod_runs_as_its_named_service_account_or_default() {
-        let of = |spec: Value| Account::of(&json!({ "spec": spec }), "shop").name;
+        let of = |spec: Value| account_of(json!({}), spec).name;
         assert_eq!(of(json!({ "serviceAccountName": "cart" })), "cart");
         assert_eq!(of(json!({ "serviceAccount": "legacy" })), "legacy");
         assert_eq!(of(json!({})), "default");
@@ -105,8 +108,7 @@ mod tests {
 
     #[test]
     fn certificates_from_a_secret_need_no_grant_to_request_them() {
-        let template = json!({ "metadata": { "annotations": { settings::IDENTITY: "secret" } }, "spec": {} });
-        let account = Account::of(&template, "shop");
+        let account = account_of(json!({ settings::IDENTITY: "secret" }), json!({}));
         assert!(!account.requests_certificates);
         let kinds: Vec<String> = bindings(&account).iter().map(described).collect();
         assert_eq!(

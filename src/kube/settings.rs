@@ -94,6 +94,8 @@ pub struct Settings {
     /// its namespace may not have: then the sidecar starts without it).
     pub config_named: bool,
     pub identity: IdentitySource,
+    /// The service account the pod runs as: its identity's.
+    pub service_account: String,
     pub service_name: String,
     pub otlp_endpoint: Option<String>,
     pub log_level: String,
@@ -146,12 +148,15 @@ impl Settings {
             },
             None => declared_ports(spec).first().copied(),
         };
+        // `serviceAccount` is the deprecated spelling the API still takes.
+        let account = ["serviceAccountName", "serviceAccount"]
+            .into_iter()
+            .find_map(|field| spec?.get(field)?.as_str().filter(|name| !name.is_empty()));
+        let service_account = account.unwrap_or("default").to_string();
         let identity = match get(IDENTITY).as_deref() {
             None | Some("csi") => IdentitySource::Csi,
             Some("secret") => {
-                let account = spec.and_then(|s| s.get("serviceAccountName")).and_then(Value::as_str);
-                let default = format!("{}-protomesh-identity", account.unwrap_or("default"));
-                IdentitySource::Secret(or(IDENTITY_SECRET, &default))
+                IdentitySource::Secret(or(IDENTITY_SECRET, &format!("{service_account}-protomesh-identity")))
             }
             Some(other) => return Err(invalid(IDENTITY, other, "`csi` (csi-driver-spiffe) or `secret`")),
         };
@@ -220,6 +225,7 @@ impl Settings {
                 None => Some("protomesh-config".to_string()),
             },
             identity,
+            service_account,
             service_name,
             otlp_endpoint: get(OTLP_ENDPOINT),
             log_level: or(LOG_LEVEL, "info"),

@@ -83,7 +83,7 @@ pub fn review(body: &[u8], namespace_enabled: bool, defaults: &Defaults) -> Resu
         defaults: defaults.clone(),
     };
     match inject::inject(pod, &context) {
-        Ok(Verdict::Injected(injected)) => {
+        Ok(Verdict::Injected(injected, _)) => {
             let patch = json_patch::diff(pod, &injected);
             let patch = serde_json::to_vec(&patch).expect("a patch serializes");
             let patch = base64::engine::general_purpose::STANDARD.encode(patch);

@@ -195,7 +195,8 @@ fn kubelet_probes_of_a_captured_pod_are_run_by_its_sidecar() {
     });
     let context =
         protomesh::kube::inject::Context { namespace: Some("test"), workload: "server", ..Default::default() };
-    let protomesh::kube::inject::Verdict::Injected(injected) = protomesh::kube::inject::inject(&pod, &context).unwrap()
+    let protomesh::kube::inject::Verdict::Injected(injected, _) =
+        protomesh::kube::inject::inject(&pod, &context).unwrap()
     else {
         panic!("injected")
     };

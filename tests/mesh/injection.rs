@@ -356,7 +356,7 @@ async fn injected_sidecar_carries_a_call(config_maps: bool) {
         },
     });
     let context = Context { namespace: Some("shop"), workload: "echo", ..Default::default() };
-    let Verdict::Injected(injected) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
+    let Verdict::Injected(injected, _) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
     let sidecar = &injected["spec"]["initContainers"][0];
 
     // The volumes as the kubelet mounts them, under a scratch root.
@@ -485,7 +485,7 @@ fn the_injected_init_container_installs_the_rules_its_annotations_ask_for() {
         "spec": { "containers": [{ "name": "orders", "image": "orders", "ports": [{ "containerPort": 50051 }] }] },
     });
     let context = Context { namespace: Some("shop"), workload: "orders", ..Default::default() };
-    let Verdict::Injected(injected) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
+    let Verdict::Injected(injected, _) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
     let init = &injected["spec"]["initContainers"][0];
     assert_eq!(init["name"], "protomesh-init", "the rules go in before the sidecar starts");
     assert_eq!(init["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN"]));

@@ -200,7 +200,7 @@ async fn the_patch_applied_to_the_pod_is_what_inject_makes_of_it_and_a_reinvocat
         defaults: Defaults { image: Some("registry.example/protomesh:test".into()) },
         ..Default::default()
     };
-    let Verdict::Injected(injected) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
+    let Verdict::Injected(injected, _) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
     assert_eq!(patched, injected, "the webhook and inject make the same pod");
     let env = patched["spec"]["initContainers"][0]["env"].as_array().unwrap();
     assert!(env.iter().any(|v| v["name"] == "PROTOMESH_SERVICE_NAME" && v["value"] == "checkout"), "{env:?}");
