@@ -238,7 +238,10 @@ async fn run(setup: Setup) -> String {
         let gone = format!("{}:{PORT}", addresses[i % PER_SLICE]);
         let written = Instant::now();
         set(Some(i % PER_SLICE));
-        while churned.endpoints().await.contains(&gone) {}
+        // Polled as fast as /config answers, for at most 10 s.
+        while churned.endpoints().await.contains(&gone) {
+            assert!(written.elapsed() < Duration::from_secs(10), "{gone} still routed to 10 s after it went");
+        }
         delays.push(written.elapsed().as_secs_f64() * 1000.0);
         set(None);
         churned.await_endpoints(PER_SLICE).await;
