@@ -1,9 +1,9 @@
-//! Generates Rust types for the policy options and the gRPC health messages
-//! (the sidecar performs the app's gRPC probes) with the pure-Rust protox
-//! compiler, so that no `protoc` is needed anywhere; and lays out
+//! Generates Rust types for the gRPC health messages (the sidecar performs
+//! the app's gRPC probes; the policy options are read reflectively, as
+//! contracts are) with the pure-Rust protox compiler, so that no `protoc` is needed anywhere; and lays out
 //! the release binary's functions in the order `bench/link_order.py` recorded.
 
-const PROTOS: &[&str] = &["proto/protomesh/v1/options.proto", "proto/grpc/health/v1/health.proto"];
+const PROTOS: &[&str] = &["proto/grpc/health/v1/health.proto"];
 const LINK_ORDER: &str = "bench/protomesh.order";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

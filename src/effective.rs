@@ -7,46 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytesize::ByteSize;
 use serde_json::{Value, json};
 
 use crate::contract::{CallShape, Contracts, Idempotency, MethodInfo};
-use crate::grpc::Code;
-use crate::policy::PolicyConfig;
 use crate::policy::authz::{AuthorizationConfig, MethodAuthz, MethodPattern, Rule};
-use crate::policy::bulkhead::ConcurrencyPolicy;
-use crate::policy::circuit_breaker::CircuitBreakerPolicy;
 use crate::policy::deadline::DeadlinePolicy;
-use crate::policy::fields::PolicyFields;
-use crate::policy::hedge::HedgingPolicy;
-use crate::policy::rate_limit::RateLimitPolicy;
-use crate::policy::retry::{RetryPolicy, RetrySettings};
-use crate::policy::source::{Source, Sourced};
-
-/// A method's effective policy in one sidecar.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct MethodPolicy {
-    pub timeout: Option<Sourced<Duration>>,
-    pub idle_timeout: Option<Sourced<Duration>>,
-    pub stream_timeout: Option<Sourced<Duration>>,
-    pub retry: Option<Sourced<RetryPolicy>>,
-    pub hedging: Option<Sourced<HedgingPolicy>>,
-    pub concurrency: Option<Sourced<ConcurrencyPolicy>>,
-    pub max_message_size: Option<Sourced<ByteSize>>,
-    pub endpoint_failure_codes: Option<Sourced<Vec<Code>>>,
-    pub circuit_breaker: Option<Sourced<CircuitBreakerPolicy>>,
-    pub rate_limit: Option<Sourced<RateLimitPolicy>>,
-    pub caller_rate_limit: Option<Sourced<RateLimitPolicy>>,
-}
-
-fn first<T: Clone>(
-    layers: &[(&PolicyFields, Source)],
-    field: impl Fn(&PolicyFields) -> Option<&T>,
-) -> Option<Sourced<T>> {
-    layers.iter().find_map(|(fields, source)| {
-        field(fields).map(|value| Sourced { value: value.clone(), source: source.clone() })
-    })
-}
+use crate::policy::fields::FieldView;
+use crate::policy::retry::RetrySettings;
+use crate::policy::source::Source;
+use crate::policy::{MethodPolicy, PolicyConfig, PolicyFields};
 
 impl MethodPolicy {
     /// Merges the sources for `service/method` (`info` is `None` for a method
@@ -74,36 +43,28 @@ impl MethodPolicy {
         layers.push((&config.defaults, Source::ConfigDefault));
 
         let idempotent = info.is_some_and(|i| i.idempotency != Idempotency::Unknown);
-        let mut retry = first(&layers, |f| f.retry.as_ref())
+        let mut policy = MethodPolicy::merge(&layers);
+        policy.retry = policy
+            .retry
             .filter(|retry| retry.source != Source::ConfigDefault || idempotent)
             .filter(|retry| retry.value.retries());
         // Only a call that may run twice at once is hedged; the more specific
         // of `retry` and `hedging` wins.
-        let hedging = first(&layers, |f| f.hedging.as_ref()).filter(|_| idempotent).filter(|hedging| {
-            let precedence = |source: &Source| layers.iter().position(|(_, s)| s == source);
-            retry.as_ref().is_none_or(|retry| precedence(&hedging.source) <= precedence(&retry.source))
+        let precedence = |source: &Source| layers.iter().position(|(_, s)| s == source);
+        policy.hedging = policy.hedging.filter(|_| idempotent).filter(|hedging| {
+            policy.retry.as_ref().is_none_or(|retry| precedence(&hedging.source) <= precedence(&retry.source))
         });
-        if hedging.is_some() {
-            retry = None;
+        if policy.hedging.is_some() {
+            policy.retry = None;
         }
-        let stream_timeout = first(&layers, |f| f.stream_timeout.as_ref());
         let timeout_applies = match info {
             Some(info) => info.shape.one_response(),
-            None => stream_timeout.is_none(),
+            None => policy.stream_timeout.is_none(),
         };
-        MethodPolicy {
-            timeout: first(&layers, |f| f.timeout.as_ref()).filter(|_| timeout_applies),
-            idle_timeout: first(&layers, |f| f.idle_timeout.as_ref()),
-            stream_timeout,
-            retry,
-            hedging,
-            concurrency: first(&layers, |f| f.concurrency.as_ref()),
-            max_message_size: first(&layers, |f| f.max_message_size.as_ref()),
-            endpoint_failure_codes: first(&layers, |f| f.endpoint_failure_codes.as_ref()),
-            circuit_breaker: first(&layers, |f| f.circuit_breaker.as_ref()),
-            rate_limit: first(&layers, |f| f.rate_limit.as_ref()),
-            caller_rate_limit: first(&layers, |f| f.caller_rate_limit.as_ref()),
+        if !timeout_applies {
+            policy.timeout = None;
         }
+        policy
     }
 
     /// What the deadline layer enforces: `timeout`, else `stream_timeout`.
@@ -123,10 +84,6 @@ impl MethodPolicy {
             max_replay_bytes,
         }
     }
-}
-
-fn rate_view(limit: &RateLimitPolicy) -> (Value, String) {
-    (json!({ "per_second": limit.per_second, "burst": limit.burst() }), limit.to_string())
 }
 
 /// The contract's `allowed_callers` of a method, as a rule named after its source.
@@ -168,14 +125,6 @@ fn service_rule(contracts: &Contracts, service: &str) -> Option<Arc<Rule>> {
     }))
 }
 
-/// One field of a method's effective policy, as `check` prints it and
-/// `/config` shows it.
-pub struct FieldView {
-    pub name: &'static str,
-    /// `None` when no source sets it.
-    pub value: Option<(Value, String, String)>,
-}
-
 /// A method with its effective policy, field by field.
 pub struct MethodView {
     pub path: String,
@@ -186,89 +135,15 @@ pub struct MethodView {
     pub fields: Vec<FieldView>,
 }
 
-fn field<T>(name: &'static str, value: Option<&Sourced<T>>, show: impl Fn(&T) -> (Value, String)) -> FieldView {
-    FieldView {
-        name,
-        value: value.map(|v| {
-            let (json, text) = show(&v.value);
-            (json, text, v.source.to_string())
-        }),
-    }
-}
-
-fn duration_field(name: &'static str, value: Option<&Sourced<Duration>>) -> FieldView {
-    field(name, value, |d| (json!(format!("{d:?}")), format!("{d:?}")))
-}
-
 impl MethodView {
     pub fn new(method: &MethodInfo, policy: &PolicyConfig) -> MethodView {
         let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
-        let fields = vec![
-            duration_field("timeout", effective.timeout.as_ref()),
-            duration_field("idle_timeout", effective.idle_timeout.as_ref()),
-            duration_field("stream_timeout", effective.stream_timeout.as_ref()),
-            field("retry", effective.retry.as_ref(), |r| {
-                let codes: Vec<_> = r.retryable_codes.iter().map(|c| c.name()).collect();
-                let json = json!({
-                    "max_attempts": r.max_attempts,
-                    "retryable_codes": codes,
-                    "initial_backoff": format!("{:?}", r.initial_backoff),
-                    "max_backoff": format!("{:?}", r.max_backoff),
-                    "backoff_multiplier": r.backoff_multiplier,
-                });
-                let text = format!(
-                    "{} attempts on {}, backoff {:?}..{:?} x{}",
-                    r.max_attempts,
-                    codes.join(", "),
-                    r.initial_backoff,
-                    r.max_backoff,
-                    r.backoff_multiplier
-                );
-                (json, text)
-            }),
-            field("hedging", effective.hedging.as_ref(), |h| {
-                let codes: Vec<_> = h.non_fatal_codes.iter().map(|c| c.name()).collect();
-                let json = json!({
-                    "max_attempts": h.max_attempts,
-                    "hedging_delay": format!("{:?}", h.hedging_delay),
-                    "non_fatal_codes": codes,
-                });
-                let text =
-                    format!("{} attempts {:?} apart, non-fatal: {}", h.max_attempts, h.hedging_delay, codes.join(", "));
-                (json, text)
-            }),
-            field("concurrency", effective.concurrency.as_ref(), |c| {
-                let json = json!({
-                    "max_in_flight": c.max_in_flight,
-                    "max_queue": c.max_queue,
-                    "queue_timeout": format!("{:?}", c.queue_timeout),
-                });
-                (json, format!("{} in flight, queue {} for {:?}", c.max_in_flight, c.max_queue, c.queue_timeout))
-            }),
-            field("max_message_size", effective.max_message_size.as_ref(), |size| {
-                (json!(size.as_u64()), size.display().iec().to_string())
-            }),
-            field("endpoint_failure_codes", effective.endpoint_failure_codes.as_ref(), |codes| {
-                let codes: Vec<_> = codes.iter().map(|c| c.name()).collect();
-                (json!(codes), codes.join(", "))
-            }),
-            field("circuit_breaker", effective.circuit_breaker.as_ref(), |b| {
-                let codes: Vec<_> = b.failure_codes.iter().map(|c| c.name()).collect();
-                let json = json!({
-                    "consecutive_failures": b.consecutive_failures,
-                    "failure_codes": codes,
-                    "open_for": format!("{:?}", b.open_for),
-                    "max_open_for": format!("{:?}", b.max_open_for),
-                });
-                (json, b.to_string())
-            }),
-            field("rate_limit", effective.rate_limit.as_ref(), rate_view),
-            field("caller_rate_limit", effective.caller_rate_limit.as_ref(), rate_view),
-            field("allowed_callers", method.contract.allowed_callers.as_ref(), |callers| {
-                let callers: Vec<String> = callers.iter().map(ToString::to_string).collect();
-                (json!(callers), callers.join(", "))
-            }),
-        ];
+        let mut fields = effective.views();
+        let callers = method.contract.allowed_callers.as_ref().map(|callers| {
+            let names: Vec<String> = callers.value.iter().map(ToString::to_string).collect();
+            (json!(names), names.join(", "), callers.source.to_string())
+        });
+        fields.push(FieldView { name: "allowed_callers", value: callers });
         MethodView {
             path: method.path.clone(),
             method: method.method.clone(),
@@ -325,6 +200,9 @@ mod tests {
     use super::*;
     use crate::contract::ContractPolicy;
     use crate::grpc::Code;
+    use crate::policy::hedge::HedgingPolicy;
+    use crate::policy::retry::RetryPolicy;
+    use crate::policy::source::Sourced;
 
     fn info(idempotency: Idempotency, method: Option<PolicyFields>, service: Option<PolicyFields>) -> MethodInfo {
         MethodInfo {

@@ -29,18 +29,13 @@ pub mod telemetry;
 pub mod watch;
 pub mod workers;
 
-/// Generated from `proto/`: the policy options, and the gRPC health messages.
+/// Generated from `proto/`: the gRPC health messages.
 pub mod pb {
     pub mod grpc {
         pub mod health {
             pub mod v1 {
                 include!(concat!(env!("OUT_DIR"), "/grpc.health.v1.rs"));
             }
-        }
-    }
-    pub mod protomesh {
-        pub mod v1 {
-            include!(concat!(env!("OUT_DIR"), "/protomesh.v1.rs"));
         }
     }
 }

@@ -15,7 +15,6 @@ use super::{
     OPTIONS_PROTO_NAME,
 };
 use crate::digest::Digest;
-use crate::pb::protomesh::v1 as pb;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -188,7 +187,7 @@ fn extension(pool: &DescriptorPool, name: &str) -> Result<ExtensionDescriptor, C
 fn method_info(
     method: &MethodDescriptor,
     method_ext: &ExtensionDescriptor,
-    service_policy: Option<&pb::Policy>,
+    service_policy: Option<&DynamicMessage>,
 ) -> Result<MethodInfo, ContractError> {
     let service = method.parent_service();
     let path = format!("/{}/{}", service.full_name(), method.name());
@@ -221,15 +220,13 @@ fn method_info(
     })
 }
 
-fn policy_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Result<Option<pb::Policy>, String> {
+/// The `protomesh.v1.Policy` message an option holds, if it is set.
+fn policy_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Result<Option<DynamicMessage>, String> {
     if !options.has_extension(ext) {
         return Ok(None);
     }
     match options.get_extension(ext).as_ref() {
-        Value::Message(message) => message
-            .transcode_to::<pb::Policy>()
-            .map(Some)
-            .map_err(|e| format!("option ({}) cannot be read: {e}", ext.full_name())),
+        Value::Message(message) => Ok(Some(message.clone())),
         other => Err(format!("option ({}) holds {other:?}, not a Policy message", ext.full_name())),
     }
 }

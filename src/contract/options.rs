@@ -1,21 +1,14 @@
 //! Policy read from the contract: the `(protomesh.v1.method)` and
-//! `(protomesh.v1.service)` options, validated into the same fields the
-//! config file uses.
+//! `(protomesh.v1.service)` options. An option's message is turned into JSON
+//! (proto field names, unset fields left out) and read by the same serde types
+//! as the config file's `policy` section, so both share their defaults,
+//! checks and error messages.
 
-use std::time::Duration;
+use prost_reflect::{DynamicMessage, SerializeOptions};
+use serde_json::Value;
 
-use bytesize::ByteSize;
-
-use crate::duration;
-use crate::grpc::Code;
-use crate::pb::protomesh::v1 as pb;
+use crate::policy::PolicyFields;
 use crate::policy::authz::CallerPattern;
-use crate::policy::bulkhead::ConcurrencyPolicy;
-use crate::policy::circuit_breaker::CircuitBreakerPolicy;
-use crate::policy::fields::PolicyFields;
-use crate::policy::hedge::HedgingPolicy;
-use crate::policy::rate_limit::RateLimitPolicy;
-use crate::policy::retry::RetryPolicy;
 use crate::policy::source::{Source, Sourced};
 
 /// What a method's contract says of its policy.
@@ -29,224 +22,157 @@ pub struct ContractPolicy {
     pub service_callers: Option<Vec<CallerPattern>>,
 }
 
+/// One option, read: its policy fields and its `allowed_callers`.
+struct PolicyOption {
+    fields: PolicyFields,
+    callers: Option<Sourced<Vec<CallerPattern>>>,
+}
+
 impl ContractPolicy {
-    /// Errors name the option and field, e.g. `(protomesh.v1.method).timeout: ...`.
-    pub fn from_options(method: Option<&pb::Policy>, service: Option<&pb::Policy>) -> Result<ContractPolicy, String> {
-        let fields = |option: Option<&pb::Policy>, source: Source| {
-            option.map(|o| policy_fields(o).map_err(|e| format!("{source}.{e}"))).transpose()
-        };
-        let callers = |option: Option<&pb::Policy>, source: Source| -> Result<_, String> {
-            let Some(option) = option.filter(|o| !o.allowed_callers.is_empty()) else {
-                return Ok(None);
-            };
-            let value = option
-                .allowed_callers
-                .iter()
-                .map(|c| CallerPattern::try_from(c.clone()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{source}.allowed_callers: {e}"))?;
-            Ok(Some(Sourced { value, source }))
-        };
-        let service_callers = callers(service, Source::ServiceOption)?;
+    /// `method` and `service` are `protomesh.v1.Policy` messages. Errors name
+    /// the option and field, e.g. `(protomesh.v1.method).retry.max_attempts: ...`.
+    pub fn from_options(
+        method: Option<&DynamicMessage>,
+        service: Option<&DynamicMessage>,
+    ) -> Result<ContractPolicy, String> {
+        let method = method.map(|m| read_option(m, Source::MethodOption)).transpose()?;
+        let service = service.map(|s| read_option(s, Source::ServiceOption)).transpose()?;
+        let service_callers = service.as_ref().and_then(|s| s.callers.clone());
+        let (method, method_callers) = method.map_or((None, None), |m| (Some(m.fields), m.callers));
         Ok(ContractPolicy {
-            method: fields(method, Source::MethodOption)?,
-            service: fields(service, Source::ServiceOption)?,
-            allowed_callers: callers(method, Source::MethodOption)?.or_else(|| service_callers.clone()),
+            method,
+            service: service.map(|s| s.fields),
+            allowed_callers: method_callers.or_else(|| service_callers.clone()),
             service_callers: service_callers.map(|callers| callers.value),
         })
     }
 }
 
-fn optional_duration(text: &str, name: &str) -> Result<Option<Duration>, String> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    duration::parse(text).map(Some).map_err(|e| format!("{name}: {e}"))
-}
-
-fn optional_size(text: &str, name: &str) -> Result<Option<ByteSize>, String> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    text.parse().map(Some).map_err(|e| format!("{name}: `{text}` is not a size such as \"4MiB\" or \"65536\": {e}"))
-}
-
-fn policy_fields(option: &pb::Policy) -> Result<PolicyFields, String> {
-    let fields = PolicyFields {
-        timeout: optional_duration(&option.timeout, "timeout")?,
-        idle_timeout: optional_duration(&option.idle_timeout, "idle_timeout")?,
-        stream_timeout: optional_duration(&option.stream_timeout, "stream_timeout")?,
-        retry: option.retry.as_ref().map(retry_policy).transpose()?,
-        hedging: option.hedging.as_ref().map(hedging_policy).transpose()?,
-        circuit_breaker: option.circuit_breaker.as_ref().map(circuit_breaker).transpose()?,
-        concurrency: option.concurrency.as_ref().map(concurrency_policy).transpose()?,
-        max_message_size: optional_size(&option.max_message_size, "max_message_size")?,
-        endpoint_failure_codes: match option.endpoint_failure_codes.as_slice() {
-            [] => None,
-            names => Some(codes(names, "endpoint_failure_codes")?),
-        },
-        rate_limit: option.rate_limit.as_ref().map(rate_limit),
-        caller_rate_limit: option.caller_rate_limit.as_ref().map(rate_limit),
+fn read_option(option: &DynamicMessage, source: Source) -> Result<PolicyOption, String> {
+    let json = option
+        .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new().use_proto_field_name(true))
+        .map_err(|e| format!("{source}: cannot be read: {e}"))?;
+    let Value::Object(mut object) = json else {
+        return Err(format!("{source}: not a protomesh.v1.Policy message"));
     };
-    fields.validate()?;
-    Ok(fields)
-}
-
-fn codes(names: &[String], field: &str) -> Result<Vec<Code>, String> {
-    names.iter().map(|name| Code::parse(name).map_err(|e| format!("{field}: {e}"))).collect()
-}
-
-fn retry_policy(retry: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
-    let retryable_codes = codes(&retry.retryable_codes, "retry.retryable_codes")?;
-    let defaults = RetryPolicy::new(retry.max_attempts, retryable_codes);
-    let backoff = |text: &str, name: &str, default| -> Result<Duration, String> {
-        Ok(optional_duration(text, &format!("retry.{name}"))?.unwrap_or(default))
+    let callers = match object.remove("allowed_callers") {
+        None => None,
+        Some(callers) => {
+            let value = serde_json::from_value::<Vec<String>>(callers)
+                .map_err(|e| e.to_string())
+                .and_then(|callers| callers.into_iter().map(CallerPattern::try_from).collect())
+                .map_err(|e| format!("{source}.allowed_callers: {e}"))?;
+            Some(Sourced { value, source: source.clone() })
+        }
     };
-    Ok(RetryPolicy {
-        initial_backoff: backoff(&retry.initial_backoff, "initial_backoff", defaults.initial_backoff)?,
-        max_backoff: backoff(&retry.max_backoff, "max_backoff", defaults.max_backoff)?,
-        backoff_multiplier: if retry.backoff_multiplier == 0.0 {
-            defaults.backoff_multiplier
-        } else {
-            retry.backoff_multiplier
-        },
-        ..defaults
-    })
-}
-
-fn hedging_policy(hedging: &pb::HedgingPolicy) -> Result<HedgingPolicy, String> {
-    Ok(HedgingPolicy {
-        max_attempts: hedging.max_attempts,
-        hedging_delay: optional_duration(&hedging.hedging_delay, "hedging.hedging_delay")?.unwrap_or_default(),
-        non_fatal_codes: codes(&hedging.non_fatal_codes, "hedging.non_fatal_codes")?,
-    })
-}
-
-fn circuit_breaker(breaker: &pb::CircuitBreaker) -> Result<CircuitBreakerPolicy, String> {
-    let defaults = CircuitBreakerPolicy::default();
-    let open = |text: &str, name: &str, default| -> Result<Duration, String> {
-        Ok(optional_duration(text, &format!("circuit_breaker.{name}"))?.unwrap_or(default))
-    };
-    Ok(CircuitBreakerPolicy {
-        consecutive_failures: match breaker.consecutive_failures {
-            0 => defaults.consecutive_failures,
-            count => count,
-        },
-        failure_codes: match breaker.failure_codes.as_slice() {
-            [] => defaults.failure_codes,
-            names => codes(names, "circuit_breaker.failure_codes")?,
-        },
-        open_for: open(&breaker.open_for, "open_for", defaults.open_for)?,
-        max_open_for: open(&breaker.max_open_for, "max_open_for", defaults.max_open_for)?,
-    })
-}
-
-fn rate_limit(limit: &pb::RateLimit) -> RateLimitPolicy {
-    RateLimitPolicy::new(limit.per_second, (limit.burst > 0).then_some(limit.burst))
-}
-
-fn concurrency_policy(concurrency: &pb::ConcurrencyPolicy) -> Result<ConcurrencyPolicy, String> {
-    let defaults = ConcurrencyPolicy::new(concurrency.max_in_flight);
-    Ok(ConcurrencyPolicy {
-        max_queue: concurrency.max_queue,
-        queue_timeout: optional_duration(&concurrency.queue_timeout, "concurrency.queue_timeout")?
-            .unwrap_or(defaults.queue_timeout),
-        ..defaults
-    })
+    let fields: PolicyFields = serde_path_to_error::deserialize(Value::Object(object))
+        .map_err(|e| format!("{source}.{}: {}", e.path(), e.inner()))?;
+    fields.validate().map_err(|e| format!("{source}.{e}"))?;
+    Ok(PolicyOption { fields, callers })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+    use std::time::Duration;
+
+    use bytesize::ByteSize;
+    use prost_reflect::DescriptorPool;
+    use serde_json::json;
+
     use super::*;
+    use crate::grpc::Code;
+    use crate::policy::circuit_breaker::CircuitBreakerPolicy;
+
+    /// A `protomesh.v1.Policy` option written as its proto JSON.
+    fn option(json: Value) -> DynamicMessage {
+        static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
+            let mut compiler = protox::Compiler::new([concat!(env!("CARGO_MANIFEST_DIR"), "/proto")]).unwrap();
+            compiler.open_file(crate::contract::OPTIONS_PROTO_NAME).unwrap();
+            compiler.descriptor_pool()
+        });
+        let policy = POOL.get_message_by_name("protomesh.v1.Policy").unwrap();
+        DynamicMessage::deserialize(policy, json).unwrap()
+    }
+
+    fn method_fields(json: Value) -> Result<PolicyFields, String> {
+        ContractPolicy::from_options(Some(&option(json)), None).map(|policy| policy.method.unwrap())
+    }
 
     #[test]
     fn reads_hedging_and_a_circuit_breaker_with_their_defaults() {
-        let method = pb::Policy {
-            hedging: Some(pb::HedgingPolicy {
-                max_attempts: 3,
-                hedging_delay: "40ms".into(),
-                non_fatal_codes: vec!["UNAVAILABLE".into()],
-            }),
-            circuit_breaker: Some(pb::CircuitBreaker { open_for: "2s".into(), ..Default::default() }),
-            ..Default::default()
-        };
-        let fields = ContractPolicy::from_options(Some(&method), None).unwrap().method.unwrap();
+        let hedged = json!({
+            "hedging": {"max_attempts": 3, "hedging_delay": "40ms", "non_fatal_codes": ["UNAVAILABLE"]},
+            "circuit_breaker": {"open_for": "2s"},
+        });
+        let fields = method_fields(hedged.clone()).unwrap();
         let hedging = fields.hedging.unwrap();
         assert_eq!((hedging.max_attempts, hedging.hedging_delay), (3, Duration::from_millis(40)));
         let breaker = fields.circuit_breaker.unwrap();
         assert_eq!(breaker.open_for, Duration::from_secs(2));
         assert_eq!(breaker.consecutive_failures, CircuitBreakerPolicy::default().consecutive_failures);
 
-        let both = pb::Policy { retry: Some(pb::RetryPolicy { max_attempts: 2, ..Default::default() }), ..method };
-        let err = ContractPolicy::from_options(Some(&both), None).unwrap_err();
-        assert!(err.contains("a method retries or hedges, not both"), "{err}");
+        let mut both = hedged;
+        both["retry"] = json!({"max_attempts": 2, "retryable_codes": ["UNAVAILABLE"]});
+        let err = method_fields(both).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).hedging: a method retries or hedges, not both"), "{err}");
     }
 
     #[test]
     fn reads_both_options_and_takes_the_methods_allowed_callers_first() {
-        let service =
-            pb::Policy { timeout: "2s".into(), allowed_callers: vec!["spiffe://td/*".into()], ..Default::default() };
-        let method = pb::Policy { timeout: "250ms".into(), ..Default::default() };
+        let service = option(json!({"timeout": "2s", "allowed_callers": ["spiffe://td/*"]}));
+        let method = option(json!({"timeout": "250ms"}));
         let policy = ContractPolicy::from_options(Some(&method), Some(&service)).unwrap();
         assert_eq!(policy.method.unwrap().timeout, Some(Duration::from_millis(250)));
         assert_eq!(policy.service.unwrap().timeout, Some(Duration::from_secs(2)));
         assert_eq!(policy.allowed_callers.unwrap().source, Source::ServiceOption);
+        assert_eq!(policy.service_callers.unwrap().len(), 1);
     }
 
     #[test]
     fn sizes_are_written_with_units() {
-        let sized = pb::Policy { max_message_size: "4MiB".into(), ..Default::default() };
-        let policy = ContractPolicy::from_options(Some(&sized), None).unwrap();
-        assert_eq!(policy.method.unwrap().max_message_size, Some(ByteSize::mib(4)));
-        let not_a_size = pb::Policy { max_message_size: "4 lots".into(), ..Default::default() };
-        let err = ContractPolicy::from_options(Some(&not_a_size), None).unwrap_err();
+        assert_eq!(
+            method_fields(json!({"max_message_size": "4MiB"})).unwrap().max_message_size,
+            Some(ByteSize::mib(4))
+        );
+        let err = method_fields(json!({"max_message_size": "4 lots"})).unwrap_err();
         assert!(err.starts_with("(protomesh.v1.method).max_message_size: `4 lots` is not a size"), "{err}");
     }
 
     #[test]
-    fn unset_backoff_takes_the_defaults() {
-        let method = pb::Policy {
-            retry: Some(pb::RetryPolicy {
-                max_attempts: 3,
-                retryable_codes: vec!["UNAVAILABLE".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let retry = ContractPolicy::from_options(Some(&method), None).unwrap().method.unwrap().retry.unwrap();
+    fn unset_fields_take_the_config_files_defaults() {
+        let retry = json!({"retry": {"max_attempts": 3, "retryable_codes": ["UNAVAILABLE"]}});
+        let retry = method_fields(retry).unwrap().retry.unwrap();
         assert_eq!((retry.initial_backoff, retry.backoff_multiplier), (Duration::from_millis(25), 2.0));
+        let limit = method_fields(json!({"rate_limit": {"per_second": 2.5}})).unwrap().rate_limit.unwrap();
+        assert_eq!((limit.burst, limit.burst()), (None, 3), "burst 0 is unset: a second's worth");
+        assert_eq!(method_fields(json!({})).unwrap(), PolicyFields::default());
     }
 
     #[test]
     fn invalid_option_values_name_the_option_and_field() {
-        let method = pb::Policy {
-            retry: Some(pb::RetryPolicy {
-                max_attempts: 3,
-                retryable_codes: vec!["UNAVAIL".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let err = ContractPolicy::from_options(Some(&method), None).unwrap_err();
-        assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes: `UNAVAIL`"), "{err}");
+        let misspelt = json!({"retry": {"max_attempts": 3, "retryable_codes": ["UNAVAIL"]}});
+        let err = method_fields(misspelt).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes[0]: `UNAVAIL`"), "{err}");
         assert!(err.contains("UNAVAILABLE"), "{err}");
 
-        let service = pb::Policy { timeout: "1 sec".into(), ..Default::default() };
+        let service = option(json!({"timeout": "1 sec"}));
         let err = ContractPolicy::from_options(None, Some(&service)).unwrap_err();
         assert!(err.starts_with("(protomesh.v1.service).timeout:"), "{err}");
 
-        let no_codes =
-            pb::Policy { retry: Some(pb::RetryPolicy { max_attempts: 3, ..Default::default() }), ..Default::default() };
-        let err = ContractPolicy::from_options(Some(&no_codes), None).unwrap_err();
-        assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes"), "{err}");
+        let err = method_fields(json!({"retry": {"max_attempts": 3}})).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).retry.retryable_codes: list at least one"), "{err}");
+        let err = method_fields(json!({"retry": {"retryable_codes": ["UNAVAILABLE"]}})).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).retry: missing field `max_attempts`"), "{err}");
+        let err = method_fields(json!({"allowed_callers": ["https://td/x"]})).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).allowed_callers: "), "{err}");
     }
 
     #[test]
     fn endpoint_failure_codes_are_status_names() {
-        let counted = pb::Policy { endpoint_failure_codes: vec!["UNAVAILABLE".into()], ..Default::default() };
-        assert_eq!(policy_fields(&counted).unwrap().endpoint_failure_codes, Some(vec![Code::Unavailable]));
-        assert_eq!(policy_fields(&pb::Policy::default()).unwrap().endpoint_failure_codes, None, "none: the default");
-        let bad = pb::Policy { endpoint_failure_codes: vec!["BROKEN".into()], ..Default::default() };
-        assert!(policy_fields(&bad).unwrap_err().starts_with("endpoint_failure_codes: "));
+        let counted = method_fields(json!({"endpoint_failure_codes": ["UNAVAILABLE"]})).unwrap();
+        assert_eq!(counted.endpoint_failure_codes, Some(vec![Code::Unavailable]));
+        let err = method_fields(json!({"endpoint_failure_codes": ["BROKEN"]})).unwrap_err();
+        assert!(err.starts_with("(protomesh.v1.method).endpoint_failure_codes[0]: "), "{err}");
     }
 }

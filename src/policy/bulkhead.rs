@@ -14,10 +14,12 @@ use std::time::Duration;
 use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
+use super::fields::PolicyValue;
 use crate::call::{CallEnd, CallFuture, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
 use crate::duration;
 use crate::grpc::Code;
@@ -42,12 +44,28 @@ impl ConcurrencyPolicy {
     pub fn new(max_in_flight: u32) -> ConcurrencyPolicy {
         ConcurrencyPolicy { max_in_flight, max_queue: 0, queue_timeout: default_queue_timeout() }
     }
+}
 
-    pub fn validate(&self) -> Result<(), String> {
+impl PolicyValue for ConcurrencyPolicy {
+    fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::deserialize(d)
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if self.max_in_flight == 0 {
             return Err("max_in_flight: must be at least 1".into());
         }
         Ok(())
+    }
+
+    fn show(&self) -> (Value, String) {
+        let json = json!({
+            "max_in_flight": self.max_in_flight,
+            "max_queue": self.max_queue,
+            "queue_timeout": format!("{:?}", self.queue_timeout),
+        });
+        let text = format!("{} in flight, queue {} for {:?}", self.max_in_flight, self.max_queue, self.queue_timeout);
+        (json, text)
     }
 }
 

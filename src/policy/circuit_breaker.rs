@@ -18,10 +18,12 @@ use futures_util::future::{BoxFuture, Either};
 use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::Service;
 
+use super::fields::{PolicyValue, code_names};
 use crate::call::{CallEnd, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
 use crate::duration;
 use crate::grpc::{self, Code};
@@ -51,8 +53,12 @@ impl Default for CircuitBreakerPolicy {
     }
 }
 
-impl CircuitBreakerPolicy {
-    pub fn validate(&self) -> Result<(), String> {
+impl PolicyValue for CircuitBreakerPolicy {
+    fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::deserialize(d)
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if self.consecutive_failures == 0 {
             return Err("consecutive_failures: at least 1".into());
         }
@@ -67,11 +73,21 @@ impl CircuitBreakerPolicy {
         }
         Ok(())
     }
+
+    fn show(&self) -> (Value, String) {
+        let json = json!({
+            "consecutive_failures": self.consecutive_failures,
+            "failure_codes": code_names(&self.failure_codes),
+            "open_for": format!("{:?}", self.open_for),
+            "max_open_for": format!("{:?}", self.max_open_for),
+        });
+        (json, self.to_string())
+    }
 }
 
 impl fmt::Display for CircuitBreakerPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let codes: Vec<_> = self.failure_codes.iter().map(|c| c.name()).collect();
+        let codes = code_names(&self.failure_codes);
         write!(
             f,
             "{} failures in a row ({}) open it for {:?}..{:?}",

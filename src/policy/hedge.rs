@@ -14,10 +14,12 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use http::Response;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use super::fields::{PolicyValue, code_names};
 use super::replay::{RetryBudget, RetryMetrics, Verdict, attempt, verdict};
 use crate::call::{CallService, ProxyError, RequestBody, ResponseBody, Spread};
 use crate::duration;
@@ -41,12 +43,28 @@ pub struct HedgingPolicy {
     pub non_fatal_codes: Vec<Code>,
 }
 
-impl HedgingPolicy {
-    pub fn validate(&self) -> Result<(), String> {
+impl PolicyValue for HedgingPolicy {
+    fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::deserialize(d)
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if !(2..=MOST_ATTEMPTS).contains(&self.max_attempts) {
             return Err(format!("max_attempts: {} is not 2 to {MOST_ATTEMPTS}", self.max_attempts));
         }
         Ok(())
+    }
+
+    fn show(&self) -> (Value, String) {
+        let codes = code_names(&self.non_fatal_codes);
+        let text =
+            format!("{} attempts {:?} apart, non-fatal: {}", self.max_attempts, self.hedging_delay, codes.join(", "));
+        let json = json!({
+            "max_attempts": self.max_attempts,
+            "hedging_delay": format!("{:?}", self.hedging_delay),
+            "non_fatal_codes": codes,
+        });
+        (json, text)
     }
 }
 

@@ -1,10 +1,12 @@
-//! Per-call policies. Each policy's file holds it whole: its config types,
-//! the tower layer that enforces it (built with its settings for one method,
-//! so it can be tested against any plain service), and the error it answers
-//! with. Beside them: `replay.rs`, what retries and hedging share; `fields.rs`,
-//! the fields any source of policy writes; `source.rs`, where a value came
-//! from; and here, the config's `policy` section. The stacks that put the
-//! layers in order are composed in `proxy`.
+//! Per-call policies. Each policy's file holds it whole: its config types
+//! (and how they are read, checked and shown), the tower layer that enforces
+//! it (built with its settings for one method, so it can be tested against
+//! any plain service), the error it answers with, its metrics and the state
+//! it keeps. Beside them: `replay.rs`, what retries and hedging share;
+//! `fields.rs`, how a method's policy fields are described; `source.rs`,
+//! where a value came from; and here, the list of a method's policy fields
+//! and the config's `policy` section. The stacks that put the layers in
+//! order are composed in `proxy`.
 
 pub mod authz;
 pub mod bulkhead;
@@ -22,14 +24,54 @@ pub mod source;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::duration;
+use crate::grpc::Code;
 use authz::MethodPattern;
 use bulkhead::ConcurrencyPolicy;
-use fields::PolicyFields;
+use circuit_breaker::CircuitBreakerPolicy;
+use fields::PolicyValue;
+use hedge::HedgingPolicy;
 use outlier::OutlierConfig;
+use rate_limit::RateLimitPolicy;
 use replay::RetryBudgetConfig;
+use retry::RetryPolicy;
+
+fields::method_policy! {
+    /// Whole-call timeout of unary and client-streaming calls.
+    timeout: Duration,
+    /// Streaming responses: the longest gap between two messages.
+    idle_timeout: Duration,
+    /// Server- and bidi-streaming calls: the longest a stream may stay open.
+    stream_timeout: Duration,
+    retry: RetryPolicy,
+    /// Attempts side by side for an idempotent method, in place of `retry`.
+    hedging: HedgingPolicy,
+    concurrency: ConcurrencyPolicy,
+    /// The largest gRPC message either way; a larger one ends the call with RESOURCE_EXHAUSTED.
+    max_message_size: ByteSize,
+    /// Statuses counted against the endpoint that answered them (outlier
+    /// detection); by default `policy.outlier_detection.failure_codes`, none.
+    endpoint_failure_codes: Vec<Code>,
+    /// Outbound: cuts the method off while its calls keep failing.
+    circuit_breaker: CircuitBreakerPolicy,
+    /// Inbound: calls per second for all callers together.
+    rate_limit: RateLimitPolicy,
+    /// Inbound: calls per second for each caller identity.
+    caller_rate_limit: RateLimitPolicy,
+}
+
+impl PolicyFields {
+    /// Errors are `field: problem`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hedging.is_some() && self.retry.is_some() {
+            return Err("hedging: a method retries or hedges, not both (gRFC A6); remove `retry` or `hedging`".into());
+        }
+        self.validate_each()
+    }
+}
 
 /// The `policy` section of the config.
 #[derive(Clone, Debug, PartialEq, Deserialize)]

@@ -14,10 +14,12 @@ use std::time::Duration;
 use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::Service;
 
+use super::fields::PolicyValue;
 use crate::call::{CallService, Caller, PolicyError, ProxyError, ResponseBody};
 use crate::grpc::Code;
 use crate::identity::SpiffeId;
@@ -41,7 +43,22 @@ impl RateLimitPolicy {
         RateLimitPolicy { per_second, burst }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or_else(|| self.per_second.ceil() as u32).max(1)
+    }
+
+    /// What identifies a bucket's settings, for keeping it across reloads.
+    pub fn key(&self) -> (u64, u32) {
+        (self.per_second.to_bits(), self.burst())
+    }
+}
+
+impl PolicyValue for RateLimitPolicy {
+    fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::deserialize(d)
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if !(self.per_second.is_finite() && self.per_second > 0.0) {
             return Err("per_second: a rate above 0, e.g. 100 or 0.5".into());
         }
@@ -51,13 +68,8 @@ impl RateLimitPolicy {
         Ok(())
     }
 
-    pub fn burst(&self) -> u32 {
-        self.burst.unwrap_or_else(|| self.per_second.ceil() as u32).max(1)
-    }
-
-    /// What identifies a bucket's settings, for keeping it across reloads.
-    pub fn key(&self) -> (u64, u32) {
-        (self.per_second.to_bits(), self.burst())
+    fn show(&self) -> (Value, String) {
+        (json!({ "per_second": self.per_second, "burst": self.burst() }), self.to_string())
     }
 }
 

@@ -24,11 +24,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::deadline::Deadline;
+use super::fields::{PolicyValue, code_names};
 use super::hedge::{HedgingPolicy, hedge};
 use super::replay::{RetryBudget, RetryMetrics, Verdict, attempt, verdict};
 use crate::call::{CallFuture, CallService, ProxyError, RequestBody, ResponseBody};
@@ -63,7 +65,17 @@ impl RetryPolicy {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn retries(&self) -> bool {
+        self.max_attempts > 1
+    }
+}
+
+impl PolicyValue for RetryPolicy {
+    fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::deserialize(d)
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if self.max_attempts == 0 {
             return Err("max_attempts: 0 is not a number of attempts; 1 turns retries off".into());
         }
@@ -79,8 +91,24 @@ impl RetryPolicy {
         Ok(())
     }
 
-    pub fn retries(&self) -> bool {
-        self.max_attempts > 1
+    fn show(&self) -> (Value, String) {
+        let codes = code_names(&self.retryable_codes);
+        let text = format!(
+            "{} attempts on {}, backoff {:?}..{:?} x{}",
+            self.max_attempts,
+            codes.join(", "),
+            self.initial_backoff,
+            self.max_backoff,
+            self.backoff_multiplier
+        );
+        let json = json!({
+            "max_attempts": self.max_attempts,
+            "retryable_codes": codes,
+            "initial_backoff": format!("{:?}", self.initial_backoff),
+            "max_backoff": format!("{:?}", self.max_backoff),
+            "backoff_multiplier": self.backoff_multiplier,
+        });
+        (json, text)
     }
 }
 

@@ -17,8 +17,9 @@ use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody,
 use crate::config::health_checks::HealthAnswer;
 use crate::config::{Config, InboundConfig};
 use crate::contract::{ContractMode, Contracts};
-use crate::effective::{self, MethodPolicy};
+use crate::effective;
 use crate::grpc::split_path;
+use crate::policy::MethodPolicy;
 use crate::policy::PolicyConfig;
 use crate::policy::authz::{Authorize, MethodAuthz, Rule};
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
