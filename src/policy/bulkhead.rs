@@ -3,26 +3,33 @@
 //! RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms`. Each method has its own,
 //! so one saturated method cannot starve the others; upstreams (outbound) and
 //! caller identities (inbound) can have one across all their methods. A
-//! place is held until the response stream ends.
+//! place is held until the response stream ends. A bulkhead is kept across
+//! reloads while its limits stay, its calls in flight holding their places.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
 use super::fields::PolicyValue;
+use super::kept::{Families, KeptState, Labelled, NamedFamilies};
 use crate::call::{CallEnd, CallFuture, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
 use crate::duration;
 use crate::grpc::Code;
+use crate::identity::SpiffeId;
 
 /// A bulkhead's limits: calls in flight at once, and how many may wait, for how long.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
@@ -69,6 +76,38 @@ impl PolicyValue for ConcurrencyPolicy {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BulkheadLabels {
+    bulkhead: String,
+}
+
+/// The bulkheads' metric families.
+#[derive(Default)]
+pub struct BulkheadFamilies {
+    rejections: Family<BulkheadLabels, Counter>,
+    queue_depth: Family<BulkheadLabels, Gauge>,
+}
+
+impl Families for BulkheadFamilies {
+    fn register(&self, registry: &mut Registry) {
+        let help = "Calls a full bulkhead refused with RESOURCE_EXHAUSTED";
+        registry.register("bulkhead_rejections", help, self.rejections.clone());
+        registry.register("bulkhead_queue_depth", "Calls waiting for a bulkhead place", self.queue_depth.clone());
+    }
+}
+
+impl NamedFamilies for BulkheadFamilies {
+    type Handles = BulkheadMetrics;
+
+    fn handles(&self, label: &str) -> BulkheadMetrics {
+        let labels = BulkheadLabels { bulkhead: label.to_string() };
+        BulkheadMetrics {
+            rejected: self.rejections.get_or_create_owned(&labels),
+            queue_depth: self.queue_depth.get_or_create_owned(&labels),
+        }
+    }
+}
+
 /// How a bulkhead reports what it does.
 #[derive(Clone, Debug, Default)]
 pub struct BulkheadMetrics {
@@ -79,34 +118,41 @@ pub struct BulkheadMetrics {
 #[derive(Debug)]
 pub struct Bulkhead {
     /// Names the bulkhead in refusals, e.g. `method /pkg.S/M (config policy.defaults)`.
-    pub name: String,
+    label: Labelled<BulkheadFamilies>,
     pub limits: ConcurrencyPolicy,
     places: Arc<Semaphore>,
     queued: AtomicUsize,
-    metrics: BulkheadMetrics,
 }
 
 /// Counts a waiting call, and uncounts it however the wait ends.
-struct Waiting<'a>(&'a Bulkhead);
+struct Waiting<'a>(&'a Bulkhead, Gauge);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.queued.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.queue_depth.dec();
+        self.1.dec();
+    }
+}
+
+impl KeptState for Bulkhead {
+    type Settings = ConcurrencyPolicy;
+    type Families = BulkheadFamilies;
+
+    fn new(limits: &ConcurrencyPolicy, label: Labelled<BulkheadFamilies>) -> Bulkhead {
+        Bulkhead {
+            label,
+            places: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
+            limits: limits.clone(),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    fn label(&self) -> &Labelled<BulkheadFamilies> {
+        &self.label
     }
 }
 
 impl Bulkhead {
-    pub fn new(name: String, limits: &ConcurrencyPolicy, metrics: BulkheadMetrics) -> Bulkhead {
-        Bulkhead {
-            name,
-            places: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
-            limits: limits.clone(),
-            queued: AtomicUsize::new(0),
-            metrics,
-        }
-    }
-
     /// Calls waiting for a place now.
     pub fn queue_depth(&self) -> usize {
         self.queued.load(Ordering::Acquire)
@@ -126,8 +172,9 @@ impl Bulkhead {
             let (in_flight, queue) = (self.limits.max_in_flight, self.limits.max_queue);
             return Err(self.refuse(format!("{in_flight} calls in flight and {queue} waiting")));
         }
-        self.metrics.queue_depth.inc();
-        let _waiting = Waiting(self);
+        let queue_depth = self.label.get().metrics.queue_depth.clone();
+        queue_depth.inc();
+        let _waiting = Waiting(self, queue_depth);
         match tokio::time::timeout(self.limits.queue_timeout, self.places.clone().acquire_owned()).await {
             Ok(Ok(place)) => Ok(Place { _permit: place }),
             _ => Err(self.refuse(format!("no place freed within queue_timeout {:?}", self.limits.queue_timeout))),
@@ -135,8 +182,44 @@ impl Bulkhead {
     }
 
     fn refuse(&self, why: String) -> BulkheadFull {
-        self.metrics.rejected.inc();
-        BulkheadFull { bulkhead: self.name.clone(), why, pushback: self.limits.queue_timeout }
+        let label = self.label.get();
+        label.metrics.rejected.inc();
+        BulkheadFull { bulkhead: label.name.to_string(), why, pushback: self.limits.queue_timeout }
+    }
+}
+
+/// One bulkhead per caller identity, made on the caller's first call.
+#[derive(Debug)]
+pub struct CallerBulkheads {
+    label: Labelled<BulkheadFamilies>,
+    limits: ConcurrencyPolicy,
+    by_caller: Mutex<HashMap<SpiffeId, Arc<Bulkhead>>>,
+}
+
+impl KeptState for CallerBulkheads {
+    type Settings = ConcurrencyPolicy;
+    type Families = BulkheadFamilies;
+
+    fn new(limits: &ConcurrencyPolicy, label: Labelled<BulkheadFamilies>) -> CallerBulkheads {
+        CallerBulkheads { label, limits: limits.clone(), by_caller: Mutex::default() }
+    }
+
+    fn label(&self) -> &Labelled<BulkheadFamilies> {
+        &self.label
+    }
+}
+
+impl CallerBulkheads {
+    pub fn of(&self, caller: &SpiffeId) -> Arc<Bulkhead> {
+        let mut bulkheads = self.by_caller.lock().expect("caller bulkheads lock");
+        bulkheads
+            .entry(caller.clone())
+            .or_insert_with(|| {
+                let name = format!("caller {caller} (config policy.caller_concurrency)");
+                let families = self.label.families().clone();
+                Arc::new(Bulkhead::new(&self.limits, Labelled::new(families, name.into())))
+            })
+            .clone()
     }
 }
 
@@ -245,7 +328,20 @@ mod tests {
     fn bulkhead(max_in_flight: u32, max_queue: u32, queue_timeout_ms: u64) -> Bulkhead {
         let limits =
             ConcurrencyPolicy { max_in_flight, max_queue, queue_timeout: Duration::from_millis(queue_timeout_ms) };
-        Bulkhead::new("method /t.T/M".into(), &limits, BulkheadMetrics::default())
+        Bulkhead::new(&limits, Labelled::new(Arc::default(), "method /t.T/M".into()))
+    }
+
+    #[tokio::test]
+    async fn a_renamed_bulkhead_keeps_its_places_and_refuses_and_counts_under_its_new_name() {
+        let bulkhead = bulkhead(1, 0, 50);
+        let _held = bulkhead.enter().await.unwrap();
+        assert!(bulkhead.label().rename("method /t.T/M (contract)".into()));
+        assert!(!bulkhead.label().rename("method /t.T/M (contract)".into()), "the same name is no change");
+        let refused = bulkhead.enter().await.unwrap_err();
+        assert_eq!(refused.bulkhead, "method /t.T/M (contract)");
+        let families = bulkhead.label().families();
+        assert_eq!(families.handles("method /t.T/M (contract)").rejected.get(), 1);
+        assert_eq!(families.handles("method /t.T/M").rejected.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -259,7 +355,7 @@ mod tests {
         assert_eq!(refused.bulkhead, "method /t.T/M");
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert_eq!(refused.pushback(), Some(Duration::from_millis(50)));
-        assert_eq!(bulkhead.metrics.rejected.get(), 1);
+        assert_eq!(bulkhead.label.get().metrics.rejected.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -271,10 +367,10 @@ mod tests {
             async move { bulkhead.enter().await.map(drop) }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!((bulkhead.queue_depth(), bulkhead.metrics.queue_depth.get()), (1, 1));
+        assert_eq!((bulkhead.queue_depth(), bulkhead.label.get().metrics.queue_depth.get()), (1, 1));
         drop(held);
         waiter.await.unwrap().unwrap();
-        assert_eq!((bulkhead.queue_depth(), bulkhead.metrics.queue_depth.get()), (0, 0));
+        assert_eq!((bulkhead.queue_depth(), bulkhead.label.get().metrics.queue_depth.get()), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

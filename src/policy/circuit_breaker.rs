@@ -16,14 +16,18 @@ use std::time::Duration;
 
 use futures_util::future::{BoxFuture, Either};
 use http::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::Service;
 
 use super::fields::{PolicyValue, code_names};
+use super::kept::{Families, KeptState, Labelled, NamedFamilies};
 use crate::call::{CallEnd, CallService, EndOfCall, PolicyError, ProxyError, ResponseBody};
 use crate::duration;
 use crate::grpc::{self, Code};
@@ -99,6 +103,39 @@ impl fmt::Display for CircuitBreakerPolicy {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    breaker: String,
+}
+
+/// The circuit breakers' metric families.
+#[derive(Default)]
+pub struct BreakerFamilies {
+    open: Family<BreakerLabels, Gauge>,
+    refused: Family<BreakerLabels, Counter>,
+}
+
+impl Families for BreakerFamilies {
+    fn register(&self, registry: &mut Registry) {
+        let help = "Whether a method's circuit breaker is open (1) or not (0)";
+        registry.register("circuit_breaker_open", help, self.open.clone());
+        let help = "Calls refused by a method's open circuit breaker";
+        registry.register("circuit_breaker_refused", help, self.refused.clone());
+    }
+}
+
+impl NamedFamilies for BreakerFamilies {
+    type Handles = BreakerMetrics;
+
+    fn handles(&self, label: &str) -> BreakerMetrics {
+        let labels = BreakerLabels { breaker: label.to_string() };
+        BreakerMetrics {
+            open: self.open.get_or_create_owned(&labels),
+            refused: self.refused.get_or_create_owned(&labels),
+        }
+    }
+}
+
 /// What a breaker reports.
 #[derive(Clone, Debug, Default)]
 pub struct BreakerMetrics {
@@ -130,10 +167,9 @@ struct State {
 #[derive(Debug)]
 pub struct Breaker {
     /// The breaker in messages: whose it is and where it was set.
-    name: Arc<str>,
+    label: Labelled<BreakerFamilies>,
     policy: CircuitBreakerPolicy,
     state: Mutex<State>,
-    metrics: BreakerMetrics,
 }
 
 /// A call refused by an open breaker.
@@ -170,12 +206,26 @@ impl PolicyError for CircuitBroken {
     }
 }
 
-impl Breaker {
-    pub fn new(name: Arc<str>, policy: &CircuitBreakerPolicy, metrics: BreakerMetrics) -> Breaker {
+impl KeptState for Breaker {
+    type Settings = CircuitBreakerPolicy;
+    type Families = BreakerFamilies;
+
+    fn new(policy: &CircuitBreakerPolicy, label: Labelled<BreakerFamilies>) -> Breaker {
         let state = State { phase: Phase::Closed, failures: 0, opened_for: Duration::ZERO };
-        Breaker { name, policy: policy.clone(), state: Mutex::new(state), metrics }
+        Breaker { label, policy: policy.clone(), state: Mutex::new(state) }
     }
 
+    fn label(&self) -> &Labelled<BreakerFamilies> {
+        &self.label
+    }
+
+    fn renamed(&self) {
+        let open = self.lock().phase != Phase::Closed;
+        self.label.get().metrics.open.set(i64::from(open));
+    }
+}
+
+impl Breaker {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("circuit breaker lock")
     }
@@ -184,9 +234,10 @@ impl Breaker {
     fn admit(&self, now: Instant) -> Result<bool, CircuitBroken> {
         let mut state = self.lock();
         let refused = |state: &State, until: Instant| {
-            self.metrics.refused.inc();
+            let label = self.label.get();
+            label.metrics.refused.inc();
             let pushback = until.saturating_duration_since(now);
-            CircuitBroken { breaker: self.name.clone(), failures: state.failures, pushback }
+            CircuitBroken { breaker: label.name.clone(), failures: state.failures, pushback }
         };
         match state.phase {
             Phase::Closed => Ok(false),
@@ -204,8 +255,9 @@ impl Breaker {
         let mut state = self.lock();
         if !failed {
             if state.phase != Phase::Closed {
-                tracing::info!(breaker = %self.name, "circuit breaker closed: the probe call succeeded");
-                self.metrics.open.set(0);
+                let label = self.label.get();
+                tracing::info!(breaker = %label.name, "circuit breaker closed: the probe call succeeded");
+                label.metrics.open.set(0);
             }
             *state = State { phase: Phase::Closed, failures: 0, opened_for: Duration::ZERO };
             return;
@@ -217,10 +269,11 @@ impl Breaker {
                 true => (state.opened_for * 2).min(self.policy.max_open_for),
                 false => self.policy.open_for,
             };
-            tracing::warn!(breaker = %self.name, failures = state.failures, ?open_for, "circuit breaker open");
+            let label = self.label.get();
+            tracing::warn!(breaker = %label.name, failures = state.failures, ?open_for, "circuit breaker open");
             state.phase = Phase::Open { until: now + open_for };
             state.opened_for = open_for;
-            self.metrics.open.set(1);
+            label.metrics.open.set(1);
         }
     }
 
@@ -270,7 +323,7 @@ impl EndOfCall for Passage {
 
 impl fmt::Debug for Passage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Passage").field("breaker", &self.breaker.name).field("probe", &self.probe).finish()
+        f.debug_struct("Passage").field("breaker", &self.breaker.label).field("probe", &self.probe).finish()
     }
 }
 
@@ -362,7 +415,7 @@ mod tests {
 
     fn breaker(consecutive_failures: u32) -> Arc<Breaker> {
         let policy = CircuitBreakerPolicy { consecutive_failures, ..Default::default() };
-        Arc::new(Breaker::new("method /t.T/M (config)".into(), &policy, BreakerMetrics::default()))
+        Arc::new(Breaker::new(&policy, Labelled::new(Arc::default(), "method /t.T/M (config)".into())))
     }
 
     /// Answers every call with the status in `answer`, counting the calls.
@@ -436,6 +489,18 @@ mod tests {
         assert!(breaker.admit(now).is_err(), "one at a time");
         drop(Passage { breaker: breaker.clone(), probe: true, reported: false });
         assert!(breaker.admit(now).unwrap(), "the turn is free again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_renamed_stays_open_and_shows_it_under_its_new_name() {
+        let breaker = breaker(1);
+        breaker.record(true, Instant::now());
+        assert!(breaker.label().rename("method /t.T/M ((protomesh.v1.method))".into()));
+        breaker.renamed();
+        let families = breaker.label().families();
+        assert_eq!(families.handles("method /t.T/M ((protomesh.v1.method))").open.get(), 1);
+        let refused = breaker.admit(Instant::now()).unwrap_err();
+        assert_eq!(&*refused.breaker, "method /t.T/M ((protomesh.v1.method))");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod circuit_breaker;
 pub mod deadline;
 pub mod fields;
 pub mod hedge;
+pub mod kept;
 pub mod message_size;
 pub mod outlier;
 pub mod rate_limit;

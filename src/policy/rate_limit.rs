@@ -7,19 +7,24 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::Service;
 
 use super::fields::PolicyValue;
+use super::kept::{Families, KeptState, Labelled, NamedFamilies};
 use crate::call::{CallService, Caller, PolicyError, ProxyError, ResponseBody};
 use crate::grpc::Code;
 use crate::identity::SpiffeId;
@@ -28,7 +33,7 @@ use crate::identity::SpiffeId;
 const CALLERS_KEPT: usize = 10_000;
 
 /// A token bucket's size and refill.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitPolicy {
     /// Calls per second, sustained.
@@ -48,8 +53,49 @@ impl RateLimitPolicy {
     }
 
     /// What identifies a bucket's settings, for keeping it across reloads.
-    pub fn key(&self) -> (u64, u32) {
+    fn key(&self) -> (u64, u32) {
         (self.per_second.to_bits(), self.burst())
+    }
+}
+
+// Rates compare by their bits: validation leaves no NaN, so equality is an
+// equivalence, and a bucket is kept while its rate and effective burst stay.
+impl PartialEq for RateLimitPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for RateLimitPolicy {}
+
+impl Hash for RateLimitPolicy {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitLabels {
+    limit: String,
+}
+
+/// The rate limits' metric family: refusals by limit.
+#[derive(Default)]
+pub struct RateLimitFamilies {
+    rate_limited: Family<RateLimitLabels, Counter>,
+}
+
+impl Families for RateLimitFamilies {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("rate_limited", "Calls refused by a rate limit, by limit", self.rate_limited.clone());
+    }
+}
+
+impl NamedFamilies for RateLimitFamilies {
+    type Handles = Counter;
+
+    fn handles(&self, label: &str) -> Counter {
+        self.rate_limited.get_or_create_owned(&RateLimitLabels { limit: label.to_string() })
     }
 }
 
@@ -81,23 +127,20 @@ impl fmt::Display for RateLimitPolicy {
 
 /// One token bucket: full at first, refilled at the rate up to the burst.
 #[derive(Debug)]
-pub struct TokenBucket {
-    /// The limit in messages: what it limits and where it was set.
-    name: Arc<str>,
+struct TokenBucket {
     policy: RateLimitPolicy,
     /// Tokens left and when they were counted.
     state: Mutex<(f64, Instant)>,
-    rejected: Counter,
 }
 
 impl TokenBucket {
-    pub fn new(name: Arc<str>, policy: &RateLimitPolicy, rejected: Counter) -> TokenBucket {
+    fn new(policy: &RateLimitPolicy) -> TokenBucket {
         let full = f64::from(policy.burst());
-        TokenBucket { name, policy: policy.clone(), state: Mutex::new((full, Instant::now())), rejected }
+        TokenBucket { policy: policy.clone(), state: Mutex::new((full, Instant::now())) }
     }
 
-    /// Takes a token, or says when the next one comes.
-    fn take(&self, now: Instant) -> Result<(), RateLimited> {
+    /// Takes a token, or says how long until the next one comes.
+    fn take(&self, now: Instant) -> Result<(), Duration> {
         let burst = f64::from(self.policy.burst());
         let mut state = self.state.lock().expect("token bucket lock");
         let (tokens, counted) = *state;
@@ -108,9 +151,7 @@ impl TokenBucket {
             return Ok(());
         }
         *state = (tokens, now);
-        self.rejected.inc();
-        let wait = Duration::from_secs_f64((1.0 - tokens) / self.policy.per_second);
-        Err(RateLimited { limit: self.name.clone(), policy: self.policy.clone(), pushback: wait })
+        Err(Duration::from_secs_f64((1.0 - tokens) / self.policy.per_second))
     }
 
     fn is_full(&self, now: Instant) -> bool {
@@ -120,21 +161,61 @@ impl TokenBucket {
     }
 }
 
-/// A bucket per caller identity, made on the caller's first call.
+/// A method's limit for all its callers together: one bucket.
+#[derive(Debug)]
+pub struct MethodLimit {
+    /// The limit in messages: what it limits and where it was set.
+    label: Labelled<RateLimitFamilies>,
+    bucket: TokenBucket,
+}
+
+impl KeptState for MethodLimit {
+    type Settings = RateLimitPolicy;
+    type Families = RateLimitFamilies;
+
+    fn new(policy: &RateLimitPolicy, label: Labelled<RateLimitFamilies>) -> MethodLimit {
+        MethodLimit { label, bucket: TokenBucket::new(policy) }
+    }
+
+    fn label(&self) -> &Labelled<RateLimitFamilies> {
+        &self.label
+    }
+}
+
+impl MethodLimit {
+    fn take(&self, now: Instant) -> Result<(), RateLimited> {
+        self.bucket.take(now).map_err(|wait| {
+            let label = self.label.get();
+            label.metrics.inc();
+            RateLimited { limit: label.name.to_string(), policy: self.bucket.policy.clone(), pushback: wait }
+        })
+    }
+}
+
+/// A method's limit for each caller: a bucket per caller identity, made on
+/// the caller's first call.
 #[derive(Debug)]
 pub struct CallerBuckets {
-    name: Arc<str>,
+    label: Labelled<RateLimitFamilies>,
     policy: RateLimitPolicy,
-    rejected: Counter,
     by_caller: Mutex<HashMap<SpiffeId, Arc<TokenBucket>>>,
 }
 
-impl CallerBuckets {
-    pub fn new(name: Arc<str>, policy: &RateLimitPolicy, rejected: Counter) -> CallerBuckets {
-        CallerBuckets { name, policy: policy.clone(), rejected, by_caller: Mutex::default() }
+impl KeptState for CallerBuckets {
+    type Settings = RateLimitPolicy;
+    type Families = RateLimitFamilies;
+
+    fn new(policy: &RateLimitPolicy, label: Labelled<RateLimitFamilies>) -> CallerBuckets {
+        CallerBuckets { label, policy: policy.clone(), by_caller: Mutex::default() }
     }
 
-    fn of(&self, caller: &SpiffeId, now: Instant) -> Arc<TokenBucket> {
+    fn label(&self) -> &Labelled<RateLimitFamilies> {
+        &self.label
+    }
+}
+
+impl CallerBuckets {
+    fn bucket(&self, caller: &SpiffeId, now: Instant) -> Arc<TokenBucket> {
         let mut buckets = self.by_caller.lock().expect("caller buckets lock");
         if let Some(bucket) = buckets.get(caller) {
             return bucket.clone();
@@ -142,17 +223,26 @@ impl CallerBuckets {
         if buckets.len() >= CALLERS_KEPT {
             buckets.retain(|_, bucket| !bucket.is_full(now));
         }
-        let name: Arc<str> = format!("{} for caller {caller}", self.name).into();
-        let bucket = Arc::new(TokenBucket::new(name, &self.policy, self.rejected.clone()));
+        let bucket = Arc::new(TokenBucket::new(&self.policy));
         buckets.insert(caller.clone(), bucket.clone());
         bucket
+    }
+
+    fn take(&self, caller: &SpiffeId, now: Instant) -> Result<(), RateLimited> {
+        self.bucket(caller, now).take(now).map_err(|wait| {
+            // A caller's refusals count under their method's limit.
+            let label = self.label.get();
+            label.metrics.inc();
+            let limit = format!("{} for caller {caller}", label.name);
+            RateLimited { limit, policy: self.policy.clone(), pushback: wait }
+        })
     }
 }
 
 /// A call over a rate limit.
 #[derive(Debug, PartialEq)]
 pub struct RateLimited {
-    pub limit: Arc<str>,
+    pub limit: String,
     pub policy: RateLimitPolicy,
     pub pushback: Duration,
 }
@@ -184,12 +274,12 @@ impl PolicyError for RateLimited {
 #[derive(Clone)]
 pub struct RateLimits<S> {
     inner: S,
-    method: Option<Arc<TokenBucket>>,
+    method: Option<Arc<MethodLimit>>,
     callers: Option<Arc<CallerBuckets>>,
 }
 
 impl<S> RateLimits<S> {
-    pub fn new(method: Option<Arc<TokenBucket>>, callers: Option<Arc<CallerBuckets>>, inner: S) -> Self {
+    pub fn new(method: Option<Arc<MethodLimit>>, callers: Option<Arc<CallerBuckets>>, inner: S) -> Self {
         RateLimits { inner, method, callers }
     }
 
@@ -198,7 +288,7 @@ impl<S> RateLimits<S> {
         if let Some(callers) = &self.callers
             && let Some(caller) = request.extensions().get::<Caller>()
         {
-            callers.of(&caller.id, now).take(now)?;
+            callers.take(&caller.id, now)?;
         }
         match &self.method {
             Some(method) => method.take(now),
@@ -234,12 +324,9 @@ mod tests {
     use super::*;
     use crate::call::CallFuture;
 
-    fn bucket(per_second: f64, burst: Option<u32>) -> Arc<TokenBucket> {
-        Arc::new(TokenBucket::new(
-            "method /t.T/M (config)".into(),
-            &RateLimitPolicy::new(per_second, burst),
-            Counter::default(),
-        ))
+    fn bucket(per_second: f64, burst: Option<u32>) -> Arc<MethodLimit> {
+        let label = Labelled::new(Arc::default(), "method /t.T/M (config)".into());
+        Arc::new(MethodLimit::new(&RateLimitPolicy::new(per_second, burst), label))
     }
 
     #[tokio::test(start_paused = true)]
@@ -278,7 +365,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_caller_has_a_bucket_of_its_own_and_the_method_one_for_all() {
         let policy = RateLimitPolicy::new(1.0, Some(2));
-        let callers = Arc::new(CallerBuckets::new("method /t.T/M (config)".into(), &policy, Counter::default()));
+        let label = Labelled::new(Arc::default(), "method /t.T/M per caller (config)".into());
+        let callers = Arc::new(CallerBuckets::new(&policy, label));
         let layer = RateLimits::new(Some(bucket(1.0, Some(3))), Some(callers), ok());
         for _ in 0..2 {
             layer.clone().oneshot(from("a")).await.unwrap();

@@ -12,7 +12,7 @@ use http::{Request, Response};
 use tower::ServiceBuilder;
 
 use super::endpoint::{ConnectSettings, Endpoint};
-use super::registry::{AppPorts, CallerBulkheads, Registries};
+use super::registry::{AppPorts, Registries};
 use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody, RequestBody, ResponseBody};
 use crate::config::health_checks::HealthAnswer;
 use crate::config::{Config, InboundConfig};
@@ -22,10 +22,11 @@ use crate::grpc::split_path;
 use crate::policy::MethodPolicy;
 use crate::policy::PolicyConfig;
 use crate::policy::authz::{Authorize, MethodAuthz, Rule};
-use crate::policy::bulkhead::{Bulkhead, Bulkheads};
+use crate::policy::bulkhead::{Bulkhead, Bulkheads, CallerBulkheads};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
-use crate::policy::rate_limit::{CallerBuckets, RateLimits, TokenBucket};
+use crate::policy::rate_limit::{CallerBuckets, MethodLimit, RateLimits};
 use crate::telemetry::{Metrics, Observe, Observed, Tracing};
 
 /// A call from a peer sidecar, top to bottom: recorded, authorized, held to
@@ -83,22 +84,30 @@ impl InboundRoutes {
             .map(|method| {
                 let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
                 let bulkhead = effective.concurrency.as_ref().map(|c| {
-                    let name = format!("method {} ({})", method.path, c.source);
-                    registries.bulkhead(Direction::Inbound, name, &c.value)
+                    registries.kept::<Bulkhead>(
+                        StateKey::method(Direction::Inbound, &method.path, &c.value),
+                        format!("method {} ({})", method.path, c.source),
+                    )
                 });
                 let rate = effective.rate_limit.as_ref().map(|limit| {
-                    registries.rate_limit(format!("method {} ({})", method.path, limit.source), &limit.value)
+                    let name = format!("method {} ({})", method.path, limit.source);
+                    let key = StateKey::method(Direction::Inbound, &method.path, &limit.value);
+                    registries.kept::<MethodLimit>(key, name)
                 });
                 let caller_rate = effective.caller_rate_limit.as_ref().map(|limit| {
                     let name = format!("method {} per caller ({})", method.path, limit.source);
-                    registries.caller_rate_limits(name, &limit.value)
+                    let key = StateKey::method(Direction::Inbound, &method.path, &limit.value);
+                    registries.kept::<CallerBuckets>(key, name)
                 });
                 let names = (method.service.as_str(), method.method.as_str());
                 let stack = shared.stack(&effective, names, names, bulkhead, (rate, caller_rate));
                 (method.path.clone().into_boxed_str(), stack)
             })
             .collect();
-        let callers = policy.caller_concurrency.as_ref().map(|limits| registries.callers(limits));
+        let callers = policy.caller_concurrency.as_ref().map(|limits| {
+            let key = StateKey::new(Direction::Inbound, Scope::Callers, limits);
+            registries.kept::<CallerBulkheads>(key, "callers (config policy.caller_concurrency)".into())
+        });
         InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, shared }
     }
 
@@ -149,7 +158,7 @@ impl Shared {
         (service, method): (&str, &str),
         labels: (&str, &str),
         bulkhead: Option<Arc<Bulkhead>>,
-        (rate, caller_rate): (Option<Arc<TokenBucket>>, Option<Arc<CallerBuckets>>),
+        (rate, caller_rate): (Option<Arc<MethodLimit>>, Option<Arc<CallerBuckets>>),
     ) -> InboundStack {
         let direction = Direction::Inbound;
         let metrics = &self.metrics;

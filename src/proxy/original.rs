@@ -35,7 +35,8 @@ use crate::config::OriginalDestinationConfig;
 use crate::discovery::Found;
 use crate::discovery::kubernetes::{Cluster, PodRef, Reconnect, ServiceRef};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
-use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
+use crate::policy::bulkhead::{Bulkhead, BulkheadFamilies, ConcurrencyPolicy};
+use crate::policy::kept::{KeptState, Labelled};
 use crate::policy::outlier::OutlierConfig;
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::Metrics;
@@ -297,12 +298,10 @@ impl OriginalDestinations {
         // Each destination has its own places, and all count under one label:
         // a label per address would grow without bound as destinations come and go.
         let bulkhead = policy.concurrency.as_ref().map(|limits| {
+            let name = format!("{name} (config policy.upstream_concurrency)");
             let label = "original destinations (config policy.upstream_concurrency)";
-            Arc::new(Bulkhead::new(
-                format!("{name} (config policy.upstream_concurrency)"),
-                limits,
-                self.metrics.bulkhead(label),
-            ))
+            let families = self.metrics.families::<BulkheadFamilies>();
+            Arc::new(Bulkhead::new(limits, Labelled::counted_as(families, name.into(), label)))
         });
         let budget = RetryBudget::new(&policy.retry_budget);
         upstream.keep_retry_budget(policy.retry_budget, budget.clone());

@@ -24,6 +24,7 @@ use crate::policy::PolicyConfig;
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::circuit_breaker::{Breaker, CircuitBreakers};
 use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::retry::Retries;
 use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
@@ -78,7 +79,8 @@ impl OutboundRoutes {
                 .map_err(|e| format!("outbound.upstreams[{i}]: {e}"))?;
             let bulkhead = policy.upstream_concurrency.as_ref().map(|limits| {
                 let name = format!("upstream {} (config policy.upstream_concurrency)", upstream.name);
-                registries.bulkhead(Direction::Outbound, name, limits)
+                let key = StateKey::new(Direction::Outbound, Scope::Upstream(upstream.name.clone()), limits);
+                registries.kept::<Bulkhead>(key, name)
             });
             let budget = registries.retry_budget(&upstream, &policy.retry_budget);
             let route = Arc::new(UpstreamRoute { upstream, bulkhead, budget });
@@ -96,13 +98,13 @@ impl OutboundRoutes {
         for method in contracts.methods() {
             let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
             let bulkhead = effective.concurrency.as_ref().map(|c| {
-                let name = format!("method {} ({})", method.path, c.source);
-                registries.bulkhead(Direction::Outbound, name, &c.value)
+                let key = StateKey::method(Direction::Outbound, &method.path, &c.value);
+                registries.kept::<Bulkhead>(key, format!("method {} ({})", method.path, c.source))
             });
-            let breaker = effective
-                .circuit_breaker
-                .as_ref()
-                .map(|b| registries.circuit_breaker(format!("method {} ({})", method.path, b.source), &b.value));
+            let breaker = effective.circuit_breaker.as_ref().map(|b| {
+                let key = StateKey::method(Direction::Outbound, &method.path, &b.value);
+                registries.kept::<Breaker>(key, format!("method {} ({})", method.path, b.source))
+            });
             let path = method.path.clone().into_boxed_str();
             match by_service.get(method.service.as_str()) {
                 Some(route) => {

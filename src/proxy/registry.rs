@@ -1,15 +1,17 @@
 //! Live state, kept from one version of the routes to the next: upstreams
 //! (their endpoints, connections, outlier state and retry budget), the app's
-//! connections, and bulkheads (their places). Routes built from a new config
-//! ask for each by what defines it; what they ask for again is handed over,
-//! and what no route asks for any more is dropped once the last call that
-//! holds it ends.
+//! connections, and the state policies keep (bulkheads' places, breakers,
+//! token buckets: any [`KeptState`], by its typed key). Routes built from a
+//! new config ask for each by what defines it; what they ask for again is
+//! handed over, and what no route asks for any more is dropped once the last
+//! call that holds it ends.
 //!
 //! Building routes changes nothing running: new settings for what is kept,
 //! and the background tasks of new upstreams, are staged, and applied by
 //! [`Registries::commit`] once the version is accepted. A refused version is
 //! undone by [`Registries::abort`], as if it had never been built.
 
+use std::any::{Any, TypeId};
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::SocketAddr;
@@ -19,14 +21,12 @@ use std::time::Duration;
 use super::endpoint::{ConnectSettings, Endpoint, Transport};
 use super::original::{OriginalDestinations, OriginalKey, OriginalPolicy};
 use super::upstream::Upstream;
-use crate::call::{Direction, Target};
+use crate::call::Target;
 use crate::config::UpstreamConfig;
 use crate::discovery::kubernetes::Cluster;
 use crate::identity::{Identity, SpiffeId};
-use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
-use crate::policy::circuit_breaker::{Breaker, CircuitBreakerPolicy};
+use crate::policy::kept::{KeptState, Labelled, StateKey};
 use crate::policy::outlier::OutlierConfig;
-use crate::policy::rate_limit::{CallerBuckets, RateLimitPolicy, TokenBucket};
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::Metrics;
 
@@ -81,6 +81,27 @@ impl<K, V> Default for Kept<K, V> {
     }
 }
 
+/// Kept values of one type, whatever the type: what a reload's end asks of them.
+trait AnyKept: Send {
+    fn prune(&mut self);
+    fn abort(&mut self);
+    fn as_any(&mut self) -> &mut dyn Any;
+}
+
+impl<K: Clone + Eq + Hash + Send + 'static, V: Clone + Send + 'static> AnyKept for Kept<K, V> {
+    fn prune(&mut self) {
+        Kept::prune(self);
+    }
+
+    fn abort(&mut self) {
+        Kept::abort(self);
+    }
+
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// A change to live state that waits for its version to be accepted.
 type Staged = Box<dyn FnOnce() + Send>;
 
@@ -102,11 +123,8 @@ pub struct Registries {
     upstreams: Kept<UpstreamKey, Arc<Upstream>>,
     apps: Kept<(SocketAddr, ConnectSettings), Arc<Endpoint>>,
     app_ports: Kept<ConnectSettings, Arc<AppPorts>>,
-    bulkheads: Kept<(Direction, String, ConcurrencyPolicy), Arc<Bulkhead>>,
-    callers: Kept<ConcurrencyPolicy, Arc<CallerBulkheads>>,
-    rate_limits: Kept<(String, (u64, u32)), Arc<TokenBucket>>,
-    circuit_breakers: Kept<(String, CircuitBreakerPolicy), Arc<Breaker>>,
-    caller_rate_limits: Kept<(String, (u64, u32)), Arc<CallerBuckets>>,
+    /// The state of each policy, by its type.
+    policies: HashMap<TypeId, Box<dyn AnyKept>>,
     originals: Kept<OriginalKey, Arc<OriginalDestinations>>,
     staged: Vec<Staged>,
 }
@@ -121,11 +139,7 @@ impl Registries {
             upstreams: Kept::default(),
             apps: Kept::default(),
             app_ports: Kept::default(),
-            bulkheads: Kept::default(),
-            callers: Kept::default(),
-            rate_limits: Kept::default(),
-            circuit_breakers: Kept::default(),
-            caller_rate_limits: Kept::default(),
+            policies: HashMap::new(),
             originals: Kept::default(),
             staged: Vec::new(),
         }
@@ -201,44 +215,28 @@ impl Registries {
         Ok(self.originals.insert(key, Arc::new(originals)))
     }
 
-    /// The bulkhead named `name` with `limits` in one direction; one whose
-    /// limits changed starts anew.
-    pub fn bulkhead(&mut self, direction: Direction, name: String, limits: &ConcurrencyPolicy) -> Arc<Bulkhead> {
-        let metrics = &self.metrics;
-        self.bulkheads.get_or_insert_with((direction, name.clone(), limits.clone()), || {
-            Arc::new(Bulkhead::new(name.clone(), limits, metrics.bulkhead(&name)))
-        })
-    }
-
-    /// The circuit breaker named `name` with `policy`; one whose policy changed starts closed.
-    pub fn circuit_breaker(&mut self, name: String, policy: &CircuitBreakerPolicy) -> Arc<Breaker> {
-        let metrics = self.metrics.circuit_breaker(&name);
-        self.circuit_breakers
-            .get_or_insert_with((name.clone(), policy.clone()), || Arc::new(Breaker::new(name.into(), policy, metrics)))
-    }
-
-    /// The token bucket named `name` with `policy`; one whose policy changed starts full.
-    pub fn rate_limit(&mut self, name: String, policy: &RateLimitPolicy) -> Arc<TokenBucket> {
-        let rejected = self.metrics.rate_limited(&name);
-        self.rate_limits.get_or_insert_with((name.clone(), policy.key()), || {
-            Arc::new(TokenBucket::new(name.into(), policy, rejected))
-        })
-    }
-
-    /// The token buckets of each caller of the limit named `name`.
-    pub fn caller_rate_limits(&mut self, name: String, policy: &RateLimitPolicy) -> Arc<CallerBuckets> {
-        let rejected = self.metrics.rate_limited(&name);
-        self.caller_rate_limits.get_or_insert_with((name.clone(), policy.key()), || {
-            Arc::new(CallerBuckets::new(name.into(), policy, rejected))
-        })
-    }
-
-    /// The bulkheads of inbound callers, one per identity, under `limits`.
-    pub fn callers(&mut self, limits: &ConcurrencyPolicy) -> Arc<CallerBulkheads> {
-        let metrics = self.metrics.clone();
-        self.callers.get_or_insert_with(limits.clone(), || {
-            Arc::new(CallerBulkheads { limits: limits.clone(), metrics, by_caller: Mutex::default() })
-        })
+    /// The state a policy keeps for `key`, named `name` (in refusals and
+    /// as its metrics' label) once this version is accepted; new when no
+    /// version in service has that key.
+    pub fn kept<T: KeptState>(&mut self, key: StateKey<T::Settings>, name: String) -> Arc<T> {
+        let kept = self
+            .policies
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(Kept::<StateKey<T::Settings>, Arc<T>>::default()));
+        let kept: &mut Kept<StateKey<T::Settings>, Arc<T>> =
+            kept.as_any().downcast_mut().expect("policy state is kept by its type");
+        let name: Arc<str> = name.into();
+        if let Some(state) = kept.get(&key) {
+            let renamed = state.clone();
+            self.staged.push(Box::new(move || {
+                if renamed.label().rename(name) {
+                    renamed.renamed();
+                }
+            }));
+            return state;
+        }
+        let label = Labelled::new(self.metrics.families::<T::Families>(), name);
+        kept.insert(key.clone(), Arc::new(T::new(&key.settings, label)))
     }
 
     /// The routes built since the last commit are in service: applies what
@@ -250,11 +248,7 @@ impl Registries {
         self.upstreams.prune();
         self.apps.prune();
         self.app_ports.prune();
-        self.bulkheads.prune();
-        self.callers.prune();
-        self.rate_limits.prune();
-        self.circuit_breakers.prune();
-        self.caller_rate_limits.prune();
+        self.policies.values_mut().for_each(|kept| kept.prune());
         self.originals.prune();
     }
 
@@ -265,11 +259,7 @@ impl Registries {
         self.upstreams.abort();
         self.apps.abort();
         self.app_ports.abort();
-        self.bulkheads.abort();
-        self.callers.abort();
-        self.rate_limits.abort();
-        self.circuit_breakers.abort();
-        self.caller_rate_limits.abort();
+        self.policies.values_mut().for_each(|kept| kept.abort());
         self.originals.abort();
     }
 }
@@ -294,26 +284,6 @@ impl AppPorts {
     }
 }
 
-/// One bulkhead per caller identity, made on the caller's first call.
-pub struct CallerBulkheads {
-    limits: ConcurrencyPolicy,
-    metrics: Arc<Metrics>,
-    by_caller: Mutex<HashMap<SpiffeId, Arc<Bulkhead>>>,
-}
-
-impl CallerBulkheads {
-    pub fn of(&self, caller: &SpiffeId) -> Arc<Bulkhead> {
-        let mut bulkheads = self.by_caller.lock().expect("caller bulkheads lock");
-        bulkheads
-            .entry(caller.clone())
-            .or_insert_with(|| {
-                let name = format!("caller {caller} (config policy.caller_concurrency)");
-                Arc::new(Bulkhead::new(name.clone(), &self.limits, self.metrics.bulkhead(&name)))
-            })
-            .clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -323,6 +293,7 @@ mod tests {
     use crate::contract::Contracts;
     use crate::identity::Credentials;
     use crate::identity::certs::write_dev_certs;
+    use crate::policy::kept::KeptState;
     use crate::proxy::endpoint::ConnectSettings;
     use crate::proxy::routes::Routes;
 
@@ -422,6 +393,43 @@ mod tests {
         };
         tokio::time::timeout(Duration::from_secs(5), checked).await.expect("both upstreams are health-checked");
         assert_eq!(registries.upstreams.values.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn policy_state_is_kept_by_its_key_and_renamed_only_once_its_version_is_accepted() {
+        use crate::call::Direction;
+        use crate::policy::circuit_breaker::{Breaker, CircuitBreakerPolicy};
+
+        let dir = tempfile::tempdir().unwrap();
+        let id = SpiffeId::parse("spiffe://td/ns/t/sa/client").unwrap();
+        write_dev_certs(dir.path(), "test CA", &[("client".into(), id)]).unwrap();
+        let config = config(dir.path(), "");
+        let identity = Arc::new(Identity::new(Credentials::read(&config.identity).unwrap()).unwrap());
+        let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1, None);
+        let policy = CircuitBreakerPolicy::default();
+        let key = || StateKey::method(Direction::Outbound, "/echo.v1.Echo/Unary", &policy);
+        let from_config = "method /echo.v1.Echo/Unary (config policy.defaults)";
+        let first: Arc<Breaker> = registries.kept(key(), from_config.into());
+        registries.commit();
+
+        // The same settings, now from the contract: the same breaker, under its old name until accepted.
+        let from_contract = "method /echo.v1.Echo/Unary ((protomesh.v1.method))";
+        let again: Arc<Breaker> = registries.kept(key(), from_contract.into());
+        assert!(Arc::ptr_eq(&first, &again), "a policy whose source moved keeps its state");
+        drop(again);
+        registries.abort();
+        assert_eq!(&*first.label().get().name, from_config, "a refused version renames nothing");
+        let _: Arc<Breaker> = registries.kept(key(), from_contract.into());
+        registries.commit();
+        assert_eq!(&*first.label().get().name, from_contract);
+
+        // Other settings: a new breaker, and the old one is let go.
+        let stricter = CircuitBreakerPolicy { consecutive_failures: 2, ..Default::default() };
+        let key = StateKey::method(Direction::Outbound, "/echo.v1.Echo/Unary", &stricter);
+        let other: Arc<Breaker> = registries.kept(key, from_contract.into());
+        assert!(!Arc::ptr_eq(&first, &other));
+        registries.commit();
+        assert_eq!(Arc::strong_count(&first), 1, "pruned");
     }
 
     #[test]

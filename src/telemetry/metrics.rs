@@ -4,6 +4,8 @@
 //! that keeps a name keeps its counts. A call records through handles cached
 //! per method and status, so it does no label hashing.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -17,8 +19,7 @@ use prometheus_client::registry::Registry;
 use crate::call::Direction;
 use crate::discovery::kubernetes::DiscoveryMetrics;
 use crate::grpc::Code;
-use crate::policy::bulkhead::BulkheadMetrics;
-use crate::policy::circuit_breaker::BreakerMetrics;
+use crate::policy::kept::Families;
 use crate::policy::outlier::OutlierMetrics;
 use crate::policy::replay::RetryMetrics;
 
@@ -71,21 +72,6 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BulkheadLabels {
-    bulkhead: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RateLimitLabels {
-    limit: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BreakerLabels {
-    breaker: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
 }
@@ -109,6 +95,8 @@ type Latency = Family<CallLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Policies' own families, by type, registered on first use.
+    families: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     requests: Family<CallLabels, Counter>,
     latency: Latency,
     refused: Family<RefusalLabels, Counter>,
@@ -121,11 +109,6 @@ pub struct Metrics {
     hedges: Family<MethodLabels, Counter>,
     retry_budget_exhausted: Family<MethodLabels, Counter>,
     deadline_exceeded: Family<MethodLabels, Counter>,
-    bulkhead_rejections: Family<BulkheadLabels, Counter>,
-    bulkhead_queue_depth: Family<BulkheadLabels, Gauge>,
-    rate_limited: Family<RateLimitLabels, Counter>,
-    circuit_breaker_open: Family<BreakerLabels, Gauge>,
-    circuit_breaker_refused: Family<BreakerLabels, Counter>,
     endpoint_ejections: Family<UpstreamLabels, Counter>,
     endpoints_ejected: Family<UpstreamLabels, Gauge>,
     endpoints_not_serving: Family<UpstreamLabels, Gauge>,
@@ -157,6 +140,7 @@ impl Default for Metrics {
         let latency: Latency = Family::new_with_constructor(latency_histogram);
         let metrics = Metrics {
             registry: Mutex::new(Registry::default()),
+            families: Mutex::default(),
             requests: Family::default(),
             latency,
             refused: Family::default(),
@@ -169,11 +153,6 @@ impl Default for Metrics {
             hedges: Family::default(),
             retry_budget_exhausted: Family::default(),
             deadline_exceeded: Family::default(),
-            bulkhead_rejections: Family::default(),
-            bulkhead_queue_depth: Family::default(),
-            rate_limited: Family::default(),
-            circuit_breaker_open: Family::default(),
-            circuit_breaker_refused: Family::default(),
             endpoint_ejections: Family::default(),
             endpoints_ejected: Family::default(),
             endpoints_not_serving: Family::default(),
@@ -226,23 +205,6 @@ impl Default for Metrics {
             "deadline_exceeded",
             "Calls the sidecar ended at their deadline or idle timeout",
             m.deadline_exceeded.clone(),
-        );
-        registry.register(
-            "bulkhead_rejections",
-            "Calls a full bulkhead refused with RESOURCE_EXHAUSTED",
-            m.bulkhead_rejections.clone(),
-        );
-        registry.register("bulkhead_queue_depth", "Calls waiting for a bulkhead place", m.bulkhead_queue_depth.clone());
-        registry.register("rate_limited", "Calls refused by a rate limit, by limit", m.rate_limited.clone());
-        registry.register(
-            "circuit_breaker_open",
-            "Whether a method's circuit breaker is open (1) or not (0)",
-            m.circuit_breaker_open.clone(),
-        );
-        registry.register(
-            "circuit_breaker_refused",
-            "Calls refused by a method's open circuit breaker",
-            m.circuit_breaker_refused.clone(),
         );
         registry.register(
             "endpoint_ejections",
@@ -326,6 +288,17 @@ impl Metrics {
     }
 
     /// Adds a collector of `protomesh_*` metrics, read at every scrape.
+    /// A policy's metric families, registered the first time they are asked for.
+    pub fn families<F: Families>(&self) -> Arc<F> {
+        let mut families = self.families.lock().expect("metric families lock");
+        let kept = families.entry(TypeId::of::<F>()).or_insert_with(|| {
+            let new = Arc::new(F::default());
+            new.register(self.registry.lock().expect("metrics registry lock").sub_registry_with_prefix("protomesh"));
+            new
+        });
+        kept.clone().downcast().expect("families are kept by their type")
+    }
+
     pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
         let mut registry = self.registry.lock().expect("metrics registry lock");
         registry.sub_registry_with_prefix("protomesh").register_collector(collector);
@@ -387,28 +360,6 @@ impl Metrics {
 
     pub fn deadline_exceeded(&self, direction: Direction, service: &str, method: &str) -> Counter {
         self.deadline_exceeded.get_or_create_owned(&Metrics::method_labels(direction, service, method))
-    }
-
-    pub fn bulkhead(&self, name: &str) -> BulkheadMetrics {
-        let labels = BulkheadLabels { bulkhead: name.to_string() };
-        BulkheadMetrics {
-            rejected: self.bulkhead_rejections.get_or_create_owned(&labels),
-            queue_depth: self.bulkhead_queue_depth.get_or_create_owned(&labels),
-        }
-    }
-
-    pub fn circuit_breaker(&self, breaker: &str) -> BreakerMetrics {
-        let labels = BreakerLabels { breaker: breaker.to_string() };
-        BreakerMetrics {
-            open: self.circuit_breaker_open.get_or_create_owned(&labels),
-            refused: self.circuit_breaker_refused.get_or_create_owned(&labels),
-        }
-    }
-
-    /// The count of calls refused by the rate limit `limit` (a caller's
-    /// buckets count under their method's limit).
-    pub fn rate_limited(&self, limit: &str) -> Counter {
-        self.rate_limited.get_or_create_owned(&RateLimitLabels { limit: limit.to_string() })
     }
 
     pub fn outliers(&self, upstream: &str) -> OutlierMetrics {
