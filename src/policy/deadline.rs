@@ -12,12 +12,34 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 use tower::Service;
 
+use super::kept::{Families, MethodLabels};
 use super::source::{Source, Sourced};
-use crate::call::{CallFuture, CallService, Expiry, PolicyError, ProxyError, ResponseBody};
+use crate::call::{CallFuture, CallService, Direction, Expiry, PolicyError, ProxyError, ResponseBody};
 use crate::grpc::{self, Code};
+
+/// Calls ended at their deadline, by method.
+#[derive(Default)]
+pub struct DeadlineFamilies {
+    exceeded: Family<MethodLabels, Counter>,
+}
+
+impl Families for DeadlineFamilies {
+    fn register(&self, registry: &mut Registry) {
+        let help = "Calls the sidecar ended at their deadline or idle timeout";
+        registry.register("deadline_exceeded", help, self.exceeded.clone());
+    }
+}
+
+impl DeadlineFamilies {
+    pub fn of(&self, direction: Direction, service: &str, method: &str) -> Counter {
+        self.exceeded.get_or_create_owned(&MethodLabels::new(direction, service, method))
+    }
+}
 
 /// A method's deadline policy, resolved once for one direction.
 #[derive(Clone, Debug, Default, PartialEq)]

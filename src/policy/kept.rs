@@ -11,6 +11,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::registry::Registry;
 
 use crate::call::Direction;
@@ -25,6 +26,20 @@ pub trait NamedFamilies: Families {
     type Handles: Send + Sync + 'static;
 
     fn handles(&self, label: &str) -> Self::Handles;
+}
+
+/// The labels of a metric counted per method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    direction: &'static str,
+    service: String,
+    method: String,
+}
+
+impl MethodLabels {
+    pub fn new(direction: Direction, service: &str, method: &str) -> MethodLabels {
+        MethodLabels { direction: direction.as_str(), service: service.to_string(), method: method.to_string() }
+    }
 }
 
 /// What a piece of kept state guards.

@@ -19,11 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use super::kept::{Families, NamedFamilies};
 use crate::call::PolicyError;
 use crate::duration;
 use crate::grpc::Code;
@@ -130,6 +134,51 @@ pub struct OutlierMetrics {
     /// Connections refused because the endpoint presented another identity
     /// than expected: counted by the upstream, which checks identities.
     pub identity_mismatches: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+/// Outlier detection's metric families, by upstream.
+#[derive(Default)]
+pub struct OutlierFamilies {
+    ejections: Family<UpstreamLabels, Counter>,
+    ejected: Family<UpstreamLabels, Gauge>,
+    not_serving: Family<UpstreamLabels, Gauge>,
+    panics: Family<UpstreamLabels, Counter>,
+    identity_mismatches: Family<UpstreamLabels, Counter>,
+}
+
+impl Families for OutlierFamilies {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("endpoint_ejections", "Times outlier detection ejected an endpoint", self.ejections.clone());
+        registry.register("endpoints_ejected", "Endpoints out now (the circuit is open)", self.ejected.clone());
+        let help = "Endpoints out of balancing now because their health checks failed";
+        registry.register("endpoints_not_serving", help, self.not_serving.clone());
+        let help = "Calls sent to any answering endpoint, ejected or not, while fewer than \
+                    policy.outlier_detection.panic_threshold percent were admitted";
+        registry.register("upstream_panic_calls", help, self.panics.clone());
+        let help = "Connections to an endpoint that presented another identity than it must (its upstream's, or \
+                    its pod's service account's): it gets no call";
+        registry.register("endpoint_identity_mismatches", help, self.identity_mismatches.clone());
+    }
+}
+
+impl NamedFamilies for OutlierFamilies {
+    type Handles = OutlierMetrics;
+
+    fn handles(&self, upstream: &str) -> OutlierMetrics {
+        let labels = UpstreamLabels { upstream: upstream.to_string() };
+        OutlierMetrics {
+            ejections: self.ejections.get_or_create_owned(&labels),
+            ejected: self.ejected.get_or_create_owned(&labels),
+            panics: self.panics.get_or_create_owned(&labels),
+            not_serving: self.not_serving.get_or_create_owned(&labels),
+            identity_mismatches: self.identity_mismatches.get_or_create_owned(&labels),
+        }
+    }
 }
 
 /// What an upstream's endpoints share: the config (replaced on reload, the

@@ -8,10 +8,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::call::{Attempt, ProxyError, RequestBody, ResponseBody};
+use super::kept::{Families, MethodLabels};
+use crate::call::{Attempt, Direction, ProxyError, RequestBody, ResponseBody};
 use crate::grpc::{self, Code};
 
 /// Retries may add at most `ratio` of the calls, plus `min_per_second`.
@@ -65,6 +68,34 @@ pub struct RetryMetrics {
     pub retries: Counter,
     pub hedges: Counter,
     pub budget_exhausted: Counter,
+}
+
+/// Retries' and hedges' metric families, by method.
+#[derive(Default)]
+pub struct RetryFamilies {
+    retries: Family<MethodLabels, Counter>,
+    hedges: Family<MethodLabels, Counter>,
+    budget_exhausted: Family<MethodLabels, Counter>,
+}
+
+impl Families for RetryFamilies {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("retries", "Retries sent, after the first attempt", self.retries.clone());
+        registry.register("hedges", "Hedged attempts sent, after the first attempt", self.hedges.clone());
+        let help = "Retries and hedges not sent because the upstream's retry budget was spent";
+        registry.register("retry_budget_exhausted", help, self.budget_exhausted.clone());
+    }
+}
+
+impl RetryFamilies {
+    pub fn of(&self, direction: Direction, service: &str, method: &str) -> RetryMetrics {
+        let labels = MethodLabels::new(direction, service, method);
+        RetryMetrics {
+            retries: self.retries.get_or_create_owned(&labels),
+            hedges: self.hedges.get_or_create_owned(&labels),
+            budget_exhausted: self.budget_exhausted.get_or_create_owned(&labels),
+        }
+    }
 }
 
 /// What one attempt's outcome says about another.

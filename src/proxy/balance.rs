@@ -412,8 +412,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_that_pushed_back_is_passed_over_until_the_time_it_named() {
-        use crate::policy::outlier::{OutlierConfig, Outliers};
-        let outliers = Outliers::new(OutlierConfig::default(), crate::telemetry::Metrics::default().outliers("u"));
+        use crate::policy::outlier::{OutlierConfig, OutlierMetrics, Outliers};
+        let outliers = Outliers::new(OutlierConfig::default(), OutlierMetrics::default());
         let (busy, free) = (member(1), member(2));
         let now = Instant::now();
         busy.push_back(Duration::from_secs(2));
@@ -445,9 +445,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_back_from_ejection_takes_the_next_call_as_its_probe() {
-        use crate::policy::outlier::{OutlierConfig, Outliers};
+        use crate::policy::outlier::{OutlierConfig, OutlierMetrics, Outliers};
         let config = OutlierConfig { consecutive_failures: 1, ..OutlierConfig::default() };
-        let outliers = Outliers::new(config.clone(), crate::telemetry::Metrics::default().outliers("u"));
+        let outliers = Outliers::new(config.clone(), OutlierMetrics::default());
         outliers.set_endpoint_count(2);
         let (fast, slow) = (member(1), member(2));
         let now = Instant::now();
@@ -468,9 +468,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn below_the_panic_threshold_calls_go_to_endpoints_that_answer_but_not_to_unreachable_ones() {
-        use crate::policy::outlier::{OutlierConfig, Outliers};
+        use crate::policy::outlier::{OutlierConfig, OutlierMetrics, Outliers};
         let config = OutlierConfig { consecutive_failures: 1, max_ejected_percent: 100, ..OutlierConfig::default() };
-        let outliers = Outliers::new(config, crate::telemetry::Metrics::default().outliers("u"));
+        let outliers = Outliers::new(config, OutlierMetrics::default());
         outliers.set_endpoint_count(2);
         let (answering, unreachable) = (member(1), member(2));
         let now = Instant::now();
@@ -489,9 +489,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn above_the_panic_threshold_ejections_hold() {
-        use crate::policy::outlier::{OutlierConfig, Outliers};
+        use crate::policy::outlier::{OutlierConfig, OutlierMetrics, Outliers};
         let config = OutlierConfig { consecutive_failures: 1, ..OutlierConfig::default() };
-        let outliers = Outliers::new(config, crate::telemetry::Metrics::default().outliers("u"));
+        let outliers = Outliers::new(config, OutlierMetrics::default());
         outliers.set_endpoint_count(2);
         let (healthy, ejected) = (member(1), member(2));
         let now = Instant::now();

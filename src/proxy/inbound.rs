@@ -23,7 +23,7 @@ use crate::policy::MethodPolicy;
 use crate::policy::PolicyConfig;
 use crate::policy::authz::{Authorize, MethodAuthz, Rule};
 use crate::policy::bulkhead::{Bulkhead, Bulkheads, CallerBulkheads};
-use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::deadline::{DeadlineFamilies, Deadlines, ForwardBudget};
 use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::rate_limit::{CallerBuckets, MethodLimit, RateLimits};
@@ -179,7 +179,7 @@ impl Shared {
             .layer_fn(|inner| RateLimits::new(rate.clone(), caller_rate.clone(), inner))
             .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
             .layer_fn(|inner| {
-                let exceeded = metrics.deadline_exceeded(direction, labels.0, labels.1);
+                let exceeded = metrics.families::<DeadlineFamilies>().of(direction, labels.0, labels.1);
                 Deadlines::new(deadline.clone(), exceeded, inner)
             })
             .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), None, inner))

@@ -36,8 +36,8 @@ use crate::discovery::Found;
 use crate::discovery::kubernetes::{Cluster, PodRef, Reconnect, ServiceRef};
 use crate::identity::{ExpectedPeer, Identity, SpiffeId};
 use crate::policy::bulkhead::{Bulkhead, BulkheadFamilies, ConcurrencyPolicy};
-use crate::policy::kept::{KeptState, Labelled};
-use crate::policy::outlier::OutlierConfig;
+use crate::policy::kept::{KeptState, Labelled, NamedFamilies};
+use crate::policy::outlier::{OutlierConfig, OutlierFamilies};
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::Metrics;
 
@@ -264,7 +264,7 @@ impl OriginalDestinations {
             true => format!("original destination {addr} (plaintext)").into(),
             false => format!("original destination {addr}").into(),
         };
-        let outliers = (policy.outliers, self.metrics.outliers("original destinations"));
+        let outliers = (policy.outliers, self.metrics.families::<OutlierFamilies>().handles("original destinations"));
         let (connect, workers) = (self.key.connect, self.workers);
         let (upstream, peer) = match (plaintext, &self.cluster) {
             (true, _) => {

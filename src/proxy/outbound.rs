@@ -23,9 +23,10 @@ use crate::policy::MethodPolicy;
 use crate::policy::PolicyConfig;
 use crate::policy::bulkhead::{Bulkhead, Bulkheads};
 use crate::policy::circuit_breaker::{Breaker, CircuitBreakers};
-use crate::policy::deadline::{Deadlines, ForwardBudget};
+use crate::policy::deadline::{DeadlineFamilies, Deadlines, ForwardBudget};
 use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
+use crate::policy::replay::RetryFamilies;
 use crate::policy::retry::Retries;
 use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
 
@@ -216,11 +217,11 @@ impl Shared {
             .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
             .layer_fn(|inner| CircuitBreakers::new(breaker.clone(), inner))
             .layer_fn(|inner| {
-                let exceeded = metrics.deadline_exceeded(direction, service, name);
+                let exceeded = metrics.families::<DeadlineFamilies>().of(direction, service, name);
                 Deadlines::new(deadline.clone(), exceeded, inner)
             })
             .layer_fn(|inner| {
-                let counts = metrics.retries(direction, service, name);
+                let counts = metrics.families::<RetryFamilies>().of(direction, service, name);
                 Retries::new(retries.clone(), Some(route.budget.clone()), counts, inner)
             })
             .layer_fn(|inner| TraceAttempts::new(self.tracing.clone(), inner))

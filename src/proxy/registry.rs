@@ -25,8 +25,8 @@ use crate::call::Target;
 use crate::config::UpstreamConfig;
 use crate::discovery::kubernetes::Cluster;
 use crate::identity::{Identity, SpiffeId};
-use crate::policy::kept::{KeptState, Labelled, StateKey};
-use crate::policy::outlier::OutlierConfig;
+use crate::policy::kept::{KeptState, Labelled, NamedFamilies, StateKey};
+use crate::policy::outlier::{OutlierConfig, OutlierFamilies};
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
 use crate::telemetry::Metrics;
 
@@ -166,7 +166,7 @@ impl Registries {
             }));
             return Ok(upstream);
         }
-        let metrics = self.metrics.outliers(&Upstream::name_of(config));
+        let metrics = self.metrics.families::<OutlierFamilies>().handles(&Upstream::name_of(config));
         let outliers = (outliers.clone(), metrics);
         let cluster = self.cluster.as_ref();
         let (upstream, start) =

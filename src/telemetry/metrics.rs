@@ -1,8 +1,10 @@
-//! The Prometheus metrics. Each family is keyed by its labels, which makes it
-//! the registry of its handles: the routes built from each config take the
-//! handles of their methods, bulkheads and upstreams from here, and a reload
-//! that keeps a name keeps its counts. A call records through handles cached
-//! per method and status, so it does no label hashing.
+//! The Prometheus registry, and the metrics of calls, connections, reloads
+//! and discovery. Policies own their families and register them here on
+//! first use ([`Metrics::families`]). Each family is keyed by its labels,
+//! which makes it the registry of its handles: the routes built from each
+//! config take their handles from here, and a reload that keeps a label keeps
+//! its counts. A call records through handles cached per method and status,
+//! so it does no label hashing.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -20,8 +22,6 @@ use crate::call::Direction;
 use crate::discovery::kubernetes::DiscoveryMetrics;
 use crate::grpc::Code;
 use crate::policy::kept::Families;
-use crate::policy::outlier::OutlierMetrics;
-use crate::policy::replay::RetryMetrics;
 
 /// Latency buckets in seconds: half a millisecond to ten seconds.
 const LATENCY_BUCKETS: [f64; 14] =
@@ -33,13 +33,6 @@ struct CallLabels {
     service: String,
     method: String,
     grpc_status: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MethodLabels {
-    direction: &'static str,
-    service: String,
-    method: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,11 +65,6 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct UpstreamLabels {
-    upstream: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -105,15 +93,6 @@ pub struct Metrics {
     closed_at_limit: Family<LimitLabels, Counter>,
     connections_refused: Family<RefusalLabels, Counter>,
     opaque_connections: Family<OpaqueLabels, Counter>,
-    retries: Family<MethodLabels, Counter>,
-    hedges: Family<MethodLabels, Counter>,
-    retry_budget_exhausted: Family<MethodLabels, Counter>,
-    deadline_exceeded: Family<MethodLabels, Counter>,
-    endpoint_ejections: Family<UpstreamLabels, Counter>,
-    endpoints_ejected: Family<UpstreamLabels, Gauge>,
-    endpoints_not_serving: Family<UpstreamLabels, Gauge>,
-    identity_mismatches: Family<UpstreamLabels, Counter>,
-    panic_calls: Family<UpstreamLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     reload_failing: Gauge,
     original_destination_calls: Family<PeerLabels, Counter>,
@@ -149,18 +128,9 @@ impl Default for Metrics {
             closed_at_limit: Family::default(),
             connections_refused: Family::default(),
             opaque_connections: Family::default(),
-            retries: Family::default(),
-            hedges: Family::default(),
-            retry_budget_exhausted: Family::default(),
-            deadline_exceeded: Family::default(),
-            endpoint_ejections: Family::default(),
-            endpoints_ejected: Family::default(),
-            endpoints_not_serving: Family::default(),
-            panic_calls: Family::default(),
             reloads: Family::default(),
             reload_failing: Gauge::default(),
             original_destination_calls: Family::default(),
-            identity_mismatches: Family::default(),
             service_lookups: Family::default(),
             discovery: DiscoveryMetrics::default(),
         };
@@ -194,34 +164,6 @@ impl Default for Metrics {
             "Captured connections carried as opaque TCP (not gRPC), by how they ended",
             m.opaque_connections.clone(),
         );
-        registry.register("retries", "Retries sent, after the first attempt", m.retries.clone());
-        registry.register("hedges", "Hedged attempts sent, after the first attempt", m.hedges.clone());
-        registry.register(
-            "retry_budget_exhausted",
-            "Retries and hedges not sent because the upstream's retry budget was spent",
-            m.retry_budget_exhausted.clone(),
-        );
-        registry.register(
-            "deadline_exceeded",
-            "Calls the sidecar ended at their deadline or idle timeout",
-            m.deadline_exceeded.clone(),
-        );
-        registry.register(
-            "endpoint_ejections",
-            "Times outlier detection ejected an endpoint",
-            m.endpoint_ejections.clone(),
-        );
-        registry.register("endpoints_ejected", "Endpoints out now (the circuit is open)", m.endpoints_ejected.clone());
-        registry.register(
-            "endpoints_not_serving",
-            "Endpoints out of balancing now because their health checks failed",
-            m.endpoints_not_serving.clone(),
-        );
-        registry.register(
-            "upstream_panic_calls",
-            "Calls sent to any answering endpoint, ejected or not, while fewer than policy.outlier_detection.panic_threshold percent were admitted",
-            m.panic_calls.clone(),
-        );
         registry.register(
             "config_reloads",
             "Reloads of config, contracts and identity: applied, or failed (the running version stays)",
@@ -231,12 +173,6 @@ impl Default for Metrics {
             "config_reload_failing",
             "1 while the newest config, contracts or identity files fail to load",
             m.reload_failing.clone(),
-        );
-        registry.register(
-            "endpoint_identity_mismatches",
-            "Connections to an endpoint that presented another identity than it must (its upstream's, or its pod's \
-             service account's): it gets no call",
-            m.identity_mismatches.clone(),
         );
         registry.register(
             "original_destination_calls",
@@ -345,34 +281,6 @@ impl Metrics {
         }
     }
 
-    fn method_labels(direction: Direction, service: &str, method: &str) -> MethodLabels {
-        MethodLabels { direction: direction.as_str(), service: service.to_string(), method: method.to_string() }
-    }
-
-    pub fn retries(&self, direction: Direction, service: &str, method: &str) -> RetryMetrics {
-        let labels = Metrics::method_labels(direction, service, method);
-        RetryMetrics {
-            retries: self.retries.get_or_create_owned(&labels),
-            hedges: self.hedges.get_or_create_owned(&labels),
-            budget_exhausted: self.retry_budget_exhausted.get_or_create_owned(&labels),
-        }
-    }
-
-    pub fn deadline_exceeded(&self, direction: Direction, service: &str, method: &str) -> Counter {
-        self.deadline_exceeded.get_or_create_owned(&Metrics::method_labels(direction, service, method))
-    }
-
-    pub fn outliers(&self, upstream: &str) -> OutlierMetrics {
-        let labels = UpstreamLabels { upstream: upstream.to_string() };
-        OutlierMetrics {
-            ejections: self.endpoint_ejections.get_or_create_owned(&labels),
-            ejected: self.endpoints_ejected.get_or_create_owned(&labels),
-            panics: self.panic_calls.get_or_create_owned(&labels),
-            not_serving: self.endpoints_not_serving.get_or_create_owned(&labels),
-            identity_mismatches: self.identity_mismatches.get_or_create_owned(&labels),
-        }
-    }
-
     /// Counts a reload by its result, `applied` or `failed`.
     pub fn reload(&self, result: &'static str) {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
@@ -436,12 +344,14 @@ impl CallMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::replay::RetryFamilies;
 
     #[test]
     fn handles_taken_again_under_the_same_labels_keep_counting() {
         let metrics = Arc::new(Metrics::default());
-        metrics.retries(Direction::Outbound, "s.S", "M").retries.inc();
-        let again = metrics.retries(Direction::Outbound, "s.S", "M");
+        let retries = || metrics.families::<RetryFamilies>().of(Direction::Outbound, "s.S", "M");
+        retries().retries.inc();
+        let again = retries();
         again.retries.inc();
         assert_eq!(again.retries.get(), 2);
         let text = metrics.encode();
