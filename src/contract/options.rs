@@ -82,7 +82,7 @@ mod tests {
 
     use super::*;
     use crate::grpc::Code;
-    use crate::policy::circuit_breaker::CircuitBreakerPolicy;
+    use crate::policy::bulkhead::ConcurrencyPolicy;
 
     /// A `protomesh.v1.Policy` option written as its proto JSON.
     fn option(json: Value) -> DynamicMessage {
@@ -100,17 +100,15 @@ mod tests {
     }
 
     #[test]
-    fn reads_hedging_and_a_circuit_breaker_with_their_defaults() {
+    fn reads_hedging_and_a_bulkhead_with_their_defaults() {
         let hedged = json!({
             "hedging": {"max_attempts": 3, "hedging_delay": "40ms", "non_fatal_codes": ["UNAVAILABLE"]},
-            "circuit_breaker": {"open_for": "2s"},
+            "concurrency": {"max_in_flight": 8},
         });
         let fields = method_fields(hedged.clone()).unwrap();
         let hedging = fields.hedging.unwrap();
         assert_eq!((hedging.max_attempts, hedging.hedging_delay), (3, Duration::from_millis(40)));
-        let breaker = fields.circuit_breaker.unwrap();
-        assert_eq!(breaker.open_for, Duration::from_secs(2));
-        assert_eq!(breaker.consecutive_failures, CircuitBreakerPolicy::default().consecutive_failures);
+        assert_eq!(fields.concurrency.unwrap(), ConcurrencyPolicy::new(8), "no queue, and its timeout's default");
 
         let mut both = hedged;
         both["retry"] = json!({"max_attempts": 2, "retryable_codes": ["UNAVAILABLE"]});

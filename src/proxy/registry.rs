@@ -398,7 +398,7 @@ mod tests {
     #[tokio::test]
     async fn policy_state_is_kept_by_its_key_and_renamed_only_once_its_version_is_accepted() {
         use crate::call::Direction;
-        use crate::policy::circuit_breaker::{Breaker, CircuitBreakerPolicy};
+        use crate::policy::bulkhead::{Bulkhead, ConcurrencyPolicy};
 
         let dir = tempfile::tempdir().unwrap();
         let id = SpiffeId::parse("spiffe://td/ns/t/sa/client").unwrap();
@@ -406,27 +406,27 @@ mod tests {
         let config = config(dir.path(), "");
         let identity = Arc::new(Identity::new(Credentials::read(&config.identity).unwrap()).unwrap());
         let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1, None);
-        let policy = CircuitBreakerPolicy::default();
+        let policy = ConcurrencyPolicy::new(4);
         let key = || StateKey::method(Direction::Outbound, "/echo.v1.Echo/Unary", &policy);
         let from_config = "method /echo.v1.Echo/Unary (config policy.defaults)";
-        let first: Arc<Breaker> = registries.kept(key(), from_config.into());
+        let first: Arc<Bulkhead> = registries.kept(key(), from_config.into());
         registries.commit();
 
-        // The same settings, now from the contract: the same breaker, under its old name until accepted.
+        // The same settings, now from the contract: the same bulkhead, under its old name until accepted.
         let from_contract = "method /echo.v1.Echo/Unary ((protomesh.v1.method))";
-        let again: Arc<Breaker> = registries.kept(key(), from_contract.into());
+        let again: Arc<Bulkhead> = registries.kept(key(), from_contract.into());
         assert!(Arc::ptr_eq(&first, &again), "a policy whose source moved keeps its state");
         drop(again);
         registries.abort();
         assert_eq!(&*first.label().get().name, from_config, "a refused version renames nothing");
-        let _: Arc<Breaker> = registries.kept(key(), from_contract.into());
+        let _: Arc<Bulkhead> = registries.kept(key(), from_contract.into());
         registries.commit();
         assert_eq!(&*first.label().get().name, from_contract);
 
-        // Other settings: a new breaker, and the old one is let go.
-        let stricter = CircuitBreakerPolicy { consecutive_failures: 2, ..Default::default() };
+        // Other settings: a new bulkhead, and the old one is let go.
+        let stricter = ConcurrencyPolicy::new(2);
         let key = StateKey::method(Direction::Outbound, "/echo.v1.Echo/Unary", &stricter);
-        let other: Arc<Breaker> = registries.kept(key, from_contract.into());
+        let other: Arc<Bulkhead> = registries.kept(key, from_contract.into());
         assert!(!Arc::ptr_eq(&first, &other));
         registries.commit();
         assert_eq!(Arc::strong_count(&first), 1, "pruned");
