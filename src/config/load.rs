@@ -91,10 +91,7 @@ pub fn load_versioned(
 
     let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
         let field = e.path().to_string();
-        let mut problem = e.into_inner().to_string();
-        if problem == "invalid socket address syntax" {
-            problem.push_str("; write IP:port, e.g. 127.0.0.1:8080 or 0.0.0.0:4143");
-        }
+        let problem = e.into_inner().to_string();
         if field == "." {
             ConfigError(format!("{file_name}: {problem}"))
         } else {
@@ -279,7 +276,7 @@ inbound:
         let err = load(Some(file.path()), env(&[])).unwrap_err().to_string();
         assert!(err.starts_with(&file.path().display().to_string()), "{err}");
         assert!(err.contains("field `inbound.app`"), "{err}");
-        assert!(err.contains("socket address"), "{err}");
+        assert!(err.contains("`localhost` is not an IP:port socket address; write e.g. 127.0.0.1:8080"), "{err}");
 
         let file = file_with(&VALID.replace("identity: spiffe://td/ns/default/sa/echo", "identity: echo"));
         let err = load(Some(file.path()), env(&[])).unwrap_err().to_string();

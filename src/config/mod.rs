@@ -73,7 +73,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
-    #[serde(default = "defaults::outbound_listen")]
+    #[serde(default = "defaults::outbound_listen", deserialize_with = "address::deserialize")]
     pub listen: SocketAddr,
     #[serde(default = "defaults::connect_timeout", deserialize_with = "duration::deserialize")]
     pub connect_timeout: Duration,
@@ -164,12 +164,12 @@ pub struct UpstreamConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
-    #[serde(default = "defaults::inbound_listen")]
+    #[serde(default = "defaults::inbound_listen", deserialize_with = "address::deserialize")]
     pub listen: SocketAddr,
     /// The local application's plaintext HTTP/2 address, for connections
     /// made to `listen` itself. A connection the capture rules redirected
     /// goes to the app on `127.0.0.1` at the port it was made to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "address::deserialize_option")]
     pub app: Option<SocketAddr>,
     #[serde(default)]
     pub authorization: AuthorizationConfig,
@@ -233,7 +233,7 @@ impl MtlsConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    #[serde(default = "defaults::admin_listen")]
+    #[serde(default = "defaults::admin_listen", deserialize_with = "address::deserialize")]
     pub listen: SocketAddr,
     /// Serve `/config`, `PUT /log-level` and `POST /reload` to other hosts than localhost too.
     #[serde(default)]
@@ -287,6 +287,26 @@ pub struct ReloadConfig {
 impl Default for ReloadConfig {
     fn default() -> Self {
         ReloadConfig { watch: defaults::yes(), debounce: defaults::debounce(), interval: defaults::reload_interval() }
+    }
+}
+
+/// Listen and app addresses, `IP:port`: a mistake is told with the fix.
+mod address {
+    use std::net::SocketAddr;
+
+    use serde::Deserialize;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not an IP:port socket address; write e.g. 127.0.0.1:8080 or 0.0.0.0:4143"
+            ))
+        })
+    }
+
+    pub fn deserialize_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        deserialize(d).map(Some)
     }
 }
 
