@@ -229,3 +229,84 @@ impl tower::Service<Request<RecvBody>> for ForwardToApp {
         Box::pin(async move { target.ok_or(ProxyError::NoApp)?.send(request).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::call::Caller;
+    use crate::call::testing::{message, received};
+    use crate::grpc::{self, Code};
+    use crate::identity::certs::write_dev_certs;
+    use crate::identity::{Credentials, Identity, SpiffeId};
+
+    /// An app on loopback answering every call OK.
+    async fn app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        let mut answer = Response::new(());
+                        *answer.headers_mut() = grpc::status_headers(Code::Ok, "");
+                        respond.send_response(answer, true).ok();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The stack of `path` built from `policy` (YAML) for an app at `app`.
+    async fn routes(dir: &std::path::Path, app: SocketAddr, policy: &str) -> InboundRoutes {
+        let server = SpiffeId::parse("spiffe://td/ns/t/sa/server").unwrap();
+        write_dev_certs(dir, "test CA", &[("server".into(), server)]).unwrap();
+        let (certs, proto) = (dir.display(), concat!(env!("CARGO_MANIFEST_DIR"), "/proto"));
+        let yaml = format!(
+            "identity: {{cert: {certs}/server.pem, key: {certs}/server-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+             contracts: {{protos: [examples/echo.proto], include: ['{proto}']}}\n{policy}\n\
+             inbound: {{listen: '127.0.0.1:0', app: '{app}', authorization: {{default: deny, rules: [\
+               {{name: readers, methods: ['echo.v1.Echo/*'], callers: ['spiffe://td/ns/t/sa/reader']}}]}}}}\n"
+        );
+        std::fs::write(dir.join("config.yaml"), yaml).unwrap();
+        let config = crate::config::load(Some(&dir.join("config.yaml")), Vec::new()).unwrap();
+        let contracts = Arc::new(Contracts::load(&config.contracts).unwrap());
+        let identity = Arc::new(Identity::new(Credentials::read(&config.identity).unwrap()).unwrap());
+        let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1, None);
+        let inbound = config.inbound.clone().unwrap();
+        let routes = InboundRoutes::build(&config, &inbound, &contracts, &mut registries, None);
+        registries.commit();
+        routes
+    }
+
+    async fn call(routes: &InboundRoutes, path: &str, caller: &str) -> Result<Code, Code> {
+        let (mut request, _peer) = received(path, message(3)).await;
+        let id = SpiffeId::parse(&format!("spiffe://td/ns/t/sa/{caller}")).unwrap();
+        request.extensions_mut().insert(Caller { id, address: "127.0.0.1:1".parse().unwrap() });
+        request.extensions_mut().insert(routes.app_for(None).unwrap());
+        let stack = routes.route(path).map_err(|e| e.code())?;
+        match stack.oneshot(request).await {
+            Ok(response) => Ok(grpc::status_in(response.headers()).unwrap_or(Code::Ok)),
+            Err(error) => Err(error.code()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_methods_stack_authorizes_before_it_counts_against_the_rate_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "policy: {methods: {echo.v1.Echo/Unary: {rate_limit: {per_second: 0.001, burst: 1}}}}";
+        let routes = routes(dir.path(), app().await, policy).await;
+        let unary = "/echo.v1.Echo/Unary";
+        for _ in 0..3 {
+            assert_eq!(call(&routes, unary, "stranger").await, Err(Code::PermissionDenied));
+        }
+        assert_eq!(call(&routes, unary, "reader").await, Ok(Code::Ok), "refused calls took no token");
+        assert_eq!(call(&routes, unary, "reader").await, Err(Code::ResourceExhausted), "the one token is spent");
+        let other = "/echo.v1.Echo/ServerStream";
+        assert_eq!(call(&routes, other, "reader").await, Ok(Code::Ok), "another method has no limit");
+        assert_eq!(call(&routes, "/echo.v1.Echo/Nope", "reader").await, Err(Code::Unimplemented));
+    }
+}

@@ -255,3 +255,56 @@ impl tower::Service<Request<RequestBody>> for ForwardToUpstream {
         Box::pin(self.upstream.clone().send(request, self.failure_codes.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::call::testing::{message, received};
+    use crate::identity::certs::write_dev_certs;
+    use crate::identity::{Credentials, Identity, SpiffeId};
+    use crate::policy::replay::RetryFamilies;
+
+    #[tokio::test]
+    async fn a_methods_breaker_sees_each_call_once_its_retries_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = SpiffeId::parse("spiffe://td/ns/t/sa/client").unwrap();
+        write_dev_certs(dir.path(), "test CA", &[("client".into(), client)]).unwrap();
+        // Nothing listens at the endpoint: every attempt fails UNAVAILABLE.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (certs, proto) = (dir.path().display(), concat!(env!("CARGO_MANIFEST_DIR"), "/proto"));
+        let yaml = format!(
+            "identity: {{cert: {certs}/client.pem, key: {certs}/client-key.pem, trust_bundle: {certs}/ca.pem}}\n\
+             contracts: {{protos: [examples/echo.proto], include: ['{proto}']}}\n\
+             outbound: {{upstreams: [{{services: [echo.v1.Echo], endpoints: ['{closed}'], \
+               identity: 'spiffe://td/ns/t/sa/server'}}]}}\n\
+             policy: {{outlier_detection: {{consecutive_failures: 100}}, methods: {{echo.v1.Echo/Unary: {{\
+               retry: {{max_attempts: 3, retryable_codes: [UNAVAILABLE], initial_backoff: 1ms, max_backoff: 1ms}}, \
+               circuit_breaker: {{consecutive_failures: 2, open_for: 1m, max_open_for: 1m}}}}}}}}\n"
+        );
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+        let config = crate::config::load(Some(&dir.path().join("config.yaml")), Vec::new()).unwrap();
+        let contracts = Arc::new(Contracts::load(&config.contracts).unwrap());
+        let identity = Arc::new(Identity::new(Credentials::read(&config.identity).unwrap()).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let mut registries = Registries::new(identity, metrics.clone(), 1, None);
+        let routes = OutboundRoutes::build(&config, &contracts, &mut registries, None).await.unwrap();
+        registries.commit();
+
+        let path = "/echo.v1.Echo/Unary";
+        let call = || async {
+            let (request, _peer) = received(path, message(3)).await;
+            routes.route(path, None).unwrap().oneshot(request).await.map(|_| ()).unwrap_err()
+        };
+        for _ in 0..2 {
+            let failed = call().await;
+            assert_eq!((failed.code(), failed.reason()), (Code::Unavailable, "connect"), "{failed}");
+        }
+        let retries = metrics.families::<RetryFamilies>().of(Direction::Outbound, "echo.v1.Echo", "Unary");
+        assert_eq!(retries.retries.get(), 4, "each call retried twice, below the breaker");
+        let refused = call().await;
+        assert_eq!((refused.code(), refused.reason()), (Code::Unavailable, "circuit_breaker_open"), "{refused}");
+        assert_eq!(retries.retries.get(), 4, "a call the breaker refused is not retried");
+    }
+}
