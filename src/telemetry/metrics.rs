@@ -357,4 +357,20 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains(r#"protomesh_retries_total{direction="outbound",service="s.S",method="M"} 2"#), "{text}");
     }
+
+    #[test]
+    fn a_policys_families_are_registered_once_on_first_use() {
+        use crate::policy::bulkhead::BulkheadFamilies;
+        use crate::policy::kept::NamedFamilies;
+
+        let metrics = Metrics::default();
+        assert!(!metrics.encode().contains("protomesh_bulkhead_rejections"), "not before first use");
+        let families = metrics.families::<BulkheadFamilies>();
+        assert!(Arc::ptr_eq(&families, &metrics.families::<BulkheadFamilies>()));
+        families.handles("method /s.S/M (config policy.defaults)").rejected.inc();
+        let text = metrics.encode();
+        assert_eq!(text.matches("# HELP protomesh_bulkhead_rejections ").count(), 1, "{text}");
+        let counted = r#"protomesh_bulkhead_rejections_total{bulkhead="method /s.S/M (config policy.defaults)"} 1"#;
+        assert!(text.contains(counted), "{text}");
+    }
 }
