@@ -14,7 +14,11 @@ pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 pub const GRPC_PREVIOUS_RPC_ATTEMPTS: HeaderName = HeaderName::from_static("grpc-previous-rpc-attempts");
 
-/// The canonical gRPC status codes.
+/// The canonical gRPC status codes. Our own rather than `tonic::Code`: the
+/// config and contracts name codes by their canonical names ("UNAVAILABLE"),
+/// which tonic does not parse or print, and a foreign type could not take
+/// this crate's serde impl; a `u8` repr also keeps it one byte in the hot
+/// path's per-status caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Code {
