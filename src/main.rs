@@ -13,7 +13,7 @@ use protomesh::capture::{self, CaptureRules};
 use protomesh::duration;
 use protomesh::identity::{SpiffeId, certs};
 use protomesh::kube::manifest::{self, Manifests};
-use protomesh::kube::settings::Defaults;
+use protomesh::kube::settings::{CaptureBy, Defaults};
 use protomesh::kube::webhook::{self, WebhookConfig};
 
 // A call allocates a few dozen small blocks that die within it; mimalloc serves
@@ -75,6 +75,10 @@ enum Command {
         /// The sidecar image, unless a pod's protomesh.io/image says otherwise.
         #[arg(long, env = "PROTOMESH_IMAGE")]
         image: Option<String>,
+        /// Who installs captured pods' rules, unless a pod's protomesh.io/capture-by says otherwise:
+        /// an init container with NET_ADMIN, or the node's protomesh-cni plugin.
+        #[arg(long, env = "PROTOMESH_CAPTURE_BY", value_enum, default_value = "init")]
+        capture_by: CaptureBy,
         /// Add no RoleBindings or ClusterRoleBindings for the injected pods' service accounts.
         #[arg(long)]
         no_rbac: bool,
@@ -97,6 +101,9 @@ enum Command {
         /// The sidecar image, unless a pod's protomesh.io/image says otherwise.
         #[arg(long, env = "PROTOMESH_IMAGE")]
         image: Option<String>,
+        /// Who installs captured pods' rules, unless a pod's protomesh.io/capture-by says otherwise.
+        #[arg(long, env = "PROTOMESH_CAPTURE_BY", value_enum, default_value = "init")]
+        capture_by: CaptureBy,
         /// Read the certificate files this often besides when they change.
         #[arg(long, default_value = "60s", value_parser = duration::parse)]
         reload_interval: std::time::Duration,
@@ -109,6 +116,17 @@ enum Command {
         /// Print the nftables ruleset and install nothing.
         #[arg(long)]
         print: bool,
+        /// Install nothing; check that the rules are in place (installed by the node's CNI plugin),
+        /// as any user but the sidecar's, with no capability.
+        #[arg(long, conflicts_with = "print")]
+        validate: bool,
+        /// The nft program.
+        #[arg(long, env = "PROTOMESH_NFT", default_value = "nft")]
+        nft: PathBuf,
+    },
+    /// Take out the rules `protomesh init` (or the CNI plugin) installed, in the current network
+    /// namespace: the pod's traffic goes where it is sent again.
+    Uninit {
         /// The nft program.
         #[arg(long, env = "PROTOMESH_NFT", default_value = "nft")]
         nft: PathBuf,
@@ -140,23 +158,27 @@ fn main() -> ExitCode {
         Command::Certs { out, trust_domain, namespace, workloads } => {
             write_certs(&out, &trust_domain, &namespace, &workloads)
         }
-        Command::Inject { input, all, namespace, enabled_namespaces, image, no_rbac } => {
+        Command::Inject { input, all, namespace, enabled_namespaces, image, capture_by, no_rbac } => {
             let namespace_labels = enabled_namespaces.into_iter().map(|ns| (ns, "enabled".to_string())).collect();
-            let defaults = Defaults { image };
+            let defaults = Defaults { image, capture_by };
             let options = manifest::Options { all, namespace, namespace_labels, defaults, rbac: !no_rbac };
             transform(&input, |manifests| manifest::inject(manifests, &options))
         }
         Command::Uninject { input } => transform(&input, manifest::uninject),
-        Command::Webhook { listen, cert, key, image, reload_interval } => {
+        Command::Webhook { listen, cert, key, image, capture_by, reload_interval } => {
             init_logging();
-            let config = WebhookConfig { listen, cert, key, defaults: Defaults { image }, reload_interval };
+            let config = WebhookConfig { listen, cert, key, defaults: Defaults { image, capture_by }, reload_interval };
             runtime().block_on(webhook::run(config))
         }
         Command::Init { rules, print: true, .. } => {
             print!("{}", rules.ruleset());
             Ok(())
         }
+        Command::Init { rules, validate: true, .. } => runtime()
+            .block_on(capture::validate(&rules, std::time::Duration::from_secs(5)))
+            .map_err(|e| format!("protomesh init --validate: {e}")),
         Command::Init { rules, nft, .. } => capture::install(&rules, &nft).map_err(|e| format!("protomesh init: {e}")),
+        Command::Uninit { nft } => capture::uninstall(&nft).map_err(|e| format!("protomesh uninit: {e}")),
         Command::Await { admin, timeout, shutdown: _, command } if command.is_empty() => {
             runtime().block_on(awaiting::wait_until_ready(admin, timeout))
         }

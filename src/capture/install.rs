@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use super::rules::CaptureRules;
+use super::rules::{CaptureRules, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -32,6 +32,18 @@ pub enum InitError {
 
 /// Replaces the pod's capture rules with `rules`, atomically.
 pub fn install(rules: &CaptureRules, nft: &Path) -> Result<(), InitError> {
+    apply(&rules.ruleset(), nft)
+}
+
+/// Takes the pod's capture rules out, if they are in: its traffic goes where
+/// it is sent again.
+pub fn uninstall(nft: &Path) -> Result<(), InitError> {
+    // Declaring the table first makes deleting it succeed when it is absent.
+    apply(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"), nft)
+}
+
+/// Runs `ruleset` through `nft -f`, one transaction.
+fn apply(ruleset: &str, nft: &Path) -> Result<(), InitError> {
     let mut child = Command::new(nft)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -42,7 +54,7 @@ pub fn install(rules: &CaptureRules, nft: &Path) -> Result<(), InitError> {
             std::io::ErrorKind::NotFound => InitError::NoNft(nft.display().to_string()),
             _ => InitError::Failed(format!("cannot run {}: {error}", nft.display())),
         })?;
-    let written = child.stdin.take().expect("stdin is piped").write_all(rules.ruleset().as_bytes());
+    let written = child.stdin.take().expect("stdin is piped").write_all(ruleset.as_bytes());
     let output = child.wait_with_output().map_err(|e| InitError::Failed(e.to_string()))?;
     if output.status.success() {
         return written.map_err(|e| InitError::Failed(format!("writing the ruleset to nft: {e}")));

@@ -104,6 +104,10 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
     add(settings::DEFAULT_CONTAINER, app);
     add(settings::CREATED_BY, "protomesh".into());
     add(settings::PROXY_VERSION, VERSION.into());
+    // Said on the pod, whatever the injector's default: the CNI plugin reads it.
+    if let Some(capture) = &settings.capture {
+        add(settings::CAPTURE_BY, capture.by.as_str().into());
+    }
     let status = Status {
         version: VERSION.into(),
         container: SIDECAR.into(),

@@ -12,7 +12,6 @@ use serde_json::{Map, Value, json};
 
 use super::settings::Capture;
 use super::{ADMIN_PORT, INBOUND_PORT, SIDECAR};
-use crate::capture::PortRange;
 
 const KINDS: [(&str, &str); 3] =
     [("startupProbe", "startup"), ("readinessProbe", "readiness"), ("livenessProbe", "liveness")];
@@ -29,10 +28,7 @@ pub struct Original {
 /// Points the app containers' probes in `spec` at the admin server. Returns
 /// the originals, and the sidecar's `admin.app_probes` (empty when none moved).
 pub fn redirect(spec: &mut Value, capture: &Capture) -> Result<(Vec<Original>, Map<String, Value>), String> {
-    let skipped: Vec<PortRange> = match &capture.skip_inbound_ports {
-        Some(ports) => ports.split(',').filter_map(|port| port.trim().parse().ok()).collect(),
-        None => Vec::new(),
-    };
+    let skipped = &capture.skip_inbound_ports;
     let (mut originals, mut app_probes) = (Vec::new(), Map::new());
     let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) else {
         return Ok((originals, app_probes));
@@ -135,10 +131,15 @@ mod tests {
 
     fn capture(skip_inbound_ports: Option<&str>) -> Capture {
         Capture {
+            by: Default::default(),
             image: "init".into(),
-            skip_inbound_ports: skip_inbound_ports.map(str::to_string),
-            skip_outbound_ports: None,
-            skip_outbound_cidrs: None,
+            skip_inbound_ports: skip_inbound_ports
+                .iter()
+                .flat_map(|p| p.split(','))
+                .map(|p| p.parse().unwrap())
+                .collect(),
+            skip_outbound_ports: Vec::new(),
+            skip_outbound_cidrs: Vec::new(),
         }
     }
 

@@ -4,8 +4,10 @@
 
 use serde_json::{Map, Value};
 
-use super::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, VERSION};
-use crate::capture::PortRange;
+use ipnet::IpNet;
+
+use super::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, SIDECAR_UID, VERSION};
+use crate::capture::{CaptureRules, PortRange};
 
 /// The label (or namespace label) that opts a pod in (`enabled`) or out (`disabled`).
 pub const INJECT: &str = "protomesh.io/inject";
@@ -28,6 +30,7 @@ pub const SERVICE_NAME: &str = "protomesh.io/service-name";
 pub const OTLP_ENDPOINT: &str = "protomesh.io/otlp-endpoint";
 pub const LOG_LEVEL: &str = "protomesh.io/log-level";
 pub const CAPTURE: &str = "protomesh.io/capture";
+pub const CAPTURE_BY: &str = "protomesh.io/capture-by";
 pub const INBOUND_MTLS: &str = "protomesh.io/inbound-mtls";
 pub const INIT_IMAGE: &str = "protomesh.io/init-image";
 pub const SKIP_INBOUND_PORTS: &str = "protomesh.io/skip-inbound-ports";
@@ -48,14 +51,53 @@ pub fn default_init_image() -> String {
     format!("ghcr.io/protomesh/protomesh-init:{VERSION}")
 }
 
-/// What the capture rules leave alone, as `protomesh init` reads it
-/// (comma-separated, checked here so that a bad value fails injection, not the pod).
+/// Who installs a pod's capture rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureBy {
+    /// The `protomesh-init` init container, which needs NET_ADMIN.
+    #[default]
+    Init,
+    /// The node's `protomesh-cni` plugin, as the pod's network is set up:
+    /// the pod needs no capability, and an init container that runs as the
+    /// app checks that the rules are there.
+    Cni,
+}
+
+impl CaptureBy {
+    /// As `protomesh.io/capture-by` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureBy::Init => "init",
+            CaptureBy::Cni => "cni",
+        }
+    }
+}
+
+/// Who installs the capture rules and what they leave alone (read here, so
+/// that a bad value fails injection, not the pod).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
+    pub by: CaptureBy,
     pub image: String,
-    pub skip_inbound_ports: Option<String>,
-    pub skip_outbound_ports: Option<String>,
-    pub skip_outbound_cidrs: Option<String>,
+    pub skip_inbound_ports: Vec<PortRange>,
+    pub skip_outbound_ports: Vec<PortRange>,
+    pub skip_outbound_cidrs: Vec<IpNet>,
+}
+
+impl Capture {
+    /// The pod's rules: what `protomesh init` reads from its container's
+    /// variables, and what the CNI plugin installs.
+    pub fn rules(&self) -> CaptureRules {
+        CaptureRules {
+            proxy_uid: SIDECAR_UID,
+            outbound_port: OUTBOUND_PORT,
+            inbound_port: INBOUND_PORT,
+            admin_port: ADMIN_PORT,
+            skip_inbound_ports: self.skip_inbound_ports.clone(),
+            skip_outbound_ports: self.skip_outbound_ports.clone(),
+            skip_outbound_cidrs: self.skip_outbound_cidrs.clone(),
+        }
+    }
 }
 
 /// How the sidecar joins the pod.
@@ -116,6 +158,8 @@ pub struct Settings {
 pub struct Defaults {
     /// The sidecar image, unless the pod names one.
     pub image: Option<String>,
+    /// Who installs the capture rules, unless the pod says.
+    pub capture_by: CaptureBy,
 }
 
 impl Settings {
@@ -180,21 +224,24 @@ impl Settings {
         let capture = match get(CAPTURE).as_deref() {
             None | Some("disabled") => None,
             Some("enabled") => {
-                let list = |name: &str, parse: fn(&str) -> bool, valid: &str| match get(name) {
-                    Some(value) if !value.split(',').all(|item| parse(item.trim())) => {
-                        Err(invalid(name, &value, valid))
-                    }
-                    value => Ok(value),
-                };
-                let port = |item: &str| item.parse::<PortRange>().is_ok();
                 let ports = "ports or ranges separated by commas, e.g. 22,9000-9100";
+                let by = match get(CAPTURE_BY).as_deref() {
+                    None => defaults.capture_by,
+                    Some("init") => CaptureBy::Init,
+                    Some("cni") => CaptureBy::Cni,
+                    Some(other) => {
+                        let valid = "`init` (an init container with NET_ADMIN) or `cni` (the node's protomesh-cni)";
+                        return Err(invalid(CAPTURE_BY, other, valid));
+                    }
+                };
                 Some(Capture {
+                    by,
                     image: get(INIT_IMAGE).unwrap_or_else(default_init_image),
-                    skip_inbound_ports: list(SKIP_INBOUND_PORTS, port, ports)?,
-                    skip_outbound_ports: list(SKIP_OUTBOUND_PORTS, port, ports)?,
+                    skip_inbound_ports: list(get(SKIP_INBOUND_PORTS), SKIP_INBOUND_PORTS, ports)?,
+                    skip_outbound_ports: list(get(SKIP_OUTBOUND_PORTS), SKIP_OUTBOUND_PORTS, ports)?,
                     skip_outbound_cidrs: list(
+                        get(SKIP_OUTBOUND_CIDRS),
                         SKIP_OUTBOUND_CIDRS,
-                        |item| item.parse::<ipnet::IpNet>().is_ok(),
                         "networks separated by commas, e.g. 10.96.0.0/12,169.254.169.254/32",
                     )?,
                 })
@@ -256,14 +303,8 @@ impl Settings {
                 ),
             };
         };
-        let skipped: Vec<PortRange> = capture
-            .skip_inbound_ports
-            .iter()
-            .flat_map(|ports| ports.split(','))
-            .filter_map(|item| item.trim().parse().ok())
-            .collect();
         let (skipped, captured): (Vec<u16>, Vec<u16>) =
-            ports.into_iter().partition(|port| skipped.iter().any(|range| range.contains(*port)));
+            ports.into_iter().partition(|port| capture.skip_inbound_ports.iter().any(|range| range.contains(*port)));
         let permissive = self.inbound_mtls.as_deref() == Some("permissive");
         match (permissive, &captured[..], &skipped[..]) {
             (true, [_, ..], _) => {
@@ -287,6 +328,12 @@ fn declared_ports(spec: Option<&Value>) -> Vec<u16> {
 
 fn label(labels: Option<&Map<String, Value>>, name: &str) -> Option<String> {
     labels?.get(name)?.as_str().map(str::to_string)
+}
+
+/// A comma-separated annotation's items, each parsed; an empty list when it is not set.
+fn list<T: std::str::FromStr>(value: Option<String>, name: &str, valid: &str) -> Result<Vec<T>, String> {
+    let Some(value) = value else { return Ok(Vec::new()) };
+    value.split(',').map(|item| item.trim().parse().map_err(|_| invalid(name, &value, valid))).collect()
 }
 
 fn invalid(annotation: &str, value: &str, valid: &str) -> String {

@@ -1,12 +1,13 @@
 //! The sidecar as injection adds it: its container (configured through
 //! `PROTOMESH_*` variables, the downward API and mounted files, with probes
 //! on the admin port and a restricted security context), the volumes it
-//! mounts (identity, contracts, mesh config), and the init container that
-//! installs the capture rules.
+//! mounts (identity, contracts, mesh config), and the init container of
+//! capture: the one that installs the rules, or with the CNI plugin the one
+//! that checks them.
 
 use serde_json::{Map, Value, json};
 
-use super::settings::{Capture, IdentitySource, Mode, Settings};
+use super::settings::{Capture, CaptureBy, IdentitySource, Mode, Settings};
 use super::{ADMIN_PORT, INBOUND_PORT, INIT, OUTBOUND_PORT, SIDECAR, SIDECAR_UID};
 
 pub const IDENTITY_VOLUME: &str = "protomesh-identity";
@@ -22,9 +23,16 @@ const DRAIN_MARGIN_SECONDS: u64 = 5;
 /// with what is left of the grace period but at least the kubelet's minimum
 /// of 2 s: its drain fits in that, and has little left to wait for.
 const NATIVE_DRAIN_SECONDS: u64 = 1;
+/// The user `protomesh init --validate` runs as: any but the sidecar's.
+const VALIDATE_UID: u32 = 2103;
 
 fn env(name: &str, value: impl Into<String>) -> Value {
     json!({ "name": name, "value": value.into() })
+}
+
+/// A list as `protomesh init`'s flags take it: comma separated.
+fn joined<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn field_env(name: &str, path: &str) -> Value {
@@ -146,8 +154,12 @@ pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value 
     container
 }
 
-/// The init container that runs `protomesh init`: root with NET_ADMIN alone,
-/// which changing the pod's netfilter rules takes, and nothing else.
+/// The init container of capture. With `protomesh init` installing the rules:
+/// root with NET_ADMIN alone, which changing the pod's netfilter rules takes,
+/// and nothing else. With the CNI plugin having installed them:
+/// `protomesh init --validate`, with no privilege at all (and as a user other
+/// than the sidecar's, whose connections the rules leave alone), so that a
+/// pod on a node without the plugin fails to start rather than run uncaptured.
 pub fn init_container(capture: &Capture) -> Value {
     let mut vars = vec![
         env("PROTOMESH_PROXY_UID", SIDECAR_UID.to_string()),
@@ -156,31 +168,50 @@ pub fn init_container(capture: &Capture) -> Value {
         env("PROTOMESH_ADMIN_PORT", ADMIN_PORT.to_string()),
     ];
     for (name, value) in [
-        ("PROTOMESH_SKIP_INBOUND_PORTS", &capture.skip_inbound_ports),
-        ("PROTOMESH_SKIP_OUTBOUND_PORTS", &capture.skip_outbound_ports),
-        ("PROTOMESH_SKIP_OUTBOUND_CIDRS", &capture.skip_outbound_cidrs),
+        ("PROTOMESH_SKIP_INBOUND_PORTS", joined(&capture.skip_inbound_ports)),
+        ("PROTOMESH_SKIP_OUTBOUND_PORTS", joined(&capture.skip_outbound_ports)),
+        ("PROTOMESH_SKIP_OUTBOUND_CIDRS", joined(&capture.skip_outbound_cidrs)),
     ] {
-        if let Some(value) = value {
-            vars.push(env(name, value.clone()));
+        if !value.is_empty() {
+            vars.push(env(name, value));
         }
     }
+    let (command, security) = match capture.by {
+        CaptureBy::Init => (
+            json!(["/protomesh", "init"]),
+            json!({
+                "runAsNonRoot": false,
+                "runAsUser": 0,
+                "runAsGroup": 0,
+                "readOnlyRootFilesystem": true,
+                "allowPrivilegeEscalation": false,
+                "privileged": false,
+                "capabilities": { "add": ["NET_ADMIN"], "drop": ["ALL"] },
+                "seccompProfile": { "type": "RuntimeDefault" },
+            }),
+        ),
+        CaptureBy::Cni => (
+            json!(["/protomesh", "init", "--validate"]),
+            json!({
+                "runAsNonRoot": true,
+                "runAsUser": VALIDATE_UID,
+                "runAsGroup": VALIDATE_UID,
+                "readOnlyRootFilesystem": true,
+                "allowPrivilegeEscalation": false,
+                "privileged": false,
+                "capabilities": { "drop": ["ALL"] },
+                "seccompProfile": { "type": "RuntimeDefault" },
+            }),
+        ),
+    };
     json!({
         "name": INIT,
         "image": capture.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/protomesh", "init"],
+        "command": command,
         "env": vars,
         "resources": { "requests": { "cpu": "10m", "memory": "16Mi" }, "limits": { "memory": "64Mi" } },
-        "securityContext": {
-            "runAsNonRoot": false,
-            "runAsUser": 0,
-            "runAsGroup": 0,
-            "readOnlyRootFilesystem": true,
-            "allowPrivilegeEscalation": false,
-            "privileged": false,
-            "capabilities": { "add": ["NET_ADMIN"], "drop": ["ALL"] },
-            "seccompProfile": { "type": "RuntimeDefault" },
-        },
+        "securityContext": security,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     })
 }
@@ -235,5 +266,36 @@ mod tests {
     fn a_native_sidecar_drains_within_what_the_kubelet_leaves_it_after_the_app_and_a_classic_one_with_the_app() {
         assert_eq!(drain_of(json!({})), "1s");
         assert_eq!(drain_of(json!({ "protomesh.io/sidecar-mode": "classic" })), "55s");
+    }
+
+    fn capture_container(annotations: Value, defaults: &Defaults) -> Value {
+        let template =
+            json!({ "metadata": { "annotations": annotations }, "spec": { "containers": [{ "name": "app" }] } });
+        let settings = Settings::read(&template, "web", defaults).unwrap();
+        init_container(settings.capture.as_ref().unwrap())
+    }
+
+    #[test]
+    fn with_the_cni_plugin_the_capture_container_only_checks_and_holds_no_privilege() {
+        let by_cni = capture_container(
+            json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "cni" }),
+            &Defaults::default(),
+        );
+        assert_eq!(by_cni["command"], json!(["/protomesh", "init", "--validate"]));
+        let security = &by_cni["securityContext"];
+        assert_eq!((&security["runAsNonRoot"], &security["capabilities"]), (&json!(true), &json!({ "drop": ["ALL"] })));
+        assert_ne!(security["runAsUser"], json!(SIDECAR_UID), "the rules leave the sidecar's user alone");
+
+        let by_init = capture_container(json!({ "protomesh.io/capture": "enabled" }), &Defaults::default());
+        assert_eq!(by_init["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN"]));
+        // The injector's default, unless the pod says otherwise.
+        let cni_default = Defaults { capture_by: CaptureBy::Cni, ..Default::default() };
+        let defaulted = capture_container(json!({ "protomesh.io/capture": "enabled" }), &cni_default);
+        assert_eq!(defaulted["command"], by_cni["command"]);
+        let overridden = capture_container(
+            json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "init" }),
+            &cni_default,
+        );
+        assert_eq!(overridden["command"], json!(["/protomesh", "init"]));
     }
 }

@@ -77,7 +77,7 @@ async fn start(tls: &Tls) -> Webhook {
         listen: addr,
         cert: secret.path().join("tls.crt"),
         key: secret.path().join("tls.key"),
-        defaults: Defaults { image: Some("registry.example/protomesh:test".into()) },
+        defaults: Defaults { image: Some("registry.example/protomesh:test".into()), ..Default::default() },
         reload_interval: Duration::from_secs(60),
     };
     tokio::spawn(webhook::serve(listener, config));
@@ -197,7 +197,7 @@ async fn the_patch_applied_to_the_pod_is_what_inject_makes_of_it_and_a_reinvocat
         namespace: Some("shop"),
         namespace_injection: Some("enabled"),
         workload: &inject::workload_of_pod(&pod),
-        defaults: Defaults { image: Some("registry.example/protomesh:test".into()) },
+        defaults: Defaults { image: Some("registry.example/protomesh:test".into()), ..Default::default() },
         ..Default::default()
     };
     let Verdict::Injected(injected, _) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };

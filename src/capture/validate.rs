@@ -1,0 +1,92 @@
+//! `protomesh init --validate`: that the pod's capture rules are in place,
+//! checked as the app meets them, by a process with no privilege (the node's
+//! CNI plugin installed them). It listens where the rules send the app's
+//! outbound connections, dials an address outside the pod, and looks for its
+//! own connection arriving there with the address it dialled as its original
+//! destination.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::destination::original_destination;
+use super::rules::CaptureRules;
+
+/// Documentation networks (RFC 5737): nothing answers there, so only the
+/// rules' redirect can take the connection.
+const PROBES: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(203, 0, 113, 1)];
+const PORTS: [u16; 4] = [80, 443, 8080, 50051];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error(
+        "the pod's capture rules are not in place: a connection to {dialled} did not reach the sidecar's outbound port \
+         {port} ({why}). The pod asks the node's protomesh-cni plugin for its rules (protomesh.io/capture-by: cni): \
+         check that the protomesh-cni DaemonSet runs on this node and that its plugin is in the node's CNI \
+         configuration, or set protomesh.io/capture-by: init"
+    )]
+    NotCaptured { dialled: SocketAddr, port: u16, why: String },
+    #[error("cannot listen on 127.0.0.1:{port}, where the rules send the app's connections: {error}")]
+    Listen { port: u16, error: std::io::Error },
+    #[error(
+        "every address tried is left uncaptured by the skip lists (--skip-outbound-ports, --skip-outbound-cidrs): \
+         nothing can show that the rules are in place"
+    )]
+    NothingToDial,
+}
+
+/// Checks within `timeout` that the app's outbound connections reach the
+/// sidecar's outbound port.
+pub async fn validate(rules: &CaptureRules, timeout: Duration) -> Result<(), ValidateError> {
+    let port = rules.outbound_port;
+    let listener =
+        TcpListener::bind(("127.0.0.1", port)).await.map_err(|error| ValidateError::Listen { port, error })?;
+    let dialled = probe_address(rules).ok_or(ValidateError::NothingToDial)?;
+    let not_captured = |why: String| ValidateError::NotCaptured { dialled, port, why };
+    let token: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let dial = async {
+        let mut tcp = TcpStream::connect(dialled).await?;
+        tcp.write_all(&token).await?;
+        // Held open until the listener has read the token.
+        let mut end = [0u8; 1];
+        let _ = tcp.read(&mut end).await;
+        Ok::<_, std::io::Error>(())
+    };
+    let arrive = async {
+        loop {
+            let (mut tcp, _) = listener.accept().await?;
+            let mut read = [0u8; 16];
+            if tcp.read_exact(&mut read).await.is_ok() && read == token {
+                return Ok::<_, std::io::Error>(original_destination(&tcp));
+            }
+        }
+    };
+    let arrived = tokio::time::timeout(timeout, async {
+        tokio::pin!(dial);
+        tokio::select! {
+            arrived = arrive => arrived.map_err(|e| format!("accepting: {e}")),
+            dialled = &mut dial => match dialled {
+                Ok(()) => Err("the connection ended before it arrived".to_string()),
+                Err(error) => Err(format!("connecting: {error}")),
+            },
+        }
+    })
+    .await
+    .map_err(|_| not_captured(format!("nothing arrived within {timeout:?}")))?
+    .map_err(not_captured)?;
+    match arrived {
+        Some(original) if original == dialled => Ok(()),
+        other => Err(not_captured(format!("it arrived with original destination {other:?}"))),
+    }
+}
+
+/// An address outside the pod that the rules capture.
+fn probe_address(rules: &CaptureRules) -> Option<SocketAddr> {
+    let port = PORTS.into_iter().find(|port| !rules.skip_outbound_ports.iter().any(|range| range.contains(*port)))?;
+    let ip =
+        PROBES.into_iter().find(|ip| !rules.skip_outbound_cidrs.iter().any(|net| net.contains(&IpAddr::V4(*ip))))?;
+    Some(SocketAddr::new(ip.into(), port))
+}
