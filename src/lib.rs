@@ -13,6 +13,7 @@ pub mod app;
 pub mod call;
 pub mod capture;
 pub mod check;
+pub mod cni;
 pub mod config;
 pub mod contract;
 pub mod digest;

@@ -232,6 +232,15 @@ impl ApiServer {
         self.put_pod(namespace, name, app, account, vec![sidecar], vec![init]);
     }
 
+    /// Creates or replaces a pod given whole, as the API returns it (an
+    /// injected pod as `protomesh inject` made it, say).
+    pub fn put_pod_object(&self, pod: Value) {
+        let (namespace, name) =
+            (pod["metadata"]["namespace"].as_str().unwrap(), pod["metadata"]["name"].as_str().unwrap());
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        self.put(PODS, &namespace, &name, pod);
+    }
+
     /// As [`ApiServer::pod`], not injected: no sidecar.
     pub fn unmeshed_pod(&self, namespace: &str, name: &str, app: &str, account: &str) {
         self.put_pod(namespace, name, app, account, Vec::new(), Vec::new());
@@ -426,6 +435,14 @@ impl ApiServer {
                     None => status(StatusCode::NOT_FOUND, "NotFound", &format!("services \"{name}\" not found")),
                 }
             }
+            ["api", "v1", "namespaces", namespace, "pods", name] => {
+                self.count("get");
+                let store = self.store.lock().unwrap();
+                match store.objects.get(&(PODS, namespace.to_string(), name.to_string())) {
+                    Some(pod) => json_response(pod),
+                    None => status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{name}\" not found")),
+                }
+            }
             ["apis", "discovery.k8s.io", "v1", "namespaces", _, "endpointslices"]
             | ["api", "v1", "namespaces", _, "pods"]
             | ["api", "v1", "pods"] => {
@@ -607,6 +624,7 @@ impl<'a> Asked<'a> {
             ["api", "v1", "nodes", name] => ("get", "", "nodes", None, Some(name)),
             ["api", "v1", "namespaces", ns, "services", name] => ("get", "", "services", Some(ns), Some(name)),
             ["api", "v1", "namespaces", ns, "pods"] => (collection, "", "pods", Some(ns), None),
+            ["api", "v1", "namespaces", ns, "pods", name] => ("get", "", "pods", Some(ns), Some(name)),
             ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => {
                 (collection, "discovery.k8s.io", "endpointslices", Some(ns), None)
             }

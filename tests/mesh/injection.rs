@@ -257,7 +257,7 @@ fn injected_manifests_and_the_kubernetes_bases_validate_against_the_schemas() {
         std::fs::write(&file, rendered).unwrap();
         file
     };
-    for base in ["injector", "identity", "discovery", "sample", "jaeger"] {
+    for base in ["injector", "identity", "discovery", "cni", "sample", "jaeger"] {
         let objects = kustomize(&Path::new(REPO).join("k8s").join(base));
         let (crds, core): (Vec<Value>, Vec<Value>) =
             objects.into_iter().partition(|o| o["apiVersion"].as_str().unwrap().starts_with("cert-manager.io/"));

@@ -9,6 +9,7 @@ mod capture;
 mod cli;
 mod cluster;
 mod cluster_ip;
+mod cni;
 mod deadlines;
 mod faults;
 mod harness;

@@ -173,6 +173,28 @@ impl Node {
         })
     }
 
+    /// A new pod whose network `set_up` makes, as a container runtime's CNI
+    /// plugins do: given the node's namespace, where they run, and the pod's
+    /// (empty) namespace, it returns the address they gave the pod's `eth0`.
+    pub fn pod_by(&self, set_up: impl FnOnce(&str, &Path) -> Ipv4Addr) -> Pod {
+        let index = self.pods.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = format!("{}p{index}", self.name);
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        let address = set_up(&self.name, &Path::new("/run/netns").join(&name));
+        Pod { name, address, interface: "eth0".into(), subnet: self.subnet, index: u16::from(address.octets()[3]) }
+    }
+
+    /// The node's network namespace.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The /24 of the node's bridge, `br0`, and its gateway address.
+    pub fn subnet(&self) -> (String, Ipv4Addr) {
+        (format!("10.213.{}.0/24", self.subnet), Self::gateway(self.subnet))
+    }
+
     /// A new pod on the bridge, with the next address.
     pub fn pod(&self) -> Pod {
         let index = self.pods.fetch_add(1, Ordering::Relaxed) + 1;
