@@ -7,10 +7,13 @@
 //! as it came, byte for byte in meaning: it is kept as JSON, never parsed
 //! into types that could drop a field a later plugin needs.
 //!
+//! `install.rs` is the DaemonSet's part: it puts the plugin on the node.
+//!
 //! Hand-written rather than on a CNI crate: the protocol is a few variables,
 //! a JSON document in and one out, and the Rust crates for it are young and
 //! parse the previous result into types of their own.
 
+pub mod install;
 mod netns;
 
 use std::collections::HashMap;

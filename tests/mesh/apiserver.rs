@@ -33,7 +33,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-const TOKEN: &str = "test-service-account-token";
+pub const TOKEN: &str = "test-service-account-token";
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
@@ -151,6 +151,11 @@ impl ApiServer {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         };
         self.serve(listener);
+    }
+
+    /// The CA certificate the server's is signed by, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
     }
 
     /// A kubeconfig for this server, written into `dir`.

@@ -47,29 +47,43 @@ struct Failure {
     error: Value,
 }
 
+/// The node's network configuration before protomesh-cni: a bridge, its
+/// pods' addresses from host-local.
+fn bridge_list(node: &Node, files: &Path) -> Value {
+    let (subnet, gateway) = node.subnet();
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "br0",
+                "isGateway": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": subnet, "rangeStart": subnet.replace(".0/24", ".100"), "gateway": gateway.to_string() }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": files.join("ipam").display().to_string(),
+                },
+            },
+        ],
+    })
+}
+
 impl Runtime {
     fn new(node: &Node, files: &Path, kubeconfig: &Path) -> Runtime {
-        let (subnet, gateway) = node.subnet();
-        let list = json!({
-            "cniVersion": "1.0.0",
-            "name": "k8s-pod-network",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": "br0",
-                    "isGateway": false,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{ "subnet": subnet, "rangeStart": subnet.replace(".0/24", ".100"), "gateway": gateway.to_string() }]],
-                        "routes": [{ "dst": "0.0.0.0/0" }],
-                        "dataDir": files.join("ipam").display().to_string(),
-                    },
-                },
-                { "type": "protomesh-cni", "kubeconfig": kubeconfig.display().to_string() },
-            ],
-        });
+        let mut list = bridge_list(node, files);
+        let ours = json!({ "type": "protomesh-cni", "kubeconfig": kubeconfig.display().to_string() });
+        list["plugins"].as_array_mut().unwrap().push(ours);
         let ours = Path::new(env!("CARGO_BIN_EXE_protomesh-cni")).parent().unwrap().display().to_string();
         Runtime { list, path: format!("{PLUGINS}:{ours}") }
+    }
+
+    /// The runtime of a node where `protomesh-cni install` ran: its list
+    /// read from `conf_dir`, plugins from `bin_dir` and Debian's.
+    fn installed(conf_dir: &Path, bin_dir: &Path) -> Runtime {
+        let list = serde_json::from_slice(&std::fs::read(conf_dir.join("10-bridge.conflist")).unwrap()).unwrap();
+        Runtime { list, path: format!("{}:{PLUGINS}", bin_dir.display()) }
     }
 
     /// Runs `command` (ADD, CHECK: in order; DEL: in reverse) for the pod
@@ -173,7 +187,7 @@ fn api_server(node: &Node, granted: bool) -> Arc<ApiServer> {
             let rbac = protomesh::kube::manifest::read(&root.join("k8s/cni/rbac.yaml")).unwrap().documents;
             let rbac =
                 if granted { rbac } else { rbac.into_iter().filter(|o| o["kind"] != "ClusterRoleBinding").collect() };
-            api.authorize(("protomesh-system", "protomesh-cni"), &rbac);
+            api.authorize(("kube-system", "protomesh-cni"), &rbac);
             sender.send(api).unwrap();
             std::future::pending::<()>().await
         })
@@ -350,4 +364,68 @@ fn a_pod_captured_by_the_plugin_calls_a_service_over_mtls_with_no_init_container
     stop.store(true, std::sync::atomic::Ordering::Release);
     assert_eq!((reply.message.as_str(), reply.caller.as_str()), ("secret-cni-canary", id("client").as_str()));
     assert!(!contains(&seen.join().unwrap(), b"secret-cni-canary"), "the call crossed the node in plaintext");
+}
+
+/// Waits up to 10 s for `done`.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_daemonsets_installer_chains_the_plugin_keeps_it_chained_and_takes_it_out_when_stopped() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let node = Node::new();
+    let files = tempfile::tempdir().unwrap();
+    let api = api_server(&node, true);
+    let [conf_dir, bin_dir, account] = ["net.d", "bin", "account"].map(|dir| files.path().join(dir));
+    for dir in [&conf_dir, &bin_dir, &account] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let list_file = conf_dir.join("10-bridge.conflist");
+    let primary = bridge_list(&node, files.path());
+    std::fs::write(&list_file, primary.to_string()).unwrap();
+    std::fs::write(account.join("token"), crate::apiserver::TOKEN).unwrap();
+    std::fs::write(account.join("ca.crt"), api.ca_pem()).unwrap();
+
+    // As the DaemonSet runs it, with the node's directories where its hostPath volumes put them.
+    let log = files.path().join("install.log");
+    let mut installer = Stopped(
+        Command::new(env!("CARGO_BIN_EXE_protomesh-cni"))
+            .arg("install")
+            .args(["--conf-dir".as_ref(), conf_dir.as_os_str(), "--node-conf-dir".as_ref(), conf_dir.as_os_str()])
+            .args(["--bin-dir".as_ref(), bin_dir.as_os_str(), "--account-dir".as_ref(), account.as_os_str()])
+            .args(["--api-server", &format!("https://{}", api.addr)])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let list = || serde_json::from_slice::<Value>(&std::fs::read(&list_file).unwrap()).unwrap_or(Value::Null);
+    let chained = || list()["plugins"].as_array().is_some_and(|p| p.iter().any(|p| p["type"] == "protomesh-cni"));
+    eventually("the plugin chained", chained);
+    assert!(bin_dir.join("protomesh-cni").exists());
+    assert_eq!(list()["plugins"][0], primary["plugins"][0], "the primary plugin's entry is as it was");
+
+    // A pod the node sets up with the installed list and plugin gets its rules.
+    injected_pod(&api, "captured", json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "cni" }));
+    let (pod, _) = Runtime::installed(&conf_dir, &bin_dir).pod(&node, "captured").unwrap_or_else(|f| panic!("{f:?}"));
+    assert!(table(&pod).contains("redirect to :4140"), "{}", table(&pod));
+
+    // The primary plugin writes its list anew: chained again.
+    std::fs::write(&list_file, primary.to_string()).unwrap();
+    eventually("chained again after a rewrite", chained);
+
+    // The DaemonSet's pod deleted: the plugin is taken out, the rest left.
+    let pid = installer.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    eventually("the installer exits", || installer.0.try_wait().unwrap().is_some());
+    assert!(installer.0.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(list()["plugins"], primary["plugins"]);
+    assert!(!conf_dir.join("protomesh-cni.kubeconfig").exists());
 }
