@@ -98,6 +98,10 @@ pub struct NetConf {
     /// The nft program on the node.
     #[serde(default = "defaults::nft")]
     pub nft: PathBuf,
+    /// Namespaces whose pods pass without a question to the API server, so
+    /// that the cluster's own pods start even while it does not answer.
+    #[serde(default = "defaults::exclude_namespaces")]
+    pub exclude_namespaces: Vec<String>,
 }
 
 mod defaults {
@@ -109,6 +113,10 @@ mod defaults {
 
     pub fn nft() -> PathBuf {
         "nft".into()
+    }
+
+    pub fn exclude_namespaces() -> Vec<String> {
+        vec!["kube-system".into()]
     }
 }
 
@@ -200,6 +208,9 @@ fn netns_of(invocation: &Invocation) -> Result<PathBuf, Error> {
 /// Kubernetes pod, and passes.
 async fn capture_rules(invocation: &Invocation, conf: &NetConf) -> Result<Option<CaptureRules>, Error> {
     let Some((namespace, name)) = invocation.pod() else { return Ok(None) };
+    if conf.exclude_namespaces.iter().any(|excluded| excluded == namespace) {
+        return Ok(None);
+    }
     let pod = tokio::time::timeout(LOOKUP_TIMEOUT, read_pod(conf, namespace, name)).await.map_err(|_| {
         Error::new(TRY_AGAIN_LATER, format!("reading pod {namespace}/{name}: no answer within {LOOKUP_TIMEOUT:?}"))
     })??;
@@ -270,6 +281,12 @@ mod tests {
             (&added["vendor"], &added["ips"], &added["cniVersion"]),
             (&previous["vendor"], &previous["ips"], &json!("1.1.0"))
         );
+        // A pod of an excluded namespace passes without a question to the API (whose kubeconfig is missing here).
+        let system =
+            Invocation::from_vars(vars("ADD", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1")).unwrap();
+        assert!(run(&system, conf.to_string().as_bytes()).await.unwrap().is_some());
+        let shop = Invocation::from_vars(vars("ADD", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0")).unwrap();
+        assert_eq!(run(&shop, conf.to_string().as_bytes()).await.unwrap_err().code, INVALID_CONFIG, "no kubeconfig");
         let garbled = run(&Invocation::from_vars(vars("ADD", "")).unwrap(), b"{").await.unwrap_err();
         assert_eq!(garbled.code, DECODING_FAILED);
     }
