@@ -32,6 +32,7 @@ pub const LOG_LEVEL: &str = "protomesh.io/log-level";
 pub const CAPTURE: &str = "protomesh.io/capture";
 pub const CAPTURE_BY: &str = "protomesh.io/capture-by";
 pub const INBOUND_MTLS: &str = "protomesh.io/inbound-mtls";
+pub const PERMISSIVE_PORTS: &str = "protomesh.io/permissive-ports";
 pub const INIT_IMAGE: &str = "protomesh.io/init-image";
 pub const SKIP_INBOUND_PORTS: &str = "protomesh.io/skip-inbound-ports";
 pub const SKIP_OUTBOUND_PORTS: &str = "protomesh.io/skip-outbound-ports";
@@ -151,6 +152,9 @@ pub struct Settings {
     pub capture: Option<Capture>,
     /// `inbound.mtls.mode` for captured connections, when the pod sets it.
     pub inbound_mtls: Option<String>,
+    /// App ports that also take plaintext from outside the mesh (a
+    /// LoadBalancer's or NodePort's target), the rest staying strict.
+    pub permissive_ports: Vec<u16>,
 }
 
 /// What the injector knows beyond the pod template.
@@ -258,6 +262,11 @@ impl Settings {
             Some(mode @ ("strict" | "permissive")) => Some(mode.to_string()),
             Some(other) => return Err(invalid(INBOUND_MTLS, other, "`strict` or `permissive`")),
         };
+        let valid = "app ports separated by commas, e.g. 8080,8443";
+        let permissive_ports: Vec<u16> = list(get(PERMISSIVE_PORTS), PERMISSIVE_PORTS, valid)?;
+        if permissive_ports.contains(&0) {
+            return Err(invalid(PERMISSIVE_PORTS, &get(PERMISSIVE_PORTS).unwrap_or_default(), valid));
+        }
         Ok(Settings {
             mode,
             image: get(IMAGE).or_else(|| defaults.image.clone()).unwrap_or_else(default_image),
@@ -283,6 +292,7 @@ impl Settings {
             grace_seconds,
             capture,
             inbound_mtls,
+            permissive_ports,
         })
     }
 }
@@ -303,16 +313,32 @@ impl Settings {
                 ),
             };
         };
-        let (skipped, captured): (Vec<u16>, Vec<u16>) =
-            ports.into_iter().partition(|port| capture.skip_inbound_ports.iter().any(|range| range.contains(*port)));
-        let permissive = self.inbound_mtls.as_deref() == Some("permissive");
-        match (permissive, &captured[..], &skipped[..]) {
-            (true, [_, ..], _) => {
-                format!("plaintext: {} (protomesh.io/inbound-mtls: permissive)", list(&[captured, skipped].concat()))
+        let pod_permissive = self.inbound_mtls.as_deref() == Some("permissive");
+        let why = |port: u16| {
+            if capture.skip_inbound_ports.iter().any(|range| range.contains(port)) {
+                Some("protomesh.io/skip-inbound-ports")
+            } else if pod_permissive {
+                Some("protomesh.io/inbound-mtls: permissive")
+            } else if self.permissive_ports.contains(&port) {
+                Some(PERMISSIVE_PORTS)
+            } else {
+                None
             }
-            (_, _, [_, ..]) => format!("plaintext: {} (protomesh.io/skip-inbound-ports)", list(&skipped)),
-            _ => "plaintext: none (every captured port takes mTLS only)".into(),
+        };
+        // Ports by why they take plaintext, each reason once, in the order of the ports.
+        let mut open: Vec<(&str, Vec<u16>)> = Vec::new();
+        for port in ports {
+            let Some(reason) = why(port) else { continue };
+            match open.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, ports)) => ports.push(port),
+                None => open.push((reason, vec![port])),
+            }
         }
+        if open.is_empty() {
+            return "plaintext: none (every captured port takes mTLS only)".into();
+        }
+        let groups: Vec<String> = open.iter().map(|(reason, ports)| format!("{} ({reason})", list(ports))).collect();
+        format!("plaintext: {}", groups.join("; "))
     }
 }
 
@@ -420,6 +446,10 @@ mod tests {
         assert!(err.starts_with("annotation protomesh.io/skip-outbound-cidrs: `10.0.0.0/33`"), "{err}");
         assert!(read(json!({"protomesh.io/capture": "yes"})).contains("`enabled` or `disabled`"));
         assert!(read(json!({"protomesh.io/inbound-mtls": "loose"})).contains("`strict` or `permissive`"));
+        for bad in ["http", "0", "8080-8090"] {
+            let err = read(json!({"protomesh.io/permissive-ports": bad}));
+            assert!(err.starts_with("annotation protomesh.io/permissive-ports:"), "{err}");
+        }
         assert!(read(json!({"protomesh.io/contracts-mode": "open"})).contains("`strict` or `permissive`"));
     }
 
@@ -437,6 +467,11 @@ mod tests {
         assert_eq!(said(skipped), "plaintext: 9100 (protomesh.io/skip-inbound-ports)");
         let permissive = json!({"protomesh.io/capture": "enabled", "protomesh.io/inbound-mtls": "permissive"});
         assert_eq!(said(permissive), "plaintext: 9090, 9100 (protomesh.io/inbound-mtls: permissive)");
+        let one = json!({"protomesh.io/capture": "enabled", "protomesh.io/permissive-ports": "9090", "protomesh.io/skip-inbound-ports": "9100"});
+        assert_eq!(
+            said(one),
+            "plaintext: 9090 (protomesh.io/permissive-ports); 9100 (protomesh.io/skip-inbound-ports)"
+        );
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value 
         if let Some(mode) = &settings.inbound_mtls {
             vars.push(env("PROTOMESH_INBOUND__MTLS__MODE", mode.clone()));
         }
+        if !settings.permissive_ports.is_empty() {
+            let ports: Vec<String> =
+                settings.permissive_ports.iter().map(|port| format!("{port}: permissive")).collect();
+            vars.push(env("PROTOMESH_INBOUND__MTLS__PORTS", format!("{{{}}}", ports.join(", "))));
+        }
     }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).expect("JSON values serialize");
@@ -297,5 +302,26 @@ mod tests {
             &cni_default,
         );
         assert_eq!(overridden["command"], json!(["/protomesh", "init"]));
+    }
+
+    #[test]
+    fn permissive_ports_reach_the_sidecars_config_and_the_others_stay_strict() {
+        use crate::config::MtlsMode;
+        let annotations = json!({ "protomesh.io/capture": "enabled", "protomesh.io/permissive-ports": "8080,8443" });
+        let template = json!({ "metadata": { "annotations": annotations }, "spec": { "containers": [{ "name": "app", "ports": [{ "containerPort": 7070 }] }] } });
+        let settings = Settings::read(&template, "web", &Defaults::default()).unwrap();
+        let sidecar = container(&settings, &Map::new());
+        // The container's variables, as the sidecar reads them at start.
+        let vars = sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|var| Some((var["name"].as_str()?.to_string(), var["value"].as_str()?.to_string())));
+        let config = crate::config::load(None, vars).unwrap();
+        let mtls = &config.inbound.unwrap().mtls;
+        assert_eq!(
+            [8080, 8443, 7070].map(|port| mtls.mode_for(port)),
+            [MtlsMode::Permissive, MtlsMode::Permissive, MtlsMode::Strict]
+        );
     }
 }
