@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(found.len() <= MAX_ENDPOINTS);
         assert!(found.windows(2).all(|pair| pair[0] < pair[1]), "sorted and distinct");
     }
-    for pod in &pod {
+    if let Some(pod) = &pod {
         let addr = "10.0.0.1:8080".parse().unwrap();
         if let Some(found) = endpoint_of(pod, addr) {
             assert_eq!(found.addr, addr, "the endpoint is at the address asked about");
