@@ -257,12 +257,12 @@ fn injected_manifests_and_the_kubernetes_bases_validate_against_the_schemas() {
         std::fs::write(&file, rendered).unwrap();
         file
     };
-    for base in ["injector", "identity", "discovery", "cni", "sample", "jaeger"] {
+    for base in ["injector", "identity", "identity/every-service-account", "discovery", "cni", "sample", "jaeger"] {
         let objects = kustomize(&Path::new(REPO).join("k8s").join(base));
         let (crds, core): (Vec<Value>, Vec<Value>) =
             objects.into_iter().partition(|o| o["apiVersion"].as_str().unwrap().starts_with("cert-manager.io/"));
         crds.iter().for_each(check_cert_manager);
-        files.push(write(format!("{base}.yaml"), &core));
+        files.push(write(format!("{}.yaml", base.replace('/', "-")), &core));
         // The sample as the webhook will run it: every pod injected.
         if base == "sample" {
             let mut manifests = manifest::Manifests { format: Format::Yaml, documents: core };
