@@ -417,6 +417,14 @@ fn the_daemonsets_installer_chains_the_plugin_keeps_it_chained_and_takes_it_out_
     let (pod, _) = Runtime::installed(&conf_dir, &bin_dir).pod(&node, "captured").unwrap_or_else(|f| panic!("{f:?}"));
     assert!(table(&pod).contains("redirect to :4140"), "{}", table(&pod));
 
+    // The kubelet rotates the token: the plugin's kubeconfig follows.
+    let kubeconfig = conf_dir.join("protomesh-cni.kubeconfig");
+    assert!(std::fs::read_to_string(&kubeconfig).unwrap().contains(crate::apiserver::TOKEN));
+    std::fs::write(account.join("token"), "rotated-token").unwrap();
+    eventually("the kubeconfig holds the new token", || {
+        std::fs::read_to_string(&kubeconfig).is_ok_and(|text| text.contains("rotated-token"))
+    });
+
     // The primary plugin writes its list anew: chained again.
     std::fs::write(&list_file, primary.to_string()).unwrap();
     eventually("chained again after a rewrite", chained);
