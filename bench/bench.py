@@ -266,7 +266,11 @@ def h2load(args, port, path, body_file, log=None):
     rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output)
     if not done or not rate:
         sys.exit(f"h2load said:\n{output}")
-    return int(done.group(2)), float(rate.group(1))
+    # Every figure is of calls that succeeded: a rate of failures is no rate.
+    finished, succeeded = int(done.group(1)), int(done.group(2))
+    if succeeded < finished:
+        sys.exit(f"h2load: {finished - succeeded} of {finished} calls to {path} failed:\n{output}")
+    return succeeded, float(rate.group(1))
 
 
 def percentiles(log):
