@@ -161,6 +161,34 @@ impl Runtime {
     }
 }
 
+/// A node with its API server (the plugin's binding granted or not) and a
+/// runtime whose list chains the plugin; `None`, said why, where pods cannot be made.
+struct Setup {
+    node: Node,
+    files: tempfile::TempDir,
+    api: Arc<ApiServer>,
+    runtime: Runtime,
+}
+
+impl Setup {
+    fn start(granted: bool) -> Option<Setup> {
+        if let Some(why) = unavailable() {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        let node = Node::new();
+        let files = tempfile::tempdir().unwrap();
+        let api = api_server(&node, granted);
+        let runtime = Runtime::new(&node, files.path(), &api.kubeconfig(files.path()));
+        Some(Setup { node, files, api, runtime })
+    }
+}
+
+/// The annotations of a pod captured by the CNI plugin.
+fn by_cni() -> Value {
+    json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "cni" })
+}
+
 /// `name` as `protomesh inject` makes it, with `annotations`, in the API.
 fn injected_pod(api: &ApiServer, name: &str, annotations: Value) -> Value {
     let template = json!({
@@ -224,14 +252,7 @@ fn validate(pod: &Pod) -> std::process::Output {
 
 #[test]
 fn the_plugin_installs_the_rules_of_pods_injected_for_it_and_passes_every_other_pod_through() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let node = Node::new();
-    let files = tempfile::tempdir().unwrap();
-    let api = api_server(&node, true);
-    let runtime = Runtime::new(&node, files.path(), &api.kubeconfig(files.path()));
+    let Some(Setup { node, files, api, runtime }) = Setup::start(true) else { return };
 
     injected_pod(
         &api,
@@ -299,15 +320,8 @@ fn the_plugin_installs_the_rules_of_pods_injected_for_it_and_passes_every_other_
 
 #[test]
 fn without_its_binding_the_plugin_says_which_cluster_role_it_lacks_and_the_pod_waits() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let node = Node::new();
-    let files = tempfile::tempdir().unwrap();
-    let api = api_server(&node, false);
-    let runtime = Runtime::new(&node, files.path(), &api.kubeconfig(files.path()));
-    injected_pod(&api, "captured", json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "cni" }));
+    let Some(Setup { node, files: _files, api, runtime }) = Setup::start(false) else { return };
+    injected_pod(&api, "captured", by_cni());
     let denied = runtime.pod(&node, "captured").map(drop).unwrap_err();
     assert_eq!(denied.error["said"]["code"], 11, "{denied:?}");
     let said = denied.error["said"]["msg"].as_str().unwrap();
@@ -316,14 +330,7 @@ fn without_its_binding_the_plugin_says_which_cluster_role_it_lacks_and_the_pod_w
 
 #[test]
 fn a_pod_captured_by_the_plugin_calls_a_service_over_mtls_with_no_init_container() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let node = Node::new();
-    let files = tempfile::tempdir().unwrap();
-    let api = api_server(&node, true);
-    let runtime = Runtime::new(&node, files.path(), &api.kubeconfig(files.path()));
+    let Some(Setup { node, files, api, runtime }) = Setup::start(true) else { return };
     let sidecar = sidecar_files(files.path(), &["client", "server"]);
 
     // The server: a pod as the other capture tests make them.
@@ -341,7 +348,7 @@ fn a_pod_captured_by_the_plugin_calls_a_service_over_mtls_with_no_init_container
     await_ready(&server, &server_log);
 
     // The client: its network and rules from the CNI chain, then its sidecar; no `protomesh init`.
-    injected_pod(&api, "client", json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "cni" }));
+    injected_pod(&api, "client", by_cni());
     let (client, _) = runtime.pod(&node, "client").unwrap();
     assert!(validate(&client).status.success(), "{}", String::from_utf8_lossy(&validate(&client).stderr));
     let outbound = format!(
@@ -377,13 +384,7 @@ fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn the_daemonsets_installer_chains_the_plugin_keeps_it_chained_and_takes_it_out_when_stopped() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let node = Node::new();
-    let files = tempfile::tempdir().unwrap();
-    let api = api_server(&node, true);
+    let Some(Setup { node, files, api, .. }) = Setup::start(true) else { return };
     let [conf_dir, bin_dir, account] = ["net.d", "bin", "account"].map(|dir| files.path().join(dir));
     for dir in [&conf_dir, &bin_dir, &account] {
         std::fs::create_dir(dir).unwrap();
@@ -413,7 +414,7 @@ fn the_daemonsets_installer_chains_the_plugin_keeps_it_chained_and_takes_it_out_
     assert_eq!(list()["plugins"][0], primary["plugins"][0], "the primary plugin's entry is as it was");
 
     // A pod the node sets up with the installed list and plugin gets its rules.
-    injected_pod(&api, "captured", json!({ "protomesh.io/capture": "enabled", "protomesh.io/capture-by": "cni" }));
+    injected_pod(&api, "captured", by_cni());
     let (pod, _) = Runtime::installed(&conf_dir, &bin_dir).pod(&node, "captured").unwrap_or_else(|f| panic!("{f:?}"));
     assert!(table(&pod).contains("redirect to :4140"), "{}", table(&pod));
 
