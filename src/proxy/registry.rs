@@ -227,12 +227,14 @@ impl Registries {
             kept.as_any().downcast_mut().expect("policy state is kept by its type");
         let name: Arc<str> = name.into();
         if let Some(state) = kept.get(&key) {
-            let renamed = state.clone();
-            self.staged.push(Box::new(move || {
-                if renamed.label().rename(name) {
-                    renamed.renamed();
-                }
-            }));
+            if *state.label().get().name != *name {
+                let renamed = state.clone();
+                self.staged.push(Box::new(move || {
+                    if renamed.label().rename(name) {
+                        renamed.renamed();
+                    }
+                }));
+            }
             return state;
         }
         let label = Labelled::new(self.metrics.families::<T::Families>(), name);
