@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::capture::CaptureRules;
+use crate::discovery::kubernetes::read_kubeconfig;
 use crate::kube::settings::{self, CaptureBy, Defaults, Settings};
 
 /// The spec versions this plugin speaks.
@@ -218,12 +219,10 @@ async fn capture_rules(invocation: &Invocation, conf: &NetConf) -> Result<Option
 }
 
 async fn read_pod(conf: &NetConf, namespace: &str, name: &str) -> Result<Value, Error> {
-    let unusable = |e: String| Error::new(INVALID_CONFIG, format!("kubeconfig {}: {e}", conf.kubeconfig.display()));
-    let file = kube::config::Kubeconfig::read_from(&conf.kubeconfig).map_err(|e| unusable(e.to_string()))?;
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| unusable(e.to_string()))?;
-    let client = kube::Client::try_from(config).map_err(|e| unusable(e.to_string()))?;
+    let unusable = |e: String| Error::new(INVALID_CONFIG, format!("kubeconfig {e}"));
+    let config = read_kubeconfig(&conf.kubeconfig).await.map_err(unusable)?;
+    let client = kube::Client::try_from(config)
+        .map_err(|e| unusable(format!("{}: cannot make a client: {e}", conf.kubeconfig.display())))?;
     let pods: kube::Api<Pod> = kube::Api::namespaced(client, namespace);
     // Until the pod's rules are in, it must not start: a failure asks the runtime to try again.
     let pod = pods.get(name).await.map_err(|e| {

@@ -170,14 +170,7 @@ impl Cluster {
             return Ok(None);
         }
         let found = match &config.kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubernetes.kubeconfig: {}: {e}", path.display()))?;
-                let options = kube::config::KubeConfigOptions::default();
-                kube::Config::from_custom_kubeconfig(file, &options)
-                    .await
-                    .map_err(|e| format!("kubernetes.kubeconfig: {}: {e}", path.display()))?
-            }
+            Some(path) => read_kubeconfig(path).await.map_err(|e| format!("kubernetes.kubeconfig: {e}"))?,
             None => match kube::Config::infer().await {
                 Ok(found) => found,
                 Err(error) => {
@@ -348,6 +341,14 @@ impl Cluster {
 
 /// The zone of the node `NODE_NAME` names, from its label; `None` (and
 /// logged) when it cannot be read: topology hints are then not followed.
+/// The client configuration a kubeconfig file names; errors name the file.
+pub async fn read_kubeconfig(path: &std::path::Path) -> Result<kube::Config, String> {
+    let file = kube::config::Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 async fn zone_of_node(client: &kube::Client) -> Option<String> {
     let node = std::env::var("NODE_NAME").ok().filter(|name| !name.is_empty())?;
     match Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get(&node).await {
