@@ -25,6 +25,9 @@ pub struct Context<'a> {
     /// The workload's name, for the sidecar's service name when no label gives one.
     pub workload: &'a str,
     pub defaults: Defaults,
+    /// Ports that Services of the input expose outside the cluster
+    /// ([`super::exposure`]), and the Service: they take plaintext too.
+    pub exposed_ports: Vec<(u16, String)>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -66,7 +69,8 @@ pub fn inject(template: &Value, context: &Context) -> Result<Verdict, String> {
     if let Some(reason) = skipped(template, context) {
         return Ok(Verdict::Skipped(reason));
     }
-    let settings = Settings::read(template, context.workload, &context.defaults)?;
+    let mut settings = Settings::read(template, context.workload, &context.defaults)?;
+    settings.exposed_ports = context.exposed_ports.clone();
     let mut pod = template.clone();
     let mut created = Vec::new();
     let app = pod["spec"]["containers"][0]["name"].as_str().unwrap_or_default().to_string();

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::exposure::{self, Exposure};
 use super::inject::{self, Context, Verdict};
 use super::rbac::{self, Account};
 use super::settings::{self, Defaults};
@@ -155,10 +156,12 @@ pub fn inject(manifests: &mut Manifests, options: &Options) -> Result<Vec<Line>,
             labels.insert(name.to_string(), label.to_string());
         }
     }
+    let exposures = Exposure::of(objects(&manifests.documents));
     let (mut accounts, mut unplaced) = (Vec::new(), Vec::new());
     let mut lines = each_template(manifests, |template, object| {
         let namespace = object.namespace.as_deref().or(options.namespace.as_deref());
         let context = Context {
+            exposed_ports: exposure::exposed_ports(&exposures, template, namespace, options.namespace.as_deref()),
             namespace,
             namespace_injection: namespace.and_then(|ns| labels.get(ns)).map(String::as_str),
             inject_all: options.all,

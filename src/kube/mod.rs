@@ -3,9 +3,11 @@
 //! manifests ([`manifest`]) and `protomesh webhook` to pods as they are
 //! created ([`webhook`]). [`settings`] reads what a pod's annotations ask
 //! for, [`sidecar`] is what gets added, [`probes`] moves the app's probes
-//! to the sidecar when its traffic is captured, and [`rbac`] is what the
-//! pods' service accounts must be granted.
+//! to the sidecar when its traffic is captured, [`rbac`] is what the pods'
+//! service accounts must be granted, and [`exposure`] which ports Services
+//! open to clients outside the cluster.
 
+pub mod exposure;
 pub mod inject;
 pub mod manifest;
 pub mod probes;

@@ -155,6 +155,9 @@ pub struct Settings {
     /// App ports that also take plaintext from outside the mesh (a
     /// LoadBalancer's or NodePort's target), the rest staying strict.
     pub permissive_ports: Vec<u16>,
+    /// App ports a LoadBalancer or NodePort Service sends outside traffic
+    /// to, with that Service: they take plaintext too.
+    pub exposed_ports: Vec<(u16, String)>,
 }
 
 /// What the injector knows beyond the pod template.
@@ -225,9 +228,11 @@ impl Settings {
             .map(|v| v.as_u64().ok_or("spec.terminationGracePeriodSeconds: expected a whole number of seconds"))
             .transpose()?
             .unwrap_or(30);
+        // Captured unless the pod opts out, as Linkerd's and Istio's proxies
+        // always capture: an app that is not told of the mesh is still meshed.
         let capture = match get(CAPTURE).as_deref() {
-            None | Some("disabled") => None,
-            Some("enabled") => {
+            Some("disabled") => None,
+            None | Some("enabled") => {
                 let ports = "ports or ranges separated by commas, e.g. 22,9000-9100";
                 let by = match get(CAPTURE_BY).as_deref() {
                     None => defaults.capture_by,
@@ -293,11 +298,24 @@ impl Settings {
             capture,
             inbound_mtls,
             permissive_ports,
+            exposed_ports: Vec::new(),
         })
     }
 }
 
 impl Settings {
+    /// The app ports that take plaintext besides mTLS: those the pod names,
+    /// then those Services expose outside the cluster.
+    pub fn plaintext_app_ports(&self) -> Vec<u16> {
+        let mut ports = self.permissive_ports.clone();
+        for (port, _) in &self.exposed_ports {
+            if !ports.contains(port) {
+                ports.push(*port);
+            }
+        }
+        ports
+    }
+
     /// Which of the pod's declared ports other pods can still reach in
     /// plaintext once it is injected, as `inject`'s report tells per workload.
     pub fn plaintext_ports(&self, template: &Value) -> String {
@@ -307,8 +325,8 @@ impl Settings {
             return match ports.is_empty() {
                 true => "plaintext: no port declared".into(),
                 false => format!(
-                    "plaintext: {} (not captured: the app's own ports stay open to any client; \
-                     protomesh.io/capture: enabled puts them behind mTLS)",
+                    "plaintext: {} (not captured: protomesh.io/capture: disabled leaves the app's own ports \
+                     open to any client)",
                     list(&ports)
                 ),
             };
@@ -322,7 +340,7 @@ impl Settings {
             } else if self.permissive_ports.contains(&port) {
                 Some(PERMISSIVE_PORTS)
             } else {
-                None
+                self.exposed_ports.iter().find(|(exposed, _)| *exposed == port).map(|(_, service)| service.as_str())
             }
         };
         // Ports by why they take plaintext, each reason once, in the order of the ports.
@@ -460,9 +478,9 @@ mod tests {
             pod["spec"]["containers"][0]["ports"] = json!([{"containerPort": 9090}, {"containerPort": 9100}]);
             Settings::read(&pod, "w", &Defaults::default()).unwrap().plaintext_ports(&pod)
         };
-        assert!(said(json!({})).starts_with("plaintext: 9090, 9100 (not captured"));
-        let captured = json!({"protomesh.io/capture": "enabled"});
-        assert_eq!(said(captured), "plaintext: none (every captured port takes mTLS only)");
+        let disabled = json!({"protomesh.io/capture": "disabled"});
+        assert!(said(disabled).starts_with("plaintext: 9090, 9100 (not captured"));
+        assert_eq!(said(json!({})), "plaintext: none (every captured port takes mTLS only)", "captured by default");
         let skipped = json!({"protomesh.io/capture": "enabled", "protomesh.io/skip-inbound-ports": "9100-9200"});
         assert_eq!(said(skipped), "plaintext: 9100 (protomesh.io/skip-inbound-ports)");
         let permissive = json!({"protomesh.io/capture": "enabled", "protomesh.io/inbound-mtls": "permissive"});

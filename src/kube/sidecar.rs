@@ -78,9 +78,9 @@ pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value 
         if let Some(mode) = &settings.inbound_mtls {
             vars.push(env("PROTOMESH_INBOUND__MTLS__MODE", mode.clone()));
         }
-        if !settings.permissive_ports.is_empty() {
-            let ports: Vec<String> =
-                settings.permissive_ports.iter().map(|port| format!("{port}: permissive")).collect();
+        let plaintext = settings.plaintext_app_ports();
+        if !plaintext.is_empty() {
+            let ports: Vec<String> = plaintext.iter().map(|port| format!("{port}: permissive")).collect();
             vars.push(env("PROTOMESH_INBOUND__MTLS__PORTS", format!("{{{}}}", ports.join(", "))));
         }
     }

@@ -81,6 +81,8 @@ pub fn review(body: &[u8], namespace_enabled: bool, defaults: &Defaults) -> Resu
         inject_all: false,
         workload: &inject::workload_of_pod(pod),
         defaults: defaults.clone(),
+        // A review carries the pod alone, not the Services that select it.
+        exposed_ports: Vec::new(),
     };
     match inject::inject(pod, &context) {
         Ok(Verdict::Injected(injected, _)) => {

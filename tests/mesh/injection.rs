@@ -116,18 +116,18 @@ fn the_namespace_flags_and_all_decide_for_pods_that_say_nothing() {
     let report = text(&by_flag.stderr);
     assert!(
         report.starts_with(
-            "pod/quiet: injected; plaintext: no port declared\nrolebinding/protomesh-identity:default (team): added"
+            "pod/quiet: injected; plaintext: none (every captured port takes mTLS only)\nrolebinding/protomesh-identity:default (team): added"
         ),
         "{report}"
     );
     assert!(report.contains("\nclusterrolebinding/protomesh-service-lookup:team:default: added"), "{report}");
     let no_rbac = protomesh(&["inject", file, "--namespace", "team", "--enabled-namespace", "team", "--no-rbac"]);
-    assert_eq!(text(&no_rbac.stderr), "pod/quiet: injected; plaintext: no port declared\n");
+    assert_eq!(text(&no_rbac.stderr), "pod/quiet: injected; plaintext: none (every captured port takes mTLS only)\n");
     assert!(!text(&no_rbac.stdout).contains("RoleBinding"));
     let all = protomesh(&["inject", file, "--all"]);
     assert_eq!(
         text(&all.stderr),
-        "pod/quiet: injected; plaintext: no port declared\npod/quiet: no bindings added for its service account: its namespace is not known \
+        "pod/quiet: injected; plaintext: none (every captured port takes mTLS only)\npod/quiet: no bindings added for its service account: its namespace is not known \
          (give --namespace)\n"
     );
     assert!(text(&all.stdout).contains("name: protomesh-proxy"));
@@ -357,7 +357,8 @@ async fn injected_sidecar_carries_a_call(config_maps: bool) {
     });
     let context = Context { namespace: Some("shop"), workload: "echo", ..Default::default() };
     let Verdict::Injected(injected, _) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
-    let sidecar = &injected["spec"]["initContainers"][0];
+    let init_containers = injected["spec"]["initContainers"].as_array().unwrap();
+    let sidecar = init_containers.iter().find(|c| c["name"] == "protomesh-proxy").unwrap();
 
     // The volumes as the kubelet mounts them, under a scratch root.
     let root = tempfile::tempdir().unwrap();

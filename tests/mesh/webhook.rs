@@ -202,7 +202,8 @@ async fn the_patch_applied_to_the_pod_is_what_inject_makes_of_it_and_a_reinvocat
     };
     let Verdict::Injected(injected, _) = inject::inject(&pod, &context).unwrap() else { panic!("injected") };
     assert_eq!(patched, injected, "the webhook and inject make the same pod");
-    let env = patched["spec"]["initContainers"][0]["env"].as_array().unwrap();
+    let sidecar = patched["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "protomesh-proxy");
+    let env = sidecar.unwrap()["env"].as_array().unwrap();
     assert!(env.iter().any(|v| v["name"] == "PROTOMESH_SERVICE_NAME" && v["value"] == "checkout"), "{env:?}");
 
     // A second webhook changed the pod; this one is called again: nothing more to do.
