@@ -35,6 +35,12 @@ use tokio::sync::broadcast;
 
 pub const TOKEN: &str = "test-service-account-token";
 
+/// The token of service account `name` of `namespace`: what the kubelet
+/// projects into its pods (a real one is a JWT naming the account).
+pub fn account_token(namespace: &str, name: &str) -> String {
+    format!("account:{namespace}:{name}")
+}
+
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// The resources listed and watched: EndpointSlices and Pods.
@@ -210,6 +216,14 @@ impl ApiServer {
         value["apiVersion"] = json!("v1");
         value["kind"] = json!("Service");
         self.store.lock().unwrap().services.insert((namespace.into(), name.into()), value);
+    }
+
+    /// Creates or replaces a Service given whole (one of a manifest, its cluster IP set).
+    pub fn put_service_object(&self, service: Value) {
+        let (namespace, name) =
+            (service["metadata"]["namespace"].as_str().unwrap(), service["metadata"]["name"].as_str().unwrap());
+        let key = (namespace.to_string(), name.to_string());
+        self.store.lock().unwrap().services.insert(key, service);
     }
 
     /// Sets an annotation of the Service `name`.
@@ -393,11 +407,32 @@ impl ApiServer {
         let of = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).cloned().collect::<Vec<_>>();
         let roles = of("ClusterRole").into_iter().map(|r| (r["metadata"]["name"].as_str().unwrap().to_string(), r));
         let rbac = Rbac {
-            account: (namespace.into(), name.into()),
+            account: Some((namespace.into(), name.into())),
             roles: roles.collect(),
             bindings: [of("RoleBinding"), of("ClusterRoleBinding")].concat(),
         };
         *self.rbac.lock().unwrap() = Some(rbac);
+    }
+
+    /// Authorizes every request as RBAC does, by the ClusterRoles and
+    /// bindings among `objects`, for the account its token names
+    /// ([`account_token`]); [`TOKEN`] is then a cluster admin's.
+    pub fn authorize_accounts(&self, objects: &[Value]) {
+        self.authorize(("", ""), objects);
+        self.rbac.lock().unwrap().as_mut().expect("just set").account = None;
+    }
+
+    /// Whether `account` may `verb` `resource` of `group` in `namespace`,
+    /// as a request with its token would be authorized; else the denial.
+    pub fn may(
+        &self,
+        account: (&str, &str),
+        (verb, group, resource): (&'static str, &'static str, &'static str),
+        namespace: &str,
+    ) -> Result<(), String> {
+        let Some(rbac) = &*self.rbac.lock().unwrap() else { return Ok(()) };
+        let asked = Asked { verb, group, resource, namespace: Some(namespace), name: None };
+        rbac.allows((account.0.to_string(), account.1.to_string()), &asked)
     }
 
     /// Watches open now.
@@ -410,17 +445,23 @@ impl ApiServer {
     }
 
     fn answer(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let authorized = request.headers().get("authorization").and_then(|v| v.to_str().ok());
-        if authorized != Some(&format!("Bearer {TOKEN}")) {
-            return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no valid bearer token");
-        }
+        let bearer = request.headers().get("authorization").and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+        let requester = match bearer {
+            Some(TOKEN) => None,
+            Some(token) => match token.strip_prefix("account:").and_then(|account| account.split_once(':')) {
+                Some((namespace, name)) => Some((namespace.to_string(), name.to_string())),
+                None => return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no valid bearer token"),
+            },
+            None => return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no valid bearer token"),
+        };
         let path = request.uri().path().to_string();
         let query = query(request.uri().query().unwrap_or(""));
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
         if let Some(rbac) = &*self.rbac.lock().unwrap()
+            && let Some(account) = requester.or_else(|| rbac.account.clone())
             && let Some(asked) = Asked::of(&segments, watching)
-            && let Err(denied) = rbac.allows(&asked)
+            && let Err(denied) = rbac.allows(account, &asked)
         {
             return status(StatusCode::FORBIDDEN, "Forbidden", &denied);
         }
@@ -639,17 +680,17 @@ impl<'a> Asked<'a> {
     }
 }
 
-/// The RBAC authorizer, for one service account.
+/// The RBAC authorizer.
 struct Rbac {
-    account: (String, String),
+    /// The account of [`TOKEN`]; `None`: a cluster admin's.
+    account: Option<(String, String)>,
     roles: BTreeMap<String, Value>,
     bindings: Vec<Value>,
 }
 
 impl Rbac {
     /// Allowed, or the real server's message for the denial.
-    fn allows(&self, asked: &Asked) -> Result<(), String> {
-        let (namespace, name) = &self.account;
+    fn allows(&self, (namespace, name): (String, String), asked: &Asked) -> Result<(), String> {
         let groups = ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")];
         let names_us = |subject: &Value| match subject["kind"].as_str() {
             Some("ServiceAccount") => subject["namespace"] == namespace.as_str() && subject["name"] == name.as_str(),

@@ -26,7 +26,7 @@ use crate::pods::{self, Node, Pod};
 const PLUGINS: &str = "/usr/lib/cni";
 const NAMESPACE: &str = "shop";
 
-fn unavailable() -> Option<String> {
+pub fn unavailable() -> Option<String> {
     pods::unavailable().or_else(|| {
         (!Path::new(PLUGINS).join("bridge").exists())
             .then(|| format!("no CNI plugins in {PLUGINS} (apt-get install containernetworking-plugins)"))
@@ -34,15 +34,17 @@ fn unavailable() -> Option<String> {
 }
 
 /// The container runtime's part: a configuration list, run plugin by plugin.
-struct Runtime {
+pub struct Runtime {
     list: Value,
     /// `CNI_PATH`: Debian's plugins, then the directory of `protomesh-cni`.
     path: String,
+    /// The namespace of the pods it sets up.
+    namespace: String,
 }
 
 /// A plugin's failure, as the runtime reads it: its exit status and error document.
 #[derive(Debug)]
-struct Failure {
+pub struct Failure {
     plugin: String,
     error: Value,
 }
@@ -71,19 +73,19 @@ fn bridge_list(node: &Node, files: &Path) -> Value {
 }
 
 impl Runtime {
-    fn new(node: &Node, files: &Path, kubeconfig: &Path) -> Runtime {
+    pub fn new(node: &Node, files: &Path, kubeconfig: &Path) -> Runtime {
         let mut list = bridge_list(node, files);
         let ours = json!({ "type": "protomesh-cni", "kubeconfig": kubeconfig.display().to_string() });
         list["plugins"].as_array_mut().unwrap().push(ours);
         let ours = Path::new(env!("CARGO_BIN_EXE_protomesh-cni")).parent().unwrap().display().to_string();
-        Runtime { list, path: format!("{PLUGINS}:{ours}") }
+        Runtime { list, path: format!("{PLUGINS}:{ours}"), namespace: NAMESPACE.into() }
     }
 
     /// The runtime of a node where `protomesh-cni install` ran: its list
     /// read from `conf_dir`, plugins from `bin_dir` and Debian's.
     fn installed(conf_dir: &Path, bin_dir: &Path) -> Runtime {
         let list = serde_json::from_slice(&std::fs::read(conf_dir.join("10-bridge.conflist")).unwrap()).unwrap();
-        Runtime { list, path: format!("{}:{PLUGINS}", bin_dir.display()) }
+        Runtime { list, path: format!("{}:{PLUGINS}", bin_dir.display()), namespace: NAMESPACE.into() }
     }
 
     /// Runs `command` (ADD, CHECK: in order; DEL: in reverse) for the pod
@@ -121,7 +123,7 @@ impl Runtime {
                 .env("CNI_NETNS", netns)
                 .env("CNI_IFNAME", "eth0")
                 .env("CNI_PATH", &self.path)
-                .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}"))
+                .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={name}", self.namespace))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -144,7 +146,7 @@ impl Runtime {
 
     /// A pod made by ADD, as the runtime makes a sandbox; its address and
     /// the chain's result.
-    fn pod(&self, node: &Node, name: &str) -> Result<(Pod, Value), Failure> {
+    pub fn pod(&self, node: &Node, name: &str) -> Result<(Pod, Value), Failure> {
         let mut result = None;
         let pod = node.pod_by(|node, netns| match self.run(node, "ADD", netns, name, None) {
             Ok(added) => {
@@ -158,6 +160,13 @@ impl Runtime {
             }
         });
         result.unwrap().map(|added| (pod, added))
+    }
+}
+
+impl Runtime {
+    /// The runtime for pods of `namespace`.
+    pub fn in_namespace(self, namespace: &str) -> Runtime {
+        Runtime { namespace: namespace.into(), ..self }
     }
 }
 

@@ -3,6 +3,7 @@
 //! front ends; one test binary.
 
 mod apiserver;
+mod boutique;
 mod breaker;
 mod bulkheads;
 mod capture;
@@ -17,6 +18,7 @@ mod health;
 mod hedging;
 mod injection;
 mod isolation;
+mod kubelet;
 mod kubernetes;
 mod limits;
 mod passthrough;
