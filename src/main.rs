@@ -107,6 +107,10 @@ enum Command {
         /// Read the certificate files this often besides when they change.
         #[arg(long, default_value = "60s", value_parser = duration::parse)]
         reload_interval: std::time::Duration,
+        /// Keep, for every namespace labelled protomesh.io/inject=enabled, the bindings its
+        /// service accounts need (identity, discovery, Service lookup); taken out when the label goes.
+        #[arg(long, env = "PROTOMESH_GRANT_NAMESPACES")]
+        grant_namespaces: bool,
     },
     /// Install the rules that redirect the pod's TCP traffic through the
     /// sidecar, in the current network namespace (run by the pod's init container).
@@ -165,9 +169,10 @@ fn main() -> ExitCode {
             transform(&input, |manifests| manifest::inject(manifests, &options))
         }
         Command::Uninject { input } => transform(&input, manifest::uninject),
-        Command::Webhook { listen, cert, key, image, capture_by, reload_interval } => {
+        Command::Webhook { listen, cert, key, image, capture_by, reload_interval, grant_namespaces } => {
             init_logging();
-            let config = WebhookConfig { listen, cert, key, defaults: Defaults { image, capture_by }, reload_interval };
+            let defaults = Defaults { image, capture_by };
+            let config = WebhookConfig { listen, cert, key, defaults, reload_interval, grant_namespaces };
             runtime().block_on(webhook::run(config))
         }
         Command::Init { rules, print: true, .. } => {

@@ -4,10 +4,12 @@
 //! created ([`webhook`]). [`settings`] reads what a pod's annotations ask
 //! for, [`sidecar`] is what gets added, [`probes`] moves the app's probes
 //! to the sidecar when its traffic is captured, [`rbac`] is what the pods'
-//! service accounts must be granted, and [`exposure`] which ports Services
-//! open to clients outside the cluster.
+//! service accounts must be granted (and [`grants`] keeps them for labelled
+//! namespaces in the injector), and [`exposure`] which ports Services open
+//! to clients outside the cluster.
 
 pub mod exposure;
+pub mod grants;
 pub mod inject;
 pub mod manifest;
 pub mod probes;

@@ -40,22 +40,9 @@ impl Account {
 /// cluster-wide, to `protomesh-service-lookup`.
 pub fn bindings(account: &Account) -> Vec<Value> {
     let Account { namespace, name, requests_certificates } = account;
-    let subject = json!([{ "kind": "ServiceAccount", "name": name, "namespace": namespace }]);
+    let subject = json!({ "kind": "ServiceAccount", "name": name, "namespace": namespace });
     let binding = |kind: &str, role: &str, binding_name: String, namespace: Option<&str>| {
-        let mut metadata = serde_json::Map::new();
-        metadata.insert("name".into(), json!(binding_name));
-        if let Some(namespace) = namespace {
-            metadata.insert("namespace".into(), json!(namespace));
-        }
-        metadata.insert("labels".into(), json!({ "app.kubernetes.io/part-of": "protomesh" }));
-        metadata.insert("annotations".into(), json!({ settings::CREATED_BY: ADDED_BY }));
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": kind,
-            "metadata": metadata,
-            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
-            "subjects": subject,
-        })
+        binding_to(kind, role, binding_name, namespace, &subject, ADDED_BY)
     };
     // Colons as Kubernetes' own bindings use them: neither a namespace nor a
     // service account name has one, so no two accounts share a name.
@@ -70,6 +57,50 @@ pub fn bindings(account: &Account) -> Vec<Value> {
     );
     let identity = requests_certificates.then_some(identity);
     identity.into_iter().chain([discovery, lookup]).collect()
+}
+
+/// The value of [`settings::CREATED_BY`] on the bindings [`namespace_bindings`] makes.
+pub const GRANTED_BY: &str = "protomesh injector";
+
+/// The bindings for every service account of `namespace` (the group
+/// `system:serviceaccounts:<namespace>`), which the injector keeps for the
+/// namespaces labelled `protomesh.io/inject=enabled`: in it, to
+/// `protomesh-identity` and `protomesh-discovery`; cluster-wide, to
+/// `protomesh-service-lookup`.
+pub fn namespace_bindings(namespace: &str) -> Vec<Value> {
+    let group = json!({ "kind": "Group", "apiGroup": "rbac.authorization.k8s.io",
+        "name": format!("system:serviceaccounts:{namespace}") });
+    let binding = |kind: &str, role: &str, name: String, namespace: Option<&str>| {
+        binding_to(kind, role, name, namespace, &group, GRANTED_BY)
+    };
+    vec![
+        binding("RoleBinding", "protomesh-identity", "protomesh-identity".into(), Some(namespace)),
+        binding("RoleBinding", "protomesh-discovery", "protomesh-discovery".into(), Some(namespace)),
+        binding(
+            "ClusterRoleBinding",
+            "protomesh-service-lookup",
+            format!("protomesh-service-lookup:{namespace}"),
+            None,
+        ),
+    ]
+}
+
+/// A binding of `subject` to ClusterRole `role`, annotated as made by `made_by`.
+fn binding_to(kind: &str, role: &str, name: String, namespace: Option<&str>, subject: &Value, made_by: &str) -> Value {
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("name".into(), json!(name));
+    if let Some(namespace) = namespace {
+        metadata.insert("namespace".into(), json!(namespace));
+    }
+    metadata.insert("labels".into(), json!({ "app.kubernetes.io/part-of": "protomesh" }));
+    metadata.insert("annotations".into(), json!({ settings::CREATED_BY: made_by }));
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": kind,
+        "metadata": metadata,
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+        "subjects": [subject],
+    })
 }
 
 /// Whether `object` is one that [`bindings`] made.

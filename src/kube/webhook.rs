@@ -43,6 +43,8 @@ pub struct WebhookConfig {
     pub defaults: Defaults,
     /// Read the certificate files again this often, besides on change.
     pub reload_interval: Duration,
+    /// Keep the bindings of namespaces labelled for injection ([`super::grants`]).
+    pub grant_namespaces: bool,
 }
 
 /// Answers one AdmissionReview. `namespace_enabled`: the pod's namespace is
@@ -127,6 +129,13 @@ pub async fn run(config: WebhookConfig) -> Result<(), String> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("--listen: cannot listen on {}: {e}", config.listen))?;
+    if config.grant_namespaces {
+        let found = kube::Config::infer()
+            .await
+            .map_err(|e| format!("--grant-namespaces: no Kubernetes API server found: {e}"))?;
+        let client = kube::Client::try_from(found).map_err(|e| format!("--grant-namespaces: {e}"))?;
+        tokio::spawn(super::grants::run(client));
+    }
     serve(listener, config).await
 }
 

@@ -43,9 +43,13 @@ pub fn account_token(namespace: &str, name: &str) -> String {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
-/// The resources listed and watched: EndpointSlices and Pods.
+/// The resources listed and watched: EndpointSlices and Pods; and
+/// Namespaces and RBAC bindings, which the injector keeps.
 const SLICES: &str = "endpointslices";
 const PODS: &str = "pods";
+const NAMESPACES: &str = "namespaces";
+const ROLE_BINDINGS: &str = "rolebindings";
+const CLUSTER_ROLE_BINDINGS: &str = "clusterrolebindings";
 
 /// One change, as a watch reports it.
 #[derive(Clone)]
@@ -116,9 +120,13 @@ impl ApiServer {
                 let connection = tokio::spawn(async move {
                     let api = served;
                     let Ok(tls) = api.tls.accept(tcp).await else { return };
-                    let service = hyper::service::service_fn(move |request| {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let api = api.clone();
-                        async move { Ok::<_, std::convert::Infallible>(api.answer(request)) }
+                        async move {
+                            let (request, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            Ok::<_, std::convert::Infallible>(api.answer(request, body))
+                        }
                     });
                     let _ =
                         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
@@ -166,12 +174,17 @@ impl ApiServer {
 
     /// A kubeconfig for this server, written into `dir`.
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.kubeconfig_with(dir, TOKEN)
+    }
+
+    /// As [`ApiServer::kubeconfig`], with `token`, an account's say.
+    pub fn kubeconfig_with(&self, dir: &Path, token: &str) -> PathBuf {
         use base64::Engine;
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let text = format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
              clusters: [{{name: test, cluster: {{server: 'https://{}', certificate-authority-data: {ca}}}}}]\n\
-             users: [{{name: test, user: {{token: {TOKEN}}}}}]\n\
+             users: [{{name: test, user: {{token: '{token}'}}}}]\n\
              contexts: [{{name: test, context: {{cluster: test, user: test, namespace: test}}}}]\n",
             self.addr
         );
@@ -432,7 +445,7 @@ impl ApiServer {
     ) -> Result<(), String> {
         let Some(rbac) = &*self.rbac.lock().unwrap() else { return Ok(()) };
         let asked = Asked { verb, group, resource, namespace: Some(namespace), name: None };
-        rbac.allows((account.0.to_string(), account.1.to_string()), &asked)
+        rbac.allows((account.0.to_string(), account.1.to_string()), &asked, &self.stored_bindings())
     }
 
     /// Watches open now.
@@ -444,8 +457,8 @@ impl ApiServer {
         self.requests.lock().unwrap().get(kind).copied().unwrap_or(0)
     }
 
-    fn answer(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let bearer = request.headers().get("authorization").and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+    fn answer(self: &Arc<Self>, request: http::request::Parts, body: Bytes) -> Response<Body> {
+        let bearer = request.headers.get("authorization").and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
         let requester = match bearer {
             Some(TOKEN) => None,
             Some(token) => match token.strip_prefix("account:").and_then(|account| account.split_once(':')) {
@@ -454,18 +467,34 @@ impl ApiServer {
             },
             None => return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no valid bearer token"),
         };
-        let path = request.uri().path().to_string();
-        let query = query(request.uri().query().unwrap_or(""));
+        let path = request.uri.path().to_string();
+        let query = query(request.uri.query().unwrap_or(""));
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
         if let Some(rbac) = &*self.rbac.lock().unwrap()
             && let Some(account) = requester.or_else(|| rbac.account.clone())
-            && let Some(asked) = Asked::of(&segments, watching)
-            && let Err(denied) = rbac.allows(account, &asked)
+            && let Some(asked) = Asked::of(&segments, watching, &request.method)
+            && let Err(denied) = rbac.allows(account, &asked, &self.stored_bindings())
         {
             return status(StatusCode::FORBIDDEN, "Forbidden", &denied);
         }
+        let rbac_group = ["apis", "rbac.authorization.k8s.io", "v1"];
         match segments[..] {
+            [a, b, c, "namespaces", namespace, ROLE_BINDINGS, name] if [a, b, c] == rbac_group => {
+                self.object(&request.method, ROLE_BINDINGS, namespace, name, &body)
+            }
+            [a, b, c, CLUSTER_ROLE_BINDINGS, name] if [a, b, c] == rbac_group => {
+                self.object(&request.method, CLUSTER_ROLE_BINDINGS, "", name, &body)
+            }
+            [a, b, c, CLUSTER_ROLE_BINDINGS] if [a, b, c] == rbac_group => {
+                self.count("list");
+                let selector = Selector {
+                    namespace: None,
+                    labels: query.get("labelSelector").cloned(),
+                    fields: Fields(Vec::new()),
+                };
+                self.list(CLUSTER_ROLE_BINDINGS, &selector, &query)
+            }
             ["api", "v1", "services"] => {
                 self.count("list");
                 match Fields::parse("services", query.get("fieldSelector")) {
@@ -491,10 +520,16 @@ impl ApiServer {
             }
             ["apis", "discovery.k8s.io", "v1", "namespaces", _, "endpointslices"]
             | ["api", "v1", "namespaces", _, "pods"]
-            | ["api", "v1", "pods"] => {
-                let resource = if segments[0] == "api" { PODS } else { SLICES };
+            | ["api", "v1", "pods"]
+            | ["api", "v1", "namespaces"] => {
+                let resource = match segments[..] {
+                    ["api", "v1", "namespaces"] => NAMESPACES,
+                    ["api", ..] => PODS,
+                    _ => SLICES,
+                };
                 // Namespaced: `namespaces/<namespace>/<resource>`; else every namespace.
-                let namespace = segments.len().checked_sub(2).filter(|_| segments.len() > 3).map(|i| segments[i]);
+                let namespaced = segments.len() > 3 && resource != NAMESPACES;
+                let namespace = segments.len().checked_sub(2).filter(|_| namespaced).map(|i| segments[i]);
                 let namespace = namespace.map(str::to_string);
                 let fields = match Fields::parse(resource, query.get("fieldSelector")) {
                     Ok(fields) => fields,
@@ -511,6 +546,82 @@ impl ApiServer {
             }
             _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find {path}")),
         }
+    }
+
+    /// One object read, applied (server-side apply: the patch is the object) or deleted.
+    fn object(
+        &self,
+        method: &http::Method,
+        resource: &'static str,
+        namespace: &str,
+        name: &str,
+        body: &Bytes,
+    ) -> Response<Body> {
+        let key = (resource, namespace.to_string(), name.to_string());
+        let found = self.store.lock().unwrap().objects.get(&key).cloned();
+        let (_, kind) = type_of(resource);
+        let not_found = || {
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{resource}.rbac.authorization.k8s.io \"{name}\" not found"),
+            )
+        };
+        match *method {
+            http::Method::GET => found.map_or_else(not_found, |object| json_response(&object)),
+            http::Method::PATCH => {
+                let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+                    return status(StatusCode::BAD_REQUEST, "BadRequest", "the patch is not JSON");
+                };
+                assert_eq!(object["kind"], kind, "an apply of the resource's own kind");
+                object["metadata"]["uid"] = json!(format!("{namespace}-{name}"));
+                self.put(resource, namespace, name, object);
+                json_response(&self.store.lock().unwrap().objects[&key])
+            }
+            http::Method::DELETE => match found {
+                Some(object) => {
+                    self.delete(resource, namespace, name);
+                    json_response(&object)
+                }
+                None => not_found(),
+            },
+            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "not supported here"),
+        }
+    }
+
+    /// The bindings stored through the API, which RBAC honours besides those it was told.
+    fn stored_bindings(&self) -> Vec<Value> {
+        let store = self.store.lock().unwrap();
+        let bindings = store
+            .objects
+            .iter()
+            .filter(|((resource, _, _), _)| [ROLE_BINDINGS, CLUSTER_ROLE_BINDINGS].contains(resource));
+        bindings.map(|(_, object)| object.clone()).collect()
+    }
+
+    /// Creates or replaces a Namespace, with its labels.
+    pub fn put_namespace(&self, name: &str, labels: Value) {
+        let namespace = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name, "uid": name, "labels": labels } });
+        self.put(NAMESPACES, "", name, namespace);
+    }
+
+    /// Deletes a Namespace, and what was in it, as the namespace controller does.
+    pub fn delete_namespace(&self, name: &str) {
+        let inside: Vec<(&'static str, String)> = {
+            let store = self.store.lock().unwrap();
+            store.objects.keys().filter(|(_, ns, _)| ns == name).map(|(r, _, n)| (*r, n.clone())).collect()
+        };
+        for (resource, object) in inside {
+            self.delete(resource, name, &object);
+        }
+        self.delete(NAMESPACES, "", name);
+    }
+
+    /// The names of the bindings of `resource` (`rolebindings`, `clusterrolebindings`) stored through the API.
+    pub fn bindings(&self, resource: &str) -> Vec<String> {
+        let store = self.store.lock().unwrap();
+        let found = store.objects.iter().filter(|((r, _, _), _)| *r == resource);
+        found.map(|(_, object)| object["metadata"]["name"].as_str().unwrap().to_string()).collect()
     }
 
     /// Services of every namespace, selected by their fields.
@@ -662,9 +773,21 @@ struct Asked<'a> {
 }
 
 impl<'a> Asked<'a> {
-    fn of(segments: &[&'a str], watching: bool) -> Option<Asked<'a>> {
+    fn of(segments: &[&'a str], watching: bool, method: &http::Method) -> Option<Asked<'a>> {
         let collection = if watching { "watch" } else { "list" };
+        let one = match *method {
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => "delete",
+            _ => "get",
+        };
+        let rbac = "rbac.authorization.k8s.io";
         let (verb, group, resource, namespace, name) = match *segments {
+            ["api", "v1", "namespaces"] => (collection, "", NAMESPACES, None, None),
+            ["apis", _, "v1", "namespaces", ns, ROLE_BINDINGS, name] => {
+                (one, rbac, ROLE_BINDINGS, Some(ns), Some(name))
+            }
+            ["apis", _, "v1", CLUSTER_ROLE_BINDINGS, name] => (one, rbac, CLUSTER_ROLE_BINDINGS, None, Some(name)),
+            ["apis", _, "v1", CLUSTER_ROLE_BINDINGS] => (collection, rbac, CLUSTER_ROLE_BINDINGS, None, None),
             ["api", "v1", "services"] => (collection, "", "services", None, None),
             ["api", "v1", "pods"] => (collection, "", "pods", None, None),
             ["api", "v1", "nodes", name] => ("get", "", "nodes", None, Some(name)),
@@ -690,7 +813,7 @@ struct Rbac {
 
 impl Rbac {
     /// Allowed, or the real server's message for the denial.
-    fn allows(&self, (namespace, name): (String, String), asked: &Asked) -> Result<(), String> {
+    fn allows(&self, (namespace, name): (String, String), asked: &Asked, stored: &[Value]) -> Result<(), String> {
         let groups = ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")];
         let names_us = |subject: &Value| match subject["kind"].as_str() {
             Some("ServiceAccount") => subject["namespace"] == namespace.as_str() && subject["name"] == name.as_str(),
@@ -699,7 +822,7 @@ impl Rbac {
         };
         let listed =
             |list: &Value, value: &str| list.as_array().is_some_and(|l| l.iter().any(|v| v == value || v == "*"));
-        let granted = self.bindings.iter().any(|binding| {
+        let granted = self.bindings.iter().chain(stored).any(|binding| {
             let in_scope = binding["kind"] == "ClusterRoleBinding"
                 || asked.namespace.is_some_and(|ns| binding["metadata"]["namespace"] == ns);
             let ours = binding["subjects"].as_array().is_some_and(|s| s.iter().any(names_us));
@@ -796,7 +919,13 @@ impl Fields {
 }
 
 fn type_of(resource: &str) -> (&'static str, &'static str) {
-    if resource == PODS { ("v1", "Pod") } else { ("discovery.k8s.io/v1", "EndpointSlice") }
+    match resource {
+        PODS => ("v1", "Pod"),
+        NAMESPACES => ("v1", "Namespace"),
+        ROLE_BINDINGS => ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+        CLUSTER_ROLE_BINDINGS => ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+        _ => ("discovery.k8s.io/v1", "EndpointSlice"),
+    }
 }
 
 fn json_response(value: &Value) -> Response<Body> {

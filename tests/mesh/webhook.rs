@@ -79,6 +79,7 @@ async fn start(tls: &Tls) -> Webhook {
         key: secret.path().join("tls.key"),
         defaults: Defaults { image: Some("registry.example/protomesh:test".into()), ..Default::default() },
         reload_interval: Duration::from_secs(60),
+        grant_namespaces: false,
     };
     tokio::spawn(webhook::serve(listener, config));
     Webhook { addr, secret }
@@ -353,4 +354,58 @@ async fn the_webhook_configuration_and_inject_decide_every_combination_of_labels
             }
         }
     }
+}
+
+/// Waits up to 10 s for `done`, checking as the API server changes.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    within(what, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_injector_keeps_the_bindings_of_labelled_namespaces_and_takes_them_out_when_the_label_goes() {
+    use crate::apiserver::{ApiServer, account_token};
+    let api = ApiServer::start().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut rbac = Vec::new();
+    for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml", "k8s/injector/rbac.yaml"] {
+        rbac.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
+    }
+    api.authorize_accounts(&rbac);
+    api.put_namespace("shop", json!({ "protomesh.io/inject": "enabled" }));
+    api.put_namespace("plain", json!({}));
+    api.put_namespace("gone", json!({ "protomesh.io/inject": "enabled" }));
+
+    // The injector as k8s/injector runs it: its own service account's token and RBAC.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig_with(dir.path(), &account_token("protomesh-system", "protomesh-injector"));
+    let client = kube::Client::try_from(protomesh::discovery::kubernetes::read_kubeconfig(&kubeconfig).await.unwrap());
+    let injector = tokio::spawn(protomesh::kube::grants::run(client.unwrap()));
+
+    let may = |namespace: &str, what| api.may((namespace, "any-account"), what, namespace);
+    let endpoints = ("list", "discovery.k8s.io", "endpointslices");
+    let certificates = ("create", "cert-manager.io", "certificaterequests");
+    let lookups = || api.bindings("clusterrolebindings");
+    let both = ["protomesh-service-lookup:gone".to_string(), "protomesh-service-lookup:shop".to_string()];
+    until("the labelled namespaces' bindings", || lookups() == both).await;
+    assert!(may("shop", endpoints).is_ok() && may("gone", endpoints).is_ok());
+    assert!(may("shop", certificates).is_ok(), "every account of the namespace may request its certificate");
+    let denied = may("plain", endpoints).unwrap_err();
+    assert!(denied.contains("system:serviceaccount:plain:any-account"), "{denied}");
+
+    // Labelled later: granted; the label taken off: taken out; deleted: its cluster binding goes.
+    api.put_namespace("plain", json!({ "protomesh.io/inject": "enabled" }));
+    until("bindings for a namespace labelled later", || may("plain", endpoints).is_ok()).await;
+    api.put_namespace("shop", json!({ "protomesh.io/inject": "disabled" }));
+    until("the bindings of an unlabelled namespace gone", || may("shop", endpoints).is_err()).await;
+    api.delete_namespace("gone");
+    until("the cluster binding of a deleted namespace gone", || {
+        lookups() == vec!["protomesh-service-lookup:plain".to_string()]
+    })
+    .await;
+    injector.abort();
 }
