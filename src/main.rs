@@ -179,9 +179,15 @@ fn main() -> ExitCode {
             print!("{}", rules.ruleset());
             Ok(())
         }
-        Command::Init { rules, validate: true, .. } => runtime()
-            .block_on(capture::validate(&rules, std::time::Duration::from_secs(5)))
-            .map_err(|e| format!("protomesh init --validate: {e}")),
+        Command::Init { rules, validate: true, .. } => {
+            match runtime().block_on(capture::validate(&rules, std::time::Duration::from_secs(5))) {
+                Err(error @ capture::ValidateError::NotCaptured { .. }) => {
+                    eprintln!("error: protomesh init --validate: {error}");
+                    return ExitCode::from(capture::NOT_CAPTURED_EXIT_CODE);
+                }
+                checked => checked.map_err(|e| format!("protomesh init --validate: {e}")),
+            }
+        }
         Command::Init { rules, nft, .. } => capture::install(&rules, &nft).map_err(|e| format!("protomesh init: {e}")),
         Command::Uninit { nft } => capture::uninstall(&nft).map_err(|e| format!("protomesh uninit: {e}")),
         Command::Await { admin, timeout, shutdown: _, command } if command.is_empty() => {

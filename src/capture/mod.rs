@@ -12,4 +12,4 @@ mod validate;
 pub use destination::original_destination;
 pub use install::{InitError, install, uninstall};
 pub use rules::{CaptureRules, PortRange, TABLE};
-pub use validate::{ValidateError, validate};
+pub use validate::{NOT_CAPTURED_EXIT_CODE, ValidateError, validate};

@@ -20,6 +20,10 @@ const PROBES: [Ipv4Addr; 3] =
     [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(203, 0, 113, 1)];
 const PORTS: [u16; 4] = [80, 443, 8080, 50051];
 
+/// The exit code of `protomesh init --validate` when the rules are missing,
+/// by which the CNI installer's repair knows the pods to make again.
+pub const NOT_CAPTURED_EXIT_CODE: u8 = 77;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
     #[error(

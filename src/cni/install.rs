@@ -44,6 +44,10 @@ pub struct Install {
     /// The node's nft program, for the plugin (it runs on the node, not in this image).
     #[arg(long, env = "PROTOMESH_CNI_NFT", default_value = "nft")]
     pub nft: String,
+    /// This node's name (the downward API's spec.nodeName): its pods that started without their
+    /// capture rules are deleted for their controllers to make again ([`super::repair`]).
+    #[arg(long, env = "PROTOMESH_CNI_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 impl Install {
@@ -53,6 +57,8 @@ impl Install {
         watch.set([self.conf_dir.clone(), self.account_dir.clone()]);
         self.ensure()?;
         tracing::info!(conf_dir = %self.conf_dir.display(), "protomesh-cni installed");
+        let repair =
+            self.node_name.clone().map(|node| tokio::spawn(super::repair::run(node, self.conf_dir.join(KUBECONFIG))));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -65,6 +71,9 @@ impl Install {
             if let Err(error) = self.ensure() {
                 tracing::warn!(%error, "protomesh-cni: keeping the installation whole failed; trying again");
             }
+        }
+        if let Some(repair) = repair {
+            repair.abort();
         }
         self.remove()
     }

@@ -15,6 +15,7 @@
 
 pub mod install;
 mod netns;
+pub mod repair;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

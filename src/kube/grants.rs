@@ -16,11 +16,13 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 
 use super::rbac::{self, GRANTED_BY};
 use super::settings;
+use crate::discovery::kubernetes::Reconnect;
 
 /// The field manager of the bindings applied here.
 const MANAGER: &str = "protomesh-injector";
@@ -29,7 +31,7 @@ const MANAGER: &str = "protomesh-injector";
 /// retries on its own, so only with the process).
 pub async fn run(client: kube::Client) {
     let namespaces = Api::<Namespace>::all(client.clone());
-    let mut events = watcher::watcher(namespaces, watcher::Config::default()).boxed();
+    let mut events = watcher::watcher(namespaces, watcher::Config::default()).backoff(Reconnect::default()).boxed();
     // The labelled namespaces seen while a (re)list runs; at its end, the
     // cluster-wide bindings of every other namespace go.
     let mut listed = BTreeSet::new();

@@ -510,6 +510,22 @@ impl ApiServer {
                     None => status(StatusCode::NOT_FOUND, "NotFound", &format!("services \"{name}\" not found")),
                 }
             }
+            ["api", "v1", "namespaces", namespace, "pods", name] if request.method == http::Method::DELETE => {
+                let held =
+                    self.store.lock().unwrap().objects.get(&(PODS, namespace.to_string(), name.to_string())).cloned();
+                let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let uid = &asked["preconditions"]["uid"];
+                match held {
+                    Some(pod) if !uid.is_null() && &pod["metadata"]["uid"] != uid => {
+                        let message = format!(
+                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                            pod["metadata"]["uid"]
+                        );
+                        status(StatusCode::CONFLICT, "Conflict", &message)
+                    }
+                    _ => self.object(&request.method, PODS, namespace, name, &body),
+                }
+            }
             ["api", "v1", "namespaces", namespace, "pods", name] => {
                 self.count("get");
                 let store = self.store.lock().unwrap();
@@ -560,13 +576,9 @@ impl ApiServer {
         let key = (resource, namespace.to_string(), name.to_string());
         let found = self.store.lock().unwrap().objects.get(&key).cloned();
         let (_, kind) = type_of(resource);
-        let not_found = || {
-            status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                &format!("{resource}.rbac.authorization.k8s.io \"{name}\" not found"),
-            )
-        };
+        let group = if resource == PODS { "" } else { ".rbac.authorization.k8s.io" };
+        let not_found =
+            || status(StatusCode::NOT_FOUND, "NotFound", &format!("{resource}{group} \"{name}\" not found"));
         match *method {
             http::Method::GET => found.map_or_else(not_found, |object| json_response(&object)),
             http::Method::PATCH => {
@@ -615,6 +627,11 @@ impl ApiServer {
             self.delete(resource, name, &object);
         }
         self.delete(NAMESPACES, "", name);
+    }
+
+    /// Whether the pod `name` is there.
+    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        self.store.lock().unwrap().objects.contains_key(&(PODS, namespace.to_string(), name.to_string()))
     }
 
     /// The names of the bindings of `resource` (`rolebindings`, `clusterrolebindings`) stored through the API.
@@ -793,7 +810,7 @@ impl<'a> Asked<'a> {
             ["api", "v1", "nodes", name] => ("get", "", "nodes", None, Some(name)),
             ["api", "v1", "namespaces", ns, "services", name] => ("get", "", "services", Some(ns), Some(name)),
             ["api", "v1", "namespaces", ns, "pods"] => (collection, "", "pods", Some(ns), None),
-            ["api", "v1", "namespaces", ns, "pods", name] => ("get", "", "pods", Some(ns), Some(name)),
+            ["api", "v1", "namespaces", ns, "pods", name] => (one, "", "pods", Some(ns), Some(name)),
             ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => {
                 (collection, "discovery.k8s.io", "endpointslices", Some(ns), None)
             }

@@ -407,11 +407,12 @@ fn the_daemonsets_installer_chains_the_plugin_keeps_it_chained_and_takes_it_out_
     // As the DaemonSet runs it, with the node's directories where its hostPath volumes put them.
     let log = files.path().join("install.log");
     let mut installer = Stopped(
-        Command::new(env!("CARGO_BIN_EXE_protomesh-cni"))
-            .arg("install")
+        // In the node's namespace, where the API server is, as the DaemonSet's pod runs.
+        Command::new("ip")
+            .args(["netns", "exec", node.name(), env!("CARGO_BIN_EXE_protomesh-cni"), "install"])
             .args(["--conf-dir".as_ref(), conf_dir.as_os_str(), "--node-conf-dir".as_ref(), conf_dir.as_os_str()])
             .args(["--bin-dir".as_ref(), bin_dir.as_os_str(), "--account-dir".as_ref(), account.as_os_str()])
-            .args(["--api-server", &format!("https://{}", api.addr)])
+            .args(["--api-server", &format!("https://{}", api.addr), "--node-name", node.name()])
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
@@ -426,6 +427,45 @@ fn the_daemonsets_installer_chains_the_plugin_keeps_it_chained_and_takes_it_out_
     injected_pod(&api, "captured", by_cni());
     let (pod, _) = Runtime::installed(&conf_dir, &bin_dir).pod(&node, "captured").unwrap_or_else(|f| panic!("{f:?}"));
     assert!(table(&pod).contains("redirect to :4140"), "{}", table(&pod));
+
+    // Pods of this node that started without their rules (their check exited
+    // 77) are deleted for their controllers to make again; no other is.
+    let check_failed = |name: &str, node: &str, by: &str, code: i32, owned: bool| {
+        let owners = if owned {
+            json!([{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "rs", "controller": true }])
+        } else {
+            json!([])
+        };
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}"),
+                "annotations": { "protomesh.io/capture-by": by }, "ownerReferences": owners },
+            "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "example/app:1" }] },
+            "status": { "phase": "Pending", "initContainerStatuses": [{ "name": "protomesh-init", "ready": false,
+                "restartCount": 2, "image": "i", "imageID": "", "state": { "waiting": { "reason": "CrashLoopBackOff" } },
+                "lastState": { "terminated": { "exitCode": code } } }] },
+        })
+    };
+    let kept = [
+        check_failed("elsewhere", "another-node", "cni", 77, true),
+        check_failed("other-failure", node.name(), "cni", 1, true),
+        check_failed("by-init", node.name(), "init", 77, true),
+        check_failed("bare", node.name(), "cni", 77, false),
+    ];
+    for pod in kept.iter().cloned() {
+        api.put_pod_object(pod);
+    }
+    api.put_pod_object(check_failed("uncaptured", node.name(), "cni", 77, true));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while api.has_pod(NAMESPACE, "uncaptured") {
+        let said = || std::fs::read_to_string(&log).unwrap();
+        assert!(std::time::Instant::now() < deadline, "the pod without its rules is not deleted:\n{}", said());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for pod in &kept {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        assert!(api.has_pod(NAMESPACE, name), "{name} was deleted");
+    }
 
     // The kubelet rotates the token: the plugin's kubeconfig follows.
     let kubeconfig = conf_dir.join("protomesh-cni.kubeconfig");
