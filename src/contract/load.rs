@@ -57,8 +57,9 @@ pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
     for (path, bytes) in &read {
         version.add(&path.display().to_string(), bytes);
     }
+    add_matched(&mut version, config);
     let files = read.into_iter().map(|(path, _)| path).collect();
-    Ok(Contracts { methods, files, version: version.version() })
+    Ok(Contracts { methods, files, version: version.version(), descriptors: pool, config: config.clone() })
 }
 
 /// Files read from disk, each with its bytes.
@@ -117,21 +118,13 @@ impl<R: FileResolver> FileResolver for SharedResolver<R> {
 /// allowed when they are permissive: a pod whose contracts are not written
 /// yet forwards every call by service name.
 fn expand(protos: &[PathBuf], includes: &[PathBuf], mode: ContractMode) -> Result<Vec<PathBuf>, ContractError> {
-    let options = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
     let mut expanded = Vec::new();
     for proto in protos {
         let pattern = proto.to_string_lossy();
-        if !pattern.contains(['*', '?', '[']) {
+        let Some(mut matched) = matches(proto, includes)? else {
             expanded.push(proto.clone());
             continue;
-        }
-        let mut matched = Vec::new();
-        for include in includes {
-            let full = include.join(proto);
-            let paths = glob::glob_with(&full.to_string_lossy(), options)
-                .map_err(|e| ContractError(format!("contracts.protos: `{pattern}` is not a file pattern: {e}")))?;
-            matched.extend(paths.flatten().filter_map(|path| path.strip_prefix(include).ok().map(Path::to_path_buf)));
-        }
+        };
         if matched.is_empty() {
             let includes = includes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
             if mode == ContractMode::Permissive {
@@ -149,6 +142,38 @@ fn expand(protos: &[PathBuf], includes: &[PathBuf], mode: ContractMode) -> Resul
     }
     expanded.dedup();
     Ok(expanded)
+}
+
+/// The files a pattern of `contracts.protos` matches under the include
+/// paths, relative to them; `None` when it is a plain name.
+fn matches(proto: &Path, includes: &[PathBuf]) -> Result<Option<Vec<PathBuf>>, ContractError> {
+    let pattern = proto.to_string_lossy();
+    if !pattern.contains(['*', '?', '[']) {
+        return Ok(None);
+    }
+    let options = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
+    let mut matched = Vec::new();
+    for include in includes {
+        let full = include.join(proto);
+        let paths = glob::glob_with(&full.to_string_lossy(), options)
+            .map_err(|e| ContractError(format!("contracts.protos: `{pattern}` is not a file pattern: {e}")))?;
+        matched.extend(paths.flatten().filter_map(|path| path.strip_prefix(include).ok().map(Path::to_path_buf)));
+    }
+    Ok(Some(matched))
+}
+
+/// Adds to `version` the names the patterns of `contracts.protos` match now,
+/// so that a file added where a pattern looks (a new key of a ConfigMap)
+/// changes the version, and is read.
+pub fn add_matched(version: &mut Digest, config: &ContractsConfig) {
+    let includes = config.include_dirs();
+    for proto in &config.protos {
+        if let Ok(Some(mut matched)) = matches(proto, &includes) {
+            matched.sort();
+            let names: Vec<String> = matched.iter().map(|p| p.display().to_string()).collect();
+            version.add(&format!("contracts.protos {}", proto.display()), names.join("\n").as_bytes());
+        }
+    }
 }
 
 fn compile_error(proto: &Path, includes: &[PathBuf], error: protox::Error) -> ContractError {

@@ -163,6 +163,10 @@ pub struct Contracts {
     files: Vec<PathBuf>,
     /// The version of what was read from those files.
     version: String,
+    /// Every file's descriptors, imports included: what reflection serves.
+    descriptors: prost_reflect::DescriptorPool,
+    /// What they were loaded from, for what its patterns match now.
+    config: ContractsConfig,
 }
 
 impl Contracts {
@@ -190,6 +194,11 @@ impl Contracts {
         self.methods.values()
     }
 
+    /// Every file of the contracts as descriptors, with their imports.
+    pub fn descriptors(&self) -> &prost_reflect::DescriptorPool {
+        &self.descriptors
+    }
+
     /// The files these contracts were built from, for telling when they change.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
@@ -201,12 +210,14 @@ impl Contracts {
     }
 
     /// The version the files the contracts were built from have now, without
-    /// compiling them; it differs from [`Contracts::version`] once one changed.
+    /// compiling them; it differs from [`Contracts::version`] once one changed,
+    /// or a pattern of `contracts.protos` matches other files.
     pub fn version_on_disk(&self) -> String {
         let mut version = Digest::default();
         for path in &self.files {
             version.add(&path.display().to_string(), &std::fs::read(path).unwrap_or_default());
         }
+        load::add_matched(&mut version, &self.config);
         version.version()
     }
 }
