@@ -97,10 +97,13 @@ pub struct ResponseBody {
     answer: Option<Box<Answer>>,
 }
 
-/// A message and the trailers after it, sent by the sidecar itself.
-struct Answer {
-    message: Option<Bytes>,
-    trailers: HeaderMap,
+/// What the sidecar sends itself.
+enum Answer {
+    /// A message and the trailers after it.
+    One { message: Option<Bytes>, trailers: HeaderMap },
+    /// Frames as a task of the sidecar makes them (a stream it answers),
+    /// ending with trailers.
+    Frames(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -125,7 +128,17 @@ impl ResponseBody {
 
     /// The sidecar's own answer: one message (framed), then `trailers`.
     pub fn answer(message: Bytes, trailers: HeaderMap) -> ResponseBody {
-        ResponseBody { answer: Some(Box::new(Answer { message: Some(message), trailers })), ..ResponseBody::empty() }
+        ResponseBody {
+            answer: Some(Box::new(Answer::One { message: Some(message), trailers })),
+            ..ResponseBody::empty()
+        }
+    }
+
+    /// The sidecar's own answer, streamed: the frames `frames` receives, the
+    /// last of them trailers; if its sender goes without them, the call ends
+    /// broken off.
+    pub fn frames(frames: tokio::sync::mpsc::Receiver<Frame<Bytes>>) -> ResponseBody {
+        ResponseBody { answer: Some(Box::new(Answer::Frames(frames))), ..ResponseBody::empty() }
     }
 
     /// The peer's response as the sidecar of `direction` passes it on.
@@ -201,14 +214,26 @@ impl Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else {
-            let Some(answer) = &mut this.answer else { return Poll::Ready(None) };
-            if let Some(message) = answer.message.take() {
-                return Poll::Ready(Some(Ok(Frame::data(message))));
-            }
-            let trailers = std::mem::take(&mut answer.trailers);
+            let Some(answer) = this.answer.as_deref_mut() else { return Poll::Ready(None) };
+            let frame = match answer {
+                Answer::One { message, trailers } => match message.take() {
+                    Some(message) => return Poll::Ready(Some(Ok(Frame::data(message)))),
+                    None => Frame::trailers(std::mem::take(trailers)),
+                },
+                Answer::Frames(frames) => match std::task::ready!(frames.poll_recv(cx)) {
+                    Some(frame) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
+                    Some(trailers) => trailers,
+                    None => {
+                        this.answer = None;
+                        this.end(CallEnd::Broken(None));
+                        return Poll::Ready(None);
+                    }
+                },
+            };
             this.answer = None;
-            this.end(CallEnd::Answered(grpc::status_in(&trailers).unwrap_or(Code::Unknown)));
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            let status = frame.trailers_ref().and_then(grpc::status_in).unwrap_or(Code::Unknown);
+            this.end(CallEnd::Answered(status));
+            return Poll::Ready(Some(Ok(frame)));
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

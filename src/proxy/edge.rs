@@ -15,6 +15,7 @@ use http::{HeaderValue, Request, Response};
 use tower::Service;
 
 use super::health_answer;
+use super::reflection;
 use super::routes::CurrentRoutes;
 use super::server::PeerInfo;
 use super::shed::MemoryBudget;
@@ -66,7 +67,16 @@ impl Service<Request<RecvBody>> for OutboundEdge {
         if let Err(over) = memory.admit() {
             return refuse(metrics, Direction::Outbound, over.into());
         }
-        let routed = routes.load().outbound.route(request.uri().path(), self.original_destination);
+        let routes = routes.load();
+        // Reflection on the outbound listener itself is the mesh's; a
+        // captured call for it goes where the app sent it.
+        if self.original_destination.is_none()
+            && reflection::asked(request.uri().path())
+            && let Some(reflection) = &routes.reflection
+        {
+            return Either::Right(reflection.clone().call(request));
+        }
+        let routed = routes.outbound.route(request.uri().path(), self.original_destination);
         match routed {
             Ok(mut stack) => Either::Right(stack.call(request)),
             Err(error) => refuse(metrics, Direction::Outbound, error),
@@ -130,6 +140,10 @@ impl Service<Request<RecvBody>> for InboundEdge {
                 }
                 Err(error) => refuse(metrics, Direction::Inbound, error),
             };
+        }
+        if let Some(mut reflection) = inbound.reflection(request.uri().path()) {
+            request.extensions_mut().insert(caller.clone());
+            return Either::Right(Box::pin(reflection.call(request)));
         }
         let routed =
             inbound.route(request.uri().path()).and_then(|stack| Ok((stack, inbound.app_for(self.captured_port)?)));

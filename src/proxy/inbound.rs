@@ -12,6 +12,7 @@ use http::{Request, Response};
 use tower::ServiceBuilder;
 
 use super::endpoint::{ConnectSettings, Endpoint};
+use super::reflection::{self, Reflection};
 use super::registry::{AppPorts, Registries};
 use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody, RequestBody, ResponseBody};
 use crate::config::health_checks::HealthAnswer;
@@ -55,6 +56,8 @@ pub struct InboundRoutes {
     app: Option<Arc<Endpoint>>,
     /// The app by port, for connections the capture rules redirected.
     app_ports: Arc<AppPorts>,
+    /// Reflection, by path, behind the authorization of its method.
+    reflection: HashMap<Box<str>, Authorize<Reflection>>,
     shared: Shared,
 }
 
@@ -65,6 +68,7 @@ impl InboundRoutes {
         contracts: &Arc<Contracts>,
         registries: &mut Registries,
         tracing: Option<Arc<Tracing>>,
+        reflection: Option<&Reflection>,
     ) -> InboundRoutes {
         let policy = &config.policy;
         let shared = Shared {
@@ -108,7 +112,22 @@ impl InboundRoutes {
             let key = StateKey::new(Direction::Inbound, Scope::Callers, limits);
             registries.kept::<CallerBulkheads>(key, "callers (config policy.caller_concurrency)".into())
         });
-        InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, shared }
+        let reflection = reflection
+            .into_iter()
+            .flat_map(|reflection| [reflection::V1, reflection::V1ALPHA].map(|service| (service, reflection.clone())))
+            .map(|(service, reflection)| {
+                let authz = effective::authorization(
+                    &inbound.authorization,
+                    &shared.rules,
+                    contracts,
+                    service,
+                    reflection::METHOD,
+                );
+                let path = format!("/{service}/{}", reflection::METHOD).into_boxed_str();
+                (path, Authorize::new(Arc::new(authz), reflection))
+            })
+            .collect();
+        InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, shared }
     }
 
     /// The app a connection's calls go to: on `127.0.0.1` at the port it was
@@ -126,6 +145,11 @@ impl InboundRoutes {
     /// How the sidecar answers peers' health checks, unless they are calls like any other.
     pub fn health_answer(&self) -> Option<HealthAnswer> {
         Some(self.shared.inbound.health).filter(|answer| *answer != HealthAnswer::App)
+    }
+
+    /// Reflection asked at `path`, authorized as its method, when the contracts serve it.
+    pub fn reflection(&self, path: &str) -> Option<Authorize<Reflection>> {
+        self.reflection.get(path).cloned()
     }
 
     pub fn contracts(&self) -> &Arc<Contracts> {
@@ -277,7 +301,7 @@ mod tests {
         let identity = Arc::new(Identity::new(Credentials::read(&config.identity).unwrap()).unwrap());
         let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1, None);
         let inbound = config.inbound.clone().unwrap();
-        let routes = InboundRoutes::build(&config, &inbound, &contracts, &mut registries, None);
+        let routes = InboundRoutes::build(&config, &inbound, &contracts, &mut registries, None, None);
         registries.commit();
         routes
     }

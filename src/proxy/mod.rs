@@ -30,6 +30,7 @@ mod opaque;
 pub mod open;
 mod original;
 pub mod outbound;
+mod reflection;
 pub mod registry;
 mod respond;
 pub mod routes;

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 
 use super::inbound::InboundRoutes;
 use super::outbound::OutboundRoutes;
+use super::reflection::Reflection;
 use super::registry::Registries;
 use crate::config::Config;
 use crate::contract::Contracts;
@@ -24,6 +25,8 @@ pub struct Routes {
     pub outbound: OutboundRoutes,
     /// `None` when the sidecar takes no inbound traffic.
     pub inbound: Option<InboundRoutes>,
+    /// Server reflection from the contracts, when they declare a service.
+    pub reflection: Option<Reflection>,
 }
 
 impl Routes {
@@ -37,10 +40,10 @@ impl Routes {
         tracing: Option<Arc<Tracing>>,
     ) -> Result<Routes, String> {
         let outbound = OutboundRoutes::build(&config, &contracts, registries, tracing.clone()).await?;
-        let inbound = config
-            .inbound
-            .as_ref()
-            .map(|inbound| InboundRoutes::build(&config, inbound, &contracts, registries, tracing.clone()));
-        Ok(Routes { config, contracts, outbound, inbound })
+        let reflection = Reflection::of(&contracts);
+        let inbound = config.inbound.as_ref().map(|inbound| {
+            InboundRoutes::build(&config, inbound, &contracts, registries, tracing.clone(), reflection.as_ref())
+        });
+        Ok(Routes { config, contracts, outbound, inbound, reflection })
     }
 }

@@ -24,6 +24,7 @@ mod limits;
 mod passthrough;
 mod pods;
 mod rate_limits;
+mod reflection;
 mod refusals;
 mod relay;
 mod reload;

@@ -1,0 +1,107 @@
+//! gRPC server reflection (`grpc.reflection.v1` and `v1alpha`, as grpcurl,
+//! Postman and evans ask it) answered by the sidecar from the contracts it
+//! loaded, imports and well-known types included. Outbound, on the outbound
+//! listener itself, it is the whole mesh's: every service the sidecar routes.
+//! Inbound, a peer asks for the contracts this sidecar serves, authorized as
+//! any method is. The answers are tonic-reflection's, built once per version
+//! of the contracts, so they follow reloads and say what a tonic server built
+//! from the same files would say. Contracts with no service (a permissive pod
+//! with none yet) answer nothing here: the call goes on, to where it was sent.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use crate::call::{CallFuture, RecvBody, ResponseBody};
+use crate::contract::Contracts;
+use crate::grpc::{self, Code};
+
+/// The services reflection is asked through, by version.
+pub const V1: &str = "grpc.reflection.v1.ServerReflection";
+pub const V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+/// Their one method, a bidirectional stream.
+pub const METHOD: &str = "ServerReflectionInfo";
+
+type Server = BoxCloneSyncService<Request<RecvBody>, Response<tonic::body::Body>, Infallible>;
+
+/// Both versions of the reflection service, for one version of the contracts.
+#[derive(Clone)]
+pub struct Reflection {
+    v1: Server,
+    v1alpha: Server,
+}
+
+/// Whether `path` asks for reflection, and in which version.
+fn version(path: &str) -> Option<&'static str> {
+    let (service, method) = grpc::split_path(path)?;
+    [V1, V1ALPHA].into_iter().find(|known| *known == service && method == METHOD)
+}
+
+/// Whether `path` is a reflection call: one prefix test for every other call.
+pub fn asked(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.") && version(path).is_some()
+}
+
+impl Reflection {
+    /// Reflection over `contracts`; `None` when they declare no service (or
+    /// their descriptors do not make a reflection service, which is logged).
+    pub fn of(contracts: &Contracts) -> Option<Reflection> {
+        let pool = contracts.descriptors();
+        pool.services().next()?;
+        let set = pool.encode_to_vec();
+        let builder = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(&set);
+        let built = builder().build_v1().and_then(|v1| Ok((v1, builder().build_v1alpha()?)));
+        match built {
+            Ok((v1, v1alpha)) => Some(Reflection { v1: Server::new(v1), v1alpha: Server::new(v1alpha) }),
+            Err(error) => {
+                tracing::warn!(%error, "no server reflection: the contracts' descriptors do not make one");
+                None
+            }
+        }
+    }
+}
+
+/// Passes tonic's response frames on until the call ends or its caller goes.
+async fn relay(mut body: tonic::body::Body, frames: tokio::sync::mpsc::Sender<Frame<Bytes>>) {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap_or_else(|status| {
+            let code = Code::from_number(status.code() as u8).unwrap_or(Code::Unknown);
+            Frame::trailers(grpc::status_headers(code, status.message()))
+        });
+        let last = frame.is_trailers();
+        if frames.send(frame).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Answers a reflection call, streaming each response as it is made.
+impl Service<Request<RecvBody>> for Reflection {
+    type Response = Response<ResponseBody>;
+    type Error = crate::call::ProxyError;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<RecvBody>) -> CallFuture {
+        let server = match version(request.uri().path()) {
+            Some(V1ALPHA) => self.v1alpha.clone(),
+            _ => self.v1.clone(),
+        };
+        Box::pin(async move {
+            let Ok(response) = server.oneshot(request).await;
+            let (parts, body) = response.into_parts();
+            // Room for a few responses: reflection answers one per request.
+            let (frames, sent) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(relay(body, frames));
+            Ok(Response::from_parts(parts, ResponseBody::frames(sent)))
+        })
+    }
+}
