@@ -392,3 +392,31 @@ fn ipv6_connections_are_captured_both_ways() {
     stop.store(true, Ordering::Release);
     assert!(!contains(&seen.join().unwrap(), b"secret-ipv6-canary"), "the IPv6 call crossed the node in plaintext");
 }
+
+#[test]
+fn the_capture_check_passes_in_an_ipv6_only_pod_and_fails_without_rules() {
+    if let Some(why) = pods::unavailable().or_else(|| (!pods::ipv6()).then(|| "the kernel has no IPv6".into())) {
+        return eprintln!("skipped: {why}");
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    // Its IPv4 address and routes gone: only IPv6 leaves the pod.
+    for args in [["-4", "addr", "flush", "scope", "global"], ["-4", "route", "flush", "table", "main"]] {
+        let flushed = std::process::Command::new("ip").args(["-n", &pod.name]).args(args).status().unwrap();
+        assert!(flushed.success(), "ip {args:?}");
+    }
+    let validate = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.name, "setpriv", "--reuid", "2103", "--regid", "2103", "--clear-groups"])
+            .args([env!("CARGO_BIN_EXE_protomesh"), "init", "--validate"])
+            .output()
+            .unwrap()
+    };
+    let uncaptured = validate();
+    assert_eq!(uncaptured.status.code(), Some(77), "{}", String::from_utf8_lossy(&uncaptured.stderr));
+    assert!(String::from_utf8_lossy(&uncaptured.stderr).contains("[2001:db8::1]:80"), "dialled over IPv6");
+    let installed = pod.init(&[]);
+    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    let checked = validate();
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+}
