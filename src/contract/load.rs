@@ -347,6 +347,19 @@ mod tests {
     }
 
     #[test]
+    fn a_file_added_where_a_pattern_looks_changes_the_version_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = |package: &str| format!("syntax = \"proto3\"; package {package}; message M {{}}");
+        write(dir.path(), "a.proto", &message("a"));
+        let contracts = load(&config(&["*.proto"], &[dir.path()])).unwrap();
+        assert_eq!(contracts.version_on_disk(), contracts.version(), "unchanged: nothing to reload");
+        write(dir.path(), "b.proto", &message("b"));
+        assert_ne!(contracts.version_on_disk(), contracts.version(), "a new file to read");
+        let again = load(&config(&["*.proto"], &[dir.path()])).unwrap();
+        assert_eq!(again.version_on_disk(), again.version());
+    }
+
+    #[test]
     fn permissive_contracts_may_be_none_yet() {
         let empty = tempfile::tempdir().unwrap();
         let config = ContractsConfig { mode: ContractMode::Permissive, ..config(&["*.proto"], &[empty.path()]) };

@@ -3,12 +3,13 @@
 //! loaded, imports and well-known types included. Outbound, on the outbound
 //! listener itself, it is the whole mesh's: every service the sidecar routes.
 //! Inbound, a peer asks for the contracts this sidecar serves, authorized as
-//! any method is. The answers are tonic-reflection's, built once per version
-//! of the contracts, so they follow reloads and say what a tonic server built
+//! any method is. The answers are tonic-reflection's, built at the first call
+//! for each version of the contracts, so they follow reloads and say what a tonic server built
 //! from the same files would say. Contracts with no service (a permissive pod
 //! with none yet) answer nothing here: the call goes on, to where it was sent.
 
 use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -17,7 +18,7 @@ use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
-use crate::call::{CallFuture, RecvBody, ResponseBody};
+use crate::call::{CallFuture, ProxyError, RecvBody, ResponseBody};
 use crate::contract::Contracts;
 use crate::grpc::{self, Code};
 
@@ -29,9 +30,16 @@ pub const METHOD: &str = "ServerReflectionInfo";
 
 type Server = BoxCloneSyncService<Request<RecvBody>, Response<tonic::body::Body>, Infallible>;
 
-/// Both versions of the reflection service, for one version of the contracts.
+/// Both versions of the reflection service, for one version of the
+/// contracts, made on the first call: most sidecars are never asked.
 #[derive(Clone)]
 pub struct Reflection {
+    contracts: Arc<Contracts>,
+    servers: Arc<OnceLock<Option<Servers>>>,
+}
+
+#[derive(Clone)]
+struct Servers {
     v1: Server,
     v1alpha: Server,
 }
@@ -48,21 +56,28 @@ pub fn asked(path: &str) -> bool {
 }
 
 impl Reflection {
-    /// Reflection over `contracts`; `None` when they declare no service (or
-    /// their descriptors do not make a reflection service, which is logged).
-    pub fn of(contracts: &Contracts) -> Option<Reflection> {
-        let pool = contracts.descriptors();
-        pool.services().next()?;
-        let set = pool.encode_to_vec();
-        let builder = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(&set);
-        let built = builder().build_v1().and_then(|v1| Ok((v1, builder().build_v1alpha()?)));
-        match built {
-            Ok((v1, v1alpha)) => Some(Reflection { v1: Server::new(v1), v1alpha: Server::new(v1alpha) }),
-            Err(error) => {
-                tracing::warn!(%error, "no server reflection: the contracts' descriptors do not make one");
-                None
+    /// Reflection over `contracts`; `None` when they declare no service.
+    pub fn of(contracts: &Arc<Contracts>) -> Option<Reflection> {
+        contracts.descriptors().services().next()?;
+        Some(Reflection { contracts: contracts.clone(), servers: Arc::default() })
+    }
+
+    /// The servers, made once; `None` (logged) when the contracts'
+    /// descriptors do not make a reflection service.
+    fn servers(&self) -> Option<&Servers> {
+        let made = self.servers.get_or_init(|| {
+            let set = self.contracts.descriptors().encode_to_vec();
+            let builder = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(&set);
+            let built = builder().build_v1().and_then(|v1| Ok((v1, builder().build_v1alpha()?)));
+            match built {
+                Ok((v1, v1alpha)) => Some(Servers { v1: Server::new(v1), v1alpha: Server::new(v1alpha) }),
+                Err(error) => {
+                    tracing::warn!(%error, "no server reflection: the contracts' descriptors do not make one");
+                    None
+                }
             }
-        }
+        });
+        made.as_ref()
     }
 }
 
@@ -83,7 +98,7 @@ async fn relay(mut body: tonic::body::Body, frames: tokio::sync::mpsc::Sender<Fr
 /// Answers a reflection call, streaming each response as it is made.
 impl Service<Request<RecvBody>> for Reflection {
     type Response = Response<ResponseBody>;
-    type Error = crate::call::ProxyError;
+    type Error = ProxyError;
     type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
@@ -91,9 +106,13 @@ impl Service<Request<RecvBody>> for Reflection {
     }
 
     fn call(&mut self, request: Request<RecvBody>) -> CallFuture {
+        let Some(servers) = self.servers() else {
+            let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
+            return Box::pin(std::future::ready(Err(error)));
+        };
         let server = match version(request.uri().path()) {
-            Some(V1ALPHA) => self.v1alpha.clone(),
-            _ => self.v1.clone(),
+            Some(V1ALPHA) => servers.v1alpha.clone(),
+            _ => servers.v1.clone(),
         };
         Box::pin(async move {
             let Ok(response) = server.oneshot(request).await;
