@@ -8,9 +8,11 @@
 //! when the label goes; a deleted namespace takes its RoleBindings with it,
 //! and the injector its ClusterRoleBinding. Reconciled from a watch of the
 //! namespaces, with server-side apply, so replicas agree and a restart
-//! repairs what changed while it was down.
+//! repairs what changed while it was down; what fails is tried again every
+//! 10 s. Between lists, a namespace that was never granted costs no request.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -27,34 +29,70 @@ use crate::discovery::kubernetes::Reconnect;
 /// The field manager of the bindings applied here.
 const MANAGER: &str = "protomesh-injector";
 
-/// Keeps the bindings of labelled namespaces until the watch ends (it
-/// retries on its own, so only with the process).
+/// How long a namespace whose bindings could not be kept waits before they are tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Keeps the bindings of labelled namespaces until the process ends.
 pub async fn run(client: kube::Client) {
     let namespaces = Api::<Namespace>::all(client.clone());
     let mut events = watcher::watcher(namespaces, watcher::Config::default()).backoff(Reconnect::default()).boxed();
-    // The labelled namespaces seen while a (re)list runs; at its end, the
-    // cluster-wide bindings of every other namespace go.
-    let mut listed = BTreeSet::new();
-    while let Some(event) = events.next().await {
-        let result = match event {
-            Ok(Event::Init) => {
-                listed.clear();
-                Ok(())
-            }
-            Ok(Event::InitApply(namespace)) => {
-                let labelled = enabled(&namespace);
-                if labelled {
-                    listed.insert(name(&namespace));
+    // The namespaces granted; at the end of each (re)list, the cluster-wide
+    // bindings of every other namespace go.
+    let mut granted = BTreeSet::new();
+    // Namespaces whose bindings failed to be kept, and whether they are labelled.
+    let mut failed: BTreeMap<String, bool> = BTreeMap::new();
+    let mut retry = tokio::time::interval(RETRY);
+    // Failed namespaces whose retry is due, taken one at a time between events.
+    let mut due: Vec<(String, bool)> = Vec::new();
+    loop {
+        let (namespace, labelled, listing) = match due.pop() {
+            Some((namespace, labelled)) => (namespace, labelled, true),
+            None => tokio::select! {
+                event = events.next() => match event {
+                    None => return,
+                    Some(Ok(Event::Init)) => {
+                        granted.clear();
+                        continue;
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        if let Err(error) = collect_strays(&client, &granted).await {
+                            tracing::warn!(%error, "cluster role bindings of unlabelled namespaces not collected");
+                        }
+                        continue;
+                    }
+                    Some(Ok(Event::InitApply(namespace))) => (name(&namespace), enabled(&namespace), true),
+                    Some(Ok(Event::Apply(namespace))) => (name(&namespace), enabled(&namespace), false),
+                    Some(Ok(Event::Delete(namespace))) => (name(&namespace), false, true),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "watching namespaces; trying again");
+                        continue;
+                    }
+                },
+                _ = retry.tick() => {
+                    due.extend(std::mem::take(&mut failed));
+                    continue;
                 }
-                reconcile(&client, &name(&namespace), labelled).await
-            }
-            Ok(Event::InitDone) => collect_strays(&client, &listed).await,
-            Ok(Event::Apply(namespace)) => reconcile(&client, &name(&namespace), enabled(&namespace)).await,
-            Ok(Event::Delete(namespace)) => reconcile(&client, &name(&namespace), false).await,
-            Err(error) => Err(format!("watching namespaces: {error}")),
+            },
         };
-        if let Err(error) = result {
-            tracing::warn!(%error, "namespace bindings not kept; tried again on the namespace's next change");
+        // The namespace's latest state decides; a failure before it is moot.
+        let was_failed = failed.remove(&namespace).is_some();
+        // An unlabelled namespace has bindings to take out only if it had
+        // them: when it was granted (or failed to be), or, at a (re)list, as
+        // it may have been while the injector was down.
+        if !labelled && !listing && !was_failed && !granted.contains(&namespace) {
+            continue;
+        }
+        match reconcile(&client, &namespace, labelled).await {
+            Ok(()) if labelled => {
+                granted.insert(namespace);
+            }
+            Ok(()) => {
+                granted.remove(&namespace);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "namespace bindings not kept; tried again in {RETRY:?}");
+                failed.insert(namespace, labelled);
+            }
         }
     }
 }
