@@ -409,3 +409,40 @@ async fn the_injector_keeps_the_bindings_of_labelled_namespaces_and_takes_them_o
     .await;
     injector.abort();
 }
+
+#[tokio::test]
+async fn bindings_the_api_server_refused_are_applied_once_it_allows_them() {
+    use crate::apiserver::{ApiServer, account_token};
+    let api = ApiServer::start().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut rbac = Vec::new();
+    for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml", "k8s/injector/rbac.yaml"] {
+        rbac.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
+    }
+    // The injector may watch namespaces but not yet write bindings.
+    let mut read_only = rbac.clone();
+    for object in
+        read_only.iter_mut().filter(|o| o["metadata"]["name"] == "protomesh-injector" && o["kind"] == "ClusterRole")
+    {
+        object["rules"].as_array_mut().unwrap().retain(|rule| rule["resources"][0] == "namespaces");
+    }
+    api.authorize_accounts(&read_only);
+    api.put_namespace("shop", json!({ "protomesh.io/inject": "enabled" }));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig_with(dir.path(), &account_token("protomesh-system", "protomesh-injector"));
+    let client = kube::Client::try_from(protomesh::discovery::kubernetes::read_kubeconfig(&kubeconfig).await.unwrap());
+    let injector = tokio::spawn(protomesh::kube::grants::run(client.unwrap()));
+    let requests = || api.requests("list");
+    until("the namespaces listed", || requests() >= 1).await;
+    assert!(api.bindings("rolebindings").is_empty(), "refused");
+
+    api.authorize_accounts(&rbac);
+    tokio::time::timeout(Duration::from_secs(25), async {
+        while api.bindings("rolebindings").len() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the refused bindings applied on a retry");
+    injector.abort();
+}
