@@ -71,7 +71,7 @@ impl Service<Request<RecvBody>> for OutboundEdge {
         // Reflection on the outbound listener itself is the mesh's; a
         // captured call for it goes where the app sent it.
         if self.original_destination.is_none()
-            && reflection::asked(request.uri().path())
+            && reflection::asked(request.uri().path()).is_some()
             && let Some(reflection) = &routes.reflection
         {
             return Either::Right(reflection.clone().call(request));

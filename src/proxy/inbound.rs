@@ -56,8 +56,9 @@ pub struct InboundRoutes {
     app: Option<Arc<Endpoint>>,
     /// The app by port, for connections the capture rules redirected.
     app_ports: Arc<AppPorts>,
-    /// Reflection, by path, behind the authorization of its method.
-    reflection: HashMap<Box<str>, Authorize<Reflection>>,
+    /// Reflection, by [`reflection::Version`], behind the authorization of
+    /// its method; `None` when the contracts serve none.
+    reflection: Option<[Authorize<Reflection>; 2]>,
     shared: Shared,
 }
 
@@ -112,10 +113,8 @@ impl InboundRoutes {
             let key = StateKey::new(Direction::Inbound, Scope::Callers, limits);
             registries.kept::<CallerBulkheads>(key, "callers (config policy.caller_concurrency)".into())
         });
-        let reflection = reflection
-            .into_iter()
-            .flat_map(|reflection| [reflection::V1, reflection::V1ALPHA].map(|service| (service, reflection.clone())))
-            .map(|(service, reflection)| {
+        let reflection = reflection.map(|reflection| {
+            reflection::SERVICES.map(|(_, service)| {
                 let authz = effective::authorization(
                     &inbound.authorization,
                     &shared.rules,
@@ -123,10 +122,9 @@ impl InboundRoutes {
                     service,
                     reflection::METHOD,
                 );
-                let path = format!("/{service}/{}", reflection::METHOD).into_boxed_str();
-                (path, Authorize::new(Arc::new(authz), reflection))
+                Authorize::new(Arc::new(authz), reflection.clone())
             })
-            .collect();
+        });
         InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, shared }
     }
 
@@ -149,7 +147,8 @@ impl InboundRoutes {
 
     /// Reflection asked at `path`, authorized as its method, when the contracts serve it.
     pub fn reflection(&self, path: &str) -> Option<Authorize<Reflection>> {
-        self.reflection.get(path).cloned()
+        let version = reflection::asked(path)?;
+        Some(self.reflection.as_ref()?[version as usize].clone())
     }
 
     pub fn contracts(&self) -> &Arc<Contracts> {

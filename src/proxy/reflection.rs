@@ -44,15 +44,25 @@ struct Servers {
     v1alpha: Server,
 }
 
-/// Whether `path` asks for reflection, and in which version.
-fn version(path: &str) -> Option<&'static str> {
-    let (service, method) = grpc::split_path(path)?;
-    [V1, V1ALPHA].into_iter().find(|known| *known == service && method == METHOD)
+/// The versions of the reflection service, in the order of [`SERVICES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V1 = 0,
+    V1Alpha = 1,
 }
 
-/// Whether `path` is a reflection call: one prefix test for every other call.
-pub fn asked(path: &str) -> bool {
-    path.starts_with("/grpc.reflection.") && version(path).is_some()
+/// Each version's service, by [`Version`].
+pub const SERVICES: [(Version, &str); 2] = [(Version::V1, V1), (Version::V1Alpha, V1ALPHA)];
+
+/// The version of reflection `path` asks for, if it asks for reflection:
+/// one prefix test for every other call.
+pub fn asked(path: &str) -> Option<Version> {
+    if !path.starts_with("/grpc.reflection.") {
+        return None;
+    }
+    let (service, method) = grpc::split_path(path)?;
+    let found = SERVICES.into_iter().find(|(_, known)| *known == service && method == METHOD);
+    found.map(|(version, _)| version)
 }
 
 impl Reflection {
@@ -110,8 +120,8 @@ impl Service<Request<RecvBody>> for Reflection {
             let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
             return Box::pin(std::future::ready(Err(error)));
         };
-        let server = match version(request.uri().path()) {
-            Some(V1ALPHA) => servers.v1alpha.clone(),
+        let server = match asked(request.uri().path()) {
+            Some(Version::V1Alpha) => servers.v1alpha.clone(),
             _ => servers.v1.clone(),
         };
         Box::pin(async move {
