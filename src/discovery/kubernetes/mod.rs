@@ -339,8 +339,6 @@ impl Cluster {
     }
 }
 
-/// The zone of the node `NODE_NAME` names, from its label; `None` (and
-/// logged) when it cannot be read: topology hints are then not followed.
 /// The client configuration a kubeconfig file names; errors name the file.
 pub async fn read_kubeconfig(path: &std::path::Path) -> Result<kube::Config, String> {
     let file = kube::config::Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -349,6 +347,8 @@ pub async fn read_kubeconfig(path: &std::path::Path) -> Result<kube::Config, Str
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The zone of the node `NODE_NAME` names, from its label; `None` (and
+/// logged) when it cannot be read: topology hints are then not followed.
 async fn zone_of_node(client: &kube::Client) -> Option<String> {
     let node = std::env::var("NODE_NAME").ok().filter(|name| !name.is_empty())?;
     match Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get(&node).await {
