@@ -758,14 +758,20 @@ fn meta(namespace: &str, name: &str, version: u64) -> ObjectMeta {
     }
 }
 
+/// The RBAC objects of `k8s/`'s files `files`: those that sidecars'
+/// service accounts are bound to are in [`SIDECAR_ROLES`].
+pub fn k8s_rbac(files: &[&str]) -> Vec<Value> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    files.iter().flat_map(|file| protomesh::kube::manifest::read(&root.join(file)).unwrap().documents).collect()
+}
+
+/// The ClusterRoles that injected pods' service accounts are bound to.
+pub const SIDECAR_ROLES: [&str; 2] = ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml"];
+
 /// The ClusterRoles of `k8s/`, and the bindings `protomesh inject` adds for
 /// a Deployment in namespace `test` running as `client`, but `left_out`.
 pub fn inject_grants(left_out: Option<&str>) -> Vec<Value> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut objects = Vec::new();
-    for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml"] {
-        objects.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
-    }
+    let mut objects = k8s_rbac(&SIDECAR_ROLES);
     let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: client, namespace: test}\n\
         spec: {template: {metadata: {labels: {protomesh.io/inject: enabled}},\n\
         spec: {serviceAccountName: client, containers: [{name: app, image: example/app:1}]}}}\n";

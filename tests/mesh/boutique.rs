@@ -36,6 +36,24 @@ const NAMESPACE: &str = "boutique";
 /// What the frontend sends its backends; never to be seen on the wire.
 const CANARY: &str = "secret-boutique";
 
+/// The boutique's plain manifests.
+const BOUTIQUE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boutique");
+
+/// `protomesh inject --all --namespace boutique` of `input`, with `more`
+/// flags, as the README tells a user: the objects it wrote and its report.
+fn inject_all(input: &str, more: &[&str]) -> (Vec<Value>, String) {
+    let injected = std::process::Command::new(env!("CARGO_BIN_EXE_protomesh"))
+        .args(["inject", "--all", "--namespace", NAMESPACE])
+        .args(more)
+        .arg(input)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&injected.stderr).into_owned();
+    assert!(injected.status.success(), "{report}");
+    let written = String::from_utf8(injected.stdout).unwrap();
+    (protomesh::kube::manifest::parse(&written, "injected").unwrap().documents, report)
+}
+
 fn id(account: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{account}")
 }
@@ -57,25 +75,18 @@ fn online_boutique_injected_with_no_edit_runs_meshed() {
         eprintln!("skipped: {why}");
         return;
     }
-    let boutique = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boutique");
-    let injected = std::process::Command::new(env!("CARGO_BIN_EXE_protomesh"))
-        .args(["inject", "--all", "--namespace", NAMESPACE, boutique])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&injected.stderr);
-    assert!(injected.status.success(), "{report}");
+    let (objects, report) = inject_all(BOUTIQUE, &[]);
     assert!(
         report.contains("deployment/frontend: injected; plaintext: 8080 (LoadBalancer service/frontend-external)"),
         "{report}"
     );
     assert!(report.contains("deployment/redis-cart: injected; plaintext: none"), "{report}");
     assert!(report.contains("deployment/loadgenerator: skipped: opted out"), "{report}");
-    let objects = protomesh::kube::manifest::parse(&String::from_utf8(injected.stdout).unwrap(), "injected").unwrap();
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut kubelet = Kubelet::start(apps(&seen));
     let (stop, wire) = sniff(&kubelet.node);
-    if let Err(not_started) = kubelet.apply(NAMESPACE, objects.documents) {
+    if let Err(not_started) = kubelet.apply(NAMESPACE, objects) {
         panic!("{not_started:?}");
     }
     for pod in &kubelet.pods {
@@ -367,16 +378,10 @@ fn a_pod_whose_account_may_not_request_its_certificate_waits_and_says_which_perm
         eprintln!("skipped: {why}");
         return;
     }
-    let redis = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boutique/redis.yaml");
-    let injected = std::process::Command::new(env!("CARGO_BIN_EXE_protomesh"))
-        .args(["inject", "--all", "--no-rbac", "--namespace", NAMESPACE, redis])
-        .output()
-        .unwrap();
-    assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));
-    let objects = protomesh::kube::manifest::parse(&String::from_utf8(injected.stdout).unwrap(), "injected").unwrap();
+    let (objects, _) = inject_all(&format!("{BOUTIQUE}/redis.yaml"), &["--no-rbac"]);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut kubelet = Kubelet::start(apps(&seen));
-    let waiting = kubelet.apply(NAMESPACE, objects.documents).unwrap_err();
+    let waiting = kubelet.apply(NAMESPACE, objects).unwrap_err();
     assert_eq!((waiting.pod.as_str(), waiting.status), ("redis-cart-0", "ContainerCreating"), "{waiting:?}");
     assert!(
         waiting.message.starts_with("MountVolume.SetUp failed for volume \"protomesh-identity\"")
@@ -400,15 +405,8 @@ fn with_the_cni_plugin_the_boutique_runs_meshed_in_a_restricted_namespace() {
         eprintln!("skipped: {why}");
         return;
     }
-    let boutique = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boutique");
     let inject = |capture_by: &str| {
-        let injected = std::process::Command::new(env!("CARGO_BIN_EXE_protomesh"))
-            .args(["inject", "--all", "--namespace", NAMESPACE, "--capture-by", capture_by, boutique])
-            .output()
-            .unwrap();
-        assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));
-        let text = String::from_utf8(injected.stdout).unwrap();
-        let mut objects = protomesh::kube::manifest::parse(&text, "injected").unwrap().documents;
+        let (mut objects, _) = inject_all(BOUTIQUE, &["--capture-by", capture_by]);
         objects.insert(0, restricted_namespace());
         objects
     };

@@ -215,21 +215,12 @@ fn injected_pod(api: &ApiServer, name: &str, annotations: Value) -> Value {
 /// The node's API server: in the node's namespace, where the plugins run,
 /// with the plugin's RBAC from `k8s/cni` (or none of it).
 fn api_server(node: &Node, granted: bool) -> Arc<ApiServer> {
-    let (sender, receiver) = std::sync::mpsc::channel();
-    node.run(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async move {
-            let api = ApiServer::start().await;
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let rbac = protomesh::kube::manifest::read(&root.join("k8s/cni/rbac.yaml")).unwrap().documents;
-            let rbac =
-                if granted { rbac } else { rbac.into_iter().filter(|o| o["kind"] != "ClusterRoleBinding").collect() };
-            api.authorize(("kube-system", "protomesh-cni"), &rbac);
-            sender.send(api).unwrap();
-            std::future::pending::<()>().await
-        })
-    });
-    receiver.recv().unwrap()
+    let api = node.api_server(Ipv4Addr::LOCALHOST.into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rbac = protomesh::kube::manifest::read(&root.join("k8s/cni/rbac.yaml")).unwrap().documents;
+    let rbac = if granted { rbac } else { rbac.into_iter().filter(|o| o["kind"] != "ClusterRoleBinding").collect() };
+    api.authorize(("kube-system", "protomesh-cni"), &rbac);
+    api
 }
 
 /// A sidecar process, stopped when the test ends however it ends.

@@ -46,7 +46,7 @@ use protomesh::identity::certs::DevCa;
 use serde_json::{Value, json};
 
 use crate::apiserver::{ApiServer, account_token};
-use crate::pods::{Node, Pod};
+use crate::pods::{self, Node, Pod};
 
 /// The cluster's trust domain, as csi-driver-spiffe is configured with it.
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -150,13 +150,14 @@ impl Kubelet {
     /// bindings of the manifests applied), and the apps of the test by image.
     pub fn start(apps: BTreeMap<String, App>) -> Kubelet {
         let node = Node::new();
-        let api = api_server(&node);
+        // In the node's namespace at the node's address, which pods reach.
+        let api = node.api_server(node.address().into());
         let files = tempfile::tempdir().unwrap();
         std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let kube_proxy = "add table ip kube-proxy; \
-             add chain ip kube-proxy prerouting { type nat hook prerouting priority dstnat - 1; }; \
-             add chain ip kube-proxy output { type nat hook output priority -101; }";
-        nft(node.name(), kube_proxy);
+        let kube_proxy = "add table ip kube-proxy\n\
+             add chain ip kube-proxy prerouting { type nat hook prerouting priority dstnat - 1; }\n\
+             add chain ip kube-proxy output { type nat hook output priority -101; }\n";
+        pods::nft(node.name(), kube_proxy);
         // Routes for the node's own connections to Services, which its output chain DNATs.
         let subnet = node.subnet().1.octets()[2];
         for range in [format!("10.96.{subnet}.0/24"), format!("10.97.{subnet}.0/24")] {
@@ -201,11 +202,7 @@ impl Kubelet {
             }
         }
         self.objects.extend(objects.iter().cloned());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut rbac = Vec::new();
-        for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml"] {
-            rbac.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
-        }
+        let mut rbac = crate::apiserver::k8s_rbac(&crate::apiserver::SIDECAR_ROLES);
         rbac.extend(self.objects.iter().filter(|o| o["kind"].as_str().unwrap_or("").ends_with("Binding")).cloned());
         self.api.authorize_accounts(&rbac);
         for service in objects.iter().filter(|o| o["kind"] == "Service") {
@@ -696,7 +693,7 @@ impl Kubelet {
                 }
             }
         }
-        nft_file(self.node.name(), &script);
+        pods::nft(self.node.name(), &script);
     }
 }
 
@@ -926,35 +923,4 @@ fn make_traversable(dir: &Path) {
 
 fn quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
-}
-
-fn nft(namespace: &str, script: &str) {
-    let output = Command::new("ip").args(["netns", "exec", namespace, "nft", script]).output().unwrap();
-    assert!(output.status.success(), "nft {script}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-fn nft_file(namespace: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", namespace, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&output.stderr));
-}
-
-/// The API server, in the node's namespace at the node's address, which pods reach.
-fn api_server(node: &Node) -> Arc<ApiServer> {
-    let (sender, receiver) = std::sync::mpsc::channel();
-    let address = SocketAddr::new(node.address().into(), 0);
-    node.run(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async move {
-            sender.send(ApiServer::start_at(address).await).unwrap();
-            std::future::pending::<()>().await
-        })
-    });
-    receiver.recv().unwrap()
 }

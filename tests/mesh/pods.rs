@@ -78,6 +78,20 @@ fn without_dad(name: &str) {
     }
 }
 
+/// Runs `script` through `nft -f` in the network namespace `netns`.
+pub fn nft(netns: &str, script: &str) {
+    use std::io::Write;
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let output = nft.wait_with_output().unwrap();
+    assert!(output.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&output.stderr));
+}
+
 /// Enters the network namespace `name` on this thread.
 fn enter(name: &str) {
     let file = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
@@ -183,6 +197,21 @@ impl Node {
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         let address = set_up(&self.name, &Path::new("/run/netns").join(&name));
         Pod { name, address, interface: "eth0".into(), subnet: self.subnet, index: u16::from(address.octets()[3]) }
+    }
+
+    /// The suite's API server, in the node's namespace at `ip` (a port of
+    /// its own), served by a thread of its own for as long as the process runs.
+    pub fn api_server(&self, ip: IpAddr) -> std::sync::Arc<crate::apiserver::ApiServer> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.run(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let api = crate::apiserver::ApiServer::start_at(SocketAddr::new(ip, 0)).await;
+                sender.send(api).unwrap();
+                std::future::pending::<()>().await
+            })
+        });
+        receiver.recv().unwrap()
     }
 
     /// The node's network namespace.
@@ -309,20 +338,11 @@ impl Pod {
     /// Runs `script` through `nft -f` in the pod: rules other than those
     /// `protomesh init` installs.
     pub fn install_ruleset(&self, script: &str) {
-        use std::io::Write;
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        nft.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        let output = nft.wait_with_output().unwrap();
-        assert!(output.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&output.stderr));
+        nft(&self.name, script);
     }
 
     fn nft(&self, script: &str) {
-        run("ip", &["netns", "exec", &self.name, "nft", script]);
+        nft(&self.name, script);
     }
 
     /// Cuts the pod off: every packet in or out is dropped, silently, as a

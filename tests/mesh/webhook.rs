@@ -21,6 +21,7 @@ use protomesh::kube::webhook::{self, WebhookConfig};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
 
+use crate::apiserver::{ApiServer, SIDECAR_ROLES, account_token};
 use crate::harness::within;
 
 /// A serving certificate for 127.0.0.1, and a client that trusts it alone.
@@ -356,6 +357,20 @@ async fn the_webhook_configuration_and_inject_decide_every_combination_of_labels
     }
 }
 
+/// The ClusterRoles sidecars are bound to, and the injector's own RBAC.
+fn injector_rbac() -> Vec<Value> {
+    crate::apiserver::k8s_rbac(&[SIDECAR_ROLES[0], SIDECAR_ROLES[1], "k8s/injector/rbac.yaml"])
+}
+
+/// The injector's namespace bindings, as k8s/injector runs them: with its
+/// own service account's token and RBAC; and the directory of its kubeconfig.
+async fn injector(api: &ApiServer) -> (tokio::task::JoinHandle<()>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig_with(dir.path(), &account_token("protomesh-system", "protomesh-injector"));
+    let config = protomesh::discovery::kubernetes::read_kubeconfig(&kubeconfig).await.unwrap();
+    (tokio::spawn(protomesh::kube::grants::run(kube::Client::try_from(config).unwrap())), dir)
+}
+
 /// Waits up to 10 s for `done`, checking as the API server changes.
 async fn until(what: &str, done: impl Fn() -> bool) {
     within(what, async {
@@ -368,23 +383,14 @@ async fn until(what: &str, done: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn the_injector_keeps_the_bindings_of_labelled_namespaces_and_takes_them_out_when_the_label_goes() {
-    use crate::apiserver::{ApiServer, account_token};
     let api = ApiServer::start().await;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut rbac = Vec::new();
-    for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml", "k8s/injector/rbac.yaml"] {
-        rbac.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
-    }
+    let rbac = injector_rbac();
     api.authorize_accounts(&rbac);
     api.put_namespace("shop", json!({ "protomesh.io/inject": "enabled" }));
     api.put_namespace("plain", json!({}));
     api.put_namespace("gone", json!({ "protomesh.io/inject": "enabled" }));
 
-    // The injector as k8s/injector runs it: its own service account's token and RBAC.
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.kubeconfig_with(dir.path(), &account_token("protomesh-system", "protomesh-injector"));
-    let client = kube::Client::try_from(protomesh::discovery::kubernetes::read_kubeconfig(&kubeconfig).await.unwrap());
-    let injector = tokio::spawn(protomesh::kube::grants::run(client.unwrap()));
+    let (injector, _kubeconfig) = injector(&api).await;
 
     let may = |namespace: &str, what| api.may((namespace, "any-account"), what, namespace);
     let endpoints = ("list", "discovery.k8s.io", "endpointslices");
@@ -412,13 +418,8 @@ async fn the_injector_keeps_the_bindings_of_labelled_namespaces_and_takes_them_o
 
 #[tokio::test]
 async fn bindings_the_api_server_refused_are_applied_once_it_allows_them() {
-    use crate::apiserver::{ApiServer, account_token};
     let api = ApiServer::start().await;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut rbac = Vec::new();
-    for roles in ["k8s/discovery/clusterrole.yaml", "k8s/identity/clusterrole.yaml", "k8s/injector/rbac.yaml"] {
-        rbac.extend(protomesh::kube::manifest::read(&root.join(roles)).unwrap().documents);
-    }
+    let rbac = injector_rbac();
     // The injector may watch namespaces but not yet write bindings.
     let mut read_only = rbac.clone();
     for object in
@@ -428,10 +429,7 @@ async fn bindings_the_api_server_refused_are_applied_once_it_allows_them() {
     }
     api.authorize_accounts(&read_only);
     api.put_namespace("shop", json!({ "protomesh.io/inject": "enabled" }));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.kubeconfig_with(dir.path(), &account_token("protomesh-system", "protomesh-injector"));
-    let client = kube::Client::try_from(protomesh::discovery::kubernetes::read_kubeconfig(&kubeconfig).await.unwrap());
-    let injector = tokio::spawn(protomesh::kube::grants::run(client.unwrap()));
+    let (injector, _kubeconfig) = injector(&api).await;
     let requests = || api.requests("list");
     until("the namespaces listed", || requests() >= 1).await;
     assert!(api.bindings("rolebindings").is_empty(), "refused");
