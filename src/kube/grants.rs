@@ -142,7 +142,7 @@ where
     }
 }
 
-fn made_here(annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+fn made_here(annotations: Option<&BTreeMap<String, String>>) -> bool {
     annotations.and_then(|a| a.get(settings::CREATED_BY)).is_some_and(|by| by == GRANTED_BY)
 }
 
