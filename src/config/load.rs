@@ -34,74 +34,114 @@ pub fn load_versioned(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(Config, String), ConfigError> {
-    let file_name = file.map_or_else(|| "<no config file>".to_string(), |p| p.display().to_string());
-    let bytes = match file {
-        Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?,
-        ),
-        None => None,
-    };
-    let env = ours(env);
-    let version = version(bytes.as_deref(), &env);
-    let mut tree = match (file, &bytes) {
-        (Some(path), Some(bytes)) => parse_yaml(path, bytes)?,
-        _ => Value::Object(Map::new()),
-    };
-    let mut overrides: Vec<(String, String)> = Vec::new();
-    for (name, raw) in env {
-        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
-        // A variable naming no section is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`,
-        // `<SERVICE>_PORT` and the like for every Service, including any named `protomesh-...`.
-        if !serde_aux::serde_introspection::serde_introspect::<Config>().contains(&path[0].as_str()) {
-            tracing::warn!(variable = %name, "ignoring an environment variable that names no config field");
-            continue;
-        }
-        if path.iter().any(String::is_empty) {
-            return Err(ConfigError(format!(
-                "environment variable {name}: empty field name; separate levels with `__`, e.g. PROTOMESH_INBOUND__APP"
-            )));
-        }
-        let value = if raw.trim_start().starts_with(['[', '{']) {
-            serde_saphyr::from_str::<Value>(&raw)
-                .map_err(|e| ConfigError(format!("environment variable {name}: invalid YAML value: {e}")))?
-        } else if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
-            raw.parse::<u64>().map_or(Value::String(raw), Value::from)
-        } else {
-            Value::String(raw)
+    let merged = Merged::read(file, env)?;
+    let config: Config = merged.typed(merged.tree.clone(), "")?;
+    config
+        .validate()
+        .map_err(|(field, problem)| ConfigError(format!("{}: field `{field}`: {problem}", merged.source_of(&field))))?;
+    Ok((config, merged.version))
+}
+
+/// One section of the config, read as [`load`] reads it (the file, then the
+/// variables), without the rest: `check --breaking` needs only `contracts`.
+pub fn load_section<T: serde::de::DeserializeOwned + Default>(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    section: &str,
+) -> Result<T, ConfigError> {
+    let merged = Merged::read(file, env)?;
+    match merged.tree.get(section) {
+        Some(value) => merged.typed(value.clone(), section),
+        None => Ok(T::default()),
+    }
+}
+
+/// The file's YAML with the variables set on top, and what set each field.
+struct Merged {
+    tree: Value,
+    /// (field path, variable), in the order set.
+    overrides: Vec<(String, String)>,
+    file_name: String,
+    version: String,
+}
+
+impl Merged {
+    fn read(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Merged, ConfigError> {
+        let file_name = file.map_or_else(|| "<no config file>".to_string(), |p| p.display().to_string());
+        let bytes = match file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?,
+            ),
+            None => None,
         };
-        set_path(&mut tree, &path, value).map_err(|parent| {
-            ConfigError(format!(
-                "environment variable {name}: field `{parent}` is not a mapping, so it has no field `{}`",
-                path.join(".")
-            ))
-        })?;
-        overrides.push((path.join("."), name));
+        let env = ours(env);
+        let version = version(bytes.as_deref(), &env);
+        let mut tree = match (file, &bytes) {
+            (Some(path), Some(bytes)) => parse_yaml(path, bytes)?,
+            _ => Value::Object(Map::new()),
+        };
+        let mut overrides: Vec<(String, String)> = Vec::new();
+        for (name, raw) in env {
+            let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+            // A variable naming no section is not ours: Kubernetes sets `<SERVICE>_SERVICE_HOST`,
+            // `<SERVICE>_PORT` and the like for every Service, including any named `protomesh-...`.
+            if !serde_aux::serde_introspection::serde_introspect::<Config>().contains(&path[0].as_str()) {
+                tracing::warn!(variable = %name, "ignoring an environment variable that names no config field");
+                continue;
+            }
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError(format!(
+                    "environment variable {name}: empty field name; separate levels with `__`, e.g. PROTOMESH_INBOUND__APP"
+                )));
+            }
+            let value = if raw.trim_start().starts_with(['[', '{']) {
+                serde_saphyr::from_str::<Value>(&raw)
+                    .map_err(|e| ConfigError(format!("environment variable {name}: invalid YAML value: {e}")))?
+            } else if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+                raw.parse::<u64>().map_or(Value::String(raw), Value::from)
+            } else {
+                Value::String(raw)
+            };
+            set_path(&mut tree, &path, value).map_err(|parent| {
+                ConfigError(format!(
+                    "environment variable {name}: field `{parent}` is not a mapping, so it has no field `{}`",
+                    path.join(".")
+                ))
+            })?;
+            overrides.push((path.join("."), name));
+        }
+        Ok(Merged { tree, overrides, file_name, version })
     }
 
-    let source_of = |field: &str| -> String {
-        overrides
+    /// Where `field` was set: the last variable that set it or a field above it, else the file.
+    fn source_of(&self, field: &str) -> String {
+        self.overrides
             .iter()
             .rev()
             .find(|(path, _)| {
                 field == path || field.starts_with(&format!("{path}.")) || field.starts_with(&format!("{path}["))
             })
-            .map_or_else(|| file_name.clone(), |(_, var)| format!("environment variable {var}"))
-    };
+            .map_or_else(|| self.file_name.clone(), |(_, var)| format!("environment variable {var}"))
+    }
 
-    let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
-        let field = e.path().to_string();
-        let problem = e.into_inner().to_string();
-        if field == "." {
-            ConfigError(format!("{file_name}: {problem}"))
-        } else {
-            ConfigError(format!("{}: field `{field}`: {problem}", source_of(&field)))
-        }
-    })?;
-    config
-        .validate()
-        .map_err(|(field, problem)| ConfigError(format!("{}: field `{field}`: {problem}", source_of(&field))))?;
-    Ok((config, version))
+    /// `value` as a `T`, found at `section` of the tree (`""`: the whole of it).
+    fn typed<T: serde::de::DeserializeOwned>(&self, value: Value, section: &str) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let inner = e.path().to_string();
+            let field = match (section, inner.as_str()) {
+                ("", _) => inner.clone(),
+                (_, ".") => section.to_string(),
+                _ => format!("{section}.{inner}"),
+            };
+            let problem = e.into_inner().to_string();
+            if field == "." {
+                ConfigError(format!("{}: {problem}", self.file_name))
+            } else {
+                ConfigError(format!("{}: field `{field}`: {problem}", self.source_of(&field)))
+            }
+        })
+    }
 }
 
 /// The `PROTOMESH_*` variables that are config, sorted.

@@ -24,7 +24,7 @@ use crate::telemetry::TracingConfig;
 use health_checks::{HealthAnswer, HealthCheckConfig};
 
 pub use limits::{CONNECTION_WINDOW, LimitsConfig};
-pub use load::{ConfigError, load, load_versioned, version_on_disk};
+pub use load::{ConfigError, load, load_section, load_versioned, version_on_disk};
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
