@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::config::{self, Config};
-use crate::contract::compat::breaking_changes;
+use crate::contract::breaking::breaking_changes;
 use crate::contract::{BreakingChanges, Contracts};
 use crate::identity::{Credentials, Identity};
 use crate::proxy::registry::Registries;

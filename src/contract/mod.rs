@@ -2,9 +2,10 @@
 //! loads, turned into a table from `/pkg.Service/Method` to what the sidecar
 //! needs to know about the method: its shape, its types and its policy.
 
-pub mod compat;
+pub mod breaking;
 mod load;
 mod options;
+pub mod tightening;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

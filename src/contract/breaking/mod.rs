@@ -1,111 +1,183 @@
-//! Breaking changes between two versions of the contracts, as a caller built
-//! against the old ones would meet them: a service or method gone, a request
-//! or response type changed, a call shape changed. Added methods and
-//! services, and policy changes, break nobody.
+//! Breaking changes between two versions of the contracts, by buf's rules and
+//! categories (`FILE`, `PACKAGE`, `WIRE_JSON`, `WIRE`): what
+//! `protomesh check --breaking` lists for a change under review, and what a
+//! reload names, and refuses under `contracts.breaking_changes: refuse`.
+//!
+//! The comparison reads descriptors, as buf does, so sources, descriptor sets
+//! and a reload's two versions compare alike. Elements pair by full name
+//! (a field by its number in the paired message, an extension by its
+//! extendee and number); the per-file rules pair files by name. Files that
+//! come with protomesh (`google/protobuf/*`, the options) are not compared.
 
-use std::collections::BTreeSet;
+mod enums;
+mod fields;
+mod files;
+mod messages;
+mod ranges;
+pub mod rules;
+mod services;
+
+use std::collections::BTreeMap;
 use std::fmt;
 
-use super::Contracts;
+use prost_reflect::{DescriptorPool, EnumDescriptor, ExtensionDescriptor, FileDescriptor, MessageDescriptor};
+use prost_reflect::{ServiceDescriptor, Syntax};
 
+pub use rules::{Category, Rule};
+
+use super::{Contracts, OPTIONS_PROTO_NAME};
+
+/// One breaking change: the rule it breaks, where, and what changed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum BreakingChange {
-    ServiceRemoved { service: String },
-    MethodRemoved { path: String },
-    TypeChanged { path: String, which: &'static str, from: String, to: String },
-    ShapeChanged { path: String, from: String, to: String },
+pub struct Finding {
+    /// The file as the new contracts name it (the old name for a deleted file).
+    pub file: String,
+    /// 1-based, where the new file's source says (descriptor sets may not).
+    pub line_column: Option<(u32, u32)>,
+    pub rule: Rule,
+    pub message: String,
 }
 
-impl fmt::Display for BreakingChange {
+impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BreakingChange::ServiceRemoved { service } => write!(f, "service {service} was removed"),
-            BreakingChange::MethodRemoved { path } => write!(f, "method {path} was removed"),
-            BreakingChange::TypeChanged { path, which, from, to } => {
-                write!(f, "method {path}: {which} type changed from {from} to {to}")
-            }
-            BreakingChange::ShapeChanged { path, from, to } => write!(f, "method {path}: changed from {from} to {to}"),
+        match self.line_column {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: {} ({})", self.file, self.message, self.rule),
+            None => write!(f, "{}: {} ({})", self.file, self.message, self.rule),
         }
     }
 }
 
-/// What `new` breaks of `old`, sorted; empty when callers of `old` keep working.
-pub fn breaking_changes(old: &Contracts, new: &Contracts) -> Vec<BreakingChange> {
-    let new_services: BTreeSet<&str> = new.methods().map(|m| m.service.as_str()).collect();
-    let mut changes = BTreeSet::new();
-    for method in old.methods() {
-        let Some(now) = new.method(&method.path) else {
-            changes.insert(if new_services.contains(method.service.as_str()) {
-                BreakingChange::MethodRemoved { path: method.path.clone() }
-            } else {
-                BreakingChange::ServiceRemoved { service: method.service.clone() }
-            });
-            continue;
-        };
-        let path = &method.path;
-        for (which, from, to) in [("request", &method.input, &now.input), ("response", &method.output, &now.output)] {
-            if from != to {
-                let (from, to) = (from.clone(), to.clone());
-                changes.insert(BreakingChange::TypeChanged { path: path.clone(), which, from, to });
-            }
-        }
-        if method.shape != now.shape {
-            let (from, to) = (method.shape.to_string(), now.shape.to_string());
-            changes.insert(BreakingChange::ShapeChanged { path: path.clone(), from, to });
+/// What `new` breaks of `old` by `rules`, sorted by file and place.
+pub fn compare(old: &DescriptorPool, new: &DescriptorPool, rules: &[Rule]) -> Vec<Finding> {
+    let (old, new) = (Side::of(old), Side::of(new));
+    let mut report = Report { rules, findings: Vec::new() };
+    files::check(&old, &new, &mut report);
+    messages::check(&old, &new, &mut report);
+    fields::check(&old, &new, &mut report);
+    enums::check(&old, &new, &mut report);
+    services::check(&old, &new, &mut report);
+    let mut findings = report.findings;
+    findings.sort();
+    findings.dedup();
+    findings
+}
+
+/// The rules a reload checks: `WIRE_JSON`, what callers built against the
+/// running contracts need to keep reading and writing their messages, in
+/// binary and in JSON; and a method, service or package taken away, which
+/// those callers would meet as UNIMPLEMENTED.
+pub fn reload_rules() -> Vec<Rule> {
+    let mut rules = Rule::of(&[Category::WireJson]);
+    rules.extend([Rule::RpcNoDelete, Rule::PackageServiceNoDelete, Rule::PackageNoDelete]);
+    rules
+}
+
+/// What the contracts `new` break of the running `old`, by [`reload_rules`].
+pub fn breaking_changes(old: &Contracts, new: &Contracts) -> Vec<Finding> {
+    compare(old.descriptors(), new.descriptors(), &reload_rules())
+}
+
+/// The compared files of one version, and their elements by full name.
+struct Side {
+    files: BTreeMap<String, FileDescriptor>,
+    messages: BTreeMap<String, MessageDescriptor>,
+    enums: BTreeMap<String, EnumDescriptor>,
+    services: BTreeMap<String, ServiceDescriptor>,
+    /// By extendee and field number.
+    extensions: BTreeMap<(String, u32), ExtensionDescriptor>,
+}
+
+impl Side {
+    fn of(pool: &DescriptorPool) -> Side {
+        let compared =
+            |file: &FileDescriptor| !file.name().starts_with("google/protobuf/") && file.name() != OPTIONS_PROTO_NAME;
+        let files = pool.files().filter(compared).map(|file| (file.name().to_string(), file)).collect();
+        let messages = pool.all_messages().filter(|m| compared(&m.parent_file()));
+        let enums = pool.all_enums().filter(|e| compared(&e.parent_file()));
+        let services = pool.services().filter(|s| compared(&s.parent_file()));
+        let extensions = pool.all_extensions().filter(|e| compared(&e.parent_file()));
+        Side {
+            files,
+            messages: messages.map(|m| (m.full_name().to_string(), m)).collect(),
+            enums: enums.map(|e| (e.full_name().to_string(), e)).collect(),
+            services: services.map(|s| (s.full_name().to_string(), s)).collect(),
+            extensions: extensions.map(|e| ((e.containing_message().full_name().to_string(), e.number()), e)).collect(),
         }
     }
-    changes.into_iter().collect()
+
+    /// Elements that both sides have, by key.
+    fn pairs<'a, K: Ord, V>(
+        old: &'a BTreeMap<K, V>,
+        new: &'a BTreeMap<K, V>,
+    ) -> impl Iterator<Item = (&'a K, &'a V, &'a V)> {
+        old.iter().filter_map(move |(key, was)| new.get(key).map(|now| (key, was, now)))
+    }
+}
+
+/// Where a finding points: an element of a file (its path in the file's
+/// descriptor, as source info keys it), or a file as a whole.
+enum At {
+    Element(FileDescriptor, Vec<i32>),
+    File(String),
+}
+
+struct Report<'a> {
+    rules: &'a [Rule],
+    findings: Vec<Finding>,
+}
+
+impl Report<'_> {
+    fn wants(&self, rule: Rule) -> bool {
+        self.rules.contains(&rule)
+    }
+
+    fn add(&mut self, rule: Rule, at: At, message: String) {
+        if !self.wants(rule) {
+            return;
+        }
+        let (file, line_column) = match at {
+            At::Element(file, path) => (file.name().to_string(), line_column(&file, &path)),
+            At::File(name) => (name, None),
+        };
+        self.findings.push(Finding { file, line_column, rule, message });
+    }
+}
+
+/// Where the source info places the element at `path`, 1-based.
+pub(super) fn line_column(file: &FileDescriptor, path: &[i32]) -> Option<(u32, u32)> {
+    let info = file.file_descriptor_proto().source_code_info.as_ref()?;
+    let location = info.location.iter().find(|location| location.path == path)?;
+    let (line, column) = (*location.span.first()?, *location.span.get(1)?);
+    Some((u32::try_from(line).ok()? + 1, u32::try_from(column).ok()? + 1))
+}
+
+/// A name inside its package: `Outer.Inner` for `pkg.Outer.Inner`.
+fn nested_name<'a>(full_name: &'a str, package: &str) -> &'a str {
+    if package.is_empty() { full_name } else { full_name.strip_prefix(package).map_or(full_name, |n| &n[1..]) }
+}
+
+/// Where a deleted element was: the closest enclosing message the new file
+/// still has, or else the file.
+fn enclosing(file: &FileDescriptor, nested: &str, new: &Side) -> At {
+    let mut name = nested;
+    while let Some((outer, _)) = name.rsplit_once('.') {
+        let full =
+            if file.package_name().is_empty() { outer.to_string() } else { format!("{}.{outer}", file.package_name()) };
+        if let Some(message) = new.messages.get(&full).filter(|m| m.parent_file() == *file) {
+            return At::Element(file.clone(), message.path().to_vec());
+        }
+        name = outer;
+    }
+    At::File(file.name().to_string())
+}
+
+/// proto2 and proto3 as buf names them.
+fn syntax_name(file: &FileDescriptor) -> &'static str {
+    match file.syntax() {
+        Syntax::Proto2 => "proto2",
+        Syntax::Proto3 => "proto3",
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-    use crate::contract::ContractsConfig;
-
-    fn contracts(source: &str) -> Contracts {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("s.proto"), source).unwrap();
-        let config = ContractsConfig {
-            protos: vec![Path::new("s.proto").into()],
-            include: vec![dir.path().into()],
-            ..Default::default()
-        };
-        Contracts::load(&config).unwrap()
-    }
-
-    const BASE: &str = r#"syntax = "proto3"; package p;
-        message A {} message B {}
-        service S { rpc Get(A) returns (B); rpc Watch(A) returns (stream B); }
-        service T { rpc Ping(A) returns (A); }"#;
-
-    #[test]
-    fn additions_break_nothing() {
-        let added =
-            BASE.replace("service T {", "service U { rpc New(A) returns (B); } service T { rpc More(A) returns (B);");
-        assert_eq!(breaking_changes(&contracts(BASE), &contracts(&added)), []);
-    }
-
-    #[test]
-    fn removals_type_and_shape_changes_are_named_by_method() {
-        let changed = r#"syntax = "proto3"; package p;
-            message A {} message B {}
-            service S { rpc Get(A) returns (A); rpc Watch(stream A) returns (stream B); }"#;
-        let changes: Vec<String> =
-            breaking_changes(&contracts(BASE), &contracts(changed)).iter().map(ToString::to_string).collect();
-        assert_eq!(
-            changes,
-            [
-                "service p.T was removed",
-                "method /p.S/Get: response type changed from p.B to p.A",
-                "method /p.S/Watch: changed from server-streaming to bidi-streaming",
-            ]
-        );
-        let fewer = BASE.replace("rpc Watch(A) returns (stream B);", "");
-        assert_eq!(
-            breaking_changes(&contracts(BASE), &contracts(&fewer)),
-            [BreakingChange::MethodRemoved { path: "/p.S/Watch".into() }]
-        );
-    }
-}
+mod tests;
