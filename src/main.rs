@@ -10,6 +10,9 @@ use protomesh::app::admin::SetLogLevel;
 use protomesh::app::awaiting;
 use protomesh::app::{self, ConfigSource, Inputs, Options};
 use protomesh::capture::{self, CaptureRules};
+use protomesh::check::breaking;
+use protomesh::config;
+use protomesh::contract::breaking::Category;
 use protomesh::duration;
 use protomesh::identity::{SpiffeId, certs};
 use protomesh::kube::manifest::{self, Manifests};
@@ -40,10 +43,29 @@ enum Command {
         #[arg(long, env = "PROTOMESH_CONFIG_OPTIONAL")]
         config_optional: bool,
     },
-    /// Validate the config, identity and contracts, and print every method's policy.
+    /// Validate the config, identity and contracts, and print every method's policy; with --breaking,
+    /// list what the contracts break of another version of them.
     Check {
         #[arg(long, env = "PROTOMESH_CONFIG")]
         config: Option<PathBuf>,
+        /// Compare the contracts with --against by buf's breaking rules, and warn of policy that
+        /// refuses more; exits 100 when something breaks.
+        #[arg(long, requires = "against")]
+        breaking: bool,
+        /// The other version: a directory, .proto file or descriptor set, or a git branch, tag or commit.
+        #[arg(long, requires = "breaking")]
+        against: Option<String>,
+        /// The rules to apply, by buf's categories (repeatable).
+        #[arg(long = "category", value_enum, default_value = "FILE", requires = "breaking")]
+        categories: Vec<Category>,
+        /// Where imports outside the inputs are found, as protoc's -I (repeatable).
+        #[arg(long = "include", short = 'I', requires = "breaking")]
+        include: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "text", requires = "breaking")]
+        error_format: breaking::Format,
+        /// .proto files, directories of them or descriptor sets (by default the config's contracts).
+        #[arg(requires = "breaking")]
+        inputs: Vec<PathBuf>,
     },
     /// Write a development CA and workload certificates with SPIFFE IDs.
     Certs {
@@ -158,7 +180,15 @@ fn main() -> ExitCode {
             let options = Options { set_log_level: Some(init_logging()) };
             runtime().block_on(app::run(ConfigSource::process(config, config_optional), options))
         }
-        Command::Check { config } => check(config),
+        Command::Check { config, breaking: false, .. } => check(config),
+        Command::Check { config, against, categories, include, error_format, inputs, .. } => {
+            let against = against.unwrap_or_default();
+            match check_breaking(config, against, categories, include, error_format, inputs) {
+                Ok(true) => return ExitCode::from(breaking::BREAKING_EXIT_CODE),
+                Ok(false) => Ok(()),
+                Err(error) => Err(error),
+            }
+        }
         Command::Certs { out, trust_domain, namespace, workloads } => {
             write_certs(&out, &trust_domain, &namespace, &workloads)
         }
@@ -241,6 +271,29 @@ fn check(config: Option<PathBuf>) -> Result<(), String> {
     let inputs = Inputs::read(&ConfigSource::process(config, false))?;
     print!("{}", protomesh::check::report(&inputs));
     Ok(())
+}
+
+/// Prints what the contracts break of the other version; true if anything does.
+fn check_breaking(
+    config: Option<PathBuf>,
+    against: String,
+    categories: Vec<Category>,
+    include: Vec<PathBuf>,
+    format: breaking::Format,
+    inputs: Vec<PathBuf>,
+) -> Result<bool, String> {
+    let config = match (&config, inputs.is_empty()) {
+        (Some(file), true) => {
+            Some(config::load_section(Some(file), std::env::vars(), "contracts").map_err(|e| e.to_string())?)
+        }
+        _ => None,
+    };
+    let request = breaking::Request { inputs, include, config, against, categories, format };
+    let outcome = breaking::run(&request).map_err(|e| format!("protomesh check --breaking: {e}"))?;
+    let (out, summary) = outcome.render(format, &request);
+    print!("{out}");
+    eprintln!("{summary}");
+    Ok(!outcome.breaking.is_empty())
 }
 
 /// Reads manifests, changes them, writes them to stdout and the report to stderr.

@@ -1,5 +1,7 @@
 //! `protomesh check`: the effective configuration and every method's policy,
-//! with the source that set each field.
+//! with the source that set each field; `breaking.rs`, `check --breaking`.
+
+pub mod breaking;
 
 use std::fmt::Write;
 

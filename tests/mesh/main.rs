@@ -5,6 +5,7 @@
 mod apiserver;
 mod boutique;
 mod breaker;
+mod breaking;
 mod bulkheads;
 mod capture;
 mod cli;
