@@ -46,6 +46,10 @@ const KEPT: usize = 1024;
 /// How long calls to a new destination wait for its Service to be looked
 /// up before they go to the address meanwhile.
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(1);
+/// How long a captured connection that is not gRPC waits for the lookup:
+/// as long as a TCP connect may take. It has no deadline to keep, and sent
+/// as it is to a meshed pod it would fail, where its sidecar takes mTLS only.
+pub const OPAQUE_LOOKUP_WAIT: Duration = Duration::from_secs(10);
 /// A Service the pod has not called for this long is no longer watched.
 pub const IDLE: Duration = Duration::from_secs(60);
 
@@ -114,6 +118,9 @@ impl Peer {
 struct Destination {
     route: Arc<UpstreamRoute>,
     peer: Arc<AtomicU8>,
+    /// True once the lookup has answered: the Service or pod and its
+    /// endpoints, or nothing there.
+    settled: tokio::sync::watch::Receiver<bool>,
     used: Instant,
 }
 
@@ -228,11 +235,12 @@ impl OriginalDestinations {
         if self.cluster.is_none() || plaintext {
             return as_addressed();
         }
-        let (upstream, peer) = {
+        let (upstream, peer, mut settled) = {
             let mut by_addr = self.by_addr.lock().expect("original destinations lock");
             let destination = self.used(&mut by_addr, addr);
-            (destination.route.upstream.clone(), destination.peer.clone())
+            (destination.route.upstream.clone(), destination.peer.clone(), destination.settled.clone())
         };
+        let _ = tokio::time::timeout(OPAQUE_LOOKUP_WAIT, settled.wait_for(|settled| *settled)).await;
         upstream.await_endpoints().await;
         // Read before the endpoints: once it says Service or pod, they are its.
         let peer = peer.load(Ordering::Acquire);
@@ -281,6 +289,7 @@ impl OriginalDestinations {
             }
         };
         let peer = Arc::new(AtomicU8::new(peer as u8));
+        let (settle, settled) = tokio::sync::watch::channel(false);
         match &self.cluster {
             Some(cluster) if !plaintext => {
                 let lookup = Lookup {
@@ -288,12 +297,16 @@ impl OriginalDestinations {
                     addr,
                     upstream: Arc::downgrade(&upstream),
                     peer: peer.clone(),
+                    settle,
                     metrics: self.metrics.clone(),
                     destinations: Arc::downgrade(&self.by_addr),
                 };
                 tokio::spawn(lookup.run());
             }
-            _ => upstream.set_endpoints(&[Found::from(addr)]),
+            _ => {
+                upstream.set_endpoints(&[Found::from(addr)]);
+                let _ = settle.send(true);
+            }
         }
         // Each destination has its own places, and all count under one label:
         // a label per address would grow without bound as destinations come and go.
@@ -306,7 +319,7 @@ impl OriginalDestinations {
         let budget = RetryBudget::new(&policy.retry_budget);
         upstream.keep_retry_budget(policy.retry_budget, budget.clone());
         let route = Arc::new(UpstreamRoute { upstream, bulkhead, budget });
-        Destination { route, peer, used: Instant::now() }
+        Destination { route, peer, settled, used: Instant::now() }
     }
 }
 
@@ -323,6 +336,8 @@ struct Lookup {
     addr: SocketAddr,
     upstream: Weak<Upstream>,
     peer: Arc<AtomicU8>,
+    /// Told once the API has answered what is at the address.
+    settle: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
     destinations: Weak<Mutex<HashMap<SocketAddr, Destination>>>,
 }
@@ -363,7 +378,9 @@ impl Lookup {
                     self.metrics.service_lookup("no_service");
                     tracing::info!(%addr, "no Kubernetes Service or pod the sidecar may read has this address: \
                         calls go to the address");
-                    return self.to_address();
+                    self.to_address();
+                    let _ = self.settle.send(true);
+                    return;
                 }
                 Err(error) => {
                     trouble.failed(&error);
@@ -404,6 +421,7 @@ impl Lookup {
             let _ = upstream.service.set(service.to_string().into());
         }
         self.peer.store(peer as u8, Ordering::Release);
+        let _ = self.settle.send(true);
         drop(upstream);
         let mut idle_check = tokio::time::interval(IDLE / 2);
         loop {
