@@ -30,6 +30,13 @@ pub trait EndOfCall: Send + 'static {
     fn ended(self: Box<Self>, end: CallEnd);
 }
 
+/// Sees a body's frames as they pass, without holding them up: what the
+/// tap copies from a call it was asked for.
+pub trait Watcher: Send + std::fmt::Debug + 'static {
+    fn data(&mut self, data: &Bytes);
+    fn trailers(&mut self, trailers: &HeaderMap);
+}
+
 /// How a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallEnd {
@@ -161,6 +168,13 @@ impl ResponseBody {
     pub fn limit_messages(&mut self, limit: MessageLimit) {
         if let Some(inner) = &mut self.inner {
             inner.limit_messages(limit, Carrier::Response);
+        }
+    }
+
+    /// `watcher` sees the peer's data and trailers as they pass.
+    pub fn watch(&mut self, watcher: Box<dyn Watcher>) {
+        if let Some(inner) = &mut self.inner {
+            inner.watch(watcher);
         }
     }
 
@@ -302,11 +316,13 @@ pub struct RecvBody {
     framing: Option<Box<Framing>>,
     /// Who sent a response, for the status that says its connection broke.
     peer: Option<Target>,
+    /// Set when the call is tapped.
+    watcher: Option<Box<dyn Watcher>>,
 }
 
 impl RecvBody {
     pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> RecvBody {
-        RecvBody { stream, data_done: false, sending, framing: None, peer: None }
+        RecvBody { stream, data_done: false, sending, framing: None, peer: None, watcher: None }
     }
 
     /// A response from `peer`.
@@ -331,6 +347,11 @@ impl RecvBody {
     /// call's other body learns of it through `limit`.
     pub fn limit_messages(&mut self, limit: MessageLimit, carrier: Carrier) {
         self.framing = Some(Box::new(Framing::new(limit, carrier)));
+    }
+
+    /// `watcher` sees the data and trailers as they pass.
+    pub fn watch(&mut self, watcher: Box<dyn Watcher>) {
+        self.watcher = Some(watcher);
     }
 
     /// The status and trailers the call ends with when one of its messages was too large.
@@ -376,6 +397,9 @@ impl Body for RecvBody {
                             return RecvBody::failed();
                         }
                     }
+                    if let Some(watcher) = &mut this.watcher {
+                        watcher.data(&data);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
@@ -383,7 +407,12 @@ impl Body for RecvBody {
             }
         }
         match ready!(this.stream.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(Some(trailers)) => {
+                if let Some(watcher) = &mut this.watcher {
+                    watcher.trailers(&trailers);
+                }
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
             Ok(None) => Poll::Ready(None),
             Err(error) => Poll::Ready(Some(Err(error))),
         }

@@ -17,7 +17,7 @@ use http::{HeaderName, Request, Response};
 use tower::Service;
 
 use crate::identity::SpiffeId;
-pub use body::{CallEnd, EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody};
+pub use body::{CallEnd, EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody, Watcher};
 pub use error::{AnswerErrors, ConnectError, PolicyError, ProxyError, Target, h2_reason};
 pub use limit::{Carrier, Framing, MessageLimit, TooLarge};
 
