@@ -205,6 +205,13 @@ pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     headers
 }
 
+/// The `grpc-message` of a status, decoded; empty when there is none.
+pub fn message_in(headers: &HeaderMap) -> String {
+    headers.get(GRPC_MESSAGE).map_or_else(String::new, |value| {
+        percent_encoding::percent_decode(value.as_bytes()).decode_utf8_lossy().into_owned()
+    })
+}
+
 /// `grpc-message` is percent-encoded: bytes outside printable ASCII, and `%`.
 fn percent_encode(message: &str) -> String {
     let mut out = String::with_capacity(message.len());

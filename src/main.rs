@@ -7,8 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use protomesh::app::admin::SetLogLevel;
-use protomesh::app::awaiting;
 use protomesh::app::{self, ConfigSource, Inputs, Options};
+use protomesh::app::{awaiting, tapping};
 use protomesh::capture::{self, CaptureRules};
 use protomesh::check::breaking;
 use protomesh::config;
@@ -157,6 +157,40 @@ enum Command {
         #[arg(long, env = "PROTOMESH_NFT", default_value = "nft")]
         nft: PathBuf,
     },
+    /// Print a running sidecar's live calls as they end, with their messages decoded from the contracts.
+    Tap {
+        /// The sidecar's admin server (GET /tap; localhost only unless admin.allow_remote).
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        /// Calls to these methods: pkg.Service/Method, pkg.Service/* or * (repeatable).
+        #[arg(long = "method", value_name = "PATTERN")]
+        methods: Vec<String>,
+        /// Calls made by these identities: a SPIFFE ID, spiffe://td/ns/NS/* or * (repeatable);
+        /// outbound calls are made by the sidecar's own workload.
+        #[arg(long = "caller", value_name = "PATTERN")]
+        callers: Vec<String>,
+        /// Calls that ended with these statuses: OK, UNAVAILABLE, ... or a number (repeatable).
+        #[arg(long = "status", value_name = "CODE")]
+        statuses: Vec<String>,
+        /// inbound or outbound.
+        #[arg(long)]
+        direction: Option<String>,
+        /// Bytes of each message shown (default 4096, at most 65536); a longer one is shown by its size.
+        #[arg(long)]
+        max_bytes: Option<usize>,
+        /// Messages shown of each call, each way (default 16, at most 100).
+        #[arg(long)]
+        messages: Option<usize>,
+        /// Events a second (default 100, at most 1000); more are lost, and counted.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Each event as the admin server sends it: one JSON object a line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Wait until a sidecar's admin server says it is ready (a classic sidecar's postStart hook), then
     /// run the app's COMMAND if given.
     Await {
@@ -220,6 +254,10 @@ fn main() -> ExitCode {
         }
         Command::Init { rules, nft, .. } => capture::install(&rules, &nft).map_err(|e| format!("protomesh init: {e}")),
         Command::Uninit { nft } => capture::uninstall(&nft).map_err(|e| format!("protomesh uninit: {e}")),
+        Command::Tap { admin, methods, callers, statuses, direction, max_bytes, messages, rate, json, count } => {
+            let request = tapping::TapRequest { methods, callers, statuses, direction, max_bytes, messages, rate };
+            runtime().block_on(tapping::run(admin, &request, json, count)).map_err(|e| format!("protomesh tap: {e}"))
+        }
         Command::Await { admin, timeout, shutdown: _, command } if command.is_empty() => {
             runtime().block_on(awaiting::wait_until_ready(admin, timeout))
         }

@@ -3,10 +3,11 @@
 //! its body says what the Kubernetes API server fails to answer, if anything),
 //! `/metrics` (Prometheus), `/config` (the versions in service, the last
 //! reload, and every method's effective policy and its sources, as JSON),
-//! `PUT /log-level`, which changes the log filter, `POST /reload`, which
+//! `GET /tap`, live calls copied and decoded as newline-delimited JSON for
+//! `protomesh tap` (`telemetry/tap`), `PUT /log-level`, which changes the log filter, `POST /reload`, which
 //! reads the config, contracts and identity files again, and `POST
 //! /shutdown`, which drains and exits as SIGTERM does (`protomesh await
-//! --shutdown`, `awaiting.rs`). The last four reveal or change state: they
+//! --shutdown`, `awaiting.rs`). The last five reveal or change state: they
 //! are answered only on localhost unless `admin.allow_remote` is set. `/app-probe/...` runs one of the app's probes
 //! for the kubelet (`probe.rs`). Connections are capped and must send their
 //! request's head in time, so that the admin port never holds the file
@@ -19,7 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -28,9 +31,19 @@ use tokio::net::TcpListener;
 use super::probe;
 use super::reload::{ReloadOutcome, Reloader};
 use crate::config::probes::APP_PROBE_PREFIX;
+use crate::contract::ContractMode;
 use crate::effective;
+use crate::policy::authz::MethodPattern;
 use crate::proxy::open::OpenConnections;
-use crate::telemetry::Metrics;
+use crate::telemetry::tap::{self, TapFilter};
+use crate::telemetry::{Metrics, Taps};
+
+/// Every admin answer's body: most are whole, a tap's is a stream.
+type AdminBody = BoxBody<Bytes, Infallible>;
+
+/// A tap with no event for this long sends an empty line, so that a reader
+/// gone away is noticed and its tap ends.
+const TAP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Changes the log filter at runtime (e.g. `info,protomesh=debug`).
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -42,11 +55,18 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     set_log_level: Option<SetLogLevel>,
+    taps: Arc<Taps>,
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>, reloader: Arc<Reloader>, set_log_level: Option<SetLogLevel>) -> Admin {
-        Admin { ready: AtomicBool::new(false), shutdown: tokio::sync::Notify::new(), metrics, reloader, set_log_level }
+    pub fn new(
+        metrics: Arc<Metrics>,
+        reloader: Arc<Reloader>,
+        set_log_level: Option<SetLogLevel>,
+        taps: Arc<Taps>,
+    ) -> Admin {
+        let shutdown = tokio::sync::Notify::new();
+        Admin { ready: AtomicBool::new(false), shutdown, metrics, reloader, set_log_level, taps }
     }
 
     /// `ready`, and what the Kubernetes API server fails to answer, if
@@ -64,7 +84,7 @@ impl Admin {
         body
     }
 
-    async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<AdminBody> {
         let path = request.uri().path().to_string();
         match (request.method().clone(), path.as_str()) {
             (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
@@ -86,6 +106,10 @@ impl Admin {
                 response.headers_mut().insert(header::CONTENT_TYPE, kind);
                 response
             }
+            (Method::GET, "/tap") => match self.refuse_remote(peer, "tapped calls") {
+                Some(refusal) => refusal,
+                None => self.tap(request.uri().query().unwrap_or_default()),
+            },
             (Method::PUT, "/log-level") => match self.refuse_remote(peer, "log level changes") {
                 Some(refusal) => refusal,
                 None => self.set_log_level(request).await,
@@ -110,18 +134,18 @@ impl Admin {
                 }
             },
             (Method::GET, path) if path.starts_with(APP_PROBE_PREFIX) => self.app_probe(path).await,
-            (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/reload" | "/shutdown") => {
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/tap" | "/log-level" | "/reload" | "/shutdown") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready, /metrics, /config, PUT /log-level, POST /reload or POST /shutdown\n",
+                "not found; try /live, /ready, /metrics, /config, /tap, PUT /log-level, POST /reload or POST /shutdown\n",
             ),
         }
     }
 
     /// Runs the app's probe at `path` for the kubelet: 200 when it passes, 503 when not.
-    async fn app_probe(&self, path: &str) -> Response<Full<Bytes>> {
+    async fn app_probe(&self, path: &str) -> Response<AdminBody> {
         let routes = self.reloader.routes();
         let Some(app_probe) = routes.config.admin.app_probes.get(path) else {
             return text(StatusCode::NOT_FOUND, &format!("no app probe at {path} (admin.app_probes)\n"));
@@ -136,10 +160,53 @@ impl Admin {
     }
 
     /// What reveals or changes state is for localhost only, unless the config allows others.
-    fn refuse_remote(&self, peer: SocketAddr, what: &str) -> Option<Response<Full<Bytes>>> {
+    fn refuse_remote(&self, peer: SocketAddr, what: &str) -> Option<Response<AdminBody>> {
         let allowed = peer.ip().is_loopback() || self.reloader.routes().config.admin.allow_remote;
         let why = format!("{what}: only from localhost (set admin.allow_remote to serve other hosts)\n");
         (!allowed).then(|| text(StatusCode::FORBIDDEN, &why))
+    }
+
+    /// Starts a tap, and streams its events as JSON lines until the reader goes.
+    fn tap(&self, query: &str) -> Response<AdminBody> {
+        let filter = match TapFilter::parse(query) {
+            Ok(filter) => filter,
+            Err(problem) => return text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
+        };
+        let routes = self.reloader.routes();
+        if routes.config.contracts.mode == ContractMode::Strict
+            && let Some(unknown) = filter.methods.iter().find(|pattern| !declared(&routes.contracts, pattern))
+        {
+            let services: Vec<&str> = routes.contracts.services().into_keys().collect();
+            let problem = format!(
+                "tap: method={unknown}: no contract declares it, so no call of it passes this sidecar; the contracts \
+                 declare {}\n",
+                services.join(", ")
+            );
+            return text(StatusCode::BAD_REQUEST, &problem);
+        }
+        let subscription = match self.taps.subscribe(filter) {
+            Ok(subscription) => subscription,
+            Err(problem) => return text(StatusCode::SERVICE_UNAVAILABLE, &format!("tap: {problem}\n")),
+        };
+        let reloader = self.reloader.clone();
+        let events = futures_util::stream::unfold(subscription, move |mut subscription| {
+            let reloader = reloader.clone();
+            async move {
+                let line = match tokio::time::timeout(TAP_KEEPALIVE, subscription.events.recv()).await {
+                    Err(_) => "\n".to_string(),
+                    Ok(None) => return None,
+                    Ok(Some(event)) => {
+                        let types = reloader.routes().contracts.method_types(&event.path);
+                        let lost = subscription.lost();
+                        format!("{}\n", tap::render(&event, types, subscription.filter(), lost))
+                    }
+                };
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), subscription))
+            }
+        });
+        let mut response = Response::new(StreamBody::new(events).boxed());
+        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/x-ndjson"));
+        response
     }
 
     /// The versions in service, the last reload, and every method's effective policy.
@@ -156,7 +223,7 @@ impl Admin {
         config
     }
 
-    async fn set_log_level(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn set_log_level(&self, request: Request<Incoming>) -> Response<AdminBody> {
         let Some(set_log_level) = &self.set_log_level else {
             return text(StatusCode::NOT_IMPLEMENTED, "this process does not manage its log filter\n");
         };
@@ -172,8 +239,13 @@ impl Admin {
     }
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+/// Whether the contracts declare a method `pattern` matches.
+fn declared(contracts: &crate::contract::Contracts, pattern: &MethodPattern) -> bool {
+    contracts.methods().any(|method| pattern.matches(&method.service, &method.method))
+}
+
+fn text(status: StatusCode, body: &str) -> Response<AdminBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     response

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod awaiting;
 mod probe;
 pub mod reload;
+pub mod tapping;
 mod watch;
 
 use std::net::SocketAddr;
@@ -83,6 +84,7 @@ impl Sidecar {
         };
         let inbound_v6 = config.inbound.as_ref().and_then(|inbound| ipv6_companion(inbound.listen));
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
+        let taps = registries.taps.clone();
         let reloader =
             Arc::new(Reloader::new(source, routes.clone(), versions, identity.clone(), registries, tracing.clone()));
 
@@ -122,7 +124,7 @@ impl Sidecar {
             }
         };
         let admin_addr = local_addr(&admin_listener)?;
-        let admin = Arc::new(Admin::new(metrics, reloader.clone(), options.set_log_level));
+        let admin = Arc::new(Admin::new(metrics, reloader.clone(), options.set_log_level, taps));
         let mut background = JoinSet::new();
         background.spawn(admin::serve(admin_listener, admin.clone()));
         background.spawn(watch::reload_on_change(reloader.clone()));

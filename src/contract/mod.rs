@@ -195,6 +195,18 @@ impl Contracts {
         self.methods.values()
     }
 
+    /// The request and response messages of the method at `path`
+    /// (`/pkg.Service/Method`), if a contract declares it.
+    pub fn method_types(
+        &self,
+        path: &str,
+    ) -> Option<(prost_reflect::MessageDescriptor, prost_reflect::MessageDescriptor)> {
+        let method = self.methods.get(path)?;
+        let service = self.descriptors.get_service_by_name(&method.service)?;
+        let method = service.methods().find(|m| m.name() == method.method)?;
+        Some((method.input(), method.output()))
+    }
+
     /// Every file of the contracts as descriptors, with their imports.
     pub fn descriptors(&self) -> &prost_reflect::DescriptorPool {
         &self.descriptors

@@ -100,6 +100,16 @@ impl MethodPattern {
     }
 }
 
+impl fmt::Display for MethodPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MethodPattern::Any => f.write_str("*"),
+            MethodPattern::Service(service) => write!(f, "{service}/*"),
+            MethodPattern::Method { service, method } => write!(f, "{service}/{method}"),
+        }
+    }
+}
+
 impl TryFrom<String> for MethodPattern {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {

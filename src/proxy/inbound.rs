@@ -28,17 +28,19 @@ use crate::policy::deadline::{DeadlineFamilies, Deadlines, ForwardBudget};
 use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::rate_limit::{CallerBuckets, MethodLimit, RateLimits};
-use crate::telemetry::{Metrics, Observe, Observed, Tracing};
+use crate::telemetry::{Metrics, Observe, Observed, Tap, Taps, Tracing};
 
 /// A call from a peer sidecar, top to bottom: recorded, authorized, held to
 /// its rate limits (its caller's and the method's), its messages measured,
 /// given its deadline, held to its bulkheads (the method's and its
 /// caller's), and sent with the remaining budget to the app.
-pub type InboundStack = Observe<Authorize<RateLimits<MessageSizes<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>>>;
+pub type InboundStack =
+    Observe<Tap<Authorize<RateLimits<MessageSizes<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>>>>;
 
 /// What every inbound stack of one version of the routes shares.
 struct Shared {
     metrics: Arc<Metrics>,
+    taps: Arc<Taps>,
     tracing: Option<Arc<Tracing>>,
     access_log: bool,
     policy: PolicyConfig,
@@ -74,6 +76,7 @@ impl InboundRoutes {
         let policy = &config.policy;
         let shared = Shared {
             metrics: registries.metrics.clone(),
+            taps: registries.taps.clone(),
             tracing,
             access_log: config.access_log,
             policy: policy.clone(),
@@ -198,6 +201,7 @@ impl Shared {
         let deadline = Arc::new(effective.deadline(self.policy.min_budget));
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
+            .layer_fn(|inner| Tap::new(self.taps.clone(), direction, inner))
             .layer_fn(|inner| Authorize::new(authz.clone(), inner))
             .layer_fn(|inner| RateLimits::new(rate.clone(), caller_rate.clone(), inner))
             .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))

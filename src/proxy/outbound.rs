@@ -28,14 +28,14 @@ use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::replay::RetryFamilies;
 use crate::policy::retry::Retries;
-use crate::telemetry::{Metrics, Observe, Observed, Peer, TraceAttempts, Tracing};
+use crate::telemetry::{Metrics, Observe, Observed, Peer, Tap, Taps, TraceAttempts, Tracing};
 
 /// A call from the local app, top to bottom: recorded, its messages
 /// measured, let through by its method's circuit breaker, given its
 /// deadline, retried or hedged, each attempt traced, held to its bulkheads,
 /// and sent with the remaining budget to a balanced endpoint of its upstream.
 pub type OutboundStack = Observe<
-    MessageSizes<CircuitBreakers<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>>,
+    Tap<MessageSizes<CircuitBreakers<Deadlines<Retries<TraceAttempts<Bulkheads<ForwardBudget<ForwardToUpstream>>>>>>>>,
 >;
 
 /// A method's bulkhead and circuit breaker, where it has them: kept per
@@ -45,6 +45,7 @@ type MethodGuards = (Option<Arc<Bulkhead>>, Option<Arc<Breaker>>);
 /// What every outbound stack of one version of the routes shares.
 struct Shared {
     metrics: Arc<Metrics>,
+    taps: Arc<Taps>,
     tracing: Option<Arc<Tracing>>,
     access_log: bool,
     policy: PolicyConfig,
@@ -91,6 +92,7 @@ impl OutboundRoutes {
         }
         let shared = Shared {
             metrics: registries.metrics.clone(),
+            taps: registries.taps.clone(),
             tracing,
             access_log: config.access_log,
             policy: policy.clone(),
@@ -214,6 +216,7 @@ impl Shared {
         let retries = Arc::new(effective.retries(method.map(|m| m.shape), self.policy.max_replay_bytes));
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
+            .layer_fn(|inner| Tap::new(self.taps.clone(), direction, inner))
             .layer_fn(|inner| MessageSizes::new(effective.max_message_size.clone(), inner))
             .layer_fn(|inner| CircuitBreakers::new(breaker.clone(), inner))
             .layer_fn(|inner| {

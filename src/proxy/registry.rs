@@ -28,7 +28,7 @@ use crate::identity::{Identity, SpiffeId};
 use crate::policy::kept::{KeptState, Labelled, NamedFamilies, StateKey};
 use crate::policy::outlier::{OutlierConfig, OutlierFamilies};
 use crate::policy::replay::{RetryBudget, RetryBudgetConfig};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Taps};
 
 /// Values by key, with the keys the routes being built have asked for and
 /// those they added.
@@ -117,6 +117,8 @@ struct UpstreamKey {
 pub struct Registries {
     pub identity: Arc<Identity>,
     pub metrics: Arc<Metrics>,
+    /// The taps running, which every stack offers its calls to.
+    pub taps: Arc<Taps>,
     /// The Kubernetes API server, where one was found at start.
     pub cluster: Option<Cluster>,
     workers: usize,
@@ -132,6 +134,7 @@ pub struct Registries {
 impl Registries {
     pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>, workers: usize, cluster: Option<Cluster>) -> Registries {
         Registries {
+            taps: Taps::new(identity.id.clone(), &metrics),
             identity,
             metrics,
             cluster,

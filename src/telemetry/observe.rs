@@ -31,8 +31,9 @@ pub struct Peer {
     pub address: Option<Arc<str>>,
 }
 
-/// Marks a call whose access log line is written: the upstream then says
-/// which endpoint answered it ([`Answered`]), as it does for a traced call.
+/// Marks a call whose access log line is written, or that is tapped: the
+/// upstream then says which endpoint answered it ([`Answered`]), as it does
+/// for a traced call.
 #[derive(Clone, Copy, Debug)]
 pub struct Logged;
 

@@ -31,6 +31,7 @@ mod relay;
 mod reload;
 mod resets;
 mod retries;
+mod tap;
 mod tcp_bounds;
 mod telemetry;
 mod tracing;
