@@ -197,8 +197,10 @@ impl Admin {
                     Ok(None) => return None,
                     Ok(Some(event)) => {
                         let types = reloader.routes().contracts.method_types(&event.path);
-                        let lost = subscription.lost();
-                        format!("{}\n", tap::render(&event, types, subscription.filter(), lost))
+                        let (filter, lost) = (subscription.filter().clone(), subscription.lost());
+                        // Decoded away from the worker, whose thread carries calls.
+                        let rendered = tokio::task::spawn_blocking(move || tap::render(&event, types, &filter, lost));
+                        format!("{}\n", rendered.await.ok()?)
                     }
                 };
                 Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), subscription))

@@ -15,33 +15,6 @@ use crate::call::{CallEnd, Direction, EndOfCall, ProxyError, ResponseBody, Watch
 use crate::grpc::{self, Code};
 use crate::identity::SpiffeId;
 
-/// Shown in place of a sensitive header's value.
-pub const REDACTED: &str = "[REDACTED]";
-
-/// Headers whose values are credentials: `authorization`, cookies, API keys,
-/// and any whose name speaks of a token, secret, password or session.
-fn sensitive(name: &str) -> bool {
-    matches!(name, "authorization" | "proxy-authorization" | "cookie" | "set-cookie")
-        || ["token", "secret", "password", "passwd", "credential", "api-key", "apikey", "session"]
-            .iter()
-            .any(|word| name.contains(word))
-}
-
-/// Metadata as a tap shows it: each header with its value, or [`REDACTED`].
-pub fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            let shown = if sensitive(name.as_str()) {
-                REDACTED.to_string()
-            } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
-            };
-            (name.as_str().to_string(), shown)
-        })
-        .collect()
-}
-
 /// One message of a call, as copied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Copied {
@@ -70,9 +43,10 @@ pub struct Tapped {
     pub duration: Duration,
     pub status: Code,
     pub status_message: String,
-    pub request_metadata: Vec<(String, String)>,
-    pub response_metadata: Vec<(String, String)>,
-    pub trailers: Vec<(String, String)>,
+    /// Metadata as sent: redacted as it is shown.
+    pub request_metadata: HeaderMap,
+    pub response_metadata: HeaderMap,
+    pub trailers: HeaderMap,
     pub requests: Vec<Copied>,
     pub responses: Vec<Copied>,
     /// Messages past `messages` each way, counted, not copied.
@@ -210,9 +184,9 @@ struct Recording {
     caller: Option<SpiffeId>,
     peer: Option<String>,
     headers_after: Option<Duration>,
-    request_metadata: Vec<(String, String)>,
-    response_metadata: Vec<(String, String)>,
-    trailers: Vec<(String, String)>,
+    request_metadata: HeaderMap,
+    response_metadata: HeaderMap,
+    trailers: HeaderMap,
     status_message: String,
     requests: Messages,
     responses: Messages,
@@ -229,7 +203,7 @@ pub struct Start {
     pub path: String,
     pub caller: Option<SpiffeId>,
     pub peer: Option<String>,
-    pub request_metadata: Vec<(String, String)>,
+    pub request_metadata: HeaderMap,
     pub budget: Arc<AtomicUsize>,
 }
 
@@ -246,8 +220,8 @@ impl Capture {
             peer: start.peer,
             headers_after: None,
             request_metadata: start.request_metadata,
-            response_metadata: Vec::new(),
-            trailers: Vec::new(),
+            response_metadata: HeaderMap::new(),
+            trailers: HeaderMap::new(),
             status_message: String::new(),
             requests: Messages::default(),
             responses: Messages::default(),
@@ -276,7 +250,7 @@ impl Capture {
             Ok(response) => {
                 self.with(|recording| {
                     recording.headers_after = Some(recording.started_at.elapsed());
-                    recording.response_metadata = metadata(response.headers());
+                    recording.response_metadata = response.headers().clone();
                     if let Some(endpoint) = response.extensions().get::<crate::call::Answered>() {
                         recording.peer =
                             Some(endpoint.pod.as_deref().map_or_else(
@@ -357,7 +331,7 @@ impl Watcher for BodyWatcher {
     fn trailers(&mut self, trailers: &HeaderMap) {
         if self.response {
             self.capture.with(|recording| {
-                recording.trailers = metadata(trailers);
+                recording.trailers = trailers.clone();
                 recording.status_message = grpc::message_in(trailers);
             });
         }
@@ -412,17 +386,5 @@ mod tests {
             drop(held);
             assert_eq!(budget.load(Ordering::Relaxed), 0);
         }
-    }
-
-    #[test]
-    fn credentials_in_metadata_are_redacted() {
-        let mut headers = HeaderMap::new();
-        headers.insert("authorization", "Bearer abc".parse().unwrap());
-        headers.insert("x-session-id", "s1".parse().unwrap());
-        headers.insert("x-request-id", "r1".parse().unwrap());
-        let shown = metadata(&headers);
-        assert!(shown.contains(&("authorization".into(), REDACTED.into())));
-        assert!(shown.contains(&("x-session-id".into(), REDACTED.into())));
-        assert!(shown.contains(&("x-request-id".into(), "r1".into())));
     }
 }

@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tower::Service;
 
-pub use capture::{COPY_BUDGET, Caps, Copied, REDACTED, Tapped};
+pub use capture::{COPY_BUDGET, Caps, Copied, Tapped};
 pub use filter::TapFilter;
-pub use render::render;
+pub use render::{REDACTED, render};
 
 use super::Metrics;
 use super::observe::Logged;
@@ -187,16 +187,17 @@ impl Taps {
     }
 
     /// The capture of a call that some tap wants, with what it was sent.
+    /// A call no tap wants costs the filters' checks, and no allocation.
     fn start(&self, direction: Direction, request: &mut Request<RecvBody>) -> Option<Arc<capture::Capture>> {
-        let caller_of = request.extensions().get::<Caller>().cloned();
+        let inbound_caller = request.extensions().get::<Caller>();
         let caller = match direction {
-            Direction::Inbound => caller_of.as_ref().map(|c| c.id.clone()),
-            Direction::Outbound => Some(self.local.clone()),
+            Direction::Inbound => inbound_caller.map(|c| &c.id),
+            Direction::Outbound => Some(&self.local),
         };
-        let path = request.uri().path().to_string();
+        let path = request.uri().path();
         let wanting: Vec<Arc<Subscriber>> = {
             let subscribers = self.subscribers.lock().expect("taps lock");
-            let wanted = subscribers.iter().filter(|s| s.filter.wants(direction, &path, caller.as_ref()));
+            let wanted = subscribers.iter().filter(|s| s.filter.wants(direction, path, caller));
             wanted.filter(|s| s.may_take()).cloned().collect()
         };
         if wanting.is_empty() {
@@ -206,22 +207,19 @@ impl Taps {
             max_bytes: wanting.iter().map(|s| s.filter.max_bytes).max().unwrap_or(0),
             max_messages: wanting.iter().map(|s| s.filter.max_messages).max().unwrap_or(0),
         };
-        let peer = match direction {
-            Direction::Inbound => caller_of.map(|c| c.address.to_string()),
-            // The endpoint that answers says so on the response.
-            Direction::Outbound => None,
-        };
-        request.extensions_mut().insert(Logged);
-        let capture = capture::Capture::new(capture::Start {
+        let start = capture::Start {
             subscribers: wanting,
             caps,
             direction,
-            path,
-            caller,
-            peer,
-            request_metadata: capture::metadata(request.headers()),
+            path: path.to_string(),
+            caller: caller.cloned(),
+            // Outbound, the endpoint that answers says so on the response.
+            peer: inbound_caller.filter(|_| direction == Direction::Inbound).map(|c| c.address.to_string()),
+            request_metadata: request.headers().clone(),
             budget: self.held.clone(),
-        });
+        };
+        request.extensions_mut().insert(Logged);
+        let capture = capture::Capture::new(start);
         request.body_mut().watch(capture.request_watcher());
         Some(capture)
     }

@@ -6,11 +6,23 @@
 use prost_reflect::{DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor, Value as Field};
 use serde_json::{Map, Value, json};
 
-use super::{Copied, REDACTED, TapFilter, Tapped};
+use super::{Copied, TapFilter, Tapped};
+
+/// Shown in place of a redacted value.
+pub const REDACTED: &str = "[REDACTED]";
 
 /// The protomesh option that redacts a field, for code generators that know
 /// no `debug_redact`.
 const REDACT_OPTION: &str = "protomesh.v1.redact";
+
+/// Headers whose values are credentials: `authorization`, cookies, API keys,
+/// and any whose name speaks of a token, secret, password or session.
+fn sensitive(name: &str) -> bool {
+    matches!(name, "authorization" | "proxy-authorization" | "cookie" | "set-cookie")
+        || ["token", "secret", "password", "passwd", "credential", "api-key", "apikey", "session"]
+            .iter()
+            .any(|word| name.contains(word))
+}
 
 /// The event for one tap: `types` are the method's request and response
 /// messages (`None`: no contract declares it, and messages show their size
@@ -55,17 +67,19 @@ pub fn render(
     })
 }
 
-/// Headers by name; a name sent more than once has its values joined by `, `.
-fn metadata(headers: &[(String, String)]) -> Value {
+/// Headers by name, credentials [`REDACTED`]; a name sent more than once
+/// has its values joined by `, `.
+fn metadata(headers: &http::HeaderMap) -> Value {
     let mut object = Map::new();
     for (name, value) in headers {
-        match object.get_mut(name) {
+        let shown = if sensitive(name.as_str()) { REDACTED.into() } else { String::from_utf8_lossy(value.as_bytes()) };
+        match object.get_mut(name.as_str()) {
             Some(Value::String(values)) => {
                 values.push_str(", ");
-                values.push_str(value);
+                values.push_str(&shown);
             }
             _ => {
-                object.insert(name.clone(), Value::String(value.clone()));
+                object.insert(name.as_str().to_string(), Value::String(shown.into_owned()));
             }
         }
     }
@@ -181,9 +195,9 @@ service S { rpc Put(Order) returns (Order); }
             duration: Duration::from_millis(2),
             status: Code::Ok,
             status_message: String::new(),
-            request_metadata: vec![],
-            response_metadata: vec![],
-            trailers: vec![],
+            request_metadata: http::HeaderMap::new(),
+            response_metadata: http::HeaderMap::new(),
+            trailers: http::HeaderMap::new(),
             requests,
             responses: vec![],
             requests_skipped: 0,
@@ -228,6 +242,16 @@ service S { rpc Put(Order) returns (Order); }
         assert_eq!(shown["requests"][1], serde_json::json!({"size": size, "compressed": true}));
         assert_eq!(shown["requests_skipped"], 1, "past this tap's --messages");
         assert_eq!(shown["lost"], serde_json::json!({"rate": 1, "slow_reader": 2}));
+
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer abc".parse().unwrap());
+        headers.insert("x-session-id", "s1".parse().unwrap());
+        headers.append("x-tag", "a".parse().unwrap());
+        headers.append("x-tag", "b".parse().unwrap());
+        assert_eq!(
+            metadata(&headers),
+            serde_json::json!({"authorization": REDACTED, "x-session-id": REDACTED, "x-tag": "a, b"})
+        );
 
         let unknown = render(
             &event(vec![Copied { size: 3, compressed: false, bytes: Some(Bytes::from_static(b"abc")) }]),
