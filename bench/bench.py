@@ -1,6 +1,7 @@
 """Measures the cost of a sidecar pair: the echo backend reached directly,
 through Envoy (as an mTLS sidecar pair, one worker and its default) and
-through protomesh (one worker, the default, and two), in one run.
+through protomesh (one worker, the default, and two; and one worker while a
+tap on each sidecar shows every call, up to 1,000 events a second), in one run.
 
 Per path and round: requests/s at saturation (unary and server-streaming),
 latency percentiles at a fixed 1,000 requests/s and for serial calls, CPU
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +36,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
 # protomesh with two workers, as Envoy runs by default on two cores.
 MESH_TWO = "protomesh worker_threads: 2"
+# protomesh while `protomesh tap` shows every call on both sidecars, at the
+# most events a tap takes (1,000 a second): what tapping costs.
+MESH_TAPPED = "protomesh, every call tapped"
 
 
 def spiffe(name):
@@ -157,6 +162,29 @@ def protomesh_pair(work, backend_port, workers=1, launcher=()):
         ready_ms.append(wait_until_ready(admins[name], proc, started))
         procs.append(proc)
     return outbound, procs, max(ready_ms)
+
+
+class Tap:
+    """A reader of a sidecar's GET /tap stream, on a thread, as `protomesh tap --json` reads it."""
+
+    def __init__(self, work, name, query):
+        admin = int(re.search(r"admin: \{listen: '127.0.0.1:(\d+)'", (work / f"protomesh-{name}.yaml").read_text()).group(1))
+        self.sock = socket.create_connection(("127.0.0.1", admin))
+        self.sock.sendall(f"GET /tap?{query} HTTP/1.1\r\nhost: bench\r\n\r\n".encode())
+        if b" 200 " not in self.sock.recv(64)[:16]:
+            sys.exit(f"the {name} sidecar refused the tap")
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        try:
+            while self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def stop(self):
+        self.sock.close()
 
 
 def wait_until_ready(admin_port, proc, started):
@@ -344,7 +372,7 @@ def main():
     bodies = prepare(work)
     backend_port = free_port()
     backend = Backend(backend_port)
-    results = {name: [] for name in ("direct", "envoy --concurrency 1", "envoy", "protomesh", MESH_TWO)}
+    results = {name: [] for name in ("direct", "envoy --concurrency 1", "envoy", "protomesh", MESH_TWO, MESH_TAPPED)}
     extra = {}
     try:
         for round_number in range(options.rounds):
@@ -372,6 +400,15 @@ def main():
                 finally:
                     for p in procs:
                         p.stop()
+            port, procs, _ = protomesh_pair(work, backend_port, 1)
+            taps = [Tap(work, name, "rate=1000") for name in ("client", "server")]
+            try:
+                results[MESH_TAPPED].append(measure("tapped", port, procs, backend, bodies, options.seconds, work))
+            finally:
+                for tap in taps:
+                    tap.stop()
+                for p in procs:
+                    p.stop()
     finally:
         backend.stop()
         shutil.rmtree(work, ignore_errors=True)
