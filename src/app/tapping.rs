@@ -92,17 +92,15 @@ pub async fn run(admin: SocketAddr, request: &TapRequest, json: bool, count: Opt
 /// by the caller and `<` answered.
 fn readable(event: &Value) -> String {
     let text = |key: &str| event[key].as_str().unwrap_or_default().to_string();
-    let mut out = format!(
-        "{} {} {} {} from {}{} {} in {:.2} ms",
-        text("started"),
-        text("direction"),
-        text("method"),
-        text("status"),
-        event["caller"].as_str().unwrap_or("an unknown caller"),
-        event["peer"].as_str().map(|peer| format!(" ({peer})")).unwrap_or_default(),
-        if text("status_message").is_empty() { String::new() } else { format!("\"{}\"", text("status_message")) },
-        event["duration_ms"].as_f64().unwrap_or_default(),
-    );
+    let mut out = format!("{} {} {} {}", text("started"), text("direction"), text("method"), text("status"));
+    if !text("status_message").is_empty() {
+        out.push_str(&format!(" \"{}\"", text("status_message")));
+    }
+    out.push_str(&format!(" from {}", event["caller"].as_str().unwrap_or("an unknown caller")));
+    if let Some(peer) = event["peer"].as_str() {
+        out.push_str(&format!(" ({peer})"));
+    }
+    out.push_str(&format!(" in {:.2} ms", event["duration_ms"].as_f64().unwrap_or_default()));
     out.push('\n');
     for (arrow, key, skipped) in [(">", "requests", "requests_skipped"), ("<", "responses", "responses_skipped")] {
         for message in event[key].as_array().into_iter().flatten() {
@@ -129,4 +127,46 @@ fn readable(event: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_reads_as_a_line_for_the_call_and_one_per_message() {
+        let event = serde_json::json!({
+            "started": "2026-12-06T18:25:03.028Z", "direction": "inbound", "method": "/shop.v1.Cart/Add",
+            "status": "NOT_FOUND", "status_message": "no such cart", "caller": "spiffe://td/ns/shop/sa/web",
+            "peer": "10.0.3.7:51320", "duration_ms": 1.704,
+            "requests": [{"size": 9, "json": {"sku": "A1"}}, {"size": 70000, "truncated": true}],
+            "requests_skipped": 2,
+            "responses": [{"size": 5, "compressed": true}, {"size": 3, "undecoded": "no contract declares the method"}],
+            "responses_skipped": 0,
+            "lost": {"rate": 4, "slow_reader": 0},
+        });
+        assert_eq!(
+            readable(&event),
+            "2026-12-06T18:25:03.028Z inbound /shop.v1.Cart/Add NOT_FOUND \"no such cart\" from spiffe://td/ns/shop/sa/web \
+             (10.0.3.7:51320) in 1.70 ms\n  \
+             > {\"sku\":\"A1\"}\n  \
+             > (70000 bytes, past --max-bytes)\n  \
+             > (2 more, past --messages)\n  \
+             < (5 bytes, compressed)\n  \
+             < (3 bytes: no contract declares the method)\n  \
+             (4 events lost before this one to --rate, 0 while reading fell behind)\n"
+        );
+    }
+
+    #[test]
+    fn the_query_carries_every_filter_and_cap() {
+        let request = TapRequest {
+            methods: vec!["shop.v1.Cart/*".into()],
+            statuses: vec!["UNAVAILABLE".into(), "14".into()],
+            direction: Some("inbound".into()),
+            rate: Some(5),
+            ..TapRequest::default()
+        };
+        assert_eq!(request.query(), "method=shop.v1.Cart%2F*&status=UNAVAILABLE&status=14&rate=5&direction=inbound");
+    }
 }

@@ -105,10 +105,11 @@ impl Shown<'_> {
                 format!("{object}\n")
             }
             Format::GithubActions => {
-                // A workflow command ends at a newline: `%`, CR and LF in values are escaped.
+                // A workflow command ends at a newline, and its properties at `,` and `:`: those are escaped.
                 let escape = |s: &str| s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A");
+                let property = |s: &str| escape(s).replace(':', "%3A").replace(',', "%2C");
                 let place = if line > 0 { format!(",line={line},col={column}") } else { String::new() };
-                format!("::{severity} file={}{place},title={rule}::{}\n", escape(file), escape(message))
+                format!("::{severity} file={}{place},title={rule}::{}\n", property(file), escape(message))
             }
         }
     }

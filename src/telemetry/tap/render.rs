@@ -8,6 +8,10 @@ use serde_json::{Map, Value, json};
 
 use super::{Copied, TapFilter, Tapped};
 
+/// When a call started: RFC 3339, to the millisecond, in UTC.
+const STARTED: &[time::format_description::BorrowedFormatItem<'_>] =
+    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
 /// Shown in place of a redacted value.
 pub const REDACTED: &str = "[REDACTED]";
 
@@ -34,9 +38,7 @@ pub fn render(
     filter: &TapFilter,
     lost: (u64, u64),
 ) -> Value {
-    let started = time::OffsetDateTime::from(event.started)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let started = time::OffsetDateTime::from(event.started).format(STARTED).unwrap_or_default();
     let (request_type, response_type) = types.unzip();
     // The copy kept what the most generous tap asked for; this tap sees what it asked for.
     let shown = |copied: &[Copied], skipped: u32, message: Option<&MessageDescriptor>| {
