@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use prost_reflect::{EnumDescriptor, Syntax};
 
 use super::messages::legacy_json;
-use super::ranges::{show, uncovered};
+use super::ranges::{no_longer_covered, uncovered};
 use super::{At, Report, Rule, Side};
 
 pub(super) fn check(old: &Side, new: &Side, report: &mut Report<'_>) {
@@ -80,25 +80,16 @@ fn values_kept(was: &EnumDescriptor, now: &EnumDescriptor, report: &mut Report<'
 }
 
 fn reserved_kept(was: &EnumDescriptor, now: &EnumDescriptor, report: &mut Report<'_>) {
-    let inclusive = |r: std::ops::RangeInclusive<i32>| (i64::from(*r.start()), i64::from(*r.end()));
-    let after: Vec<_> = now.reserved_ranges().map(inclusive).collect();
-    for range in was.reserved_ranges().map(inclusive) {
-        let missing = uncovered(range, &after);
-        if !missing.is_empty() {
-            let message = format!(
-                "enum {}: reserved numbers {} are no longer reserved",
-                now.full_name(),
-                show(&missing, i64::from(i32::MAX))
-            );
-            report.add(Rule::ReservedEnumNoDelete, here(now), message);
-        }
+    let inclusive = |e: &EnumDescriptor| -> Vec<(i64, i64)> {
+        e.reserved_ranges().map(|r| (i64::from(*r.start()), i64::from(*r.end()))).collect()
+    };
+    for lost in no_longer_covered(&inclusive(was), &inclusive(now), i64::from(i32::MAX)) {
+        let message = format!("enum {}: reserved numbers {lost} are no longer reserved", now.full_name());
+        report.add(Rule::ReservedEnumNoDelete, here(now), message);
     }
     let names: BTreeSet<&str> = now.reserved_names().collect();
     for name in was.reserved_names().filter(|name| !names.contains(name)) {
-        report.add(
-            Rule::ReservedEnumNoDelete,
-            here(now),
-            format!("enum {}: reserved name {name:?} was deleted", now.full_name()),
-        );
+        let message = format!("enum {}: reserved name {name:?} was deleted", now.full_name());
+        report.add(Rule::ReservedEnumNoDelete, here(now), message);
     }
 }

@@ -1,7 +1,7 @@
 //! Files and packages: a file's options, syntax and package; what a file or
 //! a package no longer declares.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use prost_reflect::FileDescriptor;
 use prost_reflect::prost_types::FileOptions;
@@ -14,9 +14,8 @@ pub(super) fn check(old: &Side, new: &Side, report: &mut Report<'_>) {
     }
     for (_, was, now) in Side::pairs(&old.files, &new.files) {
         same_options(was, now, report);
-        declarations_kept(was, now, old, new, report);
     }
-    packages_kept(old, new, report);
+    declarations_kept(old, new, report);
 }
 
 /// Each option as buf reads it: its value, or its default when unset.
@@ -66,98 +65,76 @@ fn same_options(was: &FileDescriptor, now: &FileDescriptor, report: &mut Report<
     }
 }
 
-/// The nested names a file (or package) declares, of each kind.
-#[derive(Default)]
-struct Declared {
-    messages: BTreeSet<String>,
-    enums: BTreeSet<String>,
-    extensions: BTreeSet<String>,
-    services: BTreeSet<String>,
+/// The kinds of elements a file or package declares, and the rules that
+/// keep them in one file and in one package.
+const KINDS: [(&str, Rule, Rule); 4] = [
+    ("message", Rule::MessageNoDelete, Rule::PackageMessageNoDelete),
+    ("enum", Rule::EnumNoDelete, Rule::PackageEnumNoDelete),
+    ("extension", Rule::ExtensionNoDelete, Rule::PackageExtensionNoDelete),
+    ("service", Rule::ServiceNoDelete, Rule::PackageServiceNoDelete),
+];
+
+/// What a file or a package declares: for each of [`KINDS`], the nested
+/// names, each with the file that declares it.
+type Declared = [BTreeMap<String, String>; 4];
+
+/// What each file of a version declares (by its name), and each package (by
+/// its name), in one pass over the version's elements.
+fn declared(side: &Side) -> (BTreeMap<String, Declared>, BTreeMap<String, Declared>) {
+    let nested = |full: &str, package: &str| nested_name(full, package).to_string();
+    let elements = side
+        .messages
+        .values()
+        .map(|m| (0, m.parent_file(), nested(m.full_name(), m.package_name())))
+        .chain(side.enums.values().map(|e| (1, e.parent_file(), nested(e.full_name(), e.package_name()))))
+        .chain(side.extensions.values().map(|e| (2, e.parent_file(), nested(e.full_name(), e.package_name()))))
+        .chain(side.services.values().map(|s| (3, s.parent_file(), nested(s.full_name(), s.package_name()))));
+    let (mut files, mut packages): (BTreeMap<String, Declared>, BTreeMap<String, Declared>) = Default::default();
+    for file in side.files.values() {
+        packages.entry(file.package_name().to_string()).or_default();
+    }
+    for (kind, file, name) in elements {
+        let by_file = files.entry(file.name().to_string()).or_default();
+        by_file[kind].insert(name.clone(), file.name().to_string());
+        let by_package = packages.entry(file.package_name().to_string()).or_default();
+        by_package[kind].insert(name, file.name().to_string());
+    }
+    (files, packages)
 }
 
-impl Declared {
-    fn add(&mut self, file: &FileDescriptor, side: &Side) {
-        let package = file.package_name();
-        let mine = |other: FileDescriptor| other == *file;
-        let nested = |full: &str| nested_name(full, package).to_string();
-        self.messages.extend(side.messages.values().filter(|m| mine(m.parent_file())).map(|m| nested(m.full_name())));
-        self.enums.extend(side.enums.values().filter(|e| mine(e.parent_file())).map(|e| nested(e.full_name())));
-        self.extensions
-            .extend(side.extensions.values().filter(|e| mine(e.parent_file())).map(|e| nested(e.full_name())));
-        self.services.extend(side.services.values().filter(|s| mine(s.parent_file())).map(|s| nested(s.full_name())));
-    }
-
-    fn kinds(&self) -> [(&'static str, &BTreeSet<String>); 4] {
-        [
-            ("message", &self.messages),
-            ("enum", &self.enums),
-            ("extension", &self.extensions),
-            ("service", &self.services),
-        ]
+/// Where a deleted element was reported: in the new version of its file, in
+/// the enclosing message still there (not for a service, which has none).
+fn place(kind: &str, name: &str, file: Option<&FileDescriptor>, file_name: &str, new: &Side) -> At {
+    match file {
+        Some(now) if kind != "service" => enclosing(now, name, new),
+        Some(now) => At::File(now.name().to_string()),
+        None => At::File(file_name.to_string()),
     }
 }
 
-fn declarations_kept(was: &FileDescriptor, now: &FileDescriptor, old: &Side, new: &Side, report: &mut Report<'_>) {
-    let (mut before, mut after) = (Declared::default(), Declared::default());
-    before.add(was, old);
-    after.add(now, new);
-    let rules = [Rule::MessageNoDelete, Rule::EnumNoDelete, Rule::ExtensionNoDelete, Rule::ServiceNoDelete];
-    for ((kind, gone), (rule, (_, kept))) in before.kinds().into_iter().zip(rules.into_iter().zip(after.kinds())) {
-        for name in gone.difference(kept) {
-            let at = if kind == "service" { At::File(now.name().to_string()) } else { enclosing(now, name, new) };
-            report.add(rule, at, format!("{kind} {name} was deleted from file {}", now.name()));
+fn declarations_kept(old: &Side, new: &Side, report: &mut Report<'_>) {
+    let ((before, packages_before), (after, packages_after)) = (declared(old), declared(new));
+    let none = Declared::default();
+    for (_, _, now) in Side::pairs(&old.files, &new.files) {
+        let (was, is) = (before.get(now.name()).unwrap_or(&none), after.get(now.name()).unwrap_or(&none));
+        for ((kind, rule, _), (gone, kept)) in KINDS.into_iter().zip(was.iter().zip(is)) {
+            for name in gone.keys().filter(|name| !kept.contains_key(*name)) {
+                let at = place(kind, name, Some(now), now.name(), new);
+                report.add(rule, at, format!("{kind} {name} was deleted from file {}", now.name()));
+            }
         }
     }
-}
-
-fn packages_kept(old: &Side, new: &Side, report: &mut Report<'_>) {
-    fn by_package(side: &Side) -> BTreeMap<String, (Declared, Vec<&FileDescriptor>)> {
-        let mut packages: BTreeMap<String, (Declared, Vec<&FileDescriptor>)> = BTreeMap::new();
-        for file in side.files.values() {
-            let (declared, files) = packages.entry(file.package_name().to_string()).or_default();
-            declared.add(file, side);
-            files.push(file);
-        }
-        packages
-    }
-    let (before, after) = (by_package(old), by_package(new));
-    let rules = [
-        Rule::PackageMessageNoDelete,
-        Rule::PackageEnumNoDelete,
-        Rule::PackageExtensionNoDelete,
-        Rule::PackageServiceNoDelete,
-    ];
-    for (package, (declared, files)) in &before {
-        let Some((kept, _)) = after.get(package) else {
-            report.add(
-                Rule::PackageNoDelete,
-                At::File(files[0].name().to_string()),
-                format!("package {package:?} was deleted"),
-            );
+    for (package, was) in &packages_before {
+        let Some(is) = packages_after.get(package) else {
+            let file = old.files.values().find(|f| f.package_name() == package).map_or("", |f| f.name());
+            report.add(Rule::PackageNoDelete, At::File(file.to_string()), format!("package {package:?} was deleted"));
             continue;
         };
-        for ((kind, gone), (rule, (_, kept))) in declared.kinds().into_iter().zip(rules.into_iter().zip(kept.kinds())) {
-            for name in gone.difference(kept) {
-                // Where it was, if the new version still has that file.
-                let file = files.iter().find(|f| was_declared_in(f, kind, package, name, old)).map(|f| f.name());
-                let at = match file.and_then(|name| new.files.get(name)) {
-                    Some(now) if kind != "service" => enclosing(now, name, new),
-                    Some(now) => At::File(now.name().to_string()),
-                    None => At::File(file.unwrap_or_default().to_string()),
-                };
+        for ((kind, _, rule), (gone, kept)) in KINDS.into_iter().zip(was.iter().zip(is)) {
+            for (name, file) in gone.iter().filter(|(name, _)| !kept.contains_key(*name)) {
+                let at = place(kind, name, new.files.get(file), file, new);
                 report.add(rule, at, format!("{kind} {name} was deleted from package {package:?}"));
             }
         }
     }
-}
-
-fn was_declared_in(file: &FileDescriptor, kind: &str, package: &str, name: &str, side: &Side) -> bool {
-    let full = if package.is_empty() { name.to_string() } else { format!("{package}.{name}") };
-    let parent = match kind {
-        "message" => side.messages.get(&full).map(|m| m.parent_file()),
-        "enum" => side.enums.get(&full).map(|e| e.parent_file()),
-        "service" => side.services.get(&full).map(|s| s.parent_file()),
-        _ => side.extensions.values().find(|e| e.full_name() == full).map(|e| e.parent_file()),
-    };
-    parent.as_ref() == Some(file)
 }

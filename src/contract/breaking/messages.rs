@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use prost_reflect::{MessageDescriptor, Syntax, Value};
 
-use super::ranges::{show, uncovered};
+use super::ranges::{no_longer_covered, uncovered};
 use super::{At, Report, Rule, Side};
 
 /// The largest field number.
@@ -59,33 +59,36 @@ fn fields_kept(was: &MessageDescriptor, now: &MessageDescriptor, report: &mut Re
 }
 
 fn ranges_kept(was: &MessageDescriptor, now: &MessageDescriptor, report: &mut Report<'_>) {
-    let inclusive = |r: std::ops::Range<u32>| (i64::from(r.start), i64::from(r.end) - 1);
-    let reserved: Vec<_> = now.reserved_ranges().map(inclusive).collect();
-    let extensions: Vec<_> = now.extension_ranges().map(inclusive).collect();
+    let inclusive = |ranges: &mut dyn Iterator<Item = std::ops::Range<u32>>| -> Vec<(i64, i64)> {
+        ranges.map(|r| (i64::from(r.start), i64::from(r.end) - 1)).collect()
+    };
     let kinds = [
-        (Rule::ReservedMessageNoDelete, "reserved", was.reserved_ranges().map(inclusive).collect::<Vec<_>>(), reserved),
-        (Rule::ExtensionMessageNoDelete, "extension", was.extension_ranges().map(inclusive).collect(), extensions),
+        (
+            Rule::ReservedMessageNoDelete,
+            "reserved",
+            inclusive(&mut was.reserved_ranges()),
+            inclusive(&mut now.reserved_ranges()),
+        ),
+        (
+            Rule::ExtensionMessageNoDelete,
+            "extension",
+            inclusive(&mut was.extension_ranges()),
+            inclusive(&mut now.extension_ranges()),
+        ),
     ];
     for (rule, kind, before, after) in kinds {
-        for range in before {
-            let missing = uncovered(range, &after);
-            if !missing.is_empty() {
-                let message = format!(
-                    "message {}: {kind} numbers {} are no longer {kind}",
-                    now.full_name(),
-                    show(&missing, MAX_FIELD)
-                );
-                report.add(rule, here(now), message);
-            }
+        for lost in no_longer_covered(&before, &after, MAX_FIELD) {
+            report.add(
+                rule,
+                here(now),
+                format!("message {}: {kind} numbers {lost} are no longer {kind}", now.full_name()),
+            );
         }
     }
     let names: BTreeSet<&str> = now.reserved_names().collect();
     for name in was.reserved_names().filter(|name| !names.contains(name)) {
-        report.add(
-            Rule::ReservedMessageNoDelete,
-            here(now),
-            format!("message {}: reserved name {name:?} was deleted", now.full_name()),
-        );
+        let message = format!("message {}: reserved name {name:?} was deleted", now.full_name());
+        report.add(Rule::ReservedMessageNoDelete, here(now), message);
     }
 }
 

@@ -26,8 +26,19 @@ pub(super) fn uncovered(range: (i64, i64), ranges: &[(i64, i64)]) -> Vec<(i64, i
     missing
 }
 
+/// For each of `before` that `after` no longer covers whole, the numbers it
+/// lost, shown (`5, 8 to 9`).
+pub(super) fn no_longer_covered(before: &[(i64, i64)], after: &[(i64, i64)], max: i64) -> Vec<String> {
+    before
+        .iter()
+        .map(|&range| uncovered(range, after))
+        .filter(|lost| !lost.is_empty())
+        .map(|lost| show(&lost, max))
+        .collect()
+}
+
 /// `5`, `5 to 9`, or `5 to max`.
-pub(super) fn show(ranges: &[(i64, i64)], max: i64) -> String {
+fn show(ranges: &[(i64, i64)], max: i64) -> String {
     let one = |&(start, end): &(i64, i64)| match end {
         _ if start == end => start.to_string(),
         _ if end >= max => format!("{start} to max"),
