@@ -127,20 +127,20 @@ impl fmt::Display for RateLimitPolicy {
 
 /// One token bucket: full at first, refilled at the rate up to the burst.
 #[derive(Debug)]
-struct TokenBucket {
+pub struct TokenBucket {
     policy: RateLimitPolicy,
     /// Tokens left and when they were counted.
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
-    fn new(policy: &RateLimitPolicy) -> TokenBucket {
+    pub fn new(policy: &RateLimitPolicy) -> TokenBucket {
         let full = f64::from(policy.burst());
         TokenBucket { policy: policy.clone(), state: Mutex::new((full, Instant::now())) }
     }
 
     /// Takes a token, or says how long until the next one comes.
-    fn take(&self, now: Instant) -> Result<(), Duration> {
+    pub fn take(&self, now: Instant) -> Result<(), Duration> {
         let burst = f64::from(self.policy.burst());
         let mut state = self.state.lock().expect("token bucket lock");
         let (tokens, counted) = *state;
@@ -152,6 +152,12 @@ impl TokenBucket {
         }
         *state = (tokens, now);
         Err(Duration::from_secs_f64((1.0 - tokens) / self.policy.per_second))
+    }
+
+    /// Whether a token is there to take, taking none.
+    pub fn has_token(&self, now: Instant) -> bool {
+        let (tokens, counted) = *self.state.lock().expect("token bucket lock");
+        tokens + now.saturating_duration_since(counted).as_secs_f64() * self.policy.per_second >= 1.0
     }
 
     fn is_full(&self, now: Instant) -> bool {

@@ -170,6 +170,7 @@ impl Held {
 /// One call under way; its watchers and its end share it.
 #[derive(Debug)]
 pub struct Capture {
+    direction: Direction,
     recording: Mutex<Recording>,
 }
 
@@ -179,7 +180,6 @@ struct Recording {
     caps: Caps,
     started_at: Instant,
     started: SystemTime,
-    direction: Direction,
     path: String,
     caller: Option<SpiffeId>,
     peer: Option<String>,
@@ -214,7 +214,6 @@ impl Capture {
             caps: start.caps,
             started_at: Instant::now(),
             started: SystemTime::now(),
-            direction: start.direction,
             path: start.path,
             caller: start.caller,
             peer: start.peer,
@@ -228,7 +227,7 @@ impl Capture {
             held: Held { budget: start.budget, bytes: 0 },
             done: false,
         };
-        Arc::new(Capture { recording: Mutex::new(recording) })
+        Arc::new(Capture { direction: start.direction, recording: Mutex::new(recording) })
     }
 
     fn with(&self, f: impl FnOnce(&mut Recording)) {
@@ -267,12 +266,8 @@ impl Capture {
                     }
                 }
             }
-            Err(error) => self.end(error.code(), error.message(self.direction())),
+            Err(error) => self.end(error.code(), error.message(self.direction)),
         }
-    }
-
-    fn direction(&self) -> Direction {
-        self.recording.lock().expect("tap capture lock").direction
     }
 
     /// The call is over: the event goes to each tap that wants its status.
@@ -287,7 +282,7 @@ impl Capture {
         let requests = std::mem::take(&mut recording.requests);
         let responses = std::mem::take(&mut recording.responses);
         let event = Arc::new(Tapped {
-            direction: recording.direction,
+            direction: self.direction,
             path: std::mem::take(&mut recording.path),
             caller: recording.caller.take(),
             peer: recording.peer.take(),

@@ -36,6 +36,7 @@ use super::observe::Logged;
 use crate::call::{CallFuture, CallService, Caller, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::identity::SpiffeId;
 use crate::policy::kept::Families;
+use crate::policy::rate_limit::{RateLimitPolicy, TokenBucket};
 
 /// The most taps at once.
 pub const MAX_TAPS: usize = 16;
@@ -65,11 +66,13 @@ impl std::fmt::Debug for Taps {
 pub struct Subscriber {
     filter: TapFilter,
     events: mpsc::Sender<Arc<Tapped>>,
-    /// Events a second, as a token bucket a second deep.
-    bucket: Mutex<(f64, Instant)>,
+    /// Events a second, a second's worth at once.
+    bucket: TokenBucket,
     lost_to_rate: AtomicU64,
     lost_to_reader: AtomicU64,
-    families: Arc<TapFamilies>,
+    /// `protomesh_tap_events_dropped_total`, by reason.
+    dropped_to_rate: Counter,
+    dropped_to_reader: Counter,
 }
 
 impl Subscriber {
@@ -79,14 +82,11 @@ impl Subscriber {
         if !self.filter.wants_status(event.status) {
             return;
         }
-        if !self.take_token() {
-            self.lost_to_rate.fetch_add(1, Ordering::Relaxed);
-            self.families.dropped.get_or_create(&Lost { reason: "rate" }).inc();
-            return;
-        }
-        if self.events.try_send(event.clone()).is_err() {
+        if self.bucket.take(Instant::now()).is_err() {
+            self.lost_to_rate();
+        } else if self.events.try_send(event.clone()).is_err() {
             self.lost_to_reader.fetch_add(1, Ordering::Relaxed);
-            self.families.dropped.get_or_create(&Lost { reason: "slow_reader" }).inc();
+            self.dropped_to_reader.inc();
         }
     }
 
@@ -94,34 +94,16 @@ impl Subscriber {
     /// and no status to wait for, loses the call at its start, uncopied: at
     /// its rate, most calls of a busy sidecar cost nothing to tap.
     fn may_take(&self) -> bool {
-        if !self.filter.statuses.is_empty() || self.tokens() >= 1.0 {
+        if !self.filter.statuses.is_empty() || self.bucket.has_token(Instant::now()) {
             return true;
         }
-        self.lost_to_rate.fetch_add(1, Ordering::Relaxed);
-        self.families.dropped.get_or_create(&Lost { reason: "rate" }).inc();
+        self.lost_to_rate();
         false
     }
 
-    /// The bucket's tokens now.
-    fn tokens(&self) -> f64 {
-        let rate = f64::from(self.filter.rate);
-        let mut bucket = self.bucket.lock().expect("tap bucket lock");
-        let (tokens, at) = &mut *bucket;
-        let now = Instant::now();
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
-        *at = now;
-        *tokens
-    }
-
-    fn take_token(&self) -> bool {
-        self.tokens();
-        let mut bucket = self.bucket.lock().expect("tap bucket lock");
-        if bucket.0 >= 1.0 {
-            bucket.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+    fn lost_to_rate(&self) {
+        self.lost_to_rate.fetch_add(1, Ordering::Relaxed);
+        self.dropped_to_rate.inc();
     }
 }
 
@@ -172,14 +154,15 @@ impl Taps {
             return Err(format!("{MAX_TAPS} taps are running, the most at once; stop one first"));
         }
         let (sender, events) = mpsc::channel(QUEUE);
-        let rate = f64::from(filter.rate);
+        let dropped = |reason| self.families.dropped.get_or_create(&Lost { reason }).clone();
         let subscriber = Arc::new(Subscriber {
+            bucket: TokenBucket::new(&RateLimitPolicy::new(f64::from(filter.rate), None)),
             filter,
             events: sender,
-            bucket: Mutex::new((rate, Instant::now())),
             lost_to_rate: AtomicU64::new(0),
             lost_to_reader: AtomicU64::new(0),
-            families: self.families.clone(),
+            dropped_to_rate: dropped("rate"),
+            dropped_to_reader: dropped("slow_reader"),
         });
         subscribers.push(subscriber.clone());
         self.active.store(subscribers.len(), Ordering::Release);
