@@ -56,10 +56,19 @@ class Backend:
         self.callers = []
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, and not handed out before: the ports are bound later,
+    by the sidecars, so the kernel may offer one twice meanwhile."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def start_sidecar(name, config_path, log_path):
