@@ -4,6 +4,7 @@
 //! remembering where it came from. The routes are built from it, and it is
 //! rendered once, the same way, for `protomesh check` and for `/config`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,32 @@ use crate::policy::deadline::DeadlinePolicy;
 use crate::policy::fields::FieldView;
 use crate::policy::retry::RetrySettings;
 use crate::policy::source::Source;
+use crate::policy::validate::{self, RequestRules, ValidationFamilies, Validators};
 use crate::policy::{MethodPolicy, PolicyConfig, PolicyFields};
+
+/// The request rules of every method of the contracts that validates,
+/// compiled, by path. A rule that does not compile fails the whole load,
+/// naming its file, message and field, so a reload keeps what runs.
+pub fn request_rules(
+    contracts: &Contracts,
+    policy: &PolicyConfig,
+    failures: &ValidationFamilies,
+) -> Result<HashMap<String, Arc<RequestRules>>, String> {
+    let validators = Validators::new(contracts.descriptors());
+    let mut rules = HashMap::new();
+    for method in contracts.methods() {
+        let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
+        let Some(turned_on) = effective.validate.as_ref().filter(|validate| validate.value) else { continue };
+        // Validation holds a message whole: no more than the method lets through.
+        let max = effective.max_message_size.as_ref().map(|size| size.value.as_u64());
+        let max = max.map_or(validate::DEFAULT_HOLD, |max| u32::try_from(max).unwrap_or(u32::MAX));
+        let Some((input, _)) = contracts.method_types(&method.path) else { continue };
+        if let Some(method_rules) = validators.rules(&method.path, &input, turned_on, max, failures)? {
+            rules.insert(method.path.clone(), method_rules);
+        }
+    }
+    Ok(rules)
+}
 
 impl MethodPolicy {
     /// Merges the sources for `service/method` (`info` is `None` for a method

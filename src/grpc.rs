@@ -13,6 +13,8 @@ pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 pub const GRPC_PREVIOUS_RPC_ATTEMPTS: HeaderName = HeaderName::from_static("grpc-previous-rpc-attempts");
+pub const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+pub const GRPC_STATUS_DETAILS_BIN: HeaderName = HeaderName::from_static("grpc-status-details-bin");
 
 /// The canonical gRPC status codes. Our own rather than `tonic::Code`: the
 /// config and contracts name codes by their canonical names ("UNAVAILABLE"),
@@ -203,6 +205,26 @@ pub fn status_headers(code: Code, message: &str) -> HeaderMap {
         headers.insert(GRPC_MESSAGE, value);
     }
     headers
+}
+
+/// `google.rpc.Status`, the message `grpc-status-details-bin` carries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<prost_types::Any>,
+}
+
+/// The value of `grpc-status-details-bin`: the status with its details,
+/// base64 without padding, as binary metadata is sent.
+pub fn status_details(code: Code, message: &str, details: Vec<prost_types::Any>) -> HeaderValue {
+    use base64::Engine;
+    let status = RpcStatus { code: code as i32, message: message.to_string(), details };
+    let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(prost::Message::encode_to_vec(&status));
+    HeaderValue::try_from(encoded).expect("base64 is a valid header value")
 }
 
 /// The `grpc-message` of a status, decoded; empty when there is none.

@@ -20,6 +20,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 
+use super::check::Checking;
+use super::cut::Cut;
 use super::limit::{Carrier, Framing, MessageLimit};
 use super::{Direction, ProxyError, Target};
 use crate::grpc::{self, Code};
@@ -171,6 +173,13 @@ impl ResponseBody {
         }
     }
 
+    /// Ends the call with the cut's error once a policy cuts it.
+    pub fn cut_by(&mut self, cut: Cut) {
+        if let Some(inner) = &mut self.inner {
+            inner.cut.get_or_insert(cut);
+        }
+    }
+
     /// `watcher` sees the peer's data and trailers as they pass.
     pub fn watch(&mut self, watcher: Box<dyn Watcher>) {
         if let Some(inner) = &mut self.inner {
@@ -266,10 +275,10 @@ impl Body for ResponseBody {
                 return Poll::Ready(Some(Ok(frame)));
             }
             // The end without trailers, or a failed stream: the peer failed,
-            // unless the stream was cut because a message was too large.
+            // unless a policy cut the call.
             Poll::Ready(end) => {
                 let inner = this.inner.as_ref().expect("polled above");
-                let ending = match (inner.too_large(this.direction), end) {
+                let ending = match (inner.cut_short(this.direction), end) {
                     (Some((code, trailers)), _) => Ok((CallEnd::Cut(code), trailers)),
                     (None, Some(Err(error))) => match inner.broken_off(error, this.direction) {
                         Ok((code, trailers)) => Ok((CallEnd::Broken(Some(code)), trailers)),
@@ -312,8 +321,12 @@ pub struct RecvBody {
     stream: RecvStream,
     data_done: bool,
     sending: Option<AbortHandle>,
+    /// Set when a policy may cut the call: once it has, nothing more goes on.
+    cut: Option<Cut>,
     /// Set when the call's messages have a size limit.
     framing: Option<Box<Framing>>,
+    /// Set when a policy checks each whole message before it goes on.
+    checking: Option<Box<Checking>>,
     /// Who sent a response, for the status that says its connection broke.
     peer: Option<Target>,
     /// Set when the call is tapped.
@@ -322,7 +335,16 @@ pub struct RecvBody {
 
 impl RecvBody {
     pub fn new(stream: RecvStream, sending: Option<AbortHandle>) -> RecvBody {
-        RecvBody { stream, data_done: false, sending, framing: None, peer: None, watcher: None }
+        RecvBody {
+            stream,
+            data_done: false,
+            sending,
+            cut: None,
+            framing: None,
+            checking: None,
+            peer: None,
+            watcher: None,
+        }
     }
 
     /// A response from `peer`.
@@ -346,7 +368,15 @@ impl RecvBody {
     /// Fails the body at the first message larger than `limit` allows; the
     /// call's other body learns of it through `limit`.
     pub fn limit_messages(&mut self, limit: MessageLimit, carrier: Carrier) {
+        self.cut.get_or_insert_with(|| limit.cut.clone());
         self.framing = Some(Box::new(Framing::new(limit, carrier)));
+    }
+
+    /// Holds each message until `checking` has passed it whole; one that
+    /// fails cuts the call with `cut`.
+    pub fn check_messages(&mut self, checking: Checking, cut: Cut) {
+        self.cut.get_or_insert(cut);
+        self.checking = Some(Box::new(checking));
     }
 
     /// `watcher` sees the data and trailers as they pass.
@@ -354,15 +384,69 @@ impl RecvBody {
         self.watcher = Some(watcher);
     }
 
-    /// The status and trailers the call ends with when one of its messages was too large.
-    fn too_large(&self, direction: Direction) -> Option<(Code, Frame<Bytes>)> {
-        self.framing.as_ref()?.limit.trailers(direction)
+    fn is_cut(&self) -> bool {
+        self.cut.as_ref().is_some_and(Cut::is_cut)
     }
 
-    /// A message too large fails the body as a reset stream would, which
-    /// resets the stream it is forwarded to.
+    /// The status and trailers the call ends with once a policy cut it.
+    fn cut_short(&self, direction: Direction) -> Option<(Code, Frame<Bytes>)> {
+        self.cut.as_ref()?.trailers(direction)
+    }
+
+    /// A cut call fails the body as a reset stream would, which resets the
+    /// stream it is forwarded to.
     fn failed() -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         Poll::Ready(Some(Err(h2::Error::from(h2::Reason::CANCEL))))
+    }
+
+    /// Takes data received: cut before a message too large, and held when a
+    /// check holds messages until whole. What goes on at once, if anything.
+    fn receive(&mut self, mut data: Bytes) -> Option<Bytes> {
+        let _ = self.stream.flow_control().release_capacity(data.len());
+        // What came before a message too large still goes on; the failure follows.
+        if let Some(framing) = &mut self.framing
+            && let Err(at) = framing.scan(&data)
+        {
+            data.truncate(at);
+        }
+        match &mut self.checking {
+            None => Some(data).filter(|data| !data.is_empty()),
+            Some(checking) => {
+                if let Err(error) = checking.take(&data)
+                    && let Some(cut) = &self.cut
+                {
+                    cut.set(error);
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads ahead until the first message has been checked whole, held for
+    /// `poll_frame`, or the body ended or was cut: so that a call with one
+    /// request message is refused before it goes anywhere.
+    pub fn poll_first_checked(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let checked = self.checking.as_ref().is_none_or(|checking| checking.has_passed());
+            if checked || self.data_done || self.is_cut() {
+                return Poll::Ready(());
+            }
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    self.receive(data);
+                }
+                // The caller's failure shows when the body is read on.
+                Some(Err(_)) => return Poll::Ready(()),
+                None => self.data_done = true,
+            }
+        }
+    }
+
+    fn pass_on(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if let Some(watcher) = &mut self.watcher {
+            watcher.data(&data);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }
 
@@ -380,31 +464,39 @@ impl Body for RecvBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
-        // Once a message of the call was too large, nothing more goes on.
-        if this.framing.as_ref().is_some_and(|framing| framing.exceeded()) {
+        if let Some(checking) = &mut this.checking
+            && checking.has_passed()
+        {
+            let passed = checking.passed();
+            return this.pass_on(passed);
+        }
+        // Once a policy cut the call, nothing more goes on.
+        if this.is_cut() {
             return RecvBody::failed();
         }
-        if !this.data_done {
+        while !this.data_done {
             match ready!(this.stream.poll_data(cx)) {
-                Some(Ok(mut data)) => {
-                    let _ = this.stream.flow_control().release_capacity(data.len());
-                    // What came before the message too large still goes on; the failure follows.
-                    if let Some(framing) = &mut this.framing
-                        && let Err(at) = framing.scan(&data)
+                Some(Ok(data)) => {
+                    if let Some(data) = this.receive(data) {
+                        return this.pass_on(data);
+                    }
+                    if let Some(checking) = &mut this.checking
+                        && checking.has_passed()
                     {
-                        data.truncate(at);
-                        if data.is_empty() {
-                            return RecvBody::failed();
-                        }
+                        let passed = checking.passed();
+                        return this.pass_on(passed);
                     }
-                    if let Some(watcher) = &mut this.watcher {
-                        watcher.data(&data);
+                    if this.is_cut() {
+                        return RecvBody::failed();
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
                 None => this.data_done = true,
             }
+        }
+        let rest = this.checking.as_mut().map(|checking| checking.rest()).filter(|rest| !rest.is_empty());
+        if let Some(rest) = rest {
+            return this.pass_on(rest);
         }
         match ready!(this.stream.poll_trailers(cx)) {
             Ok(Some(trailers)) => {
@@ -419,7 +511,7 @@ impl Body for RecvBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.is_end_stream()
+        self.stream.is_end_stream() && self.checking.as_ref().is_none_or(|checking| !checking.holds())
     }
 }
 

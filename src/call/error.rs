@@ -31,6 +31,10 @@ pub trait PolicyError: std::error::Error + Any + Send + Sync {
     fn pushback(&self) -> Option<Duration> {
         None
     }
+    /// Details for the caller to read, sent in `grpc-status-details-bin`.
+    fn details(&self) -> Vec<prost_types::Any> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug)]
@@ -65,13 +69,13 @@ pub enum ProxyError {
     NoCallerIdentity {
         why: Arc<str>,
     },
-    /// A policy refused or ended the call.
-    Policy(Box<dyn PolicyError>),
+    /// A policy refused or ended the call; shared, as a [`super::Cut`] keeps it.
+    Policy(Arc<dyn PolicyError>),
 }
 
 impl<E: PolicyError> From<E> for ProxyError {
     fn from(error: E) -> ProxyError {
-        ProxyError::Policy(Box::new(error))
+        ProxyError::Policy(Arc::new(error))
     }
 }
 
@@ -170,10 +174,24 @@ impl ProxyError {
         format!("protomesh {direction}: {self}")
     }
 
+    /// The status as headers or trailers: code, message, and the policy's
+    /// details if it has any.
+    pub fn status_headers(&self, direction: Direction) -> http::HeaderMap {
+        let mut headers = grpc::status_headers(self.code(), &self.message(direction));
+        if let ProxyError::Policy(error) = self {
+            let details = error.details();
+            if !details.is_empty() {
+                let message = self.message(direction);
+                headers.insert(grpc::GRPC_STATUS_DETAILS_BIN, grpc::status_details(self.code(), &message, details));
+            }
+        }
+        headers
+    }
+
     /// The trailers-only status answered to the caller.
     pub fn into_response(self, direction: Direction) -> Response<ResponseBody> {
         let mut response = Response::new(ResponseBody::empty());
-        *response.headers_mut() = grpc::status_headers(self.code(), &self.message(direction));
+        *response.headers_mut() = self.status_headers(direction);
         if direction == Direction::Inbound && self.app_unreachable() {
             response.headers_mut().insert(super::ENDPOINT_FAILURE, HeaderValue::from_static(self.reason()));
         }

@@ -2,15 +2,13 @@
 //! stream through: each message's 5-byte prefix is read on the way, and
 //! nothing is buffered. A call's request and response share one
 //! [`MessageLimit`], so that whichever body meets a message too large, the
-//! call ends with the policy's error.
+//! call is cut with the policy's error.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body::Frame;
 
-use super::{Direction, ProxyError};
-use crate::grpc::{self, Code};
+use super::{Cut, PolicyError, ProxyError};
 
 /// Which body carried a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,40 +17,31 @@ pub enum Carrier {
     Response,
 }
 
-/// Makes the error a message too large ends a call with, from its size and carrier.
-pub type TooLarge = Arc<dyn Fn(u64, Carrier) -> ProxyError + Send + Sync>;
+/// Makes the error a message too large cuts a call with, from its size and carrier.
+pub type TooLarge = Arc<dyn Fn(u64, Carrier) -> Arc<dyn PolicyError> + Send + Sync>;
 
 /// One call's message limit.
 #[derive(Clone)]
 pub struct MessageLimit {
     max: u64,
     too_large: TooLarge,
-    /// The first message over the limit: its size and carrier.
-    exceeded: Arc<OnceLock<(u64, Carrier)>>,
+    pub(super) cut: Cut,
 }
 
 impl std::fmt::Debug for MessageLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MessageLimit").field("max", &self.max).field("exceeded", &self.exceeded.get()).finish()
+        f.debug_struct("MessageLimit").field("max", &self.max).field("cut", &self.cut).finish()
     }
 }
 
 impl MessageLimit {
-    pub fn new(max: u64, too_large: TooLarge) -> MessageLimit {
-        MessageLimit { max, too_large, exceeded: Arc::default() }
+    pub fn new(max: u64, too_large: TooLarge, cut: Cut) -> MessageLimit {
+        MessageLimit { max, too_large, cut }
     }
 
-    /// The error the call ends with, once a message was too large.
+    /// The error the call ends with, once it was cut.
     pub fn error(&self) -> Option<ProxyError> {
-        self.exceeded.get().map(|&(size, carrier)| (self.too_large)(size, carrier))
-    }
-
-    /// The error as the status and trailers that end a response already
-    /// under way, as the sidecar of `direction` answers.
-    pub(super) fn trailers(&self, direction: Direction) -> Option<(Code, Frame<Bytes>)> {
-        let error = self.error()?;
-        let trailers = grpc::status_headers(error.code(), &error.message(direction));
-        Some((error.code(), Frame::trailers(trailers)))
+        self.cut.error()
     }
 }
 
@@ -96,7 +85,7 @@ impl Framing {
                 let size =
                     u64::from(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]));
                 if size > self.limit.max {
-                    let _ = self.limit.exceeded.set((size, self.carrier));
+                    self.limit.cut.set((self.limit.too_large)(size, self.carrier));
                     return Err(began);
                 }
                 self.remaining = size;
@@ -104,19 +93,36 @@ impl Framing {
         }
         Ok(())
     }
-
-    /// Whether this call has met a message too large, in either body.
-    pub(super) fn exceeded(&self) -> bool {
-        self.limit.exceeded.get().is_some()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grpc::Code;
+
+    /// A message over the limit: its size and carrier.
+    #[derive(Debug, PartialEq)]
+    struct Over(u64, Carrier);
+
+    impl std::fmt::Display for Over {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{} bytes", self.0)
+        }
+    }
+
+    impl std::error::Error for Over {}
+
+    impl PolicyError for Over {
+        fn code(&self) -> Code {
+            Code::ResourceExhausted
+        }
+        fn reason(&self) -> &'static str {
+            "over"
+        }
+    }
 
     fn limit(max: u64) -> MessageLimit {
-        MessageLimit::new(max, Arc::new(|size, _| ProxyError::NoRoute { service: format!("{size}") }))
+        MessageLimit::new(max, Arc::new(|size, carrier| Arc::new(Over(size, carrier))), Cut::default())
     }
 
     fn message(size: usize) -> Vec<u8> {
@@ -124,6 +130,12 @@ mod tests {
         framed.extend_from_slice(&(size as u32).to_be_bytes());
         framed.extend(std::iter::repeat_n(7u8, size));
         framed
+    }
+
+    fn over(limit: &MessageLimit) -> Option<(u64, Carrier)> {
+        let error = limit.error()?;
+        let over = error.policy::<Over>().expect("the limit's error");
+        Some((over.0, over.1))
     }
 
     #[test]
@@ -140,26 +152,21 @@ mod tests {
             assert_eq!(chunk, 27 / split, "split {split}");
             let began_here = 23 / split == chunk;
             assert_eq!(at, if began_here { 23 % split } else { 0 }, "split {split}");
-            assert_eq!(limit_error(&framing), "11");
-        }
-    }
-
-    fn limit_error(framing: &Framing) -> String {
-        match framing.limit.error() {
-            Some(ProxyError::NoRoute { service }) => service,
-            other => panic!("{other:?}"),
+            assert_eq!(over(&framing.limit), Some((11, Carrier::Response)));
         }
     }
 
     #[test]
-    fn messages_at_the_limit_pass_and_the_first_over_it_is_kept() {
+    fn messages_at_the_limit_pass_and_the_first_over_it_cuts_the_call() {
         let shared = limit(4);
         let mut request = Framing::new(shared.clone(), Carrier::Request);
         assert_eq!(request.scan(&Bytes::from(message(4))), Ok(()));
         assert!(shared.error().is_none());
         let mut response = Framing::new(shared.clone(), Carrier::Response);
         assert_eq!(response.scan(&Bytes::from(message(9))), Err(0));
-        assert!(request.exceeded(), "the request's side sees it too");
-        assert_eq!(shared.exceeded.get(), Some(&(9, Carrier::Response)));
+        assert!(request.limit.cut.is_cut(), "the request's side sees it too");
+        assert_eq!(over(&shared), Some((9, Carrier::Response)));
+        let _ = response.scan(&Bytes::from(message(10)));
+        assert_eq!(over(&shared), Some((9, Carrier::Response)), "the first is kept");
     }
 }

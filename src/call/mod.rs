@@ -6,6 +6,8 @@
 //! the body ([`EndOfCall`]).
 
 mod body;
+mod check;
+mod cut;
 mod error;
 mod limit;
 #[cfg(test)]
@@ -18,6 +20,8 @@ use tower::Service;
 
 use crate::identity::SpiffeId;
 pub use body::{CallEnd, EndOfCall, Expiry, RecvBody, RequestBody, ResponseBody, Watcher};
+pub use check::{Checking, MessageCheck};
+pub use cut::Cut;
 pub use error::{AnswerErrors, ConnectError, PolicyError, ProxyError, Target, h2_reason};
 pub use limit::{Carrier, Framing, MessageLimit, TooLarge};
 

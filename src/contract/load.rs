@@ -12,7 +12,7 @@ use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, In
 
 use super::{
     CallShape, ContractMode, ContractPolicy, Contracts, ContractsConfig, Idempotency, MethodInfo, OPTIONS_PROTO,
-    OPTIONS_PROTO_NAME,
+    OPTIONS_PROTO_NAME, VALIDATE_PROTO_NAME,
 };
 use crate::digest::Digest;
 
@@ -37,15 +37,22 @@ impl<R: FileResolver> FileResolver for Recording<R> {
     }
 }
 
-/// Resolves `protomesh/v1/options.proto` from the copy built into the binary.
-struct BuiltInOptions;
+/// Resolves the files built into the binary: `protomesh/v1/options.proto`,
+/// and `buf/validate/validate.proto` as the validator compiled it (its
+/// descriptor, options included, since the crate ships no source).
+struct BuiltIn;
 
-impl FileResolver for BuiltInOptions {
+impl FileResolver for BuiltIn {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
-        if name == OPTIONS_PROTO_NAME {
-            File::from_source(name, OPTIONS_PROTO)
-        } else {
-            Err(protox::Error::file_not_found(name))
+        match name {
+            OPTIONS_PROTO_NAME => File::from_source(name, OPTIONS_PROTO),
+            VALIDATE_PROTO_NAME => {
+                let pool = &prost_protovalidate::types::DESCRIPTOR_POOL;
+                let file = pool.get_file_by_name(name).ok_or_else(|| protox::Error::file_not_found(name))?;
+                File::decode_file_descriptor_proto(file.encode_to_vec().as_slice())
+                    .map_err(|e| protox::Error::new(std::io::Error::other(format!("built-in {name}: {e}"))))
+            }
+            _ => Err(protox::Error::file_not_found(name)),
         }
     }
 }
@@ -72,7 +79,7 @@ fn descriptor_pool(config: &ContractsConfig) -> Result<(DescriptorPool, FilesRea
     for include in &includes {
         chain.add(IncludeFileResolver::new(include.clone()));
     }
-    chain.add(BuiltInOptions);
+    chain.add(BuiltIn);
     chain.add(GoogleFileResolver::new());
     let resolver = Rc::new(Recording { inner: chain, read: RefCell::default() });
 

@@ -22,6 +22,15 @@ pub use options::ContractPolicy;
 /// contract can import it without shipping a copy.
 pub const OPTIONS_PROTO: &str = include_str!("../../proto/protomesh/v1/options.proto");
 pub const OPTIONS_PROTO_NAME: &str = "protomesh/v1/options.proto";
+/// protovalidate's rules, built in from the validator's own copy, so that
+/// the rules a contract writes are the ones the sidecar enforces.
+pub const VALIDATE_PROTO_NAME: &str = "buf/validate/validate.proto";
+
+/// The files built into protomesh, which a contract imports without a copy
+/// (a copy in `contracts.include` wins).
+pub fn is_built_in(file: &str) -> bool {
+    file == OPTIONS_PROTO_NAME || file == VALIDATE_PROTO_NAME || file.starts_with("google/protobuf/")
+}
 
 /// The `contracts` section of the config.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

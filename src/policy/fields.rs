@@ -147,6 +147,16 @@ impl PolicyValue for ByteSize {
     }
 }
 
+impl PolicyValue for bool {
+    fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        bool::deserialize(d)
+    }
+
+    fn show(&self) -> (Value, String) {
+        (json!(self), self.to_string())
+    }
+}
+
 impl PolicyValue for Vec<Code> {
     fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Vec::deserialize(d)

@@ -14,7 +14,7 @@ use http::{Request, Response};
 use tower::Service;
 
 use super::source::Sourced;
-use crate::call::{CallFuture, CallService, Carrier, MessageLimit, PolicyError, ProxyError, RecvBody, TooLarge};
+use crate::call::{CallFuture, CallService, Carrier, Cut, MessageLimit, PolicyError, ProxyError, RecvBody, TooLarge};
 use crate::grpc::Code;
 
 #[derive(Debug)]
@@ -58,9 +58,8 @@ impl<S> MessageSizes<S> {
     pub fn new(limit: Option<Sourced<ByteSize>>, inner: S) -> Self {
         let limit = limit.map(|limit| {
             let max = limit.value.as_u64();
-            let too_large: TooLarge = Arc::new(move |size, carrier| {
-                ProxyError::from(MessageTooLarge { size, carrier, limit: limit.clone() })
-            });
+            let too_large: TooLarge =
+                Arc::new(move |size, carrier| Arc::new(MessageTooLarge { size, carrier, limit: limit.clone() }));
             (max, too_large)
         });
         MessageSizes { inner, limit }
@@ -81,7 +80,7 @@ where
 
     fn call(&mut self, mut request: Request<RecvBody>) -> Self::Future {
         let Some((max, too_large)) = &self.limit else { return Either::Left(self.inner.call(request)) };
-        let limit = MessageLimit::new(*max, too_large.clone());
+        let limit = MessageLimit::new(*max, too_large.clone(), Cut::of(&mut request));
         request.body_mut().limit_messages(limit.clone(), Carrier::Request);
         let call = self.inner.call(request);
         Either::Right(Box::pin(async move {

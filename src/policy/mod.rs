@@ -21,6 +21,7 @@ pub mod rate_limit;
 pub mod replay;
 pub mod retry;
 pub mod source;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -62,6 +63,10 @@ fields::method_policy! {
     rate_limit: RateLimitPolicy,
     /// Inbound: calls per second for each caller identity.
     caller_rate_limit: RateLimitPolicy,
+    /// Inbound: each request message checked against its `buf.validate`
+    /// rules before the app sees it; one that breaks them is refused with
+    /// INVALID_ARGUMENT.
+    validate: bool,
 }
 
 impl PolicyFields {

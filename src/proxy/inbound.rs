@@ -28,14 +28,16 @@ use crate::policy::deadline::{DeadlineFamilies, Deadlines, ForwardBudget};
 use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::rate_limit::{CallerBuckets, MethodLimit, RateLimits};
+use crate::policy::validate::{RequestRules, Validate, ValidationFamilies};
 use crate::telemetry::{Metrics, Observe, Observed, Tap, Taps, Tracing};
 
 /// A call from a peer sidecar, top to bottom: recorded, authorized, held to
 /// its rate limits (its caller's and the method's), its messages measured,
-/// given its deadline, held to its bulkheads (the method's and its
-/// caller's), and sent with the remaining budget to the app.
+/// given its deadline, its request messages checked against their rules,
+/// held to its bulkheads (the method's and its caller's), and sent with the
+/// remaining budget to the app.
 pub type InboundStack =
-    Observe<Tap<Authorize<RateLimits<MessageSizes<Deadlines<Bulkheads<ForwardBudget<ForwardToApp>>>>>>>>;
+    Observe<Tap<Authorize<RateLimits<MessageSizes<Deadlines<Validate<Bulkheads<ForwardBudget<ForwardToApp>>>>>>>>>;
 
 /// What every inbound stack of one version of the routes shares.
 struct Shared {
@@ -72,7 +74,7 @@ impl InboundRoutes {
         registries: &mut Registries,
         tracing: Option<Arc<Tracing>>,
         reflection: Option<&Reflection>,
-    ) -> InboundRoutes {
+    ) -> Result<InboundRoutes, String> {
         let policy = &config.policy;
         let shared = Shared {
             metrics: registries.metrics.clone(),
@@ -87,6 +89,8 @@ impl InboundRoutes {
         let connect = ConnectSettings::of(config);
         let app = inbound.app.map(|addr| registries.app(addr, connect));
         let app_ports = registries.app_ports(connect);
+        let validation = shared.metrics.families::<ValidationFamilies>();
+        let mut request_rules = effective::request_rules(contracts, policy, &validation)?;
         let by_path = contracts
             .methods()
             .map(|method| {
@@ -108,7 +112,8 @@ impl InboundRoutes {
                     registries.kept::<CallerBuckets>(key, name)
                 });
                 let names = (method.service.as_str(), method.method.as_str());
-                let stack = shared.stack(&effective, names, names, bulkhead, (rate, caller_rate));
+                let validation = (request_rules.remove(&method.path), method.shape.one_request());
+                let stack = shared.stack(&effective, names, names, bulkhead, (rate, caller_rate), validation);
                 (method.path.clone().into_boxed_str(), stack)
             })
             .collect();
@@ -128,7 +133,7 @@ impl InboundRoutes {
                 Authorize::new(Arc::new(authz), reflection.clone())
             })
         });
-        InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, shared }
+        Ok(InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, shared })
     }
 
     /// The app a connection's calls go to: on `127.0.0.1` at the port it was
@@ -171,7 +176,8 @@ impl InboundRoutes {
             // bulkhead or rate limit, as none can be kept for every path a peer might send.
             ContractMode::Permissive => {
                 let effective = MethodPolicy::resolve(service, method, None, &self.shared.policy);
-                Ok(self.shared.stack(&effective, (service, method), ("*", "*"), None, (None, None)))
+                let validation = (None, false);
+                Ok(self.shared.stack(&effective, (service, method), ("*", "*"), None, (None, None), validation))
             }
         }
     }
@@ -185,6 +191,7 @@ impl Shared {
         labels: (&str, &str),
         bulkhead: Option<Arc<Bulkhead>>,
         (rate, caller_rate): (Option<Arc<MethodLimit>>, Option<Arc<CallerBuckets>>),
+        (rules, one_request): (Option<Arc<RequestRules>>, bool),
     ) -> InboundStack {
         let direction = Direction::Inbound;
         let metrics = &self.metrics;
@@ -209,6 +216,7 @@ impl Shared {
                 let exceeded = metrics.families::<DeadlineFamilies>().of(direction, labels.0, labels.1);
                 Deadlines::new(deadline.clone(), exceeded, inner)
             })
+            .layer_fn(|inner| Validate::new(rules.clone(), one_request, inner))
             .layer_fn(|inner| Bulkheads::new(bulkhead.clone(), None, inner))
             .layer_fn(ForwardBudget::new)
             .service(ForwardToApp)
@@ -304,7 +312,7 @@ mod tests {
         let identity = Arc::new(Identity::new(Credentials::read(&config.identity).unwrap()).unwrap());
         let mut registries = Registries::new(identity, Arc::new(Metrics::default()), 1, None);
         let inbound = config.inbound.clone().unwrap();
-        let routes = InboundRoutes::build(&config, &inbound, &contracts, &mut registries, None, None);
+        let routes = InboundRoutes::build(&config, &inbound, &contracts, &mut registries, None, None).unwrap();
         registries.commit();
         routes
     }

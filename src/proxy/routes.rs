@@ -41,9 +41,13 @@ impl Routes {
     ) -> Result<Routes, String> {
         let outbound = OutboundRoutes::build(&config, &contracts, registries, tracing.clone()).await?;
         let reflection = Reflection::of(&contracts);
-        let inbound = config.inbound.as_ref().map(|inbound| {
-            InboundRoutes::build(&config, inbound, &contracts, registries, tracing.clone(), reflection.as_ref())
-        });
+        let inbound = config
+            .inbound
+            .as_ref()
+            .map(|inbound| {
+                InboundRoutes::build(&config, inbound, &contracts, registries, tracing.clone(), reflection.as_ref())
+            })
+            .transpose()?;
         Ok(Routes { config, contracts, outbound, inbound, reflection })
     }
 }

@@ -35,5 +35,6 @@ mod tap;
 mod tcp_bounds;
 mod telemetry;
 mod tracing;
+mod validation;
 mod webhook;
 mod workers;

@@ -25,7 +25,7 @@ use prost_reflect::{ServiceDescriptor, Syntax};
 
 pub use rules::{Category, Rule};
 
-use super::{Contracts, OPTIONS_PROTO_NAME};
+use super::{Contracts, is_built_in};
 
 /// One breaking change: the rule it breaks, where, and what changed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -89,8 +89,7 @@ struct Side {
 
 impl Side {
     fn of(pool: &DescriptorPool) -> Side {
-        let compared =
-            |file: &FileDescriptor| !file.name().starts_with("google/protobuf/") && file.name() != OPTIONS_PROTO_NAME;
+        let compared = |file: &FileDescriptor| !is_built_in(file.name());
         let files = pool.files().filter(compared).map(|file| (file.name().to_string(), file)).collect();
         let messages = pool.all_messages().filter(|m| compared(&m.parent_file()));
         let enums = pool.all_enums().filter(|e| compared(&e.parent_file()));
