@@ -22,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use prost::Message;
-use prost_protovalidate::{Error as RuleError, Validator, Violation};
+use prost_protovalidate::{Error as RuleError, Validator, ValidatorOption, Violation};
 use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor};
 use tower::Service;
 
@@ -44,7 +44,10 @@ pub struct Validators {
 
 impl Validators {
     pub fn new(pool: &DescriptorPool) -> Validators {
-        Validators { validator: Arc::new(Validator::new()), pool: pool.clone() }
+        // The contracts' own files, so that the predefined rules they declare
+        // (extensions of buf.validate's rule messages) are known.
+        let contracts = ValidatorOption::AdditionalDescriptorSetBytes(pool.encode_to_vec());
+        Validators { validator: Arc::new(Validator::with_options(&[contracts])), pool: pool.clone() }
     }
 
     /// The rules of `method`'s request type `message`, compiled now so that
@@ -495,5 +498,7 @@ where
     }
 }
 
+#[cfg(test)]
+mod conformance;
 #[cfg(test)]
 mod tests;

@@ -30,7 +30,7 @@ message BadType { int32 age = 1 [(buf.validate.field).string.min_len = 1]; }
 "#;
 
 /// Resolves `buf/validate/validate.proto` as the contracts do.
-struct BuiltInRules;
+pub(super) struct BuiltInRules;
 
 impl FileResolver for BuiltInRules {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
