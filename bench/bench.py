@@ -39,6 +39,10 @@ MESH_TWO = "protomesh worker_threads: 2"
 # protomesh while `protomesh tap` shows every call on both sidecars, at the
 # most events a tap takes (1,000 a second): what tapping costs.
 MESH_TAPPED = "protomesh, every call tapped"
+# protomesh with `validate: true` on the echo service, whose request carries
+# buf.validate rules (two field rules and a CEL expression): what
+# validation costs, all in the server's sidecar.
+MESH_VALIDATED = "protomesh, every request validated"
 
 
 def spiffe(name):
@@ -133,9 +137,26 @@ class Backend(Proc):
                 return int(line.split()[1])
 
 
-def protomesh_pair(work, backend_port, workers=1, launcher=()):
+def validated_contracts(work):
+    """The echo contract with buf.validate rules on its request, validated for the service."""
+    include = work / "validated"
+    (include / "examples").mkdir(parents=True, exist_ok=True)
+    echo = (REPO / "proto" / "examples" / "echo.proto").read_text()
+    echo = echo.replace('import "protomesh/v1/options.proto";',
+                        'import "protomesh/v1/options.proto";\nimport "buf/validate/validate.proto";', 1)
+    echo = echo.replace('{ timeout: "30s" }', '{ timeout: "30s" validate: true }', 1)
+    echo = echo.replace("string message = 1;", "string message = 1 [(buf.validate.field).string.max_len = 64];", 1)
+    echo = echo.replace("uint32 reply_count = 5;", "uint32 reply_count = 5 [(buf.validate.field).uint32.lte = 1000];", 1)
+    echo = echo.replace("message EchoRequest {", "message EchoRequest {\n  option (buf.validate.message).cel = "
+                        "{ id: \"short_delay\", message: \"at most a minute\", expression: \"this.delay_ms <= 60000\" };", 1)
+    (include / "examples" / "echo.proto").write_text(echo)
+    shutil.copy(REPO / "proto" / "examples" / "shop.proto", include / "examples" / "shop.proto")
+    return include
+
+
+def protomesh_pair(work, backend_port, workers=1, launcher=(), include=REPO / "proto"):
     """Starts a client and a server sidecar, each under `launcher` (a command prefix)
-    if given; returns (entry port, [procs], readiness ms)."""
+    if given, with the contracts under `include`; returns (entry port, [procs], readiness ms)."""
     outbound, inbound = free_port(), free_port()
     certs = work / "certs"
     admins = {}
@@ -145,7 +166,7 @@ def protomesh_pair(work, backend_port, workers=1, launcher=()):
         path = work / f"protomesh-{name}.yaml"
         path.write_text(
             f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
-            f"contracts: {{protos: [examples/echo.proto], include: ['{REPO / 'proto'}']}}\n"
+            f"contracts: {{protos: [examples/echo.proto], include: ['{include}']}}\n"
             f"admin: {{listen: '127.0.0.1:{admins[name]}'}}\nworker_threads: {workers}\n" + body)
         return path
 
@@ -372,7 +393,8 @@ def main():
     bodies = prepare(work)
     backend_port = free_port()
     backend = Backend(backend_port)
-    results = {name: [] for name in ("direct", "envoy --concurrency 1", "envoy", "protomesh", MESH_TWO, MESH_TAPPED)}
+    results = {name: [] for name in ("direct", "envoy --concurrency 1", "envoy", "protomesh", MESH_TWO, MESH_TAPPED,
+                                      MESH_VALIDATED)}
     extra = {}
     try:
         for round_number in range(options.rounds):
@@ -407,6 +429,12 @@ def main():
             finally:
                 for tap in taps:
                     tap.stop()
+                for p in procs:
+                    p.stop()
+            port, procs, _ = protomesh_pair(work, backend_port, 1, include=validated_contracts(work))
+            try:
+                results[MESH_VALIDATED].append(measure("validated", port, procs, backend, bodies, options.seconds, work))
+            finally:
                 for p in procs:
                     p.stop()
     finally:

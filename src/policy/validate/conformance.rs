@@ -216,8 +216,8 @@ fn passes(expected: &Value, outcome: &Outcome) -> bool {
 fn protovalidate_conformance_cases() {
     let (pool, refused) = pool();
     let messages = go_names(&pool);
-    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(format!("{CASES}/cases.json")).unwrap())
-        .expect("cases.json");
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(format!("{CASES}/cases.json")).unwrap()).expect("cases.json");
     let expected_failures: BTreeSet<String> = std::fs::read_to_string(format!("{CASES}/expected_failures.txt"))
         .unwrap_or_default()
         .lines()
