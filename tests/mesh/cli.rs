@@ -99,7 +99,7 @@ fn run_never_half_starts() {
 
 #[test]
 fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
-    let probe = Command::new("python3").args(["-c", "import grpc, grpc_tools, pytest"]).output();
+    let probe = Command::new("python3").args(["-c", "import grpc, grpc_tools, grpc_status, pytest"]).output();
     assert!(
         probe.is_ok_and(|o| o.status.success()),
         "the grpcio suite needs Python packages: pip install -r tests/python/requirements.txt"

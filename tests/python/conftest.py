@@ -86,6 +86,45 @@ def start_sidecar(name, config_path, log_path):
     raise RuntimeError(f"{name} sidecar did not start: {Path(log_path).read_text()}")
 
 
+def start_pair(work, app_port, include, server_policy=""):
+    """A client and a server sidecar in front of the app at `app_port`, with
+    the contracts under `include`: (outbound port, inbound port, server admin
+    port, [(process, log)])."""
+    if not (work / "certs").exists():
+        subprocess.run([protomesh_bin(), "certs", "--out", str(work / "certs"), "--trust-domain", TRUST_DOMAIN,
+                        "--namespace", "py", "client", "server"], check=True, stdout=subprocess.DEVNULL)
+    outbound, inbound = free_port(), free_port()
+    common = (f"contracts: {{protos: [examples/echo.proto], include: ['{include}']}}\n"
+              "drain_timeout: 2s\n")
+
+    def admin():
+        return f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
+
+    def identity(name):
+        certs = work / "certs"
+        return f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
+
+    server_admin = free_port()
+    (work / "server.yaml").write_text(
+        identity("server") + common + f"admin: {{listen: '127.0.0.1:{server_admin}'}}\n" + server_policy +
+        f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
+    (work / "client.yaml").write_text(
+        identity("client") + common + admin() + "access_log: true\n" +
+        f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
+        f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'], identity: '{spiffe('server')}'}}\n")
+    sidecars = [start_sidecar(name, work / f"{name}.yaml", work / f"{name}.log") for name in ("server", "client")]
+    return outbound, inbound, server_admin, sidecars
+
+
+def stop(sidecars):
+    for process, log in sidecars:
+        process.send_signal(signal.SIGTERM)
+    for process, log in sidecars:
+        assert process.wait(timeout=10) == 0, "a sidecar did not shut down cleanly on SIGTERM"
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def mesh(stubs, tmp_path_factory):
     echo_pb2, echo_pb2_grpc = stubs
@@ -100,39 +139,35 @@ def mesh(stubs, tmp_path_factory):
     app_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
 
-    subprocess.run([protomesh_bin(), "certs", "--out", str(work / "certs"), "--trust-domain", TRUST_DOMAIN,
-                    "--namespace", "py", "client", "server"], check=True, stdout=subprocess.DEVNULL)
-    outbound, inbound = free_port(), free_port()
-    common = (f"contracts: {{protos: [examples/echo.proto], include: ['{REPO / 'proto'}']}}\n"
-              "drain_timeout: 2s\n")
-
-    def admin():
-        return f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
-
-    def identity(name):
-        certs = work / "certs"
-        return f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
-
-    server_admin = free_port()
-    (work / "server.yaml").write_text(
-        identity("server") + common + f"admin: {{listen: '127.0.0.1:{server_admin}'}}\n" +
-        f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
-        f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
-    (work / "client.yaml").write_text(
-        identity("client") + common + admin() + "access_log: true\n" +
-        f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
-        f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'], identity: '{spiffe('server')}'}}\n")
-    sidecars = [start_sidecar(name, work / f"{name}.yaml", work / f"{name}.log") for name in ("server", "client")]
-
+    outbound, inbound, server_admin, sidecars = start_pair(work, app_port, REPO / "proto")
     channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=[
         ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     yield {"stub": echo_pb2_grpc.EchoStub(channel), "pb": echo_pb2, "backend": backend, "channel": channel,
            "sidecars": sidecars, "client_log": work / "client.log", "inbound": inbound,
-           "server_admin": server_admin}
+           "server_admin": server_admin, "app_port": app_port}
     channel.close()
-    for process, log in sidecars:
-        process.send_signal(signal.SIGTERM)
-    for process, log in sidecars:
-        assert process.wait(timeout=10) == 0, "a sidecar did not shut down cleanly on SIGTERM"
-        log.close()
+    stop(sidecars)
     server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def validated(stubs, mesh, tmp_path_factory):
+    """A second pair in front of the same app, whose server sidecar validates
+    the echo service's requests against rules added to its contract."""
+    work = tmp_path_factory.mktemp("validated")
+    include = work / "proto"
+    (include / "examples").mkdir(parents=True)
+    echo = (REPO / "proto" / "examples" / "echo.proto").read_text()
+    echo = echo.replace('import "protomesh/v1/options.proto";',
+                        'import "protomesh/v1/options.proto";\nimport "buf/validate/validate.proto";', 1)
+    echo = echo.replace("string message = 1;", "string message = 1 [(buf.validate.field).string.max_len = 12];", 1)
+    echo = echo.replace("message EchoRequest {", "message EchoRequest {\n  option (buf.validate.message).cel = "
+                        "{ id: \"no_fault_with_ok\", message: \"fail_first needs a status_code\", "
+                        "expression: \"this.fail_first == 0u || this.status_code != 0\" };", 1)
+    (include / "examples" / "echo.proto").write_text(echo)
+    app_port = mesh["app_port"]
+    outbound, _, admin, sidecars = start_pair(work, app_port, include, "policy: {defaults: {validate: true}}\n")
+    channel = grpc.insecure_channel(f"127.0.0.1:{outbound}")
+    yield {"stub": mesh["stub"].__class__(channel), "pb": mesh["pb"], "backend": mesh["backend"], "admin": admin}
+    channel.close()
+    stop(sidecars)
