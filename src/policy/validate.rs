@@ -36,18 +36,25 @@ use crate::grpc::{Code, GRPC_ENCODING};
 pub const DEFAULT_HOLD: u32 = 4 * 1024 * 1024;
 
 /// One validator per version of the contracts: it compiles each message's
-/// rules once, on first use, and keeps them.
+/// rules once, on first use, and keeps them. It is made only once a method
+/// with rules validates, since making it decodes every contract again.
 pub struct Validators {
-    validator: Arc<Validator>,
+    validator: std::sync::OnceLock<Arc<Validator>>,
     pool: DescriptorPool,
 }
 
 impl Validators {
     pub fn new(pool: &DescriptorPool) -> Validators {
-        // The contracts' own files, so that the predefined rules they declare
-        // (extensions of buf.validate's rule messages) are known.
-        let contracts = ValidatorOption::AdditionalDescriptorSetBytes(pool.encode_to_vec());
-        Validators { validator: Arc::new(Validator::with_options(&[contracts])), pool: pool.clone() }
+        Validators { validator: std::sync::OnceLock::new(), pool: pool.clone() }
+    }
+
+    fn validator(&self) -> &Arc<Validator> {
+        self.validator.get_or_init(|| {
+            // The contracts' own files, so that the predefined rules they
+            // declare (extensions of buf.validate's rule messages) are known.
+            let contracts = ValidatorOption::AdditionalDescriptorSetBytes(self.pool.encode_to_vec());
+            Arc::new(Validator::with_options(&[contracts]))
+        })
     }
 
     /// The rules of `method`'s request type `message`, compiled now so that
@@ -63,12 +70,13 @@ impl Validators {
         failures: &ValidationFamilies,
     ) -> Result<Option<Arc<RequestRules>>, String> {
         let Some(cel_messages) = survey(&self.pool, message) else { return Ok(None) };
-        if let Err(RuleError::Compilation(error)) = self.validator.validate(&DynamicMessage::new(message.clone())) {
+        let validator = self.validator();
+        if let Err(RuleError::Compilation(error)) = validator.validate(&DynamicMessage::new(message.clone())) {
             return Err(compile_error(&self.pool, message, &error.cause));
         }
         let (service, name) = crate::grpc::split_path(method).unwrap_or((method, ""));
         Ok(Some(Arc::new(RequestRules {
-            validator: self.validator.clone(),
+            validator: validator.clone(),
             message: message.clone(),
             method: method.into(),
             source: validate.source.to_string(),

@@ -225,7 +225,8 @@ fn protovalidate_conformance_cases() {
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .map(str::to_string)
         .collect();
-    let validator = Validators::new(&pool).validator;
+    let validators = Validators::new(&pool);
+    let validator = validators.validator();
     let mut by_suite: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let (mut not_applicable, mut failed) = (0, BTreeSet::new());
     for case in &cases {
@@ -240,7 +241,7 @@ fn protovalidate_conformance_cases() {
         let counts = by_suite.entry(suite).or_default();
         counts.1 += 1;
         let passed = match build(descriptor, &case["message"]) {
-            Ok(message) => passes(&case["expected"], &run(&validator, &message)),
+            Ok(message) => passes(&case["expected"], &run(validator, &message)),
             Err(_) => false,
         };
         if passed {
