@@ -163,3 +163,47 @@ async fn a_rule_that_does_not_compile_is_refused_at_reload_and_the_running_rules
     let status = mesh.client().unary(request("still far too long")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "the running rules stay");
 }
+
+#[test]
+fn check_shows_where_validation_is_on_and_names_a_rule_that_does_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let protomesh =
+        |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_protomesh")).args(args).output().unwrap();
+    assert!(protomesh(&["certs", "--out", certs.to_str().unwrap(), "web"]).status.success());
+    contracts(dir.path(), "");
+    let c = certs.display();
+    let config = dir.path().join("protomesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity: {{cert: {c}/web.pem, key: {c}/web-key.pem, trust_bundle: {c}/ca.pem}}\n\
+             contracts: {{protos: [examples/echo.proto], include: ['{}']}}\n\
+             inbound: {{app: '127.0.0.1:8080'}}\n\
+             policy: {{methods: {{echo.v1.Echo/ServerStream: {{validate: false}}}}}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let output = protomesh(&["check", "--config", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("Unary unary no-side-effects timeout 30s from (protomesh.v1.service) validate true from (protomesh.v1.service)"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "ServerStream server-streaming validate false from config policy.methods[\"echo.v1.Echo/ServerStream\"]"
+        ),
+        "{stdout}"
+    );
+
+    contracts(dir.path(), ", (buf.validate.field).string.min_len = 1");
+    let output = protomesh(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(
+            "examples/echo.proto: message echo.v1.EchoRequest, field reply_count: its buf.validate rules do not compile"
+        ),
+        "{stderr}"
+    );
+}
