@@ -9,7 +9,29 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use protomesh::call::{Carrier, Framing, MessageLimit, ProxyError};
+use protomesh::call::{Carrier, Cut, Framing, MessageLimit, PolicyError};
+use protomesh::grpc::Code;
+
+/// What the limit cuts the call with.
+#[derive(Debug)]
+struct TooLarge;
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("too large")
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+impl PolicyError for TooLarge {
+    fn code(&self) -> Code {
+        Code::ResourceExhausted
+    }
+    fn reason(&self) -> &'static str {
+        "too_large"
+    }
+}
 
 fn first_too_large(stream: &[u8], max: u64) -> Option<usize> {
     let mut at = 0;
@@ -25,8 +47,9 @@ fn first_too_large(stream: &[u8], max: u64) -> Option<usize> {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&max, stream)) = data.split_first() else { return };
-    let too_large = Arc::new(|_, _| ProxyError::NotGrpc { path: String::new() });
-    let mut framing = Framing::new(MessageLimit::new(u64::from(max), too_large), Carrier::Request);
+    let too_large = Arc::new(|_, _| Arc::new(TooLarge) as Arc<dyn PolicyError>);
+    let cut = Cut::default();
+    let mut framing = Framing::new(MessageLimit::new(u64::from(max), too_large, cut.clone()), Carrier::Request);
     let mut offset = 0;
     let mut found = None;
     for frame in stream.split_inclusive(|&b| b == max) {
@@ -43,4 +66,5 @@ fuzz_target!(|data: &[u8]| {
         (Some(prefix), Some((frame_start, at))) => assert_eq!(prefix, frame_start + at),
         (expected, found) => panic!("expected a message too large at {expected:?}, found {found:?}"),
     }
+    assert_eq!(cut.is_cut(), found.is_some(), "the call is cut when, and only when, a message is too large");
 });

@@ -205,6 +205,25 @@ impl RequestRules {
         self.failures.failures.get_or_create(&RuleLabels { service, method, rule: rule.to_string() }).inc();
     }
 
+    /// The check of one call's request messages, sent with `grpc-encoding`
+    /// `encoding`; refused when they cannot be read.
+    pub fn checking(self: &Arc<Self>, encoding: Option<&[u8]>) -> Result<Checking, Arc<dyn PolicyError>> {
+        let encoding = match encoding {
+            None | Some(b"identity") => Encoding::Identity,
+            Some(b"gzip") => Encoding::Gzip,
+            Some(b"deflate") => Encoding::Deflate,
+            // The app would refuse it as well; what it holds cannot be checked.
+            Some(other) => {
+                let why = format!(
+                    "is compressed with {}, which validation cannot read (it reads gzip and deflate)",
+                    String::from_utf8_lossy(other)
+                );
+                return Err(self.refuse(1, Why::Unreadable { rule: "compression", why, code: Code::Unimplemented }));
+            }
+        };
+        Ok(Checking::new(Box::new(CheckRequest { rules: self.clone(), encoding, number: 0 })))
+    }
+
     fn refuse(&self, number: usize, why: Why) -> Arc<dyn PolicyError> {
         match &why {
             Why::Broken(violations) => violations.iter().for_each(|v| self.count(&v.rule)),
@@ -467,23 +486,12 @@ where
 
     fn call(&mut self, mut request: Request<RecvBody>) -> Self::Future {
         let Some(rules) = &self.rules else { return Either::Left(self.inner.call(request)) };
-        let encoding = match request.headers().get(GRPC_ENCODING).map(|v| v.as_bytes()) {
-            None | Some(b"identity") => Encoding::Identity,
-            Some(b"gzip") => Encoding::Gzip,
-            Some(b"deflate") => Encoding::Deflate,
-            // The app would refuse it as well; what it holds cannot be checked.
-            Some(other) => {
-                let why = format!(
-                    "is compressed with {}, which validation cannot read (it reads gzip and deflate)",
-                    String::from_utf8_lossy(other)
-                );
-                let error = rules.refuse(1, Why::Unreadable { rule: "compression", why, code: Code::Unimplemented });
-                return Either::Right(Box::pin(async move { Err(ProxyError::Policy(error)) }));
-            }
-        };
         let cut = Cut::of(&mut request);
-        let check = CheckRequest { rules: rules.clone(), encoding, number: 0 };
-        request.body_mut().check_messages(Checking::new(Box::new(check)), cut.clone());
+        let checking = match rules.checking(request.headers().get(GRPC_ENCODING).map(|v| v.as_bytes())) {
+            Ok(checking) => checking,
+            Err(error) => return Either::Right(Box::pin(async move { Err(ProxyError::Policy(error)) })),
+        };
+        request.body_mut().check_messages(checking, cut.clone());
         // The next layer is ready (`poll_ready` said so); a clone waits for the message.
         let inner = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, inner);
