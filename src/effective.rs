@@ -16,7 +16,7 @@ use crate::policy::deadline::DeadlinePolicy;
 use crate::policy::fields::FieldView;
 use crate::policy::retry::RetrySettings;
 use crate::policy::source::Source;
-use crate::policy::validate::{self, RequestRules, ValidationFamilies, Validators};
+use crate::policy::validate::{self, RequestRules, ValidationFamilies};
 use crate::policy::{MethodPolicy, PolicyConfig, PolicyFields};
 
 /// The request rules of every method of the contracts that validates,
@@ -27,7 +27,7 @@ pub fn request_rules(
     policy: &PolicyConfig,
     failures: &ValidationFamilies,
 ) -> Result<HashMap<String, Arc<RequestRules>>, String> {
-    let validators = Validators::new(contracts.descriptors());
+    let validators = contracts.validators();
     let mut rules = HashMap::new();
     for method in contracts.methods() {
         let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);

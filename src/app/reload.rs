@@ -59,8 +59,9 @@ impl Inputs {
         let (config, config_version) =
             config::load_versioned(file, source.env.iter().cloned()).map_err(|e| e.to_string())?;
         let contracts = Contracts::load(&config.contracts).map_err(|e| format!("contracts: {e}"))?;
-        // Each rule is compiled where the inbound routes are built; here, so
-        // that `protomesh check` and a reload that must be refused say so first.
+        // The request rules are compiled here, before anything is built, so
+        // that `protomesh check` and a reload that must be refused say so
+        // first; the contracts keep them for the inbound routes.
         if config.inbound.is_some() {
             effective::request_rules(&contracts, &config.policy, &Default::default())
                 .map_err(|e| format!("contracts: {e}"))?;

@@ -334,7 +334,8 @@ inbound:
         let start = readme.find("```yaml\n").expect("README has a YAML example") + "```yaml\n".len();
         let example = &readme[start..start + readme[start..].find("```").expect("the example ends")];
         let config = load(Some(file_with(example).path()), env(&[])).unwrap();
-        assert_eq!(config.policy.methods.len(), 7);
+        assert_eq!(config.policy.methods.len(), 8);
+        assert_eq!(config.policy.methods["shop.v1.Cart/*"].validate, Some(true));
         assert_eq!(
             config.policy.outlier_detection,
             crate::policy::outlier::OutlierConfig {

@@ -15,6 +15,7 @@ use super::{
     OPTIONS_PROTO_NAME, VALIDATE_PROTO_NAME,
 };
 use crate::digest::Digest;
+use crate::policy::validate::Validators;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -66,7 +67,8 @@ pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
     }
     add_matched(&mut version, config);
     let files = read.into_iter().map(|(path, _)| path).collect();
-    Ok(Contracts { methods, files, version: version.version(), descriptors: pool, config: config.clone() })
+    let validators = Validators::new(&pool);
+    Ok(Contracts { methods, files, version: version.version(), descriptors: pool, config: config.clone(), validators })
 }
 
 /// Files read from disk, each with its bytes.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::digest::Digest;
+use crate::policy::validate::Validators;
 pub use load::ContractError;
 pub use options::ContractPolicy;
 
@@ -177,11 +178,18 @@ pub struct Contracts {
     descriptors: prost_reflect::DescriptorPool,
     /// What they were loaded from, for what its patterns match now.
     config: ContractsConfig,
+    /// Their request rules, compiled on first use and kept for this version,
+    /// so that the check at load and the routes built after it share them.
+    validators: Validators,
 }
 
 impl Contracts {
     pub fn load(config: &ContractsConfig) -> Result<Contracts, ContractError> {
         load::load(config)
+    }
+
+    pub fn validators(&self) -> &Validators {
+        &self.validators
     }
 
     pub fn method(&self, path: &str) -> Option<&Arc<MethodInfo>> {

@@ -35,12 +35,20 @@ use crate::grpc::{Code, GRPC_ENCODING};
 /// `max_message_size`: gRPC's default limit on a received message.
 pub const DEFAULT_HOLD: u32 = 4 * 1024 * 1024;
 
-/// One validator per version of the contracts: it compiles each message's
-/// rules once, on first use, and keeps them. It is made only once a method
-/// with rules validates, since making it decodes every contract again.
+/// One validator per version of the contracts (kept by `Contracts`): it
+/// compiles each message's rules once, on first use, and keeps them. It is
+/// made only once a method with rules validates, since making it decodes
+/// every contract again.
+#[derive(Default)]
 pub struct Validators {
     validator: std::sync::OnceLock<Arc<Validator>>,
     pool: DescriptorPool,
+}
+
+impl fmt::Debug for Validators {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Validators").field("made", &self.validator.get().is_some()).finish()
+    }
 }
 
 impl Validators {
