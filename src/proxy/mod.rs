@@ -22,6 +22,8 @@ mod detect;
 pub mod edge;
 mod endpoint;
 mod exchange;
+#[allow(dead_code)]
+mod grpc_web;
 mod health_answer;
 mod health_check;
 pub mod inbound;
