@@ -5,3 +5,4 @@
 //! answered from config. `codec.rs` is the protocol's encoding.
 
 pub mod codec;
+pub mod cors;
