@@ -4,6 +4,7 @@
 //! together with the listeners', and says which settings a running sidecar
 //! cannot take without a restart.
 
+pub mod grpc_web;
 pub mod health_checks;
 mod limits;
 mod load;
@@ -190,6 +191,9 @@ pub struct InboundConfig {
     /// takes no mTLS while permissive. The default is `outbound.opaque_ports`'.
     #[serde(default = "defaults::opaque_ports")]
     pub opaque_ports: Vec<u16>,
+    /// A listener for browsers' gRPC-Web calls; none by default.
+    #[serde(default)]
+    pub grpc_web: Option<grpc_web::GrpcWebConfig>,
 }
 
 /// Strict: only mTLS from peer sidecars reaches the app. Permissive: a
@@ -420,6 +424,9 @@ impl Config {
                 return Err(("inbound.app".into(), problem));
             }
             inbound.authorization.validate()?;
+            if let Some(web) = &inbound.grpc_web {
+                web.validate().map_err(|e| ("inbound.grpc_web".to_string(), e))?;
+            }
         }
         for (field, value) in [
             ("max_connections", self.admin.max_connections),
@@ -447,6 +454,8 @@ impl Config {
     /// is ever handed to one of them.
     pub fn own_listener_at(&self, addr: SocketAddr) -> Option<&'static str> {
         let inbound = self.inbound.as_ref().map(|inbound| ("inbound.listen", inbound.listen));
+        let web = self.inbound.as_ref().and_then(|inbound| inbound.grpc_web.as_ref());
+        let web = web.map(|web| ("inbound.grpc_web.listen", web.listen));
         let listeners = [("outbound.listen", self.outbound.listen), ("admin.listen", self.admin.listen)];
         let takes = |listen: SocketAddr| {
             let ip = listen.ip().to_canonical();
@@ -455,7 +464,7 @@ impl Config {
                     || ip == addr.ip().to_canonical()
                     || ip.is_loopback() && addr.ip().is_loopback())
         };
-        listeners.into_iter().chain(inbound).find(|(_, listen)| takes(*listen)).map(|(field, _)| field)
+        listeners.into_iter().chain(inbound).chain(web).find(|(_, listen)| takes(*listen)).map(|(field, _)| field)
     }
 
     /// Puts back into `new` the settings a running sidecar keeps until it
@@ -474,6 +483,16 @@ impl Config {
             (Some(running), Some(wanted)) => {
                 keep("inbound.listen", running.listen.to_string(), wanted.listen.to_string());
                 wanted.listen = running.listen;
+                // Its listener stays; what it opens, to whom, follows reloads.
+                let listen = |web: &Option<grpc_web::GrpcWebConfig>| web.as_ref().map(|web| web.listen);
+                let shown = |listen: Option<SocketAddr>| listen.map_or("off".into(), |listen| listen.to_string());
+                if listen(&running.grpc_web) != listen(&wanted.grpc_web) {
+                    keep("inbound.grpc_web.listen", shown(listen(&running.grpc_web)), shown(listen(&wanted.grpc_web)));
+                    match (&running.grpc_web, &mut wanted.grpc_web) {
+                        (Some(running), Some(wanted)) => wanted.listen = running.listen,
+                        (running, wanted) => *wanted = running.clone(),
+                    }
+                }
             }
             (None, None) => {}
             (running, wanted) => {

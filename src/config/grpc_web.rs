@@ -1,0 +1,79 @@
+//! `inbound.grpc_web`: a listener for browsers. gRPC-Web calls come without
+//! a client certificate, so they reach only the methods listed here, and
+//! from the origins listed here; each becomes an ordinary gRPC call through
+//! the inbound stack, held to every other inbound policy.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration;
+use crate::policy::authz::MethodPattern;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcWebConfig {
+    /// Plaintext HTTP/1.1 (TLS is the ingress's, in front of it).
+    #[serde(deserialize_with = "super::address::deserialize")]
+    pub listen: SocketAddr,
+    /// The methods a caller without a certificate may call, as
+    /// `pkg.Service/Method`, `pkg.Service/*` or `*`; none by default.
+    #[serde(default)]
+    pub methods: Vec<MethodPattern>,
+    /// Origins a browser may call from (CORS): exact, as
+    /// `https://shop.example.com`, or `*`; none by default (same origin only).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// How long a browser keeps a preflight's answer.
+    #[serde(default = "default_max_age", deserialize_with = "duration::deserialize")]
+    pub max_age: Duration,
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl GrpcWebConfig {
+    /// Whether a caller without a certificate may call `service/method`.
+    pub fn opens(&self, service: &str, method: &str) -> bool {
+        self.methods.iter().any(|pattern| pattern.matches(service, method))
+    }
+
+    /// Errors are `field: problem`.
+    pub fn validate(&self) -> Result<(), String> {
+        for origin in &self.allowed_origins {
+            let valid = origin == "*" || (origin.contains("://") && !origin.ends_with('/'));
+            if !valid {
+                return Err(format!(
+                    "allowed_origins: `{origin}` is not an origin: write scheme://host[:port] with no path, or *"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(yaml: &str) -> Result<GrpcWebConfig, String> {
+        let config: GrpcWebConfig = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn methods_and_origins_are_listed_and_checked() {
+        let config = read(
+            "{listen: '127.0.0.1:8080', methods: ['shop.v1.Catalog/*'], allowed_origins: ['https://shop.example.com']}",
+        )
+        .unwrap();
+        assert!(config.opens("shop.v1.Catalog", "List"));
+        assert!(!config.opens("shop.v1.Cart", "Add"), "only what is listed");
+        assert_eq!(config.max_age, Duration::from_secs(600));
+        let error = read("{listen: '127.0.0.1:8080', allowed_origins: ['https://shop.example.com/']}").unwrap_err();
+        assert!(error.starts_with("allowed_origins: `https://shop.example.com/` is not an origin"), "{error}");
+    }
+}
