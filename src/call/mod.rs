@@ -69,11 +69,12 @@ impl<S, B> CallService<B> for S where
 /// What a layer's call returns when it has work to do around the layers below.
 pub type CallFuture = futures_util::future::BoxFuture<'static, Result<Response<ResponseBody>, ProxyError>>;
 
-/// An inbound call's caller, as its certificate proves it: put on the
-/// request by the inbound edge for the layers that decide or record by caller.
+/// An inbound call's caller, as its certificate proves it (`None` for a
+/// gRPC-Web caller, which has none): put on the request by the inbound edge
+/// for the layers that decide or record by caller.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    pub id: SpiffeId,
+    pub id: Option<SpiffeId>,
     pub address: SocketAddr,
 }
 

@@ -187,6 +187,8 @@ pub struct Rule {
 pub struct MethodAuthz {
     governing: Vec<Arc<Rule>>,
     default: DefaultAuthorization,
+    /// Open to callers without a certificate (`inbound.grpc_web.methods`).
+    unauthenticated: bool,
 }
 
 impl MethodAuthz {
@@ -205,11 +207,20 @@ impl MethodAuthz {
             .cloned()
             .chain(contract_rule)
             .collect();
-        MethodAuthz { governing, default }
+        MethodAuthz { governing, default, unauthenticated: false }
+    }
+
+    /// Opens the method to callers without a certificate.
+    pub fn open_to_unauthenticated(mut self, open: bool) -> MethodAuthz {
+        self.unauthenticated = open;
+        self
     }
 
     /// `Err` carries a message naming the policy that denied the call.
-    pub fn check(&self, caller: &SpiffeId) -> Result<(), Denial> {
+    pub fn check(&self, caller: Option<&SpiffeId>) -> Result<(), Denial> {
+        let Some(caller) = caller else {
+            return if self.unauthenticated { Ok(()) } else { Err(Denial::Unauthenticated) };
+        };
         if self.governing.is_empty() {
             return match self.default {
                 DefaultAuthorization::AllAuthenticated => Ok(()),
@@ -227,14 +238,17 @@ impl MethodAuthz {
 /// The caller may not call the method.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Denied {
-    pub caller: SpiffeId,
+    pub caller: Option<SpiffeId>,
     pub path: String,
     pub denial: Denial,
 }
 
 impl fmt::Display for Denied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "caller {} may not call {}: {}", self.caller, self.path, self.denial)
+        match &self.caller {
+            Some(caller) => write!(f, "caller {caller} may not call {}: {}", self.path, self.denial),
+            None => write!(f, "a caller without a certificate may not call {}: {}", self.path, self.denial),
+        }
     }
 }
 
@@ -281,7 +295,7 @@ where
             let why = "no verified caller came with the call".into();
             return Either::Left(ready(Err(ProxyError::NoCallerIdentity { why })));
         };
-        match self.authz.check(&caller.id) {
+        match self.authz.check(caller.id.as_ref()) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(denial) => {
                 let denied = Denied { caller: caller.id.clone(), path: request.uri().path().to_string(), denial };
@@ -295,6 +309,8 @@ where
 pub enum Denial {
     DefaultDeny,
     NoRuleAllows(Vec<String>),
+    /// Callers without a certificate (gRPC-Web's) reach only the methods opened to them.
+    Unauthenticated,
 }
 
 impl fmt::Display for Denial {
@@ -311,6 +327,7 @@ impl fmt::Display for Denial {
                 }
                 Ok(())
             }
+            Denial::Unauthenticated => f.write_str("inbound.grpc_web.methods does not list it"),
         }
     }
 }
@@ -356,25 +373,38 @@ mod tests {
             rule("ops", &["shop.Inventory/Reset"], &["spiffe://td/ns/ops/*"]),
         ];
         let get = MethodAuthz::resolve(&rules, DefaultAuthorization::Deny, "shop.Inventory", "Get", None);
-        assert_eq!(get.check(&id("spiffe://td/checkout")), Ok(()));
+        assert_eq!(get.check(Some(&id("spiffe://td/checkout"))), Ok(()));
         assert_eq!(
-            get.check(&id("spiffe://td/ns/ops/sa/admin")),
+            get.check(Some(&id("spiffe://td/ns/ops/sa/admin"))),
             Err(Denial::NoRuleAllows(vec!["checkout-reads".into()]))
         );
         let reset = MethodAuthz::resolve(&rules, DefaultAuthorization::Deny, "shop.Inventory", "Reset", None);
-        assert_eq!(reset.check(&id("spiffe://td/ns/ops/sa/admin")), Ok(()));
+        assert_eq!(reset.check(Some(&id("spiffe://td/ns/ops/sa/admin"))), Ok(()));
         let other = MethodAuthz::resolve(&rules, DefaultAuthorization::Deny, "shop.Pricing", "Quote", None);
-        assert_eq!(other.check(&id("spiffe://td/checkout")), Err(Denial::DefaultDeny));
+        assert_eq!(other.check(Some(&id("spiffe://td/checkout"))), Err(Denial::DefaultDeny));
         let open = MethodAuthz::resolve(&rules, DefaultAuthorization::AllAuthenticated, "shop.Pricing", "Quote", None);
-        assert_eq!(open.check(&id("spiffe://td/anyone")), Ok(()));
+        assert_eq!(open.check(Some(&id("spiffe://td/anyone"))), Ok(()));
+    }
+
+    #[test]
+    fn a_caller_without_a_certificate_reaches_only_what_is_opened_to_it() {
+        let authz = MethodAuthz::resolve(&[], DefaultAuthorization::AllAuthenticated, "s.S", "M", None);
+        assert_eq!(authz.check(None), Err(Denial::Unauthenticated), "not even under the default");
+        let opened = authz.open_to_unauthenticated(true);
+        assert_eq!(opened.check(None), Ok(()));
+        let denied = Denied { caller: None, path: "/s.S/M".into(), denial: Denial::Unauthenticated };
+        assert_eq!(
+            denied.to_string(),
+            "a caller without a certificate may not call /s.S/M: inbound.grpc_web.methods does not list it"
+        );
     }
 
     #[test]
     fn a_contract_rule_governs_its_method() {
         let contract = rule("contract", &["*"], &["spiffe://td/checkout"]);
         let authz = MethodAuthz::resolve(&[], DefaultAuthorization::AllAuthenticated, "s.S", "M", Some(contract));
-        assert!(authz.check(&id("spiffe://td/checkout")).is_ok());
-        let denial = authz.check(&id("spiffe://td/other")).unwrap_err();
+        assert!(authz.check(Some(&id("spiffe://td/checkout"))).is_ok());
+        let denial = authz.check(Some(&id("spiffe://td/other"))).unwrap_err();
         assert_eq!(denial.to_string(), "not allowed by authorization rule \"contract\"");
     }
 
@@ -389,7 +419,9 @@ mod tests {
         let call = |caller: Option<&str>| {
             let mut request = Request::builder().uri("/s.S/Get").body(()).unwrap();
             if let Some(caller) = caller {
-                request.extensions_mut().insert(Caller { id: id(caller), address: "10.0.0.1:1234".parse().unwrap() });
+                request
+                    .extensions_mut()
+                    .insert(Caller { id: Some(id(caller)), address: "10.0.0.1:1234".parse().unwrap() });
             }
             request
         };

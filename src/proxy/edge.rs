@@ -89,18 +89,22 @@ impl Service<Request<RecvBody>> for OutboundEdge {
 pub struct InboundEdge {
     state: EdgeState,
     /// `Err`: why the certificate proves no SPIFFE ID.
-    caller: Result<(Caller, HeaderValue), Arc<str>>,
+    /// The caller, and the header that names it to the app (none without a certificate).
+    caller: Result<(Caller, Option<HeaderValue>), Arc<str>>,
     /// The app port the connection was made to, when capture redirected it.
     captured_port: Option<u16>,
 }
 
 impl InboundEdge {
     pub fn new(state: EdgeState, peer: PeerInfo) -> Self {
-        let PeerInfo { addr: address, identity, original_destination } = peer;
-        let caller = identity.map_err(Arc::from).and_then(|id| {
-            let header = HeaderValue::from_str(id.as_str()).map_err(|e| Arc::from(e.to_string()))?;
-            Ok((Caller { id, address }, header))
-        });
+        let PeerInfo { addr: address, identity, original_destination, unauthenticated } = peer;
+        let caller = match identity {
+            Err(_) if unauthenticated => Ok((Caller { id: None, address }, None)),
+            identity => identity.map_err(Arc::from).and_then(|id| {
+                let header = HeaderValue::from_str(id.as_str()).map_err(|e| Arc::from(e.to_string()))?;
+                Ok((Caller { id: Some(id), address }, Some(header)))
+            }),
+        };
         InboundEdge { state, caller, captured_port: original_destination.map(|original| original.port()) }
     }
 }
@@ -152,9 +156,13 @@ impl Service<Request<RecvBody>> for InboundEdge {
             Err(error) => return refuse(metrics, Direction::Inbound, error),
         };
         request.extensions_mut().insert(app);
-        request.headers_mut().insert(CALLER_ID_HEADER, header.clone());
-        if let Some(callers) = &inbound.callers {
-            request.extensions_mut().insert(CallerBulkhead(callers.of(&caller.id)));
+        // The app can trust the header: set by the sidecar, or never sent.
+        match header {
+            Some(header) => request.headers_mut().insert(CALLER_ID_HEADER, header.clone()),
+            None => request.headers_mut().remove(CALLER_ID_HEADER),
+        };
+        if let (Some(callers), Some(id)) = (&inbound.callers, &caller.id) {
+            request.extensions_mut().insert(CallerBulkhead(callers.of(id)));
         }
         request.extensions_mut().insert(caller.clone());
         Either::Right(stack.call(request))

@@ -125,6 +125,7 @@ impl InboundRoutes {
             reflection::SERVICES.map(|(_, service)| {
                 let authz = effective::authorization(
                     &inbound.authorization,
+                    inbound.grpc_web.as_ref(),
                     &shared.rules,
                     contracts,
                     service,
@@ -202,8 +203,14 @@ impl Shared {
             tracing: self.tracing.clone(),
             access_log: self.access_log,
         });
-        let authz =
-            effective::authorization(&self.inbound.authorization, &self.rules, &self.contracts, service, method);
+        let authz = effective::authorization(
+            &self.inbound.authorization,
+            self.inbound.grpc_web.as_ref(),
+            &self.rules,
+            &self.contracts,
+            service,
+            method,
+        );
         let authz: Arc<MethodAuthz> = Arc::new(authz);
         let deadline = Arc::new(effective.deadline(self.policy.min_budget));
         ServiceBuilder::new()
@@ -320,7 +327,7 @@ mod tests {
     async fn call(routes: &InboundRoutes, path: &str, caller: &str) -> Result<Code, Code> {
         let (mut request, _peer) = received(path, message(3)).await;
         let id = SpiffeId::parse(&format!("spiffe://td/ns/t/sa/{caller}")).unwrap();
-        request.extensions_mut().insert(Caller { id, address: "127.0.0.1:1".parse().unwrap() });
+        request.extensions_mut().insert(Caller { id: Some(id), address: "127.0.0.1:1".parse().unwrap() });
         request.extensions_mut().insert(routes.app_for(None).unwrap());
         let stack = routes.route(path).map_err(|e| e.code())?;
         match stack.oneshot(request).await {

@@ -39,6 +39,9 @@ pub struct PeerInfo {
     pub identity: Result<SpiffeId, String>,
     /// Where the connection was made to, when the capture rules redirected it here.
     pub original_destination: Option<SocketAddr>,
+    /// A browser's gRPC-Web connection: its calls come without a
+    /// certificate, and reach only the methods opened to such callers.
+    pub unauthenticated: bool,
 }
 
 /// What every listener of a sidecar shares.
@@ -123,7 +126,12 @@ pub async fn serve<F, S>(
         let new_service = new_service.clone();
         let acceptor = acceptor.clone();
         let mut connection = Connection {
-            peer: PeerInfo { addr, identity: Err("a plaintext connection".into()), original_destination: None },
+            peer: PeerInfo {
+                addr,
+                identity: Err("a plaintext connection".into()),
+                original_destination: None,
+                unauthenticated: false,
+            },
             config,
             routes: routes.clone(),
             metrics: metrics.clone(),

@@ -149,7 +149,7 @@ impl Observed {
         match (&self.upstream, request.extensions().get::<Caller>()) {
             (Some(upstream), _) => upstream.clone(),
             (None, Some(caller)) => {
-                Peer { identity: Some(caller.id.clone()), address: Some(caller.address.to_string().into()) }
+                Peer { identity: caller.id.clone(), address: Some(caller.address.to_string().into()) }
             }
             (None, None) => Peer::default(),
         }

@@ -174,7 +174,7 @@ impl Taps {
     fn start(&self, direction: Direction, request: &mut Request<RecvBody>) -> Option<Arc<capture::Capture>> {
         let inbound_caller = request.extensions().get::<Caller>();
         let caller = match direction {
-            Direction::Inbound => inbound_caller.map(|c| &c.id),
+            Direction::Inbound => inbound_caller.and_then(|c| c.id.as_ref()),
             Direction::Outbound => Some(&self.local),
         };
         let path = request.uri().path();
