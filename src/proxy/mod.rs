@@ -22,8 +22,7 @@ mod detect;
 pub mod edge;
 mod endpoint;
 mod exchange;
-#[allow(dead_code)]
-mod grpc_web;
+pub mod grpc_web;
 mod health_answer;
 mod health_check;
 pub mod inbound;

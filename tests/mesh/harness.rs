@@ -53,6 +53,8 @@ pub struct MeshOptions {
     pub reload_interval: &'static str,
     /// YAML for each sidecar's `limits` section.
     pub limits: &'static str,
+    /// YAML for the server sidecar's `inbound.grpc_web`, if any.
+    pub grpc_web: Option<&'static str>,
     /// Each sidecar's `access_log`.
     pub access_log: bool,
     /// Each sidecar's `contracts.protos` and `contracts.mode`.
@@ -87,6 +89,7 @@ impl Default for MeshOptions {
             admin_listen: "127.0.0.1:0",
             reload_interval: "0s",
             limits: "{}",
+            grpc_web: None,
             access_log: false,
             protos: "[examples/echo.proto, examples/shop.proto]",
             contracts_mode: "strict",
@@ -140,7 +143,9 @@ impl Mesh {
                     protomesh_samples::serve(router, listener).await
                 }
             };
-            let inbound = format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}}}", options.authorization);
+            let web = options.grpc_web.map_or(String::new(), |web| format!(", grpc_web: {web}"));
+            let inbound =
+                format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}{web}}}", options.authorization);
             let policy = options.server_policy;
             // Each server's own file: a reload rereads it, so servers sharing one would take the last one's app.
             let file = if servers.is_empty() { "server".to_string() } else { format!("server-{}", servers.len()) };

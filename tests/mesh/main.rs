@@ -14,6 +14,7 @@ mod cluster_ip;
 mod cni;
 mod deadlines;
 mod faults;
+mod grpc_web;
 mod harness;
 mod health;
 mod hedging;
