@@ -37,6 +37,10 @@ struct Cli {
     /// Export spans to this OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317 (Jaeger).
     #[arg(long)]
     otlp: Option<String>,
+    /// After the calls, keep the mesh up until Ctrl-C: for grpcurl, curl and
+    /// browsers (the inventory sidecar serves gRPC-Web).
+    #[arg(long)]
+    keep_running: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,7 +49,7 @@ fn main() -> std::process::ExitCode {
     let filter = EnvFilter::try_from_env("PROTOMESH_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(run(cli.otlp)) {
+    match runtime.block_on(run(cli.otlp, cli.keep_running)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -60,9 +64,9 @@ fn identity(workload: &str) -> SpiffeId {
 
 /// Runs the demo in a scratch directory, removed afterwards; with `otlp`,
 /// every sidecar exports its spans there.
-pub async fn run(otlp: Option<String>) -> Result<(), String> {
+pub async fn run(otlp: Option<String>, keep_running: bool) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("protomesh-demo-{}", std::process::id()));
-    let result = run_in(&dir, otlp).await;
+    let result = run_in(&dir, otlp, keep_running).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -73,7 +77,7 @@ struct Workload {
     app: Option<SocketAddr>,
 }
 
-async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
+async fn run_in(dir: &Path, otlp: Option<String>, keep_running: bool) -> Result<(), String> {
     let certs = dir.join("certs");
     let named: Vec<(String, SpiffeId)> = WORKLOADS.iter().map(|w| (w.to_string(), identity(w))).collect();
     write_dev_certs(&certs, "protomesh demo CA", &named)?;
@@ -97,7 +101,14 @@ async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
             upstreams.join(", "),
         );
         if let Some(app) = app {
-            yaml.push_str(&format!("inbound: {{listen: '127.0.0.1:0', app: '{app}'}}\n"));
+            // Inventory's stock is open to browsers, by gRPC-Web.
+            let web = if name == "inventory" {
+                ", grpc_web: {listen: '127.0.0.1:0', methods: ['shop.v1.Inventory/GetStock', \
+                 'shop.v1.Inventory/WatchStock'], allowed_origins: ['*']}"
+            } else {
+                ""
+            };
+            yaml.push_str(&format!("inbound: {{listen: '127.0.0.1:0', app: '{app}'{web}}}\n"));
         }
         let path = dir.join(format!("{name}.yaml"));
         async move {
@@ -141,6 +152,10 @@ async fn run_in(dir: &Path, otlp: Option<String>) -> Result<(), String> {
         outcome = make_calls(via_frontend_sidecar, otlp.is_some()) => outcome,
         _ = tokio::signal::ctrl_c() => { println!("\ninterrupted"); Ok(()) }
     };
+    if keep_running && outcome.is_ok() {
+        println!("\nthe mesh stays up until Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     for workload in workloads {
         workload.sidecar.shutdown().await;
     }
@@ -172,6 +187,9 @@ fn print_mesh(workloads: &[Workload]) {
             w.sidecar.identity.as_str(),
             w.sidecar.outbound_addr.to_string()
         );
+    }
+    if let Some(web) = workloads.iter().find_map(|w| w.sidecar.grpc_web_addr) {
+        println!("\ngRPC-Web for browsers: http://{web} (shop.v1.Inventory/GetStock and WatchStock, any origin)");
     }
     println!();
 }

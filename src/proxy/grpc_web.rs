@@ -88,7 +88,7 @@ async fn serve_connection(tcp: TcpStream, addr: SocketAddr, cors: Cors, edges: E
     };
     let edge = AnswerErrors::new(Direction::Inbound, InboundEdge::new(edges, peer));
     let drain = serving.drain.clone();
-    let limits = config.limits.clone();
+    let limits = config.limits;
     tokio::spawn(async move { connection::serve(back, edge, &limits, drain).await });
     let Ok((calls, connection)) = h2::client::handshake(front).await else { return };
     tokio::spawn(connection);

@@ -175,3 +175,34 @@ async fn curl_makes_a_grpc_web_call() {
     assert_eq!(EchoReply::decode(&messages[0][..]).unwrap().message, "from curl");
     assert!(trailers.unwrap().contains("grpc-status: 0\r\n"));
 }
+
+#[tokio::test]
+async fn a_connect_web_client_calls_through_the_listener() {
+    let node_tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        node_tests.join("node_modules/@connectrpc/connect-web").exists(),
+        "the gRPC-Web client needs its packages: npm ci --prefix tests/node"
+    );
+    let mesh = mesh().await;
+    let dir = tempfile::tempdir().unwrap();
+    let descriptors = dir.path().join("echo.binpb");
+    let protos = ["examples/echo.proto", "examples/shop.proto"];
+    let set = protox::compile(protos, [concat!(env!("CARGO_MANIFEST_DIR"), "/proto")]).unwrap();
+    std::fs::write(&descriptors, set.encode_to_vec()).unwrap();
+    let base_url = format!("http://{}", mesh.server_sidecar.grpc_web_addr.unwrap());
+    let called = tokio::process::Command::new("node")
+        .arg(node_tests.join("grpc_web_calls.mjs"))
+        .arg(&base_url)
+        .arg(&descriptors)
+        .output();
+    let output = within("the connect-web calls", called).await.expect("node runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let seen: serde_json::Value = serde_json::from_str(printed.trim())
+        .unwrap_or_else(|e| panic!("{e}: {printed}{}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(seen["unary"], "from a browser", "{seen}");
+    assert_eq!(seen["caller"], "", "{seen}");
+    assert_eq!(seen["streamed"], serde_json::json!([0, 1, 2]), "{seen}");
+    assert_eq!(seen["denied"]["code"], 7, "PERMISSION_DENIED: {seen}");
+    let denied = seen["denied"]["message"].as_str().unwrap();
+    assert!(denied.contains("may not call /shop.v1.Inventory/GetStock: inbound.grpc_web.methods does not list it"));
+}
