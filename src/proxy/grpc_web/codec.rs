@@ -178,6 +178,33 @@ mod tests {
     }
 
     #[test]
+    fn any_bytes_encoded_in_any_chunks_decode_back_and_any_text_decodes_or_is_refused() {
+        let mut random = fastrand::Rng::with_seed(26);
+        for _ in 0..2000 {
+            let data: Vec<u8> = (0..random.usize(0..64)).map(|_| random.u8(..)).collect();
+            let mut encoder = TextEncoder::default();
+            let mut encoded = Vec::new();
+            for chunk in data.chunks(random.usize(1..8)) {
+                encoded.extend_from_slice(&encoder.encode(chunk));
+            }
+            encoded.extend_from_slice(&encoder.finish());
+            let mut decoder = TextDecoder::default();
+            assert_eq!(&decoder.decode(&encoded).unwrap()[..], &data[..]);
+            decoder.finish().unwrap();
+            // Text made of base64's alphabet, padding anywhere: decoded or
+            // refused, never a panic.
+            let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/== \n";
+            let text: Vec<u8> = (0..random.usize(0..64)).map(|_| alphabet[random.usize(..alphabet.len())]).collect();
+            let mut decoder = TextDecoder::default();
+            for chunk in text.split_inclusive(|&b| b == b'=') {
+                if decoder.decode(chunk).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
     fn text_is_encoded_as_one_run_padded_at_its_end() {
         let body = b"a response of some length, then the trailers".to_vec();
         for split in 0..=body.len() {
