@@ -54,6 +54,20 @@ pub fn report(inputs: &Inputs) -> String {
                 inbound.authorization.rules.len(),
                 inbound.health.describe()
             );
+            if let Some(web) = &inbound.grpc_web {
+                let methods: Vec<String> = web.methods.iter().map(ToString::to_string).collect();
+                let origins = if web.allowed_origins.is_empty() {
+                    "same origin only".into()
+                } else {
+                    web.allowed_origins.join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "  gRPC-Web listen {}: callers without a certificate may call [{}]; origins: {origins}",
+                    web.listen,
+                    methods.join(", ")
+                );
+            }
         }
     }
     let services = effective::describe(contracts, &config.policy);

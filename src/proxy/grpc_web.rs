@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use super::connection;
 use super::edge::{EdgeState, InboundEdge};
-use super::open::OpenConnections;
+use super::open::{OpenConnections, Past};
 use super::server::{PeerInfo, Serving};
 use crate::call::{AnswerErrors, Direction};
 use crate::config::CONNECTION_WINDOW;
@@ -50,7 +50,11 @@ pub async fn serve(listener: TcpListener, edges: EdgeState, serving: Serving) {
         let (tcp, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                Err(_) => {
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    if let Some(unlogged) = serving.warnings.note(std::net::Ipv6Addr::UNSPECIFIED.into(), "accept_failed") {
+                        tracing::warn!(%error, unlogged, "gRPC-Web accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -59,9 +63,16 @@ pub async fn serve(listener: TcpListener, edges: EdgeState, serving: Serving) {
         };
         let config = serving.routes.load().config.clone();
         let limits = &config.limits;
-        let Ok(admitted) = open.admit(addr.ip(), limits.max_connections, limits.max_connections_per_source) else {
-            serving.metrics.closed_at_limit(Direction::Inbound, "max_connections");
-            continue;
+        let admitted = match open.admit(addr.ip(), limits.max_connections, limits.max_connections_per_source) {
+            Ok(admitted) => admitted,
+            Err(past) => {
+                let limit = match past {
+                    Past::Total => "max_connections",
+                    Past::PerKey => "max_connections_per_source",
+                };
+                serving.metrics.closed_at_limit(Direction::Inbound, limit);
+                continue;
+            }
         };
         let Some(web) = config.inbound.as_ref().and_then(|inbound| inbound.grpc_web.as_ref()) else { continue };
         let cors = Cors { allowed_origins: web.allowed_origins.clone(), max_age: web.max_age };

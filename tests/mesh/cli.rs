@@ -292,3 +292,24 @@ async fn await_runs_the_app_once_the_sidecar_is_ready_passes_it_signals_and_with
     assert_eq!(crate::telemetry::admin(admin.parse().unwrap(), "GET", "/ready", "").await.0, 200);
     drop(sidecar);
 }
+
+#[test]
+fn check_shows_the_grpc_web_listener_and_a_clash_with_the_app_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml =
+        "inbound: {app: '127.0.0.1:8080', grpc_web: {listen: '127.0.0.1:8081', methods: ['echo.v1.Echo/Unary']}}\n";
+    let output = protomesh(&["check", "--config", &write_config(&dir, yaml)]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        stdout.contains(
+            "gRPC-Web listen 127.0.0.1:8081: callers without a certificate may call [echo.v1.Echo/Unary]; origins: same origin only"
+        ),
+        "{stdout}"
+    );
+    let clash = yaml.replace("app: '127.0.0.1:8080'", "app: '127.0.0.1:8081'");
+    let output = protomesh(&["check", "--config", &write_config(&dir, &clash)]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("127.0.0.1:8081 is the sidecar's own inbound.grpc_web.listen"), "{stderr}");
+}
