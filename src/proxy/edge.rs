@@ -135,7 +135,10 @@ impl Service<Request<RecvBody>> for InboundEdge {
             let error = ProxyError::UnknownMethod { path: request.uri().path().to_string() };
             return refuse(metrics, Direction::Inbound, error);
         };
+        // Peers' health checks are answered whatever the rules; a caller
+        // without a certificate gets only what it was opened to.
         if request.uri().path() == grpc_health::CHECK_PATH
+            && caller.id.is_some()
             && let Some(mode) = inbound.health_answer()
         {
             return match inbound.app_for(self.captured_port) {

@@ -125,6 +125,10 @@ async fn only_the_opened_methods_and_origins_are_served() {
     assert!(message.contains("a caller without a certificate may not call /echo.v1.Echo/BidiStream"), "{message}");
     assert!(message.contains("inbound.grpc_web.methods does not list it"), "{message}");
 
+    // Peers' health checks are answered whatever the rules; a browser's are not.
+    let (_, headers, _) = post(&mesh, http::Method::POST, "/grpc.health.v1.Health/Check", &grpc_web, vec![0; 5]).await;
+    assert_eq!(headers["grpc-status"], "12", "UNIMPLEMENTED, as any method outside the contracts: {headers:?}");
+
     let preflight = [
         ("origin", "http://shop.test"),
         ("access-control-request-method", "POST"),
