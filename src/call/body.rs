@@ -174,7 +174,7 @@ impl ResponseBody {
     }
 
     /// Ends the call with the cut's error once a policy cuts it.
-    pub fn cut_by(&mut self, cut: Cut) {
+    pub(super) fn cut_by(&mut self, cut: Cut) {
         if let Some(inner) = &mut self.inner {
             inner.cut.get_or_insert(cut);
         }

@@ -7,10 +7,10 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, Response};
 use http_body::Frame;
 
-use super::{Direction, PolicyError, ProxyError};
+use super::{Direction, PolicyError, ProxyError, ResponseBody};
 use crate::grpc::Code;
 
 #[derive(Clone, Default)]
@@ -40,6 +40,22 @@ impl Cut {
     /// The error the call ends with, once cut.
     pub fn error(&self) -> Option<ProxyError> {
         self.0.get().map(|error| ProxyError::Policy(error.clone()))
+    }
+
+    /// What a layer that may cut its call answers with, once the layers below
+    /// have: the cut's error if the call was cut by then, whatever came
+    /// back; else the response, which ends with the cut's status should the
+    /// call be cut later.
+    pub fn answer(
+        &self,
+        result: Result<Response<ResponseBody>, ProxyError>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        if let Some(error) = self.error() {
+            return Err(error);
+        }
+        let mut response = result?;
+        response.body_mut().cut_by(self.clone());
+        Ok(response)
     }
 
     /// The error as the status and trailers that end a response already

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Cut, PolicyError, ProxyError};
+use super::{Cut, PolicyError};
 
 /// Which body carried a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,11 +37,6 @@ impl std::fmt::Debug for MessageLimit {
 impl MessageLimit {
     pub fn new(max: u64, too_large: TooLarge, cut: Cut) -> MessageLimit {
         MessageLimit { max, too_large, cut }
-    }
-
-    /// The error the call ends with, once it was cut.
-    pub fn error(&self) -> Option<ProxyError> {
-        self.cut.error()
     }
 }
 
@@ -133,7 +128,7 @@ mod tests {
     }
 
     fn over(limit: &MessageLimit) -> Option<(u64, Carrier)> {
-        let error = limit.error()?;
+        let error = limit.cut.error()?;
         let over = error.policy::<Over>().expect("the limit's error");
         Some((over.0, over.1))
     }
@@ -161,7 +156,7 @@ mod tests {
         let shared = limit(4);
         let mut request = Framing::new(shared.clone(), Carrier::Request);
         assert_eq!(request.scan(&Bytes::from(message(4))), Ok(()));
-        assert!(shared.error().is_none());
+        assert!(!shared.cut.is_cut());
         let mut response = Framing::new(shared.clone(), Carrier::Response);
         assert_eq!(response.scan(&Bytes::from(message(9))), Err(0));
         assert!(request.limit.cut.is_cut(), "the request's side sees it too");

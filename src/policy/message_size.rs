@@ -80,16 +80,13 @@ where
 
     fn call(&mut self, mut request: Request<RecvBody>) -> Self::Future {
         let Some((max, too_large)) = &self.limit else { return Either::Left(self.inner.call(request)) };
-        let limit = MessageLimit::new(*max, too_large.clone(), Cut::of(&mut request));
+        let cut = Cut::of(&mut request);
+        let limit = MessageLimit::new(*max, too_large.clone(), cut.clone());
         request.body_mut().limit_messages(limit.clone(), Carrier::Request);
         let call = self.inner.call(request);
         Either::Right(Box::pin(async move {
-            let result = call.await;
             // A request message too large cut the call short: say so, whatever came back.
-            if let Some(error) = limit.error() {
-                return Err(error);
-            }
-            let mut response = result?;
+            let mut response = cut.answer(call.await)?;
             response.body_mut().limit_messages(limit);
             Ok(response)
         }))

@@ -511,13 +511,7 @@ where
                     return Err(error);
                 }
             }
-            let result = inner.call(request).await;
-            if let Some(error) = cut.error() {
-                return Err(error);
-            }
-            let mut response = result?;
-            response.body_mut().cut_by(cut);
-            Ok(response)
+            cut.answer(inner.call(request).await)
         }))
     }
 }
