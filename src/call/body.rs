@@ -464,10 +464,7 @@ impl Body for RecvBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
-        if let Some(checking) = &mut this.checking
-            && checking.has_passed()
-        {
-            let passed = checking.passed();
+        if let Some(passed) = this.checking.as_mut().and_then(|checking| checking.take_passed()) {
             return this.pass_on(passed);
         }
         // Once a policy cut the call, nothing more goes on.
@@ -477,14 +474,9 @@ impl Body for RecvBody {
         while !this.data_done {
             match ready!(this.stream.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    if let Some(data) = this.receive(data) {
+                    let now = this.receive(data).or_else(|| this.checking.as_mut()?.take_passed());
+                    if let Some(data) = now {
                         return this.pass_on(data);
-                    }
-                    if let Some(checking) = &mut this.checking
-                        && checking.has_passed()
-                    {
-                        let passed = checking.passed();
-                        return this.pass_on(passed);
                     }
                     if this.is_cut() {
                         return RecvBody::failed();
