@@ -12,7 +12,7 @@ pub mod cors;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, ORIGIN};
@@ -27,10 +27,10 @@ use tokio::sync::mpsc;
 
 use super::connection;
 use super::edge::{EdgeState, InboundEdge};
-use super::open::{OpenConnections, Past};
-use super::server::{PeerInfo, Serving};
+use super::open::OpenConnections;
+use super::server::{PeerInfo, Serving, admit, next_connection};
 use crate::call::{AnswerErrors, Direction};
-use crate::config::CONNECTION_WINDOW;
+use crate::config::{CONNECTION_WINDOW, LimitsConfig};
 use crate::grpc::{self, Code, GRPC_STATUS};
 use codec::{Mode, TextDecoder, TextEncoder, trailers_frame};
 use cors::{Cors, Origin};
@@ -46,50 +46,31 @@ pub async fn serve(listener: TcpListener, edges: EdgeState, serving: Serving) {
     let open = OpenConnections::default();
     let draining = serving.drain.clone().signaled();
     tokio::pin!(draining);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    if let Some(unlogged) = serving.warnings.note(std::net::Ipv6Addr::UNSPECIFIED.into(), "accept_failed") {
-                        tracing::warn!(%error, unlogged, "gRPC-Web accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut draining => break,
-        };
+    while let Some((tcp, addr)) = next_connection(&listener, &mut draining, &serving.warnings, "gRPC-Web").await {
         let config = serving.routes.load().config.clone();
-        let limits = &config.limits;
-        let admitted = match open.admit(addr.ip(), limits.max_connections, limits.max_connections_per_source) {
-            Ok(admitted) => admitted,
-            Err(past) => {
-                let limit = match past {
-                    Past::Total => "max_connections",
-                    Past::PerKey => "max_connections_per_source",
-                };
-                serving.metrics.closed_at_limit(Direction::Inbound, limit);
-                continue;
-            }
-        };
+        let limits = (config.limits.max_connections, config.limits.max_connections_per_source);
+        let Some(admitted) = admit(&open, addr, limits, Direction::Inbound, &serving.metrics) else { continue };
         let Some(web) = config.inbound.as_ref().and_then(|inbound| inbound.grpc_web.as_ref()) else { continue };
-        let cors = Cors { allowed_origins: web.allowed_origins.clone(), max_age: web.max_age };
-        let (edges, serving) = (edges.clone(), serving.clone());
+        let cors = Arc::new(Cors { allowed_origins: web.allowed_origins.clone(), max_age: web.max_age });
+        let (edges, serving, limits) = (edges.clone(), serving.clone(), config.limits);
         let workers = serving.workers.clone();
         workers.spawn(async move {
             let _admitted = admitted;
-            serve_connection(tcp, addr, cors, edges, serving).await;
+            serve_connection(tcp, addr, (cors, limits), edges, serving).await;
         });
     }
 }
 
 /// One browser connection: HTTP/1.1 in front, an in-memory HTTP/2
 /// connection to the inbound edge behind.
-async fn serve_connection(tcp: TcpStream, addr: SocketAddr, cors: Cors, edges: EdgeState, serving: Serving) {
+async fn serve_connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    (cors, limits): (Arc<Cors>, LimitsConfig),
+    edges: EdgeState,
+    serving: Serving,
+) {
     let _ = tcp.set_nodelay(true);
-    let config = serving.routes.load().config.clone();
     let (front, back) = tokio::io::duplex(CONNECTION_WINDOW as usize);
     let peer = PeerInfo {
         addr,
@@ -99,7 +80,6 @@ async fn serve_connection(tcp: TcpStream, addr: SocketAddr, cors: Cors, edges: E
     };
     let edge = AnswerErrors::new(Direction::Inbound, InboundEdge::new(edges, peer));
     let drain = serving.drain.clone();
-    let limits = config.limits;
     tokio::spawn(async move { connection::serve(back, edge, &limits, drain).await });
     let Ok((calls, connection)) = h2::client::handshake(front).await else { return };
     tokio::spawn(connection);
@@ -109,7 +89,7 @@ async fn serve_connection(tcp: TcpStream, addr: SocketAddr, cors: Cors, edges: E
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(config.limits.first_frame_timeout)
+        .header_read_timeout(limits.first_frame_timeout)
         .serve_connection(TokioIo::new(tcp), service);
     let _ = connection.await;
 }

@@ -19,7 +19,7 @@ use tower::Service;
 use super::connection::{self, Ended};
 use super::detect::{Prefixed, Protocol, detect};
 use super::opaque::{self, Bounds, Target};
-use super::open::{OpenConnections, Past};
+use super::open::{Admitted, OpenConnections, Past};
 use super::routes::CurrentRoutes;
 use super::shed::MemoryBudget;
 use crate::call::{AnswerErrors, CallService, Direction, ProxyError, RecvBody, ResponseBody};
@@ -60,6 +60,53 @@ pub struct Serving {
     pub warnings: Arc<LogThrottle>,
 }
 
+/// The listener's next connection, or `None` once the drain starts. A
+/// failed accept (out of file descriptors and the like) backs off rather
+/// than spins, and is logged as the `listener`'s.
+pub(super) async fn next_connection<D: std::future::Future + Unpin>(
+    listener: &TcpListener,
+    draining: &mut D,
+    warnings: &LogThrottle,
+    name: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(error) => {
+                    if let Some(unlogged) = warnings.note(std::net::Ipv6Addr::UNSPECIFIED.into(), "accept_failed") {
+                        tracing::warn!(listener = name, %error, unlogged, "accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut *draining => return None,
+        }
+    }
+}
+
+/// Admits a connection from `addr` within `(max_connections, per source)`,
+/// or counts it closed at the limit that refused it.
+pub(super) fn admit(
+    open: &OpenConnections,
+    addr: SocketAddr,
+    (max, per_source): (usize, usize),
+    direction: Direction,
+    metrics: &Metrics,
+) -> Option<Admitted> {
+    let past = match open.admit(addr.ip(), max, per_source) {
+        Ok(admitted) => return Some(admitted),
+        Err(past) => past,
+    };
+    let limit = match past {
+        Past::Total => "max_connections",
+        Past::PerKey => "max_connections_per_source",
+    };
+    tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
+    metrics.closed_at_limit(direction, limit);
+    None
+}
+
 /// Serves `listener` until the drain starts. Each connection's calls go to
 /// the service `new_service` makes for it, whose errors become statuses.
 pub async fn serve<F, S>(
@@ -80,21 +127,7 @@ pub async fn serve<F, S>(
     let opaque = OpenConnections::default();
     let draining = drain.clone().signaled();
     tokio::pin!(draining);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    if let Some(unlogged) = warnings.note(std::net::Ipv6Addr::UNSPECIFIED.into(), "accept_failed") {
-                        tracing::warn!(%direction, %error, unlogged, "accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut draining => break,
-        };
+    while let Some((tcp, addr)) = next_connection(&listener, &mut draining, &warnings, direction.as_str()).await {
         if direction == Direction::Outbound && !from_this_pod(&tcp, addr) {
             if let Some(unlogged) = warnings.note(addr.ip(), "not_from_this_pod") {
                 tracing::warn!(%addr, unlogged, "refused a connection to the outbound listener from outside the pod: it calls with this workload's identity");
@@ -110,17 +143,8 @@ pub async fn serve<F, S>(
             Direction::Inbound => limits.max_connections_per_source,
             Direction::Outbound => usize::MAX,
         };
-        let admitted = match open.admit(addr.ip(), limits.max_connections, per_source) {
-            Ok(admitted) => admitted,
-            Err(past) => {
-                let limit = match past {
-                    Past::Total => "max_connections",
-                    Past::PerKey => "max_connections_per_source",
-                };
-                tracing::debug!(%direction, %addr, limit, "connection closed at a limit");
-                metrics.closed_at_limit(direction, limit);
-                continue;
-            }
+        let Some(admitted) = admit(&open, addr, (limits.max_connections, per_source), direction, &metrics) else {
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let new_service = new_service.clone();
