@@ -17,7 +17,7 @@ use tower::Service;
 use super::health_answer;
 use super::reflection;
 use super::routes::CurrentRoutes;
-use super::server::PeerInfo;
+use super::server::{PeerIdentity, PeerInfo};
 use super::shed::MemoryBudget;
 use crate::call::{CALLER_ID_HEADER, CallFuture, Caller, Direction, ProxyError, RecvBody, ResponseBody};
 use crate::grpc_health;
@@ -97,13 +97,14 @@ pub struct InboundEdge {
 
 impl InboundEdge {
     pub fn new(state: EdgeState, peer: PeerInfo) -> Self {
-        let PeerInfo { addr: address, identity, original_destination, unauthenticated } = peer;
+        let PeerInfo { addr: address, identity, original_destination } = peer;
         let caller = match identity {
-            Err(_) if unauthenticated => Ok((Caller { id: None, address }, None)),
-            identity => identity.map_err(Arc::from).and_then(|id| {
-                let header = HeaderValue::from_str(id.as_str()).map_err(|e| Arc::from(e.to_string()))?;
-                Ok((Caller { id: Some(id), address }, Some(header)))
-            }),
+            PeerIdentity::Proven(id) => match HeaderValue::from_str(id.as_str()) {
+                Ok(header) => Ok((Caller { id: Some(id), address }, Some(header))),
+                Err(error) => Err(Arc::from(error.to_string())),
+            },
+            PeerIdentity::Missing(why) => Err(Arc::from(why)),
+            PeerIdentity::Unauthenticated => Ok((Caller { id: None, address }, None)),
         };
         InboundEdge { state, caller, captured_port: original_destination.map(|original| original.port()) }
     }

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::connection;
 use super::edge::{EdgeState, InboundEdge};
 use super::open::OpenConnections;
-use super::server::{PeerInfo, Serving, admit, next_connection};
+use super::server::{PeerIdentity, PeerInfo, Serving, admit, next_connection};
 use crate::call::{AnswerErrors, Direction};
 use crate::config::{CONNECTION_WINDOW, LimitsConfig};
 use crate::grpc::{self, Code, GRPC_STATUS};
@@ -72,12 +72,7 @@ async fn serve_connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let (front, back) = tokio::io::duplex(CONNECTION_WINDOW as usize);
-    let peer = PeerInfo {
-        addr,
-        identity: Err("a gRPC-Web connection has no client certificate".into()),
-        original_destination: None,
-        unauthenticated: true,
-    };
+    let peer = PeerInfo { addr, identity: PeerIdentity::Unauthenticated, original_destination: None };
     let edge = AnswerErrors::new(Direction::Inbound, InboundEdge::new(edges, peer));
     let drain = serving.drain.clone();
     tokio::spawn(async move { connection::serve(back, edge, &limits, drain).await });

@@ -35,13 +35,21 @@ use crate::workers::Workers;
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub addr: SocketAddr,
-    /// The SPIFFE ID of a verified client certificate, or why there is none.
-    pub identity: Result<SpiffeId, String>,
+    pub identity: PeerIdentity,
     /// Where the connection was made to, when the capture rules redirected it here.
     pub original_destination: Option<SocketAddr>,
-    /// A browser's gRPC-Web connection: its calls come without a
-    /// certificate, and reach only the methods opened to such callers.
-    pub unauthenticated: bool,
+}
+
+/// Who is calling, as far as the connection proves it.
+#[derive(Clone, Debug)]
+pub enum PeerIdentity {
+    /// The SPIFFE ID of a verified client certificate.
+    Proven(SpiffeId),
+    /// None, and why: the connection's calls are refused.
+    Missing(String),
+    /// None, as expected of a browser's gRPC-Web connection: its calls reach
+    /// only the methods opened to callers without a certificate.
+    Unauthenticated,
 }
 
 /// What every listener of a sidecar shares.
@@ -152,9 +160,8 @@ pub async fn serve<F, S>(
         let mut connection = Connection {
             peer: PeerInfo {
                 addr,
-                identity: Err("a plaintext connection".into()),
+                identity: PeerIdentity::Missing("a plaintext connection".into()),
                 original_destination: None,
-                unauthenticated: false,
             },
             config,
             routes: routes.clone(),
@@ -322,9 +329,10 @@ impl Connection {
                 return None;
             }
         };
-        self.peer.identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-            Some(leaf) => spiffe_id_of(leaf),
-            None => Err("no client certificate".into()),
+        self.peer.identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(spiffe_id_of) {
+            Some(Ok(id)) => PeerIdentity::Proven(id),
+            Some(Err(why)) => PeerIdentity::Missing(why),
+            None => PeerIdentity::Missing("no client certificate".into()),
         };
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_OPAQUE) {
             let app = self.opaque_app(&self.peer)?;
@@ -385,9 +393,12 @@ impl Connection {
             None
         };
         let caller = match &peer.identity {
-            Ok(caller) => caller,
-            Err(why) => {
+            PeerIdentity::Proven(caller) => caller,
+            PeerIdentity::Missing(why) => {
                 return refused("opaque_no_identity", &format!("the caller's certificate proves no SPIFFE ID: {why}"));
+            }
+            PeerIdentity::Unauthenticated => {
+                return refused("opaque_no_identity", &"the caller has no certificate");
             }
         };
         if inbound.authorization.default == DefaultAuthorization::Deny {
