@@ -12,7 +12,7 @@ pub mod cors;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, ORIGIN};
@@ -157,8 +157,14 @@ async fn answer(request: Request<Incoming>, calls: h2::client::SendRequest<Bytes
             return status(Code::Unavailable, &format!("the call could not start: {error}"), mode, cors_headers);
         }
     };
-    tokio::spawn(send_body(body, sending, mode));
-    let response = match response.await {
+    let unreadable = Unreadable::default();
+    tokio::spawn(send_body(body, sending, mode, unreadable.clone()));
+    let response = response.await;
+    // A body that is not base64 reset the call: say so rather than how it ended.
+    if let Some(why) = unreadable.get() {
+        return status(Code::InvalidArgument, why, mode, cors_headers);
+    }
+    let response = match response {
         Ok(response) => response,
         Err(error) => return status(Code::Unavailable, &format!("the call broke off: {error}"), mode, cors_headers),
     };
@@ -177,7 +183,7 @@ async fn answer(request: Request<Incoming>, calls: h2::client::SendRequest<Bytes
         return response;
     }
     let (frames, body) = mpsc::channel(4);
-    tokio::spawn(receive_body(received, frames, mode));
+    tokio::spawn(receive_body(received, frames, mode, unreadable));
     let mut response = Response::new(StreamBody::new(tokio_stream_of(body)).boxed());
     *response.headers_mut() = headers;
     response
@@ -191,7 +197,15 @@ fn tokio_stream_of(
 }
 
 /// The browser's body to the call, decoded, as the call's window allows.
-async fn send_body(mut body: Incoming, mut sending: h2::SendStream<Bytes>, mode: Mode) {
+/// Why a text request could not be read, once it could not: the call was
+/// reset, and the browser is told this rather than how the call ended.
+type Unreadable = Arc<OnceLock<String>>;
+
+async fn send_body(mut body: Incoming, mut sending: h2::SendStream<Bytes>, mode: Mode, unreadable: Unreadable) {
+    let refuse = |sending: &mut h2::SendStream<Bytes>, error: codec::NotBase64| {
+        let _ = unreadable.set(error.to_string());
+        sending.send_reset(h2::Reason::CANCEL);
+    };
     let mut text = TextDecoder::default();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -203,19 +217,17 @@ async fn send_body(mut body: Incoming, mut sending: h2::SendStream<Bytes>, mode:
             Mode::Binary => data,
             Mode::Text => match text.decode(&data) {
                 Ok(data) => data,
-                Err(_) => {
-                    sending.send_reset(h2::Reason::PROTOCOL_ERROR);
-                    return;
-                }
+                Err(error) => return refuse(&mut sending, error),
             },
         };
         if send_data(&mut sending, data).await.is_err() {
             return;
         }
     }
-    if mode == Mode::Text && text.finish().is_err() {
-        sending.send_reset(h2::Reason::PROTOCOL_ERROR);
-        return;
+    if mode == Mode::Text
+        && let Err(error) = text.finish()
+    {
+        return refuse(&mut sending, error);
     }
     let _ = sending.send_data(Bytes::new(), true);
 }
@@ -237,7 +249,7 @@ async fn send_data(sending: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Resu
 
 /// The call's response to the browser: its messages, then its trailers as
 /// gRPC-Web's last frame; in text mode, all of it one base64 run.
-async fn receive_body(mut received: h2::RecvStream, frames: mpsc::Sender<Bytes>, mode: Mode) {
+async fn receive_body(mut received: h2::RecvStream, frames: mpsc::Sender<Bytes>, mode: Mode, unreadable: Unreadable) {
     let mut text = TextEncoder::default();
     let encode = |text: &mut TextEncoder, data: &[u8]| match mode {
         Mode::Binary => Bytes::copy_from_slice(data),
@@ -251,10 +263,13 @@ async fn receive_body(mut received: h2::RecvStream, frames: mpsc::Sender<Bytes>,
             return;
         }
     }
-    let trailers = match received.trailers().await {
-        Ok(Some(trailers)) => trailers,
-        // Broken off: the browser learns it from a status, as a gRPC client would.
-        _ => grpc::status_headers(Code::Unavailable, "protomesh inbound: the call broke off"),
+    // Broken off: the browser learns it from a status, as a gRPC client would.
+    let broken = |code, why: &str| grpc::status_headers(code, &format!("protomesh inbound: {why}"));
+    let trailers = match (unreadable.get(), received.trailers().await) {
+        (Some(why), _) => broken(Code::InvalidArgument, why),
+        (None, Ok(Some(trailers))) => trailers,
+        (None, Ok(None)) => broken(Code::Internal, "the call ended without trailers"),
+        (None, Err(error)) => broken(Code::Unavailable, &format!("the call broke off: {error}")),
     };
     let mut trailers = trailers;
     trailers.remove(CONTENT_TYPE);

@@ -99,6 +99,15 @@ async fn unary_and_streaming_calls_in_binary_and_text_with_trailers_in_the_body(
     assert_eq!(EchoReply::decode(&messages[0][..]).unwrap().message, "hello");
     assert!(trailers.unwrap().contains("grpc-status: 0\r\n"));
 
+    // Text that is not base64 is refused saying so, not as a call that broke off.
+    let calls = mesh.backend.calls.load(std::sync::atomic::Ordering::Relaxed);
+    for bad in [&b"AAAA!!!!"[..], b"AAAAAAc"] {
+        let (_, headers, _) = post(&mesh, http::Method::POST, "/echo.v1.Echo/Unary", &text, bad.to_vec()).await;
+        assert_eq!(headers["grpc-status"], "3", "INVALID_ARGUMENT: {headers:?}");
+        assert!(protomesh::grpc::message_in(&headers).contains("the gRPC-Web text body is not base64"), "{headers:?}");
+    }
+    assert_eq!(mesh.backend.calls.load(std::sync::atomic::Ordering::Relaxed), calls, "the app answered none of them");
+
     let streamed = framed(&EchoRequest { message: "s".into(), reply_count: 3, ..Default::default() });
     let (_, _, body) = post(&mesh, http::Method::POST, "/echo.v1.Echo/ServerStream", &grpc_web, streamed).await;
     let (messages, trailers) = frames(&body);
