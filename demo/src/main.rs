@@ -29,6 +29,9 @@ use tracing_subscriber::EnvFilter;
 const TRUST_DOMAIN: &str = "demo.protomesh.local";
 const WORKLOADS: [&str; 4] = ["frontend", "checkout", "inventory", "pricing"];
 const SHOP_PROTO: &str = include_str!("../../proto/examples/shop.proto");
+/// Inventory's stock, open to browsers by gRPC-Web.
+const STOCK_FOR_BROWSERS: &str = ", grpc_web: {listen: '127.0.0.1:0', allowed_origins: ['*'], \
+    methods: ['shop.v1.Inventory/GetStock', 'shop.v1.Inventory/WatchStock']}";
 
 /// A whole protomesh mesh on loopback: four workloads, each behind its own sidecar.
 #[derive(Parser)]
@@ -87,7 +90,8 @@ async fn run_in(dir: &Path, otlp: Option<String>, keep_running: bool) -> Result<
         std::fs::create_dir_all(proto_dir.join("examples")).and_then(|()| std::fs::write(&shop_proto, SHOP_PROTO));
     written.map_err(|e| format!("{}: cannot write the demo contract: {e}", shop_proto.display()))?;
     let tracing = otlp.as_ref().map_or_else(|| "{}".to_string(), |endpoint| format!("{{otlp_endpoint: '{endpoint}'}}"));
-    let start = |name: &'static str, app: Option<SocketAddr>, upstreams: Vec<String>| {
+    // `inbound` is more of the workload's inbound section, if any.
+    let start = |name: &'static str, app: Option<SocketAddr>, inbound: &'static str, upstreams: Vec<String>| {
         let c = certs.display();
         let mut yaml = format!(
             "service_name: {name}\n\
@@ -101,14 +105,7 @@ async fn run_in(dir: &Path, otlp: Option<String>, keep_running: bool) -> Result<
             upstreams.join(", "),
         );
         if let Some(app) = app {
-            // Inventory's stock is open to browsers, by gRPC-Web.
-            let web = if name == "inventory" {
-                ", grpc_web: {listen: '127.0.0.1:0', methods: ['shop.v1.Inventory/GetStock', \
-                 'shop.v1.Inventory/WatchStock'], allowed_origins: ['*']}"
-            } else {
-                ""
-            };
-            yaml.push_str(&format!("inbound: {{listen: '127.0.0.1:0', app: '{app}'{web}}}\n"));
+            yaml.push_str(&format!("inbound: {{listen: '127.0.0.1:0', app: '{app}'{inbound}}}\n"));
         }
         let path = dir.join(format!("{name}.yaml"));
         async move {
@@ -125,13 +122,14 @@ async fn run_in(dir: &Path, otlp: Option<String>, keep_running: bool) -> Result<
     let inventory_app =
         serve(Server::builder().add_service(InventoryServer::new(InventoryService)), bind().await?).await;
     let pricing_app = serve(Server::builder().add_service(PricingServer::new(PricingService)), bind().await?).await;
-    let inventory = start("inventory", Some(inventory_app), vec![]).await?;
-    let pricing = start("pricing", Some(pricing_app), vec![]).await?;
+    let inventory = start("inventory", Some(inventory_app), STOCK_FOR_BROWSERS, vec![]).await?;
+    let pricing = start("pricing", Some(pricing_app), "", vec![]).await?;
     let checkout_listener = bind().await?;
     let checkout_app = checkout_listener.local_addr().map_err(|e| e.to_string())?;
     let checkout = start(
         "checkout",
         Some(checkout_app),
+        "",
         vec![route("shop.v1.Inventory", &inventory), route("shop.v1.Pricing", &pricing)],
     )
     .await?;
@@ -142,7 +140,7 @@ async fn run_in(dir: &Path, otlp: Option<String>, keep_running: bool) -> Result<
     };
     serve(Server::builder().add_service(CheckoutServer::new(service)), checkout_listener).await;
     let frontend =
-        start("frontend", None, vec![route("shop.v1.Checkout", &checkout), route("shop.v1.Inventory", &inventory)])
+        start("frontend", None, "", vec![route("shop.v1.Checkout", &checkout), route("shop.v1.Inventory", &inventory)])
             .await?;
 
     let workloads = [frontend, checkout, inventory, pricing];
