@@ -4,7 +4,6 @@
 //! remembering where it came from. The routes are built from it, and it is
 //! rendered once, the same way, for `protomesh check` and for `/config`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,28 +19,15 @@ use crate::policy::source::Source;
 use crate::policy::validate::{self, RequestRules, ValidationFamilies};
 use crate::policy::{MethodPolicy, PolicyConfig, PolicyFields};
 
-/// The request rules of every method of the contracts that validates,
-/// compiled, by path. A rule that does not compile fails the whole load,
-/// naming its file, message and field, so a reload keeps what runs.
-pub fn request_rules(
-    contracts: &Contracts,
-    policy: &PolicyConfig,
-    failures: &ValidationFamilies,
-) -> Result<HashMap<String, Arc<RequestRules>>, String> {
-    let validators = contracts.validators();
-    let mut rules = HashMap::new();
+/// Compiles the request rules of every method that validates, so that a
+/// rule that does not compile fails the load before anything is built; the
+/// contracts keep what was compiled for the routes.
+pub fn check_request_rules(contracts: &Contracts, policy: &PolicyConfig) -> Result<(), String> {
     for method in contracts.methods() {
         let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
-        let Some(turned_on) = effective.validate.as_ref().filter(|validate| validate.value) else { continue };
-        // Validation holds a message whole: no more than the method lets through.
-        let max = effective.max_message_size.as_ref().map(|size| size.value.as_u64());
-        let max = max.map_or(validate::DEFAULT_HOLD, |max| u32::try_from(max).unwrap_or(u32::MAX));
-        let Some((input, _)) = contracts.method_types(&method.path) else { continue };
-        if let Some(method_rules) = validators.rules(&method.path, &input, turned_on, max, failures)? {
-            rules.insert(method.path.clone(), method_rules);
-        }
+        effective.request_rules(contracts, method, &ValidationFamilies::default())?;
     }
-    Ok(rules)
+    Ok(())
 }
 
 impl MethodPolicy {
@@ -92,6 +78,23 @@ impl MethodPolicy {
             policy.timeout = None;
         }
         policy
+    }
+
+    /// `method`'s request rules, compiled, when it validates and its request
+    /// type carries rules; a rule that does not compile is an error naming
+    /// its file, message and field.
+    pub fn request_rules(
+        &self,
+        contracts: &Contracts,
+        method: &MethodInfo,
+        failures: &ValidationFamilies,
+    ) -> Result<Option<Arc<RequestRules>>, String> {
+        let Some(turned_on) = self.validate.as_ref().filter(|validate| validate.value) else { return Ok(None) };
+        let Some((input, _)) = contracts.method_types(&method.path) else { return Ok(None) };
+        // Validation holds a message whole: no more than the method lets through.
+        let max = self.max_message_size.as_ref().map(|size| size.value.as_u64());
+        let max = max.map_or(validate::DEFAULT_HOLD, |max| u32::try_from(max).unwrap_or(u32::MAX));
+        contracts.validators().rules(&method.path, &input, turned_on, max, failures)
     }
 
     /// What the deadline layer enforces: `timeout`, else `stream_timeout`.

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use protomesh::contract::{Contracts, ContractsConfig};
 use protomesh::grpc::Code;
-use protomesh::policy::PolicyConfig;
+use protomesh::policy::{MethodPolicy, PolicyConfig};
 use protomesh::policy::validate::RequestRules;
 
 const CONTRACT: &str = r#"
@@ -69,8 +69,10 @@ fn rules() -> &'static Arc<RequestRules> {
                     .unwrap(),
                 ..Default::default()
             };
-            let mut all = protomesh::effective::request_rules(&contracts, &policy, &Default::default()).unwrap();
-            (dir, all.remove("/fuzz.v1.Orders/Place").expect("the method has rules"))
+            let method = contracts.method("/fuzz.v1.Orders/Place").expect("the contract's method");
+            let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), &policy);
+            let rules = effective.request_rules(&contracts, method, &Default::default()).unwrap();
+            (dir, rules.expect("the method has rules"))
         })
         .1
 }

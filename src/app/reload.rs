@@ -63,8 +63,7 @@ impl Inputs {
         // that `protomesh check` and a reload that must be refused say so
         // first; the contracts keep them for the inbound routes.
         if config.inbound.is_some() {
-            effective::request_rules(&contracts, &config.policy, &Default::default())
-                .map_err(|e| format!("contracts: {e}"))?;
+            effective::check_request_rules(&contracts, &config.policy).map_err(|e| format!("contracts: {e}"))?;
         }
         let credentials = Credentials::read(&config.identity)?;
         Ok(Inputs { config, contracts, credentials, config_version })

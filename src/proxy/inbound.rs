@@ -90,7 +90,6 @@ impl InboundRoutes {
         let app = inbound.app.map(|addr| registries.app(addr, connect));
         let app_ports = registries.app_ports(connect);
         let validation = shared.metrics.families::<ValidationFamilies>();
-        let mut request_rules = effective::request_rules(contracts, policy, &validation)?;
         let by_path = contracts
             .methods()
             .map(|method| {
@@ -112,11 +111,12 @@ impl InboundRoutes {
                     registries.kept::<CallerBuckets>(key, name)
                 });
                 let names = (method.service.as_str(), method.method.as_str());
-                let validation = (request_rules.remove(&method.path), method.shape.one_request());
+                let rules = effective.request_rules(contracts, method, &validation)?;
+                let validation = (rules, method.shape.one_request());
                 let stack = shared.stack(&effective, names, names, bulkhead, (rate, caller_rate), validation);
-                (method.path.clone().into_boxed_str(), stack)
+                Ok((method.path.clone().into_boxed_str(), stack))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         let callers = policy.caller_concurrency.as_ref().map(|limits| {
             let key = StateKey::new(Direction::Inbound, Scope::Callers, limits);
             registries.kept::<CallerBulkheads>(key, "callers (config policy.caller_concurrency)".into())
