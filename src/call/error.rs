@@ -177,12 +177,12 @@ impl ProxyError {
     /// The status as headers or trailers: code, message, and the policy's
     /// details if it has any.
     pub fn status_headers(&self, direction: Direction) -> http::HeaderMap {
-        let mut headers = grpc::status_headers(self.code(), &self.message(direction));
+        let (code, message) = (self.code(), self.message(direction));
+        let mut headers = grpc::status_headers(code, &message);
         if let ProxyError::Policy(error) = self {
             let details = error.details();
             if !details.is_empty() {
-                let message = self.message(direction);
-                headers.insert(grpc::GRPC_STATUS_DETAILS_BIN, grpc::status_details(self.code(), &message, details));
+                headers.insert(grpc::GRPC_STATUS_DETAILS_BIN, grpc::status_details(code, &message, details));
             }
         }
         headers
