@@ -82,7 +82,6 @@ impl Validators {
         if let Err(RuleError::Compilation(error)) = validator.validate(&DynamicMessage::new(message.clone())) {
             return Err(compile_error(&self.pool, message, &error.cause));
         }
-        let (service, name) = crate::grpc::split_path(method).unwrap_or((method, ""));
         Ok(Some(Arc::new(RequestRules {
             validator: validator.clone(),
             message: message.clone(),
@@ -90,7 +89,6 @@ impl Validators {
             source: validate.source.to_string(),
             max,
             failures: failures.clone(),
-            labels: (service.to_string(), name.to_string()),
             cel_messages,
         })))
     }
@@ -202,24 +200,24 @@ pub struct RequestRules {
     /// The largest message held to be checked.
     max: u32,
     failures: ValidationFamilies,
-    labels: (String, String),
     /// Message-level CEL rules' messages, by rule id.
     cel_messages: HashMap<String, String>,
 }
 
 impl RequestRules {
     fn count(&self, rule: &str) {
-        let (service, method) = self.labels.clone();
-        self.failures.failures.get_or_create(&RuleLabels { service, method, rule: rule.to_string() }).inc();
+        let (service, method) = crate::grpc::split_path(&self.method).unwrap_or((&self.method, ""));
+        let labels = RuleLabels { service: service.into(), method: method.into(), rule: rule.into() };
+        self.failures.failures.get_or_create(&labels).inc();
     }
 
     /// The check of one call's request messages, sent with `grpc-encoding`
     /// `encoding`; refused when they cannot be read.
     pub fn checking(self: &Arc<Self>, encoding: Option<&[u8]>) -> Result<Checking, Arc<dyn PolicyError>> {
-        let encoding = match encoding {
-            None | Some(b"identity") => Encoding::Identity,
-            Some(b"gzip") => Encoding::Gzip,
-            Some(b"deflate") => Encoding::Deflate,
+        let compression = match encoding {
+            None | Some(b"identity") => None,
+            Some(b"gzip") => Some(Compression::Gzip),
+            Some(b"deflate") => Some(Compression::Deflate),
             // The app would refuse it as well; what it holds cannot be checked.
             Some(other) => {
                 let why = format!(
@@ -229,7 +227,7 @@ impl RequestRules {
                 return Err(self.refuse(1, Why::Unreadable { rule: "compression", why, code: Code::Unimplemented }));
             }
         };
-        Ok(Checking::new(Box::new(CheckRequest { rules: self.clone(), encoding, number: 0 })))
+        Ok(Checking::new(Box::new(CheckRequest { rules: self.clone(), compression, number: 0 })))
     }
 
     fn refuse(&self, number: usize, why: Why) -> Arc<dyn PolicyError> {
@@ -250,7 +248,8 @@ impl RequestRules {
 /// The request messages of one call as they are checked.
 struct CheckRequest {
     rules: Arc<RequestRules>,
-    encoding: Encoding,
+    /// The call's `grpc-encoding`, unless identity.
+    compression: Option<Compression>,
     /// Messages checked so far.
     number: usize,
 }
@@ -262,8 +261,7 @@ impl fmt::Debug for CheckRequest {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Encoding {
-    Identity,
+enum Compression {
     Gzip,
     Deflate,
 }
@@ -287,14 +285,14 @@ impl MessageCheck for CheckRequest {
         let rules = &self.rules;
         let unreadable = |rule, why: String, code| rules.refuse(self.number, Why::Unreadable { rule, why, code });
         let decompressed;
-        let bytes = match (compressed, self.encoding) {
+        let bytes = match (compressed, self.compression) {
             (false, _) => message,
-            (true, Encoding::Identity) => {
+            (true, None) => {
                 let why = "is flagged compressed, but the call's grpc-encoding names no compression".to_string();
                 return Err(unreadable("compression", why, Code::Internal));
             }
-            (true, encoding) => {
-                decompressed = decompress(encoding, message, rules.max)
+            (true, Some(compression)) => {
+                decompressed = decompress(compression, message, rules.max)
                     .map_err(|why| unreadable("compression", why, Code::Internal))?;
                 &decompressed[..]
             }
@@ -318,13 +316,12 @@ impl MessageCheck for CheckRequest {
 }
 
 /// `message` decompressed, no larger than `max`.
-fn decompress(encoding: Encoding, message: &[u8], max: u32) -> Result<Vec<u8>, String> {
+fn decompress(compression: Compression, message: &[u8], max: u32) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let limit = u64::from(max) + 1;
-    let read = match encoding {
-        Encoding::Gzip => flate2::read::GzDecoder::new(message).take(limit).read_to_end(&mut out),
-        Encoding::Deflate => flate2::read::ZlibDecoder::new(message).take(limit).read_to_end(&mut out),
-        Encoding::Identity => return Ok(message.to_vec()),
+    let read = match compression {
+        Compression::Gzip => flate2::read::GzDecoder::new(message).take(limit).read_to_end(&mut out),
+        Compression::Deflate => flate2::read::ZlibDecoder::new(message).take(limit).read_to_end(&mut out),
     };
     read.map_err(|e| format!("does not decompress: {e}"))?;
     if out.len() > max as usize {
