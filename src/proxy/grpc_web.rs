@@ -251,14 +251,15 @@ async fn send_data(sending: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Resu
 /// gRPC-Web's last frame; in text mode, all of it one base64 run.
 async fn receive_body(mut received: h2::RecvStream, frames: mpsc::Sender<Bytes>, mode: Mode, unreadable: Unreadable) {
     let mut text = TextEncoder::default();
-    let encode = |text: &mut TextEncoder, data: &[u8]| match mode {
-        Mode::Binary => Bytes::copy_from_slice(data),
-        Mode::Text => text.encode(data),
+    // Binary goes on as it came; text is one base64 run.
+    let encode = |text: &mut TextEncoder, data: Bytes| match mode {
+        Mode::Binary => data,
+        Mode::Text => text.encode(&data),
     };
     while let Some(data) = received.data().await {
         let Ok(data) = data else { break };
         let _ = received.flow_control().release_capacity(data.len());
-        let out = encode(&mut text, &data);
+        let out = encode(&mut text, data);
         if !out.is_empty() && frames.send(out).await.is_err() {
             return;
         }
@@ -273,7 +274,7 @@ async fn receive_body(mut received: h2::RecvStream, frames: mpsc::Sender<Bytes>,
     };
     let mut trailers = trailers;
     trailers.remove(CONTENT_TYPE);
-    let mut last = encode(&mut text, &trailers_frame(&trailers)).to_vec();
+    let mut last = encode(&mut text, trailers_frame(&trailers)).to_vec();
     if mode == Mode::Text {
         last.extend_from_slice(&text.finish());
     }
