@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::config::grpc_web::GrpcWebConfig;
 use crate::contract::{CallShape, Contracts, Idempotency, MethodInfo};
 use crate::policy::authz::{AuthorizationConfig, MethodAuthz, MethodPattern, Rule};
 use crate::policy::deadline::DeadlinePolicy;
@@ -132,7 +131,6 @@ pub fn contract_rule(method: &MethodInfo) -> Option<Arc<Rule>> {
 /// declare, its service's).
 pub fn authorization(
     authz: &AuthorizationConfig,
-    web: Option<&GrpcWebConfig>,
     rules: &[Arc<Rule>],
     contracts: &Contracts,
     service: &str,
@@ -143,8 +141,7 @@ pub fn authorization(
         Some(info) => contract_rule(info),
         None => service_rule(contracts, service),
     };
-    let opened = web.is_some_and(|web| web.opens(service, method));
-    MethodAuthz::resolve(rules, authz.default, service, method, contract).open_to_unauthenticated(opened)
+    MethodAuthz::resolve(rules, authz.default, service, method, contract)
 }
 
 /// The service's own `allowed_callers`, for methods its contract does not declare.
@@ -370,15 +367,15 @@ mod tests {
         let contracts = Contracts::load(&config).unwrap();
         let authz = AuthorizationConfig::default();
         let caller = crate::identity::SpiffeId::parse("spiffe://td/writer").unwrap();
-        let declared = authorization(&authz, None, &[], &contracts, "pkg.Guarded", "Get");
+        let declared = authorization(&authz, &[], &contracts, "pkg.Guarded", "Get");
         assert!(declared.check(Some(&caller)).is_ok(), "the method's own option allows anyone");
-        let undeclared = authorization(&authz, None, &[], &contracts, "pkg.Guarded", "Undeclared");
+        let undeclared = authorization(&authz, &[], &contracts, "pkg.Guarded", "Undeclared");
         let denial = undeclared.check(Some(&caller)).unwrap_err();
         assert_eq!(
             denial.to_string(),
             "not allowed by authorization rule \"allowed_callers in (protomesh.v1.service) of pkg.Guarded\""
         );
-        let other = authorization(&authz, None, &[], &contracts, "pkg.Other", "Any");
+        let other = authorization(&authz, &[], &contracts, "pkg.Other", "Any");
         assert!(other.check(Some(&caller)).is_ok(), "a service without a contract falls to the default");
     }
 

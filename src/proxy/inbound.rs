@@ -123,15 +123,7 @@ impl InboundRoutes {
         });
         let reflection = reflection.map(|reflection| {
             reflection::SERVICES.map(|(_, service)| {
-                let authz = effective::authorization(
-                    &inbound.authorization,
-                    inbound.grpc_web.as_ref(),
-                    &shared.rules,
-                    contracts,
-                    service,
-                    reflection::METHOD,
-                );
-                Authorize::new(Arc::new(authz), reflection.clone())
+                Authorize::new(Arc::new(shared.authorization(service, reflection::METHOD)), reflection.clone())
             })
         });
         Ok(InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, shared })
@@ -185,6 +177,15 @@ impl InboundRoutes {
 }
 
 impl Shared {
+    /// Who may call `service/method`: the rules and the contract's
+    /// `allowed_callers` for peers, and callers without a certificate where
+    /// `inbound.grpc_web` opens it to them.
+    fn authorization(&self, service: &str, method: &str) -> MethodAuthz {
+        let opened = self.inbound.grpc_web.as_ref().is_some_and(|web| web.opens(service, method));
+        effective::authorization(&self.inbound.authorization, &self.rules, &self.contracts, service, method)
+            .open_to_unauthenticated(opened)
+    }
+
     fn stack(
         &self,
         effective: &MethodPolicy,
@@ -203,15 +204,7 @@ impl Shared {
             tracing: self.tracing.clone(),
             access_log: self.access_log,
         });
-        let authz = effective::authorization(
-            &self.inbound.authorization,
-            self.inbound.grpc_web.as_ref(),
-            &self.rules,
-            &self.contracts,
-            service,
-            method,
-        );
-        let authz: Arc<MethodAuthz> = Arc::new(authz);
+        let authz: Arc<MethodAuthz> = Arc::new(self.authorization(service, method));
         let deadline = Arc::new(effective.deadline(self.policy.min_budget));
         ServiceBuilder::new()
             .layer_fn(|inner| Observe::new(observed.clone(), inner))
