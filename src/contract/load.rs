@@ -11,8 +11,8 @@ use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MethodD
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 
 use super::{
-    CallShape, ContractMode, ContractPolicy, Contracts, ContractsConfig, Idempotency, MethodInfo, OPTIONS_PROTO,
-    OPTIONS_PROTO_NAME, VALIDATE_PROTO_NAME,
+    CallShape, ContractMode, ContractPolicy, Contracts, ContractsConfig, HTTP_PROTOS, Idempotency, MethodInfo,
+    OPTIONS_PROTO, OPTIONS_PROTO_NAME, VALIDATE_PROTO_NAME,
 };
 use crate::digest::Digest;
 use crate::policy::validate::Validators;
@@ -39,7 +39,8 @@ impl<R: FileResolver> FileResolver for Recording<R> {
 }
 
 /// Resolves the files built into the binary: `protomesh/v1/options.proto`,
-/// and `buf/validate/validate.proto` as the validator compiled it (its
+/// `google/api/annotations.proto` with `http.proto`, and
+/// `buf/validate/validate.proto` as the validator compiled it (its
 /// descriptor, options included, since the crate ships no source).
 struct BuiltIn;
 
@@ -53,7 +54,10 @@ impl FileResolver for BuiltIn {
                 File::decode_file_descriptor_proto(file.encode_to_vec().as_slice())
                     .map_err(|e| protox::Error::new(std::io::Error::other(format!("built-in {name}: {e}"))))
             }
-            _ => Err(protox::Error::file_not_found(name)),
+            _ => match HTTP_PROTOS.iter().find(|(built_in, _)| *built_in == name) {
+                Some((_, source)) => File::from_source(name, source),
+                None => Err(protox::Error::file_not_found(name)),
+            },
         }
     }
 }
@@ -307,10 +311,16 @@ mod tests {
         assert_eq!((get.input.as_str(), get.output.as_str()), ("shop.v1.StockRequest", "shop.v1.Stock"));
         let mut files: Vec<_> = contracts.files().iter().map(|f| f.display().to_string()).collect();
         files.sort();
-        // The include path holds a copy of the options, so that one is read; the google ones are built in.
+        // The include path holds copies of the options and google.api, so those are read; google.protobuf is built in.
         assert_eq!(
             files,
-            ["proto/examples/echo.proto", "proto/examples/shop.proto", "proto/protomesh/v1/options.proto"]
+            [
+                "proto/examples/echo.proto",
+                "proto/examples/shop.proto",
+                "proto/google/api/annotations.proto",
+                "proto/google/api/http.proto",
+                "proto/protomesh/v1/options.proto"
+            ]
         );
     }
 

@@ -26,11 +26,19 @@ pub const OPTIONS_PROTO_NAME: &str = "protomesh/v1/options.proto";
 /// protovalidate's rules, built in from the validator's own copy, so that
 /// the rules a contract writes are the ones the sidecar enforces.
 pub const VALIDATE_PROTO_NAME: &str = "buf/validate/validate.proto";
+/// `google.api.http`, for JSON routes: the option and its messages.
+pub const HTTP_PROTOS: [(&str, &str); 2] = [
+    ("google/api/annotations.proto", include_str!("../../proto/google/api/annotations.proto")),
+    ("google/api/http.proto", include_str!("../../proto/google/api/http.proto")),
+];
 
 /// The files built into protomesh, which a contract imports without a copy
 /// (a copy in `contracts.include` wins).
 pub fn is_built_in(file: &str) -> bool {
-    file == OPTIONS_PROTO_NAME || file == VALIDATE_PROTO_NAME || file.starts_with("google/protobuf/")
+    file == OPTIONS_PROTO_NAME
+        || file == VALIDATE_PROTO_NAME
+        || HTTP_PROTOS.iter().any(|(name, _)| *name == file)
+        || file.starts_with("google/protobuf/")
 }
 
 /// The `contracts` section of the config.
