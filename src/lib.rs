@@ -27,6 +27,7 @@ pub mod kube;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod transcode;
 pub mod watch;
 pub mod workers;
 
