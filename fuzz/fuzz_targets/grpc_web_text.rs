@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protomesh::proxy::grpc_web::codec::{TextDecoder, TextEncoder};
+use protomesh::proxy::web::codec::{TextDecoder, TextEncoder};
 
 fuzz_target!(|data: &[u8]| {
     let mut decoder = TextDecoder::default();
