@@ -86,10 +86,11 @@ def start_sidecar(name, config_path, log_path):
     raise RuntimeError(f"{name} sidecar did not start: {Path(log_path).read_text()}")
 
 
-def start_pair(work, app_port, include, server_policy=""):
+def start_pair(work, app_port, include, server_policy="", web_methods=None):
     """A client and a server sidecar in front of the app at `app_port`, with
-    the contracts under `include`: (outbound port, inbound port, server admin
-    port, [(process, log)])."""
+    the contracts under `include`, the server taking JSON and gRPC-Web for
+    `web_methods` if given: (outbound port, inbound port, server admin port,
+    web port or None, [(process, log)])."""
     if not (work / "certs").exists():
         subprocess.run([protomesh_bin(), "certs", "--out", str(work / "certs"), "--trust-domain", TRUST_DOMAIN,
                         "--namespace", "py", "client", "server"], check=True, stdout=subprocess.DEVNULL)
@@ -105,16 +106,18 @@ def start_pair(work, app_port, include, server_policy=""):
         return f"identity: {{cert: {certs}/{name}.pem, key: {certs}/{name}-key.pem, trust_bundle: {certs}/ca.pem}}\n"
 
     server_admin = free_port()
+    web_port = web_methods and free_port()
+    web = f", web: {{listen: '127.0.0.1:{web_port}', methods: {web_methods}}}" if web_methods else ""
     (work / "server.yaml").write_text(
         identity("server") + common + f"admin: {{listen: '127.0.0.1:{server_admin}'}}\n" + server_policy +
         f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
-        f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'}}\n")
+        f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{app_port}'{web}}}\n")
     (work / "client.yaml").write_text(
         identity("client") + common + admin() + "access_log: true\n" +
         f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
         f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'], identity: '{spiffe('server')}'}}\n")
     sidecars = [start_sidecar(name, work / f"{name}.yaml", work / f"{name}.log") for name in ("server", "client")]
-    return outbound, inbound, server_admin, sidecars
+    return outbound, inbound, server_admin, web_port, sidecars
 
 
 def stop(sidecars):
@@ -139,7 +142,7 @@ def mesh(stubs, tmp_path_factory):
     app_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
 
-    outbound, inbound, server_admin, sidecars = start_pair(work, app_port, REPO / "proto")
+    outbound, inbound, server_admin, _, sidecars = start_pair(work, app_port, REPO / "proto")
     channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=[
         ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     yield {"stub": echo_pb2_grpc.EchoStub(channel), "pb": echo_pb2, "backend": backend, "channel": channel,
@@ -153,7 +156,8 @@ def mesh(stubs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def validated(stubs, mesh, tmp_path_factory):
     """A second pair in front of the same app, whose server sidecar validates
-    the echo service's requests against rules added to its contract."""
+    the echo service's requests against rules added to its contract, and
+    takes JSON calls to Unary and ServerStream by the contract's routes."""
     work = tmp_path_factory.mktemp("validated")
     include = work / "proto"
     (include / "examples").mkdir(parents=True)
@@ -166,8 +170,10 @@ def validated(stubs, mesh, tmp_path_factory):
                         "expression: \"this.fail_first == 0u || this.status_code != 0\" };", 1)
     (include / "examples" / "echo.proto").write_text(echo)
     app_port = mesh["app_port"]
-    outbound, _, admin, sidecars = start_pair(work, app_port, include, "policy: {defaults: {validate: true}}\n")
+    outbound, _, admin, web, sidecars = start_pair(work, app_port, include, "policy: {defaults: {validate: true}}\n",
+                                                   web_methods="['echo.v1.Echo/Unary', 'echo.v1.Echo/ServerStream']")
     channel = grpc.insecure_channel(f"127.0.0.1:{outbound}")
-    yield {"stub": mesh["stub"].__class__(channel), "pb": mesh["pb"], "backend": mesh["backend"], "admin": admin}
+    yield {"stub": mesh["stub"].__class__(channel), "pb": mesh["pb"], "backend": mesh["backend"], "admin": admin,
+           "web": f"http://127.0.0.1:{web}"}
     channel.close()
     stop(sidecars)
