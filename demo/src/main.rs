@@ -29,8 +29,9 @@ use tracing_subscriber::EnvFilter;
 const TRUST_DOMAIN: &str = "demo.protomesh.local";
 const WORKLOADS: [&str; 4] = ["frontend", "checkout", "inventory", "pricing"];
 const SHOP_PROTO: &str = include_str!("../../proto/examples/shop.proto");
-/// Inventory's stock, open to browsers by gRPC-Web.
-const STOCK_FOR_BROWSERS: &str = ", grpc_web: {listen: '127.0.0.1:0', allowed_origins: ['*'], \
+/// Inventory's stock, open to browsers by gRPC-Web and to HTTP clients by
+/// the JSON routes of its `google.api.http` options.
+const STOCK_FOR_BROWSERS: &str = ", web: {listen: '127.0.0.1:0', allowed_origins: ['*'], \
     methods: ['shop.v1.Inventory/GetStock', 'shop.v1.Inventory/WatchStock']}";
 
 /// A whole protomesh mesh on loopback: four workloads, each behind its own sidecar.
@@ -146,8 +147,9 @@ async fn run_in(dir: &Path, otlp: Option<String>, keep_running: bool) -> Result<
     let workloads = [frontend, checkout, inventory, pricing];
     print_mesh(&workloads);
     let via_frontend_sidecar = channel(workloads[0].sidecar.outbound_addr);
+    let web = workloads[2].sidecar.web_addr;
     let outcome = tokio::select! {
-        outcome = make_calls(via_frontend_sidecar, otlp.is_some()) => outcome,
+        outcome = make_calls(via_frontend_sidecar, web, otlp.is_some()) => outcome,
         _ = tokio::signal::ctrl_c() => { println!("\ninterrupted"); Ok(()) }
     };
     if keep_running && outcome.is_ok() {
@@ -186,13 +188,14 @@ fn print_mesh(workloads: &[Workload]) {
             w.sidecar.outbound_addr.to_string()
         );
     }
-    if let Some(web) = workloads.iter().find_map(|w| w.sidecar.grpc_web_addr) {
-        println!("\ngRPC-Web for browsers: http://{web} (shop.v1.Inventory/GetStock and WatchStock, any origin)");
+    if let Some(web) = workloads.iter().find_map(|w| w.sidecar.web_addr) {
+        println!("\ninventory's web listener: http://{web} (shop.v1.Inventory/GetStock and WatchStock, any origin)");
+        println!("  gRPC-Web for browsers, and JSON: curl http://{web}/v1/stock/apple");
     }
     println!();
 }
 
-async fn make_calls(via_frontend_sidecar: Channel, traced: bool) -> Result<(), String> {
+async fn make_calls(via_frontend_sidecar: Channel, web: Option<SocketAddr>, traced: bool) -> Result<(), String> {
     let mut checkout = CheckoutClient::new(via_frontend_sidecar.clone());
     let orders = [("ada", vec!["apple", "pear"]), ("grace", vec!["fig", "kiwi", "plum"])];
     for (customer, skus) in orders {
@@ -212,6 +215,12 @@ async fn make_calls(via_frontend_sidecar: Channel, traced: bool) -> Result<(), S
         for hop in &reply.trail {
             println!("    {hop}");
         }
+    }
+
+    if let Some(web) = web {
+        let (status, body) = json_get(web, "/v1/stock/apple").await?;
+        println!("\nan HTTP client, no certificate -> GET /v1/stock/apple (JSON): {status} {body}");
+        println!("  the inventory sidecar made it shop.v1.Inventory/GetStock by the contract's google.api.http option");
     }
 
     println!("\nrefused by policy, answered by the sidecars themselves:");
@@ -235,6 +244,21 @@ async fn make_calls(via_frontend_sidecar: Channel, traced: bool) -> Result<(), S
         );
     }
     Ok(())
+}
+
+/// A JSON call as any HTTP client makes it: (status line's code, body).
+async fn json_get(addr: SocketAddr, path: &str) -> Result<(String, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |e: std::io::Error| format!("GET {path} on the web listener {addr}: {e}");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(failed)?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: shop.test\r\naccept: application/json\r\nconnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.map_err(failed)?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.map_err(failed)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split(' ').nth(1).unwrap_or("?").to_string();
+    Ok((status, body.to_string()))
 }
 
 fn print_refusal(method: &str, result: Result<(), tonic::Status>) {

@@ -26,6 +26,10 @@ async fn the_demo_runs_a_whole_mesh_and_stops_by_itself() {
     }
     assert!(stdout.contains("served for spiffe://demo.protomesh.local/ns/shop/sa/checkout"), "{stdout}");
     assert!(stdout.contains("shop.v1.Inventory/GetStock: PermissionDenied: protomesh inbound"), "{stdout}");
+    assert!(
+        stdout.contains(r#"GET /v1/stock/apple (JSON): 200 {"sku":"apple","available":"#),
+        "an HTTP client's JSON call: {stdout}"
+    );
     assert!(stdout.contains("shop.v1.Checkout/CancelOrder: Unimplemented: protomesh outbound"), "{stdout}");
 }
 

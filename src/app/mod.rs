@@ -21,11 +21,11 @@ use crate::call::Direction;
 use crate::discovery::kubernetes::Cluster;
 use crate::identity::{Identity, SpiffeId};
 use crate::proxy::edge::{EdgeState, InboundEdge, OutboundEdge};
-use crate::proxy::grpc_web;
 use crate::proxy::registry::Registries;
 use crate::proxy::routes::Routes;
 use crate::proxy::server::{self, PeerInfo, Serving};
 use crate::proxy::shed::MemoryBudget;
+use crate::proxy::web;
 use crate::telemetry::{LogThrottle, Metrics, Tracing};
 use crate::workers::Workers;
 use admin::{Admin, SetLogLevel};
@@ -44,8 +44,8 @@ pub struct Options {
 pub struct Sidecar {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: Option<SocketAddr>,
-    /// `inbound.grpc_web.listen`, bound.
-    pub grpc_web_addr: Option<SocketAddr>,
+    /// `inbound.web.listen`, bound.
+    pub web_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub identity: SpiffeId,
     admin: Arc<Admin>,
@@ -86,8 +86,8 @@ impl Sidecar {
             None => None,
         };
         let inbound_v6 = config.inbound.as_ref().and_then(|inbound| ipv6_companion(inbound.listen));
-        let grpc_web = match config.inbound.as_ref().and_then(|inbound| inbound.grpc_web.as_ref()) {
-            Some(web) => Some(bind("inbound.grpc_web.listen", web.listen).await?),
+        let web = match config.inbound.as_ref().and_then(|inbound| inbound.web.as_ref()) {
+            Some(web) => Some(bind("inbound.web.listen", web.listen).await?),
             None => None,
         };
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -130,11 +130,11 @@ impl Sidecar {
                 Some(addr)
             }
         };
-        let grpc_web_addr = match grpc_web {
+        let web_addr = match web {
             None => None,
             Some(listener) => {
                 let addr = local_addr(&listener)?;
-                tokio::spawn(grpc_web::serve(listener, edges.clone(), serving.clone()));
+                tokio::spawn(web::serve(listener, edges.clone(), serving.clone()));
                 Some(addr)
             }
         };
@@ -146,11 +146,11 @@ impl Sidecar {
         let sampled = routes.clone();
         background.spawn(async move { memory.sample(sampled).await });
         admin.ready.store(true, Ordering::Release);
-        tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, ?grpc_web_addr, %admin_addr, "sidecar started");
+        tracing::info!(identity = %identity.id, %outbound_addr, ?inbound_addr, ?web_addr, %admin_addr, "sidecar started");
         Ok(Sidecar {
             outbound_addr,
             inbound_addr,
-            grpc_web_addr,
+            web_addr,
             admin_addr,
             identity: identity.id.clone(),
             admin,

@@ -16,6 +16,7 @@ use crate::contract::breaking::breaking_changes;
 use crate::contract::{BreakingChanges, Contracts};
 use crate::effective;
 use crate::identity::{Credentials, Identity};
+use crate::proxy::inbound::InboundRoutes;
 use crate::proxy::registry::Registries;
 use crate::proxy::routes::CurrentRoutes;
 use crate::proxy::routes::Routes;
@@ -61,9 +62,11 @@ impl Inputs {
         let contracts = Contracts::load(&config.contracts).map_err(|e| format!("contracts: {e}"))?;
         // The request rules are compiled here, before anything is built, so
         // that `protomesh check` and a reload that must be refused say so
-        // first; the contracts keep them for the inbound routes.
-        if config.inbound.is_some() {
+        // first; the contracts keep them for the inbound routes. The JSON
+        // routes are checked here for the same reason.
+        if let Some(inbound) = &config.inbound {
             effective::check_request_rules(&contracts, &config.policy).map_err(|e| format!("contracts: {e}"))?;
+            InboundRoutes::json_routes(inbound, &config.policy, &contracts).map_err(|e| format!("contracts: {e}"))?;
         }
         let credentials = Credentials::read(&config.identity)?;
         Ok(Inputs { config, contracts, credentials, config_version })

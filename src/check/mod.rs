@@ -7,6 +7,8 @@ use std::fmt::Write;
 
 use crate::app::Inputs;
 use crate::effective;
+use crate::proxy::inbound::InboundRoutes;
+use crate::transcode::JsonRoutes;
 
 pub fn report(inputs: &Inputs) -> String {
     let Inputs { config, contracts, credentials, .. } = inputs;
@@ -54,7 +56,7 @@ pub fn report(inputs: &Inputs) -> String {
                 inbound.authorization.rules.len(),
                 inbound.health.describe()
             );
-            if let Some(web) = &inbound.grpc_web {
+            if let Some(web) = &inbound.web {
                 let methods: Vec<String> = web.methods.iter().map(ToString::to_string).collect();
                 let origins = if web.allowed_origins.is_empty() {
                     "same origin only".into()
@@ -63,10 +65,17 @@ pub fn report(inputs: &Inputs) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "  gRPC-Web listen {}: callers without a certificate may call [{}]; origins: {origins}",
+                    "  web listen {} (gRPC-Web, JSON {}): callers without a certificate may call [{}]; origins: {origins}",
                     web.listen,
+                    web.json.as_str(),
                     methods.join(", ")
                 );
+                // Inputs::read built these once already: they compile.
+                let json = InboundRoutes::json_routes(inbound, &config.policy, contracts).ok().flatten();
+                for route in json.iter().flat_map(JsonRoutes::iter) {
+                    let verb = route.verb.as_ref().map_or("*", http::Method::as_str);
+                    let _ = writeln!(out, "    JSON {verb} {} -> {}", route.template, route.method.path);
+                }
             }
         }
     }

@@ -4,11 +4,11 @@
 //! together with the listeners', and says which settings a running sidecar
 //! cannot take without a restart.
 
-pub mod grpc_web;
 pub mod health_checks;
 mod limits;
 mod load;
 pub mod probes;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -193,7 +193,7 @@ pub struct InboundConfig {
     pub opaque_ports: Vec<u16>,
     /// A listener for browsers' gRPC-Web calls; none by default.
     #[serde(default)]
-    pub grpc_web: Option<grpc_web::GrpcWebConfig>,
+    pub web: Option<web::WebConfig>,
 }
 
 /// Strict: only mTLS from peer sidecars reaches the app. Permissive: a
@@ -424,8 +424,8 @@ impl Config {
                 return Err(("inbound.app".into(), problem));
             }
             inbound.authorization.validate()?;
-            if let Some(web) = &inbound.grpc_web {
-                web.validate().map_err(|e| ("inbound.grpc_web".to_string(), e))?;
+            if let Some(web) = &inbound.web {
+                web.validate().map_err(|e| ("inbound.web".to_string(), e))?;
             }
         }
         for (field, value) in [
@@ -454,8 +454,8 @@ impl Config {
     /// is ever handed to one of them.
     pub fn own_listener_at(&self, addr: SocketAddr) -> Option<&'static str> {
         let inbound = self.inbound.as_ref().map(|inbound| ("inbound.listen", inbound.listen));
-        let web = self.inbound.as_ref().and_then(|inbound| inbound.grpc_web.as_ref());
-        let web = web.map(|web| ("inbound.grpc_web.listen", web.listen));
+        let web = self.inbound.as_ref().and_then(|inbound| inbound.web.as_ref());
+        let web = web.map(|web| ("inbound.web.listen", web.listen));
         let listeners = [("outbound.listen", self.outbound.listen), ("admin.listen", self.admin.listen)];
         let takes = |listen: SocketAddr| {
             let ip = listen.ip().to_canonical();
@@ -484,11 +484,11 @@ impl Config {
                 keep("inbound.listen", running.listen.to_string(), wanted.listen.to_string());
                 wanted.listen = running.listen;
                 // Its listener stays; what it opens, to whom, follows reloads.
-                let listen = |web: &Option<grpc_web::GrpcWebConfig>| web.as_ref().map(|web| web.listen);
+                let listen = |web: &Option<web::WebConfig>| web.as_ref().map(|web| web.listen);
                 let shown = |listen: Option<SocketAddr>| listen.map_or("off".into(), |listen| listen.to_string());
-                if listen(&running.grpc_web) != listen(&wanted.grpc_web) {
-                    keep("inbound.grpc_web.listen", shown(listen(&running.grpc_web)), shown(listen(&wanted.grpc_web)));
-                    match (&running.grpc_web, &mut wanted.grpc_web) {
+                if listen(&running.web) != listen(&wanted.web) {
+                    keep("inbound.web.listen", shown(listen(&running.web)), shown(listen(&wanted.web)));
+                    match (&running.web, &mut wanted.web) {
                         (Some(running), Some(wanted)) => wanted.listen = running.listen,
                         (running, wanted) => *wanted = running.clone(),
                     }

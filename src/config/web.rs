@@ -1,7 +1,8 @@
-//! `inbound.grpc_web`: a listener for browsers. gRPC-Web calls come without
-//! a client certificate, so they reach only the methods listed here, and
-//! from the origins listed here; each becomes an ordinary gRPC call through
-//! the inbound stack, held to every other inbound policy.
+//! `inbound.web`: a listener for browsers and HTTP clients, speaking
+//! gRPC-Web and JSON. Their calls come without a client certificate, so they
+//! reach only the methods listed here, and from the origins listed here;
+//! each becomes an ordinary gRPC call through the inbound stack, held to
+//! every other inbound policy.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use crate::policy::authz::MethodPattern;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GrpcWebConfig {
+pub struct WebConfig {
     /// Plaintext HTTP/1.1 (TLS is the ingress's, in front of it).
     #[serde(deserialize_with = "super::address::deserialize")]
     pub listen: SocketAddr,
@@ -28,13 +29,40 @@ pub struct GrpcWebConfig {
     /// How long a browser keeps a preflight's answer.
     #[serde(default = "default_max_age", deserialize_with = "duration::deserialize")]
     pub max_age: Duration,
+    /// Which of the listed methods take JSON over HTTP.
+    #[serde(default)]
+    pub json: JsonRouting,
+}
+
+/// JSON routes to the listed methods, transcoded to gRPC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JsonRouting {
+    /// None: the listener speaks gRPC-Web only.
+    Off,
+    /// The routes the contracts' `google.api.http` options give.
+    #[default]
+    Annotated,
+    /// Those, and `POST /pkg.Service/Method` with the request as the body
+    /// for every listed method.
+    All,
+}
+
+impl JsonRouting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JsonRouting::Off => "off",
+            JsonRouting::Annotated => "annotated",
+            JsonRouting::All => "all",
+        }
+    }
 }
 
 fn default_max_age() -> Duration {
     Duration::from_secs(600)
 }
 
-impl GrpcWebConfig {
+impl WebConfig {
     /// Whether a caller without a certificate may call `service/method`.
     pub fn opens(&self, service: &str, method: &str) -> bool {
         self.methods.iter().any(|pattern| pattern.matches(service, method))
@@ -58,8 +86,8 @@ impl GrpcWebConfig {
 mod tests {
     use super::*;
 
-    fn read(yaml: &str) -> Result<GrpcWebConfig, String> {
-        let config: GrpcWebConfig = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+    fn read(yaml: &str) -> Result<WebConfig, String> {
+        let config: WebConfig = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
         config.validate()?;
         Ok(config)
     }
@@ -73,6 +101,11 @@ mod tests {
         assert!(config.opens("shop.v1.Catalog", "List"));
         assert!(!config.opens("shop.v1.Cart", "Add"), "only what is listed");
         assert_eq!(config.max_age, Duration::from_secs(600));
+        assert_eq!(config.json, JsonRouting::Annotated);
+        let all = read("{listen: '127.0.0.1:8080', json: all}").unwrap();
+        assert_eq!(all.json, JsonRouting::All);
+        let error = read("{listen: '127.0.0.1:8080', json: every}").unwrap_err();
+        assert!(error.contains("off") && error.contains("annotated") && error.contains("all"), "{error}");
         let error = read("{listen: '127.0.0.1:8080', allowed_origins: ['https://shop.example.com/']}").unwrap_err();
         assert!(error.starts_with("allowed_origins: `https://shop.example.com/` is not an origin"), "{error}");
     }

@@ -187,7 +187,7 @@ pub struct Rule {
 pub struct MethodAuthz {
     governing: Vec<Arc<Rule>>,
     default: DefaultAuthorization,
-    /// Open to callers without a certificate (`inbound.grpc_web.methods`).
+    /// Open to callers without a certificate (`inbound.web.methods`).
     unauthenticated: bool,
 }
 
@@ -327,7 +327,7 @@ impl fmt::Display for Denial {
                 }
                 Ok(())
             }
-            Denial::Unauthenticated => f.write_str("inbound.grpc_web.methods does not list it"),
+            Denial::Unauthenticated => f.write_str("inbound.web.methods does not list it"),
         }
     }
 }
@@ -395,7 +395,7 @@ mod tests {
         let denied = Denied { caller: None, path: "/s.S/M".into(), denial: Denial::Unauthenticated };
         assert_eq!(
             denied.to_string(),
-            "a caller without a certificate may not call /s.S/M: inbound.grpc_web.methods does not list it"
+            "a caller without a certificate may not call /s.S/M: inbound.web.methods does not list it"
         );
     }
 

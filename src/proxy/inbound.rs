@@ -16,8 +16,9 @@ use super::reflection::{self, Reflection};
 use super::registry::{AppPorts, Registries};
 use crate::call::{CallFuture, Direction, ENDPOINT_FAILURE, ProxyError, RecvBody, RequestBody, ResponseBody};
 use crate::config::health_checks::HealthAnswer;
+use crate::config::web::JsonRouting;
 use crate::config::{Config, InboundConfig};
-use crate::contract::{ContractMode, Contracts};
+use crate::contract::{ContractMode, Contracts, MethodInfo};
 use crate::effective;
 use crate::grpc::split_path;
 use crate::policy::MethodPolicy;
@@ -28,8 +29,9 @@ use crate::policy::deadline::{DeadlineFamilies, Deadlines, ForwardBudget};
 use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::rate_limit::{CallerBuckets, MethodLimit, RateLimits};
-use crate::policy::validate::{RequestRules, Validate, ValidationFamilies};
+use crate::policy::validate::{DEFAULT_HOLD, RequestRules, Validate, ValidationFamilies};
 use crate::telemetry::{Metrics, Observe, Observed, Tap, Taps, Tracing};
+use crate::transcode::JsonRoutes;
 
 /// A call from a peer sidecar, top to bottom: recorded, authorized, held to
 /// its rate limits (its caller's and the method's), its messages measured,
@@ -63,6 +65,8 @@ pub struct InboundRoutes {
     /// Reflection, by [`reflection::Version`], behind the authorization of
     /// its method; `None` when the contracts serve none.
     reflection: Option<[Authorize<Reflection>; 2]>,
+    /// The JSON routes of `inbound.web`, when it takes JSON.
+    pub json: Option<JsonRoutes>,
     shared: Shared,
 }
 
@@ -126,7 +130,27 @@ impl InboundRoutes {
                 Authorize::new(Arc::new(shared.authorization(service, reflection::METHOD)), reflection.clone())
             })
         });
-        Ok(InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, shared })
+        let json = InboundRoutes::json_routes(inbound, policy, contracts)?;
+        Ok(InboundRoutes { by_path, mode: config.contracts.mode, callers, app, app_ports, reflection, json, shared })
+    }
+
+    /// The routes JSON callers reach on `inbound.web`: those of the methods
+    /// it lists, each reading a body of up to its `max_message_size`.
+    /// Errors name the contract, the method and the binding, for `check` and
+    /// a refused reload.
+    pub fn json_routes(
+        inbound: &InboundConfig,
+        policy: &PolicyConfig,
+        contracts: &Contracts,
+    ) -> Result<Option<JsonRoutes>, String> {
+        let Some(web) = inbound.web.as_ref().filter(|web| web.json != JsonRouting::Off) else { return Ok(None) };
+        let max_body = |method: &MethodInfo| {
+            let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
+            let max = effective.max_message_size.map(|size| size.value.as_u64());
+            max.map_or(DEFAULT_HOLD as usize, |max| usize::try_from(max).unwrap_or(usize::MAX))
+        };
+        let opened = |method: &MethodInfo| web.opens(&method.service, &method.method);
+        JsonRoutes::build(contracts, opened, web.json == JsonRouting::All, max_body).map(Some)
     }
 
     /// The app a connection's calls go to: on `127.0.0.1` at the port it was
@@ -179,9 +203,9 @@ impl InboundRoutes {
 impl Shared {
     /// Who may call `service/method`: the rules and the contract's
     /// `allowed_callers` for peers, and callers without a certificate where
-    /// `inbound.grpc_web` opens it to them.
+    /// `inbound.web` opens it to them.
     fn authorization(&self, service: &str, method: &str) -> MethodAuthz {
-        let opened = self.inbound.grpc_web.as_ref().is_some_and(|web| web.opens(service, method));
+        let opened = self.inbound.web.as_ref().is_some_and(|web| web.opens(service, method));
         effective::authorization(&self.inbound.authorization, &self.rules, &self.contracts, service, method)
             .open_to_unauthenticated(opened)
     }

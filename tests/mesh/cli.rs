@@ -99,7 +99,7 @@ fn run_never_half_starts() {
 
 #[test]
 fn an_independent_grpcio_client_and_server_work_through_sidecar_processes() {
-    let probe = Command::new("python3").args(["-c", "import grpc, grpc_tools, grpc_status, pytest"]).output();
+    let probe = Command::new("python3").args(["-c", "import grpc, grpc_tools, grpc_status, pytest, requests"]).output();
     assert!(
         probe.is_ok_and(|o| o.status.success()),
         "the grpcio suite needs Python packages: pip install -r tests/python/requirements.txt"
@@ -296,14 +296,13 @@ async fn await_runs_the_app_once_the_sidecar_is_ready_passes_it_signals_and_with
 #[test]
 fn check_shows_the_grpc_web_listener_and_a_clash_with_the_app_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml =
-        "inbound: {app: '127.0.0.1:8080', grpc_web: {listen: '127.0.0.1:8081', methods: ['echo.v1.Echo/Unary']}}\n";
+    let yaml = "inbound: {app: '127.0.0.1:8080', web: {listen: '127.0.0.1:8081', methods: ['echo.v1.Echo/Unary']}}\n";
     let output = protomesh(&["check", "--config", &write_config(&dir, yaml)]);
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
         stdout.contains(
-            "gRPC-Web listen 127.0.0.1:8081: callers without a certificate may call [echo.v1.Echo/Unary]; origins: same origin only"
+            "web listen 127.0.0.1:8081 (gRPC-Web, JSON annotated): callers without a certificate may call [echo.v1.Echo/Unary]; origins: same origin only"
         ),
         "{stdout}"
     );
@@ -311,5 +310,5 @@ fn check_shows_the_grpc_web_listener_and_a_clash_with_the_app_is_named() {
     let output = protomesh(&["check", "--config", &write_config(&dir, &clash)]);
     let stderr = text(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("127.0.0.1:8081 is the sidecar's own inbound.grpc_web.listen"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:8081 is the sidecar's own inbound.web.listen"), "{stderr}");
 }

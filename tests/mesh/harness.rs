@@ -53,8 +53,8 @@ pub struct MeshOptions {
     pub reload_interval: &'static str,
     /// YAML for each sidecar's `limits` section.
     pub limits: &'static str,
-    /// YAML for the server sidecar's `inbound.grpc_web`, if any.
-    pub grpc_web: Option<&'static str>,
+    /// YAML for the server sidecar's `inbound.web`, if any.
+    pub web: Option<&'static str>,
     /// Each sidecar's `access_log`.
     pub access_log: bool,
     /// Each sidecar's `contracts.protos` and `contracts.mode`.
@@ -89,7 +89,7 @@ impl Default for MeshOptions {
             admin_listen: "127.0.0.1:0",
             reload_interval: "0s",
             limits: "{}",
-            grpc_web: None,
+            web: None,
             access_log: false,
             protos: "[examples/echo.proto, examples/shop.proto]",
             contracts_mode: "strict",
@@ -143,7 +143,7 @@ impl Mesh {
                     protomesh_samples::serve(router, listener).await
                 }
             };
-            let web = options.grpc_web.map_or(String::new(), |web| format!(", grpc_web: {web}"));
+            let web = options.web.map_or(String::new(), |web| format!(", web: {web}"));
             let inbound =
                 format!("{{listen: '127.0.0.1:0', app: '{app}', authorization: {}{web}}}", options.authorization);
             let policy = options.server_policy;
@@ -190,6 +190,33 @@ impl Mesh {
 
     pub fn client(&self) -> EchoClient<Channel> {
         EchoClient::new(self.channel()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
+    }
+
+    /// An HTTP/1.1 request to the server sidecar's `inbound.web` listener,
+    /// with Host `shop.test`: (status, headers, body).
+    pub async fn web_request(
+        &self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<bytes::Bytes>,
+    ) -> (http::StatusCode, http::HeaderMap, Vec<u8>) {
+        use http_body_util::{BodyExt, Full};
+        let addr = self.server_sidecar.web_addr.expect("the web listener");
+        within("a call to the web listener", async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(connection);
+            let mut request = http::Request::builder().method(method).uri(path).header("host", "shop.test");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let response = sender.send_request(request.body(Full::new(body.into())).unwrap()).await.unwrap();
+            let (head, body) = response.into_parts();
+            (head.status, head.headers, body.collect().await.unwrap().to_bytes().to_vec())
+        })
+        .await
     }
 
     pub fn ca(&self) -> DevCa {

@@ -20,6 +20,7 @@ mod health;
 mod hedging;
 mod injection;
 mod isolation;
+mod json;
 mod kubelet;
 mod kubernetes;
 mod limits;

@@ -418,7 +418,7 @@ async fn breaking_contract_changes_are_named_and_refused_when_the_config_says_so
     let without_bidi = ECHO_PROTO.replace("  rpc BidiStream(stream EchoRequest) returns (stream EchoReply);\n", "");
     configmap.update(&as_refs(&contracts(&without_bidi)));
     let ReloadOutcome::Failed(error) = mesh.server_sidecar.reload().await else { panic!("refused") };
-    assert!(error.contains("echo.proto:9:1: method /echo.v1.Echo/BidiStream was deleted (RPC_NO_DELETE)"), "{error}");
+    assert!(error.contains("echo.proto:10:1: method /echo.v1.Echo/BidiStream was deleted (RPC_NO_DELETE)"), "{error}");
     assert!(error.contains("contracts.breaking_changes: refuse"), "{error}");
     within("bidi still served", mesh.client().bidi_stream(tokio_stream::empty())).await.unwrap();
 
@@ -427,7 +427,7 @@ async fn breaking_contract_changes_are_named_and_refused_when_the_config_says_so
     let config = config_json(mesh.client_sidecar.admin_addr).await;
     let change = config["reload"]["breaking_changes"][0].as_str().unwrap();
     assert!(
-        change.ends_with("echo.proto:9:1: method /echo.v1.Echo/BidiStream was deleted (RPC_NO_DELETE)"),
+        change.ends_with("echo.proto:10:1: method /echo.v1.Echo/BidiStream was deleted (RPC_NO_DELETE)"),
         "{config}"
     );
     let status = within("bidi gone", mesh.client().bidi_stream(tokio_stream::empty())).await.unwrap_err();

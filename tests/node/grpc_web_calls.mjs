@@ -1,5 +1,5 @@
 // A gRPC-Web client as a browser app builds it (connect-web over fetch),
-// run in Node against a sidecar's inbound.grpc_web listener. The service
+// run in Node against a sidecar's inbound.web listener. The service
 // comes from the contracts' descriptor set, so no code is generated.
 // Usage: node grpc_web_calls.mjs BASE_URL DESCRIPTOR_SET; prints one JSON line.
 import { readFileSync } from "node:fs";
