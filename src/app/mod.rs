@@ -86,8 +86,8 @@ impl Sidecar {
             None => None,
         };
         let inbound_v6 = config.inbound.as_ref().and_then(|inbound| ipv6_companion(inbound.listen));
-        let web = match config.inbound.as_ref().and_then(|inbound| inbound.web.as_ref()) {
-            Some(web) => Some(bind("inbound.web.listen", web.listen).await?),
+        let web = match config.inbound.as_ref().and_then(|inbound| inbound.web.as_ref()?.listen) {
+            Some(listen) => Some(bind("inbound.web.listen", listen).await?),
             None => None,
         };
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -118,14 +118,10 @@ impl Sidecar {
                 let addr = local_addr(&listener)?;
                 for listener in std::iter::once(listener).chain(inbound_v6) {
                     let edges = edges.clone();
+                    let web_ports = web::for_captured_ports(edges.clone(), serving.clone());
                     let new_edge = move |peer: PeerInfo| InboundEdge::new(edges.clone(), peer);
-                    tokio::spawn(server::serve(
-                        listener,
-                        Direction::Inbound,
-                        Some(tls.clone()),
-                        new_edge,
-                        serving.clone(),
-                    ));
+                    let inbound = Some((tls.clone(), web_ports));
+                    tokio::spawn(server::serve(listener, Direction::Inbound, inbound, new_edge, serving.clone()));
                 }
                 Some(addr)
             }

@@ -63,10 +63,15 @@ pub fn report(inputs: &Inputs) -> String {
                 } else {
                     web.allowed_origins.join(", ")
                 };
+                let listen = web.listen.map(|listen| format!("listen {listen}"));
+                let ports = (!web.ports.is_empty()).then(|| {
+                    let ports: Vec<String> = web.ports.iter().map(ToString::to_string).collect();
+                    format!("captured ports [{}]", ports.join(", "))
+                });
                 let _ = writeln!(
                     out,
-                    "  web listen {} (gRPC-Web, JSON {}): callers without a certificate may call [{}]; origins: {origins}",
-                    web.listen,
+                    "  web {} (gRPC-Web, JSON {}): callers without a certificate may call [{}]; origins: {origins}",
+                    listen.into_iter().chain(ports).collect::<Vec<_>>().join(", "),
                     web.json.as_str(),
                     methods.join(", ")
                 );

@@ -455,7 +455,7 @@ impl Config {
     pub fn own_listener_at(&self, addr: SocketAddr) -> Option<&'static str> {
         let inbound = self.inbound.as_ref().map(|inbound| ("inbound.listen", inbound.listen));
         let web = self.inbound.as_ref().and_then(|inbound| inbound.web.as_ref());
-        let web = web.map(|web| ("inbound.web.listen", web.listen));
+        let web = web.and_then(|web| web.listen).map(|listen| ("inbound.web.listen", listen));
         let listeners = [("outbound.listen", self.outbound.listen), ("admin.listen", self.admin.listen)];
         let takes = |listen: SocketAddr| {
             let ip = listen.ip().to_canonical();
@@ -484,12 +484,12 @@ impl Config {
                 keep("inbound.listen", running.listen.to_string(), wanted.listen.to_string());
                 wanted.listen = running.listen;
                 // Its listener stays; what it opens, to whom, follows reloads.
-                let listen = |web: &Option<web::WebConfig>| web.as_ref().map(|web| web.listen);
+                let listen = |web: &Option<web::WebConfig>| web.as_ref().and_then(|web| web.listen);
                 let shown = |listen: Option<SocketAddr>| listen.map_or("off".into(), |listen| listen.to_string());
                 if listen(&running.web) != listen(&wanted.web) {
                     keep("inbound.web.listen", shown(listen(&running.web)), shown(listen(&wanted.web)));
                     match (&running.web, &mut wanted.web) {
-                        (Some(running), Some(wanted)) => wanted.listen = running.listen,
+                        (running, Some(wanted)) => wanted.listen = running.as_ref().and_then(|web| web.listen),
                         (running, wanted) => *wanted = running.clone(),
                     }
                 }

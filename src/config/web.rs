@@ -15,9 +15,15 @@ use crate::policy::authz::MethodPattern;
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebConfig {
-    /// Plaintext HTTP/1.1 (TLS is the ingress's, in front of it).
-    #[serde(deserialize_with = "super::address::deserialize")]
-    pub listen: SocketAddr,
+    /// A listener of its own: plaintext HTTP/1.1 (TLS is the ingress's, in
+    /// front of it).
+    #[serde(default, deserialize_with = "super::address::deserialize_option")]
+    pub listen: Option<SocketAddr>,
+    /// Captured app ports whose plaintext HTTP/1.1 connections are served
+    /// here too, for the app at that port; other connections to them are
+    /// taken as the port's mode says.
+    #[serde(default)]
+    pub ports: Vec<u16>,
     /// The methods a caller without a certificate may call, as
     /// `pkg.Service/Method`, `pkg.Service/*` or `*`; none by default.
     #[serde(default)]
@@ -70,6 +76,12 @@ impl WebConfig {
 
     /// Errors are `field: problem`.
     pub fn validate(&self) -> Result<(), String> {
+        if self.listen.is_none() && self.ports.is_empty() {
+            return Err("listen: set a listener of its own (listen), captured app ports (ports), or both".into());
+        }
+        if self.ports.contains(&0) {
+            return Err("ports: 0 is not a port".into());
+        }
         for origin in &self.allowed_origins {
             let valid = origin == "*" || (origin.contains("://") && !origin.ends_with('/'));
             if !valid {
@@ -106,6 +118,10 @@ mod tests {
         assert_eq!(all.json, JsonRouting::All);
         let error = read("{listen: '127.0.0.1:8080', json: every}").unwrap_err();
         assert!(error.contains("off") && error.contains("annotated") && error.contains("all"), "{error}");
+        let captured = read("{ports: [8080], methods: ['*']}").unwrap();
+        assert_eq!((captured.listen, captured.ports), (None, vec![8080]));
+        let error = read("{methods: ['*']}").unwrap_err();
+        assert!(error.starts_with("listen: set a listener of its own (listen), captured app ports (ports)"), "{error}");
         let error = read("{listen: '127.0.0.1:8080', allowed_origins: ['https://shop.example.com/']}").unwrap_err();
         assert!(error.starts_with("allowed_origins: `https://shop.example.com/` is not an origin"), "{error}");
     }

@@ -33,6 +33,9 @@ pub const CAPTURE: &str = "protomesh.io/capture";
 pub const CAPTURE_BY: &str = "protomesh.io/capture-by";
 pub const INBOUND_MTLS: &str = "protomesh.io/inbound-mtls";
 pub const PERMISSIVE_PORTS: &str = "protomesh.io/permissive-ports";
+pub const WEB_PORTS: &str = "protomesh.io/web-ports";
+pub const WEB_METHODS: &str = "protomesh.io/web-methods";
+pub const WEB_ALLOWED_ORIGINS: &str = "protomesh.io/web-allowed-origins";
 pub const INIT_IMAGE: &str = "protomesh.io/init-image";
 pub const SKIP_INBOUND_PORTS: &str = "protomesh.io/skip-inbound-ports";
 pub const SKIP_OUTBOUND_PORTS: &str = "protomesh.io/skip-outbound-ports";
@@ -158,6 +161,17 @@ pub struct Settings {
     /// App ports a LoadBalancer or NodePort Service sends outside traffic
     /// to, with that Service: they take plaintext too.
     pub exposed_ports: Vec<(u16, String)>,
+    /// `inbound.web` on captured app ports, when the pod opts in.
+    pub web: Option<Web>,
+}
+
+/// Captured app ports that also take gRPC-Web and JSON over HTTP/1.1 from
+/// callers without a certificate, and what those may call and from where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Web {
+    pub ports: Vec<u16>,
+    pub methods: Vec<String>,
+    pub allowed_origins: Vec<String>,
 }
 
 /// What the injector knows beyond the pod template.
@@ -272,6 +286,14 @@ impl Settings {
         if permissive_ports.contains(&0) {
             return Err(invalid(PERMISSIVE_PORTS, &get(PERMISSIVE_PORTS).unwrap_or_default(), valid));
         }
+        let web = match get(WEB_PORTS) {
+            None => None,
+            Some(_) if capture.is_none() || app_port.is_none() => {
+                let why = "it serves captured app ports: the pod needs capture and an app port";
+                return Err(format!("annotation {WEB_PORTS}: {why}"));
+            }
+            Some(ports) => Some(Web::read(ports, get(WEB_METHODS), get(WEB_ALLOWED_ORIGINS))?),
+        };
         Ok(Settings {
             mode,
             image: get(IMAGE).or_else(|| defaults.image.clone()).unwrap_or_else(default_image),
@@ -299,8 +321,47 @@ impl Settings {
             inbound_mtls,
             permissive_ports,
             exposed_ports: Vec::new(),
+            web,
         })
     }
+}
+
+impl Web {
+    fn read(ports: String, methods: Option<String>, origins: Option<String>) -> Result<Web, String> {
+        let valid = "app ports separated by commas, e.g. 8080,8443";
+        let ports: Vec<u16> = list(Some(ports.clone()), WEB_PORTS, valid)?;
+        if ports.iter().any(|port| [0, OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT].contains(port)) {
+            return Err(invalid(
+                WEB_PORTS,
+                &ports_text(&ports),
+                "app ports other than the sidecar's own (4140, 4143, 4191)",
+            ));
+        }
+        let methods: Vec<String> = list(methods.clone(), WEB_METHODS, "")?;
+        let pattern = |method: &String| {
+            method == "*"
+                || method
+                    .split_once('/')
+                    .is_some_and(|(s, m)| !s.is_empty() && !m.is_empty() && !method.contains(char::is_whitespace))
+        };
+        if let Some(bad) = methods.iter().find(|method| !pattern(method)) {
+            return Err(invalid(WEB_METHODS, bad, "pkg.Service/Method, pkg.Service/* or *, separated by commas"));
+        }
+        let allowed_origins: Vec<String> = list(origins, WEB_ALLOWED_ORIGINS, "")?;
+        let origin = |origin: &String| origin == "*" || (origin.contains("://") && !origin.ends_with('/'));
+        if let Some(bad) = allowed_origins.iter().find(|o| !origin(o)) {
+            return Err(invalid(
+                WEB_ALLOWED_ORIGINS,
+                bad,
+                "scheme://host[:port] with no path, or *, separated by commas",
+            ));
+        }
+        Ok(Web { ports, methods, allowed_origins })
+    }
+}
+
+fn ports_text(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
 impl Settings {
@@ -339,8 +400,13 @@ impl Settings {
                 Some("protomesh.io/inbound-mtls: permissive")
             } else if self.permissive_ports.contains(&port) {
                 Some(PERMISSIVE_PORTS)
+            } else if let Some((_, service)) = self.exposed_ports.iter().find(|(exposed, _)| *exposed == port) {
+                Some(service.as_str())
             } else {
-                self.exposed_ports.iter().find(|(exposed, _)| *exposed == port).map(|(_, service)| service.as_str())
+                let web = self.web.as_ref().is_some_and(|web| web.ports.contains(&port));
+                web.then_some(
+                    "HTTP/1.1 only: gRPC-Web and JSON for protomesh.io/web-methods, by protomesh.io/web-ports",
+                )
             }
         };
         // Ports by why they take plaintext, each reason once, in the order of the ports.
@@ -419,6 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn web_annotations_are_checked_and_need_capture() {
+        let read = |annotations: Value| Settings::read(&template(annotations), "w", &Defaults::default());
+        let web =
+            read(json!({"protomesh.io/web-ports": "8080", "protomesh.io/web-methods": "*"})).unwrap().web.unwrap();
+        assert_eq!((web.ports, web.methods, web.allowed_origins), (vec![8080], vec!["*".to_string()], vec![]));
+        let error = read(json!({"protomesh.io/web-ports": "4143"})).unwrap_err();
+        assert!(
+            error.starts_with("annotation protomesh.io/web-ports: `4143` is not valid; write app ports other than")
+        );
+        let error = read(json!({"protomesh.io/web-ports": "8080", "protomesh.io/web-methods": "Catalog"})).unwrap_err();
+        assert!(error.contains("`Catalog` is not valid; write pkg.Service/Method, pkg.Service/* or *"), "{error}");
+        let origins = json!({"protomesh.io/web-ports": "8080", "protomesh.io/web-allowed-origins": "https://a.test/"});
+        assert!(read(origins).unwrap_err().contains("`https://a.test/` is not valid; write scheme://host[:port]"));
+        let uncaptured = json!({"protomesh.io/web-ports": "8080", "protomesh.io/capture": "disabled"});
+        assert!(read(uncaptured).unwrap_err().contains("it serves captured app ports: the pod needs capture"));
+    }
+
+    #[test]
     fn defaults_come_from_the_pod_where_it_says_something() {
         let settings = Settings::read(&template(json!({})), "checkout", &Defaults::default()).unwrap();
         assert_eq!(settings.mode, Mode::Native);
@@ -489,6 +573,11 @@ mod tests {
         assert_eq!(
             said(one),
             "plaintext: 9090 (protomesh.io/permissive-ports); 9100 (protomesh.io/skip-inbound-ports)"
+        );
+        let web = json!({"protomesh.io/web-ports": "9100", "protomesh.io/web-methods": "*"});
+        assert_eq!(
+            said(web),
+            "plaintext: 9100 (HTTP/1.1 only: gRPC-Web and JSON for protomesh.io/web-methods, by protomesh.io/web-ports)"
         );
     }
 

@@ -83,6 +83,15 @@ pub fn container(settings: &Settings, app_probes: &Map<String, Value>) -> Value 
             let ports: Vec<String> = plaintext.iter().map(|port| format!("{port}: permissive")).collect();
             vars.push(env("PROTOMESH_INBOUND__MTLS__PORTS", format!("{{{}}}", ports.join(", "))));
         }
+        if let Some(web) = &settings.web {
+            let list = |items: &[String]| {
+                format!("[{}]", items.iter().map(|item| format!("'{item}'")).collect::<Vec<_>>().join(", "))
+            };
+            let ports: Vec<String> = web.ports.iter().map(u16::to_string).collect();
+            vars.push(env("PROTOMESH_INBOUND__WEB__PORTS", format!("[{}]", ports.join(", "))));
+            vars.push(env("PROTOMESH_INBOUND__WEB__METHODS", list(&web.methods)));
+            vars.push(env("PROTOMESH_INBOUND__WEB__ALLOWED_ORIGINS", list(&web.allowed_origins)));
+        }
     }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).expect("JSON values serialize");
@@ -304,20 +313,42 @@ mod tests {
         assert_eq!(overridden["command"], json!(["/protomesh", "init"]));
     }
 
-    #[test]
-    fn permissive_ports_reach_the_sidecars_config_and_the_others_stay_strict() {
-        use crate::config::MtlsMode;
-        let annotations = json!({ "protomesh.io/capture": "enabled", "protomesh.io/permissive-ports": "8080,8443" });
+    /// The config a sidecar injected with `annotations` reads from its
+    /// container's variables at start.
+    fn injected_config(annotations: Value) -> crate::config::Config {
         let template = json!({ "metadata": { "annotations": annotations }, "spec": { "containers": [{ "name": "app", "ports": [{ "containerPort": 7070 }] }] } });
         let settings = Settings::read(&template, "web", &Defaults::default()).unwrap();
         let sidecar = container(&settings, &Map::new());
-        // The container's variables, as the sidecar reads them at start.
         let vars = sidecar["env"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|var| Some((var["name"].as_str()?.to_string(), var["value"].as_str()?.to_string())));
-        let config = crate::config::load(None, vars).unwrap();
+        crate::config::load(None, vars).unwrap()
+    }
+
+    #[test]
+    fn web_ports_reach_the_sidecars_config_with_their_methods_and_origins() {
+        let config = injected_config(json!({
+            "protomesh.io/web-ports": "7070",
+            "protomesh.io/web-methods": "shop.v1.Catalog/*, shop.v1.Cart/Get",
+            "protomesh.io/web-allowed-origins": "https://shop.example.com",
+        }));
+        let web = config.inbound.unwrap().web.unwrap();
+        assert_eq!((web.listen, &web.ports), (None, &vec![7070]));
+        assert!(
+            web.opens("shop.v1.Catalog", "List")
+                && web.opens("shop.v1.Cart", "Get")
+                && !web.opens("shop.v1.Cart", "Pay")
+        );
+        assert_eq!(web.allowed_origins, ["https://shop.example.com"]);
+    }
+
+    #[test]
+    fn permissive_ports_reach_the_sidecars_config_and_the_others_stay_strict() {
+        use crate::config::MtlsMode;
+        let config =
+            injected_config(json!({ "protomesh.io/capture": "enabled", "protomesh.io/permissive-ports": "8080,8443" }));
         let mtls = &config.inbound.unwrap().mtls;
         assert_eq!(
             [8080, 8443, 7070].map(|port| mtls.mode_for(port)),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -115,12 +116,18 @@ pub(super) fn admit(
     None
 }
 
+/// Serves a captured plaintext HTTP/1.1 connection to one of
+/// `inbound.web.ports` (the web listener's front, given here so that this
+/// file does not import it).
+pub type WebFront = Arc<dyn Fn(TcpStream, PeerInfo) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// Serves `listener` until the drain starts. Each connection's calls go to
 /// the service `new_service` makes for it, whose errors become statuses.
+/// `inbound` is the inbound listener's TLS, and its front for web ports.
 pub async fn serve<F, S>(
     listener: TcpListener,
     direction: Direction,
-    tls: Option<Arc<ServerConfig>>,
+    inbound: Option<(Arc<ServerConfig>, WebFront)>,
     new_service: F,
     serving: Serving,
 ) where
@@ -130,7 +137,7 @@ pub async fn serve<F, S>(
 {
     let Serving { workers, metrics, routes, drain, memory, warnings } = serving;
     let new_service = Arc::new(move |peer| AnswerErrors::new(direction, new_service(peer)));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let (acceptor, web) = inbound.map(|(tls, web)| (tokio_rustls::TlsAcceptor::from(tls), web)).unzip();
     let open = OpenConnections::default();
     let opaque = OpenConnections::default();
     let draining = drain.clone().signaled();
@@ -170,6 +177,7 @@ pub async fn serve<F, S>(
             opaque: opaque.clone(),
             memory: memory.clone(),
             warnings: warnings.clone(),
+            web: web.clone(),
         };
         workers.spawn(async move {
             let _admitted = admitted;
@@ -220,6 +228,8 @@ struct Connection {
     opaque: OpenConnections<SocketAddr>,
     memory: Arc<MemoryBudget>,
     warnings: Arc<LogThrottle>,
+    /// Inbound: the front for captured connections to web ports.
+    web: Option<WebFront>,
 }
 
 impl Connection {
@@ -290,19 +300,26 @@ impl Connection {
                 self.metrics.connection_refused(Direction::Inbound, "sidecar_port");
                 return None;
             }
-            if inbound.mtls.mode_for(port) == MtlsMode::Permissive {
-                let plaintext = inbound.opaque_ports.contains(&port)
-                    || match first_byte(&tcp, inbound.detect_timeout).await {
-                        FirstByte::Tls => false,
-                        FirstByte::Other => true,
-                        FirstByte::Closed => return None,
-                        FirstByte::Silent => {
+            let permissive = inbound.mtls.mode_for(port) == MtlsMode::Permissive;
+            let web = self.web.clone().filter(|_| inbound.web.as_ref().is_some_and(|web| web.ports.contains(&port)));
+            if permissive || web.is_some() {
+                let opened = match web {
+                    None if inbound.opaque_ports.contains(&port) => Opening::Other,
+                    _ => match opening(&tcp, web.is_some(), inbound.detect_timeout).await {
+                        Heard::Said(opening) => opening,
+                        Heard::Closed => return None,
+                        Heard::Silent => {
                             tracing::debug!(%addr, port, "closed a silent connection (inbound.detect_timeout)");
                             self.metrics.closed_at_limit(Direction::Inbound, "detect_timeout");
                             return None;
                         }
-                    };
-                if plaintext {
+                    },
+                };
+                if let (Some(web), Opening::Http1) = (web, opened) {
+                    web(tcp, self.peer).await;
+                    return None;
+                }
+                if permissive && opened != Opening::Tls {
                     if let Some(unlogged) = self.warnings.note(addr.ip(), "plaintext_forwarded") {
                         tracing::info!(%addr, %app, unlogged, "plaintext connection forwarded to the app (inbound.mtls: permissive)");
                     }
@@ -413,25 +430,59 @@ impl Connection {
     }
 }
 
-/// What a captured client on a permissive port sent first.
-enum FirstByte {
+/// What a captured client on a permissive or web port sent first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opening {
     /// A TLS handshake record (0x16).
     Tls,
+    /// An HTTP/1.x request line: a browser's or an HTTP client's.
+    Http1,
+    /// Anything else, HTTP/2's preface included.
     Other,
-    /// Nothing in time.
-    Silent,
-    Closed,
 }
 
-/// Waits at most `timeout` for the client's first byte, and reads what it says.
-async fn first_byte(tcp: &TcpStream, timeout: Duration) -> FirstByte {
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
-        Err(_) => FirstByte::Silent,
-        Ok(Ok(1)) if first[0] == 0x16 => FirstByte::Tls,
-        Ok(Ok(1)) => FirstByte::Other,
-        Ok(_) => FirstByte::Closed,
-    }
+/// The methods an HTTP/1.x request line starts with, as far as the first
+/// four bytes tell them from HTTP/2's preface (`PRI `).
+const HTTP1_METHODS: [&[u8; 4]; 7] = [b"GET ", b"POST", b"PUT ", b"DELE", b"PATC", b"HEAD", b"OPTI"];
+
+/// What the client's first bytes said, if anything.
+enum Heard {
+    Said(Opening),
+    Closed,
+    /// Too little in time.
+    Silent,
+}
+
+/// Reads, without taking them, as many of the client's first bytes as tell
+/// what it speaks, waiting at most `timeout`: on a web port, enough to tell
+/// an HTTP/1.x request line; elsewhere only the first, so that a client
+/// that sends one byte and waits is forwarded as before.
+async fn opening(tcp: &TcpStream, web_port: bool, timeout: Duration) -> Heard {
+    let read = async {
+        let mut first = [0u8; 4];
+        loop {
+            let read = match tcp.peek(&mut first).await {
+                Ok(0) | Err(_) => return Heard::Closed,
+                Ok(read) => read,
+            };
+            if first[0] == 0x16 {
+                return Heard::Said(Opening::Tls);
+            }
+            if !web_port {
+                return Heard::Said(Opening::Other);
+            }
+            if read == first.len() {
+                let http1 = HTTP1_METHODS.contains(&&first);
+                return Heard::Said(if http1 { Opening::Http1 } else { Opening::Other });
+            }
+            if !HTTP1_METHODS.iter().any(|method| method.starts_with(&first[..read])) {
+                return Heard::Said(Opening::Other);
+            }
+            // A request line cut short: peek again once more may have come.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(timeout, read).await.unwrap_or(Heard::Silent)
 }
 
 /// Why an inbound connection did not become a TLS stream.

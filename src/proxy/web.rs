@@ -1,5 +1,5 @@
-//! The web listener, `inbound.web.listen`: HTTP/1.1 for browsers and HTTP
-//! clients. A gRPC-Web call (`grpc_web.rs`) or a JSON call to a route of
+//! The web listener, `inbound.web.listen`, and the captured app ports of
+//! `inbound.web.ports`: HTTP/1.1 for browsers and HTTP clients. A gRPC-Web call (`grpc_web.rs`) or a JSON call to a route of
 //! the contracts' `google.api.http` options (`json.rs`) becomes an ordinary
 //! gRPC call on an in-memory HTTP/2 connection to the inbound edge, as from
 //! a peer without a certificate, so it meets every inbound policy
@@ -29,7 +29,7 @@ use super::connection;
 use super::edge::{EdgeState, InboundEdge};
 use super::open::OpenConnections;
 use super::routes::CurrentRoutes;
-use super::server::{PeerIdentity, PeerInfo, Serving, admit, next_connection};
+use super::server::{PeerIdentity, PeerInfo, Serving, WebFront, admit, next_connection};
 use crate::call::{AnswerErrors, Direction};
 use crate::config::{CONNECTION_WINDOW, LimitsConfig};
 use codec::Mode;
@@ -64,9 +64,26 @@ pub async fn serve(listener: TcpListener, edges: EdgeState, serving: Serving) {
         let workers = serving.workers.clone();
         workers.spawn(async move {
             let _admitted = admitted;
-            serve_connection(tcp, addr, (cors, limits), edges, serving).await;
+            let _ = tcp.set_nodelay(true);
+            serve_connection(tcp, (addr, None), (cors, limits), edges, serving).await;
         });
     }
+}
+
+/// The front for captured plaintext HTTP/1.1 connections to
+/// `inbound.web.ports`: served as on the listener, for the app at the port
+/// they were made to. Which ports follows reloads.
+pub fn for_captured_ports(edges: EdgeState, serving: Serving) -> WebFront {
+    Arc::new(move |tcp, peer: PeerInfo| {
+        let (edges, serving) = (edges.clone(), serving.clone());
+        Box::pin(async move {
+            let config = serving.routes.load().config.clone();
+            let Some(web) = config.inbound.as_ref().and_then(|inbound| inbound.web.as_ref()) else { return };
+            let cors = Arc::new(Cors { allowed_origins: web.allowed_origins.clone(), max_age: web.max_age });
+            let _ = tcp.set_nodelay(true);
+            serve_connection(tcp, (peer.addr, peer.original_destination), (cors, config.limits), edges, serving).await;
+        })
+    })
 }
 
 /// What every call on one connection shares.
@@ -76,18 +93,19 @@ struct Front {
     limits: LimitsConfig,
 }
 
-/// One browser connection: HTTP/1.1 in front, an in-memory HTTP/2
-/// connection to the inbound edge behind.
+/// One browser connection from `addr`: HTTP/1.1 in front, an in-memory
+/// HTTP/2 connection to the inbound edge behind, whose calls go to the app
+/// at the port of `original_destination` when the capture rules brought
+/// it, and to `inbound.app` otherwise.
 async fn serve_connection(
     tcp: TcpStream,
-    addr: SocketAddr,
+    (addr, original_destination): (SocketAddr, Option<SocketAddr>),
     (cors, limits): (Arc<Cors>, LimitsConfig),
     edges: EdgeState,
     serving: Serving,
 ) {
-    let _ = tcp.set_nodelay(true);
     let (front, back) = tokio::io::duplex(CONNECTION_WINDOW as usize);
-    let peer = PeerInfo { addr, identity: PeerIdentity::Unauthenticated, original_destination: None };
+    let peer = PeerInfo { addr, identity: PeerIdentity::Unauthenticated, original_destination };
     let edge = AnswerErrors::new(Direction::Inbound, InboundEdge::new(edges, peer));
     let drain = serving.drain.clone();
     tokio::spawn(async move { connection::serve(back, edge, &limits, drain).await });

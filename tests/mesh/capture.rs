@@ -95,6 +95,63 @@ fn a_client_outside_the_mesh_is_refused_in_strict_mode_and_forwarded_in_permissi
     cluster.await_metric(&cluster.server, PLAINTEXT_REFUSED, 1.0);
 }
 
+/// An HTTP/1.1 request as any HTTP client makes it: (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: shop.test\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    within("an HTTP answer", tcp.read_to_string(&mut response)).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn web_ports_take_json_and_grpc_web_for_the_app_at_that_port_beside_mtls_and_the_ports_mode() {
+    let inbound = format!(
+        "{{listen: '0.0.0.0:4143', mtls: {{mode: strict, ports: {{{PERMISSIVE_PORT}: permissive}}}}, \
+         web: {{ports: [{APP_PORT}, {PERMISSIVE_PORT}], methods: ['echo.v1.Echo/Unary'], json: all}}}}"
+    );
+    let Some(cluster) = Cluster::start(Setup { server_inbound: Some(inbound), ..Default::default() }) else { return };
+    let (server, service) = (cluster.server.address, cluster.service);
+    cluster
+        .outside
+        .run(move || async move {
+            for port in [APP_PORT, PERMISSIVE_PORT] {
+                let addr = SocketAddr::from((server, port));
+                let (status, body) = http(addr, "POST", "/v1/echo", r#"{"message": "from a browser"}"#).await;
+                assert_eq!((status, body.as_str()), (200, r#"{"message":"from a browser"}"#), "port {port}");
+                let (status, body) = http(addr, "POST", "/echo.v1.Echo/ServerStream", "{}").await;
+                assert_eq!(status, 404, "only the methods listed have routes: {body}");
+                let framed = b"\0\0\0\0\x03\x0a\x01w";
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                let head = "POST /echo.v1.Echo/Unary HTTP/1.1\r\nhost: shop.test\r\n\
+                            content-type: application/grpc-web+proto\r\ncontent-length: 8\r\nconnection: close\r\n\r\n";
+                tcp.write_all(head.as_bytes()).await.unwrap();
+                tcp.write_all(framed).await.unwrap();
+                let mut answer = Vec::new();
+                within("a gRPC-Web answer", tcp.read_to_end(&mut answer)).await.unwrap();
+                let answer = String::from_utf8_lossy(&answer);
+                assert!(answer.contains("grpc-status: 0\r\n") && answer.contains("\x0a\x01w"), "{answer}");
+            }
+            // Other plaintext is taken as each port's mode says.
+            let strict = echo_client(SocketAddr::from((server, APP_PORT)));
+            assert_refused(within("strict", strict.clone().unary(request("plaintext"))).await.unwrap_err());
+            let permissive = echo_client(SocketAddr::from((server, PERMISSIVE_PORT)));
+            within("permissive", permissive.clone().unary(request("plaintext"))).await.unwrap();
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("failed; {}", cluster.logs()));
+    cluster.in_client(move || async move {
+        let reply = within("meshed", echo_client(service).unary(request("meshed"))).await.unwrap().into_inner();
+        assert_eq!(reply.caller, id("client").as_str(), "meshed calls to a web port still go over mTLS");
+    });
+}
+
 #[test]
 fn other_tcp_from_the_app_passes_through_unchanged_with_half_close_and_bounded_memory() {
     let Some(cluster) = Cluster::start(Setup::default()) else { return };
