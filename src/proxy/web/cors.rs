@@ -1,4 +1,4 @@
-//! CORS for gRPC-Web: a browser on another origin asks first (a preflight
+//! CORS for the web listener: a browser on another origin asks first (a preflight
 //! `OPTIONS` naming the method and headers it will send), and reads an
 //! answer only if it names the origin. Origins are allowed by config,
 //! exactly or all (`*`); a call from an origin not allowed is refused before
@@ -11,6 +11,9 @@ use http::header::{
     ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ORIGIN, VARY,
 };
 use http::{HeaderMap, HeaderValue};
+
+/// The methods calls use: gRPC-Web's POST, and the JSON routes'.
+const METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
 
 /// The response headers a gRPC-Web client reads.
 const EXPOSED: &str = "grpc-status, grpc-message, grpc-status-details-bin, grpc-encoding";
@@ -44,10 +47,11 @@ impl Cors {
     }
 
     /// The headers of a preflight's answer for an allowed `origin`: the
-    /// headers it asked to send, the one method gRPC-Web uses.
+    /// headers it asked to send, the methods calls use (whether a route
+    /// takes the method is the call's to say).
     pub fn preflight(&self, origin: HeaderValue, request: &HeaderMap) -> HeaderMap {
         let mut headers = self.response(origin);
-        headers.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST"));
+        headers.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(METHODS));
         if let Some(asked) = request.get(ACCESS_CONTROL_REQUEST_HEADERS) {
             headers.insert(ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
         }
@@ -97,7 +101,7 @@ mod tests {
         let Origin::Allowed(origin) = shop.origin(&request) else { panic!("allowed") };
         let answer = shop.preflight(origin, &request);
         assert_eq!(answer[ACCESS_CONTROL_ALLOW_ORIGIN], "https://shop.example.com", "the origin itself, not *");
-        assert_eq!(answer[ACCESS_CONTROL_ALLOW_METHODS], "POST");
+        assert_eq!(answer[ACCESS_CONTROL_ALLOW_METHODS], "GET, POST, PUT, PATCH, DELETE");
         assert_eq!(answer[ACCESS_CONTROL_ALLOW_HEADERS], "content-type, x-grpc-web, x-user-agent");
         assert_eq!(answer[ACCESS_CONTROL_MAX_AGE], "600");
         assert!(answer[ACCESS_CONTROL_EXPOSE_HEADERS].to_str().unwrap().contains("grpc-status"));
