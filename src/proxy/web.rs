@@ -39,14 +39,18 @@ use cors::{Cors, Origin};
 /// that failed after it began.
 type WebBody = BoxBody<Bytes, std::io::Error>;
 
-/// Request headers that belong to the HTTP/1.1 hop or to the browser, not the call.
-const HOP: [HeaderName; 6] = [
+/// Request headers that belong to the HTTP/1.1 hop or to the browser, not
+/// the call (HTTP/2 forbids those of the connection).
+const HOP: [HeaderName; 9] = [
     HOST,
     ORIGIN,
     http::header::CONNECTION,
     http::header::TRANSFER_ENCODING,
     http::header::CONTENT_LENGTH,
     http::header::TE,
+    http::header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// Serves `listener` until the drain starts.

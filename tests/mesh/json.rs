@@ -26,7 +26,13 @@ async fn mesh() -> Mesh {
 
 /// A JSON call: (HTTP status, headers, body as JSON).
 async fn call(mesh: &Mesh, method: http::Method, path: &str, body: &str) -> (u16, http::HeaderMap, Value) {
-    let headers = [("content-type", "application/json"), ("x-echo-note", "by json")];
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-echo-note", "by json"),
+        // Headers of the HTTP/1.1 connection, which HTTP/2 forbids: not sent on.
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+    ];
     let (status, headers, body) = mesh.web_request(method, path, &headers, body.to_string()).await;
     let json = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)));
     assert_eq!(headers["content-type"], "application/json");
