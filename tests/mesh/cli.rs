@@ -294,17 +294,28 @@ async fn await_runs_the_app_once_the_sidecar_is_ready_passes_it_signals_and_with
 }
 
 #[test]
-fn check_shows_the_grpc_web_listener_and_a_clash_with_the_app_is_named() {
+fn check_shows_the_web_listener_with_its_json_routes_and_a_clash_with_the_app_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = "inbound: {app: '127.0.0.1:8080', web: {listen: '127.0.0.1:8081', methods: ['echo.v1.Echo/Unary']}}\n";
+    let yaml = "inbound: {app: '127.0.0.1:8080', \
+                web: {listen: '127.0.0.1:8081', ports: [8080], methods: ['echo.v1.Echo/Unary']}}\n";
     let output = protomesh(&["check", "--config", &write_config(&dir, yaml)]);
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
         stdout.contains(
-            "web listen 127.0.0.1:8081 (gRPC-Web, JSON annotated): callers without a certificate may call [echo.v1.Echo/Unary]; origins: same origin only"
+            "web listen 127.0.0.1:8081, captured ports [8080] (gRPC-Web, JSON annotated): callers without a \
+             certificate may call [echo.v1.Echo/Unary]; origins: same origin only\n    \
+             JSON POST /v1/echo -> /echo.v1.Echo/Unary\n    \
+             JSON GET /v1/echo/{message} -> /echo.v1.Echo/Unary\n    \
+             JSON GET /v1/echo/{message}/payload -> /echo.v1.Echo/Unary\n"
         ),
         "{stdout}"
+    );
+    let unbound = yaml.replace("methods:", "json: all, methods:").replace("Echo/Unary", "Echo/BidiStream");
+    let output = protomesh(&["check", "--config", &write_config(&dir, &unbound)]);
+    assert!(
+        text(&output.stdout).contains("JSON POST /echo.v1.Echo/BidiStream -> /echo.v1.Echo/BidiStream"),
+        "json: all routes a method without options"
     );
     let clash = yaml.replace("app: '127.0.0.1:8080'", "app: '127.0.0.1:8081'");
     let output = protomesh(&["check", "--config", &write_config(&dir, &clash)]);
