@@ -3,9 +3,10 @@
 //! The path finds a route of a contract with templates of every kind
 //! (variables of one and many segments, `**`, verbs, nested fields, any
 //! method) or none; the request message is made of the path, the query and
-//! the body, or refused saying why; what is made encodes and decodes back
-//! to itself. The same input is also parsed as a path template and matched
-//! against itself. Nothing panics.
+//! the body, or refused saying why; what is made encodes, decodes and is
+//! written as JSON again.
+//! The same input is also parsed as a path template and matched against
+//! itself. Nothing panics.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -90,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
     {
         let encoded = message.encode_to_vec();
         let decoded = DynamicMessage::decode(route.request.clone(), encoded.as_slice()).expect("it decodes");
-        assert_eq!(decoded.encode_to_vec(), encoded, "what is made encodes as it decodes");
+        serde_json::to_vec(&decoded).expect("and is written as JSON again");
     }
 
     if let Ok(template) = PathTemplate::parse(&uri) {
