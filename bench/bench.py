@@ -3,6 +3,9 @@ through Envoy (as an mTLS sidecar pair, one worker and its default) and
 through protomesh (one worker, the default, and two; and one worker while a
 tap on each sidecar shows every call, up to 1,000 events a second), in one run.
 
+A last path sends JSON over HTTP/1.1 to the server sidecar's web listener,
+which transcodes it by the contract's google.api.http routes.
+
 Per path and round: requests/s at saturation (unary and server-streaming),
 latency percentiles at a fixed 1,000 requests/s and for serial calls, CPU
 time per request of each proxy (from /proc), and resident memory. Every load
@@ -43,6 +46,11 @@ MESH_TAPPED = "protomesh, every call tapped"
 # buf.validate rules (two field rules and a CEL expression): what
 # validation costs, all in the server's sidecar.
 MESH_VALIDATED = "protomesh, every request validated"
+# JSON over HTTP/1.1 to the server sidecar's web listener, transcoded by the
+# echo contract's google.api.http routes: the client sidecar takes no part,
+# so the server's CPU per call is the figure to set beside the gRPC paths'.
+MESH_JSON = "protomesh, JSON calls to the server's web listener"
+JSON_HEADERS = ["-H", "content-type: application/json"]
 
 
 def spiffe(name):
@@ -154,10 +162,12 @@ def validated_contracts(work):
     return include
 
 
-def protomesh_pair(work, backend_port, workers=1, launcher=(), include=REPO / "proto"):
+def protomesh_pair(work, backend_port, workers=1, launcher=(), include=REPO / "proto", web_port=None):
     """Starts a client and a server sidecar, each under `launcher` (a command prefix)
-    if given, with the contracts under `include`; returns (entry port, [procs], readiness ms)."""
+    if given, with the contracts under `include`, the server with a web listener on
+    `web_port` if given; returns (entry port, [procs], readiness ms)."""
     outbound, inbound = free_port(), free_port()
+    web = f", web: {{listen: '127.0.0.1:{web_port}', methods: ['*']}}" if web_port else ""
     certs = work / "certs"
     admins = {}
 
@@ -171,7 +181,7 @@ def protomesh_pair(work, backend_port, workers=1, launcher=(), include=REPO / "p
         return path
 
     server = config("server", f"outbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
-                              f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{backend_port}'}}\n")
+                              f"inbound: {{listen: '127.0.0.1:{inbound}', app: '127.0.0.1:{backend_port}'{web}}}\n")
     client = config("client", f"outbound:\n  listen: '127.0.0.1:{outbound}'\n  upstreams:\n"
                               f"    - {{services: [echo.v1.Echo], endpoints: ['127.0.0.1:{inbound}'],"
                               f" identity: '{spiffe('server')}'}}\n")
@@ -305,8 +315,9 @@ def envoy_pair(work, backend_port, concurrency):
     return outbound, procs
 
 
-def h2load(args, port, path, body_file, log=None):
-    command = ["h2load", *args, "-d", str(body_file), *HEADERS]
+def h2load(args, port, path, body_file, log=None, headers=HEADERS):
+    """`body_file` None: a GET."""
+    command = ["h2load", *args, *(["-d", str(body_file)] if body_file else []), *headers]
     if log:
         command += ["--log-file", str(log)]
     output = subprocess.run(command + [f"http://127.0.0.1:{port}{path}"],
@@ -354,6 +365,33 @@ def measure(path_name, port, proxies, backend, bodies, seconds, work):
     return figures
 
 
+def measure_json(port, proxies, backend, bodies, seconds, work):
+    """One round of JSON calls over HTTP/1.1 (one call at a time on each of
+    32 connections): the same figures as `measure`, for the same calls."""
+    figures = {}
+    h1 = lambda *args: ["--h1", *args]
+    cpu_before = [p.cpu_seconds() for p in proxies]
+    served_before = backend.served()
+    ok, rate = h2load(h1("-D", str(seconds), "-c", "32", "-m", "1", "--warm-up-time", "1"),
+                      port, "/v1/echo", bodies["json"], headers=JSON_HEADERS)
+    served = backend.served() - served_before
+    if served < ok:
+        sys.exit(f"json: h2load saw {ok} successes but the backend served {served} calls")
+    figures["rps"] = rate
+    cpu = [p.cpu_seconds() - before for p, before in zip(proxies, cpu_before)]
+    figures["cpu_us"] = [c / served * 1e6 for c in cpu] if served else []
+    figures["rss_load"] = [p.memory() for p in proxies]
+    _, figures["stream_rps"] = h2load(h1("-D", str(seconds), "-c", "32", "-m", "1", "--warm-up-time", "1"),
+                                      port, "/v1/echo/s:stream?replyCount=10", None, headers=JSON_HEADERS)
+    log = work / "json-fixed.log"
+    h2load(h1("-D", str(seconds), "-c", "4", "--rps", "250"), port, "/v1/echo", bodies["json"], log, JSON_HEADERS)
+    figures["fixed"] = percentiles(log)
+    log = work / "json-serial.log"
+    h2load(h1("-n", "3000", "-c", "1", "-m", "1"), port, "/v1/echo", bodies["json"], log, JSON_HEADERS)
+    figures["serial"] = percentiles(log)
+    return figures
+
+
 def held_streams(port, proxies, bodies):
     """Holds 10,000 streams open at once; memory per stream of each proxy, in KiB."""
     before = [p.memory()[0] for p in proxies]
@@ -379,6 +417,8 @@ def prepare(work):
                           ("held", echo_request(b"h", reply_count=1, delay_ms=4000))):
         bodies[name] = work / f"{name}.bin"
         bodies[name].write_bytes(grpc_frame(message))
+    bodies["json"] = work / "json.json"
+    bodies["json"].write_text('{"message": "hello"}')
     return bodies
 
 
@@ -394,7 +434,7 @@ def main():
     backend_port = free_port()
     backend = Backend(backend_port)
     results = {name: [] for name in ("direct", "envoy --concurrency 1", "envoy", "protomesh", MESH_TWO, MESH_TAPPED,
-                                      MESH_VALIDATED)}
+                                      MESH_VALIDATED, MESH_JSON)}
     extra = {}
     try:
         for round_number in range(options.rounds):
@@ -434,6 +474,13 @@ def main():
             port, procs, _ = protomesh_pair(work, backend_port, 1, include=validated_contracts(work))
             try:
                 results[MESH_VALIDATED].append(measure("validated", port, procs, backend, bodies, options.seconds, work))
+            finally:
+                for p in procs:
+                    p.stop()
+            web_port = free_port()
+            _, procs, _ = protomesh_pair(work, backend_port, 1, web_port=web_port)
+            try:
+                results[MESH_JSON].append(measure_json(web_port, procs, backend, bodies, options.seconds, work))
             finally:
                 for p in procs:
                     p.stop()
@@ -483,7 +530,7 @@ def report(results, extra, options):
         "",
         f"Medians of {options.rounds} rounds of {options.seconds} s loads, all on one machine over loopback. "
         "Unary calls carry a 7-byte message; the streaming case answers each call with 10 messages. "
-        "Saturation: h2load, 8 connections x 32 streams. Fixed rate: 1,000 calls/s on 4 connections. "
+        "Saturation: h2load, 8 connections x 32 streams (JSON: 32 HTTP/1.1 connections). Fixed rate: 1,000 calls/s on 4 connections. "
         "CPU per call: user+system time of each proxy over the saturation run, divided by the calls the backend served.",
         "",
         "| path | unary calls/s | streaming calls/s | p50 / p90 / p99 at 1k/s (ms) | serial p50 / p99 (ms) "
@@ -520,6 +567,10 @@ def report(results, extra, options):
         f"(two workers: {median(extra[MESH_TWO + ' ready_ms']):.1f} ms; target 50)",
         f"- 10,000 streams held at once: memory per stream {fmt_kib(extra['protomesh held'])} KiB "
         f"per protomesh sidecar, {fmt_kib(extra['envoy held'])} KiB per Envoy",
+        f"- JSON calls (HTTP/1.1, 32 connections, one call at a time each), transcoded by the server sidecar: "
+        f"{by[MESH_JSON]['rps']:,.0f} calls/s; the server sidecar's CPU per call "
+        f"{by[MESH_JSON]['cpu_each'][1]:.1f} µs, against {mesh_one['cpu_each'][1]:.1f} µs for a gRPC call "
+        f"on the protomesh path ({by[MESH_JSON]['cpu_each'][1] / mesh_one['cpu_each'][1]:.2f}x)",
     ]
     text = "\n".join(line for line in lines) + "\n\n" + extra["discovery"]
     options.out.write_text(text)

@@ -1,7 +1,8 @@
 //! The JSON routes of one version of the contracts: every `google.api.http`
 //! binding (and, when asked, `POST /pkg.Service/Method`) of the methods a
 //! listener opens, checked against the request and response types at load
-//! and sorted so that the first to match a request is the most specific.
+//! and sorted so that the first to match a request is the most specific;
+//! two that match the same paths fail the load.
 
 use std::sync::Arc;
 
@@ -100,15 +101,16 @@ impl JsonRoutes {
         }
         routes.sort_by(|a, b| a.template.specificity(&b.template));
         for (at, route) in routes.iter().enumerate() {
-            let same = |other: &&Route| other.verb == route.verb && other.template.as_str() == route.template.as_str();
+            let same = |other: &&Route| other.verb == route.verb && other.template.shape() == route.template.shape();
             if let Some(other) = routes[..at].iter().find(same) {
                 return Err(format!(
-                    "{}: method {}: google.api.http `{} {}` is already {}'s route; a path may lead to one method",
+                    "{}: method {}: google.api.http `{} {}` matches the paths of {}'s `{}`; a path may lead to one method",
                     route.method.file,
                     route.method.path,
                     route.verb.as_ref().map_or("*", Method::as_str),
                     route.template,
-                    other.method.path
+                    other.method.path,
+                    other.template
                 ));
             }
         }

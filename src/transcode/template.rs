@@ -110,6 +110,22 @@ impl PathTemplate {
         &self.text
     }
 
+    /// The paths the template matches, with its variables' names left out:
+    /// two templates of one shape match the same paths.
+    pub fn shape(&self) -> String {
+        let segments = self.segments.iter().map(|segment| match segment {
+            Segment::Literal(literal) => literal.as_str(),
+            Segment::One => "*",
+            Segment::Rest => "**",
+        });
+        let mut shape = format!("/{}", segments.collect::<Vec<_>>().join("/"));
+        if let Some(verb) = &self.verb {
+            shape.push(':');
+            shape.push_str(verb);
+        }
+        shape
+    }
+
     /// The field paths the template binds.
     pub fn fields(&self) -> impl Iterator<Item = &[String]> {
         self.variables.iter().map(|variable| variable.field.as_slice())
@@ -314,6 +330,14 @@ mod tests {
         assert!(error("/v1/{a}/{a}").contains("bound twice"));
         assert!(error("/v1/{a-b}").contains("not a field path"));
         assert!(error("/v1/x:").contains("verb"));
+    }
+
+    #[test]
+    fn templates_that_match_the_same_paths_have_one_shape() {
+        let shape = |text: &str| PathTemplate::parse(text).unwrap().shape();
+        assert_eq!(shape("/v1/messages/{id}"), shape("/v1/{name=messages/*}"));
+        assert_eq!(shape("/v1/{name=ops/**}:cancel"), "/v1/ops/**:cancel");
+        assert_ne!(shape("/v1/messages/{id}"), shape("/v1/messages/{id}:cancel"));
     }
 
     #[test]

@@ -298,9 +298,13 @@ fn bindings_that_do_not_fit_the_types_fail_the_load_naming_the_method() {
     assert!(error(r##"get: "/v1/{id""##).contains("not closed"));
     let clash = error(r#"get: "/v1/same""#);
     assert!(
-        clash.contains("method /bad.v1.S/N: google.api.http `GET /v1/same` is already /bad.v1.S/M's route"),
+        clash.contains(
+            "method /bad.v1.S/N: google.api.http `GET /v1/same` matches the paths of /bad.v1.S/M's `/v1/same`"
+        ),
         "{clash}"
     );
+    let shadowing = error(r#"get: "/v1/{id=same}""#);
+    assert!(shadowing.contains("matches the paths of /bad.v1.S/M's `/v1/{id=same}`"), "{shadowing}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 use protomesh_samples::pb::echo::v1::{EchoReply, EchoRequest};
 
-use crate::harness::{Mesh, MeshOptions, within};
+use crate::harness::{Mesh, MeshOptions, has_curl, within};
 
 const WEB: &str = "{listen: '127.0.0.1:0', methods: ['echo.v1.Echo/Unary', 'echo.v1.Echo/ServerStream'], \
                    allowed_origins: ['http://shop.test']}";
@@ -141,8 +141,7 @@ async fn only_the_opened_methods_and_origins_are_served() {
 
 #[tokio::test]
 async fn curl_makes_a_grpc_web_call() {
-    if std::process::Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("skipped: curl is not installed (apt-get install curl)");
+    if !has_curl() {
         return;
     }
     let mesh = mesh().await;

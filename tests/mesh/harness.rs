@@ -102,6 +102,15 @@ impl Default for MeshOptions {
     }
 }
 
+/// Whether curl is here to call with; a test without it says it skipped.
+pub fn has_curl() -> bool {
+    let found = std::process::Command::new("curl").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("skipped: curl is not installed (apt-get install curl)");
+    }
+    found
+}
+
 pub struct Mesh {
     pub dir: TempDir,
     /// The first server's backend.

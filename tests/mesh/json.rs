@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use protomesh::app::ReloadOutcome;
 
-use crate::harness::{Mesh, MeshOptions};
+use crate::harness::{Mesh, MeshOptions, has_curl};
 
 const WEB: &str = "{listen: '127.0.0.1:0', json: all, \
                    methods: ['echo.v1.Echo/Unary', 'echo.v1.Echo/ServerStream', 'echo.v1.Echo/ClientStream']}";
@@ -162,8 +162,7 @@ async fn routes_follow_a_reload_and_a_binding_that_does_not_fit_keeps_the_runnin
 
 #[tokio::test]
 async fn curl_makes_json_calls() {
-    if std::process::Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("skipped: curl is not installed (apt-get install curl)");
+    if !has_curl() {
         return;
     }
     let mesh = mesh().await;
