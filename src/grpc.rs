@@ -207,6 +207,16 @@ pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     headers
 }
 
+/// `message` as one uncompressed gRPC frame: its flag, its length, itself.
+pub fn framed(message: &impl prost::Message) -> bytes::Bytes {
+    use bytes::BufMut;
+    let mut framed = bytes::BytesMut::with_capacity(5 + message.encoded_len());
+    framed.put_u8(0);
+    framed.put_u32(message.encoded_len() as u32);
+    message.encode(&mut framed).expect("room reserved");
+    framed.freeze()
+}
+
 /// `google.rpc.Status`, the message `grpc-status-details-bin` carries.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RpcStatus {

@@ -3,7 +3,7 @@
 //! peer's endpoints), the answer it reads, and the answer it gives for its
 //! app when the app has no health service.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{HeaderMap, Method, Request};
 use prost::Message;
 
@@ -29,7 +29,7 @@ pub fn check_head(authority: &str) -> Request<()> {
 
 /// The Check request for `service` ("" for the whole server), framed.
 pub fn check_request(service: &str) -> Bytes {
-    framed(&HealthCheckRequest { service: service.to_string() })
+    grpc::framed(&HealthCheckRequest { service: service.to_string() })
 }
 
 /// The service a framed Check request asks about.
@@ -40,7 +40,7 @@ pub fn service_asked(mut body: Bytes) -> Result<String, String> {
 
 /// A Check answer's message, framed.
 pub fn check_answer(status: ServingStatus) -> Bytes {
-    framed(&HealthCheckResponse { status: status.into() })
+    grpc::framed(&HealthCheckResponse { status: status.into() })
 }
 
 /// What a Check call answered: the serving status, or why there is none
@@ -55,14 +55,6 @@ pub fn read_answer(head: &HeaderMap, trailers: Option<&HeaderMap>, mut body: Byt
     let message = unframed(&mut body)?;
     let answer = HealthCheckResponse::decode(message).map_err(|e| format!("a malformed response: {e}"))?;
     ServingStatus::try_from(answer.status).map_err(|_| format!("an unknown serving status {}", answer.status))
-}
-
-fn framed(message: &impl Message) -> Bytes {
-    let mut framed = BytesMut::with_capacity(5 + message.encoded_len());
-    framed.put_u8(0);
-    framed.put_u32(message.encoded_len() as u32);
-    message.encode(&mut framed).expect("room reserved");
-    framed.freeze()
 }
 
 /// The one uncompressed message of a body.

@@ -6,13 +6,12 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Incoming;
-use prost::Message;
 use prost_reflect::DynamicMessage;
 use tokio::sync::mpsc;
 
@@ -101,12 +100,7 @@ pub(super) async fn answer(
         Ok(started) => started,
         Err(why) => return answer.error(Code::Unavailable, &why, None),
     };
-    let encoded = message.encode_to_vec();
-    let mut framed = BytesMut::with_capacity(5 + encoded.len());
-    framed.put_u8(0);
-    framed.put_u32(u32::try_from(encoded.len()).unwrap_or(u32::MAX));
-    framed.put_slice(&encoded);
-    if send_data(&mut sending, framed.freeze()).await.is_ok() {
+    if send_data(&mut sending, grpc::framed(&message)).await.is_ok() {
         let _ = sending.send_data(Bytes::new(), true);
     }
     let (head, received) = match response.await {
