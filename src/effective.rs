@@ -91,9 +91,14 @@ impl MethodPolicy {
         let Some(turned_on) = self.validate.as_ref().filter(|validate| validate.value) else { return Ok(None) };
         let Some((input, _)) = contracts.method_types(&method.path) else { return Ok(None) };
         // Validation holds a message whole: no more than the method lets through.
-        let max = self.max_message_size.as_ref().map(|size| size.value.as_u64());
-        let max = max.map_or(validate::DEFAULT_HOLD, |max| u32::try_from(max).unwrap_or(u32::MAX));
+        let max = u32::try_from(self.message_hold()).unwrap_or(u32::MAX);
         contracts.validators().rules(&method.path, &input, turned_on, max, failures)
+    }
+
+    /// The most of one message the sidecar holds whole (to check it, or a
+    /// JSON body to transcode): `max_message_size`, else 4 MiB.
+    pub fn message_hold(&self) -> u64 {
+        self.max_message_size.as_ref().map_or(u64::from(validate::DEFAULT_HOLD), |size| size.value.as_u64())
     }
 
     /// What the deadline layer enforces: `timeout`, else `stream_timeout`.

@@ -29,7 +29,7 @@ use crate::policy::deadline::{DeadlineFamilies, Deadlines, ForwardBudget};
 use crate::policy::kept::{Scope, StateKey};
 use crate::policy::message_size::MessageSizes;
 use crate::policy::rate_limit::{CallerBuckets, MethodLimit, RateLimits};
-use crate::policy::validate::{DEFAULT_HOLD, RequestRules, Validate, ValidationFamilies};
+use crate::policy::validate::{RequestRules, Validate, ValidationFamilies};
 use crate::telemetry::{Metrics, Observe, Observed, Tap, Taps, Tracing};
 use crate::transcode::JsonRoutes;
 
@@ -146,8 +146,7 @@ impl InboundRoutes {
         let Some(web) = inbound.web.as_ref().filter(|web| web.json != JsonRouting::Off) else { return Ok(None) };
         let max_body = |method: &MethodInfo| {
             let effective = MethodPolicy::resolve(&method.service, &method.method, Some(method), policy);
-            let max = effective.max_message_size.map(|size| size.value.as_u64());
-            max.map_or(DEFAULT_HOLD as usize, |max| usize::try_from(max).unwrap_or(usize::MAX))
+            usize::try_from(effective.message_hold()).unwrap_or(usize::MAX)
         };
         let opened = |method: &MethodInfo| web.opens(&method.service, &method.method);
         JsonRoutes::build(contracts, opened, web.json == JsonRouting::All, max_body).map(Some)
