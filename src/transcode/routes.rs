@@ -4,6 +4,7 @@
 //! and sorted so that the first to match a request is the most specific;
 //! two that match the same paths fail the load.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::Method;
@@ -100,9 +101,9 @@ impl JsonRoutes {
             }
         }
         routes.sort_by(|a, b| a.template.specificity(&b.template));
-        for (at, route) in routes.iter().enumerate() {
-            let same = |other: &&Route| other.verb == route.verb && other.template.shape() == route.template.shape();
-            if let Some(other) = routes[..at].iter().find(same) {
+        let mut taken: HashMap<(Option<&Method>, String), &Route> = HashMap::with_capacity(routes.len());
+        for route in &routes {
+            if let Some(other) = taken.insert((route.verb.as_ref(), route.template.shape()), route) {
                 return Err(format!(
                     "{}: method {}: google.api.http `{} {}` matches the paths of {}'s `{}`; a path may lead to one method",
                     route.method.file,
