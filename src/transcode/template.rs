@@ -138,19 +138,21 @@ impl PathTemplate {
             Some(verb) => path.strip_suffix(verb.as_str())?.strip_suffix(':')?,
             None => path,
         };
-        let parts: Vec<&str> = path.split('/').collect();
+        // Checked before anything is allocated: most templates tried do not match.
+        let count = path.bytes().filter(|&b| b == b'/').count() + 1;
         let ends_in_rest = self.segments.last() == Some(&Segment::Rest);
         let fixed = self.segments.len() - usize::from(ends_in_rest);
-        if parts.len() < fixed || (!ends_in_rest && parts.len() != fixed) {
+        if count < fixed || (!ends_in_rest && count != fixed) {
             return None;
         }
-        for (segment, part) in self.segments.iter().zip(&parts) {
+        for (segment, part) in self.segments.iter().zip(path.split('/')) {
             match segment {
                 Segment::Literal(literal) if literal != part => return None,
                 Segment::One if part.is_empty() => return None,
                 _ => {}
             }
         }
+        let parts: Vec<&str> = path.split('/').collect();
         let bindings = self.variables.iter().map(|variable| {
             let end = if variable.end == self.segments.len() && ends_in_rest { parts.len() } else { variable.end };
             let taken = &parts[variable.start.min(end)..end];
