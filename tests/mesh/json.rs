@@ -122,6 +122,8 @@ async fn failures_are_json_statuses_under_the_http_status_grpc_maps_them_to() {
     let big = format!(r#"{{"message": "{}"}}"#, "x".repeat(2048));
     let (status, _, error) = call(&mesh, http::Method::POST, "/echo.v1.Echo/ServerStream", &big).await;
     assert_eq!((status, &error["code"]), (413, &json!(8)), "over max_message_size: {error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("/echo.v1.Echo/ServerStream: the body exceeds 1024 bytes, the method's max_message_size"));
     assert_eq!(mesh.backend.calls.load(Ordering::Relaxed), calls, "the app saw none of them");
 }
 

@@ -70,21 +70,23 @@ pub(super) async fn answer(
         return answer.error(Code::Unimplemented, &why, None);
     }
     let read = Limited::new(body, route.max_body).collect();
+    let method = &route.method.path;
     let body = match tokio::time::timeout(front.limits.first_frame_timeout, read).await {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            let max = route.max_body;
             let why =
-                format!("the body exceeds {} bytes, the method's max_message_size (4 MiB when unset)", route.max_body);
+                format!("{method}: the body exceeds {max} bytes, the method's max_message_size (4 MiB when unset)");
             let mut refused = answer.error(Code::ResourceExhausted, &why, None);
             *refused.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
             return refused;
         }
-        Ok(Err(error)) => return answer.error(Code::InvalidArgument, &format!("the body broke off: {error}"), None),
+        Ok(Err(error)) => {
+            return answer.error(Code::InvalidArgument, &format!("{method}: the body broke off: {error}"), None);
+        }
         Err(_) => {
-            let why = format!(
-                "the body did not arrive within limits.first_frame_timeout {:?}",
-                front.limits.first_frame_timeout
-            );
+            let timeout = front.limits.first_frame_timeout;
+            let why = format!("{method}: the body did not arrive within limits.first_frame_timeout {timeout:?}");
             return answer.error(Code::DeadlineExceeded, &why, None);
         }
     };
